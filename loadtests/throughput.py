@@ -1,0 +1,111 @@
+"""Offline engine throughput (no HTTP) against plain transformers `generate`, one request at a time.
+
+    .venv/bin/python loadtests/throughput.py --concurrency 1 16 64 --input-len 128 --output-len 128
+
+Random prompts of `input-len` tokens, exactly `output-len` new tokens each (ignore_eos), greedy.
+Prints output tokens/s for lmserve's engine at each concurrency and for HF `generate`, and the ratio.
+Bounded: at most `--num-requests` per point (default 2 x concurrency) and `--hf-requests` for HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from service.checkpoints import resolve_model
+from service.config import EngineConfig, default_cache_dir
+from service.engine.engine import NativeEngine
+from service.types import GenerationRequest, SamplingParams
+
+
+def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    # Skip the low ids, where the special tokens live.
+    return torch.randint(100, vocab, (num, length), generator=gen).tolist()
+
+
+async def engine_run(engine: NativeEngine, prompts: list[list[int]], concurrency: int, output_len: int) -> dict:
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    sem = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    num_tokens = 0
+
+    async def one(i: int, prompt: list[int]) -> None:
+        nonlocal num_tokens
+        async with sem:
+            start = time.perf_counter()
+            first = True
+            async for delta in engine.generate(GenerationRequest(prompt, params, f"b{i}")):
+                if first:
+                    ttfts.append(time.perf_counter() - start)
+                    first = False
+                num_tokens += len(delta.token_ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    elapsed = time.perf_counter() - start
+    ttfts.sort()
+    return {"tokens": num_tokens, "seconds": elapsed, "tok_s": num_tokens / elapsed, "ttft_median": ttfts[len(ttfts) // 2]}
+
+
+def hf_run(model_dir, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    num_tokens = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                                 min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+            num_tokens += out.shape[1] - ids.shape[1]
+    elapsed = time.perf_counter() - start
+    return {"tokens": num_tokens, "seconds": elapsed, "tok_s": num_tokens / elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-requests", type=int, default=None, help="per point; default 2 x concurrency")
+    p.add_argument("--hf-requests", type=int, default=3)
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens)
+    args = p.parse_args()
+
+    resolved = resolve_model(args.model, default_cache_dir())
+    config = EngineConfig(dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = NativeEngine.load(resolved.path, resolved.name, config)
+    vocab = engine.runner.vocab_size
+    print(f"model {resolved.name} dtype {args.dtype} threads {torch.get_num_threads()} "
+          f"KV pool {engine.runner.kv_spec.num_blocks} blocks ({engine.runner.kv_spec.total_bytes / 2**20:.0f} MiB)")
+
+    hf = hf_run(resolved.path, random_prompts(args.hf_requests, args.input_len, vocab, 1), args.output_len,
+                getattr(torch, args.dtype))
+    print(f"HF generate, one at a time: {hf['tok_s']:.1f} tok/s ({hf['tokens']} tokens in {hf['seconds']:.1f} s)")
+
+    async def points() -> None:
+        await engine.start()
+        try:
+            await engine_run(engine, random_prompts(2, 16, vocab, 2), 2, 4)  # warm-up
+            for conc in args.concurrency:
+                n = args.num_requests or 2 * conc
+                r = await engine_run(engine, random_prompts(n, args.input_len, vocab, 3 + conc), conc, args.output_len)
+                rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"lmserve engine, concurrency {conc:3d}: {r['tok_s']:7.1f} tok/s, median TTFT "
+                      f"{r['ttft_median'] * 1000:6.0f} ms, {r['tok_s'] / hf['tok_s']:5.2f}x HF generate, "
+                      f"peak RSS {rss_mib:.0f} MiB")
+        finally:
+            await engine.stop()
+
+    asyncio.run(points())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""`lmserve` command line: serve, generate, models, export.
+
+Flags and LMSERVE_* variables become a ServeConfig here, once; nothing below reads either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, default_cache_dir
+
+
+def _env_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=env.get("LMSERVE_MODEL", DEFAULT_MODEL),
+                   help="bundled id, HF folder, .gguf file or LoRA adapter folder (env LMSERVE_MODEL)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   default=env.get("LMSERVE_DTYPE", d.dtype))
+    p.add_argument("--device", default=env.get("LMSERVE_DEVICE", d.device), help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--kv-cache-memory", type=float, default=float(env.get("LMSERVE_KV_CACHE_GIB", d.kv_cache_memory_bytes / 2**30)),
+                   help="KV pool budget in GiB (env LMSERVE_KV_CACHE_GIB)")
+    p.add_argument("--num-kv-blocks", type=int, default=int(env["LMSERVE_NUM_KV_BLOCKS"]) if "LMSERVE_NUM_KV_BLOCKS" in env else None)
+    p.add_argument("--block-size", type=int, default=int(env.get("LMSERVE_BLOCK_SIZE", d.block_size)))
+    p.add_argument("--max-num-seqs", type=int, default=int(env.get("LMSERVE_MAX_NUM_SEQS", d.max_num_seqs)))
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=int(env.get("LMSERVE_MAX_NUM_BATCHED_TOKENS", d.max_num_batched_tokens)))
+    p.add_argument("--max-model-len", type=int, default=int(env["LMSERVE_MAX_MODEL_LEN"]) if "LMSERVE_MAX_MODEL_LEN" in env else None)
+    p.add_argument("--no-prefix-caching", action="store_true", default=_env_bool(env.get("LMSERVE_NO_PREFIX_CACHING", "")))
+    p.add_argument("--num-threads", type=int, default=int(env["LMSERVE_NUM_THREADS"]) if "LMSERVE_NUM_THREADS" in env else None)
+    p.add_argument("--allow-pickle", action="store_true", default=_env_bool(env.get("LMSERVE_ALLOW_PICKLE", "")),
+                   help="allow .bin/.pt pickle checkpoints (they can run code)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30),
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=args.num_threads,
+        allow_pickle=args.allow_pickle,
+    )
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmserve", description="Serve transformer checkpoints over HTTP and gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the HTTP (and gRPC) server")
+    add_engine_flags(serve, env)
+    serve.add_argument("--embedding-model", default=env.get("LMSERVE_EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL),
+                       help="bundled id or folder; 'none' to serve no embeddings")
+    serve.add_argument("--host", default=env.get("LMSERVE_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(env.get("LMSERVE_PORT", 8000)))
+    serve.add_argument("--grpc-port", type=int, default=int(env.get("LMSERVE_GRPC_PORT", 50051)))
+    serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"))
+    serve.add_argument("--api-key-file", default=env.get("LMSERVE_API_KEY_FILE"))
+    serve.add_argument("--log-format", choices=["json", "text"], default=env.get("LMSERVE_LOG_FORMAT", "json"))
+
+    gen = sub.add_parser("generate", help="print one completion from the model")
+    add_engine_flags(gen, env)
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template (prompt = user message)")
+    gen.add_argument("--system", default=None, help="system message with --chat")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+
+    models = sub.add_parser("models", help="list bundled model ids and the conversion cache")
+    models.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
+
+    export = sub.add_parser("export", help="write a model as a plain Hugging Face folder")
+    export.add_argument("ref")
+    export.add_argument("dest", type=Path)
+    export.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
+    export.add_argument("--allow-pickle", action="store_true")
+    return parser
+
+
+def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ServeConfig:
+    embedding = None if str(args.embedding_model).lower() in {"", "none"} else args.embedding_model
+    base = ServeConfig()
+    return replace(
+        base,
+        model=args.model,
+        embedding_model=embedding,
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        engine_kind=args.engine,
+        api_key_file=args.api_key_file,
+        log_format=args.log_format,
+        cache_dir=args.cache_dir,
+        engine=engine_config_from_args(args),
+        **serve_overrides_from_env(env),
+    )
+
+
+def serve_overrides_from_env(env: Mapping[str, str]) -> dict:
+    """ServeConfig fields read from LMSERVE_* only (no flag of their own)."""
+    from service import config as config_module
+
+    hook = getattr(config_module, "serve_config_from_env", None)
+    return dict(hook(dict(env))) if hook is not None else {}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from service.checkpoints import resolve_model
+    from service.engine.engine import NativeEngine
+    from service.types import GenerationRequest, SamplingParams
+
+    resolved = resolve_model(args.model, args.cache_dir, allow_pickle=args.allow_pickle)
+    engine = NativeEngine.load(resolved.path, resolved.name, engine_config_from_args(args))
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        prompt_ids = engine.tokenizer.encode(args.prompt)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+    async def run() -> None:
+        await engine.start()
+        try:
+            async for delta in engine.generate(GenerationRequest(prompt_ids, params, "cli")):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        finally:
+            await engine.stop()
+        sys.stdout.write("\n")
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from service.checkpoints import list_models
+
+    for listing in list_models(args.cache_dir):
+        print(listing)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from service.checkpoints import export_model
+
+    dest = export_model(args.ref, args.dest, args.cache_dir, allow_pickle=args.allow_pickle)
+    print(dest)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from service.app import run
+
+    run(serve_config_from_args(args, env))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    env = dict(os.environ)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder, a GGUF file or a bundled id
+    args = build_parser(env).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.command != "serve" else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from service.checkpoints import CheckpointError
+
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command == "export":
+            return cmd_export(args)
+        return cmd_serve(args, env)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Configuration: frozen dataclasses built once at the edge. The only reader of LMSERVE_* variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("LMSERVE_CACHE_DIR") or Path.home() / ".cache" / "lmserve")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of the native generation engine."""
+
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_bytes: int = 1 << 30  # budget for the KV pool; ignored when num_kv_blocks is set
+    num_kv_blocks: int | None = None  # exact pool size (tests use it to force preemption)
+    max_num_seqs: int = 256  # most sequences in one step's batch
+    max_num_batched_tokens: int = 512  # the per-step token budget (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the checkpoint's own context length
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
+    allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Caps enforced by api/ on both transports."""
+
+    max_request_body_bytes: int = 4 << 20
+    max_n: int = 16
+    max_tokens_cap: int = 4096
+    max_stop_strings: int = 8
+    max_prompts: int = 64
+    max_queue: int = 256  # admitted-but-unfinished requests before 503 server_overloaded
+    requests_per_minute: int = 0  # per API key; 0: unlimited
+    tokens_per_minute: int = 0
+    embedding_max_batch_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = DEFAULT_MODEL
+    embedding_model: str | None = DEFAULT_EMBEDDING_MODEL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    engine_kind: str = "native"  # native | vllm
+    api_key_file: str | None = None
+    api_keys: tuple[str, ...] = ()
+    metrics_open: bool = False  # /metrics readable without an API key
+    cors_origins: tuple[str, ...] = ()
+    log_format: str = "json"  # json | text
+    log_prompts: bool = False
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -1,0 +1,261 @@
+"""The native engine's async front: submit, stream deltas, abort by closing the stream.
+
+One thread runs the step loop (schedule -> forward -> sample -> update -> detokenize); the asyncio
+side only enqueues requests and reads per-request queues. Each step hands all its deltas to the
+event loop in one `call_soon_threadsafe`, so HTTP work stays off the engine's critical path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.config import EngineConfig
+from service.engine.base import EngineDeadError, EngineStats, RequestRejected
+from service.engine.block_manager import BlockManager
+from service.engine.output import SequenceOutput
+from service.engine.request import Request
+from service.engine.runner import ModelRunner
+from service.engine.sampler import sample
+from service.engine.scheduler import Scheduler
+from service.tokenizer import Tokenizer
+from service.types import FinishReason, GenerationDelta, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests in that step end with this error, the others go on."""
+
+
+@dataclass
+class _Stream:
+    """Engine-thread state of one in-flight request."""
+
+    request: Request
+    output: SequenceOutput
+    queue: asyncio.Queue
+    generator: torch.Generator | None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did; read by metrics."""
+
+    num_scheduled_seqs: int
+    num_batched_tokens: int
+    num_preempted: int
+    duration_s: float
+
+
+class NativeEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, model_name: str, config: EngineConfig) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.config = config
+        self.max_model_len = runner.max_model_len
+        self.block_manager = BlockManager(
+            runner.kv_spec.num_blocks, runner.kv_spec.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )
+        self.eos_token_ids = tokenizer.eos_token_ids
+        self._ids = itertools.count()
+        self._inbox: deque[_Stream] = deque()
+        self._aborts: deque[str] = deque()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._is_alive = False
+        self.last_step: StepStats | None = None
+        self.num_steps = 0
+
+    @classmethod
+    def load(cls, model_path: Path, model_name: str, config: EngineConfig) -> NativeEngine:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        runner = ModelRunner(model_path, config)
+        return cls(runner, Tokenizer.from_folder(model_path), model_name, config)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._is_alive = True
+        self._thread = threading.Thread(target=self._run_loop, name="lmserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self._thread = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._is_alive and self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + len(self._inbox),
+            num_kv_blocks_used=self.block_manager.num_used_blocks,
+            num_kv_blocks_total=self.block_manager.num_blocks,
+            block_size=self.block_manager.block_size,
+            is_alive=self.is_alive,
+        )
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def check_request(self, request: GenerationRequest) -> None:
+        if not request.prompt_token_ids:
+            raise RequestRejected("the prompt is empty", code="invalid_value", param="prompt")
+        vocab = self.runner.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise RequestRejected(f"prompt token ids must lie in [0, {vocab})", code="invalid_value", param="prompt")
+        reason = self.scheduler.can_ever_fit(len(request.prompt_token_ids), request.sampling.max_tokens)
+        if reason is not None:
+            raise RequestRejected(reason, code="context_length_exceeded", param="max_tokens")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        self.check_request(request)
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
+        req = Request(internal_id, request.prompt_token_ids, request.sampling, self.eos_token_ids)
+        seed = request.sampling.seed
+        generator = None
+        if seed is not None and not request.sampling.is_greedy:
+            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        queue: asyncio.Queue = asyncio.Queue()
+        stream = _Stream(req, SequenceOutput(self.tokenizer, req, request.request_id), queue, generator)
+        self._inbox.append(stream)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._aborts.append(internal_id)
+                self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._take_inbox()
+                if not self.scheduler.has_unfinished:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._step()
+        except BaseException as exc:  # the loop itself broke: every stream must hear of it
+            log.exception("engine loop died")
+            self._is_alive = False
+            self._fail(list(self._streams.values()), EngineDeadError(f"engine loop died: {exc}"))
+            raise
+        finally:
+            self._is_alive = False
+            self._fail(list(self._streams.values()), EngineDeadError("the engine stopped"))
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            stream = self._inbox.popleft()
+            self._streams[stream.request.request_id] = stream
+            self.scheduler.add_request(stream.request)
+        while self._aborts:
+            stream = self._streams.pop(self._aborts.popleft(), None)
+            if stream is not None:
+                self.scheduler.finish_request(stream.request, FinishReason.ABORT)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            # Nothing fits right now (all blocks held by requests still finishing); yield the core.
+            self._wake.wait(timeout=0.001)
+            self._wake.clear()
+            return
+        sampling_reqs = [s.request for s in scheduled.scheduled if s.is_sampling]
+        try:
+            logits = self.runner.execute(scheduled)
+            sampled = []
+            if sampling_reqs:
+                assert logits is not None
+                generators = [self._streams[r.request_id].generator for r in sampling_reqs]
+                sampled = sample(logits, sampling_reqs, generators)
+        except Exception as exc:
+            log.exception("engine step failed; ending the %d requests in it", len(scheduled.scheduled))
+            failed = [self._streams[s.request.request_id] for s in scheduled.scheduled]
+            for stream in failed:
+                self.scheduler.finish_request(stream.request, FinishReason.ABORT)
+            self._fail(failed, EngineStepError(f"generation failed: {exc}"))
+            return
+        by_id = {r.request_id: tok for r, tok in zip(sampling_reqs, sampled, strict=True)}
+        now = time.monotonic()
+        got_token = self.scheduler.update(scheduled, {rid: tok.token_id for rid, tok in by_id.items()})
+        deliveries: list[tuple[asyncio.Queue, GenerationDelta]] = []
+        for req in got_token:
+            stream = self._streams[req.request_id]
+            if req.first_token_time is None:
+                req.first_token_time = now
+            delta, matched_stop = stream.output.process(req, by_id[req.request_id])
+            if matched_stop is not None:
+                self.scheduler.finish_request(req, FinishReason.STOP, matched_stop)
+            deliveries.append((stream.queue, delta))
+            if req.is_finished:
+                del self._streams[req.request_id]
+        self.num_steps += 1
+        self.last_step = StepStats(
+            num_scheduled_seqs=len(scheduled.scheduled),
+            num_batched_tokens=scheduled.num_batched_tokens,
+            num_preempted=len(scheduled.preempted),
+            duration_s=time.perf_counter() - started,
+        )
+        if deliveries:
+            self._deliver(deliveries)
+
+    def _deliver(self, deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_put_all, deliveries)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _fail(self, streams: list[_Stream], error: BaseException) -> None:
+        for stream in streams:
+            self._streams.pop(stream.request.request_id, None)
+        if streams:
+            self._deliver([(s.queue, error) for s in streams])
+
+
+def _put_all(deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:
+    for queue, item in deliveries:
+        queue.put_nowait(item)

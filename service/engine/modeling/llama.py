@@ -1,0 +1,202 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) written for the paged KV cache.
+
+The module mirrors Hugging Face's LlamaForCausalLM numerically (same RMSNorm, same RoPE formula,
+same projection order), so float32 greedy outputs match transformers' `generate`. Differences from
+HF's module layout: q/k/v and gate/up projections are fused into one matmul each (fewer, larger
+kernels), and every layer reads and writes the shared paged cache through `AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from service.engine.modeling.attention import AttentionMetadata, paged_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as HF's LlamaRMSNorm: normalise in float32, cast back, then scale.
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for arbitrary positions; inv_freq comes from transformers so every rope type matches."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        hf_rope = LlamaRotaryEmbedding(config)
+        self.register_buffer("inv_freq", hf_rope.inv_freq.float().clone(), persistent=False)
+        self.attention_scaling = float(hf_rope.attention_scaling)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [num_tokens] -> cos, sin: [num_tokens, 1, head_dim]
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        model_type = config.model_type
+        qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        o_bias = model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        # Qwen3 normalises q and k per head before RoPE.
+        self.has_qk_norm = model_type == "qwen3"
+        if self.has_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.has_qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [num_tokens, num_heads * head_dim]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, cos, sin, kv_cache, meta):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, hidden.dtype)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, cos, sin, kv_caches[i], meta)
+        return hidden  # [num_tokens, hidden_size], before the final norm
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(hidden)
+        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)  # [num_rows, vocab_size]
+
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy an HF state dict in, fusing q/k/v and gate/up. Raises KeyError naming a missing tensor."""
+        own = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def put(name: str, tensor: torch.Tensor) -> None:
+            param = own[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+            loaded.add(name)
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise KeyError(name)
+            return weights[name]
+
+        put("embed_tokens.weight", take("model.embed_tokens.weight"))
+        put("norm.weight", take("model.norm.weight"))
+        if not self.tie_word_embeddings:
+            put("lm_head.weight", take("lm_head.weight"))
+        for i, layer in enumerate(self.layers):
+            src = f"model.layers.{i}."
+            dst = f"layers.{i}."
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                put(f"{dst}{norm}.weight", take(f"{src}{norm}.weight"))
+            attn = layer.self_attn
+            qkv = [take(f"{src}self_attn.{p}_proj.weight") for p in "qkv"]
+            put(f"{dst}self_attn.qkv_proj.weight", torch.cat(qkv, dim=0))
+            if attn.qkv_proj.bias is not None:
+                put(f"{dst}self_attn.qkv_proj.bias", torch.cat([take(f"{src}self_attn.{p}_proj.bias") for p in "qkv"]))
+            put(f"{dst}self_attn.o_proj.weight", take(f"{src}self_attn.o_proj.weight"))
+            if attn.o_proj.bias is not None:
+                put(f"{dst}self_attn.o_proj.bias", take(f"{src}self_attn.o_proj.bias"))
+            if attn.has_qk_norm:
+                put(f"{dst}self_attn.q_norm.weight", take(f"{src}self_attn.q_norm.weight"))
+                put(f"{dst}self_attn.k_norm.weight", take(f"{src}self_attn.k_norm.weight"))
+            gate_up = [take(f"{src}mlp.{p}_proj.weight") for p in ("gate", "up")]
+            put(f"{dst}mlp.gate_up_proj.weight", torch.cat(gate_up, dim=0))
+            put(f"{dst}mlp.down_proj.weight", take(f"{src}mlp.down_proj.weight"))
+            if layer.mlp.down_proj.bias is not None:
+                put(f"{dst}mlp.gate_up_proj.bias", torch.cat([take(f"{src}mlp.{p}_proj.bias") for p in ("gate", "up")]))
+                put(f"{dst}mlp.down_proj.bias", take(f"{src}mlp.down_proj.bias"))
+        missing = set(own) - loaded
+        assert not missing, f"parameters left unloaded: {sorted(missing)[:5]}"

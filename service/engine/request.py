@@ -1,0 +1,104 @@
+"""One request's state inside the engine: token ids, progress, KV blocks."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+from service.types import FinishReason, SamplingParams
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again, its KV blocks freed; recomputed on re-admission
+    FINISHED = "finished"
+
+
+class Request:
+    """A single sequence being generated.
+
+    `token_ids` is prompt + output. The KV cache holds the first `num_computed_tokens` of them.
+    A request is ready to sample when every token it has is computed (num_computed == num_tokens
+    right after a step's forward), which then appends one sampled token.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        eos_token_ids: frozenset[int] = frozenset(),
+        arrival_time: float | None = None,
+    ) -> None:
+        assert prompt_token_ids, "a request needs at least one prompt token"
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.sampling = sampling
+        self.eos_token_ids = eos_token_ids
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens the prefix cache supplied at first admission
+        self.block_ids: list[int] = []
+        self.num_preemptions = 0
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def max_num_tokens(self) -> int:
+        """The most tokens this request can ever hold: prompt plus max_tokens."""
+        return self.num_prompt_tokens + self.sampling.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_stop(self) -> None:
+        """Finish on max_tokens, EOS or a stop token id after the last appended token.
+
+        Stop strings are matched on text by the detokenizer, outside this class.
+        """
+        if self.num_output_tokens == 0:
+            return
+        last = self.token_ids[-1]
+        if self.num_output_tokens >= self.sampling.min_tokens:
+            if not self.sampling.ignore_eos and last in self.eos_token_ids:
+                self.finish(FinishReason.STOP, None)
+                return
+            if last in self.sampling.stop_token_ids:
+                self.finish(FinishReason.STOP, last)
+                return
+        if self.num_output_tokens >= self.sampling.max_tokens:
+            self.finish(FinishReason.LENGTH, None)
+
+    def finish(self, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.stop_reason = stop_reason
+        self.status = RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_ids})"
+        )

@@ -1,0 +1,150 @@
+"""The model runner: owns the weights and the KV cache tensors; runs one scheduled step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from service.checkpoints import CheckpointError, check_generation_architecture, load_weights
+from service.config import EngineConfig
+from service.engine.modeling.attention import SeqLayout, build_metadata
+from service.engine.modeling.llama import LlamaForCausalLM
+from service.engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 where the hardware computes it natively, float32 otherwise."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_blocks: int
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+
+class ModelRunner:
+    def __init__(self, model_path: Path, config: EngineConfig) -> None:
+        check_generation_architecture(model_path)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        hf_config: PretrainedConfig = AutoConfig.from_pretrained(model_path)
+        self.hf_config = hf_config
+        model_len = int(getattr(hf_config, "max_position_embeddings", 2048))
+        self.max_model_len = min(model_len, config.max_model_len or model_len)
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(hf_config)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        # The rotary buffer must keep its float32 values (to_empty leaves it uninitialised).
+        model.rotary = model.rotary.__class__(hf_config).to(self.device)
+        try:
+            model.load_hf_weights(load_weights(model_path, allow_pickle=config.allow_pickle))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{model_path}: weights do not fit the {hf_config.model_type} architecture: {exc}") from None
+        self.model = model.eval()
+
+        attn = model.layers[0].self_attn
+        spec = KVCacheSpec(
+            num_blocks=0,
+            block_size=config.block_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            dtype=self.dtype,
+        )
+        num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // spec.bytes_per_block, 1)
+        self.kv_spec = KVCacheSpec(**{**spec.__dict__, "num_blocks": int(num_blocks)})
+        # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_caches = torch.zeros(
+            self.kv_spec.num_layers,
+            2,
+            self.kv_spec.num_blocks,
+            self.kv_spec.block_size,
+            self.kv_spec.num_kv_heads,
+            self.kv_spec.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        log.info(
+            "model loaded: %s %s on %s, KV pool %d blocks x %d tokens (%.1f MiB)",
+            hf_config.model_type,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            self.kv_spec.num_blocks,
+            self.kv_spec.block_size,
+            self.kv_spec.total_bytes / 2**20,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> torch.Tensor | None:
+        """Run the forward for every scheduled token; return float32 logits for the sampling rows.
+
+        Rows come back in batch order of the requests whose `is_sampling` is true.
+        """
+        input_ids: list[int] = []
+        positions: list[int] = []
+        layouts: list[SeqLayout] = []
+        sample_rows: list[int] = []
+        for item in scheduled.scheduled:
+            req = item.request
+            start = req.num_computed_tokens
+            end = start + item.num_new_tokens
+            layouts.append(SeqLayout(len(input_ids), item.num_new_tokens, start, req.block_ids))
+            input_ids.extend(req.token_ids[start:end])
+            positions.extend(range(start, end))
+            if item.is_sampling:
+                sample_rows.append(len(input_ids) - 1)
+        if not input_ids:
+            return None
+        meta = build_metadata(layouts, self.kv_spec.block_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if not sample_rows:
+            return None
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows]).float()

@@ -1,0 +1,104 @@
+"""Transport-neutral request and response types shared by api/ and engine/.
+
+Nothing here knows HTTP or gRPC; both transports build these and read these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    ABORT = "abort"  # client went away, deadline, shutdown
+    CONTENT_FILTER = "content_filter"  # the safety filter ended it
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one sequence. Validated at the edge (api/), asserted here."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # multiplicative, over prompt and output tokens (HF semantics)
+    presence_penalty: float = 0.0  # additive, over output tokens (OpenAI semantics)
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, bias) pairs
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # matched on text, not included in the output
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.max_tokens >= 1, "max_tokens must be positive"
+        assert 0 <= self.min_tokens <= self.max_tokens
+        assert self.temperature >= 0.0
+        assert 0.0 < self.top_p <= 1.0
+        assert 0.0 <= self.min_p <= 1.0
+        assert self.repetition_penalty > 0.0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's logprob and the top alternatives at that position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass
+class GenerationDelta:
+    """One step's worth of new output for one sequence, as streamed to a client."""
+
+    request_id: str
+    text: str  # new text since the previous delta (UTF-8 safe, stop strings cut)
+    token_ids: list[int]  # new token ids since the previous delta
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class GenerationRequest:
+    """What a transport submits to the engine: one sequence."""
+
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""

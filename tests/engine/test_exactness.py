@@ -1,0 +1,131 @@
+"""Greedy decoding must produce exactly transformers' `generate` tokens in float32, however batched."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from service.config import EngineConfig
+from service.engine.engine import NativeEngine
+from service.types import GenerationRequest, SamplingParams
+
+SYSTEM = (
+    "You are a careful assistant for a team that serves language models. Answer briefly and plainly, "
+    "and say so when you do not know."
+)
+QUESTIONS = [
+    "Hi",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain what a KV cache is in one sentence.",
+    "Why is the sky blue? " * 6,
+    "Translate 'good morning' into German.",
+    "2+2=",
+    "Name a colour.",
+    "Summarise the plot of a detective story in which the butler did it, with a twist at the end. " * 3,
+    "How many legs does a spider have?",
+    "Tell me a joke about computers.",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, " * 8,
+    "What is 17 times 3?",
+    "Give me a word that rhymes with cat.",
+]
+MAX_NEW_TOKENS = 20
+
+
+def build_prompts(engine: NativeEngine) -> list[list[int]]:
+    """Sixteen prompts of mixed lengths; the chat ones share a long system prompt (prefix-cache hits)."""
+    prompts = []
+    for i, question in enumerate(QUESTIONS):
+        if i % 2 == 0 and engine.tokenizer.has_chat_template:
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            prompts.append(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        else:
+            prompts.append(engine.tokenizer.encode(question))
+    return prompts
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], eos_ids: frozenset[int]) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=sorted(eos_ids),
+                pad_token_id=sorted(eos_ids)[0],
+            )
+            outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
+
+
+async def engine_greedy(engine: NativeEngine, prompts: list[list[int]], concurrent: bool) -> list[list[int]]:
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        tokens: list[int] = []
+        async for delta in engine.generate(GenerationRequest(prompt, params, f"p{i}")):
+            tokens.extend(delta.token_ids)
+        return tokens
+
+    await engine.start()
+    try:
+        if concurrent:
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+        return [await one(i, p) for i, p in enumerate(prompts)]
+    finally:
+        await engine.stop()
+
+
+CASES = {
+    # name: (engine overrides, run all prompts at once)
+    "alone": (dict(), False),
+    "all_at_once": (dict(), True),
+    "all_at_once_no_prefix_cache": (dict(enable_prefix_caching=False), True),
+    "chunked_prefill": (dict(max_num_batched_tokens=32), True),
+    "tiny_pool_preempts": (dict(num_kv_blocks="tiny", max_num_batched_tokens=64), True),
+}
+
+
+@pytest.fixture(scope="module", params=["smollm2", "tiny_llama", "tiny_qwen2"])
+def checkpoint(request: pytest.FixtureRequest) -> tuple[str, Path, list[list[int]], list[list[int]]]:
+    model_dir: Path = request.getfixturevalue(f"{request.param}_dir")
+    probe = NativeEngine.load(model_dir, request.param, EngineConfig(dtype="float32", num_kv_blocks=64))
+    prompts = build_prompts(probe)
+    expected = hf_greedy(model_dir, prompts, probe.eos_token_ids)
+    return request.param, model_dir, prompts, expected
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_matches_transformers(checkpoint, case: str) -> None:
+    name, model_dir, prompts, expected = checkpoint
+    overrides, concurrent = CASES[case]
+    overrides = dict(overrides)
+    block_size = 16
+    if overrides.get("num_kv_blocks") == "tiny":
+        # Room for the longest request plus a couple of blocks: sixteen at once must preempt.
+        longest = max(len(p) for p in prompts) + MAX_NEW_TOKENS
+        overrides["num_kv_blocks"] = math.ceil(longest / block_size) + 2
+    config = EngineConfig(dtype="float32", block_size=block_size, **overrides)
+    engine = NativeEngine.load(model_dir, name, config)
+    got = asyncio.run(engine_greedy(engine, prompts, concurrent))
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g == e, f"{name}/{case}: prompt {i} ({len(prompts[i])} tokens) diverged"
+    assert engine.block_manager.num_used_blocks == 0, "blocks leaked after every request finished"
+    if case == "tiny_pool_preempts":
+        assert engine.scheduler.num_preemptions_total > 0, "the pool was meant to force preemption"
+    if case == "all_at_once" and name == "smollm2":
+        assert engine.block_manager.num_prefix_hits > 0, "the shared system prompt should hit the prefix cache"
+    if case == "alone":
+        # Run alone, later chat prompts reuse the system prompt's cached blocks.
+        assert engine.block_manager.num_prefix_hits > 0
