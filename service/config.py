@@ -45,6 +45,7 @@ class LimitsConfig:
     requests_per_minute: int = 0  # per API key; 0: unlimited
     tokens_per_minute: int = 0
     embedding_max_batch_tokens: int = 8192
+    max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings request (OpenAI's cap)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,54 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     log_format: str = "json"  # json | text
     log_prompts: bool = False
+    drain_timeout_s: float = 30.0  # on SIGTERM: readyz 503, wait this long for in-flight requests, then exit
     cache_dir: Path = field(default_factory=default_cache_dir)
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+def _env_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+# LMSERVE_* variable -> LimitsConfig field (all integers)
+_LIMIT_VARS = {
+    "LMSERVE_MAX_REQUEST_BODY_BYTES": "max_request_body_bytes",
+    "LMSERVE_MAX_N": "max_n",
+    "LMSERVE_MAX_TOKENS_CAP": "max_tokens_cap",
+    "LMSERVE_MAX_STOP_STRINGS": "max_stop_strings",
+    "LMSERVE_MAX_PROMPTS": "max_prompts",
+    "LMSERVE_MAX_QUEUE": "max_queue",
+    "LMSERVE_REQUESTS_PER_MINUTE": "requests_per_minute",
+    "LMSERVE_TOKENS_PER_MINUTE": "tokens_per_minute",
+    "LMSERVE_EMBEDDING_MAX_BATCH_TOKENS": "embedding_max_batch_tokens",
+    "LMSERVE_MAX_EMBEDDING_INPUTS": "max_embedding_inputs",
+}
+
+
+def serve_config_from_env(environ: dict[str, str]) -> dict:
+    """ServeConfig fields that come only from LMSERVE_* variables (the CLI has no flag for them).
+
+    LMSERVE_API_KEYS (comma-separated), LMSERVE_METRICS_OPEN, LMSERVE_CORS_ORIGINS (comma-separated),
+    LMSERVE_LOG_PROMPTS, LMSERVE_DRAIN_TIMEOUT_S and the limits in _LIMIT_VARS. Unset variables are left
+    out, so the dataclass defaults stay the single source of defaults.
+    """
+    out: dict = {}
+    if environ.get("LMSERVE_API_KEYS"):
+        out["api_keys"] = _env_list(environ["LMSERVE_API_KEYS"])
+    if "LMSERVE_METRICS_OPEN" in environ:
+        out["metrics_open"] = _env_bool(environ["LMSERVE_METRICS_OPEN"])
+    if environ.get("LMSERVE_CORS_ORIGINS"):
+        out["cors_origins"] = _env_list(environ["LMSERVE_CORS_ORIGINS"])
+    if "LMSERVE_LOG_PROMPTS" in environ:
+        out["log_prompts"] = _env_bool(environ["LMSERVE_LOG_PROMPTS"])
+    if environ.get("LMSERVE_DRAIN_TIMEOUT_S"):
+        out["drain_timeout_s"] = float(environ["LMSERVE_DRAIN_TIMEOUT_S"])
+    limits = {field_name: int(environ[var]) for var, field_name in _LIMIT_VARS.items() if environ.get(var)}
+    if limits:
+        out["limits"] = LimitsConfig(**limits)
+    return out

@@ -193,7 +193,9 @@ class _Item:
     ids: list[int]
 
 
-def _resolve(future: asyncio.Future[EmbeddingResult], result: EmbeddingResult | None, error: BaseException | None) -> None:
+def _resolve(
+    future: asyncio.Future[EmbeddingResult], result: EmbeddingResult | None, error: BaseException | None
+) -> None:
     """Runs on the request's loop."""
     if future.done():  # cancelled meanwhile
         return
@@ -411,7 +413,8 @@ class Embedder:
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-        self._fail_requests({item.request for item in pending}, EmbedderNotRunning("the embedding model is shutting down"))
+        error = EmbedderNotRunning("the embedding model is shutting down")
+        self._fail_requests({item.request for item in pending}, error)
         await asyncio.to_thread(thread.join)
         self._thread = None
 
@@ -468,46 +471,56 @@ class Embedder:
                 self._fail_requests({item.request for item in batch}, error)
 
     def _take_batch(self) -> list[_Item]:
-        """Under the lock. The oldest live sequence always goes (no starvation); then others from
-        the queue: first those no longer than it (free in padding), oldest first, then longer
-        ones shortest first, while padded length x count stays under max_batch_tokens."""
+        """Under the lock: pick the next batch from the queue.
+
+        The oldest live sequence always goes (so nothing starves). Around it, in length order,
+        the batch grows one neighbour at a time, always by the candidate that adds the least
+        padding, while padded length x count stays within max_batch_tokens and the padding a
+        candidate adds is no more than the real tokens it brings (a much shorter or longer
+        sequence waits for a batch of its own kind instead).
+        """
         queue = self._queue
         while queue and queue[0].request.done:
             queue.popleft()
         if not queue:
             return []
-        head = queue.popleft()
         budget = self.max_batch_tokens
-        max_len = len(head.ids)
-        chosen = [head]
-        if max_len * 2 > budget or not queue:
-            return chosen
-        scan = [queue[k] for k in range(min(len(queue), _SCAN_LIMIT))]
-        taken: set[int] = set()
-        longer: list[int] = []
-        for k, item in enumerate(scan):
-            if item.request.done:
-                taken.add(k)  # drop it
-            elif len(item.ids) <= max_len:
-                if max_len * (len(chosen) + 1) <= budget:
-                    chosen.append(item)
-                    taken.add(k)
-            else:
-                longer.append(k)
-        longer.sort(key=lambda k: len(scan[k].ids))
-        for k in longer:
-            new_max = len(scan[k].ids)
-            if new_max * (len(chosen) + 1) > budget:
+        scan_len = min(len(queue), _SCAN_LIMIT)
+        scan = [queue[k] for k in range(scan_len)]
+        live = [k for k in range(scan_len) if not scan[k].request.done]  # live[0] == 0: the head
+        order = sorted(live, key=lambda k: len(scan[k].ids))  # stable: older first among equals
+        pos = order.index(0)
+        lo, hi = pos - 1, pos + 1
+        chosen = [0]
+        max_len = len(scan[0].ids)
+        while True:
+            n = len(chosen)
+            best: tuple[int, str] | None = None  # (added padding, side)
+            if lo >= 0:
+                length = len(scan[order[lo]].ids)
+                waste = max_len - length
+                if max_len * (n + 1) <= budget and waste <= length:
+                    best = (waste, "lo")
+            if hi < len(order):
+                length = len(scan[order[hi]].ids)
+                waste = (length - max_len) * n
+                if length * (n + 1) <= budget and waste <= length and (best is None or waste < best[0]):
+                    best = (waste, "hi")
+            if best is None:
                 break
-            chosen.append(scan[k])
-            taken.add(k)
-            max_len = new_max
-        if taken:
-            rest = [item for k, item in enumerate(scan) if k not in taken]
-            for _ in range(len(scan)):
-                queue.popleft()
-            queue.extendleft(reversed(rest))
-        return chosen
+            if best[1] == "lo":
+                chosen.append(order[lo])
+                lo -= 1
+            else:
+                chosen.append(order[hi])
+                max_len = len(scan[order[hi]].ids)
+                hi += 1
+        taken = set(chosen)
+        rest = [scan[k] for k in live if k not in taken]
+        for _ in range(scan_len):
+            queue.popleft()
+        queue.extendleft(reversed(rest))
+        return [scan[k] for k in chosen]
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)

@@ -299,15 +299,52 @@ def test_cancelled_request_does_not_break_the_worker(embedder: Embedder) -> None
 def test_batch_selection_respects_padded_budget() -> None:
     emb = Embedder.__new__(Embedder)  # only the queue logic, no model
     emb.max_batch_tokens = 64
-    req = _Request(loop=None, future=None, dimensions=None, num_tokens=[], vectors=[], remaining=0)  # type: ignore[arg-type]
+    req = _Request(
+        loop=None, future=None, dimensions=None, num_tokens=[], vectors=[], remaining=0  # type: ignore[arg-type]
+    )
     lengths = [10, 40, 12, 30, 5, 11, 20, 9]
     emb._queue = deque(_Item(req, i, [1] * n) for i, n in enumerate(lengths))
     batches = []
     while emb._queue:
         batches.append([len(item.ids) for item in emb._take_batch()])
-    # head first always; padded length x count <= 64 unless a sequence is alone
-    assert batches[0][0] == 10
+    # the oldest first, grown by least added padding within the padded budget; the 5 and the 40
+    # are too unlike their neighbours (or too long) to share a batch
+    assert batches == [[10, 9, 11, 12], [40], [30, 20], [5]]
     for b in batches:
         assert len(b) == 1 or max(b) * len(b) <= 64
-    assert sorted(n for b in batches for n in b) == sorted(lengths)
-    assert batches[0] == [10, 5, 9, 11, 12]  # the free ones oldest first, then the shortest longer one
+
+
+def test_stop_fails_queued_requests_and_restart_works(embedder: Embedder, monkeypatch) -> None:
+    import threading
+
+    first = embedder.tokenize(["first " * 40])[0]  # > 32 tokens: alone in a batch
+    second = embedder.tokenize(["second"])[0]
+    entered, release = threading.Event(), threading.Event()
+    real_forward = embedder._forward
+
+    def forward(input_ids, attention_mask):
+        entered.set()
+        release.wait(10)
+        return real_forward(input_ids, attention_mask)
+
+    monkeypatch.setattr(embedder, "_forward", forward)
+
+    async def go():
+        a = asyncio.ensure_future(embedder.embed([first]))
+        await asyncio.to_thread(entered.wait, 10)  # the worker is inside the first forward
+        b = asyncio.ensure_future(embedder.embed([second]))
+        await asyncio.sleep(0)  # b is queued
+        stopping = asyncio.ensure_future(embedder.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        await stopping
+        return await asyncio.gather(a, b, return_exceptions=True)
+
+    a, b = asyncio.run(go())
+    assert isinstance(a, EmbeddingResult)  # the batch in flight finishes
+    assert isinstance(b, EmbedderNotRunning)
+    with pytest.raises(EmbedderNotRunning):
+        _embed(embedder, [second])
+    monkeypatch.undo()
+    asyncio.run(embedder.start())
+    assert len(_embed(embedder, [second]).vectors) == 1

@@ -199,6 +199,7 @@ def publish_folder(final: Path, build: Callable[[Path], None]) -> Path:
         build(tmp)
         if not is_complete(tmp):
             raise RuntimeError(f"builder for {final} did not write {CACHE_MARKER}")
+        _make_readable(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -207,6 +208,12 @@ def publish_folder(final: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes 0700 folders (and some writers 0600 files); a cache is read by every local user."""
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod(0o755 if item.is_dir() else 0o644)
 
 
 def save_plain_model(model: Any, dest: Path) -> None:

@@ -53,12 +53,14 @@ class BlockManager:
         self._hash_to_block: dict[BlockHash, int] = {}
         # Unreferenced blocks, least recently freed first; fresh allocations pop from the front.
         self._free_queue: OrderedDict[int, None] = OrderedDict((block_id, None) for block_id in range(num_blocks))
-        # Requests currently holding blocks, by id (for invariants and sanity checks).
-        self._requests: dict[str, Request] = {}
-        # Per request: chained hashes of its full blocks computed so far (token ids only grow).
-        self._request_hashes: dict[str, list[BlockHash]] = {}
-        # Per request: how many leading blocks cache_computed_blocks has already handled.
-        self._num_registered: dict[str, int] = {}
+        # Per-request state is keyed by id(req), not request_id, so correctness never depends on
+        # callers keeping request ids unique; each entry holds the Request so its id stays unique.
+        # Requests currently holding blocks (for invariants and sanity checks).
+        self._requests: dict[int, Request] = {}
+        # Chained hashes of a request's full blocks computed so far (token ids only grow).
+        self._request_hashes: dict[int, tuple[Request, list[BlockHash]]] = {}
+        # How many of a request's leading blocks cache_computed_blocks has already handled.
+        self._num_registered: dict[int, int] = {}
         self.num_prefix_queries = 0  # tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # tokens served from it
 
@@ -94,11 +96,7 @@ class BlockManager:
 
     def can_allocate(self, req: Request) -> bool:
         """Whether `allocate(req)` would succeed now: exactly the free-queue slots it would consume."""
-        hit_block_ids = self._find_hits(req)
-        num_fresh = self.num_blocks_for(req.num_tokens) - len(hit_block_ids)
-        # A hit that nobody references sits in the free queue, so reviving it uses a free slot too.
-        num_revived = sum(1 for block_id in hit_block_ids if self._ref_counts[block_id] == 0)
-        return num_fresh + num_revived <= len(self._free_queue)
+        return self._num_slots_needed(req, self._find_hits(req)) <= len(self._free_queue)
 
     def allocate(self, req: Request) -> None:
         """Give `req` blocks for all its tokens, reusing cached full-block prefixes.
@@ -106,10 +104,10 @@ class BlockManager:
         Sets block_ids, num_computed_tokens (the reused tokens) and, on first admission,
         num_cached_tokens. Chunked prefill then only advances num_computed_tokens.
         """
-        assert req.request_id not in self._requests, f"{req.request_id} already holds blocks"
+        assert id(req) not in self._requests, f"{req} already holds blocks"
         assert not req.block_ids
-        assert self.can_allocate(req), "allocate() without can_allocate()"
         hit_block_ids = self._find_hits(req)
+        assert self._num_slots_needed(req, hit_block_ids) <= len(self._free_queue), "allocate() without can_allocate()"
         block_ids: list[int] = []
         for block_id in hit_block_ids:
             if self._ref_counts[block_id] == 0:
@@ -123,8 +121,8 @@ class BlockManager:
         req.num_computed_tokens = num_hit_tokens
         if req.num_preemptions == 0:
             req.num_cached_tokens = num_hit_tokens
-        self._requests[req.request_id] = req
-        self._num_registered[req.request_id] = len(hit_block_ids)
+        self._requests[id(req)] = req
+        self._num_registered[id(req)] = len(hit_block_ids)
         if self.enable_prefix_caching:
             self.num_prefix_queries += req.num_tokens
             self.num_prefix_hits += num_hit_tokens
@@ -138,7 +136,7 @@ class BlockManager:
 
     def append(self, req: Request) -> None:
         """Grow `req` to cover all its tokens (one new block when the newest token starts one)."""
-        assert req.request_id in self._requests, f"{req.request_id} holds no blocks"
+        assert id(req) in self._requests, f"{req} holds no blocks"
         assert self.can_append(req), "append() without can_append()"
         while req.num_tokens > len(req.block_ids) * self._block_size:
             req.block_ids.append(self._take_fresh_block())
@@ -151,9 +149,9 @@ class BlockManager:
         Called after each forward; registering earlier would let another request read KV that
         is not there yet. A hash already owned by another block keeps that owner.
         """
-        if not self.enable_prefix_caching or req.request_id not in self._requests:
+        if not self.enable_prefix_caching or id(req) not in self._requests:
             return
-        num_done = self._num_registered[req.request_id]
+        num_done = self._num_registered[id(req)]
         num_full = min(req.num_computed_tokens // self._block_size, len(req.block_ids))
         if num_full <= num_done:
             return
@@ -167,7 +165,7 @@ class BlockManager:
                 continue  # another block holds the same prefix; this duplicate stays uncached
             self._block_hashes[block_id] = block_hash
             self._hash_to_block[block_hash] = block_id
-        self._num_registered[req.request_id] = num_full
+        self._num_registered[id(req)] = num_full
 
     # ---- release -----------------------------------------------------------------------
 
@@ -183,9 +181,9 @@ class BlockManager:
             if self._ref_counts[block_id] == 0:
                 self._free_queue[block_id] = None
         req.block_ids = []
-        self._requests.pop(req.request_id, None)
-        self._request_hashes.pop(req.request_id, None)
-        self._num_registered.pop(req.request_id, None)
+        self._requests.pop(id(req), None)
+        self._request_hashes.pop(id(req), None)
+        self._num_registered.pop(id(req), None)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (e.g. after a weights reload); refused while blocks are in use."""
@@ -200,8 +198,8 @@ class BlockManager:
     def check_invariants(self) -> None:
         """Assert the bookkeeping is self-consistent (tests call this after every operation)."""
         expected_refs = [0] * self._num_blocks
-        for request_id, req in self._requests.items():
-            assert req.request_id == request_id
+        for key, req in self._requests.items():
+            assert id(req) == key
             assert len(set(req.block_ids)) == len(req.block_ids), f"{req} lists a block twice"
             for block_id in req.block_ids:
                 expected_refs[block_id] += 1
@@ -227,6 +225,13 @@ class BlockManager:
         self._ref_counts[block_id] = 1
         return block_id
 
+    def _num_slots_needed(self, req: Request, hit_block_ids: list[int]) -> int:
+        """Free-queue slots an allocation takes: fresh blocks plus hits revived from the queue."""
+        num_fresh = self.num_blocks_for(req.num_tokens) - len(hit_block_ids)
+        # A hit that nobody references sits in the free queue, so reviving it uses a free slot too.
+        num_revived = sum(1 for block_id in hit_block_ids if self._ref_counts[block_id] == 0)
+        return num_fresh + num_revived
+
     def _find_hits(self, req: Request) -> list[int]:
         """Cached blocks matching `req`'s leading full blocks, never including its last token's block."""
         if not self.enable_prefix_caching:
@@ -245,10 +250,14 @@ class BlockManager:
     def _full_block_hashes(self, req: Request, num_full_blocks: int) -> list[BlockHash]:
         """Chained hashes of `req`'s first `num_full_blocks` blocks, memoized per request.
 
-        Only for requests that reach free() (every admitted or aborted one), so the memo is
-        dropped there. Token ids only ever grow, so the memo stays valid.
+        Token ids only ever grow, so the memo stays valid. The entry holds the Request (its id
+        cannot be reused meanwhile) until free() drops it; the scheduler frees every request that
+        leaves, finished or aborted, waiting or running.
         """
-        hashes = self._request_hashes.setdefault(req.request_id, [])
+        entry = self._request_hashes.get(id(req))
+        if entry is None:
+            entry = self._request_hashes[id(req)] = (req, [])
+        hashes = entry[1]
         size = self._block_size
         assert num_full_blocks * size <= req.num_tokens
         while len(hashes) < num_full_blocks:

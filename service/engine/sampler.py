@@ -217,7 +217,15 @@ def _random_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Te
 
     top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_ps = [p.top_p for p in params]
-    if any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
+    if all(p >= 1.0 for p in top_ps) and any(k < vocab for k in top_ks):
+        # top_k alone: a partial topk is far cheaper than a full sort of the vocab. Tokens
+        # tied with the k-th value are kept (the draw among exact ties is immaterial).
+        k_max = max(k for k in top_ks if k < vocab)
+        kth_pos = torch.tensor([min(k, k_max) - 1 for k in top_ks], device=device).unsqueeze(1)
+        kth = x.topk(k_max, dim=-1).values.gather(1, kth_pos)
+        off = torch.tensor([k >= vocab for k in top_ks], device=device).unsqueeze(1)
+        x = x.masked_fill((x < kth) & ~off, float("-inf"))
+    elif any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
         # One descending sort serves both filters; masked values are scattered back.
         sorted_x, order = x.sort(dim=-1, descending=True)
         positions = torch.arange(vocab, device=device).unsqueeze(0)

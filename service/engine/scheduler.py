@@ -179,7 +179,6 @@ class Scheduler:
         max_tokens/EOS/stop token ids have been removed and their blocks freed.
         """
         received: list[Request] = []
-        now = time.monotonic()
         for scheduled in output.scheduled:
             req = scheduled.request
             if req.is_finished:
@@ -190,8 +189,6 @@ class Scheduler:
             if not is_sampling:
                 continue
             req.append_token(sampled_token_ids[req.request_id])
-            if req.first_token_time is None:
-                req.first_token_time = now
             req.check_stop()
             received.append(req)
             if req.is_finished:

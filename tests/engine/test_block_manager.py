@@ -292,3 +292,19 @@ def test_check_invariants_catches_a_leaked_reference() -> None:
     req.block_ids = []  # forgotten without free(): block 0 is still counted as referenced
     with pytest.raises(AssertionError):
         bm.check_invariants()
+
+
+def test_state_is_per_request_object_not_per_request_id() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    cached = make_request("cached", PREFIX + [1])
+    bm.allocate(cached)
+    compute_all(bm, cached)
+    # Two live requests reusing one id (a caller bug) must still get hits from their own tokens.
+    other = make_request("dup", [5] * 9)
+    assert bm.can_allocate(other)  # memoizes other's hashes
+    same_prefix = make_request("dup", PREFIX + [2])
+    bm.allocate(same_prefix)
+    bm.allocate(other)
+    bm.check_invariants()
+    assert same_prefix.num_computed_tokens == 8 and same_prefix.block_ids[:2] == [0, 1]
+    assert other.num_computed_tokens == 0

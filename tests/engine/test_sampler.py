@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from service.engine.request import Request
-from service.engine.sampler import SampledToken, sample
+from service.engine.sampler import (
+    SampledToken,
+    _apply_presence_frequency,
+    _apply_repetition_penalty,
+    sample,
+)
 from service.types import SamplingParams
 
 EOS = 2
@@ -26,20 +31,13 @@ def make_request(
     return req
 
 
-def sample_one(logits: list[float], params: SamplingParams, **kw) -> SampledToken:
-    req = make_request(params, **kw)
-    gen = kw.pop("generator", None) if "generator" in kw else None
-    return sample(torch.tensor([logits]), [req], [gen])[0]
-
-
-def processed_logits(logits: list[float], params: SamplingParams, **kw) -> torch.Tensor:
-    """The processed logits of one greedy row, read back through its logprobs-free argmax.
-
-    Processors are private; their output is observed exactly by asking for logit_bias-free
-    greedy argmax over one-hot probes is clumsy, so we check values via the public API on
-    small vocabularies instead: see the dedicated tests below.
-    """
-    raise NotImplementedError
+def sample_one(
+    logits: list[float],
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    **kw,
+) -> SampledToken:
+    return sample(torch.tensor([logits]), [make_request(params, **kw)], [generator])[0]
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
@@ -58,6 +56,10 @@ def test_greedy_bf16_input() -> None:
     logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 0.0, 1.0]], dtype=torch.bfloat16)
     out = sample(logits, [make_request(GREEDY), make_request(GREEDY)], [None, None])
     assert [t.token_id for t in out] == [1, 0]
+    mixed = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.0, logprobs=1)]
+    out = sample(logits, [make_request(p) for p in mixed], [None, None])
+    assert [t.token_id for t in out] == [1, 0]
+    assert out[1].logprob == pytest.approx(torch.log_softmax(logits[1].float(), -1)[0].item())
 
 
 def test_logits_not_mutated() -> None:
@@ -103,76 +105,42 @@ def test_min_tokens_blocks_eos_when_sampling() -> None:
         assert tok.token_id != EOS
 
 
-def _argmax_with_probe(logits: list[float], params: SamplingParams, probe: int, **kw) -> float:
-    """The processed logit of token `probe`, recovered through the public API.
-
-    With logit_bias off and greedy sampling, the processors are pure per-token maps; giving
-    every other token -1e9 makes the processed value of `probe` the only one that matters,
-    so we compare through `sample` on single-token-dominant rows instead.
-    """
-    raise NotImplementedError
-
-
 def test_repetition_penalty_exact_values() -> None:
     """HF: seen tokens (prompt + output) with logit > 0 are divided by p, others multiplied."""
-    p = 2.0
-    params = SamplingParams(temperature=0.0, repetition_penalty=p)
-    # token 0 (seen, +4 -> 2), token 1 (unseen, 3 stays), token 2 (seen, -1 -> -2)
-    out = sample_one([4.0, 3.0, -1.0], params, prompt=[0], output=[2])
-    assert out.token_id == 1  # 3 > 4/2
-    out = sample_one([5.0, 3.0, -1.0], params, prompt=[0])
-    assert out.token_id == 1  # 3 > 2.5 (prompt tokens count too)
-    out = sample_one([7.0, 3.0, -1.0], params, prompt=[0])
-    assert out.token_id == 0  # 3.5 > 3
-    # negative seen logit is pushed down: -1 * 2 = -2 < -1.5
-    out = sample_one([-1.0, -1.5, -5.0], params, prompt=[0])
-    assert out.token_id == 1
-    out = sample_one([-1.0, -2.5, -5.0], params, prompt=[0])
-    assert out.token_id == 0
+    logits = torch.tensor([[4.0, 3.0, -1.0, -2.0, 0.0], [4.0, 3.0, -1.0, -2.0, 0.0]])
+    reqs = [
+        make_request(SamplingParams(repetition_penalty=2.0), prompt=[0, 0], output=[2, 4]),
+        make_request(SamplingParams()),  # penalty 1: untouched
+    ]
+    _apply_repetition_penalty(logits, reqs, vocab=5)
+    assert logits.tolist() == [[2.0, 3.0, -2.0, -2.0, 0.0], [4.0, 3.0, -1.0, -2.0, 0.0]]
 
 
-def test_repetition_penalty_exact_logprob_shift() -> None:
-    """Exact values through the sampling distribution at temperature 1 with top_k=1 not used:
-    with penalty p the processed logits are known, so the argmax under a bias shows them."""
-    params = SamplingParams(temperature=0.0, repetition_penalty=1.5, logit_bias=((1, 1.0),))
-    # token0: seen, 3.0 / 1.5 = 2.0; token1: unseen, 0.5 + 1.0 bias = 1.5 -> token0 wins
-    assert sample_one([3.0, 0.5], params, prompt=[0]).token_id == 0
-    # token0: seen, 2.7 / 1.5 = 1.8; token1: 0.9 + 1.0 = 1.9 -> token1 wins
-    assert sample_one([2.7, 0.9], params, prompt=[0]).token_id == 1
+def test_repetition_penalty_changes_choice() -> None:
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample_one([4.0, 3.0, -1.0], params, prompt=[0]).token_id == 1  # 4/2 < 3
+    assert sample_one([7.0, 3.0, -1.0], params, prompt=[0]).token_id == 0  # 7/2 > 3
+    assert sample_one([-1.0, -1.5], params, prompt=[0]).token_id == 1  # -1*2 < -1.5
+    assert sample_one([4.0, 3.0, 0.0], params, prompt=[2], output=[0]).token_id == 1  # output counts
 
 
 def test_presence_and_frequency_penalties_exact() -> None:
     """OpenAI: logit -= presence * (count > 0) + frequency * count, over output tokens only."""
-    params = SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25)
-    # output: token 0 three times, token 1 once; token 2 only in the prompt (not penalized)
-    req = make_request(params, prompt=[2, 2], output=[0, 0, 0, 1])
-    raw = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
-    expected = torch.tensor([[1.0 - 0.5 - 0.75, 1.0 - 0.5 - 0.25, 1.0, 1.0]])
-    # Recover the processed distribution from many draws would be slow; instead check
-    # that the penalty is exactly what the top-p=1/min_p=1 filter keeps: min_p=1 keeps only
-    # tokens tied with the max, i.e. the unpenalized 2 and 3.
-    p_minp = SamplingParams(
-        temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25, min_p=1.0, seed=0
-    )
-    req_minp = make_request(p_minp, prompt=[2, 2], output=[0, 0, 0, 1])
-    gen = torch.Generator().manual_seed(0)
-    seen = {sample(raw, [req_minp], [gen])[0].token_id for _ in range(30)}
-    assert seen == {2, 3}
-    # Exact values: greedy with a bias that exactly compensates the expected penalty of
-    # token 0 makes it tie-best (argmax picks the lowest index on ties).
-    comp = SamplingParams(
-        temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((0, 1.25),)
-    )
-    assert sample_one([1.0, 1.0, 1.0], comp, prompt=[2], output=[0, 0, 0, 1]).token_id == 0
-    comp_less = SamplingParams(
-        temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((0, 1.2),)
-    )
-    assert sample_one([1.0, 1.0, 1.0], comp_less, prompt=[2], output=[0, 0, 0, 1]).token_id == 2
-    comp1 = SamplingParams(
-        temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((1, 0.75),)
-    )
-    assert sample_one([0.0, 1.0, 1.0], comp1, prompt=[2], output=[0, 0, 0, 1]).token_id == 1
-    del req, expected
+    logits = torch.ones(2, 4)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    reqs = [
+        # token 0 three times, token 1 once in the output; token 2 only in the prompt
+        make_request(params, prompt=[2, 2], output=[0, 0, 0, 1]),
+        make_request(SamplingParams(), prompt=[2], output=[0]),
+    ]
+    _apply_presence_frequency(logits, reqs, vocab=4)
+    assert logits.tolist() == [[1.0 - 0.5 - 0.75, 1.0 - 0.5 - 0.25, 1.0, 1.0], [1.0] * 4]
+
+
+def test_presence_penalty_changes_choice() -> None:
+    params = SamplingParams(temperature=0.0, presence_penalty=1.0)
+    assert sample_one([2.0, 1.5], params, output=[0]).token_id == 1
+    assert sample_one([2.0, 1.5], params, prompt=[0]).token_id == 0  # prompt is not penalized
 
 
 def test_top_k_1_is_argmax_at_temperature_1() -> None:
@@ -327,3 +295,25 @@ def test_empty_and_mismatched() -> None:
     assert sample(torch.empty(0, 10), [], []) == []
     with pytest.raises(ValueError):
         sample(torch.zeros(2, 3), [make_request(GREEDY)], [None])
+
+
+@pytest.mark.parametrize("with_top_p", [False, True], ids=["topk_path", "sort_path"])
+def test_mixed_filters_in_one_batch(with_top_p: bool) -> None:
+    """Each row gets its own top_k/top_p, whichever filtering path the batch takes."""
+    logits = torch.tensor([[0.0, 3.0, 2.9, 2.8, 2.7]] * 4)
+    params = [
+        SamplingParams(temperature=5.0, top_k=2),
+        SamplingParams(temperature=5.0),  # no filter
+        SamplingParams(temperature=5.0, top_k=-1, top_p=0.3 if with_top_p else 1.0),
+        SamplingParams(temperature=5.0, top_k=3),
+    ]
+    reqs = [make_request(p) for p in params]
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    seen: list[set[int]] = [set() for _ in range(4)]
+    for _ in range(150):
+        for i, t in enumerate(sample(logits, reqs, gens)):
+            seen[i].add(t.token_id)
+    assert seen[0] == {1, 2}
+    assert seen[1] == {0, 1, 2, 3, 4}
+    assert seen[2] == ({1, 2} if with_top_p else {0, 1, 2, 3, 4})  # at T=5 each has ~0.2-0.25
+    assert seen[3] == {1, 2, 3}

@@ -1,0 +1,970 @@
+"""The HTTP transport: an OpenAI-compatible FastAPI app over an AppState (`create_app(state)`).
+
+Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models[/{id}], /tokenize,
+/detokenize, /version, /livez, /readyz, /health, /metrics, /docs, /openapi.json.
+
+Every error is `{"error": {"message", "type", "param", "code"}}` (never FastAPI's 422 shape). Generation
+goes through api/generation.py, shared with gRPC; this module only parses, formats and streams.
+
+Not supported (documented in the OpenAPI schema): `suffix`, `best_of` != n, response_format other than
+text, image/audio content parts. `tools` reach the chat template but tool calls are not parsed out of the
+model's output (they come back as plain content). With `echo` + `logprobs`, prompt tokens carry null
+logprobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from service.api import openai_format as fmt
+from service.api import schemas
+from service.api.errors import APIError
+from service.api.generation import (
+    ChoiceResult,
+    GenerationParams,
+    GenerationPlan,
+    collect_choices,
+    stream_choices,
+    usage_of,
+)
+from service.api.generation import plan_generation as _plan
+from service.api.limits import Admission, TokenReservation
+from service.api.middleware import KEY_ID_SCOPE, AccountingMiddleware, AuthMiddleware, BodyLimitMiddleware
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from service.app import AppState, ServedModel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/health"})
+_CHAT_TEMPLATE_RESERVED = frozenset(
+    {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize", "return_dict"}
+)
+_IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image", "image_file"})
+
+_ERROR = {"model": schemas.ErrorResponse}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {**_ERROR, "description": "Invalid request (bad JSON, a bad field, context length exceeded)."},
+    401: {**_ERROR, "description": "Missing or invalid API key."},
+    429: {**_ERROR, "description": "Rate limit exceeded; see Retry-After and x-ratelimit-* headers."},
+    500: {**_ERROR, "description": "Internal error (a bug)."},
+    503: {**_ERROR, "description": "Overloaded or not ready; see Retry-After."},
+}
+_MODEL_ERRORS = {**ERROR_RESPONSES, 404: {**_ERROR, "description": "Unknown model."}}
+_BODY_ERRORS = {**_MODEL_ERRORS, 413: {**_ERROR, "description": "Request body too large."}}
+# OpenAPI 3.1 reads an event stream's `schema` as the schema of one event.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON chunk (the streamed object), an {\"error\": {...}} object, or [DONE] last.",
+        },
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+    },
+    "required": ["data"],
+}
+_STREAM_200 = {
+    200: {
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+        "description": "The response object, or with `stream: true` Server-Sent Events.",
+    }
+}
+_PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {503: {**_ERROR, "description": "Not alive / not ready."}}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lmserve")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=error.headers or None)
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """("body", "messages", 0, "content") -> "messages[0].content"; union-member tags are dropped."""
+    parts: list[str] = []
+    for item in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(item, str) and ("[" in item or "-" in item or item in _PYDANTIC_TAGS):
+            break  # e.g. 'list[int]', 'function-after[...]', 'str': pydantic's union member names
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or None
+
+
+_PYDANTIC_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"})
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = list(exc.errors())
+    if not errors:
+        return APIError("Invalid request.", "invalid_request")
+    param = _param_from_loc(tuple(errors[0].get("loc", ())))
+    # A union field yields one error per member; the deepest one is what the client got wrong.
+    same_param = [e for e in errors if _param_from_loc(tuple(e.get("loc", ()))) == param]
+    first = max(same_param, key=lambda e: len(e.get("loc", ())))
+    errors = [first] + [e for e in errors if _param_from_loc(tuple(e.get("loc", ()))) != param]
+    kind = str(first.get("type", ""))
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(f"The request body is not valid JSON: {detail}".rstrip(": "), "invalid_json")
+    if kind == "missing":
+        code = "missing_field"
+        message = f"Missing required parameter: '{param}'." if param else "The request body is missing."
+    else:
+        code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}." if param else str(first.get("msg"))
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return APIError(message, code, param)
+
+
+def _http_exception_error(request: Request, exc: StarletteHTTPException) -> APIError:
+    if exc.status_code == 404:
+        return APIError(f"Not found: {request.method} {request.url.path}", "not_found")
+    if exc.status_code == 405:
+        return APIError(
+            f"Method {request.method} is not allowed on {request.url.path}.",
+            "method_not_allowed",
+            headers=dict(exc.headers or {}),
+        )
+    code = {400: "invalid_request", 401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded"}.get(
+        exc.status_code, "service_unavailable" if exc.status_code == 503 else "invalid_request"
+    )
+    return APIError(str(exc.detail), code, headers=dict(exc.headers or {}))
+
+
+def _install_error_handlers(app: FastAPI, state: AppState) -> None:
+    metrics = state.metrics
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        metrics.observe_error(exc.code)
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        error = validation_error(exc)
+        metrics.observe_error(error.code)
+        return error_response(error)
+
+    async def on_http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        error = _http_exception_error(request, exc)
+        metrics.observe_error(error.code)
+        return error_response(error)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        metrics.observe_error("internal_error")
+        return error_response(APIError("Internal server error.", "internal_error"))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _require_model(served: ServedModel | None, model: str | None, kind: str) -> ServedModel:
+    if served is None:
+        raise APIError(f"This server serves no {kind} model.", "model_not_found", "model")
+    if not served.matches(model):
+        raise APIError(
+            f"The model '{model}' does not exist or is not a {kind} model here; this server's {kind} model "
+            f"is '{served.name}'.",
+            "model_not_found",
+            "model",
+        )
+    return served
+
+
+def _key_id(request: Request) -> str:
+    return str(request.scope.get(KEY_ID_SCOPE, "anonymous"))
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, cancelling it if the client disconnects first (which aborts its engine work).
+
+    The request body has been read by now, so the next `receive` only returns on disconnect.
+    """
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise APIError("The client closed the connection.", "client_disconnected")
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its iterator, even when the client left mid-send.
+
+    Closing it closes the engine streams under it, which aborts the requests and frees their KV blocks
+    at once, instead of whenever the abandoned generator is garbage-collected. `on_close` runs last, also
+    when the iterator never started (a client gone before the first chunk), whose `finally` never runs.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self.on_close()
+
+
+def _json(model: Any, headers: dict[str, str]) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def _stop_tuple(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _generation_params(
+    body: schemas.CompletionRequest | schemas.ChatCompletionRequest,
+    *,
+    max_tokens: int | None,
+    default_max_tokens: int | None,
+    logprobs: int | None,
+    max_logprobs: int,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
+) -> GenerationParams:
+    return GenerationParams(
+        max_tokens=max_tokens,
+        n=body.n,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=body.logit_bias,
+        seed=body.seed,
+        stop=_stop_tuple(body.stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        default_max_tokens=default_max_tokens,
+        max_logprobs=max_logprobs,
+        prompt_param=prompt_param,
+        max_tokens_param=max_tokens_param,
+    )
+
+
+class _Admitted:
+    """A request's claims on shared capacity (token reservation, admission slot), released exactly once."""
+
+    def __init__(self, state: AppState, key_id: str, plan: GenerationPlan, rate_headers: dict[str, str]) -> None:
+        self.reservation: TokenReservation = state.limiter.reserve_tokens(key_id, plan.max_total_tokens)
+        try:
+            self.admission: Admission = state.admission.admit()
+        except APIError:
+            self.reservation.settle(0)
+            raise
+        self.headers = {**rate_headers, **self.reservation.headers.values, "x-request-id": plan.request_id}
+
+    def release(self, tokens_used: int) -> None:
+        """Idempotent: the first call settles the tokens and frees the slot."""
+        self.reservation.settle(tokens_used)
+        self.admission.release()
+
+
+# -- generation handlers -----------------------------------------------------------------------------------
+
+
+class GenerationHandlers:
+    """/v1/completions and /v1/chat/completions over one AppState."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def _plan(self, prompts: list[list[int]], params: GenerationParams, request_id: str) -> GenerationPlan:
+        s = self.state
+        return _plan(s.engine, prompts, params, s.config.limits, request_id, s.tokenizer.vocab_size)
+
+    # completions ----------------------------------------------------------------------------------------
+
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        limits = self.state.config.limits
+        if isinstance(prompt, str):
+            items: list[str] | list[list[int]] = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            items = [prompt]  # type: ignore[list-item]
+        else:
+            items = prompt  # type: ignore[assignment]
+        if not items:
+            raise APIError("The prompt must not be empty.", "invalid_value", "prompt")
+        if len(items) > limits.max_prompts:
+            raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", "prompt")
+        tok = self.state.tokenizer
+        return [tok.encode(p) if isinstance(p, str) else list(p) for p in items]
+
+    def _echo_texts(self, prompt: Any, prompts: list[list[int]]) -> list[str]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], str):
+            return list(prompt)
+        return [self.state.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+
+    async def completion(self, body: schemas.CompletionRequest, request: Request) -> Response:
+        s = self.state
+        key_id = _key_id(request)
+        rate_headers = s.limiter.check_request(key_id).values
+        model = _require_model(s.generation_model, body.model, "generation")
+        if body.suffix is not None:
+            raise APIError("suffix is not supported.", "unsupported_parameter", "suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(
+                "best_of must equal n: this server does not rank candidate completions.", "unsupported_value", "best_of"
+            )
+        prompts = self._completion_prompts(body.prompt)
+        params = _generation_params(
+            body,
+            # Absent max_tokens means OpenAI's default of 16 (capped by the server), not an explicit 16.
+            max_tokens=body.max_tokens if "max_tokens" in body.model_fields_set else None,
+            default_max_tokens=16,
+            logprobs=body.logprobs,
+            max_logprobs=5,
+            prompt_param="prompt",
+        )
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        plan = self._plan(prompts, params, request_id)
+        echo_texts = self._echo_texts(body.prompt, prompts) if body.echo else None
+        admitted = _Admitted(s, key_id, plan, rate_headers)
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream_completion(plan, admitted, body, echo_texts, created, model.name, include_usage)
+            return ClosingStreamingResponse(
+                stream,
+                on_close=lambda: admitted.release(0),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **admitted.headers},
+            )
+        result = None
+        try:
+            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics))
+        finally:
+            admitted.release(result.usage.total_tokens if result else 0)
+        choices = [self._completion_choice(c, plan, body, echo_texts) for c in result.choices]
+        response = schemas.CompletionResponse(
+            id=request_id, created=created, model=model.name, choices=choices, usage=fmt.usage_model(result.usage)
+        )
+        return _json(response, admitted.headers)
+
+    def _completion_choice(
+        self, choice: ChoiceResult, plan: GenerationPlan, body: schemas.CompletionRequest, echo_texts: list[str] | None
+    ) -> schemas.CompletionChoice:
+        prompt_index = choice.index // plan.n
+        text = choice.text
+        logprobs = None
+        if body.logprobs is not None:
+            builder = fmt.CompletionLogprobsBuilder()
+            parts = []
+            if echo_texts is not None:
+                parts.append(builder.prompt(self.state.tokenizer.convert_ids_to_tokens(plan.prompts[prompt_index])))
+            parts.append(builder.tokens(choice.logprobs or []))
+            logprobs = fmt.merge_completion_logprobs(parts)
+        if echo_texts is not None:
+            text = echo_texts[prompt_index] + text
+        return schemas.CompletionChoice(
+            index=choice.index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=fmt.finish_reason_str(choice.finish_reason),
+            stop_reason=choice.stop_reason,
+        )
+
+    async def _stream_completion(
+        self,
+        plan: GenerationPlan,
+        admitted: _Admitted,
+        body: schemas.CompletionRequest,
+        echo_texts: list[str] | None,
+        created: int,
+        model_name: str,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        s = self.state
+        header = fmt.ChunkHeader(plan.request_id, "text_completion", created, model_name)
+        num_choices = len(plan.requests)
+        builders = [fmt.CompletionLogprobsBuilder() for _ in range(num_choices)]
+        started = [False] * num_choices
+        finals = [ChoiceResult(index=i) for i in range(num_choices)]
+        want_logprobs = body.logprobs is not None
+        try:
+            async with aclosing(stream_choices(s.engine, plan, s.metrics)) as stream:
+                async for item in stream:
+                    i, delta = item.index, item.delta
+                    finals[i].add(delta, [])
+                    text = delta.text
+                    parts = []
+                    if not started[i]:
+                        started[i] = True
+                        if echo_texts is not None:
+                            text = echo_texts[i // plan.n] + text
+                            if want_logprobs:
+                                tokens = s.tokenizer.convert_ids_to_tokens(plan.prompts[i // plan.n])
+                                parts.append(builders[i].prompt(tokens))
+                    if want_logprobs and delta.logprobs:
+                        parts.append(builders[i].tokens(delta.logprobs))
+                    if not text and delta.finish_reason is None and not parts:
+                        continue
+                    choice = {
+                        "index": i,
+                        "text": text,
+                        "logprobs": fmt.merge_completion_logprobs(parts).model_dump() if want_logprobs else None,
+                        "finish_reason": fmt.finish_reason_str(delta.finish_reason),
+                        "stop_reason": delta.stop_reason,
+                    }
+                    yield sse(header.chunk([choice]))
+            if include_usage:
+                yield sse(header.chunk([], fmt.usage_model(usage_of(plan, finals))))
+            yield SSE_DONE
+        except APIError as exc:
+            s.metrics.observe_error(exc.code)
+            yield sse(exc.to_dict())
+            yield SSE_DONE
+        except Exception:
+            log.exception("completion stream %s failed", plan.request_id)
+            s.metrics.observe_error("internal_error")
+            yield sse(APIError("Internal error while streaming.", "internal_error").to_dict())
+            yield SSE_DONE
+        finally:
+            admitted.release(usage_of(plan, finals).total_tokens)
+
+    # chat ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _chat_messages(messages: list[schemas.ChatMessage]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i, message in enumerate(messages):
+            item = message.model_dump(exclude_none=True)
+            item.setdefault("content", "")  # e.g. an assistant turn with only tool_calls; templates expect a string
+            if isinstance(message.content, list):
+                texts: list[str] = []
+                for j, part in enumerate(message.content):
+                    where = f"messages[{i}].content[{j}]"
+                    if part.type == "text":
+                        if part.text is None:
+                            raise APIError("A text content part needs 'text'.", "missing_field", f"{where}.text")
+                        texts.append(part.text)
+                    elif part.type in _IMAGE_PART_TYPES:
+                        raise APIError(
+                            "Image inputs are not supported: the served model is text-only.",
+                            "unsupported_value",
+                            f"{where}.type",
+                        )
+                    else:
+                        raise APIError(
+                            f"Content part type '{part.type}' is not supported; only 'text' parts are.",
+                            "unsupported_value",
+                            f"{where}.type",
+                        )
+                item["content"] = "\n".join(texts)
+            out.append(item)
+        return out
+
+    def chat_prompt(
+        self,
+        messages: list[schemas.ChatMessage],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any] | None,
+    ) -> list[int]:
+        """Token ids of the conversation under the model's chat template (also used by /tokenize)."""
+        from service.tokenizer import TokenizerError
+
+        kwargs = dict(template_kwargs or {})
+        reserved = sorted(_CHAT_TEMPLATE_RESERVED & kwargs.keys())
+        if reserved:
+            raise APIError(
+                f"chat_template_kwargs may not set {', '.join(reserved)}.", "invalid_value", "chat_template_kwargs"
+            )
+        try:
+            return self.state.tokenizer.apply_chat_template(
+                self._chat_messages(messages), add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
+            )
+        except TokenizerError as exc:
+            raise APIError(str(exc), "invalid_value", "messages") from None
+
+    async def chat(self, body: schemas.ChatCompletionRequest, request: Request) -> Response:
+        s = self.state
+        key_id = _key_id(request)
+        rate_headers = s.limiter.check_request(key_id).values
+        model = _require_model(s.generation_model, body.model, "generation")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(
+                f"response_format type '{body.response_format.type}' is not supported yet; only 'text'.",
+                "unsupported_value",
+                "response_format.type",
+            )
+        if body.top_logprobs and not body.logprobs:
+            raise APIError("top_logprobs requires logprobs to be true.", "invalid_value", "top_logprobs")
+        prompt = self.chat_prompt(body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
+        use_mct = body.max_completion_tokens is not None
+        params = _generation_params(
+            body,
+            max_tokens=body.max_completion_tokens if use_mct else body.max_tokens,
+            default_max_tokens=None,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            max_logprobs=20,
+            prompt_param="messages",
+            max_tokens_param="max_completion_tokens" if use_mct else "max_tokens",
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        plan = self._plan([prompt], params, request_id)
+        admitted = _Admitted(s, key_id, plan, rate_headers)
+        created = int(time.time())
+        num_top = body.top_logprobs or 0
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream_chat(plan, admitted, body.logprobs, num_top, created, model.name, include_usage)
+            return ClosingStreamingResponse(
+                stream,
+                on_close=lambda: admitted.release(0),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **admitted.headers},
+            )
+        result = None
+        try:
+            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics))
+        finally:
+            admitted.release(result.usage.total_tokens if result else 0)
+        response = schemas.ChatCompletionResponse(
+            id=request_id,
+            created=created,
+            model=model.name,
+            choices=[fmt.chat_choice(c, body.logprobs, num_top) for c in result.choices],
+            usage=fmt.usage_model(result.usage),
+        )
+        return _json(response, admitted.headers)
+
+    async def _stream_chat(
+        self,
+        plan: GenerationPlan,
+        admitted: _Admitted,
+        want_logprobs: bool,
+        num_top: int,
+        created: int,
+        model_name: str,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        s = self.state
+        header = fmt.ChunkHeader(plan.request_id, "chat.completion.chunk", created, model_name)
+        finals = [ChoiceResult(index=i) for i in range(len(plan.requests))]
+        try:
+            for i in range(len(plan.requests)):
+                role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                yield sse(header.chunk([role]))
+            async with aclosing(stream_choices(s.engine, plan, s.metrics)) as stream:
+                async for item in stream:
+                    i, delta = item.index, item.delta
+                    finals[i].add(delta, [])
+                    logprobs = None
+                    if want_logprobs and delta.logprobs:
+                        logprobs = fmt.chat_logprobs(delta.logprobs, num_top).model_dump()
+                    if delta.finish_reason is None:
+                        if not delta.text and logprobs is None:
+                            continue
+                        choice = {"index": i, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None}
+                    else:
+                        choice = {
+                            "index": i,
+                            "delta": {"content": delta.text} if delta.text else {},
+                            "logprobs": logprobs,
+                            "finish_reason": fmt.finish_reason_str(delta.finish_reason),
+                            "stop_reason": delta.stop_reason,
+                        }
+                    yield sse(header.chunk([choice]))
+            if include_usage:
+                yield sse(header.chunk([], fmt.usage_model(usage_of(plan, finals))))
+            yield SSE_DONE
+        except APIError as exc:
+            s.metrics.observe_error(exc.code)
+            yield sse(exc.to_dict())
+            yield SSE_DONE
+        except Exception:
+            log.exception("chat stream %s failed", plan.request_id)
+            s.metrics.observe_error("internal_error")
+            yield sse(APIError("Internal error while streaming.", "internal_error").to_dict())
+            yield SSE_DONE
+        finally:
+            admitted.release(usage_of(plan, finals).total_tokens)
+
+
+# -- embeddings -------------------------------------------------------------------------------------------
+
+
+def _embedding_inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+    if isinstance(raw, str):
+        return [raw]
+    if raw and isinstance(raw[0], int):
+        return [raw]  # type: ignore[list-item]
+    return raw  # type: ignore[return-value]
+
+
+def _encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+async def handle_embeddings(state: AppState, body: schemas.EmbeddingRequest, request: Request) -> Response:
+    from service.embeddings import EmbedderNotRunning, EmbeddingInputError
+
+    key_id = _key_id(request)
+    rate_headers = state.limiter.check_request(key_id).values
+    model = _require_model(state.embedding_model, body.model, "embedding")
+    embedder = state.embedder
+    assert embedder is not None
+    inputs = _embedding_inputs(body.input)
+    limit = state.config.limits.max_embedding_inputs
+    if not inputs:
+        raise APIError("input must not be empty.", "invalid_value", "input")
+    if len(inputs) > limit:
+        raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
+    if any(isinstance(x, str) and not x for x in inputs):
+        raise APIError("input strings must not be empty.", "invalid_value", "input")
+    try:
+        if sum(len(x) for x in inputs if isinstance(x, str)) > 64_000:
+            ids = await asyncio.to_thread(embedder.tokenize, inputs)
+        else:
+            ids = embedder.tokenize(inputs)
+        embedder.validate(ids, body.dimensions)
+    except EmbeddingInputError as exc:
+        raise APIError(str(exc), exc.code, exc.param) from None
+    num_tokens = sum(len(x) for x in ids)
+    reservation = state.limiter.reserve_tokens(key_id, num_tokens)
+    try:
+        admission = state.admission.admit()
+    except APIError:
+        reservation.settle(0)
+        raise
+    try:
+        result = await until_disconnect(request, embedder.embed(ids, body.dimensions))
+    except EmbeddingInputError as exc:
+        raise APIError(str(exc), exc.code, exc.param) from None
+    except EmbedderNotRunning as exc:
+        raise APIError(str(exc), "service_unavailable") from None
+    finally:
+        admission.release()
+    state.metrics.embedding_tokens_total.inc(result.total_tokens)
+    response = schemas.EmbeddingResponse(
+        data=[
+            schemas.EmbeddingData(index=i, embedding=_encode_vector(v, body.encoding_format))
+            for i, v in enumerate(result.vectors)
+        ],
+        model=model.name,
+        usage=schemas.UsageInfo(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens),
+    )
+    return _json(response, {**rate_headers, **reservation.headers.values})
+
+
+# -- tokenize / detokenize --------------------------------------------------------------------------------
+
+
+def handle_tokenize(state: AppState, handlers: GenerationHandlers, body: schemas.TokenizeRequest) -> Response:
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError("Give exactly one of 'prompt' and 'messages'.", "invalid_request", "prompt")
+    embedding = state.embedding_model
+    if body.model is not None and embedding is not None and embedding.matches(body.model) and body.prompt is not None:
+        assert state.embedder is not None
+        ids = state.embedder.tokenize([body.prompt])[0]
+        max_len = state.embedder.max_input_tokens
+        token_strs = state.embedder.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return _json(schemas.TokenizeResponse(count=len(ids), max_model_len=max_len, tokens=ids, token_strs=token_strs), {})
+    _require_model(state.generation_model, body.model, "generation")
+    if body.messages is not None:
+        ids = handlers.chat_prompt(body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
+    else:
+        assert body.prompt is not None
+        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    token_strs = state.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    response = schemas.TokenizeResponse(
+        count=len(ids), max_model_len=state.engine.max_model_len, tokens=ids, token_strs=token_strs
+    )
+    return _json(response, {})
+
+
+def handle_detokenize(state: AppState, body: schemas.DetokenizeRequest) -> Response:
+    _require_model(state.generation_model, body.model, "generation")
+    vocab = state.tokenizer.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(f"Token id {bad} is not in the vocabulary (0..{vocab - 1}).", "invalid_value", "tokens")
+    return _json(schemas.DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens)), {})
+
+
+# -- models, health, metrics ------------------------------------------------------------------------------
+
+
+def model_cards(state: AppState) -> list[schemas.ModelCard]:
+    gen = state.generation_model
+    cards = [schemas.ModelCard(id=gen.name, created=gen.created, max_model_len=state.engine.max_model_len, root=gen.name)]
+    if state.embedding_model is not None and state.embedder is not None:
+        emb = state.embedding_model
+        cards.append(
+            schemas.ModelCard(id=emb.name, created=emb.created, max_model_len=state.embedder.max_input_tokens, root=emb.name)
+        )
+    return cards
+
+
+def readiness(state: AppState) -> str | None:
+    """None when ready, else why not."""
+    if state.lifecycle.draining:
+        return "draining"
+    if not state.engine.stats().is_alive:
+        return "the generation engine is not running"
+    if state.embedder is not None and not state.embedder.is_running:
+        return "the embedding model is not running"
+    return None
+
+
+def _unavailable(reason: str) -> Response:
+    return error_response(APIError(f"Not ready: {reason}.", "service_unavailable"))
+
+
+# -- the app ----------------------------------------------------------------------------------------------
+
+
+def schema_limits(state: AppState) -> dict[str, int]:
+    """Values for the `limit(...)` markers in schemas.py: this server's caps and vocabularies."""
+    limits = state.config.limits
+    values = {
+        "max_n": limits.max_n,
+        "max_tokens_cap": limits.max_tokens_cap,
+        "max_stop_strings": limits.max_stop_strings,
+        "max_prompts": limits.max_prompts,
+        "max_embedding_inputs": limits.max_embedding_inputs,
+        "vocab_max": state.tokenizer.vocab_size - 1,
+    }
+    if state.embedder is not None:
+        values["embedding_vocab_max"] = state.embedder.vocab_size - 1
+        values["embedding_max_tokens"] = state.embedder.max_input_tokens
+        values["embedding_dimensions"] = state.embedder.dimensions
+    return values
+
+
+def _apply_limits(node: Any, values: dict[str, int]) -> None:
+    if isinstance(node, dict):
+        marker = node.pop("x-limit", None)
+        if isinstance(marker, dict):
+            for keyword, name in marker.items():
+                if name in values:
+                    node[keyword] = values[name]
+        for child in node.values():
+            _apply_limits(child, values)
+    elif isinstance(node, list):
+        for child in node:
+            _apply_limits(child, values)
+
+
+def build_openapi(app: FastAPI, limit_values: dict[str, int]) -> dict[str, Any]:
+    """The OpenAPI document: 400 (our error shape) instead of FastAPI's 422, and this server's limits."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _apply_limits(schema, limit_values)
+    error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "Invalid request.", "content": error_ref})
+    components = schema.get("components", {}).get("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(state: AppState) -> FastAPI:
+    """The HTTP app over `state` (models already loaded; started by the caller)."""
+    app = FastAPI(
+        title="lmserve",
+        version=_version(),
+        description=__doc__,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    _install_error_handlers(app, state)
+    gen = GenerationHandlers(state)
+
+    @app.post(
+        "/v1/completions",
+        response_model=schemas.CompletionResponse,
+        responses={**_BODY_ERRORS, **_STREAM_200},
+        tags=["openai"],
+    )
+    async def create_completion(body: schemas.CompletionRequest, request: Request) -> Response:
+        """OpenAI completions; `stream: true` answers Server-Sent Events ending in `data: [DONE]`."""
+        return await gen.completion(body, request)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=schemas.ChatCompletionResponse,
+        responses={**_BODY_ERRORS, **_STREAM_200},
+        tags=["openai"],
+    )
+    async def create_chat_completion(body: schemas.ChatCompletionRequest, request: Request) -> Response:
+        """OpenAI chat completions (text content only; tools reach the template, calls are not parsed)."""
+        return await gen.chat(body, request)
+
+    @app.post("/v1/embeddings", response_model=schemas.EmbeddingResponse, responses=_BODY_ERRORS, tags=["openai"])
+    async def create_embeddings(body: schemas.EmbeddingRequest, request: Request) -> Response:
+        """OpenAI embeddings; `encoding_format: base64` gives little-endian float32 bytes."""
+        return await handle_embeddings(state, body, request)
+
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=ERROR_RESPONSES, tags=["openai"])
+    async def list_models() -> Response:
+        return _json(schemas.ModelList(data=model_cards(state)), {})
+
+    @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard, responses=_MODEL_ERRORS, tags=["openai"])
+    async def retrieve_model(model_id: str) -> Response:
+        for card in model_cards(state):
+            served = state.generation_model if card.id == state.generation_model.name else state.embedding_model
+            if served is not None and model_id in served.aliases:
+                return _json(card, {})
+        raise APIError(f"The model '{model_id}' does not exist.", "model_not_found", "model")
+
+    @app.post("/tokenize", response_model=schemas.TokenizeResponse, responses=_BODY_ERRORS, tags=["tokens"])
+    async def tokenize(body: schemas.TokenizeRequest) -> Response:
+        """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+        return handle_tokenize(state, gen, body)
+
+    @app.post("/detokenize", response_model=schemas.DetokenizeResponse, responses=_BODY_ERRORS, tags=["tokens"])
+    async def detokenize(body: schemas.DetokenizeRequest) -> Response:
+        return handle_detokenize(state, body)
+
+    @app.get("/version", response_model=schemas.VersionResponse, responses=ERROR_RESPONSES, tags=["service"])
+    async def version() -> Response:
+        return _json(schemas.VersionResponse(version=app.version, engine=state.config.engine_kind), {})
+
+    @app.get("/livez", response_model=schemas.HealthResponse, responses=_PROBE_RESPONSES, tags=["service"])
+    async def livez() -> Response:
+        """200 while the process and the engine loop are alive."""
+        if not state.engine.stats().is_alive:
+            return _unavailable("the generation engine loop is not running")
+        return _json(schemas.HealthResponse(status="ok"), {})
+
+    async def ready() -> Response:
+        reason = readiness(state)
+        if reason is not None:
+            return _unavailable(reason)
+        return _json(schemas.HealthResponse(status="ready"), {})
+
+    app.add_api_route(
+        "/readyz", ready, methods=["GET"], response_model=schemas.HealthResponse, responses=_PROBE_RESPONSES,
+        tags=["service"], summary="200 when models are loaded, the engine is healthy and not draining",
+    )
+    app.add_api_route(
+        "/health", ready, methods=["GET"], response_model=schemas.HealthResponse, responses=_PROBE_RESPONSES,
+        tags=["service"], summary="Same as /readyz", operation_id="health",
+    )
+
+    @app.get(
+        "/metrics",
+        responses={**ERROR_RESPONSES, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "OK"}},
+        response_class=Response,
+        tags=["service"],
+    )
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        state.metrics.observe_engine(state.engine.stats())
+        return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    limit_values = schema_limits(state)
+    app.openapi = lambda: build_openapi(app, limit_values)  # type: ignore[method-assign]
+
+    # Middleware: the last added runs first. CORS (preflight) -> accounting -> auth -> body limit -> app.
+    app.add_middleware(BodyLimitMiddleware, state=state, max_body_bytes=state.config.limits.max_request_body_bytes)
+    open_paths = PROBE_PATHS | ({"/metrics"} if state.config.metrics_open else set())
+    app.add_middleware(AuthMiddleware, state=state, open_paths=frozenset(open_paths))
+    app.add_middleware(AccountingMiddleware, state=state)
+    if state.config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=[
+                "Retry-After",
+                "x-request-id",
+                *(f"x-ratelimit-{a}-{b}" for a in ("limit", "remaining", "reset") for b in ("requests", "tokens")),
+            ],
+        )
+    return app
+
+
+__all__ = ["create_app", "error_response", "until_disconnect"]

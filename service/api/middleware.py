@@ -1,0 +1,198 @@
+"""Pure-ASGI middleware for the HTTP transport: accounting, API-key auth and the request body limit.
+
+Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a client
+disconnect still reaches the handler's `receive`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import APIError
+
+if TYPE_CHECKING:
+    from service.app import AppState
+
+log = logging.getLogger(__name__)
+
+KEY_ID_SCOPE = "lmserve.key_id"  # scope entry the auth middleware sets for handlers (rate limits)
+TRANSPORT = "http"
+
+_KNOWN_ENDPOINTS = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/version",
+        "/livez",
+        "/readyz",
+        "/health",
+        "/metrics",
+        "/docs",
+        "/openapi.json",
+    }
+)
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label set: known paths as is, everything else "other"."""
+    if path in _KNOWN_ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
+async def send_error(send: Send, error: APIError) -> None:
+    body = json.dumps(error.to_dict()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class AccountingMiddleware:
+    """Counts every request by endpoint and status, and tracks requests in flight (for drain)."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.state.metrics
+        lifecycle = self.state.lifecycle
+        status = 499  # no response started: the client went away first
+        errored = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        lifecycle.in_flight += 1
+        metrics.requests_in_flight.labels(transport=TRANSPORT).inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            errored = True
+            raise
+        finally:
+            lifecycle.in_flight -= 1
+            metrics.requests_in_flight.labels(transport=TRANSPORT).dec()
+            if errored and status == 499:
+                status = 500
+            metrics.observe_request(endpoint_label(scope["path"]), TRANSPORT, status)
+
+
+class AuthMiddleware:
+    """Requires `Authorization: Bearer <key>` on every path but the probes (and /metrics if open)."""
+
+    def __init__(self, app: ASGIApp, state: AppState, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.state = state
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        keys = self.state.keys
+        if not keys.is_enabled or scope["path"] in self.open_paths:
+            scope[KEY_ID_SCOPE] = _client_id(scope) if not keys.is_enabled else "open"
+            await self.app(scope, receive, send)
+            return
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            scope[KEY_ID_SCOPE] = keys.authenticate(authorization)
+        except APIError as exc:
+            self.state.metrics.observe_error(exc.code)
+            await send_error(send, exc)
+            return
+        await self.app(scope, receive, send)
+
+
+def _client_id(scope: Scope) -> str:
+    """Without API keys, rate limits apply per client address."""
+    client = scope.get("client")
+    return f"ip-{client[0]}" if client else "anonymous"
+
+
+class BodyLimitMiddleware:
+    """413 `request_too_large` for bodies over the limit, counted while reading, not from Content-Length.
+
+    The body is read here in full (it is bounded by the limit) and replayed to the app as one message;
+    later `receive` calls go to the server, so the handler still hears `http.disconnect`.
+    """
+
+    def __init__(self, app: ASGIApp, state: AppState, max_body_bytes: int) -> None:
+        self.app = app
+        self.state = state
+        self.max_body_bytes = max_body_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            f"Request body too large: the limit is {self.max_body_bytes} bytes.", "request_too_large"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_body_bytes:
+                    await self._reject(send)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    async def _reject(self, send: Send) -> None:
+        error = self._too_large()
+        self.state.metrics.observe_error(error.code)
+        await send_error(send, error)
+
+
+def _replay(body: bytes, receive: Receive) -> Callable[[], Any]:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

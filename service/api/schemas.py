@@ -1,0 +1,322 @@
+"""Pydantic models of the HTTP API, in OpenAI's shapes (plus vLLM's extra sampling fields).
+
+Request models only check types and document ranges; the value checks that both transports need
+(api/generation.py `validate_params`) live in one place. Unknown request fields are ignored, as OpenAI
+clients send fields this server has no use for.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+
+
+def limit(**limits: str) -> dict[str, Any]:
+    """Mark a JSON-schema node with server limits, e.g. limit(maximum="max_n").
+
+    http.py replaces each marker with the running server's value when it serves /openapi.json, so the
+    schema documents this server's real caps (and schema-driven clients generate valid requests).
+    """
+    return {"x-limit": limits}
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+TokenId = Annotated[int, Field(ge=0, json_schema_extra=limit(maximum="vocab_max"))]
+EmbeddingTokenId = Annotated[int, Field(ge=0, json_schema_extra=limit(maximum="embedding_vocab_max"))]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+EmbeddingTokenIds = Annotated[
+    list[EmbeddingTokenId], Field(min_length=1, json_schema_extra=limit(maxItems="embedding_max_tokens"))
+]
+Prompt = (
+    NonEmptyStr
+    | Annotated[list[NonEmptyStr], Field(min_length=1, json_schema_extra=limit(maxItems="max_prompts"))]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1, json_schema_extra=limit(maxItems="max_prompts"))]
+)
+EmbeddingInput = (
+    NonEmptyStr
+    | Annotated[list[NonEmptyStr], Field(min_length=1, json_schema_extra=limit(maxItems="max_embedding_inputs"))]
+    | EmbeddingTokenIds
+    | Annotated[list[EmbeddingTokenIds], Field(min_length=1, json_schema_extra=limit(maxItems="max_embedding_inputs"))]
+)
+Stop = NonEmptyStr | Annotated[list[NonEmptyStr], Field(json_schema_extra=limit(maxItems="max_stop_strings"))]
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
+    Field(description='{"token_id": bias in [-100, 100]}'),
+]
+
+# -- shared --------------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx response body."""
+
+    error: ErrorDetail
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _SamplingFields(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = Field(None, description="The served model's name (or its checkpoint reference).")
+    n: int = Field(1, ge=1, description="Choices per prompt.", json_schema_extra=limit(maximum="max_n"))
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Below 1e-5 is greedy. Default 1.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Choice j of a prompt uses seed + j.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: LogitBias | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: off.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=2.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+# -- /v1/completions -------------------------------------------------------------------------------------
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Prompt = Field(description="A string, a list of strings, a token array or a list of token arrays.")
+    max_tokens: int | None = Field(
+        16, ge=1, description="Default 16 (capped by the server).", json_schema_extra=limit(maximum="max_tokens_cap")
+    )
+    logprobs: int | None = Field(None, ge=0, le=5, description="Top alternatives per token (0-5).")
+    echo: bool = Field(
+        False,
+        description="Prepend the prompt to the text. With logprobs, the prompt's tokens are listed with "
+        "null logprobs (this server does not score prompts).",
+    )
+    best_of: int | None = Field(None, ge=1, description="Must equal n if given.")
+    suffix: str | None = Field(None, description="Not supported: a non-null value is rejected.")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+# -- /v1/chat/completions -------------------------------------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    # Documented as text-only; other part types still parse, so they get a clear 400 rather than a type error.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["type", "text"]})
+
+    type: str = Field(description='Only "text" parts are supported.', json_schema_extra={"enum": ["text"]})
+    text: str | SkipJsonSchema[None] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description='Only "text" is supported.')
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Deprecated by OpenAI; max_completion_tokens wins. Default: the room left in the context.",
+        json_schema_extra=limit(maximum="max_tokens_cap"),
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, json_schema_extra=limit(maximum="max_tokens_cap"))
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Passed to the chat template; tool calls are not parsed out of the output."
+    )
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # vLLM extras
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+# -- /v1/embeddings ------------------------------------------------------------------------------------
+
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: EmbeddingInput = Field(description="A string, a list of strings, a token array or a list of token arrays.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
+    )
+    dimensions: int | None = Field(None, ge=1, json_schema_extra=limit(maximum="embedding_dimensions"))
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: UsageInfo
+
+
+# -- /tokenize, /detokenize (vLLM shapes) -------------------------------------------------------------
+
+
+class TokenizeRequest(_Request):
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+    )
+
+    model: str | None = None
+    prompt: str | SkipJsonSchema[None] = Field(None, description="Give either prompt or messages.")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | SkipJsonSchema[None] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# -- models, health, version -----------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lmserve"
+    max_model_len: int | None = None
+    root: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: str
+    reason: str | None = None
+
+
+class VersionResponse(BaseModel):
+    version: str
+    engine: str

@@ -1,0 +1,232 @@
+"""Composition root: resolve and load the models, build keys/limits/metrics, serve, drain on SIGTERM.
+
+    state = build_state(config)   # slow: loads weights (blocking, before any event loop work)
+    run(config)                   # build_state + serve until SIGTERM/SIGINT, then drain and exit 0
+
+Drain: the first SIGTERM (or SIGINT) turns /readyz into 503 "draining" while requests keep being
+served; once no request is in flight (or `drain_timeout_s` has passed) the server stops accepting
+connections, lets uvicorn close the idle ones, stops the engine and the embedder, and the process
+exits. A second signal skips the wait; a third forces exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from service.api.auth import KeyStore
+from service.api.limits import AdmissionControl, RateLimiter
+from service.config import ServeConfig
+from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.embeddings import Embedder
+    from service.engine.base import GenerationEngine
+    from service.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lifecycle:
+    """Mutable serving state shared by the transports: draining flag and requests in flight."""
+
+    draining: bool = False
+    in_flight: int = 0
+
+
+@dataclass
+class ServedModel:
+    name: str  # the id clients send as `model`
+    aliases: frozenset[str]  # name plus the checkpoint reference it was loaded from
+    created: int
+
+    def matches(self, model: str | None) -> bool:
+        return model is None or model in self.aliases
+
+
+@dataclass
+class AppState:
+    """Everything a transport needs; built once by `build_state`, passed to `create_app`."""
+
+    config: ServeConfig
+    engine: GenerationEngine
+    tokenizer: Tokenizer
+    generation_model: ServedModel
+    embedder: Embedder | None
+    embedding_model: ServedModel | None
+    keys: KeyStore
+    limiter: RateLimiter
+    admission: AdmissionControl
+    metrics: Metrics
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+
+
+def _served(name: str, ref: str) -> ServedModel:
+    return ServedModel(name=name, aliases=frozenset({name, ref}), created=int(time.time()))
+
+
+def build_state(config: ServeConfig) -> AppState:
+    """Resolve and load the generation (and embedding) model; build keys, limits and metrics."""
+    from service.checkpoints import resolve_model
+
+    resolved = resolve_model(config.model, config.cache_dir, allow_pickle=config.engine.allow_pickle)
+    engine = _load_engine(config, resolved.path, resolved.name)
+    tokenizer = engine.tokenizer  # type: ignore[attr-defined]
+    embedder = None
+    embedding_model = None
+    if config.embedding_model:
+        from service.embeddings import Embedder
+
+        emb_resolved = resolve_model(config.embedding_model, config.cache_dir, allow_pickle=config.engine.allow_pickle)
+        embedder = Embedder.load(
+            emb_resolved.path,
+            emb_resolved.name,
+            dtype="auto",
+            device=config.engine.device,
+            max_batch_tokens=config.limits.embedding_max_batch_tokens,
+        )
+        embedding_model = _served(emb_resolved.name, config.embedding_model)
+    return state_from_models(config, engine, tokenizer, _served(resolved.name, config.model), embedder, embedding_model)
+
+
+def _load_engine(config: ServeConfig, path: Any, name: str) -> GenerationEngine:
+    if config.engine_kind == "native":
+        from service.engine.engine import NativeEngine
+
+        return NativeEngine.load(path, name, config.engine)
+    if config.engine_kind == "vllm":
+        from service.engine.vllm_backend import VLLMEngine  # type: ignore[import-not-found]
+
+        return VLLMEngine.load(path, name, config.engine)
+    raise ValueError(f"unknown engine kind {config.engine_kind!r} (native | vllm)")
+
+
+def state_from_models(
+    config: ServeConfig,
+    engine: GenerationEngine,
+    tokenizer: Tokenizer,
+    generation_model: ServedModel,
+    embedder: Embedder | None,
+    embedding_model: ServedModel | None,
+) -> AppState:
+    """The non-model parts of the state, from `config`."""
+    keys = KeyStore.from_sources(config.api_keys, config.api_key_file)
+    if not keys.is_enabled:
+        log.warning("no API keys configured: every endpoint is open (set --api-key-file or LMSERVE_API_KEYS)")
+    return AppState(
+        config=config,
+        engine=engine,
+        tokenizer=tokenizer,
+        generation_model=generation_model,
+        embedder=embedder,
+        embedding_model=embedding_model,
+        keys=keys,
+        limiter=RateLimiter(config.limits.requests_per_minute, config.limits.tokens_per_minute),
+        admission=AdmissionControl(config.limits.max_queue),
+        metrics=Metrics(),
+    )
+
+
+def with_config(state: AppState, config: ServeConfig) -> AppState:
+    """A second state over the same loaded models with other keys/limits (several apps, one engine)."""
+    return state_from_models(
+        config, state.engine, state.tokenizer, state.generation_model, state.embedder, state.embedding_model
+    )
+
+
+async def start_models(state: AppState) -> None:
+    await state.engine.start()
+    if state.embedder is not None:
+        await state.embedder.start()
+
+
+async def stop_models(state: AppState) -> None:
+    if state.embedder is not None:
+        await state.embedder.stop()
+    await state.engine.stop()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains instead of stopping at once."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._num_signals = 0
+        self._drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in a signal handler: only set flags; on_tick does the work. Not recording the signal in
+        # _captured_signals keeps uvicorn from re-raising it after shutdown, so we exit 0 after a drain.
+        self._num_signals += 1
+        if self._num_signals == 2:
+            self.should_exit = True
+        elif self._num_signals > 2:
+            self.should_exit = True
+            self.force_exit = True
+
+    def start_drain(self) -> None:
+        self._num_signals = max(self._num_signals, 1)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._num_signals and self._drain_started is None:
+            self._drain_started = time.monotonic()
+            self.state.lifecycle.draining = True
+            log.info("draining: readyz is 503; waiting for %d in-flight requests", self.state.lifecycle.in_flight)
+        if self._drain_started is not None and not self.should_exit:
+            waited = time.monotonic() - self._drain_started
+            if self.state.lifecycle.in_flight == 0 or waited >= self.state.config.drain_timeout_s:
+                log.info("drained after %.1f s (%d still in flight)", waited, self.state.lifecycle.in_flight)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def make_server(state: AppState, host: str | None = None, port: int | None = None) -> DrainingServer:
+    from service.api.http import create_app
+
+    uv_config = uvicorn.Config(
+        create_app(state),
+        host=host or state.config.host,
+        port=state.config.port if port is None else port,
+        log_config=None,  # keep the process's logging setup (the CLI configures it)
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(state.config.drain_timeout_s)),
+        lifespan="off",  # models are started by serve(), outside the app, so several apps can share them
+    )
+    return DrainingServer(uv_config, state)
+
+
+async def serve(state: AppState, sockets: list[socket.socket] | None = None) -> None:
+    """Start the models, serve HTTP until drained, stop the models."""
+    await start_models(state)
+    try:
+        server = make_server(state)
+        await server.serve(sockets=sockets)
+    finally:
+        await stop_models(state)
+
+
+def run(config: ServeConfig) -> None:
+    """The `lmserve serve` entry point."""
+    if config.port == 0:
+        raise ValueError("HTTP port 0 (off) leaves nothing to serve")
+    state = build_state(config)
+    log.info(
+        "serving %s%s on http://%s:%d",
+        state.generation_model.name,
+        f" and {state.embedding_model.name}" if state.embedding_model else "",
+        config.host,
+        config.port,
+    )
+    asyncio.run(serve(state))
+
+
+__all__ = ["AppState", "DrainingServer", "build_state", "run", "serve", "with_config"]

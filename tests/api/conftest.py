@@ -1,0 +1,214 @@
+"""The real server, on loopback, for the API tests.
+
+One background thread runs one asyncio loop that owns the real engine (SmolLM2-135M-Instruct, float32)
+and the real embedder (all-MiniLM-L6-v2), loaded once per session, and serves several uvicorn servers
+over them, each with its own keys and limits:
+
+- `server`:  the main one (two API keys, generous limits, small caps so tests stay fast);
+- `limited`: requests/min = 3, tokens/min = 600 and max_queue = 1 (per key / per server), for 429 and 503;
+- `fuzz`:    tiny max_tokens and n caps, for the schemathesis run; also CORS and open /metrics.
+
+Several servers share one engine exactly as two transports (HTTP + gRPC) would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import AppState, DrainingServer, build_state, make_server, start_models, stop_models, with_config
+from service.config import EngineConfig, LimitsConfig, ServeConfig
+
+API_KEY = "test-key-main"
+OTHER_KEY = "test-key-other"
+LIMITED_KEY = "test-key-limited"
+OVERLOAD_KEY = "test-key-overload"
+HEADERS_KEY = "test-key-headers"
+FUZZ_KEY = "test-key-fuzz"
+
+MAX_MODEL_LEN = 512
+MAX_BODY_BYTES = 64 * 1024
+LIMITS = LimitsConfig(
+    max_request_body_bytes=MAX_BODY_BYTES,
+    max_n=4,
+    max_tokens_cap=256,
+    max_stop_strings=4,
+    max_prompts=8,
+    max_queue=32,
+    max_embedding_inputs=16,
+)
+LIMITED_RPM = 3
+LIMITED_TPM = 600
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    name: str
+    port: int
+    state: AppState
+    api_key: str | None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+@dataclass
+class Servers:
+    main: LiveServer
+    limited: LiveServer
+    fuzz: LiveServer
+
+
+def _bind() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class ServerThread:
+    """Runs `start_models` + several DrainingServers on one loop in a daemon thread."""
+
+    def __init__(self, base: AppState, states: dict[str, AppState]) -> None:
+        self.base = base
+        self.states = states
+        self.sockets = {name: _bind() for name in states}
+        self.servers: dict[str, DrainingServer] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="api-test-server", daemon=True)
+
+    def port(self, name: str) -> int:
+        return self.sockets[name].getsockname()[1]
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported by wait_started
+            self.error = exc
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await start_models(self.base)
+        try:
+            self.servers = {name: make_server(state, host="127.0.0.1", port=0) for name, state in self.states.items()}
+            await asyncio.gather(*(srv.serve(sockets=[self.sockets[n]]) for n, srv in self.servers.items()))
+        finally:
+            await stop_models(self.base)
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.error is not None:
+                raise RuntimeError("test server failed to start") from self.error
+            if self.servers and all(s.started for s in self.servers.values()):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("test server did not start")
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            for srv in self.servers.values():
+                self.loop.call_soon_threadsafe(setattr, srv, "should_exit", True)
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serve_config(cache_dir: Path) -> ServeConfig:
+    return ServeConfig(
+        model="smollm2-135m-instruct",
+        embedding_model="all-minilm-l6-v2",
+        cache_dir=cache_dir,
+        api_keys=(API_KEY, OTHER_KEY),
+        drain_timeout_s=5.0,
+        engine=EngineConfig(dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=256),
+        limits=LIMITS,
+    )
+
+
+@pytest.fixture(scope="session")
+def servers(serve_config: ServeConfig, smollm2_dir: Path, minilm_dir: Path) -> Iterator[Servers]:
+    base = build_state(serve_config)
+    limited = with_config(
+        base,
+        replace(
+            serve_config,
+            api_keys=(LIMITED_KEY, OVERLOAD_KEY, HEADERS_KEY),
+            limits=replace(LIMITS, requests_per_minute=LIMITED_RPM, tokens_per_minute=LIMITED_TPM, max_queue=1),
+        ),
+    )
+    fuzz = with_config(
+        base,
+        replace(
+            serve_config,
+            api_keys=(FUZZ_KEY,),
+            cors_origins=("http://allowed.test",),
+            metrics_open=True,
+            limits=replace(LIMITS, max_tokens_cap=4, max_n=2, max_prompts=2, max_stop_strings=2, max_embedding_inputs=4),
+        ),
+    )
+    thread = ServerThread(base, {"main": base, "limited": limited, "fuzz": fuzz})
+    thread.start()
+    try:
+        yield Servers(
+            main=LiveServer("main", thread.port("main"), base, API_KEY),
+            limited=LiveServer("limited", thread.port("limited"), limited, LIMITED_KEY),
+            fuzz=LiveServer("fuzz", thread.port("fuzz"), fuzz, FUZZ_KEY),
+        )
+    finally:
+        thread.stop()
+
+
+@pytest.fixture(scope="session")
+def server(servers: Servers) -> LiveServer:
+    return servers.main
+
+
+@pytest.fixture
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=60.0) as client:
+        yield client
+
+
+@pytest.fixture
+def openai_client(server: LiveServer):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key, max_retries=0, timeout=60.0)
+    yield client
+    client.close()
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample in Prometheus text (0.0 when absent)."""
+    want = labels or {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_str = head.partition("{")
+        if metric != name:
+            continue
+        got = dict(
+            part.split("=", 1) for part in label_str.rstrip("}").split(",") if "=" in part
+        )
+        got = {k: v.strip('"') for k, v in got.items()}
+        if all(got.get(k) == v for k, v in want.items()):
+            return float(value)
+    return 0.0

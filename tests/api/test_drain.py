@@ -1,0 +1,96 @@
+"""SIGTERM drains: readyz turns 503 "draining", the in-flight stream finishes, the process exits 0.
+
+Runs `service.app.run` in a subprocess (signals need a main thread of their own), generation model only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+MAX_TOKENS = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_then_exits(cache_dir: Path, smollm2_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from pathlib import Path\n"
+        "from service.app import run\n"
+        "from service.config import EngineConfig, ServeConfig\n"
+        f"run(ServeConfig(model='smollm2-135m-instruct', embedding_model=None, cache_dir=Path({str(cache_dir)!r}),"
+        f" port={port}, drain_timeout_s=30,"
+        " engine=EngineConfig(dtype='float32', device='cpu', max_model_len=256, num_kv_blocks=64)))\n"
+    )
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+
+        events: list[str] = []
+        first_chunk = threading.Event()
+
+        def stream() -> None:
+            body = {"prompt": "Count to one hundred:", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as resp:
+                for line in resp.iter_lines():
+                    if line:
+                        events.append(line)
+                        first_chunk.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_chunk.wait(60)
+        proc.send_signal(signal.SIGTERM)
+
+        ready = None
+        for _ in range(50):
+            ready = httpx.get(f"{base}/readyz", timeout=2)
+            if ready.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert ready is not None and ready.status_code == 503
+        assert "draining" in ready.json()["error"]["message"]
+        assert httpx.get(f"{base}/livez", timeout=2).status_code == 200
+
+        reader.join(60)
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # ran to the end, not aborted
+        assert proc.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
