@@ -212,6 +212,7 @@ def _random_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Te
     """Temperature, top_k, top_p and min_p applied to rows that sample; returns probabilities."""
     device = x.device
     rows, vocab = x.shape
+    raw = x
     temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=device)
     x = x / temps.unsqueeze(1)
 
@@ -248,7 +249,14 @@ def _random_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Te
         max_x = x.max(dim=-1, keepdim=True).values
         x = x.masked_fill(x - max_x < torch.log(m_t), float("-inf"))
 
-    return torch.softmax(x, dim=-1)
+    probs = torch.softmax(x, dim=-1)
+    # A temperature or penalty so extreme that the row over/underflows (inf, NaN, all zero) must not
+    # fail the whole batch: such a row degenerates to its most likely token, which is its limit anyway.
+    bad = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
+    if bool(bad.any()):
+        fallback = torch.zeros_like(probs).scatter_(1, raw.nan_to_num(nan=float("-inf")).argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(bad.unsqueeze(1), fallback, probs)
+    return probs
 
 
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:

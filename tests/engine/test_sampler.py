@@ -317,3 +317,20 @@ def test_mixed_filters_in_one_batch(with_top_p: bool) -> None:
     assert seen[1] == {0, 1, 2, 3, 4}
     assert seen[2] == ({1, 2} if with_top_p else {0, 1, 2, 3, 4})  # at T=5 each has ~0.2-0.25
     assert seen[3] == {1, 2, 3}
+
+
+def test_extreme_temperature_and_penalty_fall_back_to_argmax_not_error() -> None:
+    """A denormal temperature or repetition penalty must not raise and fail the other rows of the batch."""
+    from service.engine.request import Request as _Request
+    from service.engine.sampler import sample as _sample
+    from service.types import SamplingParams as _SP
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 4.0], [2.0, 1.0, 0.0]])
+    reqs = [
+        _Request("a", [0], _SP(temperature=1e-45)),
+        _Request("b", [1], _SP(temperature=1.0, repetition_penalty=5e-324)),
+        _Request("c", [2], _SP(temperature=0.0)),
+    ]
+    out = _sample(logits, reqs, [None, None, None])
+    # Row b: a penalty below 1 boosts the repeated prompt token 1 to +inf, so that token wins.
+    assert [t.token_id for t in out] == [1, 1, 0]
