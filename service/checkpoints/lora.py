@@ -22,6 +22,7 @@ from service.checkpoints.weights import (
     check_safetensors_header,
     is_complete,
     publish_folder,
+    read_json_object,
     save_plain_model,
     weight_files,
     write_marker,
@@ -36,12 +37,7 @@ _NOT_COPIED_FROM_BASE = {"config.json", "generation_config.json", CACHE_MARKER}
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {one_line(e)}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
+    config = read_json_object(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: adapter type {config.get('peft_type')!r} is not supported, only LORA")
     if not config.get("base_model_name_or_path"):

@@ -6,17 +6,16 @@ folder whose base is itself one of the former. Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.checkpoints.bundled import BUNDLED_MODELS, require_bundled
-from service.checkpoints.errors import CheckpointError, one_line
+from service.checkpoints.errors import CheckpointError
 from service.checkpoints.gguf import convert_gguf
 from service.checkpoints.lora import ADAPTER_CONFIG, base_reference, merge_lora, read_adapter_config
-from service.checkpoints.weights import weight_files
+from service.checkpoints.weights import read_json_object, weight_files
 
 # config.model_type values the native generation engine implements.
 SUPPORTED_GENERATION_TYPES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -45,13 +44,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a model folder: config.json is missing")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {one_line(e)}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def validate_model_folder(folder: Path, allow_pickle: bool = False) -> None:

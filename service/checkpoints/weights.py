@@ -230,3 +230,14 @@ def save_plain_model(model: Any, dest: Path) -> None:
     config = json.loads(config_path.read_text())
     if config.pop("quantization_config", None) is not None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a one-line CheckpointError."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {one_line(e)}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return config
