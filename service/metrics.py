@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.engine.base import EngineStats
+from service.types import RequestTiming
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -101,6 +102,7 @@ class Metrics:
         num_prompt_tokens: int,
         num_output_tokens: int,
         finish_reason: str | None,
+        timing: RequestTiming | None = None,
     ) -> None:
         if ttft_s is not None:
             self.time_to_first_token_seconds.observe(ttft_s)

@@ -76,6 +76,34 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
+@dataclass(frozen=True)
+class RequestTiming:
+    """Where one sequence's time went inside the engine (time.monotonic() seconds).
+
+    Carried by the finishing delta only, for metrics (queue/prefill histograms), the access log and tracing.
+    """
+
+    arrival_time: float  # handed to the engine
+    first_scheduled_time: float | None  # first step that computed any of its prompt (end of queueing)
+    first_token_time: float | None  # first output token sampled (end of prefill)
+    finished_time: float  # last token or abort
+    num_preemptions: int = 0
+
+    @property
+    def queue_s(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def prefill_s(self) -> float | None:
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
+
+    @property
+    def decode_s(self) -> float | None:
+        return None if self.first_token_time is None else self.finished_time - self.first_token_time
+
+
 @dataclass
 class GenerationDelta:
     """One step's worth of new output for one sequence, as streamed to a client."""
@@ -89,6 +117,7 @@ class GenerationDelta:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total so far
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    timing: RequestTiming | None = None  # set on the finishing delta by engines that track it
 
     @property
     def is_finished(self) -> bool:

@@ -24,7 +24,7 @@ from service.api.errors import APIError
 from service.config import LimitsConfig
 from service.engine.base import EngineDeadError, GenerationEngine, RequestRejected
 from service.metrics import Metrics
-from service.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams, TokenLogprob
+from service.types import FinishReason, GenerationDelta, GenerationRequest, RequestTiming, SamplingParams, TokenLogprob
 
 MAX_LOGIT_BIAS = 100.0
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by ~1e-40 overflows to inf.
@@ -113,6 +113,8 @@ class ChoiceResult:
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+        if delta.timing is not None:
+            self.timing = delta.timing
             self.stop_reason = delta.stop_reason
 
 
@@ -316,6 +318,7 @@ class _SequenceTimer:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     finish_reason: FinishReason | None = None
+    timing: RequestTiming | None = None
     reported: bool = False
 
     def on_delta(self, delta: GenerationDelta, now: float) -> None:
@@ -327,6 +330,8 @@ class _SequenceTimer:
         self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+        if delta.timing is not None:
+            self.timing = delta.timing
 
     def report(self, metrics: Metrics | None) -> None:
         if self.reported or metrics is None:
@@ -337,7 +342,7 @@ class _SequenceTimer:
         if self.first_token is not None and self.last_token is not None and self.num_output_tokens > 1:
             tpot = (self.last_token - self.first_token) / (self.num_output_tokens - 1)
         reason = self.finish_reason.value if self.finish_reason is not None else None
-        metrics.observe_sequence(ttft, tpot, self.num_prompt_tokens, self.num_output_tokens, reason)
+        metrics.observe_sequence(ttft, tpot, self.num_prompt_tokens, self.num_output_tokens, reason, self.timing)
 
 
 async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -> AsyncIterator[ChoiceDelta]:
