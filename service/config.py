@@ -28,6 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # the per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the checkpoint's own context length
     enable_prefix_caching: bool = True
+    attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
 

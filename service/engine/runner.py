@@ -11,6 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from service.checkpoints import CheckpointError, check_generation_architecture, load_weights
 from service.config import EngineConfig
+from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata
 from service.engine.modeling.llama import LlamaForCausalLM
 from service.engine.scheduler import SchedulerOutput
@@ -94,22 +95,28 @@ class ModelRunner:
         )
         num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // spec.bytes_per_block, 1)
         self.kv_spec = KVCacheSpec(**{**spec.__dict__, "num_blocks": int(num_blocks)})
-        # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
+        # [num_layers, 2 (k, v), num_kv_heads, num_blocks, block_size, head_dim]
         self.kv_caches = torch.zeros(
             self.kv_spec.num_layers,
             2,
+            self.kv_spec.num_kv_heads,
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,
-            self.kv_spec.num_kv_heads,
             self.kv_spec.head_dim,
             dtype=self.dtype,
             device=self.device,
         )
+        if config.attention not in ("auto", "kernel", "torch"):
+            raise ValueError(f"attention must be auto, kernel or torch, not {config.attention!r}")
+        self.use_kernel = config.attention != "torch" and native_kernels.supports(self.dtype, self.device)
+        if config.attention == "kernel" and not self.use_kernel:
+            raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
         log.info(
-            "model loaded: %s %s on %s, KV pool %d blocks x %d tokens (%.1f MiB)",
+            "model loaded: %s %s on %s, %s attention, KV pool %d blocks x %d tokens (%.1f MiB)",
             hf_config.model_type,
             str(self.dtype).removeprefix("torch."),
             self.device,
+            "C kernel" if self.use_kernel else "torch",
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,
             self.kv_spec.total_bytes / 2**20,
@@ -140,7 +147,7 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         if not input_ids:
             return None
-        meta = build_metadata(layouts, self.kv_spec.block_size, self.device)
+        meta = build_metadata(layouts, self.kv_spec.block_size, self.device, self.dtype, self.use_kernel)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, self.kv_caches, meta)

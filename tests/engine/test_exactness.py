@@ -94,6 +94,8 @@ CASES = {
     "all_at_once_no_prefix_cache": (dict(enable_prefix_caching=False), True),
     "chunked_prefill": (dict(max_num_batched_tokens=32), True),
     "tiny_pool_preempts": (dict(num_kv_blocks="tiny", max_num_batched_tokens=64), True),
+    # The torch-ops fallback of the C paged-attention kernel (the default path) must be exact too.
+    "torch_attention_chunked": (dict(attention="torch", max_num_batched_tokens=32), True),
 }
 
 

@@ -4,8 +4,10 @@ A step's tokens are laid out flat ([num_tokens, ...]); each sequence owns a cont
 Two kinds of sequences need different attention:
 - a fresh prefill (nothing cached before its first token) attends only over its own new tokens:
   plain causal SDPA, which is also exactly what transformers does for a single prompt;
-- everything else (decodes, later prefill chunks, prefix-cache hits) attends over its cached context:
-  one batched SDPA per group over blocks gathered from the cache, with a padding/causal mask.
+- everything else (decodes, later prefill chunks, prefix-cache hits) attends over its cached context,
+  read in place by the C kernel (native_kernels.py) where it is available; otherwise
+  one batched matmul-softmax-matmul per group over blocks gathered from the head-major cache, with a
+  padding/causal bias; each KV head serves all its query heads in one matmul (no GQA expansion).
 Decodes (one query each) form one group, chunk continuations another, so a big chunk never pads
 dozens of one-token decodes up to its length.
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from service.engine.modeling.native_kernels import paged_attention_kernel
+
 
 @dataclass
 class PagedGroup:
@@ -27,15 +31,27 @@ class PagedGroup:
     q_index: torch.Tensor  # [num_seqs * max_query_len] token row per padded query slot (padding -> row 0)
     out_rows: torch.Tensor  # [num_valid] token rows that receive output
     valid_index: torch.Tensor | None  # [num_valid] padded slots holding real queries; None when all are
+    block_ids: torch.Tensor  # [num_seqs * max_blocks] each sequence's blocks, padded with block 0
+    bias: torch.Tensor  # [1, num_seqs, 1, max_query_len, max_blocks * block_size] float: 0 attend, -inf not
+
+
+@dataclass
+class KernelPlan:
+    """Every query row that attends over cached context, for the C kernel (no padding)."""
+
+    q_rows: torch.Tensor  # [num_queries] token row of each query
+    seq_of_query: torch.Tensor  # [num_queries] index into block_table
+    ctx_lens: torch.Tensor  # [num_queries] keys each query sees (its position + 1)
     block_table: torch.Tensor  # [num_seqs, max_blocks]
-    mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_blocks * block_size] bool, True = attend
+    max_ctx: int
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot for each new token's K/V
     fresh_prefills: list[tuple[int, int]] = field(default_factory=list)  # (start_row, end_row)
-    groups: list[PagedGroup] = field(default_factory=list)
+    groups: list[PagedGroup] = field(default_factory=list)  # torch path
+    kernel: KernelPlan | None = None  # C kernel path, instead of groups
 
 
 @dataclass(frozen=True)
@@ -48,36 +64,77 @@ class SeqLayout:
     block_ids: list[int]
 
 
-def build_metadata(seqs: list[SeqLayout], block_size: int, device: torch.device) -> AttentionMetadata:
+def build_metadata(
+    seqs: list[SeqLayout],
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    use_kernel: bool = False,
+) -> AttentionMetadata:
     slots: list[int] = []
     for s in seqs:
-        for pos in range(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens):
-            slots.append(s.block_ids[pos // block_size] * block_size + pos % block_size)
+        first, last = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+        for b in range(first // block_size, (last - 1) // block_size + 1):
+            base = s.block_ids[b] * block_size
+            slots.extend(range(base + max(first - b * block_size, 0), base + min(last - b * block_size, block_size)))
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
     decodes = [s for s in seqs if s.num_new_tokens == 1 and s.num_computed_tokens > 0]
     chunks = [s for s in seqs if s.num_new_tokens > 1 and s.num_computed_tokens > 0]
     for s in seqs:
         if s.num_computed_tokens == 0:
             meta.fresh_prefills.append((s.start_row, s.start_row + s.num_new_tokens))
+    if use_kernel:
+        cached = [s for s in seqs if s.num_computed_tokens > 0]
+        if cached:
+            meta.kernel = _build_kernel_plan(cached, block_size, device)
+        return meta
     for group in (decodes, chunks):
         if group:
-            meta.groups.append(_build_group(group, block_size, device))
+            meta.groups.append(_build_group(group, block_size, device, dtype))
     return meta
 
 
-def _build_group(seqs: list[SeqLayout], block_size: int, device: torch.device) -> PagedGroup:
+def _build_kernel_plan(seqs: list[SeqLayout], block_size: int, device: torch.device) -> KernelPlan:
+    max_ctx = max(s.num_computed_tokens + s.num_new_tokens for s in seqs)
+    max_blocks = (max_ctx + block_size - 1) // block_size
+    q_rows: list[int] = []
+    seq_of_query: list[int] = []
+    ctx_lens: list[int] = []
+    table: list[int] = []
+    for i, s in enumerate(seqs):
+        q_rows.extend(range(s.start_row, s.start_row + s.num_new_tokens))
+        seq_of_query.extend([i] * s.num_new_tokens)
+        # Causal: query j of this step sits at position num_computed + j and sees keys 0..that position.
+        ctx_lens.extend(range(s.num_computed_tokens + 1, s.num_computed_tokens + s.num_new_tokens + 1))
+        n_blocks = (s.num_computed_tokens + s.num_new_tokens + block_size - 1) // block_size
+        table.extend(s.block_ids[:n_blocks])
+        table.extend([0] * (max_blocks - n_blocks))
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return KernelPlan(
+        q_rows=as_tensor(q_rows),
+        seq_of_query=as_tensor(seq_of_query),
+        ctx_lens=as_tensor(ctx_lens),
+        block_table=as_tensor(table).view(len(seqs), max_blocks),
+        max_ctx=max_ctx,
+    )
+
+
+def _build_group(seqs: list[SeqLayout], block_size: int, device: torch.device, dtype: torch.dtype) -> PagedGroup:
     num_seqs = len(seqs)
     max_query_len = max(s.num_new_tokens for s in seqs)
     ctx_lens = [s.num_computed_tokens + s.num_new_tokens for s in seqs]
     max_blocks = max((n + block_size - 1) // block_size for n in ctx_lens)
-    block_table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
-    q_index = torch.zeros(num_seqs, max_query_len, dtype=torch.long)
+    block_ids: list[int] = []
+    q_rows: list[int] = []
+    for s, n in zip(seqs, ctx_lens, strict=True):
+        n_blocks = (n + block_size - 1) // block_size
+        block_ids.extend(s.block_ids[:n_blocks])
+        block_ids.extend([0] * (max_blocks - n_blocks))
+        q_rows.extend(range(s.start_row, s.start_row + s.num_new_tokens))
+        q_rows.extend([0] * (max_query_len - s.num_new_tokens))
+    q_index = torch.tensor(q_rows, dtype=torch.long)
     query_lens = torch.tensor([s.num_new_tokens for s in seqs])
     starts = torch.tensor([s.num_computed_tokens for s in seqs])
-    for b, s in enumerate(seqs):
-        n_blocks = (ctx_lens[b] + block_size - 1) // block_size
-        block_table[b, :n_blocks] = torch.tensor(s.block_ids[:n_blocks])
-        q_index[b, : s.num_new_tokens] = torch.arange(s.start_row, s.start_row + s.num_new_tokens)
     q_pos = torch.arange(max_query_len)
     is_real_query = q_pos[None, :] < query_lens[:, None]  # [num_seqs, max_query_len]
     key_pos = torch.arange(max_blocks * block_size)
@@ -85,16 +142,17 @@ def _build_group(seqs: list[SeqLayout], block_size: int, device: torch.device) -
     causal = key_pos[None, None, :] <= (starts[:, None, None] + q_pos[None, :, None])
     # Padded query slots look at key 0 only, so their softmax stays finite; their output is dropped.
     mask = torch.where(is_real_query[:, :, None], causal, key_pos[None, None, :] == 0)
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
     flat_real = is_real_query.reshape(-1)
     all_real = bool(flat_real.all())
     return PagedGroup(
         num_seqs=num_seqs,
         max_query_len=max_query_len,
-        q_index=q_index.reshape(-1).to(device),
-        out_rows=q_index.reshape(-1)[flat_real].to(device),
+        q_index=q_index.to(device),
+        out_rows=q_index[flat_real].to(device),
         valid_index=None if all_real else flat_real.nonzero().squeeze(1).to(device),
-        block_table=block_table.to(device),
-        mask=mask[:, None, :, :].to(device),
+        block_ids=torch.tensor(block_ids, dtype=torch.long, device=device),
+        bias=bias[None, :, None].to(device),
     )
 
 
@@ -102,15 +160,17 @@ def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim], RoPE applied
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], RoPE applied
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_dim]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    # Head-major cache: a gather of whole blocks along dim 2 lands as [kv_heads, seqs, context, head_dim],
+    # contiguous per (head, sequence), which is the batched matmul's layout: no copy after the gather.
+    flat = kv_cache.view(2, num_kv_heads, num_blocks * block_size, head_dim)
+    flat[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
     out = torch.empty_like(q)
     for start, end in meta.fresh_prefills:
@@ -123,12 +183,26 @@ def paged_attention(
             enable_gqa=True,
         )
         out[start:end] = o[0].transpose(0, 1)
+    if meta.kernel is not None:
+        plan = meta.kernel
+        paged_attention_kernel(
+            q, kv_cache[0], kv_cache[1], out, plan.block_table, plan.seq_of_query, plan.ctx_lens,
+            plan.q_rows, plan.max_ctx, scale,
+        )  # fmt: skip
+    group_size = num_heads // num_kv_heads
     for g in meta.groups:
-        ctx_len = g.block_table.shape[1] * k_cache.shape[1]
-        qg = q[g.q_index].view(g.num_seqs, g.max_query_len, num_heads, head_dim).transpose(1, 2)
-        kg = k_cache[g.block_table].view(g.num_seqs, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
-        vg = v_cache[g.block_table].view(g.num_seqs, ctx_len, num_kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
-        o = o.transpose(1, 2).reshape(g.num_seqs * g.max_query_len, num_heads, head_dim)
+        b, lq = g.num_seqs, g.max_query_len
+        ctx_len = g.bias.shape[-1]
+        kv = kv_cache.index_select(2, g.block_ids).view(2, num_kv_heads, b, ctx_len, head_dim)
+        # [b * lq, heads, hd] -> [kv_heads, b, group * lq, hd]: each KV head serves its query heads at once.
+        qg = q[g.q_index].view(b, lq, num_kv_heads, group_size, head_dim).permute(2, 0, 3, 1, 4)
+        qg = qg.reshape(num_kv_heads, b, group_size * lq, head_dim)
+        scores = torch.matmul(qg, kv[0].transpose(-1, -2)).mul_(scale)  # [kv_heads, b, group * lq, ctx]
+        scores = scores.view(num_kv_heads, b, group_size, lq, ctx_len).add_(g.bias)
+        # Softmax in float32 whatever the model dtype, as SDPA does internally.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = probs.view(num_kv_heads, b, group_size * lq, ctx_len)
+        o = torch.matmul(probs, kv[1])  # [kv_heads, b, group * lq, hd]
+        o = o.view(num_kv_heads, b, group_size, lq, head_dim).permute(1, 3, 0, 2, 4).reshape(b * lq, num_heads, head_dim)
         out[g.out_rows] = o if g.valid_index is None else o[g.valid_index]
     return out.view(num_tokens, num_heads * head_dim)

@@ -1,0 +1,86 @@
+"""Where a decode step's time goes, at a given batch size (no HTTP, no engine thread).
+
+    .venv/bin/python loadtests/profile_step.py --batch 1 16 64 --context 192 [--torch-profile]
+
+Fills the batch with random prompts of `--context` tokens, prefills them, then times decode steps
+phase by phase: schedule, runner (metadata + forward + logits), sample, update + detokenize.
+With --torch-profile, prints the top operators of the runner's forward for the last batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import torch
+
+from service.checkpoints import resolve_model
+from service.config import EngineConfig, default_cache_dir
+from service.engine.engine import NativeEngine, _Stream
+from service.engine.output import SequenceOutput
+from service.engine.request import Request
+from service.engine.sampler import sample
+from service.types import FinishReason, SamplingParams
+
+
+def fill(engine: NativeEngine, batch: int, context: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(torch.randint(100, engine.runner.vocab_size, (batch, context), generator=gen).tolist()):
+        req = Request(f"p{seed}-{i}", prompt, params, engine.eos_token_ids)
+        stream = _Stream(req, SequenceOutput(engine.tokenizer, req, req.request_id), asyncio.Queue(), None)
+        engine._streams[req.request_id] = stream
+        engine.scheduler.add_request(req)
+
+
+def timed_step(engine: NativeEngine) -> dict[str, float]:
+    t0 = time.perf_counter()
+    scheduled = engine.scheduler.schedule()
+    t1 = time.perf_counter()
+    logits = engine.runner.execute(scheduled)
+    t2 = time.perf_counter()
+    reqs = [s.request for s in scheduled.scheduled if s.is_sampling]
+    sampled = sample(logits, reqs, [None] * len(reqs))
+    t3 = time.perf_counter()
+    by_id = {r.request_id: tok for r, tok in zip(reqs, sampled, strict=True)}
+    for req in engine.scheduler.update(scheduled, {rid: t.token_id for rid, t in by_id.items()}):
+        engine._streams[req.request_id].output.process(req, by_id[req.request_id])
+    t4 = time.perf_counter()
+    return {"schedule": t1 - t0, "runner": t2 - t1, "sample": t3 - t2, "update+detok": t4 - t3, "total": t4 - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--context", type=int, default=192)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--torch-profile", action="store_true")
+    args = parser.parse_args()
+
+    resolved = resolve_model(args.model, default_cache_dir())
+    engine = NativeEngine.load(resolved.path, resolved.name, EngineConfig(dtype=args.dtype, max_num_seqs=256))
+    print(f"threads={torch.get_num_threads()} dtype={engine.runner.dtype}")
+    for batch in args.batch:
+        fill(engine, batch, args.context, seed=batch)
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in list(engine.scheduler._running) + list(engine.scheduler._waiting)):
+            timed_step(engine)  # prefill (and a few decodes for the early finishers)
+        rows = [timed_step(engine) for _ in range(args.steps)]
+        med = {k: statistics.median(r[k] for r in rows) * 1000 for k in rows[0]}
+        print(f"batch {batch:3d}: " + "  ".join(f"{k} {v:6.2f} ms" for k, v in med.items())
+              + f"  -> {batch / med['total'] * 1000:7.1f} tok/s")
+        if args.torch_profile and batch == args.batch[-1]:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    timed_step(engine)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        for req in list(engine.scheduler._running) + list(engine.scheduler._waiting):
+            engine.scheduler.finish_request(req, FinishReason.ABORT)
+        engine._streams.clear()
+
+
+if __name__ == "__main__":
+    main()

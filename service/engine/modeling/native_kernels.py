@@ -1,0 +1,103 @@
+"""The C attention kernel over the paged cache (paged_attention.c), built once per machine, called via ctypes.
+
+Why C: a decode step's attention is thousands of tiny (query heads x context) products; as torch ops it
+needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
+than the model's own matmuls at 64 sequences. The kernel reads blocks in place.
+
+Built with the system C compiler into the lmserve cache (keyed by the source's hash and the compiler
+flags), under a file lock so concurrent processes build it once. Without a compiler `load_kernel()`
+returns None and attention falls back to torch ops (EngineConfig.attention chooses; "torch" forces them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention.c")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_C_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cache_dir() -> Path:
+    from service.config import default_cache_dir  # the config layer is the only reader of LMSERVE_*
+
+    return default_cache_dir() / "kernels"
+
+
+def _build(source: Path, target: Path) -> None:
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    compiler = compiler.split()[0]
+    if shutil.which(compiler) is None:
+        raise FileNotFoundError(f"no C compiler ({compiler})")
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    subprocess.run([compiler, *_FLAGS, str(source), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    os.replace(tmp, target)  # atomic: a reader never sees a half-written library
+
+
+@cache
+def load_kernel() -> ctypes.CDLL | None:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
+    directory = _cache_dir()
+    target = directory / f"paged_attention-{key}.so"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"paged_attention-{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                _build(_SOURCE, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("paged attention kernel unavailable (%s); using torch ops", str(detail).strip()[:300])
+        return None
+    i64p, f32 = ctypes.c_void_p, ctypes.c_float
+    for suffix in _C_TYPES.values():
+        fn = getattr(lib, f"paged_attention_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [i64p] * 8 + [ctypes.c_int64] * 8 + [f32, ctypes.c_int]
+    return lib
+
+
+def supports(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in _C_TYPES and load_kernel() is not None
+
+
+def paged_attention_kernel(
+    q: torch.Tensor,  # [num_rows, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # like q; rows in q_rows are written
+    block_table: torch.Tensor,  # [num_seqs, max_blocks] int64
+    seq_of_query: torch.Tensor,  # [num_queries] int64
+    ctx_lens: torch.Tensor,  # [num_queries] int64: keys visible to each query
+    q_rows: torch.Tensor,  # [num_queries] int64
+    max_ctx: int,
+    scale: float,
+) -> None:
+    lib = load_kernel()
+    assert lib is not None and q.is_contiguous() and out.is_contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and block_table.is_contiguous()
+    num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
+    fn = getattr(lib, f"paged_attention_{_C_TYPES[q.dtype]}")
+    failed = fn(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), block_table.data_ptr(),
+        seq_of_query.data_ptr(), ctx_lens.data_ptr(), q_rows.data_ptr(),
+        q_rows.shape[0], q.shape[1], num_kv_heads, head_dim, num_blocks, block_size, block_table.shape[1],
+        max_ctx, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("paged attention kernel could not allocate its scratch buffers")
