@@ -70,8 +70,9 @@ def main() -> None:
             timed_step(engine)  # prefill (and a few decodes for the early finishers)
         rows = [timed_step(engine) for _ in range(args.steps)]
         med = {k: statistics.median(r[k] for r in rows) * 1000 for k in rows[0]}
+        best = min(r["total"] for r in rows) * 1000
         print(f"batch {batch:3d}: " + "  ".join(f"{k} {v:6.2f} ms" for k, v in med.items())
-              + f"  -> {batch / med['total'] * 1000:7.1f} tok/s")
+              + f"  -> {batch / med['total'] * 1000:7.1f} tok/s (fastest step {best:.2f} ms)")
         if args.torch_profile and batch == args.batch[-1]:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(5):

@@ -4,8 +4,9 @@ Why C: a decode step's attention is thousands of tiny (query heads x context) pr
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
 than the model's own matmuls at 64 sequences. The kernel reads blocks in place.
 
-Built with the system C compiler into the lmserve cache (keyed by the source's hash and the compiler
-flags), under a file lock so concurrent processes build it once. Without a compiler `load_kernel()`
+Built with the system C compiler into the lmserve cache (keyed by the source's hash, the compiler
+flags and the CPU's instruction-set flags, since -march=native code may not run on another CPU sharing
+the cache), under a file lock so concurrent processes build it once. Without a compiler `load_kernel()`
 returns None and attention falls back to torch ops (EngineConfig.attention chooses; "torch" forces them).
 """
 
@@ -47,10 +48,19 @@ def _build(source: Path, target: Path) -> None:
     os.replace(tmp, target)  # atomic: a reader never sees a half-written library
 
 
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
 @cache
 def load_kernel() -> ctypes.CDLL | None:
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
+    identity = source + " ".join(_FLAGS).encode() + os.uname().machine.encode() + _cpu_flags()
+    key = hashlib.sha256(identity).hexdigest()[:16]
     directory = _cache_dir()
     target = directory / f"paged_attention-{key}.so"
     try:
