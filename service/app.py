@@ -24,7 +24,9 @@ import uvicorn
 from service.api.auth import KeyStore
 from service.api.limits import AdmissionControl, RateLimiter
 from service.config import ServeConfig
+from service.logs import configure_logging
 from service.metrics import Metrics
+from service.tracing import RequestTracer, build_tracer
 
 if TYPE_CHECKING:
     from service.embeddings import Embedder
@@ -66,6 +68,7 @@ class AppState:
     limiter: RateLimiter
     admission: AdmissionControl
     metrics: Metrics
+    tracer: RequestTracer | None = None  # None: tracing off (no OTLP endpoint)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
@@ -94,7 +97,13 @@ def build_state(config: ServeConfig) -> AppState:
             max_batch_tokens=config.limits.embedding_max_batch_tokens,
         )
         embedding_model = _served(emb_resolved.name, config.embedding_model)
-    return state_from_models(config, engine, tokenizer, _served(resolved.name, config.model), embedder, embedding_model)
+    state = state_from_models(config, engine, tokenizer, _served(resolved.name, config.model), embedder, embedding_model)
+    # Per-step and per-batch histograms come from hooks on the models' threads, one subscriber each:
+    # states made later by with_config share the models but not these histograms.
+    engine.on_step = state.metrics.observe_step
+    if embedder is not None:
+        embedder.on_batch = state.metrics.observe_embedding_batch
+    return state
 
 
 def _load_engine(config: ServeConfig, path: Any, name: str) -> GenerationEngine:
@@ -131,7 +140,8 @@ def state_from_models(
         keys=keys,
         limiter=RateLimiter(config.limits.requests_per_minute, config.limits.tokens_per_minute),
         admission=AdmissionControl(config.limits.max_queue),
-        metrics=Metrics(),
+        metrics=Metrics(generation_model.name, embedding_model.name if embedding_model is not None else ""),
+        tracer=build_tracer(config.otlp_endpoint),
     )
 
 
@@ -196,8 +206,8 @@ def make_server(state: AppState, host: str | None = None, port: int | None = Non
         create_app(state),
         host=host or state.config.host,
         port=state.config.port if port is None else port,
-        log_config=None,  # keep the process's logging setup (the CLI configures it)
-        access_log=False,
+        log_config=None,  # uvicorn's loggers propagate to the root handler configure_logging installed
+        access_log=False,  # the access line is ours (AccountingMiddleware): request id, tokens, latency
         timeout_graceful_shutdown=max(1, int(state.config.drain_timeout_s)),
         lifespan="off",  # models are started by serve(), outside the app, so several apps can share them
     )
@@ -212,12 +222,15 @@ async def serve(state: AppState, sockets: list[socket.socket] | None = None) -> 
         await server.serve(sockets=sockets)
     finally:
         await stop_models(state)
+        if state.tracer is not None:
+            state.tracer.shutdown()
 
 
 def run(config: ServeConfig) -> None:
     """The `lmserve serve` entry point."""
     if config.port == 0:
         raise ValueError("HTTP port 0 (off) leaves nothing to serve")
+    configure_logging(config.log_format, config.log_level)
     state = build_state(config)
     log.info(
         "serving %s%s on http://%s:%d",

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, default_cache_dir
+from service.logs import LOG_FORMATS, LOG_LEVELS
 
 
 def _env_bool(value: str) -> bool:
@@ -72,7 +73,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=int(env.get("LMSERVE_GRPC_PORT", 50051)))
     serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"))
     serve.add_argument("--api-key-file", default=env.get("LMSERVE_API_KEY_FILE"))
-    serve.add_argument("--log-format", choices=["json", "text"], default=env.get("LMSERVE_LOG_FORMAT", "json"))
+    d = ServeConfig()
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default=env.get("LMSERVE_LOG_FORMAT", d.log_format),
+                       help="JSON lines or plain text (env LMSERVE_LOG_FORMAT)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
+                       default=env.get("LMSERVE_LOG_LEVEL", d.log_level), help="env LMSERVE_LOG_LEVEL")
+    serve.add_argument("--log-prompts", action="store_true",
+                       default=_env_bool(env.get("LMSERVE_LOG_PROMPTS", "")),
+                       help="put prompts and outputs on the access lines (env LMSERVE_LOG_PROMPTS)")
 
     gen = sub.add_parser("generate", help="print one completion from the model")
     add_engine_flags(gen, env)
@@ -108,6 +116,8 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         engine_kind=args.engine,
         api_key_file=args.api_key_file,
         log_format=args.log_format,
+        log_level=args.log_level,
+        log_prompts=args.log_prompts,
         cache_dir=args.cache_dir,
         engine=engine_config_from_args(args),
         **serve_overrides_from_env(env),
@@ -179,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder, a GGUF file or a bundled id
     args = build_parser(env).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.command != "serve" else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":  # serve sets up its own logging from its config (app.run)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from service.checkpoints import CheckpointError
 
     try:

@@ -62,7 +62,9 @@ class ServeConfig:
     metrics_open: bool = False  # /metrics readable without an API key
     cors_origins: tuple[str, ...] = ()
     log_format: str = "json"  # json | text
-    log_prompts: bool = False
+    log_level: str = "info"  # debug | info | warning | error
+    log_prompts: bool = False  # the access line carries prompts and outputs (off: they are never logged)
+    otlp_endpoint: str | None = None  # OTLP/HTTP collector base URL; None: no tracing
     drain_timeout_s: float = 30.0  # on SIGTERM: readyz 503, wait this long for in-flight requests, then exit
     cache_dir: Path = field(default_factory=default_cache_dir)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -96,7 +98,7 @@ def serve_config_from_env(environ: dict[str, str]) -> dict:
     """ServeConfig fields that come only from LMSERVE_* variables (the CLI has no flag for them).
 
     LMSERVE_API_KEYS (comma-separated), LMSERVE_METRICS_OPEN, LMSERVE_CORS_ORIGINS (comma-separated),
-    LMSERVE_LOG_PROMPTS, LMSERVE_DRAIN_TIMEOUT_S and the limits in _LIMIT_VARS. Unset variables are left
+    LMSERVE_OTLP_ENDPOINT, LMSERVE_DRAIN_TIMEOUT_S and the limits in _LIMIT_VARS. Unset variables are left
     out, so the dataclass defaults stay the single source of defaults.
     """
     out: dict = {}
@@ -106,8 +108,8 @@ def serve_config_from_env(environ: dict[str, str]) -> dict:
         out["metrics_open"] = _env_bool(environ["LMSERVE_METRICS_OPEN"])
     if environ.get("LMSERVE_CORS_ORIGINS"):
         out["cors_origins"] = _env_list(environ["LMSERVE_CORS_ORIGINS"])
-    if "LMSERVE_LOG_PROMPTS" in environ:
-        out["log_prompts"] = _env_bool(environ["LMSERVE_LOG_PROMPTS"])
+    if environ.get("LMSERVE_OTLP_ENDPOINT"):
+        out["otlp_endpoint"] = environ["LMSERVE_OTLP_ENDPOINT"]
     if environ.get("LMSERVE_DRAIN_TIMEOUT_S"):
         out["drain_timeout_s"] = float(environ["LMSERVE_DRAIN_TIMEOUT_S"])
     limits = {field_name: int(environ[var]) for var, field_name in _LIMIT_VARS.items() if environ.get(var)}

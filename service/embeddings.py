@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -175,6 +176,15 @@ class EmbeddingResult:
         return sum(self.num_tokens)
 
 
+@dataclass(frozen=True)
+class EmbeddingBatchStats:
+    """What one forward did; handed to the embedder's `on_batch` hook (metrics)."""
+
+    num_inputs: int
+    num_tokens: int  # real tokens
+    num_padding_tokens: int  # pad positions the forward computed as well
+
+
 @dataclass(eq=False)
 class _Request:
     loop: asyncio.AbstractEventLoop
@@ -252,6 +262,8 @@ class Embedder:
         self.num_inputs_embedded = 0
         self.num_padding_tokens = 0
         self.num_failed_batches = 0
+        # Per-batch metrics hook, called on the worker thread; None costs nothing.
+        self.on_batch: Callable[[EmbeddingBatchStats], None] | None = None
 
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
@@ -578,6 +590,9 @@ class Embedder:
         self.num_inputs_embedded += n
         self.num_tokens_embedded += num_real
         self.num_padding_tokens += n * max_len - num_real
+        # Before answering: a caller holding its vectors then finds this batch in the metrics too.
+        if self.on_batch is not None:
+            self.on_batch(EmbeddingBatchStats(n, num_real, n * max_len - num_real))
 
         for row, item in enumerate(batch):
             req = item.request

@@ -4,8 +4,11 @@ HTTP (api/http.py) and gRPC build a `GenerationParams` from their own wire types
 step here, so limits, the n fan-out, seeds, usage accounting and metrics are identical on both:
 
     plan = plan_generation(engine, prompts, params, limits, request_id)   # raises APIError
-    async for choice_delta in stream_choices(engine, plan, metrics): ...  # streaming
-    result = await collect_choices(engine, plan, metrics)                 # non-streaming
+    async for choice_delta in stream_choices(engine, plan, metrics, record): ...  # streaming
+    result = await collect_choices(engine, plan, metrics, record)                 # non-streaming
+
+`record` (the request's AccessRecord) gets the usage, finish reasons, first-token time and engine timings
+when the stream ends, for the access line and the trace; `request_id` names the engine requests.
 
 Closing the `stream_choices` iterator (or cancelling the task running `collect_choices`) closes every
 engine stream, which aborts those requests and frees their KV blocks.
@@ -14,17 +17,22 @@ engine stream, which aborts those requests and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from service.api.errors import APIError
 from service.config import LimitsConfig
 from service.engine.base import EngineDeadError, GenerationEngine, RequestRejected
+from service.logs import AccessRecord
 from service.metrics import Metrics
 from service.types import FinishReason, GenerationDelta, GenerationRequest, RequestTiming, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 MAX_LOGIT_BIAS = 100.0
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by ~1e-40 overflows to inf.
@@ -100,6 +108,7 @@ class ChoiceResult:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    timing: RequestTiming | None = None
 
     def add(self, delta: GenerationDelta, text_parts: list[str]) -> None:
         text_parts.append(delta.text)
@@ -113,9 +122,9 @@ class ChoiceResult:
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
         if delta.timing is not None:
             self.timing = delta.timing
-            self.stop_reason = delta.stop_reason
 
 
 @dataclass(frozen=True)
@@ -317,6 +326,7 @@ class _SequenceTimer:
     last_token: float | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
     timing: RequestTiming | None = None
     reported: bool = False
@@ -328,10 +338,16 @@ class _SequenceTimer:
             self.last_token = now
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
         self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
         if delta.timing is not None:
             self.timing = delta.timing
+
+    @property
+    def finish_reason_str(self) -> str:
+        """Why the sequence ended; one closed before its finishing delta was aborted (client gone, error)."""
+        return (self.finish_reason or FinishReason.ABORT).value
 
     def report(self, metrics: Metrics | None) -> None:
         if self.reported or metrics is None:
@@ -341,8 +357,9 @@ class _SequenceTimer:
         tpot = None
         if self.first_token is not None and self.last_token is not None and self.num_output_tokens > 1:
             tpot = (self.last_token - self.first_token) / (self.num_output_tokens - 1)
-        reason = self.finish_reason.value if self.finish_reason is not None else None
-        metrics.observe_sequence(ttft, tpot, self.num_prompt_tokens, self.num_output_tokens, reason, self.timing)
+        metrics.observe_sequence(
+            ttft, tpot, self.num_prompt_tokens, self.num_output_tokens, self.finish_reason_str, self.timing
+        )
 
 
 async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -> AsyncIterator[ChoiceDelta]:
@@ -385,17 +402,27 @@ async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -
 
 
 async def stream_choices(
-    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None
+    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None, record: AccessRecord | None = None
 ) -> AsyncIterator[ChoiceDelta]:
     """The plan's choices as one stream of deltas; engine failures surface as APIError."""
     started = time.monotonic()
     timers = [_SequenceTimer(started) for _ in plan.requests]
+    # Output text is gathered only for an access line that will show it.
+    outputs: list[list[str]] | None = [[] for _ in plan.requests] if record is not None and record.log_prompts else None
+    log.debug("submitting %d sequences, %d prompt tokens", len(plan.requests), plan.num_prompt_tokens)
     try:
         async with aclosing(_merged(engine, plan.requests)) as merged:
             async for choice in merged:
-                timers[choice.index].on_delta(choice.delta, time.monotonic())
-                if choice.delta.finish_reason is not None:
+                delta = choice.delta
+                timers[choice.index].on_delta(delta, time.monotonic())
+                if outputs is not None:
+                    outputs[choice.index].append(delta.text)
+                if delta.finish_reason is not None:
                     timers[choice.index].report(metrics)
+                    log.debug(
+                        "sequence %s finished (%s) after %d tokens",
+                        delta.request_id, delta.finish_reason.value, delta.num_output_tokens,
+                    )
                 yield choice
     except (RequestRejected, EngineDeadError) as exc:
         raise engine_error(exc) from exc
@@ -404,15 +431,37 @@ async def stream_choices(
             timer.report(metrics)
         if metrics is not None:
             metrics.e2e_request_latency_seconds.observe(time.monotonic() - started)
+        if record is not None:
+            _fill_record(record, plan, started, timers, outputs)
+
+
+def _fill_record(
+    record: AccessRecord,
+    plan: GenerationPlan,
+    submitted: float,
+    timers: list[_SequenceTimer],
+    outputs: list[list[str]] | None,
+) -> None:
+    usage = usage_of(plan, timers)  # the very figures the response's `usage` reports
+    record.submitted = submitted
+    record.prompt_tokens = usage.prompt_tokens
+    record.completion_tokens = usage.completion_tokens
+    record.cached_tokens = usage.cached_tokens
+    record.finish_reasons = [t.finish_reason_str for t in timers]
+    first_tokens = [t.first_token for t in timers if t.first_token is not None]
+    record.first_token = min(first_tokens) if first_tokens else None
+    record.timings = [t.timing for t in timers]
+    if outputs is not None:
+        record.outputs = ["".join(parts) for parts in outputs]
 
 
 async def collect_choices(
-    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None
+    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None, record: AccessRecord | None = None
 ) -> GenerationResult:
     """Run the plan to completion and aggregate each choice's text, tokens and logprobs."""
     choices = [ChoiceResult(index=i) for i in range(len(plan.requests))]
     texts: list[list[str]] = [[] for _ in plan.requests]
-    async with aclosing(stream_choices(engine, plan, metrics)) as stream:
+    async with aclosing(stream_choices(engine, plan, metrics, record)) as stream:
         async for choice in stream:
             choices[choice.index].add(choice.delta, texts[choice.index])
     for choice, parts in zip(choices, texts, strict=True):
@@ -420,6 +469,13 @@ async def collect_choices(
     return GenerationResult(choices, usage_of(plan, choices))
 
 
-def usage_of(plan: GenerationPlan, choices: Sequence[ChoiceResult]) -> Usage:
+class _SequenceTokens(Protocol):
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+def usage_of(plan: GenerationPlan, choices: Sequence[_SequenceTokens]) -> Usage:
+    """Usage of the plan's sequences (ChoiceResults or stream_choices' timers); cached tokens are
+    counted once per prompt, like prompt tokens."""
     cached = sum(c.num_cached_tokens for c in choices[:: max(plan.n, 1)])
     return Usage(plan.num_prompt_tokens, sum(c.num_output_tokens for c in choices), cached)

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,6 +38,7 @@ from service.api import openai_format as fmt
 from service.api import schemas
 from service.api.errors import APIError
 from service.api.generation import (
+    ChoiceDelta,
     ChoiceResult,
     GenerationParams,
     GenerationPlan,
@@ -47,7 +48,15 @@ from service.api.generation import (
 )
 from service.api.generation import plan_generation as _plan
 from service.api.limits import Admission, TokenReservation
-from service.api.middleware import KEY_ID_SCOPE, AccountingMiddleware, AuthMiddleware, BodyLimitMiddleware
+from service.api.middleware import (
+    KEY_ID_SCOPE,
+    AccountingMiddleware,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    access_record,
+    observe_error,
+)
+from service.logs import AccessRecord
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -105,8 +114,8 @@ def _version() -> str:
 # -- errors ----------------------------------------------------------------------------------------------
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=error.headers or None)
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.http_status, headers={**error.headers, **(headers or {})})
 
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
@@ -165,29 +174,29 @@ def _http_exception_error(request: Request, exc: StarletteHTTPException) -> APIE
 
 
 def _install_error_handlers(app: FastAPI, state: AppState) -> None:
-    metrics = state.metrics
-
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        metrics.observe_error(exc.code)
+        observe_error(state, access_record(request.scope), exc.code)
         return error_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         error = validation_error(exc)
-        metrics.observe_error(error.code)
+        observe_error(state, access_record(request.scope), error.code)
         return error_response(error)
 
     async def on_http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         error = _http_exception_error(request, exc)
-        metrics.observe_error(error.code)
+        observe_error(state, access_record(request.scope), error.code)
         return error_response(error)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        metrics.observe_error("internal_error")
-        return error_response(APIError("Internal server error.", "internal_error"))
+        record = access_record(request.scope)
+        observe_error(state, record, "internal_error")
+        # Starlette answers this one outside every middleware, so the request id header is set here.
+        return error_response(APIError("Internal server error.", "internal_error"), {"x-request-id": record.request_id})
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -330,7 +339,7 @@ class _Admitted:
         except APIError:
             self.reservation.settle(0)
             raise
-        self.headers = {**rate_headers, **self.reservation.headers.values, "x-request-id": plan.request_id}
+        self.headers = {**rate_headers, **self.reservation.headers.values}
 
     def release(self, tokens_used: int) -> None:
         """Idempotent: the first call settles the tokens and frees the slot."""
@@ -396,28 +405,26 @@ class GenerationHandlers:
             max_logprobs=5,
             prompt_param="prompt",
         )
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        plan = self._plan(prompts, params, request_id)
+        record = access_record(request.scope)
+        if record.log_prompts:
+            record.prompt = body.prompt
+        plan = self._plan(prompts, params, record.request_id)
         echo_texts = self._echo_texts(body.prompt, prompts) if body.echo else None
         admitted = _Admitted(s, key_id, plan, rate_headers)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._stream_completion(plan, admitted, body, echo_texts, created, model.name, include_usage)
-            return ClosingStreamingResponse(
-                stream,
-                on_close=lambda: admitted.release(0),
-                media_type="text/event-stream",
-                headers={**SSE_HEADERS, **admitted.headers},
-            )
+            header = fmt.ChunkHeader(response_id, "text_completion", created, model.name)
+            chunker = self._completion_chunker(plan, body, echo_texts)
+            return self._sse_response(plan, admitted, record, header, _include_usage(body), chunker)
         result = None
         try:
-            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics))
+            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics, record))
         finally:
             admitted.release(result.usage.total_tokens if result else 0)
         choices = [self._completion_choice(c, plan, body, echo_texts) for c in result.choices]
         response = schemas.CompletionResponse(
-            id=request_id, created=created, model=model.name, choices=choices, usage=fmt.usage_model(result.usage)
+            id=response_id, created=created, model=model.name, choices=choices, usage=fmt.usage_model(result.usage)
         )
         return _json(response, admitted.headers)
 
@@ -444,63 +451,40 @@ class GenerationHandlers:
             stop_reason=choice.stop_reason,
         )
 
-    async def _stream_completion(
-        self,
-        plan: GenerationPlan,
-        admitted: _Admitted,
-        body: schemas.CompletionRequest,
-        echo_texts: list[str] | None,
-        created: int,
-        model_name: str,
-        include_usage: bool,
-    ) -> AsyncIterator[str]:
-        s = self.state
-        header = fmt.ChunkHeader(plan.request_id, "text_completion", created, model_name)
+    def _completion_chunker(
+        self, plan: GenerationPlan, body: schemas.CompletionRequest, echo_texts: list[str] | None
+    ) -> Callable[[ChoiceDelta], dict[str, Any] | None]:
+        """A delta -> its streamed choice (None: nothing to send); a choice's first chunk carries the echo."""
+        tokenizer = self.state.tokenizer
         num_choices = len(plan.requests)
         builders = [fmt.CompletionLogprobsBuilder() for _ in range(num_choices)]
         started = [False] * num_choices
-        finals = [ChoiceResult(index=i) for i in range(num_choices)]
         want_logprobs = body.logprobs is not None
-        try:
-            async with aclosing(stream_choices(s.engine, plan, s.metrics)) as stream:
-                async for item in stream:
-                    i, delta = item.index, item.delta
-                    finals[i].add(delta, [])
-                    text = delta.text
-                    parts = []
-                    if not started[i]:
-                        started[i] = True
-                        if echo_texts is not None:
-                            text = echo_texts[i // plan.n] + text
-                            if want_logprobs:
-                                tokens = s.tokenizer.convert_ids_to_tokens(plan.prompts[i // plan.n])
-                                parts.append(builders[i].prompt(tokens))
-                    if want_logprobs and delta.logprobs:
-                        parts.append(builders[i].tokens(delta.logprobs))
-                    if not text and delta.finish_reason is None and not parts:
-                        continue
-                    choice = {
-                        "index": i,
-                        "text": text,
-                        "logprobs": fmt.merge_completion_logprobs(parts).model_dump() if want_logprobs else None,
-                        "finish_reason": fmt.finish_reason_str(delta.finish_reason),
-                        "stop_reason": delta.stop_reason,
-                    }
-                    yield sse(header.chunk([choice]))
-            if include_usage:
-                yield sse(header.chunk([], fmt.usage_model(usage_of(plan, finals))))
-            yield SSE_DONE
-        except APIError as exc:
-            s.metrics.observe_error(exc.code)
-            yield sse(exc.to_dict())
-            yield SSE_DONE
-        except Exception:
-            log.exception("completion stream %s failed", plan.request_id)
-            s.metrics.observe_error("internal_error")
-            yield sse(APIError("Internal error while streaming.", "internal_error").to_dict())
-            yield SSE_DONE
-        finally:
-            admitted.release(usage_of(plan, finals).total_tokens)
+
+        def choice_chunk(item: ChoiceDelta) -> dict[str, Any] | None:
+            i, delta = item.index, item.delta
+            text = delta.text
+            parts = []
+            if not started[i]:
+                started[i] = True
+                if echo_texts is not None:
+                    text = echo_texts[i // plan.n] + text
+                    if want_logprobs:
+                        tokens = tokenizer.convert_ids_to_tokens(plan.prompts[i // plan.n])
+                        parts.append(builders[i].prompt(tokens))
+            if want_logprobs and delta.logprobs:
+                parts.append(builders[i].tokens(delta.logprobs))
+            if not text and delta.finish_reason is None and not parts:
+                return None
+            return {
+                "index": i,
+                "text": text,
+                "logprobs": fmt.merge_completion_logprobs(parts).model_dump() if want_logprobs else None,
+                "finish_reason": fmt.finish_reason_str(delta.finish_reason),
+                "stop_reason": delta.stop_reason,
+            }
+
+        return choice_chunk
 
     # chat ------------------------------------------------------------------------------------------------
 
@@ -571,6 +555,9 @@ class GenerationHandlers:
         if body.top_logprobs and not body.logprobs:
             raise APIError("top_logprobs requires logprobs to be true.", "invalid_value", "top_logprobs")
         prompt = self.chat_prompt(body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
+        record = access_record(request.scope)
+        if record.log_prompts:
+            record.prompt = [m.model_dump(exclude_none=True) for m in body.messages]
         use_mct = body.max_completion_tokens is not None
         params = _generation_params(
             body,
@@ -581,27 +568,26 @@ class GenerationHandlers:
             prompt_param="messages",
             max_tokens_param="max_completion_tokens" if use_mct else "max_tokens",
         )
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        plan = self._plan([prompt], params, request_id)
+        plan = self._plan([prompt], params, record.request_id)
         admitted = _Admitted(s, key_id, plan, rate_headers)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         num_top = body.top_logprobs or 0
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._stream_chat(plan, admitted, body.logprobs, num_top, created, model.name, include_usage)
-            return ClosingStreamingResponse(
-                stream,
-                on_close=lambda: admitted.release(0),
-                media_type="text/event-stream",
-                headers={**SSE_HEADERS, **admitted.headers},
-            )
+            header = fmt.ChunkHeader(response_id, "chat.completion.chunk", created, model.name)
+            roles = [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(plan.requests))
+            ]
+            chunker = _chat_chunker(body.logprobs, num_top)
+            return self._sse_response(plan, admitted, record, header, _include_usage(body), chunker, roles)
         result = None
         try:
-            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics))
+            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics, record))
         finally:
             admitted.release(result.usage.total_tokens if result else 0)
         response = schemas.ChatCompletionResponse(
-            id=request_id,
+            id=response_id,
             created=created,
             model=model.name,
             choices=[fmt.chat_choice(c, body.logprobs, num_top) for c in result.choices],
@@ -609,57 +595,91 @@ class GenerationHandlers:
         )
         return _json(response, admitted.headers)
 
-    async def _stream_chat(
+    # streaming, both endpoints --------------------------------------------------------------------------
+
+    def _sse_response(
         self,
         plan: GenerationPlan,
         admitted: _Admitted,
-        want_logprobs: bool,
-        num_top: int,
-        created: int,
-        model_name: str,
+        record: AccessRecord,
+        header: fmt.ChunkHeader,
         include_usage: bool,
+        choice_chunk: Callable[[ChoiceDelta], dict[str, Any] | None],
+        first_choices: Sequence[dict[str, Any]] = (),
+    ) -> Response:
+        events = self._sse_events(plan, admitted, record, header, include_usage, choice_chunk, first_choices)
+        return ClosingStreamingResponse(
+            events,
+            on_close=lambda: admitted.release(0),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **admitted.headers},
+        )
+
+    async def _sse_events(
+        self,
+        plan: GenerationPlan,
+        admitted: _Admitted,
+        record: AccessRecord,
+        header: fmt.ChunkHeader,
+        include_usage: bool,
+        choice_chunk: Callable[[ChoiceDelta], dict[str, Any] | None],
+        first_choices: Sequence[dict[str, Any]],
     ) -> AsyncIterator[str]:
+        """`first_choices`, one chunk per delta that `choice_chunk` makes one of, the usage chunk if asked
+        for, then [DONE]. An error becomes a last `{"error": ...}` event before [DONE]; the request's
+        admission is released with the tokens it used however the stream ends."""
         s = self.state
-        header = fmt.ChunkHeader(plan.request_id, "chat.completion.chunk", created, model_name)
         finals = [ChoiceResult(index=i) for i in range(len(plan.requests))]
         try:
-            for i in range(len(plan.requests)):
-                role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                yield sse(header.chunk([role]))
-            async with aclosing(stream_choices(s.engine, plan, s.metrics)) as stream:
+            for choice in first_choices:
+                yield sse(header.chunk([choice]))
+            async with aclosing(stream_choices(s.engine, plan, s.metrics, record)) as stream:
                 async for item in stream:
-                    i, delta = item.index, item.delta
-                    finals[i].add(delta, [])
-                    logprobs = None
-                    if want_logprobs and delta.logprobs:
-                        logprobs = fmt.chat_logprobs(delta.logprobs, num_top).model_dump()
-                    if delta.finish_reason is None:
-                        if not delta.text and logprobs is None:
-                            continue
-                        choice = {"index": i, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None}
-                    else:
-                        choice = {
-                            "index": i,
-                            "delta": {"content": delta.text} if delta.text else {},
-                            "logprobs": logprobs,
-                            "finish_reason": fmt.finish_reason_str(delta.finish_reason),
-                            "stop_reason": delta.stop_reason,
-                        }
-                    yield sse(header.chunk([choice]))
+                    finals[item.index].add(item.delta, [])
+                    choice = choice_chunk(item)
+                    if choice is not None:
+                        yield sse(header.chunk([choice]))
             if include_usage:
                 yield sse(header.chunk([], fmt.usage_model(usage_of(plan, finals))))
             yield SSE_DONE
         except APIError as exc:
-            s.metrics.observe_error(exc.code)
+            observe_error(s, record, exc.code)
             yield sse(exc.to_dict())
             yield SSE_DONE
         except Exception:
-            log.exception("chat stream %s failed", plan.request_id)
-            s.metrics.observe_error("internal_error")
+            log.exception("%s stream failed", header.object)
+            observe_error(s, record, "internal_error")
             yield sse(APIError("Internal error while streaming.", "internal_error").to_dict())
             yield SSE_DONE
         finally:
             admitted.release(usage_of(plan, finals).total_tokens)
+
+
+def _include_usage(body: schemas.CompletionRequest | schemas.ChatCompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _chat_chunker(want_logprobs: bool, num_top: int) -> Callable[[ChoiceDelta], dict[str, Any] | None]:
+    """A delta -> its streamed chat choice (None: nothing to send)."""
+
+    def choice_chunk(item: ChoiceDelta) -> dict[str, Any] | None:
+        i, delta = item.index, item.delta
+        logprobs = None
+        if want_logprobs and delta.logprobs:
+            logprobs = fmt.chat_logprobs(delta.logprobs, num_top).model_dump()
+        if delta.finish_reason is None:
+            if not delta.text and logprobs is None:
+                return None
+            return {"index": i, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None}
+        return {
+            "index": i,
+            "delta": {"content": delta.text} if delta.text else {},
+            "logprobs": logprobs,
+            "finish_reason": fmt.finish_reason_str(delta.finish_reason),
+            "stop_reason": delta.stop_reason,
+        }
+
+    return choice_chunk
 
 
 # -- embeddings -------------------------------------------------------------------------------------------
@@ -685,6 +705,9 @@ async def handle_embeddings(state: AppState, body: schemas.EmbeddingRequest, req
     key_id = _key_id(request)
     rate_headers = state.limiter.check_request(key_id).values
     model = _require_model(state.embedding_model, body.model, "embedding")
+    record = access_record(request.scope)
+    if record.log_prompts:
+        record.prompt = body.input
     embedder = state.embedder
     assert embedder is not None
     inputs = _embedding_inputs(body.input)
@@ -710,6 +733,7 @@ async def handle_embeddings(state: AppState, body: schemas.EmbeddingRequest, req
     except APIError:
         reservation.settle(0)
         raise
+    record.submitted = time.monotonic()
     try:
         result = await until_disconnect(request, embedder.embed(ids, body.dimensions))
     except EmbeddingInputError as exc:
@@ -719,6 +743,7 @@ async def handle_embeddings(state: AppState, body: schemas.EmbeddingRequest, req
     finally:
         admission.release()
     state.metrics.embedding_tokens_total.inc(result.total_tokens)
+    record.prompt_tokens = result.total_tokens
     response = schemas.EmbeddingResponse(
         data=[
             schemas.EmbeddingData(index=i, embedding=_encode_vector(v, body.encoding_format))
@@ -947,11 +972,11 @@ def create_app(state: AppState) -> FastAPI:
     limit_values = schema_limits(state)
     app.openapi = lambda: build_openapi(app, limit_values)  # type: ignore[method-assign]
 
-    # Middleware: the last added runs first. CORS (preflight) -> accounting -> auth -> body limit -> app.
+    # Middleware: the last added runs first. Accounting (outermost, so every response, CORS preflights
+    # included, carries the request id and gets an access line) -> CORS -> auth -> body limit -> app.
     app.add_middleware(BodyLimitMiddleware, state=state, max_body_bytes=state.config.limits.max_request_body_bytes)
     open_paths = PROBE_PATHS | ({"/metrics"} if state.config.metrics_open else set())
     app.add_middleware(AuthMiddleware, state=state, open_paths=frozenset(open_paths))
-    app.add_middleware(AccountingMiddleware, state=state)
     if state.config.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -964,6 +989,7 @@ def create_app(state: AppState) -> FastAPI:
                 *(f"x-ratelimit-{a}-{b}" for a in ("limit", "remaining", "reset") for b in ("requests", "tokens")),
             ],
         )
+    app.add_middleware(AccountingMiddleware, state=state)
     return app
 
 

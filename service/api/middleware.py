@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware for the HTTP transport: accounting, API-key auth and the request body limit.
+"""Pure-ASGI middleware for the HTTP transport: accounting (request ids, metrics, access line, trace),
+API-key auth and the request body limit.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a client
 disconnect still reaches the handler's `receive`.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import APIError
+from service.logs import REQUEST_ID, AccessRecord, log_access, resolve_request_id
 
 if TYPE_CHECKING:
     from service.app import AppState
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEY_ID_SCOPE = "lmserve.key_id"  # scope entry the auth middleware sets for handlers (rate limits)
+RECORD_SCOPE = "lmserve.record"  # scope entry: the request's AccessRecord, which handlers fill in
+REQUEST_ID_HEADER = b"x-request-id"
 TRANSPORT = "http"
 
 _KNOWN_ENDPOINTS = frozenset(
@@ -51,6 +56,24 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
+def header_value(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def access_record(scope: Scope) -> AccessRecord:
+    """The request's record (AccountingMiddleware, outermost, always sets it)."""
+    return scope[RECORD_SCOPE]
+
+
+def observe_error(state: AppState, record: AccessRecord, code: str) -> None:
+    """Count an error the client gets and name it on the request's access line."""
+    state.metrics.observe_error(code)
+    record.error = code
+
+
 async def send_error(send: Send, error: APIError) -> None:
     body = json.dumps(error.to_dict()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -60,7 +83,14 @@ async def send_error(send: Send, error: APIError) -> None:
 
 
 class AccountingMiddleware:
-    """Counts every request by endpoint and status, and tracks requests in flight (for drain)."""
+    """The outermost layer: every request's id, in-flight count, metrics, access line and trace.
+
+    The id is the client's `x-request-id` when valid, else a new one; it is returned as `x-request-id`
+    on every response (errors from the layers inside included), set as REQUEST_ID for every log line
+    while the request is served, and kept in the request's AccessRecord (scope[RECORD_SCOPE]), which
+    handlers fill in. When the app returns (for a stream: when it ended or the client left) the record
+    becomes the one access line and, with tracing on, the trace.
+    """
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
@@ -72,6 +102,15 @@ class AccountingMiddleware:
             return
         metrics = self.state.metrics
         lifecycle = self.state.lifecycle
+        tracer = self.state.tracer
+        record = AccessRecord(
+            request_id=resolve_request_id(header_value(scope, REQUEST_ID_HEADER)),
+            transport=TRANSPORT,
+            started=time.monotonic(),
+            log_prompts=self.state.config.log_prompts,
+        )
+        scope[RECORD_SCOPE] = record
+        id_header = (REQUEST_ID_HEADER, record.request_id.encode("ascii"))
         status = 499  # no response started: the client went away first
         errored = False
 
@@ -79,8 +118,12 @@ class AccountingMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
+        # Never reset: this task serves only this request, and the layers outside this one (Starlette's
+        # ServerErrorMiddleware, uvicorn's log of an unhandled exception) still log about it.
+        REQUEST_ID.set(record.request_id)
         lifecycle.in_flight += 1
         metrics.requests_in_flight.labels(transport=TRANSPORT).inc()
         try:
@@ -89,11 +132,16 @@ class AccountingMiddleware:
             errored = True
             raise
         finally:
+            finished = time.monotonic()
             lifecycle.in_flight -= 1
             metrics.requests_in_flight.labels(transport=TRANSPORT).dec()
             if errored and status == 499:
                 status = 500
             metrics.observe_request(endpoint_label(scope["path"]), TRANSPORT, status)
+            log_access(record, scope["method"], scope["path"], status, finished)
+            if tracer is not None:
+                traceparent = header_value(scope, b"traceparent")
+                tracer.export(record, scope["method"], scope["path"], status, finished, traceparent)
 
 
 class AuthMiddleware:
@@ -113,15 +161,10 @@ class AuthMiddleware:
             scope[KEY_ID_SCOPE] = _client_id(scope) if not keys.is_enabled else "open"
             await self.app(scope, receive, send)
             return
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
         try:
-            scope[KEY_ID_SCOPE] = keys.authenticate(authorization)
+            scope[KEY_ID_SCOPE] = keys.authenticate(header_value(scope, b"authorization"))
         except APIError as exc:
-            self.state.metrics.observe_error(exc.code)
+            observe_error(self.state, access_record(scope), exc.code)
             await send_error(send, exc)
             return
         await self.app(scope, receive, send)
@@ -161,7 +204,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.max_body_bytes:
-                    await self._reject(send)
+                    await self._reject(scope, send)
                     return
         chunks: list[bytes] = []
         size = 0
@@ -172,16 +215,16 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await self._reject(send)
+                await self._reject(scope, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
         error = self._too_large()
-        self.state.metrics.observe_error(error.code)
+        observe_error(self.state, access_record(scope), error.code)
         await send_error(send, error)
 
 

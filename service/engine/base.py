@@ -11,7 +11,7 @@ Usage from a transport:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,21 +36,45 @@ class EngineDeadError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineStats:
+    """A snapshot for probes and metrics.
+
+    The `*_total` fields count since the engine was built (metrics turn them into counters by
+    differencing); an engine that does not track one leaves it 0.
+    """
+
     num_running: int
     num_waiting: int
     num_kv_blocks_used: int
     num_kv_blocks_total: int
     block_size: int
     is_alive: bool
+    num_steps_total: int = 0
+    num_preemptions_total: int = 0
+    # Tokens looked up in the prefix cache at each admission (re-admissions after preemption too), and
+    # of those the tokens whose KV the cache supplied.
+    num_prefix_cache_query_tokens_total: int = 0
+    num_prefix_cache_hit_tokens_total: int = 0
 
     @property
     def kv_usage(self) -> float:
         return self.num_kv_blocks_used / max(self.num_kv_blocks_total, 1)
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one completed engine step did; handed to the engine's `on_step` hook (per-step metrics)."""
+
+    num_scheduled_seqs: int  # sequences in the batch (prefill chunks and decodes)
+    num_batched_tokens: int  # tokens whose KV the forward computed
+    num_preempted: int
+    duration_s: float
+
+
 class GenerationEngine(Protocol):
     model_name: str
     max_model_len: int
+    # Called from the engine's thread after every completed step; None (the default) costs nothing.
+    on_step: Callable[[StepStats], None] | None
 
     async def start(self) -> None: ...
 

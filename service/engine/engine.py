@@ -13,14 +13,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from service.config import EngineConfig
-from service.engine.base import EngineDeadError, EngineStats, RequestRejected
+from service.engine.base import EngineDeadError, EngineStats, RequestRejected, StepStats
 from service.engine.block_manager import BlockManager
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
@@ -45,16 +45,6 @@ class _Stream:
     output: SequenceOutput
     queue: asyncio.Queue
     generator: torch.Generator | None
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one step did; read by metrics."""
-
-    num_scheduled_seqs: int
-    num_batched_tokens: int
-    num_preempted: int
-    duration_s: float
 
 
 class NativeEngine:
@@ -83,8 +73,9 @@ class NativeEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._is_alive = False
-        self.last_step: StepStats | None = None
         self.num_steps = 0
+        # Per-step metrics hook, called on the engine thread; None costs nothing.
+        self.on_step: Callable[[StepStats], None] | None = None
 
     @classmethod
     def load(cls, model_path: Path, model_name: str, config: EngineConfig) -> NativeEngine:
@@ -121,6 +112,10 @@ class NativeEngine:
             num_kv_blocks_total=self.block_manager.num_blocks,
             block_size=self.block_manager.block_size,
             is_alive=self.is_alive,
+            num_steps_total=self.num_steps,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_prefix_cache_query_tokens_total=self.block_manager.num_prefix_queries,
+            num_prefix_cache_hit_tokens_total=self.block_manager.num_prefix_hits,
         )
 
     # ---- requests --------------------------------------------------------------------------
@@ -233,12 +228,16 @@ class NativeEngine:
             if req.is_finished:
                 del self._streams[req.request_id]
         self.num_steps += 1
-        self.last_step = StepStats(
-            num_scheduled_seqs=len(scheduled.scheduled),
-            num_batched_tokens=scheduled.num_batched_tokens,
-            num_preempted=len(scheduled.preempted),
-            duration_s=time.perf_counter() - started,
-        )
+        # Before delivering: a client holding its answer then finds this step in the metrics too.
+        if self.on_step is not None:
+            self.on_step(
+                StepStats(
+                    num_scheduled_seqs=len(scheduled.scheduled),
+                    num_batched_tokens=scheduled.num_batched_tokens,
+                    num_preempted=len(scheduled.preempted),
+                    duration_s=time.perf_counter() - started,
+                )
+            )
         if deliveries:
             self._deliver(deliveries)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from service.engine.request import Request
 from service.engine.sampler import SampledToken
 from service.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -35,6 +37,8 @@ class SequenceOutput:
         finish_reason, stop_reason = request.finish_reason, request.stop_reason
         if matched is not None:
             finish_reason, stop_reason = FinishReason.STOP, matched
+        # Read the clock only for the one delta per sequence that carries its timing.
+        timing = request.timing(time.monotonic()) if finish_reason is not None else None
         return (
             GenerationDelta(
                 request_id=self.external_id,
@@ -46,6 +50,7 @@ class SequenceOutput:
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_output_tokens=request.num_output_tokens,
                 num_cached_tokens=request.num_cached_tokens,
+                timing=timing,
             ),
             matched,
         )
@@ -61,6 +66,7 @@ class SequenceOutput:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            timing=request.timing(time.monotonic()),
         )
 
     def _logprob(self, sampled: SampledToken) -> TokenLogprob:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from enum import Enum
 
-from service.types import FinishReason, SamplingParams
+from service.types import FinishReason, RequestTiming, SamplingParams
 
 
 class RequestStatus(Enum):
@@ -90,6 +90,16 @@ class Request:
                 return
         if self.num_output_tokens >= self.sampling.max_tokens:
             self.finish(FinishReason.LENGTH, None)
+
+    def timing(self, finished_time: float) -> RequestTiming:
+        """Where this request's time went, for its finishing delta."""
+        return RequestTiming(
+            arrival_time=self.arrival_time,
+            first_scheduled_time=self.first_scheduled_time,
+            first_token_time=self.first_token_time,
+            finished_time=finished_time,
+            num_preemptions=self.num_preemptions,
+        )
 
     def finish(self, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         if self.finish_reason is None:
