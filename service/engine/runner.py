@@ -83,6 +83,7 @@ class ModelRunner:
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{model_path}: weights do not fit the {hf_config.model_type} architecture: {exc}") from None
         self.model = model.eval()
+        self.packed_weights = model.prepack_weights()
 
         attn = model.layers[0].self_attn
         spec = KVCacheSpec(
@@ -109,14 +110,16 @@ class ModelRunner:
         if config.attention not in ("auto", "kernel", "torch"):
             raise ValueError(f"attention must be auto, kernel or torch, not {config.attention!r}")
         self.use_kernel = config.attention != "torch" and native_kernels.supports(self.dtype, self.device)
+        self.fused_ops = self.use_kernel and model.use_fused_ops()
         if config.attention == "kernel" and not self.use_kernel:
             raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
         log.info(
-            "model loaded: %s %s on %s, %s attention, KV pool %d blocks x %d tokens (%.1f MiB)",
+            "model loaded: %s %s on %s%s, %s attention, KV pool %d blocks x %d tokens (%.1f MiB)",
             hf_config.model_type,
             str(self.dtype).removeprefix("torch."),
             self.device,
-            "C kernel" if self.use_kernel else "torch",
+            " (weights prepacked for oneDNN)" if self.packed_weights else "",
+            ("C kernel" if self.use_kernel else "torch") + (", fused C elementwise ops" if self.fused_ops else ""),
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,
             self.kv_spec.total_bytes / 2**20,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
 
-NUM_KV_HEADS, NUM_HEADS, HEAD_DIM, NUM_BLOCKS, BLOCK_SIZE = 2, 6, 32, 48, 4
+NUM_KV_HEADS, NUM_HEADS, NUM_BLOCKS, BLOCK_SIZE = 2, 6, 48, 4
 
 # One step: a decode at position 9, a 5-token chunk after 6 cached tokens, a fresh 3-token prefill,
 # and a 2-token chunk right after a block boundary. Blocks are scattered on purpose.
@@ -22,7 +22,7 @@ LAYOUT = [
 NUM_TOKENS = 11
 
 
-def reference(q, k_all, v_all, seqs):
+def reference(q, k_all, v_all, seqs, head_dim):
     """Plain causal SDPA over each sequence's whole history (cached + new), row by row."""
     out = torch.empty_like(q)
     for s, (k_hist, v_hist) in zip(seqs, zip(k_all, v_all, strict=True), strict=True):
@@ -30,15 +30,18 @@ def reference(q, k_all, v_all, seqs):
             row, ctx = s.start_row + j, s.num_computed_tokens + j + 1
             o = F.scaled_dot_product_attention(
                 q[row].float()[:, None], k_hist[:ctx].float().transpose(0, 1), v_hist[:ctx].float().transpose(0, 1),
-                scale=HEAD_DIM**-0.5, enable_gqa=True,
+                scale=head_dim**-0.5, enable_gqa=True,
             )  # fmt: skip
             out[row] = o[:, 0].to(q.dtype)
     return out
 
 
+# 32: the kernels' generic loops; 64 and 128: the bf16 kernel's register-blocked paths.
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_kernel", [False, True])
-def test_paged_attention_matches_causal_attention(dtype: torch.dtype, use_kernel: bool) -> None:
+def test_paged_attention_matches_causal_attention(dtype: torch.dtype, use_kernel: bool, head_dim: int) -> None:
+    HEAD_DIM = head_dim  # noqa: N806
     if use_kernel and not native_kernels.supports(dtype, torch.device("cpu")):
         pytest.skip("no C compiler: the kernel is unavailable on this machine")
     gen = torch.Generator().manual_seed(0)
@@ -61,7 +64,7 @@ def test_paged_attention_matches_causal_attention(dtype: torch.dtype, use_kernel
     meta = build_metadata(LAYOUT, BLOCK_SIZE, torch.device("cpu"), dtype, use_kernel)
     assert (meta.kernel is not None) == use_kernel
     got = paged_attention(q, k_new, v_new, cache, meta, HEAD_DIM**-0.5).view(NUM_TOKENS, NUM_HEADS, HEAD_DIM)
-    want = reference(q, k_hist, v_hist, LAYOUT)
+    want = reference(q, k_hist, v_hist, LAYOUT, HEAD_DIM)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     # The new tokens' K/V landed in their slots.

@@ -163,14 +163,16 @@ def paged_attention(
     kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_dim]
     meta: AttentionMetadata,
     scale: float,
+    cache_written: bool = False,  # k and v already stored at meta.slot_mapping (native_kernels.rope_and_cache)
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
     # Head-major cache: a gather of whole blocks along dim 2 lands as [kv_heads, seqs, context, head_dim],
     # contiguous per (head, sequence), which is the batched matmul's layout: no copy after the gather.
-    flat = kv_cache.view(2, num_kv_heads, num_blocks * block_size, head_dim)
-    flat[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    if not cache_written:
+        flat = kv_cache.view(2, num_kv_heads, num_blocks * block_size, head_dim)
+        flat[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
     out = torch.empty_like(q)
     for start, end in meta.fresh_prefills:

@@ -1,4 +1,5 @@
-"""The C attention kernel over the paged cache (paged_attention.c), built once per machine, called via ctypes.
+"""C kernels, built once per machine and called via ctypes: attention over the paged cache
+(paged_attention.c) and the fused elementwise ops of a bf16 layer (fused_ops.c).
 
 Why C: a decode step's attention is thousands of tiny (query heads x context) products; as torch ops it
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
@@ -27,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention.c")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.c", "fused_ops.c"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _C_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -38,13 +39,13 @@ def _cache_dir() -> Path:
     return default_cache_dir() / "kernels"
 
 
-def _build(source: Path, target: Path) -> None:
+def _build(sources: tuple[Path, ...], target: Path) -> None:
     compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     compiler = compiler.split()[0]
     if shutil.which(compiler) is None:
         raise FileNotFoundError(f"no C compiler ({compiler})")
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run([compiler, *_FLAGS, str(source), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    subprocess.run([compiler, *_FLAGS, *map(str, sources), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
     os.replace(tmp, target)  # atomic: a reader never sees a half-written library
 
 
@@ -58,7 +59,7 @@ def _cpu_flags() -> bytes:
 
 @cache
 def load_kernel() -> ctypes.CDLL | None:
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, _SOURCES[0].with_name("fast_exp.h")))
     identity = source + " ".join(_FLAGS).encode() + os.uname().machine.encode() + _cpu_flags()
     key = hashlib.sha256(identity).hexdigest()[:16]
     directory = _cache_dir()
@@ -68,7 +69,7 @@ def load_kernel() -> ctypes.CDLL | None:
         with open(directory / f"paged_attention-{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
-                _build(_SOURCE, target)
+                _build(_SOURCES, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
@@ -79,6 +80,12 @@ def load_kernel() -> ctypes.CDLL | None:
         fn = getattr(lib, f"paged_attention_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [i64p] * 8 + [ctypes.c_int64] * 8 + [f32, ctypes.c_int]
+    i64, i32 = ctypes.c_int64, ctypes.c_int
+    lib.add_rms_norm_bf16.argtypes = [i64p] * 4 + [i64, i64, f32, i32]
+    lib.silu_mul_bf16.argtypes = [i64p] * 2 + [i64, i64, i32]
+    lib.rope_cache_bf16.argtypes = [i64p] * 8 + [i64] * 5 + [i32]
+    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16):
+        fn.restype = None
     return lib
 
 
@@ -111,3 +118,49 @@ def paged_attention_kernel(
     )  # fmt: skip
     if failed:
         raise MemoryError("paged attention kernel could not allocate its scratch buffers")
+
+
+def fused_ops_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype == torch.bfloat16 and load_kernel() is not None
+
+
+def add_rms_norm(
+    x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """residual += x in place (when x is given); returns weight * rms_norm(residual). bf16, [rows, dim]."""
+    rows, dim = residual.shape
+    out = torch.empty_like(residual)
+    load_kernel().add_rms_norm_bf16(
+        None if x is None else x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+        rows, dim, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 * inter] (gate | up) -> silu(gate) * up, [rows, inter]. bf16."""
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+    load_kernel().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    return out
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,  # [rows, (heads + 2 * kv_heads) * head_dim], contiguous
+    cos: torch.Tensor,  # [rows, 1, head_dim]
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, kv_heads, num_blocks, block_size, head_dim]
+    slot_mapping: torch.Tensor,  # [rows] int64
+    num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k, and k, v written to their cache slots, in one pass. Returns q, k contiguous."""
+    _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    rows = qkv.shape[0]
+    q = torch.empty(rows, num_heads, head_dim, dtype=qkv.dtype)
+    k = torch.empty(rows, num_kv_heads, head_dim, dtype=qkv.dtype)
+    load_kernel().rope_cache_bf16(
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
+        kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slot_mapping.data_ptr(),
+        rows, num_heads, num_kv_heads, head_dim, num_blocks * block_size, torch.get_num_threads(),
+    )  # fmt: skip
+    return q, k

@@ -1,0 +1,100 @@
+"""The fused C elementwise ops of the bf16 path against the torch expressions they replace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.config import EngineConfig
+from service.engine.modeling import native_kernels
+from service.engine.modeling.attention import SeqLayout, build_metadata
+from service.engine.modeling.llama import rotate_half
+from service.engine.runner import ModelRunner
+
+BF16 = torch.bfloat16
+CPU = torch.device("cpu")
+
+pytestmark = pytest.mark.skipif(
+    not native_kernels.fused_ops_supported(BF16, CPU), reason="no C compiler: the fused ops are unavailable"
+)
+
+
+def test_add_rms_norm_matches_torch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(37, 576, generator=gen).mul(4).to(BF16) for _ in range(2))
+    weight = torch.randn(576, generator=gen).to(BF16)
+    expected_residual = residual + x
+    expected = weight * F.rms_norm(expected_residual.float(), (576,), eps=1e-5).to(BF16)
+    got = native_kernels.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(residual, expected_residual)  # updated in place, rounded as torch rounds
+    # Only the order of the sum of squares differs from torch: at most one bf16 step, rarely.
+    assert (got != expected).float().mean() < 0.01
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    # Without x: a plain norm, residual untouched.
+    before = residual.clone()
+    plain = native_kernels.add_rms_norm(None, residual, weight, 1e-5)
+    assert torch.equal(residual, before)
+    torch.testing.assert_close(plain, weight * F.rms_norm(before.float(), (576,), eps=1e-5).to(BF16))
+
+
+def test_silu_mul_matches_torch() -> None:
+    gate_up = torch.randn(9, 2 * 1536, generator=torch.Generator().manual_seed(1)).mul(3).to(BF16)
+    gate, up = gate_up.split(1536, dim=-1)
+    expected = F.silu(gate) * up
+    got = native_kernels.silu_mul(gate_up)
+    assert got.shape == (9, 1536)
+    assert (got != expected).float().mean() < 0.01
+    torch.testing.assert_close(got, expected)
+
+
+def test_rope_and_cache_matches_torch_and_fills_slots() -> None:
+    heads, kv_heads, head_dim, num_blocks, block_size, rows = 6, 2, 64, 10, 4, 7
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen).to(BF16)
+    angles = torch.rand(rows, head_dim // 2, generator=gen) * 6
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(BF16)[:, None], emb.sin().to(BF16)[:, None]
+    cache = torch.zeros(2, kv_heads, num_blocks, block_size, head_dim, dtype=BF16)
+    slots = torch.tensor([3, 17, 4, 39, 0, 22, 8])
+
+    q, k = native_kernels.rope_and_cache(qkv, cos, sin, cache, slots, heads)
+
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
+    expected = qk * cos + rotate_half(qk) * sin
+    assert torch.equal(q, expected[:, :heads])  # same three roundings as torch: bit-identical
+    assert torch.equal(k, expected[:, heads:])
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim)
+    flat = cache.view(2, kv_heads, num_blocks * block_size, head_dim)
+    assert torch.equal(flat[0][:, slots].transpose(0, 1), k)
+    assert torch.equal(flat[1][:, slots].transpose(0, 1), v)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots] = False
+    assert not flat[:, :, untouched].any()
+
+
+def test_fused_layers_match_unfused_forward(smollm2_dir: Path) -> None:
+    """The whole bf16 model, fused against unfused, over a prefill and then a decode step."""
+    runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16))
+    model = runner.model
+    assert runner.fused_ops and model.fused
+
+    def forward(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.fused = fused
+        for layer in model.layers:
+            layer.self_attn.fused = layer.mlp.fused = fused
+        runner.kv_caches.zero_()
+        ids = torch.randint(100, 5000, (21,), generator=torch.Generator().manual_seed(3))
+        prefill = build_metadata([SeqLayout(0, 20, 0, [0, 1])], 16, CPU, BF16, use_kernel=True)
+        with torch.inference_mode():
+            first = model(ids[:20], torch.arange(20), runner.kv_caches, prefill)
+            decode = build_metadata([SeqLayout(0, 1, 20, [0, 1])], 16, CPU, BF16, use_kernel=True)
+            second = model(ids[20:], torch.tensor([20]), runner.kv_caches, decode)
+        return model.compute_logits(first[-1:]).float(), model.compute_logits(second).float()
+
+    fused, unfused = forward(True), forward(False)
+    for a, b in zip(fused, unfused, strict=True):
+        assert a.argmax() == b.argmax()
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.25)  # bf16 logits of magnitude ~10-30
