@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import threading
 import time
 
 import torch
@@ -21,13 +22,14 @@ from service.config import EngineConfig, default_cache_dir
 from service.engine.engine import NativeEngine, _Stream
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
+from service.engine.runner import release_openmp_pool
 from service.engine.sampler import sample
 from service.types import FinishReason, SamplingParams
 
 
-def fill(engine: NativeEngine, batch: int, context: int, seed: int) -> None:
+def fill(engine: NativeEngine, batch: int, context: int, seed: int, temperature: float = 0.0) -> None:
     gen = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=1024, temperature=temperature, ignore_eos=True)
     for i, prompt in enumerate(torch.randint(100, engine.runner.vocab_size, (batch, context), generator=gen).tolist()):
         req = Request(f"p{seed}-{i}", prompt, params, engine.eos_token_ids)
         stream = _Stream(req, SequenceOutput(engine.tokenizer, req, req.request_id), asyncio.Queue(), None)
@@ -59,13 +61,25 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=192)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--torch-profile", action="store_true")
+    parser.add_argument("--thread", action="store_true", help="step from a second thread, as the server's engine does")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; vllm bench serve samples at 1.0")
     args = parser.parse_args()
 
     resolved = resolve_model(args.model, default_cache_dir())
     engine = NativeEngine.load(resolved.path, resolved.name, EngineConfig(dtype=args.dtype, max_num_seqs=256))
     print(f"threads={torch.get_num_threads()} dtype={engine.runner.dtype}")
+    if args.thread:
+        release_openmp_pool()  # as NativeEngine.start does
+        worker = threading.Thread(target=measure, args=(engine, args))
+        worker.start()
+        worker.join()
+    else:
+        measure(engine, args)
+
+
+def measure(engine: NativeEngine, args: argparse.Namespace) -> None:
     for batch in args.batch:
-        fill(engine, batch, args.context, seed=batch)
+        fill(engine, batch, args.context, seed=batch, temperature=args.temperature)
         while any(r.num_computed_tokens < r.num_prompt_tokens for r in list(engine.scheduler._running) + list(engine.scheduler._waiting)):
             timed_step(engine)  # prefill (and a few decodes for the early finishers)
         rows = [timed_step(engine) for _ in range(args.steps)]

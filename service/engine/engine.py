@@ -24,7 +24,7 @@ from service.engine.base import EngineDeadError, EngineStats, RequestRejected, S
 from service.engine.block_manager import BlockManager
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
-from service.engine.runner import ModelRunner
+from service.engine.runner import ModelRunner, release_openmp_pool
 from service.engine.sampler import sample
 from service.engine.scheduler import Scheduler
 from service.tokenizer import Tokenizer
@@ -90,7 +90,12 @@ class NativeEngine:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._is_alive = True
-        self._thread = threading.Thread(target=self._run_loop, name="lmserve-engine", daemon=True)
+        # Loading ran on this thread and left it an OpenMP thread pool; while that pool exists, every
+        # parallel region the engine thread opens costs 2-4x more (libgomp, measured with
+        # loadtests/profile_step.py --thread). Release it: the engine thread then owns the only pool.
+        release_openmp_pool()
+        num_threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._run_loop, args=(num_threads,), name="lmserve-engine", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
@@ -162,7 +167,8 @@ class NativeEngine:
 
     # ---- engine thread ---------------------------------------------------------------------
 
-    def _run_loop(self) -> None:
+    def _run_loop(self, num_threads: int) -> None:
+        torch.set_num_threads(num_threads)  # OpenMP's thread count is per thread: carry it over
         try:
             while not self._stopping:
                 self._take_inbox()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,16 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def release_openmp_pool() -> None:
+    """Let go of the calling thread's OpenMP worker threads (omp_pause_resource_all, OpenMP 5), so that
+    the next thread to open a parallel region gets a pool of its own at full speed. A no-op where the
+    runtime lacks it."""
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # omp_pause_soft
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -114,12 +125,12 @@ class ModelRunner:
         if config.attention == "kernel" and not self.use_kernel:
             raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
         log.info(
-            "model loaded: %s %s on %s%s, %s attention, KV pool %d blocks x %d tokens (%.1f MiB)",
+            "model loaded: %s %s on %s%s, attention: %s, KV pool %d blocks x %d tokens (%.1f MiB)",
             hf_config.model_type,
             str(self.dtype).removeprefix("torch."),
             self.device,
             " (weights prepacked for oneDNN)" if self.packed_weights else "",
-            ("C kernel" if self.use_kernel else "torch") + (", fused C elementwise ops" if self.fused_ops else ""),
+            ("C kernel" if self.use_kernel else "torch ops") + (" (+ fused C elementwise ops)" if self.fused_ops else ""),
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,
             self.kv_spec.total_bytes / 2**20,

@@ -1,4 +1,4 @@
-/* fast_expf: the bf16 attention kernel's exp (paged_attention.c includes it inside its reassociating region). */
+/* fast_expf: exp for the bf16 kernels (paged_attention.c, fused_ops.c). */
 #ifndef LMSERVE_FAST_EXP_H
 #define LMSERVE_FAST_EXP_H
 #include <math.h>

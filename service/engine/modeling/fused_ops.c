@@ -1,7 +1,7 @@
 /* Fused elementwise ops of a bf16 decoder layer on CPU, each one pass over its rows instead of several
  * torch kernels (a decode step runs ~25 small ops per layer; their dispatch, not their arithmetic, is
  * what costs). Each op rounds to bf16 exactly where the torch expression it replaces does, so results
- * match torch's bf16 path except for the order of a sum of squares (RMSNorm) and the exp of SiLU.
+ * match torch's bf16 path except for the order of a sum of squares (RMSNorm) and SiLU's exp (fast_exp.h).
  *
  *   add_rms_norm_bf16   residual += x (optional), out = weight * bf16(rms_normalise(float(residual)))
  *   silu_mul_bf16       out = bf16(silu(gate)) * up, gate and up the halves of one [rows, 2 * inter]
@@ -17,19 +17,17 @@
 
 typedef uint16_t bf16;
 
-static inline float bf16_to_f32(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+static inline __attribute__((always_inline)) float bf16_to_f32(bf16 v) {
+    union { uint32_t u; float f; } bits = {.u = (uint32_t)v << 16}; /* a union, not memcpy: it vectorises */
+    return bits.f;
 }
 
-static inline bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
+static inline __attribute__((always_inline)) bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does; branch-free */
+    union { float f; uint32_t u; } bits = {.f = f};
+    const uint32_t u = bits.u;
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x40u; /* NaN stays NaN */
+    return (bf16)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 /* Rows split across threads only when there is enough work to pay for waking them. */
@@ -65,19 +63,26 @@ void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *
     }
 }
 
+/* Without trapping math, fast_expf's floorf vectorises (a rounding instruction instead of a libm call). */
+#pragma GCC push_options
+#pragma GCC optimize("-fno-trapping-math")
+#include "fast_exp.h"
+
 void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads) {
 #pragma omp parallel for num_threads(threads_for(rows, inter, num_threads)) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const bf16 *g = gate_up + r * 2 * inter;
         const bf16 *u = g + inter;
         bf16 *o = out + r * inter;
+#pragma omp simd
         for (int64_t i = 0; i < inter; i++) {
             float gv = bf16_to_f32(g[i]);
-            float s = bf16_to_f32(f32_to_bf16(gv / (1.0f + expf(-gv))));
+            float s = bf16_to_f32(f32_to_bf16(gv / (1.0f + fast_expf(-gv))));
             o[i] = f32_to_bf16(s * bf16_to_f32(u[i]));
         }
     }
 }
+#pragma GCC pop_options
 
 /* qkv: [rows, (num_heads + 2 * num_kv_heads) * head_dim]; cos, sin: [rows, head_dim] (HF's duplicated
  * halves); q_out: [rows, num_heads, head_dim]; k_out: [rows, num_kv_heads, head_dim];
