@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import threading
 import time
@@ -68,6 +69,7 @@ def main() -> None:
     resolved = resolve_model(args.model, default_cache_dir())
     engine = NativeEngine.load(resolved.path, resolved.name, EngineConfig(dtype=args.dtype, max_num_seqs=256))
     print(f"threads={torch.get_num_threads()} dtype={engine.runner.dtype}")
+    gc.freeze()  # as NativeEngine.start does
     if args.thread:
         release_openmp_pool()  # as NativeEngine.start does
         worker = threading.Thread(target=measure, args=(engine, args))

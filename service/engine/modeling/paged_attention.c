@@ -152,6 +152,29 @@ static inline __attribute__((always_inline)) float hsum16(v16f v) {
     return s;
 }
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* Sixteen horizontal sums at once: lane k of the result is the sum of t[k]'s lanes. Four levels of
+ * pairwise shuffle-and-add (15 adds in all) instead of a 16-lane reduction per vector. */
+static inline __attribute__((always_inline)) v16f hsum16x16(const v16f t[16]) {
+    const v16i lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16i hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const v16i lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const v16i hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const v16i lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    const v16i hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    const v16i lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const v16i hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    v16f u[8], v[4], w[2];
+    for (int i = 0; i < 8; i++)
+        u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], lo1) + __builtin_shuffle(t[2 * i], t[2 * i + 1], hi1);
+    for (int i = 0; i < 4; i++)
+        v[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], lo2) + __builtin_shuffle(u[2 * i], u[2 * i + 1], hi2);
+    for (int i = 0; i < 2; i++)
+        w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo3) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi3);
+    return __builtin_shuffle(w[0], w[1], lo4) + __builtin_shuffle(w[0], w[1], hi4);
+}
+
 #define DEFINE_BF16_HEAD(HD)                                                                              \
     static void attend_bf16_##HD(const uint16_t *q, const uint16_t *k_plane, const uint16_t *v_plane,   \
                                  uint16_t *out, const int64_t *blocks, int64_t len, int64_t block_size,  \
@@ -166,7 +189,20 @@ static inline __attribute__((always_inline)) float hsum16(v16f v) {
                 const uint16_t *kb = k_plane + blocks[b] * block_size * HD;                               \
                 const int64_t first = b * block_size;                                                     \
                 const int64_t count = len - first < block_size ? len - first : block_size;                \
-                for (int64_t o = 0; o < count; o++) {                                                     \
+                int64_t o = 0;                                                                            \
+                for (; o + 16 <= count; o += 16) { /* sixteen keys, one joint reduction */                \
+                    v16f t[16];                                                                           \
+                    for (int k = 0; k < 16; k++) {                                                        \
+                        t[k] = qv[0] * load16_bf16(kb + (o + k) * HD);                                    \
+                        for (int c = 1; c < D; c++) t[k] += qv[c] * load16_bf16(kb + (o + k) * HD + c * 16); \
+                    }                                                                                     \
+                    const v16f scores = hsum16x16(t);                                                     \
+                    for (int k = 0; k < 16; k++) {                                                        \
+                        sg[first + o + k] = scores[k];                                                    \
+                        mx = scores[k] > mx ? scores[k] : mx;                                             \
+                    }                                                                                     \
+                }                                                                                         \
+                for (; o < count; o++) {                                                                  \
                     v16f t = qv[0] * load16_bf16(kb + o * HD);                                            \
                     for (int c = 1; c < D; c++) t += qv[c] * load16_bf16(kb + o * HD + c * 16);           \
                     const float score = hsum16(t);                                                        \
