@@ -39,6 +39,9 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     p.add_argument("--max-model-len", type=int, default=int(env["LMSERVE_MAX_MODEL_LEN"]) if "LMSERVE_MAX_MODEL_LEN" in env else None)
     p.add_argument("--no-prefix-caching", action="store_true", default=_env_bool(env.get("LMSERVE_NO_PREFIX_CACHING", "")))
     p.add_argument("--num-threads", type=int, default=int(env["LMSERVE_NUM_THREADS"]) if "LMSERVE_NUM_THREADS" in env else None)
+    p.add_argument("--attention", choices=["auto", "kernel", "torch"], default=env.get("LMSERVE_ATTENTION", d.attention),
+                   help="auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only "
+                   "(env LMSERVE_ATTENTION)")
     p.add_argument("--allow-pickle", action="store_true", default=_env_bool(env.get("LMSERVE_ALLOW_PICKLE", "")),
                    help="allow .bin/.pt pickle checkpoints (they can run code)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
@@ -56,6 +59,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.num_threads,
+        attention=args.attention,
         allow_pickle=args.allow_pickle,
     )
 

@@ -17,11 +17,12 @@ from service.engine.runner import ModelRunner
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
 
-pytestmark = pytest.mark.skipif(
+_needs_kernels = pytest.mark.skipif(
     not native_kernels.fused_ops_supported(BF16, CPU), reason="no C compiler: the fused ops are unavailable"
 )
 
 
+@_needs_kernels
 def test_add_rms_norm_matches_torch() -> None:
     gen = torch.Generator().manual_seed(0)
     x, residual = (torch.randn(37, 576, generator=gen).mul(4).to(BF16) for _ in range(2))
@@ -40,6 +41,7 @@ def test_add_rms_norm_matches_torch() -> None:
     torch.testing.assert_close(plain, weight * F.rms_norm(before.float(), (576,), eps=1e-5).to(BF16))
 
 
+@_needs_kernels
 def test_silu_mul_matches_torch() -> None:
     gate_up = torch.randn(9, 2 * 1536, generator=torch.Generator().manual_seed(1)).mul(3).to(BF16)
     gate, up = gate_up.split(1536, dim=-1)
@@ -50,6 +52,7 @@ def test_silu_mul_matches_torch() -> None:
     torch.testing.assert_close(got, expected)
 
 
+@_needs_kernels
 def test_rope_and_cache_matches_torch_and_fills_slots() -> None:
     heads, kv_heads, head_dim, num_blocks, block_size, rows = 6, 2, 64, 10, 4, 7
     gen = torch.Generator().manual_seed(2)
@@ -75,6 +78,7 @@ def test_rope_and_cache_matches_torch_and_fills_slots() -> None:
     assert not flat[:, :, untouched].any()
 
 
+@_needs_kernels
 def test_fused_layers_match_unfused_forward(smollm2_dir: Path) -> None:
     """The whole bf16 model, fused against unfused, over a prefill and then a decode step."""
     runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16))
@@ -98,3 +102,15 @@ def test_fused_layers_match_unfused_forward(smollm2_dir: Path) -> None:
     for a, b in zip(fused, unfused, strict=True):
         assert a.argmax() == b.argmax()
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.25)  # bf16 logits of magnitude ~10-30
+
+
+def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
+    from service.cli import build_parser, serve_config_from_args
+
+    env = {"LMSERVE_ATTENTION": "torch"}
+    config = serve_config_from_args(build_parser(env).parse_args(["serve"]), env)
+    assert config.engine.attention == "torch"
+    args = build_parser(env).parse_args(["serve", "--attention", "kernel"])
+    assert serve_config_from_args(args, env).engine.attention == "kernel"  # a flag wins over its variable
+    runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=4, attention="torch"))
+    assert not runner.use_kernel and not runner.fused_ops and not runner.model.fused
