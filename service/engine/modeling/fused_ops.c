@@ -36,7 +36,7 @@ static inline int threads_for(int64_t rows, int64_t row_elems, int num_threads) 
     int64_t want = rows * row_elems / per;
     if (want < 1) want = 1;
     if (want > num_threads) want = num_threads;
-    if (want > rows) want = rows;
+    if (want > rows) want = rows > 0 ? rows : 1;
     return (int)want;
 }
 

@@ -106,8 +106,11 @@ def paged_attention_kernel(
     scale: float,
 ) -> None:
     lib = load_kernel()
-    assert lib is not None and q.is_contiguous() and out.is_contiguous()
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and block_table.is_contiguous()
+    if lib is None:
+        raise RuntimeError("the paged attention kernel is unavailable")
+    for t in (q, out, k_cache, v_cache, block_table, seq_of_query, ctx_lens, q_rows):
+        if not t.is_contiguous():
+            raise ValueError("paged_attention_kernel: every tensor must be contiguous")
     num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
     fn = getattr(lib, f"paged_attention_{_C_TYPES[q.dtype]}")
     failed = fn(
@@ -124,11 +127,19 @@ def fused_ops_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and load_kernel() is not None
 
 
+def _check(kind: str, *tensors: torch.Tensor) -> None:
+    """The kernels read raw pointers: every tensor must be contiguous and of the kernel's dtype."""
+    for t in tensors:
+        if t.dtype != torch.bfloat16 or not t.is_contiguous():
+            raise ValueError(f"{kind}: expected contiguous bfloat16 tensors, got {t.dtype} {tuple(t.stride())}")
+
+
 def add_rms_norm(
     x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """residual += x in place (when x is given); returns weight * rms_norm(residual). bf16, [rows, dim]."""
     rows, dim = residual.shape
+    _check("add_rms_norm", residual, weight, *(() if x is None else (x,)))
     out = torch.empty_like(residual)
     load_kernel().add_rms_norm_bf16(
         None if x is None else x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
@@ -140,6 +151,7 @@ def add_rms_norm(
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[rows, 2 * inter] (gate | up) -> silu(gate) * up, [rows, inter]. bf16."""
     rows, width = gate_up.shape
+    _check("silu_mul", gate_up)
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
     load_kernel().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out
@@ -156,6 +168,9 @@ def rope_and_cache(
     """RoPE on q and k, and k, v written to their cache slots, in one pass. Returns q, k contiguous."""
     _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     rows = qkv.shape[0]
+    _check("rope_and_cache", qkv, cos, sin, kv_cache)
+    if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (rows,) or not slot_mapping.is_contiguous():
+        raise ValueError("rope_and_cache: slot_mapping must be a contiguous int64 tensor, one slot per row")
     q = torch.empty(rows, num_heads, head_dim, dtype=qkv.dtype)
     k = torch.empty(rows, num_kv_heads, head_dim, dtype=qkv.dtype)
     load_kernel().rope_cache_bf16(

@@ -28,6 +28,10 @@ static inline float load_bf16(const uint16_t *p, int64_t i) {
 static inline void store_bf16(uint16_t *p, int64_t i, float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) { /* NaN stays NaN (rounding could carry it into inf or 0) */
+        p[i] = (uint16_t)((u >> 16) | 0x40u);
+        return;
+    }
     u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
     p[i] = (uint16_t)(u >> 16);
 }
@@ -49,9 +53,11 @@ static inline void store_bf16(uint16_t *p, int64_t i, float x) {
 static inline void row_f32(float *dst, const float *src, int64_t n) { memcpy(dst, src, sizeof(float) * (size_t)n); }
 
 static inline void row_bf16(float *dst, const uint16_t *src, int64_t n) {
-    uint32_t *bits = (uint32_t *)dst;
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) bits[i] = (uint32_t)src[i] << 16;
+    for (int64_t i = 0; i < n; i++) {
+        union { uint32_t u; float f; } bits = {.u = (uint32_t)src[i] << 16}; /* no aliasing of dst */
+        dst[i] = bits.f;
+    }
 }
 
 DEFINE_ROW_HELPERS(f32)
@@ -226,7 +232,7 @@ static inline __attribute__((always_inline)) v16f hsum16x16(const v16f t[16]) {
                     for (int c = 0; c < D; c++) acc[c] += p * load16_bf16(vb + o * HD + c * 16);          \
                 }                                                                                         \
             }                                                                                             \
-            const float inv = 1.0f / sum;                                                                 \
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f; /* len 0: zeros, as the other kernels write */                                                                 \
             for (int c = 0; c < D; c++)                                                                   \
                 for (int i = 0; i < 16; i++) store_bf16(out, g * HD + c * 16 + i, acc[c][i] * inv);       \
         }                                                                                                 \
