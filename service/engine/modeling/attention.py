@@ -188,7 +188,7 @@ def paged_attention(
     if meta.kernel is not None:
         plan = meta.kernel
         paged_attention_kernel(
-            q, kv_cache[0], kv_cache[1], out, plan.block_table, plan.seq_of_query, plan.ctx_lens,
+            q, kv_cache, out, plan.block_table, plan.seq_of_query, plan.ctx_lens,
             plan.q_rows, plan.max_ctx, scale,
         )  # fmt: skip
     group_size = num_heads // num_kv_heads

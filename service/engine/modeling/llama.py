@@ -129,11 +129,14 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
+        if self.fused and not self.has_qk_norm:
+            # .forward, not __call__: the module-call machinery is a measurable share of a small step.
+            qkv = self.qkv_proj.forward(hidden)
+            v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+            q, k = native_kernels.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
+            return self.o_proj.forward(paged_attention(q, k, v, kv_cache, meta, self.scale, cache_written=True))
         qkv = self.qkv_proj(hidden)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.fused and not self.has_qk_norm:
-            q, k = native_kernels.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
-            return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.scale, cache_written=True))
         if self.has_qk_norm:
             q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
@@ -160,7 +163,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return self.down_proj(native_kernels.silu_mul(self.gate_up_proj(x)))
+            return self.down_proj.forward(native_kernels.silu_mul(self.gate_up_proj.forward(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -210,9 +213,9 @@ class LlamaForCausalLM(nn.Module):
         layers = self.layers
         x = native_kernels.add_rms_norm(None, residual, layers[0].input_layernorm.weight, self.norm.eps)
         for i, layer in enumerate(layers):
-            attn = layer.self_attn(x, cos, sin, kv_caches[i], meta)
+            attn = layer.self_attn.forward(x, cos, sin, kv_caches[i], meta)
             x = native_kernels.add_rms_norm(attn, residual, layer.post_attention_layernorm.weight, self.norm.eps)
-            mlp = layer.mlp(x)
+            mlp = layer.mlp.forward(x)
             if i + 1 < len(layers):
                 x = native_kernels.add_rms_norm(mlp, residual, layers[i + 1].input_layernorm.weight, self.norm.eps)
             else:

@@ -93,10 +93,20 @@ def supports(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype in _C_TYPES and load_kernel() is not None
 
 
+def _threads_for(work: int) -> int:
+    """One thread for a tiny call (waking a second costs more than it saves), else every intra-op thread."""
+    return 1 if work < 16384 else torch.get_num_threads()
+
+
+def _planes(kv_cache: torch.Tensor) -> tuple[int, int]:
+    """Addresses of the K and V planes of one layer's [2, ...] cache, without making view tensors."""
+    k = kv_cache.data_ptr()
+    return k, k + kv_cache.stride(0) * kv_cache.element_size()
+
+
 def paged_attention_kernel(
     q: torch.Tensor,  # [num_rows, num_heads, head_dim]
-    k_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_dim]
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_dim]
     out: torch.Tensor,  # like q; rows in q_rows are written
     block_table: torch.Tensor,  # [num_seqs, max_blocks] int64
     seq_of_query: torch.Tensor,  # [num_queries] int64
@@ -108,16 +118,18 @@ def paged_attention_kernel(
     lib = load_kernel()
     if lib is None:
         raise RuntimeError("the paged attention kernel is unavailable")
-    for t in (q, out, k_cache, v_cache, block_table, seq_of_query, ctx_lens, q_rows):
+    for t in (q, out, kv_cache, block_table, seq_of_query, ctx_lens, q_rows):
         if not t.is_contiguous():
             raise ValueError("paged_attention_kernel: every tensor must be contiguous")
-    num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
-    fn = getattr(lib, f"paged_attention_{_C_TYPES[q.dtype]}")
+    _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    num_queries, num_heads = q_rows.shape[0], q.shape[1]
+    k_plane, v_plane = _planes(kv_cache)
+    fn = lib.paged_attention_bf16 if q.dtype == torch.bfloat16 else lib.paged_attention_f32
     failed = fn(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), block_table.data_ptr(),
+        q.data_ptr(), k_plane, v_plane, out.data_ptr(), block_table.data_ptr(),
         seq_of_query.data_ptr(), ctx_lens.data_ptr(), q_rows.data_ptr(),
-        q_rows.shape[0], q.shape[1], num_kv_heads, head_dim, num_blocks, block_size, block_table.shape[1],
-        max_ctx, scale, torch.get_num_threads(),
+        num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, block_table.shape[1],
+        max_ctx, scale, _threads_for(num_queries * num_heads * max_ctx),
     )  # fmt: skip
     if failed:
         raise MemoryError("paged attention kernel could not allocate its scratch buffers")
@@ -168,6 +180,7 @@ def rope_and_cache(
     """RoPE on q and k, and k, v written to their cache slots, in one pass. Returns q, k contiguous."""
     _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     rows = qkv.shape[0]
+    k_plane, v_plane = _planes(kv_cache)
     _check("rope_and_cache", qkv, cos, sin, kv_cache)
     if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (rows,) or not slot_mapping.is_contiguous():
         raise ValueError("rope_and_cache: slot_mapping must be a contiguous int64 tensor, one slot per row")
@@ -175,7 +188,7 @@ def rope_and_cache(
     k = torch.empty(rows, num_kv_heads, head_dim, dtype=qkv.dtype)
     load_kernel().rope_cache_bf16(
         qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
-        kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slot_mapping.data_ptr(),
+        k_plane, v_plane, slot_mapping.data_ptr(),
         rows, num_heads, num_kv_heads, head_dim, num_blocks * block_size, torch.get_num_threads(),
     )  # fmt: skip
     return q, k
