@@ -15,20 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef uint16_t bf16;
-
-static inline __attribute__((always_inline)) float bf16_to_f32(bf16 v) {
-    union { uint32_t u; float f; } bits = {.u = (uint32_t)v << 16}; /* a union, not memcpy: it vectorises */
-    return bits.f;
-}
-
-static inline __attribute__((always_inline)) bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does; branch-free */
-    union { float f; uint32_t u; } bits = {.f = f};
-    const uint32_t u = bits.u;
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t nan = (u >> 16) | 0x40u; /* NaN stays NaN */
-    return (bf16)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
+#include "bf16.h"
 
 /* Rows split across threads only when there is enough work to pay for waking them. */
 static inline int threads_for(int64_t rows, int64_t row_elems, int num_threads) {

@@ -5,7 +5,7 @@ Why C: a decode step's attention is thousands of tiny (query heads x context) pr
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
 than the model's own matmuls at 64 sequences. The kernel reads blocks in place.
 
-Built with the system C compiler into the lmserve cache (keyed by the source's hash, the compiler
+Built with the system C compiler into the lmserve cache (keyed by the sources' hash, the compiler
 flags and the CPU's instruction-set flags, since -march=native code may not run on another CPU sharing
 the cache), under a file lock so concurrent processes build it once. Without a compiler `load_kernel()`
 returns None and attention falls back to torch ops (EngineConfig.attention chooses; "torch" forces them).
@@ -28,7 +28,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.c", "fused_ops.c"))
+_DIR = Path(__file__).parent
+_SOURCES = tuple(sorted(_DIR.glob("*.c")))  # compiled into one library
+_HEADERS = tuple(sorted(_DIR.glob("*.h")))  # included by them: part of the cache key too
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _C_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -59,7 +61,7 @@ def _cpu_flags() -> bytes:
 
 @cache
 def load_kernel() -> ctypes.CDLL | None:
-    source = b"".join(path.read_bytes() for path in (*_SOURCES, _SOURCES[0].with_name("fast_exp.h")))
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     identity = source + " ".join(_FLAGS).encode() + os.uname().machine.encode() + _cpu_flags()
     key = hashlib.sha256(identity).hexdigest()[:16]
     directory = _cache_dir()

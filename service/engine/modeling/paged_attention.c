@@ -15,26 +15,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 static inline float load_f32(const float *p, int64_t i) { return p[i]; }
 static inline void store_f32(float *p, int64_t i, float x) { p[i] = x; }
 
-static inline float load_bf16(const uint16_t *p, int64_t i) {
-    uint32_t u = ((uint32_t)p[i]) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline void store_bf16(uint16_t *p, int64_t i, float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) { /* NaN stays NaN (rounding could carry it into inf or 0) */
-        p[i] = (uint16_t)((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
-    p[i] = (uint16_t)(u >> 16);
-}
+static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_to_f32(p[i]); }
+static inline void store_bf16(uint16_t *p, int64_t i, float x) { p[i] = f32_to_bf16(x); }
 
 /* Row helpers, outside the kernel macro so that each loop vectorises (checked with -fopt-info-vec).
  * Defined twice: as written for the float32 kernel (its sums keep the order the exactness suite was
@@ -54,10 +41,7 @@ static inline void row_f32(float *dst, const float *src, int64_t n) { memcpy(dst
 
 static inline void row_bf16(float *dst, const uint16_t *src, int64_t n) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        union { uint32_t u; float f; } bits = {.u = (uint32_t)src[i] << 16}; /* no aliasing of dst */
-        dst[i] = bits.f;
-    }
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
 }
 
 DEFINE_ROW_HELPERS(f32)
