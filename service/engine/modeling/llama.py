@@ -23,7 +23,8 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias. On CPU through oneDNN's matmul, which on the small batches of a decode step
-    runs 1.3-2x faster than the default BLAS path here (loadtests/profile_step.py); elsewhere F.linear."""
+    runs 1.3-2x faster than the default BLAS path here (loadtests/profile_step.py); elsewhere F.linear.
+    `weight` may be plain or `prepack`ed (which only happens where this takes the oneDNN branch)."""
     if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -51,9 +52,7 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None  # set by LlamaForCausalLM.prepack_weights, which drops .weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight if self.packed is None else self.packed, self.bias)
 
     def pack(self) -> None:
         self.packed = prepack(self.weight)
@@ -129,14 +128,12 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
+        # .forward, not __call__: the module-call machinery is a measurable share of a small step.
+        qkv = self.qkv_proj.forward(hidden)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.fused and not self.has_qk_norm:
-            # .forward, not __call__: the module-call machinery is a measurable share of a small step.
-            qkv = self.qkv_proj.forward(hidden)
-            v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
             q, k = native_kernels.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
             return self.o_proj.forward(paged_attention(q, k, v, kv_cache, meta, self.scale, cache_written=True))
-        qkv = self.qkv_proj(hidden)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
@@ -190,6 +187,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.fused = False  # use_fused_ops
+        self.packed_head: torch.Tensor | None = None  # tied embeddings: a packed copy for the head (prepack_weights)
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -222,8 +221,6 @@ class LlamaForCausalLM(nn.Module):
                 residual += mlp
         return residual
 
-    fused = False
-
     def use_fused_ops(self) -> bool:
         """Switch to the fused C elementwise ops (native_kernels) where they apply: bf16 on CPU."""
         weight = self.embed_tokens.weight
@@ -238,11 +235,8 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.norm(hidden)
         if not self.tie_word_embeddings:
             return self.lm_head(hidden)
-        if self.packed_head is not None:
-            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_head, None, "none", [], "")
-        return linear(hidden, self.embed_tokens.weight)  # [num_rows, vocab_size]
-
-    packed_head: torch.Tensor | None = None  # tied embeddings: a packed copy for the head (the lookup keeps its own)
+        head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
+        return linear(hidden, head)  # [num_rows, vocab_size]
 
     def prepack_weights(self) -> bool:
         """Reorder every projection into oneDNN's layout where that pays (`can_prepack`); after loading."""
