@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import statistics
 import threading
 import time
@@ -23,7 +22,7 @@ from service.config import EngineConfig, default_cache_dir
 from service.engine.engine import NativeEngine, _Stream
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
-from service.engine.runner import release_openmp_pool
+from service.engine.runner import prepare_to_serve
 from service.engine.sampler import sample
 from service.types import FinishReason, SamplingParams
 
@@ -69,9 +68,8 @@ def main() -> None:
     resolved = resolve_model(args.model, default_cache_dir())
     engine = NativeEngine.load(resolved.path, resolved.name, EngineConfig(dtype=args.dtype, max_num_seqs=256))
     print(f"threads={torch.get_num_threads()} dtype={engine.runner.dtype}")
-    gc.freeze()  # as NativeEngine.start does
+    prepare_to_serve()  # as NativeEngine.start does
     if args.thread:
-        release_openmp_pool()  # as NativeEngine.start does
         worker = threading.Thread(target=measure, args=(engine, args))
         worker.start()
         worker.join()

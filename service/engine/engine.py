@@ -8,7 +8,6 @@ event loop in one `call_soon_threadsafe`, so HTTP work stays off the engine's cr
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 import threading
@@ -25,7 +24,7 @@ from service.engine.base import EngineDeadError, EngineStats, RequestRejected, S
 from service.engine.block_manager import BlockManager
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
-from service.engine.runner import ModelRunner, release_openmp_pool
+from service.engine.runner import ModelRunner, prepare_to_serve
 from service.engine.sampler import sample
 from service.engine.scheduler import Scheduler
 from service.tokenizer import Tokenizer
@@ -91,13 +90,7 @@ class NativeEngine:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._is_alive = True
-        # Loading ran on this thread and left it an OpenMP thread pool; while that pool exists, every
-        # parallel region the engine thread opens costs 2-4x more (libgomp, measured with
-        # loadtests/profile_step.py --thread). Release it: the engine thread then owns the only pool.
-        release_openmp_pool()
-        # Everything loaded so far lives as long as the process: keep the cyclic GC from rescanning it
-        # each time the engine's per-step garbage triggers a collection (~3% of a step otherwise).
-        gc.freeze()
+        prepare_to_serve()
         num_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run_loop, args=(num_threads,), name="lmserve-engine", daemon=True)
         self._thread.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,32 @@ def release_openmp_pool() -> None:
         ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # omp_pause_soft
     except (OSError, AttributeError):
         pass
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc: serve blocks up to 32 MiB from the heap, and keep up to 256 MiB of freed heap rather
+    than hand it back to the system. Each decode step frees and reallocates the same large buffers
+    (logits in bf16 and float32, the sampler's probabilities and their cumulative sums); by default each
+    comes from a fresh mmap, and its first-touch page faults cost more than the arithmetic on it
+    (sampling 16 rows: 21 -> 2 ms a step, loadtests/profile_step.py). A no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum on 64-bit)
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare_to_serve() -> None:
+    """Once, after loading and before the engine thread's first step (NativeEngine.start; profile_step)."""
+    # Loading ran on this thread and left it an OpenMP thread pool; while that pool exists, every parallel
+    # region the engine thread opens costs 2-4x more (libgomp, measured with loadtests/profile_step.py
+    # --thread). Release it: the engine thread then owns the only pool.
+    release_openmp_pool()
+    keep_freed_memory()
+    # Everything loaded so far lives as long as the process: keep the cyclic GC from rescanning it each
+    # time the engine's per-step garbage triggers a collection (~3% of a step otherwise).
+    gc.freeze()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -129,7 +156,7 @@ class ModelRunner:
             hf_config.model_type,
             str(self.dtype).removeprefix("torch."),
             self.device,
-            " (weights prepacked for oneDNN)" if self.packed_weights else "",
+            f" (weights prepacked for {self.packed_weights})" if self.packed_weights else "",
             ("C kernel" if self.use_kernel else "torch ops") + (" (+ fused C elementwise ops)" if self.fused_ops else ""),
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,

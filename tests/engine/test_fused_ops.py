@@ -101,7 +101,9 @@ def test_fused_layers_match_unfused_forward(smollm2_dir: Path) -> None:
     fused, unfused = forward(True), forward(False)
     for a, b in zip(fused, unfused, strict=True):
         assert a.argmax() == b.argmax()
-        torch.testing.assert_close(a, b, rtol=0.05, atol=0.25)  # bf16 logits of magnitude ~10-30
+        # Two bf16 computations that round in different places: their logits (magnitude ~10-30) drift
+        # apart by about a percent (bf16 against float32 is ~0.6% here); a broken op is off by far more.
+        assert (a - b).norm() / b.norm() < 0.03
 
 
 def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:

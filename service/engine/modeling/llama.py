@@ -21,35 +21,44 @@ from service.engine.modeling.attention import AttentionMetadata, paged_attention
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. On CPU through oneDNN's matmul, which on the small batches of a decode step
-    runs 1.3-2x faster than the default BLAS path here (loadtests/profile_step.py); elsewhere F.linear.
-    `weight` may be plain or `prepack`ed (which only happens where this takes the oneDNN branch)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | native_kernels.PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ weight.T + bias. `weight` is plain, or `prepack`ed: for gemm.c (native_kernels.PackedWeight) or
+    in oneDNN's blocked layout. On CPU a plain weight goes through oneDNN's matmul too, which on the small
+    batches of a decode step runs 1.3-2x faster than the default BLAS path here; elsewhere F.linear."""
+    if isinstance(weight, native_kernels.PackedWeight):
+        return native_kernels.gemm_bf16(x, weight, bias)
     if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    """bf16 weights on a CPU whose oneDNN computes bf16: worth reordering once into oneDNN's blocked layout
-    (a decode step's matmuls then run 1.3-1.8x faster here). float32 keeps plain weights: packing gains
-    little there, and the plain path is the one held token-exact to transformers."""
-    return (
+    """bf16 weights on a CPU that computes bf16 natively: worth reordering once, for gemm.c or for oneDNN
+    (a decode step's matmuls then run about 2x faster here than from plain weights). float32 keeps plain
+    weights: packing gains little there, and the plain path is the one held token-exact to transformers."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    onednn_bf16 = (
         _ONEDNN
-        and device.type == "cpu"
-        and dtype == torch.bfloat16
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
+    return onednn_bf16 or native_kernels.gemm_supported(torch.empty(0, 2, dtype=dtype, device=device))
 
 
-def prepack(weight: torch.Tensor) -> torch.Tensor:
-    """A weight [out, in] in oneDNN's blocked layout, for `_linear_pointwise` only (opaque otherwise)."""
+def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:
+    """A weight [out, in] reordered for `linear`: for gemm.c where it runs (AVX-512 BF16 without AMX),
+    else in oneDNN's blocked layout (opaque; for `_linear_pointwise` only)."""
+    if native_kernels.gemm_supported(weight):
+        return native_kernels.pack_weight(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
 class Linear(nn.Linear):
-    packed: torch.Tensor | None = None  # set by LlamaForCausalLM.prepack_weights, which drops .weight
+    # Set by LlamaForCausalLM.prepack_weights, which drops .weight.
+    packed: torch.Tensor | native_kernels.PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight if self.packed is None else self.packed, self.bias)
@@ -188,7 +197,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.fused = False  # use_fused_ops
-        self.packed_head: torch.Tensor | None = None  # tied embeddings: a packed copy for the head (prepack_weights)
+        # Tied embeddings: a packed copy of the embedding matrix for the head (prepack_weights).
+        self.packed_head: torch.Tensor | native_kernels.PackedWeight | None = None
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -238,17 +248,18 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
         return linear(hidden, head)  # [num_rows, vocab_size]
 
-    def prepack_weights(self) -> bool:
-        """Reorder every projection into oneDNN's layout where that pays (`can_prepack`); after loading."""
+    def prepack_weights(self) -> str | None:
+        """Reorder every projection for the fast matmul where that pays (`can_prepack`); after loading.
+        Returns what the weights were packed for ("gemm.c" or "oneDNN"), None when left plain."""
         weight = self.embed_tokens.weight
         if not can_prepack(weight.dtype, weight.device):
-            return False
+            return None
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
         if self.tie_word_embeddings:
             self.packed_head = prepack(weight)
-        return True
+        return "gemm.c" if native_kernels.gemm_supported(weight) else "oneDNN"
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy an HF state dict in, fusing q/k/v and gate/up. Raises KeyError naming a missing tensor."""

@@ -1,5 +1,6 @@
 """C kernels, built once per machine and called via ctypes: attention over the paged cache
-(paged_attention.c) and the fused elementwise ops of a bf16 layer (fused_ops.c).
+(paged_attention.c), the fused elementwise ops of a bf16 layer (fused_ops.c) and the bf16 matrix
+multiply of the projections on AVX-512 BF16 CPUs (gemm.c).
 
 Why C: a decode step's attention is thousands of tiny (query heads x context) products; as torch ops it
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def _build(sources: tuple[Path, ...], target: Path) -> None:
     os.replace(tmp, target)  # atomic: a reader never sees a half-written library
 
 
+@cache
 def _cpu_flags() -> bytes:
     try:
         with open("/proc/cpuinfo", "rb") as f:
@@ -86,7 +89,9 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.add_rms_norm_bf16.argtypes = [i64p] * 4 + [i64, i64, f32, i32]
     lib.silu_mul_bf16.argtypes = [i64p] * 2 + [i64, i64, i32]
     lib.rope_cache_bf16.argtypes = [i64p] * 8 + [i64] * 5 + [i32]
-    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16):
+    lib.gemm_bf16.argtypes = [i64p] * 4 + [i64] * 3 + [i32]
+    lib.gemm_bf16_available.restype = ctypes.c_int
+    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16):
         fn.restype = None
     return lib
 
@@ -194,3 +199,57 @@ def rope_and_cache(
         rows, num_heads, num_kv_heads, head_dim, num_blocks * block_size, torch.get_num_threads(),
     )  # fmt: skip
     return q, k
+
+
+# ---- bf16 matrix multiply (gemm.c) ------------------------------------------------------------------
+
+_GROUP_COLS = 64  # gemm.c's GROUP_COLS
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A bf16 weight [out_features, in_features] reordered for gemm_bf16 (see gemm.c):
+    [ceil(out / 64), in / 2, 64, 2], the columns past out_features zero."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
+
+
+def gemm_supported(weight: torch.Tensor) -> bool:
+    """gemm.c runs here (built with AVX-512 BF16) and fits this weight (bf16 on CPU, an even in_features).
+    Not on CPUs with AMX, whose tile unit oneDNN drives far faster than vdpbf16ps can."""
+    lib = load_kernel()
+    return (
+        lib is not None
+        and bool(lib.gemm_bf16_available())
+        and b"amx_bf16" not in _cpu_flags()
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and weight.shape[1] % 2 == 0
+    )
+
+
+def pack_weight(weight: torch.Tensor) -> PackedWeight:
+    out_features, in_features = weight.shape
+    groups = -(-out_features // _GROUP_COLS)
+    padded = torch.zeros(groups * _GROUP_COLS, in_features, dtype=weight.dtype)
+    padded[:out_features] = weight.detach()
+    data = padded.view(groups, _GROUP_COLS, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return PackedWeight(data, out_features, in_features)
+
+
+def gemm_bf16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in_features] @ weight.T (+ bias) -> [..., out_features], bf16 with float32 accumulation."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.in_features).contiguous()
+    _check("gemm_bf16", x2, *(() if bias is None else (bias,)))
+    rows = x2.shape[0]
+    out = torch.empty(rows, weight.out_features, dtype=torch.bfloat16)
+    if rows:
+        load_kernel().gemm_bf16(
+            x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            rows, weight.out_features, weight.in_features, torch.get_num_threads(),
+        )  # fmt: skip
+    return out.view(*lead, weight.out_features)

@@ -120,29 +120,18 @@ DEFINE_KERNEL(paged_attention_f32, float, load_f32, store_f32, expf, row_f32, do
 DEFINE_ROW_HELPERS(fast)
 DEFINE_KERNEL(paged_attention_bf16_generic, uint16_t, load_bf16, store_bf16, fast_expf, row_bf16, dot_fast, axpy_fast)
 
-/* bf16 with head_dim 64 or 128, the common sizes: one query head at a time with its output accumulator
- * and its query held in vector registers (GCC vector types: AVX-512 here, AVX2 pairs elsewhere), keys
- * and values converted from bf16 as they are read. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+/* bf16 with head_dim 64 or 128, the common sizes, on CPUs with AVX-512 BF16. Scores by vdpbf16ps straight
+ * from the bf16 query and keys (exact products, float32 sums: no conversion of K at all), sixteen keys
+ * reduced at once; the softmax in float32; values converted once per row for up to SUB query heads
+ * whose accumulators stay in registers. A sequence's keys are read from memory once, by the first query
+ * head; the group's other heads find them in L1/L2. */
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
-
-static inline __attribute__((always_inline)) v16f load16_bf16(const uint16_t *p) {
-    v16h h;
-    memcpy(&h, p, sizeof h);
-    v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline __attribute__((always_inline)) float hsum16(v16f v) {
-    float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
-}
-
 typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) float hsum16(v16f v) { return _mm512_reduce_add_ps((__m512)v); }
 
 /* Sixteen horizontal sums at once: lane k of the result is the sum of t[k]'s lanes. Four levels of
  * pairwise shuffle-and-add (15 adds in all) instead of a 16-lane reduction per vector. */
@@ -165,101 +154,153 @@ static inline __attribute__((always_inline)) v16f hsum16x16(const v16f t[16]) {
     return __builtin_shuffle(w[0], w[1], lo4) + __builtin_shuffle(w[0], w[1], hi4);
 }
 
-#define DEFINE_BF16_HEAD(HD)                                                                              \
+static inline __attribute__((always_inline)) __m512 widen16(const uint16_t *p) { /* 16 bf16 -> float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* q . k for one key: P zmm of bf16 pairs each, 16 partial sums left in the lanes. */
+#define DOT_LANES(P, qz, k)                                                                               \
+    ({                                                                                                    \
+        __m512 t_ = _mm512_dpbf16_ps(_mm512_setzero_ps(), qz[0], (__m512bh)_mm512_loadu_si512(k));        \
+        for (int c_ = 1; c_ < P; c_++)                                                                    \
+            t_ = _mm512_dpbf16_ps(t_, qz[c_], (__m512bh)_mm512_loadu_si512((k) + 32 * c_));               \
+        t_;                                                                                               \
+    })
+
+/* out rows of NH query heads (probabilities p[h][0..len)) = sum over keys of p * v, then * inv[h]. */
+#define DEFINE_PV(HD, NH)                                                                                 \
+    static inline __attribute__((always_inline)) void pv_##HD##_##NH(                                    \
+        const uint16_t *v_plane, const int64_t *blocks, int64_t len, int64_t block_size, const float *p,  \
+        int64_t p_stride, const float *inv, uint16_t *out) {                                              \
+        enum { D = HD / 16 };                                                                             \
+        __m512 acc[NH][D];                                                                                \
+        for (int h = 0; h < NH; h++)                                                                      \
+            for (int c = 0; c < D; c++) acc[h][c] = _mm512_setzero_ps();                                  \
+        for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {                          \
+            const uint16_t *vb = v_plane + blocks[b] * block_size * HD;                                   \
+            const int64_t count = len - first < block_size ? len - first : block_size;                    \
+            for (int64_t o = 0; o < count; o++) {                                                         \
+                __m512 v[D];                                                                              \
+                for (int c = 0; c < D; c++) v[c] = widen16(vb + o * HD + c * 16);                         \
+                for (int h = 0; h < NH; h++) {                                                            \
+                    const __m512 w = _mm512_set1_ps(p[h * p_stride + first + o]);                         \
+                    for (int c = 0; c < D; c++) acc[h][c] = _mm512_fmadd_ps(w, v[c], acc[h][c]);          \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int h = 0; h < NH; h++)                                                                      \
+            for (int c = 0; c < D; c++) {                                                                 \
+                const __m512 r = _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h]));                        \
+                _mm256_storeu_si256((__m256i *)(out + h * HD + c * 16), (__m256i)_mm512_cvtneps_pbh(r));  \
+            }                                                                                             \
+    }
+
+DEFINE_PV(64, 1)
+DEFINE_PV(64, 2)
+DEFINE_PV(64, 3)
+DEFINE_PV(64, 4)
+DEFINE_PV(128, 1)
+DEFINE_PV(128, 2)
+
+#define DEFINE_BF16_HEAD(HD, SUB)                                                                         \
     static void attend_bf16_##HD(const uint16_t *q, const uint16_t *k_plane, const uint16_t *v_plane,   \
                                  uint16_t *out, const int64_t *blocks, int64_t len, int64_t block_size,  \
-                                 int64_t group, float scale, float *sg) {                                \
-        enum { D = HD / 16 };                                                                             \
-        const int64_t used_blocks = (len + block_size - 1) / block_size;                                  \
+                                 int64_t group, float scale, float *sg, float *inv) {                    \
+        enum { P = HD / 32 };                                                                             \
+        const int chunked = block_size % 16 == 0;                                                         \
         for (int64_t g = 0; g < group; g++) {                                                             \
-            v16f qv[D];                                                                                   \
-            for (int c = 0; c < D; c++) qv[c] = load16_bf16(q + g * HD + c * 16) * scale;                 \
-            float mx = -INFINITY;                                                                         \
-            for (int64_t b = 0; b < used_blocks; b++) {                                                   \
+            float *s = sg + g * len, mx = -INFINITY;                                                      \
+            __m512bh qz[P];                                                                               \
+            for (int c = 0; c < P; c++) qz[c] = (__m512bh)_mm512_loadu_si512(q + g * HD + 32 * c);        \
+            for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {                      \
                 const uint16_t *kb = k_plane + blocks[b] * block_size * HD;                               \
-                const int64_t first = b * block_size;                                                     \
                 const int64_t count = len - first < block_size ? len - first : block_size;                \
                 int64_t o = 0;                                                                            \
-                for (; o + 16 <= count; o += 16) { /* sixteen keys, one joint reduction */                \
+                for (; chunked && o + 16 <= count; o += 16) { /* sixteen keys, one joint reduction */     \
                     v16f t[16];                                                                           \
-                    for (int k = 0; k < 16; k++) {                                                        \
-                        t[k] = qv[0] * load16_bf16(kb + (o + k) * HD);                                    \
-                        for (int c = 1; c < D; c++) t[k] += qv[c] * load16_bf16(kb + (o + k) * HD + c * 16); \
-                    }                                                                                     \
-                    const v16f scores = hsum16x16(t);                                                     \
-                    for (int k = 0; k < 16; k++) {                                                        \
-                        sg[first + o + k] = scores[k];                                                    \
-                        mx = scores[k] > mx ? scores[k] : mx;                                             \
-                    }                                                                                     \
+                    for (int k = 0; k < 16; k++) t[k] = (v16f)DOT_LANES(P, qz, kb + (o + k) * HD);        \
+                    const v16f sc = hsum16x16(t) * scale;                                                 \
+                    memcpy(s + first + o, &sc, sizeof sc);                                                \
+                    const float m = _mm512_reduce_max_ps((__m512)sc);                                     \
+                    mx = m > mx ? m : mx;                                                                 \
                 }                                                                                         \
                 for (; o < count; o++) {                                                                  \
-                    v16f t = qv[0] * load16_bf16(kb + o * HD);                                            \
-                    for (int c = 1; c < D; c++) t += qv[c] * load16_bf16(kb + o * HD + c * 16);           \
-                    const float score = hsum16(t);                                                        \
-                    sg[first + o] = score;                                                                \
+                    const float score = hsum16((v16f)DOT_LANES(P, qz, kb + o * HD)) * scale;              \
+                    s[first + o] = score;                                                                 \
                     mx = score > mx ? score : mx;                                                         \
                 }                                                                                         \
             }                                                                                             \
             float sum = 0.0f;                                                                             \
             _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < len; j++) {                    \
-                sg[j] = fast_expf(sg[j] - mx);                                                            \
-                sum += sg[j];                                                                             \
+                s[j] = fast_expf(s[j] - mx);                                                              \
+                sum += s[j];                                                                              \
             }                                                                                             \
-            v16f acc[D];                                                                                  \
-            for (int c = 0; c < D; c++) acc[c] = (v16f){0};                                               \
-            for (int64_t b = 0; b < used_blocks; b++) {                                                   \
-                const uint16_t *vb = v_plane + blocks[b] * block_size * HD;                               \
-                const int64_t first = b * block_size;                                                     \
-                const int64_t count = len - first < block_size ? len - first : block_size;                \
-                for (int64_t o = 0; o < count; o++) {                                                     \
-                    const float p = sg[first + o];                                                        \
-                    for (int c = 0; c < D; c++) acc[c] += p * load16_bf16(vb + o * HD + c * 16);          \
-                }                                                                                         \
-            }                                                                                             \
-            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f; /* len 0: zeros, as the other kernels write */                                                                 \
-            for (int c = 0; c < D; c++)                                                                   \
-                for (int i = 0; i < 16; i++) store_bf16(out, g * HD + c * 16 + i, acc[c][i] * inv);       \
+            inv[g] = sum > 0.0f ? 1.0f / sum : 0.0f; /* len 0: zeros, as the other kernels write */       \
+        }                                                                                                 \
+        for (int64_t g = 0; g < group;) {                                                                 \
+            const int64_t nh = group - g < SUB ? group - g : SUB;                                         \
+            PV_SWITCH_##HD(nh, v_plane, blocks, len, block_size, sg + g * len, len, inv + g, out + g * HD); \
+            g += nh;                                                                                      \
         }                                                                                                 \
     }
 
-DEFINE_BF16_HEAD(64)
-DEFINE_BF16_HEAD(128)
+#define PV_SWITCH_64(nh, ...)                                                                             \
+    switch (nh) {                                                                                         \
+    case 4: pv_64_4(__VA_ARGS__); break;                                                                  \
+    case 3: pv_64_3(__VA_ARGS__); break;                                                                  \
+    case 2: pv_64_2(__VA_ARGS__); break;                                                                  \
+    default: pv_64_1(__VA_ARGS__); break;                                                                 \
+    }
+#define PV_SWITCH_128(nh, ...)                                                                            \
+    switch (nh) {                                                                                         \
+    case 2: pv_128_2(__VA_ARGS__); break;                                                                 \
+    default: pv_128_1(__VA_ARGS__); break;                                                                \
+    }
+
+DEFINE_BF16_HEAD(64, 4)
+DEFINE_BF16_HEAD(128, 2)
+#define HAVE_BF16_HEADS 1
+#endif
 
 int paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
                          const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                          const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                          int64_t max_ctx, float scale, int num_threads) {
-    if (head_dim != 64 && head_dim != 128)
-        return paged_attention_bf16_generic(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens,
-                                            q_rows, num_queries, num_heads, num_kv_heads, head_dim, num_blocks,
-                                            block_size, max_blocks, max_ctx, scale, num_threads);
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t num_items = num_queries * num_kv_heads;
-    const int64_t plane = num_blocks * block_size * head_dim;
-    int failed = 0;
+#ifdef HAVE_BF16_HEADS
+    if (head_dim == 64 || head_dim == 128) {
+        const int64_t group = num_heads / num_kv_heads;
+        const int64_t num_items = num_queries * num_kv_heads;
+        const int64_t plane = num_blocks * block_size * head_dim;
+        int failed = 0;
 #pragma omp parallel num_threads(num_threads)
-    {
-        float *sg = malloc(sizeof(float) * (size_t)max_ctx);
-        if (sg == NULL) {
+        {
+            float *sg = malloc(sizeof(float) * (size_t)(group * (max_ctx + 1)));
+            if (sg == NULL) {
 #pragma omp atomic write
-            failed = 1;
-        } else {
+                failed = 1;
+            } else {
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t item = 0; item < num_items; item++) {
-                const int64_t n = item / num_kv_heads, kh = item % num_kv_heads;
-                const int64_t base = (q_rows[n] * num_heads + kh * group) * head_dim;
-                const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;
-                if (head_dim == 64)
-                    attend_bf16_64(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks,
-                                   ctx_lens[n], block_size, group, scale, sg);
-                else
-                    attend_bf16_128(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks,
-                                    ctx_lens[n], block_size, group, scale, sg);
+                for (int64_t item = 0; item < num_items; item++) {
+                    const int64_t n = item / num_kv_heads, kh = item % num_kv_heads;
+                    const int64_t base = (q_rows[n] * num_heads + kh * group) * head_dim;
+                    const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;
+                    float *inv = sg + group * max_ctx;
+                    if (head_dim == 64)
+                        attend_bf16_64(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks,
+                                       ctx_lens[n], block_size, group, scale, sg, inv);
+                    else
+                        attend_bf16_128(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks,
+                                        ctx_lens[n], block_size, group, scale, sg, inv);
+                }
+                free(sg);
             }
-            free(sg);
         }
+        return failed;
     }
-    return failed;
+#endif
+    return paged_attention_bf16_generic(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows,
+                                        num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
+                                        max_blocks, max_ctx, scale, num_threads);
 }
 #pragma GCC pop_options

@@ -1,0 +1,110 @@
+/* bf16 matrix multiply for the projections of a decode step on CPUs with AVX-512 BF16 (no AMX):
+ *
+ *   gemm_bf16   y[M, N] = bf16(x[M, K] @ W[N, K]^T (+ bias)), float32 accumulation
+ *
+ * Why our own: a decode step multiplies a few rows (one per sequence) by every weight of the model.
+ * With few rows the weights' bytes set the pace, and oneDNN's bf16 path streamed them here at about
+ * half the rate the memory allows (16 of ~30 GB/s); with more rows the arithmetic does, and this
+ * kernel keeps vdpbf16ps busy (~400 of the core pair's ~440 GFLOP/s from 16 rows up, oneDNN 250-370).
+ * loadtests/kernel_bench.py measures both on this machine's shapes.
+ *
+ * W is packed once, at load (native_kernels.pack_weight): groups of 64 output columns, each group
+ * [K/2][64][2], so one k-pair of a group is 256 contiguous bytes: four zmm loads whose 16 lanes each
+ * hold (W[n, 2p], W[n, 2p+1]), the operand layout of vdpbf16ps. Columns past N are zero padding.
+ * A register block is 6 rows x 64 columns (24 accumulators); each x pair is broadcast from memory.
+ * Work is split over (column group, row block) pairs, group-major, so a thread reuses a group's
+ * weights from its cache for every row block it owns.
+ */
+#include <stdint.h>
+
+#include "bf16.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#include <omp.h>
+
+#define GROUP_COLS 64
+#define BLOCK_ROWS 6
+
+int gemm_bf16_available(void) { return 1; }
+
+static inline __attribute__((always_inline)) void block(const int rows, const bf16 *x, const int64_t K,
+                                                        const bf16 *w, const bf16 *bias, bf16 *y,
+                                                        const int64_t ldy, const int64_t ncols) {
+    __m512 acc[BLOCK_ROWS][4];
+#pragma GCC unroll 6
+    for (int m = 0; m < rows; m++)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+    const int64_t pairs = K / 2;
+    for (int64_t p = 0; p < pairs; p++) {
+        const bf16 *wp = w + p * (2 * GROUP_COLS);
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+        const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wp + 64);
+        const __m512bh w3 = (__m512bh)_mm512_loadu_si512(wp + 96);
+#pragma GCC unroll 6
+        for (int m = 0; m < rows; m++) {
+            int32_t pair;
+            __builtin_memcpy(&pair, x + m * K + 2 * p, sizeof pair);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, w0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, w1);
+            acc[m][2] = _mm512_dpbf16_ps(acc[m][2], a, w2);
+            acc[m][3] = _mm512_dpbf16_ps(acc[m][3], a, w3);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+        const int64_t c0 = j * 16;
+        if (c0 >= ncols) break;
+        const __mmask16 mask = ncols - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ncols - c0)) - 1u);
+        __m512 b = _mm512_setzero_ps();
+        if (bias != NULL) {
+            const __m256i raw = _mm256_maskz_loadu_epi16(mask, bias + c0);
+            b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        }
+#pragma GCC unroll 6
+        for (int m = 0; m < rows; m++) {
+            const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b)); /* round to nearest even */
+            _mm256_mask_storeu_epi16(y + m * ldy + c0, mask, (__m256i)out);
+        }
+    }
+}
+
+void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
+               int num_threads) {
+    const int64_t groups = (N + GROUP_COLS - 1) / GROUP_COLS;
+    const int64_t row_blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int64_t items = groups * row_blocks;
+    int threads = num_threads < 1 ? 1 : num_threads;
+    if (threads > items) threads = (int)items;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t g = item / row_blocks, m0 = (item % row_blocks) * BLOCK_ROWS;
+        const int64_t n0 = g * GROUP_COLS;
+        const int64_t ncols = N - n0 < GROUP_COLS ? N - n0 : GROUP_COLS;
+        const bf16 *w = packed + g * K * GROUP_COLS, *b = bias == NULL ? NULL : bias + n0;
+        const bf16 *xr = x + m0 * K;
+        bf16 *yr = y + m0 * N + n0;
+        switch (M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS) { /* constant row counts: fully unrolled blocks */
+        case 6: block(6, xr, K, w, b, yr, N, ncols); break;
+        case 5: block(5, xr, K, w, b, yr, N, ncols); break;
+        case 4: block(4, xr, K, w, b, yr, N, ncols); break;
+        case 3: block(3, xr, K, w, b, yr, N, ncols); break;
+        case 2: block(2, xr, K, w, b, yr, N, ncols); break;
+        default: block(1, xr, K, w, b, yr, N, ncols); break;
+        }
+    }
+}
+
+#else /* no AVX-512 BF16 on the machine that built this: native_kernels keeps oneDNN */
+
+int gemm_bf16_available(void) { return 0; }
+
+void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
+               int num_threads) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
+}
+
+#endif

@@ -1,0 +1,52 @@
+"""gemm.c (the bf16 projections on AVX-512 BF16 CPUs) against a float32 matmul of the same bf16 inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.modeling import native_kernels
+from service.engine.modeling.llama import linear, prepack
+
+BF16 = torch.bfloat16
+
+pytestmark = pytest.mark.skipif(
+    not native_kernels.gemm_supported(torch.empty(1, 2, dtype=BF16)),
+    reason="gemm.c needs a C compiler and AVX-512 BF16 (and no AMX)",
+)
+
+
+# Rows: every register-block remainder (1-6) and several blocks; columns: whole 64-column groups, a
+# partial last group, and fewer than one group.
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 64])
+@pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536), (100, 64), (24, 30)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_matches_float32_matmul(rows: int, out_features: int, in_features: int, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(BF16)
+    x = torch.randn(rows, in_features, generator=gen).to(BF16)
+    bias = torch.randn(out_features, generator=gen).to(BF16) if with_bias else None
+    packed = prepack(weight)
+    assert isinstance(packed, native_kernels.PackedWeight)
+    got = linear(x, packed, bias)
+    want = x.float() @ weight.float().T + (0 if bias is None else bias.float())
+    assert got.dtype == BF16 and got.shape == (rows, out_features)
+    # float32 sums in another order, then one rounding to bf16: within a bf16 step of the exact value.
+    torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-3 * want.abs().max().item())
+
+
+def test_gemm_keeps_leading_dims_and_takes_strided_input() -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(128, 64, generator=gen).to(BF16)
+    x = torch.randn(3, 4, 128, generator=gen).to(BF16)[..., ::2]  # [3, 4, 64], not contiguous
+    got = native_kernels.gemm_bf16(x, native_kernels.pack_weight(weight))
+    assert got.shape == (3, 4, 128)
+    torch.testing.assert_close(got.float(), (x.float() @ weight.float().T), rtol=2**-8, atol=0.05)
+    assert native_kernels.gemm_bf16(torch.empty(0, 64, dtype=BF16), native_kernels.pack_weight(weight)).shape == (0, 128)
+
+
+def test_gemm_refuses_what_it_cannot_run() -> None:
+    assert not native_kernels.gemm_supported(torch.empty(4, 3, dtype=BF16))  # odd in_features: no k pairs
+    assert not native_kernels.gemm_supported(torch.empty(4, 2, dtype=torch.float32))
+    with pytest.raises(ValueError, match="bfloat16"):
+        native_kernels.gemm_bf16(torch.ones(2, 64), native_kernels.pack_weight(torch.ones(8, 64, dtype=BF16)))
