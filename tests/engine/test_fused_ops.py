@@ -53,6 +53,20 @@ def test_silu_mul_matches_torch() -> None:
 
 
 @_needs_kernels
+@pytest.mark.parametrize("width", [8, 40, 100])
+def test_fused_ops_on_widths_not_a_multiple_of_16(width: int) -> None:
+    """The vector kernels' masked tails: no element past the row is read into a result or written."""
+    gen = torch.Generator().manual_seed(width)
+    x, residual = (torch.randn(5, width, generator=gen).mul(4).to(BF16) for _ in range(2))
+    weight = torch.randn(width, generator=gen).to(BF16)
+    expected = weight * F.rms_norm((residual + x).float(), (width,), eps=1e-5).to(BF16)
+    torch.testing.assert_close(native_kernels.add_rms_norm(x, residual, weight, 1e-5), expected, rtol=1e-2, atol=1e-2)
+    gate_up = torch.randn(5, 2 * width, generator=gen).mul(3).to(BF16)
+    gate, up = gate_up.split(width, dim=-1)
+    torch.testing.assert_close(native_kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@_needs_kernels
 def test_rope_and_cache_matches_torch_and_fills_slots() -> None:
     heads, kv_heads, head_dim, num_blocks, block_size, rows = 6, 2, 64, 10, 4, 7
     gen = torch.Generator().manual_seed(2)

@@ -5,7 +5,8 @@ Two kinds of sequences need different attention:
 - a fresh prefill (nothing cached before its first token) attends only over its own new tokens:
   plain causal SDPA, which is also exactly what transformers does for a single prompt;
 - everything else (decodes, later prefill chunks, prefix-cache hits) attends over its cached context,
-  read in place by the C kernel (native_kernels.py) where it is available; otherwise
+  read in place by the C kernel (native_kernels.py) where it is available (in bf16, fresh prefills too:
+  their K/V are in the cache before attention runs); otherwise
   one batched matmul-softmax-matmul per group over blocks gathered from the head-major cache, with a
   padding/causal bias; each KV head serves all its query heads in one matmul (no GQA expansion).
 Decodes (one query each) form one group, chunk continuations another, so a big chunk never pads
@@ -78,16 +79,19 @@ def build_metadata(
             base = s.block_ids[b] * block_size
             slots.extend(range(base + max(first - b * block_size, 0), base + min(last - b * block_size, block_size)))
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
-    decodes = [s for s in seqs if s.num_new_tokens == 1 and s.num_computed_tokens > 0]
-    chunks = [s for s in seqs if s.num_new_tokens > 1 and s.num_computed_tokens > 0]
+    # In bf16 the C kernel serves fresh prefills too (2.5x faster than SDPA on 128-token prompts here);
+    # in float32 they stay on SDPA, the computation transformers does, which the exactness suite holds.
+    kernel_takes_all = use_kernel and dtype != torch.float32
     for s in seqs:
-        if s.num_computed_tokens == 0:
+        if s.num_computed_tokens == 0 and not kernel_takes_all:
             meta.fresh_prefills.append((s.start_row, s.start_row + s.num_new_tokens))
     if use_kernel:
-        cached = [s for s in seqs if s.num_computed_tokens > 0]
-        if cached:
-            meta.kernel = _build_kernel_plan(cached, block_size, device)
+        planned = seqs if kernel_takes_all else [s for s in seqs if s.num_computed_tokens > 0]
+        if planned:
+            meta.kernel = _build_kernel_plan(planned, block_size, device)
         return meta
+    decodes = [s for s in seqs if s.num_new_tokens == 1 and s.num_computed_tokens > 0]
+    chunks = [s for s in seqs if s.num_new_tokens > 1 and s.num_computed_tokens > 0]
     for group in (decodes, chunks):
         if group:
             meta.groups.append(_build_group(group, block_size, device, dtype))

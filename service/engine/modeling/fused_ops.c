@@ -1,7 +1,11 @@
 /* Fused elementwise ops of a bf16 decoder layer on CPU, each one pass over its rows instead of several
  * torch kernels (a decode step runs ~25 small ops per layer; their dispatch, not their arithmetic, is
  * what costs). Each op rounds to bf16 exactly where the torch expression it replaces does, so results
- * match torch's bf16 path except for the order of a sum of squares (RMSNorm) and SiLU's exp (fast_exp.h).
+ * match torch's bf16 path except for the order of a sum of squares (RMSNorm) and SiLU's exp (fast_exp.h);
+ * with AVX-512 BF16, also SiLU's division (a reciprocal estimate refined by one Newton step, within an
+ * ulp or two of float32 division, before the bf16 rounding). There, add_rms_norm and silu_mul are written
+ * with intrinsics (vcvtneps2bf16 rounds in one instruction what the portable loops emulate in seven, and
+ * the division's vdivps alone cost more than the rest of SiLU): 3-4x faster.
  *
  *   add_rms_norm_bf16   residual += x (optional), out = weight * bf16(rms_normalise(float(residual)))
  *   silu_mul_bf16       out = bf16(silu(gate)) * up, gate and up the halves of one [rows, 2 * inter]
@@ -27,26 +31,88 @@ static inline int threads_for(int64_t rows, int64_t row_elems, int num_threads) 
     return (int)want;
 }
 
-void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
-                       int64_t dim, float eps, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows, dim, num_threads)) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        bf16 *res = residual + r * dim;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+static inline __attribute__((always_inline)) __mmask16 tail_mask(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+}
+
+static inline __attribute__((always_inline)) __m512 load16(const bf16 *p, __mmask16 m) { /* bf16 -> float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __attribute__((always_inline)) void store16(bf16 *p, __mmask16 m, __m512 v) { /* nearest even */
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __attribute__((always_inline)) __m512 round16(__m512 v) { /* to bf16 precision, kept float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+/* fast_expf (fast_exp.h), sixteen lanes at a time, with fused multiply-adds. */
+static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+static void add_rms_norm_row(const bf16 *x, bf16 *res, const bf16 *weight, bf16 *out, int64_t dim, float eps) {
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 16) {
+        const __mmask16 m = tail_mask(dim - i);
+        __m512 v = load16(res + i, m);
         if (x != NULL) {
-            const bf16 *xr = x + r * dim;
-            for (int64_t i = 0; i < dim; i++) res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i]));
+            v = round16(_mm512_add_ps(v, load16(x + i, m)));
+            store16(res + i, m, v);
         }
-        float sum = 0.0f;
-        for (int64_t i = 0; i < dim; i++) {
-            float v = bf16_to_f32(res[i]);
-            sum += v * v;
-        }
-        float inv = 1.0f / sqrtf(sum / (float)dim + eps);
-        bf16 *o = out + r * dim;
-        for (int64_t i = 0; i < dim; i++) {
-            float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(res[i]) * inv));
-            o[i] = f32_to_bf16(bf16_to_f32(weight[i]) * normed);
-        }
+        squares = _mm512_fmadd_ps(v, v, squares); /* masked-off lanes load as zero */
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
+    for (int64_t i = 0; i < dim; i += 16) {
+        const __mmask16 m = tail_mask(dim - i);
+        const __m512 normed = round16(_mm512_mul_ps(load16(res + i, m), inv));
+        store16(out + i, m, _mm512_mul_ps(load16(weight + i, m), normed));
+    }
+}
+
+static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *out, int64_t inter) {
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+    for (int64_t i = 0; i < inter; i += 16) {
+        const __mmask16 m = tail_mask(inter - i);
+        const __m512 gv = load16(g + i, m);
+        const __m512 d = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+        __m512 r = _mm512_rcp14_ps(d);
+        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two)); /* one Newton step: ~14 -> ~28 bits */
+        const __m512 s = round16(_mm512_mul_ps(gv, r));
+        store16(out + i, m, _mm512_mul_ps(s, load16(u + i, m)));
+    }
+}
+
+#else /* portable: loops the compiler vectorises, with bf16 rounding emulated (bf16.h) */
+
+static void add_rms_norm_row(const bf16 *x, bf16 *res, const bf16 *weight, bf16 *o, int64_t dim, float eps) {
+    if (x != NULL)
+        for (int64_t i = 0; i < dim; i++) res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(x[i]));
+    float sum = 0.0f;
+    for (int64_t i = 0; i < dim; i++) {
+        float v = bf16_to_f32(res[i]);
+        sum += v * v;
+    }
+    float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+    for (int64_t i = 0; i < dim; i++) {
+        float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(res[i]) * inv));
+        o[i] = f32_to_bf16(bf16_to_f32(weight[i]) * normed);
     }
 }
 
@@ -55,21 +121,29 @@ void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *
 #pragma GCC optimize("-fno-trapping-math")
 #include "fast_exp.h"
 
-void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows, inter, num_threads)) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const bf16 *g = gate_up + r * 2 * inter;
-        const bf16 *u = g + inter;
-        bf16 *o = out + r * inter;
+static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *o, int64_t inter) {
 #pragma omp simd
-        for (int64_t i = 0; i < inter; i++) {
-            float gv = bf16_to_f32(g[i]);
-            float s = bf16_to_f32(f32_to_bf16(gv / (1.0f + fast_expf(-gv))));
-            o[i] = f32_to_bf16(s * bf16_to_f32(u[i]));
-        }
+    for (int64_t i = 0; i < inter; i++) {
+        float gv = bf16_to_f32(g[i]);
+        float s = bf16_to_f32(f32_to_bf16(gv / (1.0f + fast_expf(-gv))));
+        o[i] = f32_to_bf16(s * bf16_to_f32(u[i]));
     }
 }
 #pragma GCC pop_options
+
+#endif
+
+void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
+                       int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(threads_for(rows, dim, num_threads)) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        add_rms_norm_row(x == NULL ? NULL : x + r * dim, residual + r * dim, weight, out + r * dim, dim, eps);
+}
+
+void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel for num_threads(threads_for(rows, inter, num_threads)) schedule(static)
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
+}
 
 /* qkv: [rows, (num_heads + 2 * num_kv_heads) * head_dim]; cos, sin: [rows, head_dim] (HF's duplicated
  * halves); q_out: [rows, num_heads, head_dim]; k_out: [rows, num_kv_heads, head_dim];
