@@ -6,7 +6,9 @@ Runs on a second thread after prepare_to_serve(), as the engine does. For each r
 of one layer (qkv, o, gate_up, down) and the LM head, median time of gemm.c and of oneDNN's packed matmul,
 and their GFLOP/s. Each weight is used once per timed pass over 30 layers' worth of distinct weights, so
 that the weights come from memory, not from the cache, as in a decode step. For attention: one layer's
-decode step over `--context` cached tokens per sequence, and the KV bytes it reads per second.
+decode step over `--context` cached tokens per sequence in blocks scattered over the pool (as after
+hours of traffic), and the KV bytes it reads per second, with the pool on 2 MiB pages (as the engine
+asks for) and on 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
-from service.engine.runner import prepare_to_serve
+from service.engine.runner import advise_huge_pages, prepare_to_serve
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -60,13 +62,16 @@ def bench_gemm(rows: list[int]) -> None:
               f"{total['oneDNN'] / total['gemm.c']:6.2f}   (all {LAYERS} layers and the head)")
 
 
-def bench_attention(seqs: list[int], context: int) -> None:
+def bench_attention(seqs: list[int], context: int, huge_pages: bool) -> None:
     heads, kv_heads, head_dim, block = 9, 3, 64, 16
     for n in seqs:
         blocks_per_seq = -(-(context + 1) // block)
         num_blocks = n * blocks_per_seq * LAYERS
         perm = torch.randperm(num_blocks).view(LAYERS, n, blocks_per_seq)  # scattered, as a busy pool is
-        cache = torch.randn(2, kv_heads, num_blocks, block, head_dim).bfloat16()
+        cache = torch.empty(2, kv_heads, num_blocks, block, head_dim, dtype=torch.bfloat16)
+        if huge_pages:
+            advise_huge_pages(cache)  # as the engine's KV pool is
+        cache.normal_()
         q = torch.randn(n, heads, head_dim).bfloat16()
         k = torch.randn(n, kv_heads, head_dim).bfloat16()
         metas = [build_metadata([SeqLayout(i, 1, context, perm[layer, i].tolist()) for i in range(n)], block,
@@ -74,7 +79,7 @@ def bench_attention(seqs: list[int], context: int) -> None:
         t = median_time(lambda: [paged_attention(q, k, k, cache, m, head_dim**-0.5, cache_written=True)
                                  for m in metas]) / LAYERS  # fmt: skip
         kv_bytes = 2 * n * kv_heads * (context + 1) * head_dim * 2
-        print(f"attention: {n:3d} seqs x {context + 1} keys, one layer {t * 1e3:.3f} ms, "
+        print(f"attention ({'2 MiB' if huge_pages else '4 KiB'} pages): {n:3d} seqs x {context + 1} keys, one layer {t * 1e3:.3f} ms, "
               f"{LAYERS} layers {t * LAYERS * 1e3:.1f} ms, KV read {kv_bytes / t / 1e9:.1f} GB/s")
 
 
@@ -92,7 +97,8 @@ def main() -> None:
     def run() -> None:
         torch.set_num_threads(num_threads)
         bench_gemm(args.rows)
-        bench_attention(args.seqs, args.context)
+        for huge_pages in (True, False):
+            bench_attention(args.seqs, args.context, huge_pages)
 
     worker = threading.Thread(target=run)
     worker.start()

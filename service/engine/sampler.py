@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from service.engine.modeling import native_kernels
 from service.engine.request import Request
 from service.types import SamplingParams
 
@@ -73,12 +74,18 @@ def sample(
     if greedy_rows:
         g_idx = _index(greedy_rows, device)
         token_ids[g_idx] = x[g_idx].argmax(dim=-1)
-    if len(random_rows) == num_rows:  # the usual case: no copy of the rows
-        token_ids = _draw(_random_probs(x, [r.sampling for r in requests]), generators)
-    elif random_rows:
-        r_idx = _index(random_rows, device)
-        probs = _random_probs(x[r_idx], [requests[i].sampling for i in random_rows])
-        token_ids[r_idx] = _draw(probs, [generators[i] for i in random_rows])
+    # Rows whose only processor left is a temperature are drawn by the C kernel on CPU (sampling.c: no
+    # probabilities materialised; the same CDF inversion as _draw); the decision is per row, so a row's
+    # draw does not depend on what else shares the batch.
+    in_c = native_kernels.can_sample(x)
+    plain = [i for i in random_rows if in_c and _temperature_only(requests[i].sampling, vocab)]
+    filtered = sorted(set(random_rows) - set(plain))
+    for rows, draw in ((plain, _draw_plain), (filtered, _draw_filtered)):
+        if len(rows) == num_rows:  # the usual case: no copy of the rows
+            token_ids = draw(x, [r.sampling for r in requests], generators)
+        elif rows:
+            idx = _index(rows, device)
+            token_ids[idx] = draw(x[idx], [requests[i].sampling for i in rows], [generators[i] for i in rows])
 
     chosen = token_ids.tolist()
     out_logprob: list[float | None] = [None] * num_rows
@@ -262,21 +269,41 @@ def _random_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Te
     return probs
 
 
+def _temperature_only(p: SamplingParams, vocab: int) -> bool:
+    return not (0 < p.top_k < vocab) and p.top_p >= 1.0 and p.min_p <= 0.0
+
+
+Generators = Sequence[torch.Generator | None]
+
+
+def _draw_plain(x: torch.Tensor, params: Sequence[SamplingParams], generators: Generators) -> torch.Tensor:
+    return native_kernels.sample_temperature(x, [p.temperature for p in params], _uniforms(x, generators))
+
+
+def _draw_filtered(x: torch.Tensor, params: Sequence[SamplingParams], generators: Generators) -> torch.Tensor:
+    return _draw(_random_probs(x, params), generators)
+
+
+def _uniforms(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One uniform number per row, [rows, 1]: from the row's own generator where it has one."""
+    u = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    if all(g is None for g in generators):
+        u.uniform_()
+    else:
+        for j, g in enumerate(generators):
+            u[j] = torch.rand(1, dtype=torch.float32, device=x.device, generator=g)
+    return u
+
+
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One draw per row by inverting its CDF with one uniform number; seeded rows use their own generator.
 
     One random number per row instead of one per vocabulary entry (torch.multinomial's exponential race
     draws ~50k of them per row, which on a CPU cost more than the rest of a decode step at 64 rows).
     """
-    rows = probs.shape[0]
     cdf = probs.cumsum(dim=-1)
     totals = cdf[:, -1:].contiguous()
-    u = torch.empty(rows, 1, dtype=cdf.dtype, device=probs.device)
-    if all(g is None for g in generators):
-        u.uniform_()
-    else:
-        for j, g in enumerate(generators):
-            u[j] = torch.rand(1, dtype=cdf.dtype, device=probs.device, generator=g)
+    u = _uniforms(cdf, generators)
     # The first token whose cumulative mass exceeds u * total: a token of probability 0 adds no width, so
     # it is never chosen. Should rounding put u * total at the total itself, the last token with mass wins.
     picked = torch.searchsorted(cdf, u * totals, right=True)

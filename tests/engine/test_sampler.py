@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from service.engine.modeling import native_kernels
 from service.engine.request import Request
 from service.engine.sampler import (
     SampledToken,
@@ -334,3 +335,52 @@ def test_extreme_temperature_and_penalty_fall_back_to_argmax_not_error() -> None
     out = _sample(logits, reqs, [None, None, None])
     # Row b: a penalty below 1 boosts the repeated prompt token 1 to +inf, so that token wins.
     assert [t.token_id for t in out] == [1, 1, 0]
+
+
+_c_sampler = pytest.mark.skipif(
+    not native_kernels.can_sample(torch.zeros(1, 1)), reason="no C compiler: sampling.c is unavailable"
+)
+
+
+@_c_sampler
+def test_c_sampler_draws_from_softmax_over_a_real_vocab() -> None:
+    """sampling.c: frequencies match softmax(x / T) over 49,152 tokens (its chunked scan, not just 3)."""
+    gen = torch.Generator().manual_seed(5)
+    row = torch.randn(49152, generator=gen) * 2
+    row[:4] = torch.tensor([9.0, 8.5, 8.0, 7.0])  # a head with most of the mass, spread over chunks below
+    n, temperature = 4000, 0.8
+    probs = torch.softmax(row / temperature, -1)
+    got = native_kernels.sample_temperature(row.expand(n, -1), [temperature] * n, torch.rand(n, generator=gen))
+    counts = torch.bincount(got, minlength=49152).double()
+    for token in range(4):
+        p = probs[token].item()
+        assert abs(counts[token].item() / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+    tail = probs[4:].sum().item()  # the other 49,148 tokens together
+    assert abs(counts[4:].sum().item() / n - tail) < 5 * math.sqrt(tail * (1 - tail) / n) + 1e-3
+
+
+@_c_sampler
+def test_c_sampler_edges() -> None:
+    x = torch.tensor([[float("-inf"), 1.0, float("-inf"), 1.0, float("-inf")]] * 3)
+    u = torch.tensor([0.0, 0.4999, 0.9999999])
+    # u = 0: the first token with mass; u near 1: the last; a banned (-inf) token never, at any temperature.
+    assert native_kernels.sample_temperature(x, [1.0, 1.0, 50.0], u).tolist() == [1, 1, 3]
+    nan_row = torch.tensor([[0.0, float("nan"), 3.0, 1.0]])
+    assert native_kernels.sample_temperature(nan_row, [1.0], torch.tensor([0.5])).tolist() == [2]  # argmax
+    hot = torch.tensor([[0.0, 200.0, 1.0]])
+    assert native_kernels.sample_temperature(hot, [1e-30], torch.tensor([0.3])).tolist() == [1]  # overflow -> argmax
+
+
+def test_temperature_only_rows_go_through_the_c_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per row: plain-temperature rows to sampling.c, filtered rows to the torch path, in one batch."""
+    if not native_kernels.can_sample(torch.zeros(1, 1)):
+        pytest.skip("no C compiler: sampling.c is unavailable")
+    seen: list[int] = []
+    real = native_kernels.sample_temperature
+    monkeypatch.setattr(native_kernels, "sample_temperature", lambda x, t, u: seen.append(x.shape[0]) or real(x, t, u))
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    reqs = [make_request(SamplingParams(temperature=0.7)), make_request(SamplingParams(temperature=1.0, top_k=5)),
+            make_request(SamplingParams(temperature=1.3))]  # fmt: skip
+    out = sample(logits, reqs, [None] * 3)
+    assert seen == [2] and len(out) == 3
+    assert out[1].token_id in logits[1].topk(5).indices.tolist()

@@ -1,6 +1,6 @@
 """C kernels, built once per machine and called via ctypes: attention over the paged cache
-(paged_attention.c), the fused elementwise ops of a bf16 layer (fused_ops.c) and the bf16 matrix
-multiply of the projections on AVX-512 BF16 CPUs (gemm.c).
+(paged_attention.c), the fused elementwise ops of a bf16 layer (fused_ops.c), the bf16 matrix
+multiply of the projections on AVX-512 BF16 CPUs (gemm.c) and temperature sampling (sampling.c).
 
 Why C: a decode step's attention is thousands of tiny (query heads x context) products; as torch ops it
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
@@ -91,7 +91,8 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.rope_cache_bf16.argtypes = [i64p] * 8 + [i64] * 5 + [i32]
     lib.gemm_bf16.argtypes = [i64p] * 4 + [i64] * 3 + [i32]
     lib.gemm_bf16_available.restype = ctypes.c_int
-    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16):
+    lib.sample_temperature_f32.argtypes = [i64p] * 4 + [i64, i64, i32]
+    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16, lib.sample_temperature_f32):
         fn.restype = None
     return lib
 
@@ -253,3 +254,26 @@ def gemm_bf16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None =
             rows, weight.out_features, weight.in_features, torch.get_num_threads(),
         )  # fmt: skip
     return out.view(*lead, weight.out_features)
+
+
+# ---- temperature sampling (sampling.c) ----------------------------------------------------------------
+
+
+def can_sample(logits: torch.Tensor) -> bool:
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and load_kernel() is not None
+
+
+def sample_temperature(logits: torch.Tensor, temperatures: list[float], uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of float32 logits [rows, vocab]: row r drawn from softmax(logits[r] / T_r) by
+    inverting its CDF at uniforms[r] (in [0, 1)). A -inf logit is never drawn; a row without finite
+    positive mass gets its argmax. Returns int64 [rows]."""
+    rows, vocab = logits.shape
+    x = logits.contiguous()
+    temps = torch.tensor(temperatures, dtype=torch.float32)
+    u = uniforms.to(torch.float32).contiguous().view(rows)
+    out = torch.empty(rows, dtype=torch.int64)
+    if rows:
+        load_kernel().sample_temperature_f32(
+            x.data_ptr(), temps.data_ptr(), u.data_ptr(), out.data_ptr(), rows, vocab, torch.get_num_threads()
+        )
+    return out

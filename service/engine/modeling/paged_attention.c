@@ -158,6 +158,17 @@ static inline __attribute__((always_inline)) __m512 widen16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+/* Prefetch n bf16 values from p (a block's rows) a cache line at a time; p NULL: nothing. */
+static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *p, int64_t n, int hint) {
+    if (p == NULL) return;
+    for (int64_t i = 0; i < n; i += 32) {
+        if (hint == _MM_HINT_T0)
+            _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+        else
+            _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
+    }
+}
+
 /* q . k for one key: P zmm of bf16 pairs each, 16 partial sums left in the lanes. */
 #define DOT_LANES(P, qz, k)                                                                               \
     ({                                                                                                    \
@@ -215,6 +226,11 @@ DEFINE_PV(128, 2)
             for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {                      \
                 const uint16_t *kb = k_plane + blocks[b] * block_size * HD;                               \
                 const int64_t count = len - first < block_size ? len - first : block_size;                \
+                if (g == 0) { /* the first head's pass streams from memory: ask for what comes next */    \
+                    prefetch_rows(first + block_size < len ? k_plane + blocks[b + 1] * block_size * HD : NULL, \
+                                  block_size * HD, _MM_HINT_T0);                                          \
+                    prefetch_rows(v_plane + blocks[b] * block_size * HD, count * HD, _MM_HINT_T1);        \
+                }                                                                                         \
                 int64_t o = 0;                                                                            \
                 for (; chunked && o + 16 <= count; o += 16) { /* sixteen keys, one joint reduction */     \
                     v16f t[16];                                                                           \
