@@ -32,24 +32,6 @@ static inline int threads_for(int64_t rows, int64_t row_elems, int num_threads) 
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-
-static inline __attribute__((always_inline)) __mmask16 tail_mask(int64_t n) {
-    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
-}
-
-static inline __attribute__((always_inline)) __m512 load16(const bf16 *p, __mmask16 m) { /* bf16 -> float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-static inline __attribute__((always_inline)) void store16(bf16 *p, __mmask16 m, __m512 v) { /* nearest even */
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-static inline __attribute__((always_inline)) __m512 round16(__m512 v) { /* to bf16 precision, kept float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
 /* fast_expf (fast_exp.h), sixteen lanes at a time, with fused multiply-adds. */
 static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
@@ -70,32 +52,32 @@ static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
 static void add_rms_norm_row(const bf16 *x, bf16 *res, const bf16 *weight, bf16 *out, int64_t dim, float eps) {
     __m512 squares = _mm512_setzero_ps();
     for (int64_t i = 0; i < dim; i += 16) {
-        const __mmask16 m = tail_mask(dim - i);
-        __m512 v = load16(res + i, m);
+        const __mmask16 m = mask16(dim - i);
+        __m512 v = load16_bf16(res + i, m);
         if (x != NULL) {
-            v = round16(_mm512_add_ps(v, load16(x + i, m)));
-            store16(res + i, m, v);
+            v = round16_bf16(_mm512_add_ps(v, load16_bf16(x + i, m)));
+            store16_bf16(res + i, m, v);
         }
         squares = _mm512_fmadd_ps(v, v, squares); /* masked-off lanes load as zero */
     }
     const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
     for (int64_t i = 0; i < dim; i += 16) {
-        const __mmask16 m = tail_mask(dim - i);
-        const __m512 normed = round16(_mm512_mul_ps(load16(res + i, m), inv));
-        store16(out + i, m, _mm512_mul_ps(load16(weight + i, m), normed));
+        const __mmask16 m = mask16(dim - i);
+        const __m512 normed = round16_bf16(_mm512_mul_ps(load16_bf16(res + i, m), inv));
+        store16_bf16(out + i, m, _mm512_mul_ps(load16_bf16(weight + i, m), normed));
     }
 }
 
 static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *out, int64_t inter) {
     const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
     for (int64_t i = 0; i < inter; i += 16) {
-        const __mmask16 m = tail_mask(inter - i);
-        const __m512 gv = load16(g + i, m);
+        const __mmask16 m = mask16(inter - i);
+        const __m512 gv = load16_bf16(g + i, m);
         const __m512 d = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
         __m512 r = _mm512_rcp14_ps(d);
         r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two)); /* one Newton step: ~14 -> ~28 bits */
-        const __m512 s = round16(_mm512_mul_ps(gv, r));
-        store16(out + i, m, _mm512_mul_ps(s, load16(u + i, m)));
+        const __m512 s = round16_bf16(_mm512_mul_ps(gv, r));
+        store16_bf16(out + i, m, _mm512_mul_ps(s, load16_bf16(u + i, m)));
     }
 }
 

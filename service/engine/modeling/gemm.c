@@ -20,7 +20,6 @@
 #include "bf16.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
 #include <omp.h>
 
 #define GROUP_COLS 64
@@ -58,17 +57,10 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
     for (int j = 0; j < 4; j++) {
         const int64_t c0 = j * 16;
         if (c0 >= ncols) break;
-        const __mmask16 mask = ncols - c0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ncols - c0)) - 1u);
-        __m512 b = _mm512_setzero_ps();
-        if (bias != NULL) {
-            const __m256i raw = _mm256_maskz_loadu_epi16(mask, bias + c0);
-            b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-        }
+        const __mmask16 mask = mask16(ncols - c0);
+        const __m512 b = bias == NULL ? _mm512_setzero_ps() : load16_bf16(bias + c0, mask);
 #pragma GCC unroll 6
-        for (int m = 0; m < rows; m++) {
-            const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b)); /* round to nearest even */
-            _mm256_mask_storeu_epi16(y + m * ldy + c0, mask, (__m256i)out);
-        }
+        for (int m = 0; m < rows; m++) store16_bf16(y + m * ldy + c0, mask, _mm512_add_ps(acc[m][j], b));
     }
 }
 

@@ -120,8 +120,7 @@ DEFINE_KERNEL(paged_attention_f32, float, load_f32, store_f32, expf, row_f32, do
 DEFINE_ROW_HELPERS(fast)
 DEFINE_KERNEL(paged_attention_bf16_generic, uint16_t, load_bf16, store_bf16, fast_expf, row_bf16, dot_fast, axpy_fast)
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
 /* bf16 with head_dim 64 or 128, the common sizes, on CPUs with AVX-512 BF16. Scores by vdpbf16ps straight
  * from the bf16 query and keys (exact products, float32 sums: no conversion of K at all), sixteen keys
@@ -152,10 +151,6 @@ static inline __attribute__((always_inline)) v16f hsum16x16(const v16f t[16]) {
     for (int i = 0; i < 2; i++)
         w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo3) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi3);
     return __builtin_shuffle(w[0], w[1], lo4) + __builtin_shuffle(w[0], w[1], hi4);
-}
-
-static inline __attribute__((always_inline)) __m512 widen16(const uint16_t *p) { /* 16 bf16 -> float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
 /* Prefetch n bf16 values from p (a block's rows) a cache line at a time; p NULL: nothing. */
@@ -192,7 +187,7 @@ static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *
             const int64_t count = len - first < block_size ? len - first : block_size;                    \
             for (int64_t o = 0; o < count; o++) {                                                         \
                 __m512 v[D];                                                                              \
-                for (int c = 0; c < D; c++) v[c] = widen16(vb + o * HD + c * 16);                         \
+                for (int c = 0; c < D; c++) v[c] = load16_bf16(vb + o * HD + c * 16, 0xffff);                         \
                 for (int h = 0; h < NH; h++) {                                                            \
                     const __m512 w = _mm512_set1_ps(p[h * p_stride + first + o]);                         \
                     for (int c = 0; c < D; c++) acc[h][c] = _mm512_fmadd_ps(w, v[c], acc[h][c]);          \
@@ -202,7 +197,7 @@ static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *
         for (int h = 0; h < NH; h++)                                                                      \
             for (int c = 0; c < D; c++) {                                                                 \
                 const __m512 r = _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h]));                        \
-                _mm256_storeu_si256((__m256i *)(out + h * HD + c * 16), (__m256i)_mm512_cvtneps_pbh(r));  \
+                store16_bf16(out + h * HD + c * 16, 0xffff, r);  \
             }                                                                                             \
     }
 
