@@ -170,6 +170,8 @@ class ModelRunner:
         self.kv_caches.zero_()
         if config.attention not in ("auto", "kernel", "torch"):
             raise ValueError(f"attention must be auto, kernel or torch, not {config.attention!r}")
+        if self.device.type == "cpu":
+            native_kernels.load_kernel()  # built now (once per machine), never on the engine thread's first step
         self.use_kernel = config.attention != "torch" and native_kernels.supports(self.dtype, self.device)
         self.fused_ops = self.use_kernel and model.use_fused_ops()
         if config.attention == "kernel" and not self.use_kernel:

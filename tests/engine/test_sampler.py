@@ -369,6 +369,14 @@ def test_c_sampler_edges() -> None:
     assert native_kernels.sample_temperature(nan_row, [1.0], torch.tensor([0.5])).tolist() == [2]  # argmax
     hot = torch.tensor([[0.0, 200.0, 1.0]])
     assert native_kernels.sample_temperature(hot, [1e-30], torch.tensor([0.3])).tolist() == [1]  # overflow -> argmax
+    # A probability that underflows float32 is zero, as in torch's softmax: never drawn, even at u = 0.
+    assert native_kernels.sample_temperature(torch.tensor([[-200.0, 10.0]]), [1.0], torch.tensor([0.0])).tolist() == [1]
+    # u within rounding of 1 over a real vocabulary: the last token with mass, not a massless one after it.
+    row = torch.randn(49152, generator=torch.Generator().manual_seed(1))
+    row[-3:] = -300.0
+    u = 1.0 - torch.arange(1, 65, dtype=torch.float64) * 2.0**-24
+    got = native_kernels.sample_temperature(row.expand(64, -1), [1.0] * 64, u.float())
+    assert int(got.max()) < 49149
 
 
 def test_temperature_only_rows_go_through_the_c_sampler(monkeypatch: pytest.MonkeyPatch) -> None:

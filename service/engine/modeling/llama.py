@@ -34,26 +34,32 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+def _onednn_bf16() -> bool:
+    return (
+        _ONEDNN
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     """bf16 weights on a CPU that computes bf16 natively: worth reordering once, for gemm.c or for oneDNN
     (a decode step's matmuls then run about 2x faster here than from plain weights). float32 keeps plain
     weights: packing gains little there, and the plain path is the one held token-exact to transformers."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    onednn_bf16 = (
-        _ONEDNN
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-    return onednn_bf16 or native_kernels.gemm_supported(torch.empty(0, 2, dtype=dtype, device=device))
+    return _onednn_bf16() or native_kernels.gemm_supported(torch.empty(0, 2, dtype=dtype, device=device))
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:
     """A weight [out, in] reordered for `linear`: for gemm.c where it runs (AVX-512 BF16 without AMX),
-    else in oneDNN's blocked layout (opaque; for `_linear_pointwise` only)."""
+    else in oneDNN's blocked layout (opaque; for `_linear_pointwise` only) where oneDNN computes bf16,
+    else the plain weight (a shape gemm.c refuses, on a CPU without oneDNN bf16)."""
     if native_kernels.gemm_supported(weight):
         return native_kernels.pack_weight(weight)
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    if _onednn_bf16():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    return weight.detach()
 
 
 class Linear(nn.Linear):

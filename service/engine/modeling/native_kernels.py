@@ -92,7 +92,8 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.gemm_bf16.argtypes = [i64p] * 4 + [i64] * 3 + [i32]
     lib.gemm_bf16_available.restype = ctypes.c_int
     lib.sample_temperature_f32.argtypes = [i64p] * 4 + [i64, i64, i32]
-    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16, lib.sample_temperature_f32):
+    lib.sample_temperature_f32.restype = ctypes.c_int
+    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16):
         fn.restype = None
     return lib
 
@@ -265,15 +266,16 @@ def can_sample(logits: torch.Tensor) -> bool:
 
 def sample_temperature(logits: torch.Tensor, temperatures: list[float], uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row of float32 logits [rows, vocab]: row r drawn from softmax(logits[r] / T_r) by
-    inverting its CDF at uniforms[r] (in [0, 1)). A -inf logit is never drawn; a row without finite
-    positive mass gets its argmax. Returns int64 [rows]."""
+    inverting its CDF at uniforms[r] (in [0, 1)). A token without mass (a -inf logit, or one whose
+    probability underflows float32) is never drawn; a row without finite positive mass gets its argmax.
+    Returns int64 [rows]."""
     rows, vocab = logits.shape
     x = logits.contiguous()
     temps = torch.tensor(temperatures, dtype=torch.float32)
     u = uniforms.to(torch.float32).contiguous().view(rows)
     out = torch.empty(rows, dtype=torch.int64)
-    if rows:
-        load_kernel().sample_temperature_f32(
-            x.data_ptr(), temps.data_ptr(), u.data_ptr(), out.data_ptr(), rows, vocab, torch.get_num_threads()
-        )
+    if rows and load_kernel().sample_temperature_f32(
+        x.data_ptr(), temps.data_ptr(), u.data_ptr(), out.data_ptr(), rows, vocab, torch.get_num_threads()
+    ):
+        raise MemoryError("the sampling kernel could not allocate its scratch buffer")
     return out
