@@ -269,11 +269,11 @@ def _random_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Te
     return probs
 
 
+Generators = Sequence[torch.Generator | None]
+
+
 def _temperature_only(p: SamplingParams, vocab: int) -> bool:
     return not (0 < p.top_k < vocab) and p.top_p >= 1.0 and p.min_p <= 0.0
-
-
-Generators = Sequence[torch.Generator | None]
 
 
 def _draw_plain(x: torch.Tensor, params: Sequence[SamplingParams], generators: Generators) -> torch.Tensor:
@@ -284,7 +284,7 @@ def _draw_filtered(x: torch.Tensor, params: Sequence[SamplingParams], generators
     return _draw(_random_probs(x, params), generators)
 
 
-def _uniforms(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def _uniforms(x: torch.Tensor, generators: Generators) -> torch.Tensor:
     """One uniform number per row, [rows, 1]: from the row's own generator where it has one."""
     u = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     if all(g is None for g in generators):
@@ -295,7 +295,7 @@ def _uniforms(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     return u
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def _draw(probs: torch.Tensor, generators: Generators) -> torch.Tensor:
     """One draw per row by inverting its CDF with one uniform number; seeded rows use their own generator.
 
     One random number per row instead of one per vocabulary entry (torch.multinomial's exponential race

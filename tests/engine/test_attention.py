@@ -89,10 +89,9 @@ LONG_LAYOUT = [
 ]
 
 
+@pytest.mark.skipif(native_kernels.load_kernel() is None, reason="no C compiler: the kernel is unavailable")
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_long_contexts_and_groups(dtype: torch.dtype, head_dim: int, group: int) -> None:
-    if not native_kernels.supports(dtype, torch.device("cpu")):
-        pytest.skip("no C compiler: the kernel is unavailable on this machine")
     check_paged_attention(LONG_LAYOUT, 2 * group, 2, head_dim, 16, 32, dtype, use_kernel=True)

@@ -379,10 +379,9 @@ def test_c_sampler_edges() -> None:
     assert int(got.max()) < 49149
 
 
+@_c_sampler
 def test_temperature_only_rows_go_through_the_c_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per row: plain-temperature rows to sampling.c, filtered rows to the torch path, in one batch."""
-    if not native_kernels.can_sample(torch.zeros(1, 1)):
-        pytest.skip("no C compiler: sampling.c is unavailable")
     seen: list[int] = []
     real = native_kernels.sample_temperature
     monkeypatch.setattr(native_kernels, "sample_temperature", lambda x, t, u: seen.append(x.shape[0]) or real(x, t, u))

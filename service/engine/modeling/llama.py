@@ -48,7 +48,7 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     weights: packing gains little there, and the plain path is the one held token-exact to transformers."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    return _onednn_bf16() or native_kernels.gemm_supported(torch.empty(0, 2, dtype=dtype, device=device))
+    return _onednn_bf16() or native_kernels.gemm_available()
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:

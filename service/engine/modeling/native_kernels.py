@@ -218,14 +218,17 @@ class PackedWeight:
     in_features: int
 
 
-def gemm_supported(weight: torch.Tensor) -> bool:
-    """gemm.c runs here (built with AVX-512 BF16) and fits this weight (bf16 on CPU, an even in_features).
-    Not on CPUs with AMX, whose tile unit oneDNN drives far faster than vdpbf16ps can."""
+def gemm_available() -> bool:
+    """gemm.c runs here: built with AVX-512 BF16, on a CPU without AMX (whose tile unit oneDNN drives far
+    faster than vdpbf16ps can)."""
     lib = load_kernel()
+    return lib is not None and bool(lib.gemm_bf16_available()) and b"amx_bf16" not in _cpu_flags()
+
+
+def gemm_supported(weight: torch.Tensor) -> bool:
+    """gemm.c runs here and fits this weight (bf16 on CPU, an even in_features)."""
     return (
-        lib is not None
-        and bool(lib.gemm_bf16_available())
-        and b"amx_bf16" not in _cpu_flags()
+        gemm_available()
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and weight.dim() == 2
