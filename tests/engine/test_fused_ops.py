@@ -130,3 +130,58 @@ def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
     assert serve_config_from_args(args, env).engine.attention == "kernel"  # a flag wins over its variable
     runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=4, attention="torch"))
     assert not runner.use_kernel and not runner.fused_ops and not runner.model.fused
+
+
+@pytest.fixture(scope="module")
+def qwen2_head64_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A tiny Qwen2 (q/k/v biases) whose heads are 64 wide, a size decoder.c's attention takes."""
+    from transformers import Qwen2Config
+
+    from tests.conftest import SMOLLM2_VOCAB_SIZE, _build_tiny
+
+    config = Qwen2Config(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=SMOLLM2_VOCAB_SIZE, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    return _build_tiny(tmp_path_factory.mktemp("qwen2_head64"), config, smollm2_dir)
+
+
+@pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c needs gemm.c (AVX-512 BF16, no AMX)")
+@pytest.mark.parametrize("which", ["smollm2", "qwen2_head64"])
+def test_decoder_stack_matches_the_layer_by_layer_path(which: str, request: pytest.FixtureRequest) -> None:
+    """decoder.c runs the per-op path's kernels in the same order and split over threads: the hidden states
+    and the KV cache come out bit for bit the same, over prefills, then a batch mixing a fresh prompt, a
+    prompt's later chunk and decodes."""
+    model_dir = request.getfixturevalue(f"{which}_dir")
+    runner = ModelRunner(model_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16))
+    model = runner.model
+    table = model.stack_table
+    assert runner.fused_ops and table is not None
+    ids = torch.randint(100, 5000, (100,), generator=torch.Generator().manual_seed(5))
+    # (start_row, new tokens, cached tokens, blocks) per sequence: B, C, D prefill; then A fresh, B's next
+    # chunk, C and D decode.
+    steps = [
+        [(0, 18, 0, [2, 3]), (18, 30, 0, [4, 5]), (48, 5, 0, [6])],
+        [(0, 20, 0, [0, 1]), (20, 7, 18, [2, 3]), (27, 1, 30, [4, 5]), (28, 1, 5, [6])],
+    ]
+
+    def run(stack: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        model.stack_table = table if stack else None
+        runner.kv_caches.zero_()
+        outputs = []
+        for step in steps:
+            layouts = [SeqLayout(*s) for s in step]
+            rows = sum(s.num_new_tokens for s in layouts)
+            positions = torch.cat([torch.arange(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens) for s in layouts])
+            meta = build_metadata(layouts, 16, CPU, BF16, use_kernel=True)
+            with torch.inference_mode():
+                outputs.append(model(ids[:rows], positions, runner.kv_caches, meta).clone())
+        return outputs, runner.kv_caches.clone()
+
+    (stacked, stacked_cache), (per_op, per_op_cache) = run(True), run(False)
+    model.stack_table = table
+    for a, b in zip(stacked, per_op, strict=True):
+        assert a.abs().sum() > 0
+        assert torch.equal(a, b)
+    assert torch.equal(stacked_cache, per_op_cache)

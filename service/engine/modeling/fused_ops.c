@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 /* Rows split across threads only when there is enough work to pay for waking them. */
 static inline int threads_for(int64_t rows, int64_t row_elems, int num_threads) {
@@ -115,15 +116,25 @@ static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *o, int64_t inter) {
 
 #endif
 
-void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
-                       int64_t dim, float eps, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows, dim, num_threads)) schedule(static)
+/* Each op as the share of the threads of an enclosing parallel region (an orphaned `omp for`: decoder.c
+ * runs them all inside one region per step), and as a call of its own that opens a region sized to the work. */
+
+void add_rms_norm_team(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows, int64_t dim,
+                       float eps) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++)
         add_rms_norm_row(x == NULL ? NULL : x + r * dim, residual + r * dim, weight, out + r * dim, dim, eps);
 }
 
-void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows, inter, num_threads)) schedule(static)
+void add_rows_team(const bf16 *x, bf16 *residual, int64_t rows, int64_t dim) { /* residual += x, in bf16 */
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < dim; i++)
+            residual[r * dim + i] = f32_to_bf16(bf16_to_f32(residual[r * dim + i]) + bf16_to_f32(x[r * dim + i]));
+}
+
+void silu_mul_team(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
 }
 
@@ -131,12 +142,12 @@ void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, 
  * halves); q_out: [rows, num_heads, head_dim]; k_out: [rows, num_kv_heads, head_dim];
  * k_cache, v_cache: [num_kv_heads, num_blocks * block_size, head_dim]; slots: [rows].
  * Per element, as torch computes x * cos + rotate_half(x) * sin in bf16: three roundings. */
-void rope_cache_bf16(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out,
-                     bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads,
-                     int64_t num_kv_heads, int64_t head_dim, int64_t cache_slots, int num_threads) {
+void rope_cache_team(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out, bf16 *k_cache,
+                     bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim, int64_t cache_slots) {
     const int64_t half = head_dim / 2;
     const int64_t row_width = (num_heads + 2 * num_kv_heads) * head_dim;
-#pragma omp parallel for num_threads(threads_for(rows, row_width, num_threads)) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const bf16 *src = qkv + r * row_width;
         const bf16 *c = cos + r * head_dim;
@@ -159,4 +170,24 @@ void rope_cache_bf16(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_
         for (int64_t h = 0; h < num_kv_heads; h++)
             memcpy(v_cache + (h * cache_slots + slot) * head_dim, v + h * head_dim, head_dim * sizeof(bf16));
     }
+}
+
+void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
+                       int64_t dim, float eps, int num_threads) {
+#pragma omp parallel num_threads(threads_for(rows, dim, num_threads))
+    add_rms_norm_team(x, residual, weight, out, rows, dim, eps);
+}
+
+void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel num_threads(threads_for(rows, inter, num_threads))
+    silu_mul_team(gate_up, out, rows, inter);
+}
+
+void rope_cache_bf16(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out,
+                     bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_dim, int64_t cache_slots, int num_threads) {
+    const int64_t row_width = (num_heads + 2 * num_kv_heads) * head_dim;
+#pragma omp parallel num_threads(threads_for(rows, row_width, num_threads))
+    rope_cache_team(qkv, cos, sin, q_out, k_out, k_cache, v_cache, slots, rows, num_heads, num_kv_heads, head_dim,
+                    cache_slots);
 }

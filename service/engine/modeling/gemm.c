@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <omp.h>
@@ -27,9 +28,25 @@
 
 int gemm_bf16_available(void) { return 1; }
 
+/* A thread's walk through its share of a prefetch_list: `per8` cache lines every eight k-pairs. */
+typedef struct {
+    const char *base;
+    const int64_t *offsets;
+    int64_t next, end, line, chunk_lines;
+    int per8;
+} prefetch_cursor;
+
+static inline __attribute__((always_inline)) void prefetch_some(prefetch_cursor *c) {
+    for (int i = 0; i < c->per8 && c->next < c->end; i++) {
+        _mm_prefetch(c->base + c->offsets[c->next] + c->line * 64, _MM_HINT_T1);
+        if (++c->line == c->chunk_lines) c->line = 0, c->next++;
+    }
+}
+
 static inline __attribute__((always_inline)) void block(const int rows, const bf16 *x, const int64_t K,
                                                         const bf16 *w, const bf16 *bias, bf16 *y,
-                                                        const int64_t ldy, const int64_t ncols) {
+                                                        const int64_t ldy, const int64_t ncols,
+                                                        prefetch_cursor *pf) {
     __m512 acc[BLOCK_ROWS][4];
 #pragma GCC unroll 6
     for (int m = 0; m < rows; m++)
@@ -37,6 +54,7 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
     const int64_t pairs = K / 2;
     for (int64_t p = 0; p < pairs; p++) {
+        if (pf != NULL && (p & 7) == 0) prefetch_some(pf);
         const bf16 *wp = w + p * (2 * GROUP_COLS);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
@@ -64,14 +82,25 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
     }
 }
 
-void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
-               int num_threads) {
+/* The work of one call, split over the threads of the parallel region the caller is in (an orphaned
+ * `omp for`, so its closing barrier ends the phase): gemm_bf16 opens one per call, decoder.c one per step. */
+void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
+                    const prefetch_list *prefetch) {
     const int64_t groups = (N + GROUP_COLS - 1) / GROUP_COLS;
     const int64_t row_blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t items = groups * row_blocks;
-    int threads = num_threads < 1 ? 1 : num_threads;
-    if (threads > items) threads = (int)items;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    prefetch_cursor cursor, *pf = NULL;
+    if (prefetch != NULL && prefetch->count > 0) { /* this thread's share of the chunks, spread over its work */
+        const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+        const int64_t my_items = items * (t + 1) / threads - items * t / threads;
+        cursor = (prefetch_cursor){prefetch->base, prefetch->offsets, prefetch->count * t / threads,
+                                   prefetch->count * (t + 1) / threads, 0, prefetch->chunk_bytes / 64, 0};
+        const int64_t lines = (cursor.end - cursor.next) * cursor.chunk_lines;
+        const int64_t rounds = my_items * ((K / 2 + 7) / 8); /* calls of prefetch_some */
+        cursor.per8 = rounds > 0 ? (int)((lines + rounds - 1) / rounds) : 0;
+        pf = &cursor;
+    }
+#pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
         const int64_t g = item / row_blocks, m0 = (item % row_blocks) * BLOCK_ROWS;
         const int64_t n0 = g * GROUP_COLS;
@@ -80,19 +109,33 @@ void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int
         const bf16 *xr = x + m0 * K;
         bf16 *yr = y + m0 * N + n0;
         switch (M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS) { /* constant row counts: fully unrolled blocks */
-        case 6: block(6, xr, K, w, b, yr, N, ncols); break;
-        case 5: block(5, xr, K, w, b, yr, N, ncols); break;
-        case 4: block(4, xr, K, w, b, yr, N, ncols); break;
-        case 3: block(3, xr, K, w, b, yr, N, ncols); break;
-        case 2: block(2, xr, K, w, b, yr, N, ncols); break;
-        default: block(1, xr, K, w, b, yr, N, ncols); break;
+        case 6: block(6, xr, K, w, b, yr, N, ncols, pf); break;
+        case 5: block(5, xr, K, w, b, yr, N, ncols, pf); break;
+        case 4: block(4, xr, K, w, b, yr, N, ncols, pf); break;
+        case 3: block(3, xr, K, w, b, yr, N, ncols, pf); break;
+        case 2: block(2, xr, K, w, b, yr, N, ncols, pf); break;
+        default: block(1, xr, K, w, b, yr, N, ncols, pf); break;
         }
     }
+}
+
+void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
+               int num_threads) {
+    const int64_t items = (N + GROUP_COLS - 1) / GROUP_COLS * ((M + BLOCK_ROWS - 1) / BLOCK_ROWS);
+    int threads = num_threads < 1 ? 1 : num_threads;
+    if (threads > items) threads = (int)items;
+#pragma omp parallel num_threads(threads)
+    gemm_bf16_team(x, packed, bias, y, M, N, K, NULL);
 }
 
 #else /* no AVX-512 BF16 on the machine that built this: native_kernels keeps oneDNN */
 
 int gemm_bf16_available(void) { return 0; }
+
+void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
+                    const prefetch_list *prefetch) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)prefetch;
+}
 
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
                int num_threads) {

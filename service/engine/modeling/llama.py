@@ -203,6 +203,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.fused = False  # use_fused_ops
+        # Set by use_fused_ops where decoder.c can run every layer in one call (native_kernels.decoder_stack).
+        self.stack_table: torch.Tensor | None = None
         # Tied embeddings: a packed copy of the embedding matrix for the head (prepack_weights).
         self.packed_head: torch.Tensor | native_kernels.PackedWeight | None = None
         if not self.tie_word_embeddings:
@@ -218,6 +220,13 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, hidden.dtype)
         if self.fused:
+            if self.stack_table is not None and meta.kernel is not None and not meta.fresh_prefills and not meta.groups:
+                attn = self.layers[0].self_attn
+                native_kernels.decoder_stack(
+                    hidden, self.stack_table, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
+                    self.layers[0].mlp.intermediate_size, self.norm.eps, attn.scale,
+                )  # fmt: skip
+                return hidden
             return self._forward_fused(hidden, cos, sin, kv_caches, meta)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, kv_caches[i], meta)
@@ -245,7 +254,29 @@ class LlamaForCausalLM(nn.Module):
         self.fused = True
         for layer in self.layers:
             layer.self_attn.fused = layer.mlp.fused = True
+        self.stack_table = self._stack_table()
         return True
+
+    def _stack_table(self) -> torch.Tensor | None:
+        """The layer table for native_kernels.decoder_stack, where it applies: every projection packed for
+        gemm.c, attention heads of 64 or 128 (its bf16 kernel's sizes), no per-head q/k norm (Qwen3)."""
+        attn = self.layers[0].self_attn
+        projections = [m for m in self.modules() if isinstance(m, Linear)]
+        if (
+            not native_kernels.gemm_available()
+            or attn.has_qk_norm
+            or attn.head_dim not in (64, 128)
+            or not all(isinstance(m.packed, native_kernels.PackedWeight) for m in projections)
+        ):
+            return None
+        return native_kernels.layer_table([
+            [layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias,
+             layer.self_attn.o_proj.packed, layer.self_attn.o_proj.bias,
+             layer.mlp.gate_up_proj.packed, layer.mlp.gate_up_proj.bias,
+             layer.mlp.down_proj.packed, layer.mlp.down_proj.bias,
+             layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            for layer in self.layers
+        ])  # fmt: skip
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm(hidden)

@@ -91,6 +91,8 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.rope_cache_bf16.argtypes = [i64p] * 8 + [i64] * 5 + [i32]
     lib.gemm_bf16.argtypes = [i64p] * 4 + [i64] * 3 + [i32]
     lib.gemm_bf16_available.restype = ctypes.c_int
+    lib.decoder_stack_bf16.argtypes = [i64p, i64p, i64] + [i64p] * 4 + [i64] * 2 + [i64p] * 4 + [i64] * 9 + [f32, f32, i32]
+    lib.decoder_stack_bf16.restype = ctypes.c_int
     lib.sample_temperature_f32.argtypes = [i64p] * 4 + [i64, i64, i32]
     lib.sample_temperature_f32.restype = ctypes.c_int
     for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16):
@@ -258,6 +260,62 @@ def gemm_bf16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None =
             rows, weight.out_features, weight.in_features, torch.get_num_threads(),
         )  # fmt: skip
     return out.view(*lead, weight.out_features)
+
+
+# ---- a whole step's decoder layers in one call (decoder.c) ------------------------------------------
+
+LAYER_PTRS = 10  # decoder.c's: qkv, o, gate_up, down weights and biases, input and post-attention norms
+
+
+def layer_table(layers: list[list[torch.Tensor | PackedWeight | None]]) -> torch.Tensor:
+    """[num_layers, LAYER_PTRS] int64 addresses for decoder_stack, in decoder.c's order; None -> 0. The
+    tensors must outlive the table (they are the model's own)."""
+    rows = []
+    for layer in layers:
+        assert len(layer) == LAYER_PTRS
+        row = []
+        for t in layer:
+            if isinstance(t, PackedWeight):
+                t = t.data
+            if t is not None:
+                _check("decoder_stack", t)
+            row.append(0 if t is None else t.data_ptr())
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def decoder_stack(
+    residual: torch.Tensor,  # [rows, hidden] bf16, updated in place
+    table: torch.Tensor,  # layer_table(...)
+    cos: torch.Tensor,  # [rows, 1, head_dim]
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [rows] int64
+    kv_caches: torch.Tensor,  # [num_layers, 2, kv_heads, num_blocks, block_size, head_dim]
+    plan,  # attention.KernelPlan covering every row
+    num_heads: int,
+    intermediate_size: int,
+    eps: float,
+    scale: float,
+) -> None:
+    """Every decoder layer of a bf16 step in one C call (see decoder.c): the same arithmetic as running
+    add_rms_norm, gemm_bf16, rope_and_cache, paged_attention_kernel and silu_mul layer by layer."""
+    num_layers, _, num_kv_heads, num_blocks, block_size, head_dim = kv_caches.shape
+    rows, hidden = residual.shape
+    _check("decoder_stack", residual, cos, sin, kv_caches)
+    for t in (slot_mapping, plan.block_table, plan.seq_of_query, plan.ctx_lens, plan.q_rows):
+        if t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError("decoder_stack: slot mapping and attention plan must be contiguous int64 tensors")
+    if table.shape != (num_layers, LAYER_PTRS) or slot_mapping.shape != (rows,):
+        raise ValueError("decoder_stack: the layer table or slot mapping does not fit the cache and rows")
+    failed = load_kernel().decoder_stack_bf16(
+        residual.data_ptr(), table.data_ptr(), num_layers, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
+        kv_caches.data_ptr(), num_blocks, block_size, plan.block_table.data_ptr(), plan.seq_of_query.data_ptr(),
+        plan.ctx_lens.data_ptr(), plan.q_rows.data_ptr(), plan.q_rows.shape[0], plan.block_table.shape[1],
+        plan.max_ctx, rows, hidden, num_heads, num_kv_heads, head_dim, intermediate_size, eps, scale,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("decoder_stack could not allocate its scratch buffers")
 
 
 # ---- temperature sampling (sampling.c) ----------------------------------------------------------------

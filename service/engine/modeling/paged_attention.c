@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 static inline float load_f32(const float *p, int64_t i) { return p[i]; }
 static inline void store_f32(float *p, int64_t i, float x) { p[i] = x; }
@@ -61,7 +62,10 @@ DEFINE_ROW_HELPERS(f32)
             float *buf = malloc(sizeof(float) * (size_t)(group * (2 * head_dim + max_ctx) + head_dim));   \
             if (buf == NULL) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                                   \
-            } else {                                                                                      \
+            }                                                                                             \
+            _Pragma("omp barrier") int any_failed;                                                        \
+            _Pragma("omp atomic read") any_failed = failed;                                               \
+            if (!any_failed) { /* every thread or none meets the worksharing loop */                      \
                 float *qf = buf, *acc = buf + group * head_dim, *scores = acc + group * head_dim;         \
                 float *row_f = scores + group * max_ctx;                                                  \
                 _Pragma("omp for schedule(dynamic, 4)") for (int64_t item = 0; item < num_items; item++) { \
@@ -106,8 +110,8 @@ DEFINE_ROW_HELPERS(f32)
                         for (int64_t d = 0; d < head_dim; d++) STORE(out, base + d, acc[g * head_dim + d]); \
                     }                                                                                     \
                 }                                                                                         \
-                free(buf);                                                                                \
             }                                                                                             \
+            free(buf);                                                                                    \
         }                                                                                                 \
         return failed;                                                                                    \
     }
@@ -273,6 +277,34 @@ DEFINE_BF16_HEAD(128, 2)
 #define HAVE_BF16_HEADS 1
 #endif
 
+#ifdef HAVE_BF16_HEADS
+/* The bf16 decode/prefill attention (head_dim 64 or 128) as the share of the threads of an enclosing
+ * parallel region (an orphaned `omp for`; decoder.c runs it inside its per-step region). `sg` is this
+ * thread's scratch of group * (max_ctx + 1) floats. */
+void attention_bf16_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
+                         const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                         const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                         int64_t max_ctx, float scale, float *sg) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t num_items = num_queries * num_kv_heads;
+    const int64_t plane = num_blocks * block_size * head_dim;
+    float *inv = sg + group * max_ctx;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t item = 0; item < num_items; item++) {
+        const int64_t n = item / num_kv_heads, kh = item % num_kv_heads;
+        const int64_t base = (q_rows[n] * num_heads + kh * group) * head_dim;
+        const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;
+        if (head_dim == 64)
+            attend_bf16_64(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks, ctx_lens[n],
+                           block_size, group, scale, sg, inv);
+        else
+            attend_bf16_128(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks, ctx_lens[n],
+                            block_size, group, scale, sg, inv);
+    }
+}
+#endif
+
 int paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
                          const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                          const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
@@ -281,8 +313,6 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint1
 #ifdef HAVE_BF16_HEADS
     if (head_dim == 64 || head_dim == 128) {
         const int64_t group = num_heads / num_kv_heads;
-        const int64_t num_items = num_queries * num_kv_heads;
-        const int64_t plane = num_blocks * block_size * head_dim;
         int failed = 0;
 #pragma omp parallel num_threads(num_threads)
         {
@@ -290,22 +320,16 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint1
             if (sg == NULL) {
 #pragma omp atomic write
                 failed = 1;
-            } else {
-#pragma omp for schedule(dynamic, 4)
-                for (int64_t item = 0; item < num_items; item++) {
-                    const int64_t n = item / num_kv_heads, kh = item % num_kv_heads;
-                    const int64_t base = (q_rows[n] * num_heads + kh * group) * head_dim;
-                    const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;
-                    float *inv = sg + group * max_ctx;
-                    if (head_dim == 64)
-                        attend_bf16_64(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks,
-                                       ctx_lens[n], block_size, group, scale, sg, inv);
-                    else
-                        attend_bf16_128(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base, blocks,
-                                        ctx_lens[n], block_size, group, scale, sg, inv);
-                }
-                free(sg);
             }
+#pragma omp barrier
+            int any_failed;
+#pragma omp atomic read
+            any_failed = failed;
+            if (!any_failed) /* every thread or none meets the worksharing loop */
+                attention_bf16_team(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows,
+                                    num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
+                                    max_blocks, max_ctx, scale, sg);
+            free(sg);
         }
         return failed;
     }

@@ -1,0 +1,137 @@
+/* Every decoder layer of one bf16 step in a single OpenMP parallel region, on CPUs where gemm.c runs.
+ *
+ *   decoder_stack_bf16   residual[T, H] := the decoder layers applied to it (before the final norm)
+ *
+ * The same kernels, in the same order and with the same split of work over threads, as the per-op path of
+ * llama.py (_forward_fused), so the result is bit for bit the same. What it saves is everything between
+ * them: per layer that path makes nine calls from Python, each with its argument checks, a torch
+ * allocation and a fork and join of the OpenMP team, while the other core waits. Here the phases are
+ * separated by barriers only.
+ *
+ * layers: [L][LAYER_PTRS] addresses (0: none) of each layer's qkv, o, gate_up and down weights packed by
+ * native_kernels.pack_weight, their biases, and the input and post-attention norms' weights.
+ * kv_cache: [L, 2, num_kv_heads, num_blocks, block_size, head_dim]. cos, sin: [T, head_dim].
+ * slots: [T] cache slot of each row's K/V. The attention plan (block_table, seq_of_query, ctx_lens, q_rows)
+ * is native_kernels.paged_attention_kernel's.
+ * Returns 0, or 1 when scratch memory could not be had (nothing computed then).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "bf16.h"
+#include "kernels.h"
+
+enum { QKV_W, QKV_B, O_W, O_B, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, INPUT_NORM, POST_NORM, LAYER_PTRS };
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+
+#define PTR(layer, i) ((const bf16 *)(intptr_t)(layer)[i])
+
+#define PREFETCH_BUDGET (12 << 20) /* bytes a layer may fetch ahead: well inside L3 with the weights passing */
+
+/* Byte offsets, from a layer's base, of the K and V blocks the attention will read, in its order of work
+ * (query, KV head; keys, then values), one entry per block and head; each sequence once, for its last
+ * query, which sees all the others see. Stops at PREFETCH_BUDGET. Returns the number of entries. */
+static int64_t prefetch_offsets(int64_t *out, const int64_t *block_table, const int64_t *seq_of_query,
+                                const int64_t *ctx_lens, int64_t num_queries, int64_t num_kv_heads,
+                                int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t chunk_bytes,
+                                int64_t plane) {
+    int64_t count = 0;
+    for (int64_t n = 0; n < num_queries; n++) {
+        if (n + 1 < num_queries && seq_of_query[n + 1] == seq_of_query[n]) continue;
+        const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;
+        const int64_t used = (ctx_lens[n] + block_size - 1) / block_size;
+        for (int64_t kh = 0; kh < num_kv_heads; kh++) {
+            if ((count + 2 * used) * chunk_bytes > PREFETCH_BUDGET) return count;
+            for (int64_t kv = 0; kv < 2; kv++)
+                for (int64_t b = 0; b < used; b++)
+                    out[count++] = kv * plane * (int64_t)sizeof(bf16) + (kh * num_blocks + blocks[b]) * chunk_bytes;
+        }
+    }
+    return count;
+}
+
+int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
+                       const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
+                       const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                       const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
+                       int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
+                       float eps, float scale, int num_threads) {
+    const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
+    const int64_t qkv_width = q_width + 2 * kv_width;
+    const int64_t plane = num_kv_heads * num_blocks * block_size * head_dim; /* one layer's K (or V) */
+    const int64_t group = num_heads / num_kv_heads;
+    /* Activations, reused by every layer: x (normed input), qkv, q, k, attention output, projection
+     * output (o, then the MLP's), gate_up, and the MLP's activation. */
+    const int64_t sizes[] = {T * hidden, T * qkv_width, T * q_width, T * kv_width, T * q_width, T * hidden,
+                             T * 2 * inter, T * inter};
+    int64_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += sizes[i];
+    bf16 *buf = malloc(sizeof(bf16) * (size_t)total);
+    if (buf == NULL) return 1;
+    bf16 *x = buf, *qkv = x + sizes[0], *q = qkv + sizes[1], *k = q + sizes[2], *attn = k + sizes[3];
+    bf16 *proj = attn + sizes[4], *gate_up = proj + sizes[5], *act = gate_up + sizes[6];
+    /* The next layer's keys and values, fetched into the caches while this layer's o, gate_up and down
+     * projections compute (which leave the memory bus mostly idle): attention then reads them from L2/L3
+     * instead of DRAM. Offsets are from a layer's base, so one list serves every layer. */
+    const int64_t chunk_bytes = block_size * head_dim * (int64_t)sizeof(bf16);
+    int64_t *chunks = malloc(sizeof(int64_t) * (size_t)(2 * num_kv_heads * (max_blocks > 0 ? max_blocks : 1) *
+                                                        (num_queries > 0 ? num_queries : 1)));
+    int64_t num_chunks = chunks == NULL ? 0 : prefetch_offsets(chunks, block_table, seq_of_query, ctx_lens,
+                                                               num_queries, num_kv_heads, num_blocks, block_size,
+                                                               max_blocks, chunk_bytes, plane);
+    /* Each projection carries a share in proportion to its arithmetic. */
+    const double flops[3] = {(double)q_width * hidden, 2.0 * inter * hidden, (double)inter * hidden};
+    const double all = flops[0] + flops[1] + flops[2];
+    const int64_t cut1 = (int64_t)(num_chunks * (flops[0] / all)), cut2 = (int64_t)(num_chunks * ((flops[0] + flops[1]) / all));
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *sg = malloc(sizeof(float) * (size_t)(group * (max_ctx + 1))); /* attention's, per thread */
+        if (sg == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int any_failed;
+#pragma omp atomic read
+        any_failed = failed;
+        if (!any_failed) { /* every thread or none runs the layers: each phase below is a worksharing loop */
+            add_rms_norm_team(NULL, residual, PTR(layers, INPUT_NORM), x, T, hidden, eps);
+            for (int64_t l = 0; l < num_layers; l++) {
+                const int64_t *w = layers + l * LAYER_PTRS;
+                bf16 *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
+                const int64_t ahead = l + 1 < num_layers ? 1 : 0;
+                const char *next = ahead ? (const char *)(kv_cache + (l + 1) * 2 * plane) : NULL;
+                const prefetch_list pf_o = {next, chunks, ahead * cut1, chunk_bytes};
+                const prefetch_list pf_gate_up = {next, chunks + cut1, ahead * (cut2 - cut1), chunk_bytes};
+                const prefetch_list pf_down = {next, chunks + cut2, ahead * (num_chunks - cut2), chunk_bytes};
+                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, T, qkv_width, hidden, NULL);
+                rope_cache_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
+                                num_blocks * block_size);
+                attention_bf16_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
+                                    num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks,
+                                    max_ctx, scale, sg);
+                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, T, hidden, q_width, &pf_o);
+                add_rms_norm_team(proj, residual, PTR(w, POST_NORM), x, T, hidden, eps);
+                gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, T, 2 * inter, hidden, &pf_gate_up);
+                silu_mul_team(gate_up, act, T, inter);
+                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, T, hidden, inter, &pf_down);
+                if (l + 1 < num_layers)
+                    add_rms_norm_team(proj, residual, PTR(w + LAYER_PTRS, INPUT_NORM), x, T, hidden, eps);
+                else
+                    add_rows_team(proj, residual, T, hidden);
+            }
+        }
+        free(sg);
+    }
+    free(chunks);
+    free(buf);
+    return failed;
+}
+
+#else /* no AVX-512 BF16 on the machine that built this: gemm.c does not run, and neither does this */
+
+int decoder_stack_bf16(void) { return 1; }
+
+#endif

@@ -1,0 +1,40 @@
+/* The kernels' bodies as team work: each splits its loop over the threads of a parallel region its caller
+ * has already opened (an orphaned `omp for`, whose closing barrier ends the phase), so that decoder.c runs
+ * a whole step's layers inside one region. The calls of their own (gemm_bf16, add_rms_norm_bf16, ...)
+ * open a region and run the same body. Every thread of the region must call each of them. */
+#ifndef LMSERVE_KERNELS_H
+#define LMSERVE_KERNELS_H
+#include <stdint.h>
+
+#include "bf16.h"
+
+/* Memory for the caches to fetch while a gemm computes (software prefetch): `count` chunks of `chunk_bytes`
+ * (a multiple of 64) at base + offsets[i]. */
+typedef struct {
+    const char *base;
+    const int64_t *offsets;
+    int64_t count, chunk_bytes;
+} prefetch_list;
+
+/* gemm.c: y[M, N] = bf16(x[M, K] @ W^T (+ bias)), W packed by native_kernels.pack_weight; with `prefetch`
+ * (or NULL), the threads share its chunks out evenly over their arithmetic. */
+void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
+                    const prefetch_list *prefetch);
+
+/* fused_ops.c */
+void add_rms_norm_team(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows, int64_t dim,
+                       float eps);
+void add_rows_team(const bf16 *x, bf16 *residual, int64_t rows, int64_t dim);
+void silu_mul_team(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter);
+void rope_cache_team(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out, bf16 *k_cache,
+                     bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim, int64_t cache_slots);
+
+/* paged_attention.c, with AVX-512 BF16 only (head_dim 64 or 128); sg: group * (max_ctx + 1) floats. */
+void attention_bf16_team(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,
+                         const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                         const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                         int64_t max_ctx, float scale, float *sg);
+
+#endif
