@@ -13,7 +13,8 @@
  * hold (W[n, 2p], W[n, 2p+1]), the operand layout of vdpbf16ps. Columns past N are zero padding.
  * A register block is 6 rows x 64 columns (24 accumulators); each x pair is broadcast from memory.
  * Work is split over (column group, row block) pairs, group-major, so a thread reuses a group's
- * weights from its cache for every row block it owns.
+ * weights from its cache for every row block it owns, and fetches the next group's (software prefetch)
+ * while it computes. A caller inside decoder.c's region may hand it other memory to prefetch as well.
  */
 #include <stdint.h>
 
@@ -36,6 +37,8 @@ typedef struct {
     int per8;
 } prefetch_cursor;
 
+static const int64_t zero_offset = 0; /* a contiguous range is a list of one chunk */
+
 static inline __attribute__((always_inline)) void prefetch_some(prefetch_cursor *c) {
     for (int i = 0; i < c->per8 && c->next < c->end; i++) {
         _mm_prefetch(c->base + c->offsets[c->next] + c->line * 64, _MM_HINT_T1);
@@ -46,7 +49,7 @@ static inline __attribute__((always_inline)) void prefetch_some(prefetch_cursor 
 static inline __attribute__((always_inline)) void block(const int rows, const bf16 *x, const int64_t K,
                                                         const bf16 *w, const bf16 *bias, bf16 *y,
                                                         const int64_t ldy, const int64_t ncols,
-                                                        prefetch_cursor *pf) {
+                                                        prefetch_cursor *pf, prefetch_cursor *wpf) {
     __m512 acc[BLOCK_ROWS][4];
 #pragma GCC unroll 6
     for (int m = 0; m < rows; m++)
@@ -54,7 +57,10 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
     const int64_t pairs = K / 2;
     for (int64_t p = 0; p < pairs; p++) {
-        if (pf != NULL && (p & 7) == 0) prefetch_some(pf);
+        if ((p & 7) == 0) {
+            if (pf != NULL) prefetch_some(pf);
+            if (wpf != NULL) prefetch_some(wpf);
+        }
         const bf16 *wp = w + p * (2 * GROUP_COLS);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
@@ -108,13 +114,25 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
         const bf16 *w = packed + g * K * GROUP_COLS, *b = bias == NULL ? NULL : bias + n0;
         const bf16 *xr = x + m0 * K;
         bf16 *yr = y + m0 * N + n0;
+        /* With several row blocks per group, only the first pass over a group's weights comes from memory
+         * (the others find them in L2), and it waits on them. Fetch the next group's weights during this
+         * group's passes instead, a share per pass, so that every pass finds its weights in L2. */
+        prefetch_cursor wcursor, *wpf = NULL;
+        if (row_blocks > 1 && g + 1 < groups) {
+            const int64_t r = item % row_blocks, group_lines = K * GROUP_COLS * (int64_t)sizeof(bf16) / 64;
+            const int64_t first = group_lines * r / row_blocks, last = group_lines * (r + 1) / row_blocks;
+            const int64_t rounds = (K / 2 + 7) / 8;
+            wcursor = (prefetch_cursor){(const char *)(packed + (g + 1) * K * GROUP_COLS) + first * 64, &zero_offset,
+                                        0, 1, 0, last - first, (int)((last - first + rounds - 1) / rounds)};
+            wpf = last > first ? &wcursor : NULL;
+        }
         switch (M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS) { /* constant row counts: fully unrolled blocks */
-        case 6: block(6, xr, K, w, b, yr, N, ncols, pf); break;
-        case 5: block(5, xr, K, w, b, yr, N, ncols, pf); break;
-        case 4: block(4, xr, K, w, b, yr, N, ncols, pf); break;
-        case 3: block(3, xr, K, w, b, yr, N, ncols, pf); break;
-        case 2: block(2, xr, K, w, b, yr, N, ncols, pf); break;
-        default: block(1, xr, K, w, b, yr, N, ncols, pf); break;
+        case 6: block(6, xr, K, w, b, yr, N, ncols, pf, wpf); break;
+        case 5: block(5, xr, K, w, b, yr, N, ncols, pf, wpf); break;
+        case 4: block(4, xr, K, w, b, yr, N, ncols, pf, wpf); break;
+        case 3: block(3, xr, K, w, b, yr, N, ncols, pf, wpf); break;
+        case 2: block(2, xr, K, w, b, yr, N, ncols, pf, wpf); break;
+        default: block(1, xr, K, w, b, yr, N, ncols, pf, wpf); break;
         }
     }
 }
