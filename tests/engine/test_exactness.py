@@ -1,4 +1,5 @@
-"""Greedy decoding must produce exactly transformers' `generate` tokens in float32, however batched."""
+"""Greedy decoding must produce exactly transformers' `generate` tokens in float32, however batched; in bf16 it
+must produce the same tokens whatever the batch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from service.config import EngineConfig
 from service.engine.engine import NativeEngine
+from service.engine.modeling import native_kernels
 from service.types import GenerationRequest, SamplingParams
 
 SYSTEM = (
@@ -131,3 +133,23 @@ def test_greedy_matches_transformers(checkpoint, case: str) -> None:
     if case == "alone":
         # Run alone, later chat prompts reuse the system prompt's cached blocks.
         assert engine.block_manager.num_prefix_hits > 0
+
+
+@pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c runs where gemm.c does (AVX-512 BF16, no AMX)")
+def test_bf16_greedy_does_not_depend_on_the_batch(smollm2_dir: Path) -> None:
+    """bf16 on this CPU runs decoder.c's one-call layers. Every row's arithmetic there is its own (gemm rows,
+    norms, one attention item per query and KV head), so greedy outputs must not depend on what else is in
+    the step: alone, all at once with small prefill chunks, and with a pool so small that requests are
+    preempted and recomputed."""
+    base = NativeEngine.load(smollm2_dir, "smollm2", EngineConfig(dtype="bfloat16", num_kv_blocks=256))
+    assert base.runner.model.stack_table is not None
+    prompts = build_prompts(base)
+    alone = asyncio.run(engine_greedy(base, prompts, concurrent=False))
+    longest = max(len(p) for p in prompts) + MAX_NEW_TOKENS
+    for overrides in (dict(max_num_batched_tokens=40), dict(num_kv_blocks=math.ceil(longest / 16) + 2, max_num_batched_tokens=64)):
+        engine = NativeEngine.load(smollm2_dir, "smollm2", EngineConfig(dtype="bfloat16", **overrides))
+        got = asyncio.run(engine_greedy(engine, prompts, concurrent=True))
+        for i, (g, e) in enumerate(zip(got, alone, strict=True)):
+            assert g == e, f"{overrides}: prompt {i} ({len(prompts[i])} tokens) diverged from its run alone"
+        assert len({tuple(t) for t in alone}) > 8  # the prompts lead to different outputs
+    assert engine.scheduler.num_preemptions_total > 0, "the small pool was meant to force preemption"
