@@ -67,8 +67,9 @@ def test_fused_ops_on_widths_not_a_multiple_of_16(width: int) -> None:
 
 
 @_needs_kernels
-def test_rope_and_cache_matches_torch_and_fills_slots() -> None:
-    heads, kv_heads, head_dim, num_blocks, block_size, rows = 6, 2, 64, 10, 4, 7
+@pytest.mark.parametrize("head_dim", [64, 128, 40])  # 40: a vector of sixteen and a tail of four per half
+def test_rope_and_cache_matches_torch_and_fills_slots(head_dim: int) -> None:
+    heads, kv_heads, num_blocks, block_size, rows = 6, 2, 10, 4, 7
     gen = torch.Generator().manual_seed(2)
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen).to(BF16)
     angles = torch.rand(rows, head_dim // 2, generator=gen) * 6

@@ -116,6 +116,31 @@ static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *o, int64_t inter) {
 
 #endif
 
+/* RoPE on one head: dst = x * cos + rotate_half(x) * sin, rounded to bf16 after each product and after
+ * the sum, as torch computes it in bf16. cos and sin hold HF's duplicated halves. */
+static inline void rope_head(const bf16 *x, const bf16 *c, const bf16 *s, bf16 *dst, int64_t half) {
+    int64_t j = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    for (; j + 16 <= half; j += 16) { /* sixteen of each half at once */
+        const __mmask16 all = 0xffff;
+        const __m512 lo = load16_bf16(x + j, all), hi = load16_bf16(x + half + j, all);
+        const __m512 c_lo = load16_bf16(c + j, all), c_hi = load16_bf16(c + half + j, all);
+        const __m512 s_lo = load16_bf16(s + j, all), s_hi = load16_bf16(s + half + j, all);
+        const __m512 neg_hi = _mm512_sub_ps(_mm512_setzero_ps(), hi);
+        store16_bf16(dst + j, all, _mm512_add_ps(round16_bf16(_mm512_mul_ps(lo, c_lo)), round16_bf16(_mm512_mul_ps(neg_hi, s_lo))));
+        store16_bf16(dst + half + j, all, _mm512_add_ps(round16_bf16(_mm512_mul_ps(hi, c_hi)), round16_bf16(_mm512_mul_ps(lo, s_hi))));
+    }
+#endif
+    for (; j < half; j++) { /* the rest (all of it without AVX-512 BF16), both halves */
+        for (int64_t i = j; i < 2 * half; i += half) {
+            float rot = i < half ? -bf16_to_f32(x[i + half]) : bf16_to_f32(x[i - half]);
+            float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * bf16_to_f32(c[i])));
+            float b = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(s[i])));
+            dst[i] = f32_to_bf16(a + b);
+        }
+    }
+}
+
 /* Each op as the share of the threads of an enclosing parallel region (an orphaned `omp for`: decoder.c
  * runs them all inside one region per step), and as a call of its own that opens a region sized to the work. */
 
@@ -157,12 +182,7 @@ void rope_cache_team(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_
             const bf16 *x = src + h * head_dim;
             bf16 *dst = h < num_heads ? q_out + (r * num_heads + h) * head_dim
                                       : k_out + (r * num_kv_heads + (h - num_heads)) * head_dim;
-            for (int64_t i = 0; i < head_dim; i++) {
-                float rot = i < half ? -bf16_to_f32(x[i + half]) : bf16_to_f32(x[i - half]);
-                float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * bf16_to_f32(c[i])));
-                float b = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(s[i])));
-                dst[i] = f32_to_bf16(a + b);
-            }
+            rope_head(x, c, s, dst, half);
             if (h >= num_heads)
                 memcpy(k_cache + ((h - num_heads) * cache_slots + slot) * head_dim, dst, head_dim * sizeof(bf16));
         }
