@@ -55,9 +55,17 @@ def sample(
         # The common decode step: one argmax over the batch and one device->host copy.
         return [SampledToken(int(t), None) for t in logits.argmax(dim=-1).tolist()]
 
+    vocab = logits.shape[1]
+    if native_kernels.can_sample(logits) and all(
+        not r.sampling.is_greedy and _unprocessed(r) and _temperature_only(r.sampling, vocab) for r in requests
+    ):
+        # The common sampled step (temperature only, as vllm bench serve's requests): sampling.c draws every
+        # row, exactly as the general path below would, and only reads the logits, so they need no copy.
+        chosen = _draw_plain(logits, [r.sampling for r in requests], generators).tolist()
+        return [SampledToken(token_id, None) for token_id in chosen]
+
     device = logits.device
     x = logits.to(dtype=torch.float32, copy=True)  # never mutate the caller's logits
-    vocab = x.shape[1]
 
     # Raw logprobs, before any processing, only for the rows that asked for them.
     lp_rows = [i for i, r in enumerate(requests) if r.sampling.logprobs is not None]
@@ -106,15 +114,14 @@ def sample(
     return [SampledToken(chosen[i], out_logprob[i], out_top[i]) for i in range(num_rows)]
 
 
-def _is_plain_greedy(r: Request) -> bool:
+def _unprocessed(r: Request) -> bool:
+    """No logits processor applies to this row now, and it asks for no logprobs."""
     p = r.sampling
-    return (
-        p.is_greedy
-        and not p.logit_bias
-        and not p.needs_penalties
-        and p.logprobs is None
-        and r.num_output_tokens >= p.min_tokens
-    )
+    return not p.logit_bias and not p.needs_penalties and p.logprobs is None and r.num_output_tokens >= p.min_tokens
+
+
+def _is_plain_greedy(r: Request) -> bool:
+    return r.sampling.is_greedy and _unprocessed(r)
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

@@ -222,14 +222,15 @@ def _run_seeded(params: SamplingParams, rows: torch.Tensor, others: int) -> list
     return tokens
 
 
-def test_seeded_reproducible_and_batch_independent() -> None:
+@pytest.mark.parametrize("top_p", [0.95, 1.0])  # 1.0: plain temperature, alone a step of sampling.c only
+def test_seeded_reproducible_and_batch_independent(top_p: float) -> None:
     rows = torch.randn(20, 64, generator=torch.Generator().manual_seed(5))
-    params = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
+    params = SamplingParams(temperature=1.0, top_p=top_p, seed=42)
     alone = _run_seeded(params, rows, others=0)
     again = _run_seeded(params, rows, others=0)
     batched = _run_seeded(params, rows, others=4)
     assert alone == again == batched
-    other_seed = _run_seeded(SamplingParams(temperature=1.0, top_p=0.95, seed=43), rows, others=0)
+    other_seed = _run_seeded(SamplingParams(temperature=1.0, top_p=top_p, seed=43), rows, others=0)
     assert other_seed != alone  # 20 draws over 64 tokens: a collision is astronomically unlikely
 
 
@@ -391,3 +392,17 @@ def test_temperature_only_rows_go_through_the_c_sampler(monkeypatch: pytest.Monk
     out = sample(logits, reqs, [None] * 3)
     assert seen == [2] and len(out) == 3
     assert out[1].token_id in logits[1].topk(5).indices.tolist()
+
+
+@_c_sampler
+def test_a_step_of_plain_temperature_rows_samples_the_logits_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row temperature-only: sampling.c reads the caller's logits (no copy of the batch) and leaves them
+    as they were."""
+    seen: list[int] = []
+    real = native_kernels.sample_temperature
+    monkeypatch.setattr(native_kernels, "sample_temperature", lambda x, t, u: seen.append(x.data_ptr()) or real(x, t, u))
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    before = logits.clone()
+    out = sample(logits, [make_request(SamplingParams(temperature=t)) for t in (0.5, 0.7, 1.0, 1.5)], [None] * 4)
+    assert seen == [logits.data_ptr()] and len(out) == 4
+    assert torch.equal(logits, before)
