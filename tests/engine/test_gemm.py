@@ -33,6 +33,10 @@ def test_gemm_matches_float32_matmul(rows: int, out_features: int, in_features: 
     assert got.dtype == BF16 and got.shape == (rows, out_features)
     # float32 sums in another order, then one rounding to bf16: within a bf16 step of the exact value.
     torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-3 * want.abs().max().item())
+    # The float32 output (the LM head's logits) is those very sums, unrounded.
+    sums = native_kernels.gemm_bf16(x, packed, bias, out_dtype=torch.float32)
+    assert sums.dtype == torch.float32 and torch.equal(sums.to(BF16), got)
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_gemm_keeps_leading_dims_and_takes_strided_input() -> None:

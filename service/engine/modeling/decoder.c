@@ -106,17 +106,17 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                 const prefetch_list pf_o = {next, chunks, ahead * cut1, chunk_bytes};
                 const prefetch_list pf_gate_up = {next, chunks + cut1, ahead * (cut2 - cut1), chunk_bytes};
                 const prefetch_list pf_down = {next, chunks + cut2, ahead * (num_chunks - cut2), chunk_bytes};
-                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, T, qkv_width, hidden, NULL);
+                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, NULL, T, qkv_width, hidden, NULL);
                 rope_cache_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
                                 num_blocks * block_size);
                 attention_bf16_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
                                     num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks,
                                     max_ctx, scale, sg);
-                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, T, hidden, q_width, &pf_o);
+                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, NULL, T, hidden, q_width, &pf_o);
                 add_rms_norm_team(proj, residual, PTR(w, POST_NORM), x, T, hidden, eps);
-                gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, T, 2 * inter, hidden, &pf_gate_up);
+                gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, &pf_gate_up);
                 silu_mul_team(gate_up, act, T, inter);
-                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, T, hidden, inter, &pf_down);
+                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, NULL, T, hidden, inter, &pf_down);
                 if (l + 1 < num_layers)
                     add_rms_norm_team(proj, residual, PTR(w + LAYER_PTRS, INPUT_NORM), x, T, hidden, eps);
                 else

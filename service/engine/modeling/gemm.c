@@ -1,6 +1,7 @@
 /* bf16 matrix multiply for the projections of a decode step on CPUs with AVX-512 BF16 (no AMX):
  *
- *   gemm_bf16   y[M, N] = bf16(x[M, K] @ W[N, K]^T (+ bias)), float32 accumulation
+ *   gemm_bf16   y[M, N] = bf16(x[M, K] @ W[N, K]^T (+ bias)), float32 accumulation; or, given y_f32,
+ *               the float32 sums themselves (the LM head's logits: no rounding, no conversion after)
  *
  * Why our own: a decode step multiplies a few rows (one per sequence) by every weight of the model.
  * With few rows the weights' bytes set the pace, and oneDNN's bf16 path streamed them here at about
@@ -47,7 +48,7 @@ static inline __attribute__((always_inline)) void prefetch_some(prefetch_cursor 
 }
 
 static inline __attribute__((always_inline)) void block(const int rows, const bf16 *x, const int64_t K,
-                                                        const bf16 *w, const bf16 *bias, bf16 *y,
+                                                        const bf16 *w, const bf16 *bias, bf16 *y, float *yf,
                                                         const int64_t ldy, const int64_t ncols,
                                                         prefetch_cursor *pf, prefetch_cursor *wpf) {
     __m512 acc[BLOCK_ROWS][4];
@@ -84,14 +85,20 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
         const __mmask16 mask = mask16(ncols - c0);
         const __m512 b = bias == NULL ? _mm512_setzero_ps() : load16_bf16(bias + c0, mask);
 #pragma GCC unroll 6
-        for (int m = 0; m < rows; m++) store16_bf16(y + m * ldy + c0, mask, _mm512_add_ps(acc[m][j], b));
+        for (int m = 0; m < rows; m++) {
+            const __m512 r = _mm512_add_ps(acc[m][j], b);
+            if (yf != NULL)
+                _mm512_mask_storeu_ps(yf + m * ldy + c0, mask, r);
+            else
+                store16_bf16(y + m * ldy + c0, mask, r);
+        }
     }
 }
 
 /* The work of one call, split over the threads of the parallel region the caller is in (an orphaned
  * `omp for`, so its closing barrier ends the phase): gemm_bf16 opens one per call, decoder.c one per step. */
-void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
-                    const prefetch_list *prefetch) {
+void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
+                    int64_t N, int64_t K, const prefetch_list *prefetch) {
     const int64_t groups = (N + GROUP_COLS - 1) / GROUP_COLS;
     const int64_t row_blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t items = groups * row_blocks;
@@ -113,7 +120,8 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
         const int64_t ncols = N - n0 < GROUP_COLS ? N - n0 : GROUP_COLS;
         const bf16 *w = packed + g * K * GROUP_COLS, *b = bias == NULL ? NULL : bias + n0;
         const bf16 *xr = x + m0 * K;
-        bf16 *yr = y + m0 * N + n0;
+        bf16 *yr = y_f32 != NULL ? NULL : y + m0 * N + n0;
+        float *yfr = y_f32 == NULL ? NULL : y_f32 + m0 * N + n0;
         /* With several row blocks per group, only the first pass over a group's weights comes from memory
          * (the others find them in L2), and it waits on them. Fetch the next group's weights during this
          * group's passes instead, a share per pass, so that every pass finds its weights in L2. */
@@ -127,31 +135,31 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
             wpf = last > first ? &wcursor : NULL;
         }
         switch (M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS) { /* constant row counts: fully unrolled blocks */
-        case 6: block(6, xr, K, w, b, yr, N, ncols, pf, wpf); break;
-        case 5: block(5, xr, K, w, b, yr, N, ncols, pf, wpf); break;
-        case 4: block(4, xr, K, w, b, yr, N, ncols, pf, wpf); break;
-        case 3: block(3, xr, K, w, b, yr, N, ncols, pf, wpf); break;
-        case 2: block(2, xr, K, w, b, yr, N, ncols, pf, wpf); break;
-        default: block(1, xr, K, w, b, yr, N, ncols, pf, wpf); break;
+        case 6: block(6, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
+        case 5: block(5, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
+        case 4: block(4, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
+        case 3: block(3, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
+        case 2: block(2, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
+        default: block(1, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
         }
     }
 }
 
-void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
-               int num_threads) {
+void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
+               int64_t K, int num_threads) {
     const int64_t items = (N + GROUP_COLS - 1) / GROUP_COLS * ((M + BLOCK_ROWS - 1) / BLOCK_ROWS);
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
-    gemm_bf16_team(x, packed, bias, y, M, N, K, NULL);
+    gemm_bf16_team(x, packed, bias, y, y_f32, M, N, K, NULL);
 }
 
 #else /* no AVX-512 BF16 on the machine that built this: native_kernels keeps oneDNN */
 
 int gemm_bf16_available(void) { return 0; }
 
-void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
-                    const prefetch_list *prefetch) {
+void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
+                    int64_t N, int64_t K, const prefetch_list *prefetch) {
     (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)prefetch;
 }
 

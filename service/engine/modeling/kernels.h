@@ -16,10 +16,11 @@ typedef struct {
     int64_t count, chunk_bytes;
 } prefetch_list;
 
-/* gemm.c: y[M, N] = bf16(x[M, K] @ W^T (+ bias)), W packed by native_kernels.pack_weight; with `prefetch`
- * (or NULL), the threads share its chunks out evenly over their arithmetic. */
-void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
-                    const prefetch_list *prefetch);
+/* gemm.c: y[M, N] = bf16(x[M, K] @ W^T (+ bias)), W packed by native_kernels.pack_weight (into y_f32 as
+ * float32 instead, where that is not NULL); with `prefetch` (or NULL), the threads share its chunks out
+ * evenly over their arithmetic. */
+void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
+                    int64_t N, int64_t K, const prefetch_list *prefetch);
 
 /* fused_ops.c */
 void add_rms_norm_team(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows, int64_t dim,

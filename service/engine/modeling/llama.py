@@ -279,11 +279,16 @@ class LlamaForCausalLM(nn.Module):
         ])  # fmt: skip
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_rows, vocab_size] logits: float32 straight from gemm.c's sums where it computes the head,
+        else in the model's dtype."""
         hidden = self.norm(hidden)
         if not self.tie_word_embeddings:
-            return self.lm_head(hidden)
-        head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
-        return linear(hidden, head)  # [num_rows, vocab_size]
+            head = self.lm_head.weight if self.lm_head.packed is None else self.lm_head.packed
+        else:
+            head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
+        if isinstance(head, native_kernels.PackedWeight):
+            return native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
+        return linear(hidden, head)
 
     def prepack_weights(self) -> str | None:
         """Reorder every projection for the fast matmul where that pays (`can_prepack`); after loading.

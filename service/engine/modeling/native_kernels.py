@@ -89,7 +89,7 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.add_rms_norm_bf16.argtypes = [i64p] * 4 + [i64, i64, f32, i32]
     lib.silu_mul_bf16.argtypes = [i64p] * 2 + [i64, i64, i32]
     lib.rope_cache_bf16.argtypes = [i64p] * 8 + [i64] * 5 + [i32]
-    lib.gemm_bf16.argtypes = [i64p] * 4 + [i64] * 3 + [i32]
+    lib.gemm_bf16.argtypes = [i64p] * 5 + [i64] * 3 + [i32]
     lib.gemm_bf16_available.restype = ctypes.c_int
     lib.decoder_stack_bf16.argtypes = [i64p, i64p, i64] + [i64p] * 4 + [i64] * 2 + [i64p] * 4 + [i64] * 9 + [f32, f32, i32]
     lib.decoder_stack_bf16.restype = ctypes.c_int
@@ -247,16 +247,23 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(data, out_features, in_features)
 
 
-def gemm_bf16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in_features] @ weight.T (+ bias) -> [..., out_features], bf16 with float32 accumulation."""
+def gemm_bf16(
+    x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """x [..., in_features] @ weight.T (+ bias) -> [..., out_features] with float32 accumulation, rounded to
+    bf16, or (out_dtype float32) the float32 sums as they are."""
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"gemm_bf16 writes bfloat16 or float32, not {out_dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features).contiguous()
     _check("gemm_bf16", x2, *(() if bias is None else (bias,)))
     rows = x2.shape[0]
-    out = torch.empty(rows, weight.out_features, dtype=torch.bfloat16)
+    out = torch.empty(rows, weight.out_features, dtype=out_dtype)
     if rows:
+        f32 = out_dtype == torch.float32
         load_kernel().gemm_bf16(
-            x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(),
+            None if f32 else out.data_ptr(), out.data_ptr() if f32 else None,
             rows, weight.out_features, weight.in_features, torch.get_num_threads(),
         )  # fmt: skip
     return out.view(*lead, weight.out_features)
