@@ -72,6 +72,10 @@ def test_rope_and_cache_matches_torch_and_fills_slots(head_dim: int) -> None:
     heads, kv_heads, num_blocks, block_size, rows = 6, 2, 10, 4, 7
     gen = torch.Generator().manual_seed(2)
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen).to(BF16)
+    # Whole heads of zeros (a q head in even rows, a k head in odd ones): the sign of a zero result must
+    # follow torch's too (rotate_half negates, so -0 * sin + x * cos can be -0).
+    qkv[::2, :head_dim] = 0.0
+    qkv[1::2, heads * head_dim : (heads + 1) * head_dim] = 0.0
     angles = torch.rand(rows, head_dim // 2, generator=gen) * 6
     emb = torch.cat([angles, angles], dim=-1)
     cos, sin = emb.cos().to(BF16)[:, None], emb.sin().to(BF16)[:, None]
@@ -82,8 +86,9 @@ def test_rope_and_cache_matches_torch_and_fills_slots(head_dim: int) -> None:
 
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
     expected = qk * cos + rotate_half(qk) * sin
-    assert torch.equal(q, expected[:, :heads])  # same three roundings as torch: bit-identical
-    assert torch.equal(k, expected[:, heads:])
+    bits = lambda t: t.contiguous().view(torch.int16)  # noqa: E731  (torch.equal takes -0 for +0)
+    assert torch.equal(bits(q), bits(expected[:, :heads]))  # same three roundings as torch: bit-identical
+    assert torch.equal(bits(k), bits(expected[:, heads:]))
     v = qkv[:, (heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim)
     flat = cache.view(2, kv_heads, num_blocks * block_size, head_dim)
     assert torch.equal(flat[0][:, slots].transpose(0, 1), k)
@@ -148,8 +153,23 @@ def qwen2_head64_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path
     return _build_tiny(tmp_path_factory.mktemp("qwen2_head64"), config, smollm2_dir)
 
 
+@pytest.fixture(scope="module")
+def llama_head128_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A tiny Llama with 128-wide heads, biases on every projection and its own (untied) LM head."""
+    from transformers import LlamaConfig
+
+    from tests.conftest import SMOLLM2_VOCAB_SIZE, _build_tiny
+
+    config = LlamaConfig(
+        hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128, intermediate_size=256,
+        num_hidden_layers=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+        vocab_size=SMOLLM2_VOCAB_SIZE, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    return _build_tiny(tmp_path_factory.mktemp("llama_head128"), config, smollm2_dir)
+
+
 @pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c needs gemm.c (AVX-512 BF16, no AMX)")
-@pytest.mark.parametrize("which", ["smollm2", "qwen2_head64"])
+@pytest.mark.parametrize("which", ["smollm2", "qwen2_head64", "llama_head128"])
 def test_decoder_stack_matches_the_layer_by_layer_path(which: str, request: pytest.FixtureRequest) -> None:
     """decoder.c runs the per-op path's kernels in the same order and split over threads: the hidden states
     and the KV cache come out bit for bit the same, over prefills, then a batch mixing a fresh prompt, a

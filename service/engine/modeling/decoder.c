@@ -75,8 +75,7 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
      * projections compute (which leave the memory bus mostly idle): attention then reads them from L2/L3
      * instead of DRAM. Offsets are from a layer's base, so one list serves every layer. */
     const int64_t chunk_bytes = block_size * head_dim * (int64_t)sizeof(bf16);
-    int64_t *chunks = malloc(sizeof(int64_t) * (size_t)(2 * num_kv_heads * (max_blocks > 0 ? max_blocks : 1) *
-                                                        (num_queries > 0 ? num_queries : 1)));
+    int64_t *chunks = malloc(sizeof(int64_t) * (size_t)(PREFETCH_BUDGET / chunk_bytes + 1)); /* its most */
     int64_t num_chunks = chunks == NULL ? 0 : prefetch_offsets(chunks, block_table, seq_of_query, ctx_lens,
                                                                num_queries, num_kv_heads, num_blocks, block_size,
                                                                max_blocks, chunk_bytes, plane);

@@ -117,7 +117,9 @@ static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *o, int64_t inter) {
 #endif
 
 /* RoPE on one head: dst = x * cos + rotate_half(x) * sin, rounded to bf16 after each product and after
- * the sum, as torch computes it in bf16. cos and sin hold HF's duplicated halves. */
+ * the sum, as torch computes it in bf16. cos and sin hold HF's duplicated halves. The vector path gives
+ * torch's bits except where a result is a float32 denormal (below 1.2e-38), which vcvtneps2bf16 flushes
+ * to zero, as every bf16 store of these kernels does. */
 static inline void rope_head(const bf16 *x, const bf16 *c, const bf16 *s, bf16 *dst, int64_t half) {
     int64_t j = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -126,7 +128,7 @@ static inline void rope_head(const bf16 *x, const bf16 *c, const bf16 *s, bf16 *
         const __m512 lo = load16_bf16(x + j, all), hi = load16_bf16(x + half + j, all);
         const __m512 c_lo = load16_bf16(c + j, all), c_hi = load16_bf16(c + half + j, all);
         const __m512 s_lo = load16_bf16(s + j, all), s_hi = load16_bf16(s + half + j, all);
-        const __m512 neg_hi = _mm512_sub_ps(_mm512_setzero_ps(), hi);
+        const __m512 neg_hi = _mm512_xor_ps(hi, _mm512_set1_ps(-0.0f)); /* -(+0) is -0, as torch negates */
         store16_bf16(dst + j, all, _mm512_add_ps(round16_bf16(_mm512_mul_ps(lo, c_lo)), round16_bf16(_mm512_mul_ps(neg_hi, s_lo))));
         store16_bf16(dst + half + j, all, _mm512_add_ps(round16_bf16(_mm512_mul_ps(hi, c_hi)), round16_bf16(_mm512_mul_ps(lo, s_hi))));
     }

@@ -103,11 +103,14 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
     const int64_t row_blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t items = groups * row_blocks;
     prefetch_cursor cursor, *pf = NULL;
-    if (prefetch != NULL && prefetch->count > 0) { /* this thread's share of the chunks, spread over its work */
-        const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
-        const int64_t my_items = items * (t + 1) / threads - items * t / threads;
-        cursor = (prefetch_cursor){prefetch->base, prefetch->offsets, prefetch->count * t / threads,
-                                   prefetch->count * (t + 1) / threads, 0, prefetch->chunk_bytes / 64, 0};
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    const int64_t working = items < threads ? items : threads; /* threads the static schedule gives items */
+    if (prefetch != NULL && prefetch->count > 0 && t < working) {
+        /* This thread's share of the chunks, spread over its items: as many as schedule(static) gives it
+         * (libgomp: the first items % threads threads take one more). */
+        const int64_t my_items = items / threads + (t < items % threads ? 1 : 0);
+        cursor = (prefetch_cursor){prefetch->base, prefetch->offsets, prefetch->count * t / working,
+                                   prefetch->count * (t + 1) / working, 0, prefetch->chunk_bytes / 64, 0};
         const int64_t lines = (cursor.end - cursor.next) * cursor.chunk_lines;
         const int64_t rounds = my_items * ((K / 2 + 7) / 8); /* calls of prefetch_some */
         cursor.per8 = rounds > 0 ? (int)((lines + rounds - 1) / rounds) : 0;
@@ -160,12 +163,12 @@ int gemm_bf16_available(void) { return 0; }
 
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
                     int64_t N, int64_t K, const prefetch_list *prefetch) {
-    (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)prefetch;
+    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)prefetch;
 }
 
-void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, int64_t M, int64_t N, int64_t K,
-               int num_threads) {
-    (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)num_threads;
+void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
+               int64_t K, int num_threads) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)num_threads;
 }
 
 #endif
