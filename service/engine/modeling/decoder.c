@@ -86,16 +86,8 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        float *sg = malloc(sizeof(float) * (size_t)(group * (max_ctx + 1))); /* attention's, per thread */
-        if (sg == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        int any_failed;
-#pragma omp atomic read
-        any_failed = failed;
-        if (!any_failed) { /* every thread or none runs the layers: each phase below is a worksharing loop */
+        float *sg = team_scratch(sizeof(float) * (size_t)(group * (max_ctx + 1)), &failed); /* attention's */
+        if (sg != NULL) { /* every thread or none runs the layers: each phase below is a worksharing loop */
             add_rms_norm_team(NULL, residual, PTR(layers, INPUT_NORM), x, T, hidden, eps);
             for (int64_t l = 0; l < num_layers; l++) {
                 const int64_t *w = layers + l * LAYER_PTRS;

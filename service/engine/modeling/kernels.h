@@ -5,8 +5,30 @@
 #ifndef LMSERVE_KERNELS_H
 #define LMSERVE_KERNELS_H
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "bf16.h"
+
+/* Inside a parallel region, on every thread: this thread's scratch buffer of `bytes`, or NULL on every
+ * thread when any thread's malloc failed (*failed, shared, is then 1). Its barrier makes the threads agree,
+ * so that all of them or none go on to the worksharing loops, which every thread of a team must meet.
+ * Each thread frees its own buffer (free(NULL) is fine). */
+static inline void *team_scratch(size_t bytes, int *failed) {
+    void *buf = malloc(bytes);
+    if (buf == NULL) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int any_failed;
+#pragma omp atomic read
+    any_failed = *failed;
+    if (any_failed) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
 
 /* Memory for the caches to fetch while a gemm computes (software prefetch): `count` chunks of `chunk_bytes`
  * (a multiple of 64) at base + offsets[i]. */

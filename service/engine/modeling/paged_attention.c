@@ -59,13 +59,9 @@ DEFINE_ROW_HELPERS(f32)
         const int64_t num_items = num_queries * num_kv_heads;                                             \
         int failed = 0;                                                                                   \
         _Pragma("omp parallel num_threads(num_threads)") {                                                \
-            float *buf = malloc(sizeof(float) * (size_t)(group * (2 * head_dim + max_ctx) + head_dim));   \
-            if (buf == NULL) {                                                                            \
-                _Pragma("omp atomic write") failed = 1;                                                   \
-            }                                                                                             \
-            _Pragma("omp barrier") int any_failed;                                                        \
-            _Pragma("omp atomic read") any_failed = failed;                                               \
-            if (!any_failed) { /* every thread or none meets the worksharing loop */                      \
+            float *buf = team_scratch(sizeof(float) * (size_t)(group * (2 * head_dim + max_ctx) + head_dim), \
+                                      &failed);                                                           \
+            if (buf != NULL) { /* every thread or none meets the worksharing loop */                      \
                 float *qf = buf, *acc = buf + group * head_dim, *scores = acc + group * head_dim;         \
                 float *row_f = scores + group * max_ctx;                                                  \
                 _Pragma("omp for schedule(dynamic, 4)") for (int64_t item = 0; item < num_items; item++) { \
@@ -316,16 +312,8 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint1
         int failed = 0;
 #pragma omp parallel num_threads(num_threads)
         {
-            float *sg = malloc(sizeof(float) * (size_t)(group * (max_ctx + 1)));
-            if (sg == NULL) {
-#pragma omp atomic write
-                failed = 1;
-            }
-#pragma omp barrier
-            int any_failed;
-#pragma omp atomic read
-            any_failed = failed;
-            if (!any_failed) /* every thread or none meets the worksharing loop */
+            float *sg = team_scratch(sizeof(float) * (size_t)(group * (max_ctx + 1)), &failed);
+            if (sg != NULL) /* every thread or none meets the worksharing loop */
                 attention_bf16_team(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows,
                                     num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
                                     max_blocks, max_ctx, scale, sg);

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
+
 #pragma GCC push_options
 #pragma GCC optimize("-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
 #include "fast_exp.h" /* inside the region, so that it inlines and vectorises */
@@ -90,14 +92,11 @@ int sample_temperature_f32(const float *logits, const float *temperatures, const
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *sums = malloc(sizeof(float) * (size_t)((vocab + CHUNK - 1) / CHUNK));
-        if (sums == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *sums = team_scratch(sizeof(float) * (size_t)((vocab + CHUNK - 1) / CHUNK), &failed);
+        if (sums != NULL) {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            out[r] = sums == NULL ? -1 : sample_row(logits + r * vocab, vocab, temperatures[r], uniforms[r], sums);
+            for (int64_t r = 0; r < rows; r++) out[r] = sample_row(logits + r * vocab, vocab, temperatures[r], uniforms[r], sums);
+        }
         free(sums);
     }
     return failed;
