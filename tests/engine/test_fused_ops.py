@@ -168,17 +168,39 @@ def llama_head128_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
     return _build_tiny(tmp_path_factory.mktemp("llama_head128"), config, smollm2_dir)
 
 
+@pytest.fixture(scope="module")
+def qwen2_inter80_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A tiny Qwen2 whose MLP is 80 wide: not a multiple of 32, so its gate/up weight is packed plainly and
+    silu_mul runs as a step of its own (in decoder.c too)."""
+    from transformers import Qwen2Config
+
+    from tests.conftest import SMOLLM2_VOCAB_SIZE, _build_tiny
+
+    config = Qwen2Config(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=80, num_hidden_layers=2,
+        vocab_size=SMOLLM2_VOCAB_SIZE, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    return _build_tiny(tmp_path_factory.mktemp("qwen2_inter80"), config, smollm2_dir)
+
+
 @pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c needs gemm.c (AVX-512 BF16, no AMX)")
-@pytest.mark.parametrize("which", ["smollm2", "qwen2_head64", "llama_head128"])
-def test_decoder_stack_matches_the_layer_by_layer_path(which: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    ("which", "silu_in_gemm"),
+    [("smollm2", True), ("qwen2_head64", True), ("llama_head128", True), ("qwen2_inter80", False)],
+)
+def test_decoder_stack_matches_the_layer_by_layer_path(
+    which: str, silu_in_gemm: bool, request: pytest.FixtureRequest
+) -> None:
     """decoder.c runs the per-op path's kernels in the same order and split over threads: the hidden states
     and the KV cache come out bit for bit the same, over prefills, then a batch mixing a fresh prompt, a
-    prompt's later chunk and decodes."""
+    prompt's later chunk and decodes. With SiLU in gate/up's gemm or as a step of its own."""
     model_dir = request.getfixturevalue(f"{which}_dir")
     runner = ModelRunner(model_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16))
     model = runner.model
     table = model.stack_table
     assert runner.fused_ops and table is not None
+    assert all(layer.mlp.gate_up_proj.applies_silu == silu_in_gemm for layer in model.layers)
     ids = torch.randint(100, 5000, (100,), generator=torch.Generator().manual_seed(5))
     # (start_row, new tokens, cached tokens, blocks) per sequence: B, C, D prefill; then A fresh, B's next
     # chunk, C and D decode.

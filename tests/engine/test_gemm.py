@@ -39,6 +39,35 @@ def test_gemm_matches_float32_matmul(rows: int, out_features: int, in_features: 
     torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, 64])
+@pytest.mark.parametrize(("inter", "in_features"), [(1536, 576), (32, 64), (96, 30)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_silu_mul_is_the_gemm_then_silu_mul(rows: int, inter: int, in_features: int, with_bias: bool) -> None:
+    """A gate/up weight packed for silu_mul gives, in one pass, bit for bit what its plain gemm followed by
+    fused_ops' silu_mul gives; and that is SiLU-and-multiply within bf16 rounding."""
+    gen = torch.Generator().manual_seed(rows * 7 + inter)
+    weight = torch.randn(2 * inter, in_features, generator=gen).to(BF16)
+    x = torch.randn(rows, in_features, generator=gen).to(BF16)
+    bias = torch.randn(2 * inter, generator=gen).to(BF16) if with_bias else None
+    assert native_kernels.silu_mul_packable(weight)
+    packed = native_kernels.pack_weight(weight, silu_mul=True)
+    got = native_kernels.gemm_bf16(x, packed, None if bias is None else native_kernels.interleave_gate_up(bias))
+    gate_up = native_kernels.gemm_bf16(x, native_kernels.pack_weight(weight), bias)
+    assert got.shape == (rows, inter) and got.dtype == BF16
+    assert torch.equal(got, native_kernels.silu_mul(gate_up))
+    gate, up = gate_up.float().split(inter, dim=-1)
+    torch.testing.assert_close(got.float(), torch.nn.functional.silu(gate) * up, rtol=2**-7, atol=1e-2)
+
+
+def test_silu_mul_packing_needs_whole_groups() -> None:
+    assert not native_kernels.silu_mul_packable(torch.empty(2 * 40, 64, dtype=BF16))  # 40 is not a multiple of 32
+    with pytest.raises(ValueError, match="silu_mul"):
+        native_kernels.pack_weight(torch.empty(2 * 40, 64, dtype=BF16), silu_mul=True)
+    with pytest.raises(ValueError, match="bfloat16 only for silu_mul"):
+        packed = native_kernels.pack_weight(torch.zeros(64, 64, dtype=BF16), silu_mul=True)
+        native_kernels.gemm_bf16(torch.zeros(1, 64, dtype=BF16), packed, out_dtype=torch.float32)
+
+
 def test_gemm_keeps_leading_dims_and_takes_strided_input() -> None:
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(128, 64, generator=gen).to(BF16)

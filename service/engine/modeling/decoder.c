@@ -9,7 +9,9 @@
  * separated by barriers only.
  *
  * layers: [L][LAYER_PTRS] addresses (0: none) of each layer's qkv, o, gate_up and down weights packed by
- * native_kernels.pack_weight, their biases, and the input and post-attention norms' weights.
+ * native_kernels.pack_weight, their biases, and the input and post-attention norms' weights. silu_gate_up:
+ * the gate/up weights are packed interleaved, so that gemm.c applies SiLU-and-multiply as it writes
+ * (native_kernels.pack_weight's silu_mul); otherwise silu_mul runs as a phase of its own.
  * kv_cache: [L, 2, num_kv_heads, num_blocks, block_size, head_dim]. cos, sin: [T, head_dim].
  * slots: [T] cache slot of each row's K/V. The attention plan (block_table, seq_of_query, ctx_lens, q_rows)
  * is native_kernels.paged_attention_kernel's.
@@ -56,7 +58,7 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
-                       float eps, float scale, int num_threads) {
+                       int silu_gate_up, float eps, float scale, int num_threads) {
     const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
     const int64_t qkv_width = q_width + 2 * kv_width;
     const int64_t plane = num_kv_heads * num_blocks * block_size * head_dim; /* one layer's K (or V) */
@@ -97,17 +99,22 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                 const prefetch_list pf_o = {next, chunks, ahead * cut1, chunk_bytes};
                 const prefetch_list pf_gate_up = {next, chunks + cut1, ahead * (cut2 - cut1), chunk_bytes};
                 const prefetch_list pf_down = {next, chunks + cut2, ahead * (num_chunks - cut2), chunk_bytes};
-                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, NULL, T, qkv_width, hidden, NULL);
+                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, NULL, T, qkv_width, hidden, 0, NULL);
                 rope_cache_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
                                 num_blocks * block_size);
                 attention_bf16_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
                                     num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks,
                                     max_ctx, scale, sg);
-                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, NULL, T, hidden, q_width, &pf_o);
+                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, NULL, T, hidden, q_width, 0, &pf_o);
                 add_rms_norm_team(proj, residual, PTR(w, POST_NORM), x, T, hidden, eps);
-                gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, &pf_gate_up);
-                silu_mul_team(gate_up, act, T, inter);
-                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, NULL, T, hidden, inter, &pf_down);
+                if (silu_gate_up) {
+                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), act, NULL, T, 2 * inter, hidden, 1, &pf_gate_up);
+                } else {
+                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, 0,
+                                   &pf_gate_up);
+                    silu_mul_team(gate_up, act, T, inter);
+                }
+                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, NULL, T, hidden, inter, 0, &pf_down);
                 if (l + 1 < num_layers)
                     add_rms_norm_team(proj, residual, PTR(w + LAYER_PTRS, INPUT_NORM), x, T, hidden, eps);
                 else

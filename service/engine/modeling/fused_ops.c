@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fast_exp.h"
 #include "kernels.h"
 
 /* Rows split across threads only when there is enough work to pay for waking them. */
@@ -33,23 +34,6 @@ static inline int threads_for(int64_t rows, int64_t row_elems, int num_threads) 
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-/* fast_expf (fast_exp.h), sixteen lanes at a time, with fused multiply-adds. */
-static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
-
 static void add_rms_norm_row(const bf16 *x, bf16 *res, const bf16 *weight, bf16 *out, int64_t dim, float eps) {
     __m512 squares = _mm512_setzero_ps();
     for (int64_t i = 0; i < dim; i += 16) {
@@ -70,15 +54,9 @@ static void add_rms_norm_row(const bf16 *x, bf16 *res, const bf16 *weight, bf16 
 }
 
 static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *out, int64_t inter) {
-    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
     for (int64_t i = 0; i < inter; i += 16) {
         const __mmask16 m = mask16(inter - i);
-        const __m512 gv = load16_bf16(g + i, m);
-        const __m512 d = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
-        __m512 r = _mm512_rcp14_ps(d);
-        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two)); /* one Newton step: ~14 -> ~28 bits */
-        const __m512 s = round16_bf16(_mm512_mul_ps(gv, r));
-        store16_bf16(out + i, m, _mm512_mul_ps(s, load16_bf16(u + i, m)));
+        store16_bf16(out + i, m, silu_mul16(load16_bf16(g + i, m), load16_bf16(u + i, m)));
     }
 }
 

@@ -1,7 +1,9 @@
 /* bf16 matrix multiply for the projections of a decode step on CPUs with AVX-512 BF16 (no AMX):
  *
  *   gemm_bf16   y[M, N] = bf16(x[M, K] @ W[N, K]^T (+ bias)), float32 accumulation; or, given y_f32,
- *               the float32 sums themselves (the LM head's logits: no rounding, no conversion after)
+ *               the float32 sums themselves (the LM head's logits: no rounding, no conversion after);
+ *               or, with silu_mul, an MLP's activation y[M, N/2] = silu(gate) * up from its fused gate/up
+ *               weight, packed with gate and up columns interleaved (below), in the same pass
  *
  * Why our own: a decode step multiplies a few rows (one per sequence) by every weight of the model.
  * With few rows the weights' bytes set the pace, and oneDNN's bf16 path streamed them here at about
@@ -12,6 +14,10 @@
  * W is packed once, at load (native_kernels.pack_weight): groups of 64 output columns, each group
  * [K/2][64][2], so one k-pair of a group is 256 contiguous bytes: four zmm loads whose 16 lanes each
  * hold (W[n, 2p], W[n, 2p+1]), the operand layout of vdpbf16ps. Columns past N are zero padding.
+ * A gate/up weight packed for silu_mul has gate columns [32g, 32g + 32) as group g's first 32 and the
+ * matching up columns as its last 32, so a block holds both halves of its 32 activations: it rounds each to
+ * bf16 and applies fast_exp.h's silu_mul16, exactly what the separate gemm and silu_mul would compute,
+ * without writing the [M, N] gate/up rows out and reading them back (half of which the other core wrote).
  * A register block is 6 rows x 64 columns (24 accumulators); each x pair is broadcast from memory.
  * Work is split over (column group, row block) pairs, group-major, so a thread reuses a group's
  * weights from its cache for every row block it owns, and fetches the next group's (software prefetch)
@@ -20,6 +26,7 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "fast_exp.h"
 #include "kernels.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -49,7 +56,7 @@ static inline __attribute__((always_inline)) void prefetch_some(prefetch_cursor 
 
 static inline __attribute__((always_inline)) void block(const int rows, const bf16 *x, const int64_t K,
                                                         const bf16 *w, const bf16 *bias, bf16 *y, float *yf,
-                                                        const int64_t ldy, const int64_t ncols,
+                                                        const int64_t ldy, const int64_t ncols, const int silu,
                                                         prefetch_cursor *pf, prefetch_cursor *wpf) {
     __m512 acc[BLOCK_ROWS][4];
 #pragma GCC unroll 6
@@ -78,6 +85,20 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
             acc[m][3] = _mm512_dpbf16_ps(acc[m][3], a, w3);
         }
     }
+    if (silu) { /* a full group: lanes 0-31 gate, 32-63 up; y gets 32 activations per row */
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; j++) {
+            const __m512 bg = bias == NULL ? _mm512_setzero_ps() : load16_bf16(bias + j * 16, 0xffff);
+            const __m512 bu = bias == NULL ? _mm512_setzero_ps() : load16_bf16(bias + 32 + j * 16, 0xffff);
+#pragma GCC unroll 6
+            for (int m = 0; m < rows; m++) {
+                const __m512 g = round16_bf16(_mm512_add_ps(acc[m][j], bg));
+                const __m512 u = round16_bf16(_mm512_add_ps(acc[m][j + 2], bu));
+                store16_bf16(y + m * ldy + j * 16, 0xffff, silu_mul16(g, u));
+            }
+        }
+        return;
+    }
 #pragma GCC unroll 4
     for (int j = 0; j < 4; j++) {
         const int64_t c0 = j * 16;
@@ -96,9 +117,10 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
 }
 
 /* The work of one call, split over the threads of the parallel region the caller is in (an orphaned
- * `omp for`, so its closing barrier ends the phase): gemm_bf16 opens one per call, decoder.c one per step. */
+ * `omp for`, so its closing barrier ends the phase): gemm_bf16 opens one per call, decoder.c one per step.
+ * silu_mul: W is a gate/up weight packed interleaved (N a multiple of 64), y is [M, N/2], y_f32 NULL. */
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
-                    int64_t N, int64_t K, const prefetch_list *prefetch) {
+                    int64_t N, int64_t K, int silu_mul, const prefetch_list *prefetch) {
     const int64_t groups = (N + GROUP_COLS - 1) / GROUP_COLS;
     const int64_t row_blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t items = groups * row_blocks;
@@ -123,7 +145,8 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
         const int64_t ncols = N - n0 < GROUP_COLS ? N - n0 : GROUP_COLS;
         const bf16 *w = packed + g * K * GROUP_COLS, *b = bias == NULL ? NULL : bias + n0;
         const bf16 *xr = x + m0 * K;
-        bf16 *yr = y_f32 != NULL ? NULL : y + m0 * N + n0;
+        const int64_t ldy = silu_mul ? N / 2 : N;
+        bf16 *yr = y_f32 != NULL ? NULL : y + m0 * ldy + (silu_mul ? n0 / 2 : n0);
         float *yfr = y_f32 == NULL ? NULL : y_f32 + m0 * N + n0;
         /* With several row blocks per group, only the first pass over a group's weights comes from memory
          * (the others find them in L2), and it waits on them. Fetch the next group's weights during this
@@ -138,23 +161,23 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
             wpf = last > first ? &wcursor : NULL;
         }
         switch (M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS) { /* constant row counts: fully unrolled blocks */
-        case 6: block(6, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
-        case 5: block(5, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
-        case 4: block(4, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
-        case 3: block(3, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
-        case 2: block(2, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
-        default: block(1, xr, K, w, b, yr, yfr, N, ncols, pf, wpf); break;
+        case 6: block(6, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
+        case 5: block(5, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
+        case 4: block(4, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
+        case 3: block(3, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
+        case 2: block(2, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
+        default: block(1, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
         }
     }
 }
 
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
-               int64_t K, int num_threads) {
+               int64_t K, int silu_mul, int num_threads) {
     const int64_t items = (N + GROUP_COLS - 1) / GROUP_COLS * ((M + BLOCK_ROWS - 1) / BLOCK_ROWS);
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
-    gemm_bf16_team(x, packed, bias, y, y_f32, M, N, K, NULL);
+    gemm_bf16_team(x, packed, bias, y, y_f32, M, N, K, silu_mul, NULL);
 }
 
 #else /* no AVX-512 BF16 on the machine that built this: native_kernels keeps oneDNN */
@@ -162,13 +185,13 @@ void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, flo
 int gemm_bf16_available(void) { return 0; }
 
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
-                    int64_t N, int64_t K, const prefetch_list *prefetch) {
-    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)prefetch;
+                    int64_t N, int64_t K, int silu_mul, const prefetch_list *prefetch) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)silu_mul, (void)prefetch;
 }
 
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
-               int64_t K, int num_threads) {
-    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)num_threads;
+               int64_t K, int silu_mul, int num_threads) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)silu_mul, (void)num_threads;
 }
 
 #endif

@@ -75,6 +75,28 @@ class Linear(nn.Linear):
         self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
 
 
+class GateUpLinear(Linear):
+    """An MLP's gate and up projections as one [2 * intermediate, hidden] weight. Packed for gemm.c where its
+    width allows (native_kernels.silu_mul_packable), with its halves interleaved so that gemm.c computes
+    silu(gate) * up in the same pass (applies_silu); the bias, if any, is then interleaved the same way."""
+
+    def pack(self) -> None:
+        if self.weight is None or not native_kernels.silu_mul_packable(self.weight):
+            super().pack()
+            return
+        self.packed = native_kernels.pack_weight(self.weight, silu_mul=True)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(native_kernels.interleave_gate_up(self.bias))  # in the packed weight's order
+        del self.weight
+        self.weight = None
+
+    @property
+    def applies_silu(self) -> bool:
+        """forward returns silu(gate) * up, [..., intermediate], instead of gate and up."""
+        return isinstance(self.packed, native_kernels.PackedWeight) and self.packed.silu_mul
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -169,11 +191,13 @@ class MLP(nn.Module):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.gate_up_proj = GateUpLinear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.fused = False  # LlamaForCausalLM.use_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj.applies_silu:
+            return self.down_proj.forward(self.gate_up_proj.forward(x))
         if self.fused:
             return self.down_proj.forward(native_kernels.silu_mul(self.gate_up_proj.forward(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -224,7 +248,8 @@ class LlamaForCausalLM(nn.Module):
                 attn = self.layers[0].self_attn
                 native_kernels.decoder_stack(
                     hidden, self.stack_table, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
-                    self.layers[0].mlp.intermediate_size, self.norm.eps, attn.scale,
+                    self.layers[0].mlp.intermediate_size, self.layers[0].mlp.gate_up_proj.applies_silu, self.norm.eps,
+                    attn.scale,
                 )  # fmt: skip
                 return hidden
             return self._forward_fused(hidden, cos, sin, kv_caches, meta)

@@ -15,6 +15,7 @@ returns None and attention falls back to torch ops (EngineConfig.attention choos
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -89,9 +90,9 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.add_rms_norm_bf16.argtypes = [i64p] * 4 + [i64, i64, f32, i32]
     lib.silu_mul_bf16.argtypes = [i64p] * 2 + [i64, i64, i32]
     lib.rope_cache_bf16.argtypes = [i64p] * 8 + [i64] * 5 + [i32]
-    lib.gemm_bf16.argtypes = [i64p] * 5 + [i64] * 3 + [i32]
+    lib.gemm_bf16.argtypes = [i64p] * 5 + [i64] * 3 + [i32, i32]
     lib.gemm_bf16_available.restype = ctypes.c_int
-    lib.decoder_stack_bf16.argtypes = [i64p, i64p, i64] + [i64p] * 4 + [i64] * 2 + [i64p] * 4 + [i64] * 9 + [f32, f32, i32]
+    lib.decoder_stack_bf16.argtypes = [i64p, i64p, i64] + [i64p] * 4 + [i64] * 2 + [i64p] * 4 + [i64] * 9 + [i32, f32, f32, i32]
     lib.decoder_stack_bf16.restype = ctypes.c_int
     lib.sample_temperature_f32.argtypes = [i64p] * 4 + [i64, i64, i32]
     lib.sample_temperature_f32.restype = ctypes.c_int
@@ -213,11 +214,14 @@ _GROUP_COLS = 64  # gemm.c's GROUP_COLS
 @dataclass(frozen=True)
 class PackedWeight:
     """A bf16 weight [out_features, in_features] reordered for gemm_bf16 (see gemm.c):
-    [ceil(out / 64), in / 2, 64, 2], the columns past out_features zero."""
+    [ceil(out / 64), in / 2, 64, 2], the columns past out_features zero. silu_mul: an MLP's fused
+    gate/up weight, its halves interleaved 32 columns at a time (interleave_gate_up), for which gemm_bf16
+    returns silu(gate) * up, [..., out_features / 2]."""
 
     data: torch.Tensor
     out_features: int
     in_features: int
+    silu_mul: bool = False
 
 
 def gemm_available() -> bool:
@@ -238,7 +242,26 @@ def gemm_supported(weight: torch.Tensor) -> bool:
     )
 
 
-def pack_weight(weight: torch.Tensor) -> PackedWeight:
+def silu_mul_packable(weight: torch.Tensor) -> bool:
+    """A fused gate/up weight [2 * intermediate, in] that pack_weight can pack for silu_mul: gemm.c runs it
+    (gemm_supported) and intermediate is a multiple of 32."""
+    return gemm_supported(weight) and weight.shape[0] % _GROUP_COLS == 0
+
+
+def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
+    """[2 * intermediate, ...] gate rows then up rows -> 32 gate rows, the matching 32 up rows, and so on:
+    each of gemm.c's 64-column groups then holds both halves of 32 activations."""
+    half = _GROUP_COLS // 2
+    return t.reshape(2, t.shape[0] // _GROUP_COLS, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def pack_weight(weight: torch.Tensor, silu_mul: bool = False) -> PackedWeight:
+    """Pack for gemm_bf16; silu_mul (a fused gate/up weight, silu_mul_packable): so that gemm_bf16 applies
+    SiLU-and-multiply as it writes. Its bias, if any, must then be passed through interleave_gate_up too."""
+    if silu_mul:
+        if not silu_mul_packable(weight):
+            raise ValueError(f"a gate/up weight of shape {tuple(weight.shape)} cannot be packed for silu_mul")
+        return dataclasses.replace(pack_weight(interleave_gate_up(weight.detach())), silu_mul=True)
     out_features, in_features = weight.shape
     groups = -(-out_features // _GROUP_COLS)
     padded = torch.zeros(groups * _GROUP_COLS, in_features, dtype=weight.dtype)
@@ -251,22 +274,24 @@ def gemm_bf16(
     x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """x [..., in_features] @ weight.T (+ bias) -> [..., out_features] with float32 accumulation, rounded to
-    bf16, or (out_dtype float32) the float32 sums as they are."""
-    if out_dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"gemm_bf16 writes bfloat16 or float32, not {out_dtype}")
+    bf16, or (out_dtype float32) the float32 sums as they are. A weight packed for silu_mul gives
+    silu(gate) * up instead, [..., out_features / 2] in bf16 (the bias interleaved as the weight is)."""
+    if out_dtype not in (torch.bfloat16, torch.float32) or (weight.silu_mul and out_dtype != torch.bfloat16):
+        raise ValueError(f"gemm_bf16 writes bfloat16 or float32 (bfloat16 only for silu_mul), not {out_dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features).contiguous()
     _check("gemm_bf16", x2, *(() if bias is None else (bias,)))
     rows = x2.shape[0]
-    out = torch.empty(rows, weight.out_features, dtype=out_dtype)
+    width = weight.out_features // 2 if weight.silu_mul else weight.out_features
+    out = torch.empty(rows, width, dtype=out_dtype)
     if rows:
         f32 = out_dtype == torch.float32
         load_kernel().gemm_bf16(
             x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(),
             None if f32 else out.data_ptr(), out.data_ptr() if f32 else None,
-            rows, weight.out_features, weight.in_features, torch.get_num_threads(),
+            rows, weight.out_features, weight.in_features, int(weight.silu_mul), torch.get_num_threads(),
         )  # fmt: skip
-    return out.view(*lead, weight.out_features)
+    return out.view(*lead, width)
 
 
 # ---- a whole step's decoder layers in one call (decoder.c) ------------------------------------------
@@ -301,6 +326,7 @@ def decoder_stack(
     plan,  # attention.KernelPlan covering every row
     num_heads: int,
     intermediate_size: int,
+    silu_gate_up: bool,  # the table's gate/up weights are packed for silu_mul
     eps: float,
     scale: float,
 ) -> None:
@@ -318,7 +344,7 @@ def decoder_stack(
         residual.data_ptr(), table.data_ptr(), num_layers, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
         kv_caches.data_ptr(), num_blocks, block_size, plan.block_table.data_ptr(), plan.seq_of_query.data_ptr(),
         plan.ctx_lens.data_ptr(), plan.q_rows.data_ptr(), plan.q_rows.shape[0], plan.block_table.shape[1],
-        plan.max_ctx, rows, hidden, num_heads, num_kv_heads, head_dim, intermediate_size, eps, scale,
+        plan.max_ctx, rows, hidden, num_heads, num_kv_heads, head_dim, intermediate_size, int(silu_gate_up), eps, scale,
         torch.get_num_threads(),
     )  # fmt: skip
     if failed:
