@@ -29,30 +29,6 @@ enum { QKV_W, QKV_B, O_W, O_B, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, INPUT_NORM,
 
 #define PTR(layer, i) ((const bf16 *)(intptr_t)(layer)[i])
 
-#define PREFETCH_BUDGET (12 << 20) /* bytes a layer may fetch ahead: well inside L3 with the weights passing */
-
-/* Byte offsets, from a layer's base, of the K and V blocks the attention will read, in its order of work
- * (query, KV head; keys, then values), one entry per block and head; each sequence once, for its last
- * query, which sees all the others see. Stops at PREFETCH_BUDGET. Returns the number of entries. */
-static int64_t prefetch_offsets(int64_t *out, const int64_t *block_table, const int64_t *seq_of_query,
-                                const int64_t *ctx_lens, int64_t num_queries, int64_t num_kv_heads,
-                                int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t chunk_bytes,
-                                int64_t plane) {
-    int64_t count = 0;
-    for (int64_t n = 0; n < num_queries; n++) {
-        if (n + 1 < num_queries && seq_of_query[n + 1] == seq_of_query[n]) continue;
-        const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;
-        const int64_t used = (ctx_lens[n] + block_size - 1) / block_size;
-        for (int64_t kh = 0; kh < num_kv_heads; kh++) {
-            if ((count + 2 * used) * chunk_bytes > PREFETCH_BUDGET) return count;
-            for (int64_t kv = 0; kv < 2; kv++)
-                for (int64_t b = 0; b < used; b++)
-                    out[count++] = kv * plane * (int64_t)sizeof(bf16) + (kh * num_blocks + blocks[b]) * chunk_bytes;
-        }
-    }
-    return count;
-}
-
 int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
                        const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
@@ -73,18 +49,6 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
     if (buf == NULL) return 1;
     bf16 *x = buf, *qkv = x + sizes[0], *q = qkv + sizes[1], *k = q + sizes[2], *attn = k + sizes[3];
     bf16 *proj = attn + sizes[4], *gate_up = proj + sizes[5], *act = gate_up + sizes[6];
-    /* The next layer's keys and values, fetched into the caches while this layer's o, gate_up and down
-     * projections compute (which leave the memory bus mostly idle): attention then reads them from L2/L3
-     * instead of DRAM. Offsets are from a layer's base, so one list serves every layer. */
-    const int64_t chunk_bytes = block_size * head_dim * (int64_t)sizeof(bf16);
-    int64_t *chunks = malloc(sizeof(int64_t) * (size_t)(PREFETCH_BUDGET / chunk_bytes + 1)); /* its most */
-    int64_t num_chunks = chunks == NULL ? 0 : prefetch_offsets(chunks, block_table, seq_of_query, ctx_lens,
-                                                               num_queries, num_kv_heads, num_blocks, block_size,
-                                                               max_blocks, chunk_bytes, plane);
-    /* Each projection carries a share in proportion to its arithmetic. */
-    const double flops[3] = {(double)q_width * hidden, 2.0 * inter * hidden, (double)inter * hidden};
-    const double all = flops[0] + flops[1] + flops[2];
-    const int64_t cut1 = (int64_t)(num_chunks * (flops[0] / all)), cut2 = (int64_t)(num_chunks * ((flops[0] + flops[1]) / all));
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -94,27 +58,21 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
             for (int64_t l = 0; l < num_layers; l++) {
                 const int64_t *w = layers + l * LAYER_PTRS;
                 bf16 *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
-                const int64_t ahead = l + 1 < num_layers ? 1 : 0;
-                const char *next = ahead ? (const char *)(kv_cache + (l + 1) * 2 * plane) : NULL;
-                const prefetch_list pf_o = {next, chunks, ahead * cut1, chunk_bytes};
-                const prefetch_list pf_gate_up = {next, chunks + cut1, ahead * (cut2 - cut1), chunk_bytes};
-                const prefetch_list pf_down = {next, chunks + cut2, ahead * (num_chunks - cut2), chunk_bytes};
-                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, NULL, T, qkv_width, hidden, 0, NULL);
+                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, NULL, T, qkv_width, hidden, 0);
                 rope_cache_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
                                 num_blocks * block_size);
                 attention_bf16_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
                                     num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks,
                                     max_ctx, scale, sg);
-                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, NULL, T, hidden, q_width, 0, &pf_o);
+                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, NULL, T, hidden, q_width, 0);
                 add_rms_norm_team(proj, residual, PTR(w, POST_NORM), x, T, hidden, eps);
                 if (silu_gate_up) {
-                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), act, NULL, T, 2 * inter, hidden, 1, &pf_gate_up);
+                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), act, NULL, T, 2 * inter, hidden, 1);
                 } else {
-                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, 0,
-                                   &pf_gate_up);
+                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, 0);
                     silu_mul_team(gate_up, act, T, inter);
                 }
-                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, NULL, T, hidden, inter, 0, &pf_down);
+                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, NULL, T, hidden, inter, 0);
                 if (l + 1 < num_layers)
                     add_rms_norm_team(proj, residual, PTR(w + LAYER_PTRS, INPUT_NORM), x, T, hidden, eps);
                 else
@@ -123,7 +81,6 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
         }
         free(sg);
     }
-    free(chunks);
     free(buf);
     return failed;
 }

@@ -21,7 +21,7 @@
  * A register block is 6 rows x 64 columns (24 accumulators); each x pair is broadcast from memory.
  * Work is split over (column group, row block) pairs, group-major, so a thread reuses a group's
  * weights from its cache for every row block it owns, and fetches the next group's (software prefetch)
- * while it computes. A caller inside decoder.c's region may hand it other memory to prefetch as well.
+ * while it computes.
  */
 #include <stdint.h>
 
@@ -37,27 +37,20 @@
 
 int gemm_bf16_available(void) { return 1; }
 
-/* A thread's walk through its share of a prefetch_list: `per8` cache lines every eight k-pairs. */
+/* A block's walk through the memory it fetches ahead: `per8` cache lines every eight k-pairs. */
 typedef struct {
-    const char *base;
-    const int64_t *offsets;
-    int64_t next, end, line, chunk_lines;
+    const char *next, *end;
     int per8;
 } prefetch_cursor;
 
-static const int64_t zero_offset = 0; /* a contiguous range is a list of one chunk */
-
 static inline __attribute__((always_inline)) void prefetch_some(prefetch_cursor *c) {
-    for (int i = 0; i < c->per8 && c->next < c->end; i++) {
-        _mm_prefetch(c->base + c->offsets[c->next] + c->line * 64, _MM_HINT_T1);
-        if (++c->line == c->chunk_lines) c->line = 0, c->next++;
-    }
+    for (int i = 0; i < c->per8 && c->next < c->end; i++, c->next += 64) _mm_prefetch(c->next, _MM_HINT_T1);
 }
 
 static inline __attribute__((always_inline)) void block(const int rows, const bf16 *x, const int64_t K,
                                                         const bf16 *w, const bf16 *bias, bf16 *y, float *yf,
                                                         const int64_t ldy, const int64_t ncols, const int silu,
-                                                        prefetch_cursor *pf, prefetch_cursor *wpf) {
+                                                        prefetch_cursor *wpf) {
     __m512 acc[BLOCK_ROWS][4];
 #pragma GCC unroll 6
     for (int m = 0; m < rows; m++)
@@ -65,10 +58,7 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
     const int64_t pairs = K / 2;
     for (int64_t p = 0; p < pairs; p++) {
-        if ((p & 7) == 0) {
-            if (pf != NULL) prefetch_some(pf);
-            if (wpf != NULL) prefetch_some(wpf);
-        }
+        if ((p & 7) == 0 && wpf != NULL) prefetch_some(wpf);
         const bf16 *wp = w + p * (2 * GROUP_COLS);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
@@ -120,24 +110,10 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
  * `omp for`, so its closing barrier ends the phase): gemm_bf16 opens one per call, decoder.c one per step.
  * silu_mul: W is a gate/up weight packed interleaved (N a multiple of 64), y is [M, N/2], y_f32 NULL. */
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
-                    int64_t N, int64_t K, int silu_mul, const prefetch_list *prefetch) {
+                    int64_t N, int64_t K, int silu_mul) {
     const int64_t groups = (N + GROUP_COLS - 1) / GROUP_COLS;
     const int64_t row_blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t items = groups * row_blocks;
-    prefetch_cursor cursor, *pf = NULL;
-    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
-    const int64_t working = items < threads ? items : threads; /* threads the static schedule gives items */
-    if (prefetch != NULL && prefetch->count > 0 && t < working) {
-        /* This thread's share of the chunks, spread over its items: as many as schedule(static) gives it
-         * (libgomp: the first items % threads threads take one more). */
-        const int64_t my_items = items / threads + (t < items % threads ? 1 : 0);
-        cursor = (prefetch_cursor){prefetch->base, prefetch->offsets, prefetch->count * t / working,
-                                   prefetch->count * (t + 1) / working, 0, prefetch->chunk_bytes / 64, 0};
-        const int64_t lines = (cursor.end - cursor.next) * cursor.chunk_lines;
-        const int64_t rounds = my_items * ((K / 2 + 7) / 8); /* calls of prefetch_some */
-        cursor.per8 = rounds > 0 ? (int)((lines + rounds - 1) / rounds) : 0;
-        pf = &cursor;
-    }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
         const int64_t g = item / row_blocks, m0 = (item % row_blocks) * BLOCK_ROWS;
@@ -156,17 +132,18 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
             const int64_t r = item % row_blocks, group_lines = K * GROUP_COLS * (int64_t)sizeof(bf16) / 64;
             const int64_t first = group_lines * r / row_blocks, last = group_lines * (r + 1) / row_blocks;
             const int64_t rounds = (K / 2 + 7) / 8;
-            wcursor = (prefetch_cursor){(const char *)(packed + (g + 1) * K * GROUP_COLS) + first * 64, &zero_offset,
-                                        0, 1, 0, last - first, (int)((last - first + rounds - 1) / rounds)};
+            const char *next_group = (const char *)(packed + (g + 1) * K * GROUP_COLS);
+            wcursor = (prefetch_cursor){next_group + first * 64, next_group + last * 64,
+                                        (int)((last - first + rounds - 1) / rounds)};
             wpf = last > first ? &wcursor : NULL;
         }
         switch (M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS) { /* constant row counts: fully unrolled blocks */
-        case 6: block(6, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
-        case 5: block(5, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
-        case 4: block(4, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
-        case 3: block(3, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
-        case 2: block(2, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
-        default: block(1, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, pf, wpf); break;
+        case 6: block(6, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
+        case 5: block(5, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
+        case 4: block(4, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
+        case 3: block(3, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
+        case 2: block(2, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
+        default: block(1, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
         }
     }
 }
@@ -177,7 +154,7 @@ void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, flo
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
-    gemm_bf16_team(x, packed, bias, y, y_f32, M, N, K, silu_mul, NULL);
+    gemm_bf16_team(x, packed, bias, y, y_f32, M, N, K, silu_mul);
 }
 
 #else /* no AVX-512 BF16 on the machine that built this: native_kernels keeps oneDNN */
@@ -185,8 +162,8 @@ void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, flo
 int gemm_bf16_available(void) { return 0; }
 
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
-                    int64_t N, int64_t K, int silu_mul, const prefetch_list *prefetch) {
-    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)silu_mul, (void)prefetch;
+                    int64_t N, int64_t K, int silu_mul) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)silu_mul;
 }
 
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,

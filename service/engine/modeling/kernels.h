@@ -30,20 +30,11 @@ static inline void *team_scratch(size_t bytes, int *failed) {
     return buf;
 }
 
-/* Memory for the caches to fetch while a gemm computes (software prefetch): `count` chunks of `chunk_bytes`
- * (a multiple of 64) at base + offsets[i]. */
-typedef struct {
-    const char *base;
-    const int64_t *offsets;
-    int64_t count, chunk_bytes;
-} prefetch_list;
-
 /* gemm.c: y[M, N] = bf16(x[M, K] @ W^T (+ bias)), W packed by native_kernels.pack_weight (into y_f32 as
  * float32 instead, where that is not NULL), or with silu_mul y[M, N/2] = silu(gate) * up from a gate/up
- * weight packed interleaved; with `prefetch` (or NULL), the threads share its chunks out evenly over their
- * arithmetic. */
+ * weight packed interleaved. */
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
-                    int64_t N, int64_t K, int silu_mul, const prefetch_list *prefetch);
+                    int64_t N, int64_t K, int silu_mul);
 
 /* fused_ops.c */
 void add_rms_norm_team(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows, int64_t dim,
