@@ -161,15 +161,9 @@ typedef struct {
     int64_t len;
 } kv_item;
 
-/* Prefetch n bf16 values from p (a block's rows) a cache line at a time; p NULL: nothing. */
-static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *p, int64_t n, int hint) {
-    if (p == NULL) return;
-    for (int64_t i = 0; i < n; i += 32) {
-        if (hint == _MM_HINT_T0)
-            _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
-        else
-            _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
-    }
+/* Prefetch n bf16 values from p (a block's rows) into L2, a cache line at a time. */
+static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
 }
 
 /* q . k for one key: P zmm of bf16 pairs each, 16 partial sums left in the lanes. */
@@ -229,14 +223,12 @@ DEFINE_PV(128, 2)
             for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {                      \
                 const uint16_t *kb = k_plane + blocks[b] * block_size * HD;                               \
                 const int64_t count = len - first < block_size ? len - first : block_size;                \
-                if (g == 0) { /* the first head's pass streams from memory: ask for what comes next */    \
-                    prefetch_rows(first + block_size < len ? k_plane + blocks[b + 1] * block_size * HD : NULL, \
-                                  block_size * HD, _MM_HINT_T0);                                          \
-                    prefetch_rows(v_plane + blocks[b] * block_size * HD, count * HD, _MM_HINT_T1);        \
+                if (g == 0) { /* the first head's pass: ask for this block's values, */                   \
+                    prefetch_rows(v_plane + blocks[b] * block_size * HD, count * HD);                     \
                     if (next != NULL && first < next->len) { /* and the next item's block b, into L2 */   \
                         const int64_t nb = next->blocks[b] * block_size * HD;                             \
-                        prefetch_rows(next->k_plane + nb, block_size * HD, _MM_HINT_T1);                  \
-                        prefetch_rows(next->v_plane + nb, block_size * HD, _MM_HINT_T1);                  \
+                        prefetch_rows(next->k_plane + nb, block_size * HD);                               \
+                        prefetch_rows(next->v_plane + nb, block_size * HD);                               \
                     }                                                                                     \
                 }                                                                                         \
                 int64_t o = 0;                                                                            \
