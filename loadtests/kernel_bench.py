@@ -3,7 +3,8 @@
     .venv/bin/python loadtests/kernel_bench.py [--rows 1 16 64 512] [--seqs 16 64] [--context 200]
 
 Runs on a second thread after prepare_to_serve(), as the engine does. For each row count: every projection
-of one layer (qkv, o, gate_up, down) and the LM head, median time of gemm.c and of oneDNN's packed matmul,
+of one layer (qkv, o, gate_up with gemm.c's SiLU epilogue, down) and the LM head, median time of gemm.c and
+of oneDNN's packed matmul,
 and their GFLOP/s. Each weight is used once per timed pass over 30 layers' worth of distinct weights, so
 that the weights come from memory, not from the cache, as in a decode step. For attention: one layer's
 decode step over `--context` cached tokens per sequence in blocks scattered over the pool (as after
@@ -48,7 +49,8 @@ def bench_gemm(rows: list[int]) -> None:
         for name, (n, k) in [*SHAPES.items(), ("lm_head", HEAD)]:
             count = 1 if name == "lm_head" else LAYERS
             weights = [torch.randn(n, k).mul(0.05).bfloat16() for _ in range(count)]
-            packed = {"gemm.c": [native_kernels.pack_weight(w) for w in weights],
+            # gate/up as the model runs it: SiLU-and-multiply in gemm.c's epilogue (oneDNN: the matmul only).
+            packed = {"gemm.c": [native_kernels.pack_weight(w, silu_mul=name == "gate_up") for w in weights],
                       "oneDNN": [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]}
             x = torch.randn(m, k).bfloat16()
             t = {}

@@ -99,17 +99,23 @@ def test_rope_and_cache_matches_torch_and_fills_slots(head_dim: int) -> None:
 
 
 @_needs_kernels
-def test_fused_layers_match_unfused_forward(smollm2_dir: Path) -> None:
-    """The whole bf16 model, fused against unfused, over a prefill and then a decode step."""
-    runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16))
-    model = runner.model
-    assert runner.fused_ops and model.fused
+def test_fused_layers_match_unfused_forward(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole bf16 model, fused (C elementwise ops; where gemm.c runs, SiLU in gate/up's gemm) against
+    unfused (torch ops on a gate/up weight packed plainly, torch's SiLU), over a prefill and a decode step."""
+    config = EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16)
+    fused_runner = ModelRunner(smollm2_dir, config)
+    assert fused_runner.fused_ops and fused_runner.model.fused
+    assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == native_kernels.gemm_available()
+    monkeypatch.setattr(native_kernels, "silu_mul_packable", lambda weight: False)
+    plain_runner = ModelRunner(smollm2_dir, config)
+    plain = plain_runner.model
+    plain.fused = False
+    for layer in plain.layers:
+        layer.self_attn.fused = layer.mlp.fused = False
+        assert not layer.mlp.gate_up_proj.applies_silu
 
-    def forward(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        model.fused = fused
-        for layer in model.layers:
-            layer.self_attn.fused = layer.mlp.fused = fused
-        runner.kv_caches.zero_()
+    def forward(runner: ModelRunner) -> tuple[torch.Tensor, torch.Tensor]:
+        model = runner.model
         ids = torch.randint(100, 5000, (21,), generator=torch.Generator().manual_seed(3))
         prefill = build_metadata([SeqLayout(0, 20, 0, [0, 1])], 16, CPU, BF16, use_kernel=True)
         with torch.inference_mode():
@@ -118,7 +124,7 @@ def test_fused_layers_match_unfused_forward(smollm2_dir: Path) -> None:
             second = model(ids[20:], torch.tensor([20]), runner.kv_caches, decode)
         return model.compute_logits(first[-1:]).float(), model.compute_logits(second).float()
 
-    fused, unfused = forward(True), forward(False)
+    fused, unfused = forward(fused_runner), forward(plain_runner)
     for a, b in zip(fused, unfused, strict=True):
         assert a.argmax() == b.argmax()
         # Two bf16 computations that round in different places: their logits (magnitude ~10-30) drift

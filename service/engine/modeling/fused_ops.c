@@ -77,10 +77,10 @@ static void add_rms_norm_row(const bf16 *x, bf16 *res, const bf16 *weight, bf16 
     }
 }
 
-/* Without trapping math, fast_expf's floorf vectorises (a rounding instruction instead of a libm call). */
+/* Without trapping math, fast_expf's floorf (always inlined, so compiled with these options) vectorises:
+ * a rounding instruction instead of a libm call. */
 #pragma GCC push_options
 #pragma GCC optimize("-fno-trapping-math")
-#include "fast_exp.h"
 
 static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *o, int64_t inter) {
 #pragma omp simd

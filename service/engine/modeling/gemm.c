@@ -30,7 +30,6 @@
 #include "kernels.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <omp.h>
 
 #define GROUP_COLS 64
 #define BLOCK_ROWS 6

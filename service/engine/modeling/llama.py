@@ -81,7 +81,7 @@ class GateUpLinear(Linear):
     silu(gate) * up in the same pass (applies_silu); the bias, if any, is then interleaved the same way."""
 
     def pack(self) -> None:
-        if self.weight is None or not native_kernels.silu_mul_packable(self.weight):
+        if not native_kernels.silu_mul_packable(self.weight):
             super().pack()
             return
         self.packed = native_kernels.pack_weight(self.weight, silu_mul=True)

@@ -286,7 +286,8 @@ DEFINE_BF16_HEAD(128, 2)
  * item runs, its first pass also fetches the next item's keys and values into L2, a block of each per
  * block of its own: in a decode step at 64 sequences that is 0.86-0.95x the time of the whole stack. The
  * next item is the next index, so the threads take the items in chunks of consecutive ones: about four
- * chunks per thread, and at least four items each (dynamic, for prefill rows that see few keys). */
+ * chunks per thread, 4 to 16 items each (dynamic, and no bigger, for causal prefill rows, whose cost grows
+ * along the items: a 512-token prompt's 1,536 items in chunks of 192 would leave one thread idle). */
 void attention_bf16_team(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
                          const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                          const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
@@ -296,7 +297,8 @@ void attention_bf16_team(const uint16_t *q, const uint16_t *k_cache, const uint1
     const int64_t num_items = num_queries * num_kv_heads;
     const int64_t plane = num_blocks * block_size * head_dim;
     float *inv = sg + group * max_ctx;
-    const int64_t chunk = num_items / (4 * omp_get_num_threads()) > 4 ? num_items / (4 * omp_get_num_threads()) : 4;
+    int64_t chunk = num_items / (4 * omp_get_num_threads()); /* the same on every thread, as OpenMP requires */
+    chunk = chunk < 4 ? 4 : chunk > 16 ? 16 : chunk;
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t item = 0; item < num_items; item++) {
         const int64_t n = item / num_kv_heads, kh = item % num_kv_heads;
