@@ -144,19 +144,23 @@ def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
     assert not runner.use_kernel and not runner.fused_ops and not runner.model.fused
 
 
-@pytest.fixture(scope="module")
-def qwen2_head64_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+def _tiny_qwen2(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, name: str, intermediate_size: int) -> Path:
     """A tiny Qwen2 (q/k/v biases) whose heads are 64 wide, a size decoder.c's attention takes."""
     from transformers import Qwen2Config
 
     from tests.conftest import SMOLLM2_VOCAB_SIZE, _build_tiny
 
     config = Qwen2Config(
-        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2,
-        vocab_size=SMOLLM2_VOCAB_SIZE, max_position_embeddings=512, tie_word_embeddings=True,
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=intermediate_size,
+        num_hidden_layers=2, vocab_size=SMOLLM2_VOCAB_SIZE, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
-    return _build_tiny(tmp_path_factory.mktemp("qwen2_head64"), config, smollm2_dir)
+    return _build_tiny(tmp_path_factory.mktemp(name), config, smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen2_head64_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    return _tiny_qwen2(tmp_path_factory, smollm2_dir, "qwen2_head64", 256)
 
 
 @pytest.fixture(scope="module")
@@ -176,18 +180,9 @@ def llama_head128_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
 
 @pytest.fixture(scope="module")
 def qwen2_inter80_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
-    """A tiny Qwen2 whose MLP is 80 wide: not a multiple of 32, so its gate/up weight is packed plainly and
-    silu_mul runs as a step of its own (in decoder.c too)."""
-    from transformers import Qwen2Config
-
-    from tests.conftest import SMOLLM2_VOCAB_SIZE, _build_tiny
-
-    config = Qwen2Config(
-        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=80, num_hidden_layers=2,
-        vocab_size=SMOLLM2_VOCAB_SIZE, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )  # fmt: skip
-    return _build_tiny(tmp_path_factory.mktemp("qwen2_inter80"), config, smollm2_dir)
+    """Its MLP is 80 wide: not a multiple of 32, so its gate/up weight is packed plainly and silu_mul runs as
+    a step of its own (in decoder.c too)."""
+    return _tiny_qwen2(tmp_path_factory, smollm2_dir, "qwen2_inter80", 80)
 
 
 @pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c needs gemm.c (AVX-512 BF16, no AMX)")
