@@ -40,9 +40,10 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
     const int64_t plane = num_kv_heads * num_blocks * block_size * head_dim; /* one layer's K (or V) */
     const int64_t group = num_heads / num_kv_heads;
     /* Activations, reused by every layer: x (normed input), qkv, q, k, attention output, projection
-     * output (o, then the MLP's), gate_up, and the MLP's activation. */
+     * output (o, then the MLP's), gate_up (only where silu_mul is a phase of its own), and the MLP's
+     * activation. */
     const int64_t sizes[] = {T * hidden, T * qkv_width, T * q_width, T * kv_width, T * q_width, T * hidden,
-                             T * 2 * inter, T * inter};
+                             silu_gate_up ? 0 : T * 2 * inter, T * inter};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += sizes[i];
     bf16 *buf = malloc(sizeof(bf16) * (size_t)total);
