@@ -8,8 +8,11 @@ when the fetch itself fails (no registry reachable), saying so.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,44 @@ def rendered(helm: Helm) -> dict[str, Rendered]:
 @pytest.fixture(scope="session")
 def chart_values() -> dict[str, Any]:
     return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+@dataclass(frozen=True)
+class Baked:
+    """What `make image-bake` wrote: the image's /opt/lmserve/cache and /opt/lmserve/models, here."""
+
+    cache_dir: Path
+    models_dir: Path
+    output: str
+
+
+def image_bake_command(baked_root: Path, conversion_cache: Path) -> list[str]:
+    """`make image-bake` as the CPU Dockerfile runs it, with this venv and scratch folders for its paths."""
+    return [
+        "make", "-s", "--no-print-directory", "image-bake",
+        f"IMAGE_VENV={sys.prefix}",
+        f"IMAGE_CACHE_DIR={baked_root / 'cache'}",
+        f"IMAGE_MODELS_DIR={baked_root / 'models'}",
+        f"CONVERSION_CACHE_DIR={conversion_cache}",
+    ]  # fmt: skip
+
+
+def worktree_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this checkout's `service` package first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def baked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Baked]:
+    """Runs the real `make image-bake` (kernels compiled, SmolLM2 exported as a folder) into a scratch
+    folder. The conversion cache is the suite's, so the GGUF is converted at most once per machine."""
+    root = tmp_path_factory.mktemp("image")
+    result = subprocess.run(
+        image_bake_command(root, cache_dir), cwd=REPO, env=worktree_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield Baked(root / "cache", root / "models", result.stdout)
+    shutil.rmtree(root / "models", ignore_errors=True)  # 0.5 GB of weights
