@@ -8,6 +8,7 @@ the image's entry point and HEALTHCHECK.
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
 import subprocess
@@ -128,7 +129,8 @@ def test_pins_match_pyproject(dockerfile: Dockerfile) -> None:
     pins = pyproject_pins()
     text = dockerfile.path.read_text()
     for name, version in PIN.findall(text):
-        assert pins.get(name.lower()) == version, f"{dockerfile.path.name}: {name}=={version}, pyproject: {pins.get(name.lower())}"
+        pinned = pins.get(name.lower())
+        assert pinned == version, f"{dockerfile.path.name}: {name}=={version}, pyproject.toml: {pinned}"
     # The image's venv: the development venv's three pip steps, in the same order with the same pins;
     # only the project spec (plain, no test extra) and the torch index (CPU wheels) differ.
     torch_index = dockerfile.args().get("TORCH_INDEX", "")
@@ -172,7 +174,8 @@ def test_settings_match_the_chart(dockerfile: Dockerfile, chart_values: dict) ->
     assert dockerfile.exec_form(dockerfile.all("CMD")[-1]) == ["serve"]  # the chart's args start the same way
     healthcheck = dockerfile.exec_form(dockerfile.all("HEALTHCHECK")[-1])
     assert healthcheck == ["/opt/venv/bin/python", "/opt/lmserve/healthcheck.py"]
-    copied = {f"{dest.rstrip('/')}/{Path(s).name}": s for _, sources, dest in dockerfile.copies(dockerfile.final_stage) for s in sources}
+    final_copies = dockerfile.copies(dockerfile.final_stage)
+    copied = {f"{dest.rstrip('/')}/{Path(s).name}": s for _, sources, dest in final_copies for s in sources}
     for path in ("/opt/lmserve/entrypoint.sh", "/opt/lmserve/healthcheck.py", "/opt/lmserve/bake.py"):
         assert (REPO / copied[path]).is_file(), path
 
@@ -230,3 +233,44 @@ def test_verify_fails_without_baked_kernels(tmp_path: Path, baked: Baked) -> Non
         cwd=REPO, env=worktree_env(LMSERVE_CACHE_DIR=str(baked.cache_dir)), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert missing_model.returncode != 0 and "not found" in missing_model.stderr
+
+
+def run_entrypoint(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in env.items() if not k.startswith("LMSERVE_") or k in ("LMSERVE_CACHE_DIR",)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the image's PATH starts with its venv
+    return subprocess.run([str(DOCKER / "entrypoint.sh"), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_entrypoint_links_the_baked_kernels_into_the_cache_volume(baked: Baked, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    env = worktree_env(LMSERVE_CACHE_DIR=str(volume), BAKED_CACHE_DIR=str(baked.cache_dir))
+    for _ in range(2):  # a restarted container finds its links in place
+        result = run_entrypoint(env, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage: lmserve" in result.stdout  # exec'd `python -m service`
+    (library,) = baked.cache_dir.joinpath("kernels").glob("*.so")
+    link = volume / "kernels" / library.name
+    assert link.is_symlink() and link.resolve() == library.resolve()
+    assert [p.name for p in (volume / "kernels").iterdir()] == [library.name]  # no lock file linked
+
+
+def test_entrypoint_keeps_what_the_volume_already_has(baked: Baked, tmp_path: Path) -> None:
+    (library,) = baked.cache_dir.joinpath("kernels").glob("*.so")
+    own = tmp_path / "volume" / "kernels" / library.name
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"built on this node")
+    env = worktree_env(LMSERVE_CACHE_DIR=str(tmp_path / "volume"), BAKED_CACHE_DIR=str(baked.cache_dir))
+    assert run_entrypoint(env, "--help").returncode == 0
+    assert not own.is_symlink() and own.read_bytes() == b"built on this node"
+
+
+def test_entrypoint_without_baked_kernels_or_cache(tmp_path: Path) -> None:
+    """The CUDA image bakes no kernels; a container without LMSERVE_CACHE_DIR is refused."""
+    env = worktree_env(LMSERVE_CACHE_DIR=str(tmp_path / "volume"), BAKED_CACHE_DIR=str(tmp_path / "none"))
+    (tmp_path / "volume").mkdir()
+    assert run_entrypoint(env, "--help").returncode == 0
+    assert list((tmp_path / "volume").iterdir()) == []
+    env.pop("LMSERVE_CACHE_DIR")
+    refused = run_entrypoint(env, "--help")
+    assert refused.returncode != 0 and "LMSERVE_CACHE_DIR must name the writable cache volume" in refused.stderr

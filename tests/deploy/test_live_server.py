@@ -91,7 +91,9 @@ def pod(helm: Helm, baked: Baked, tmp_path_factory: pytest.TempPathFactory) -> I
     command = [str(REPO / "deploy" / "docker" / "entrypoint.sh"), *rendered.container["args"]]
     log = workdir / "server.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     live = LivePod(process, rendered, port, env, cache_volume, log)
     try:
         yield live
@@ -166,7 +168,8 @@ def test_healthcheck_hits_the_readiness_route(pod: LivePod) -> None:
     command = [sys.executable, str(REPO / "deploy" / "docker" / Path(healthcheck[1]).name)]
     ok = subprocess.run(command, env=pod.env, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
-    closed = subprocess.run(command, env={**pod.env, "LMSERVE_PORT": str(_free_port())}, capture_output=True, text=True, timeout=30)
+    closed_env = {**pod.env, "LMSERVE_PORT": str(_free_port())}
+    closed = subprocess.run(command, env=closed_env, capture_output=True, text=True, timeout=30)
     assert closed.returncode == 1 and "Connection refused" in closed.stderr
 
 
