@@ -75,6 +75,7 @@ def pod_environment(rendered: Rendered, baked: Baked, cache_volume: Path, port: 
     env.update({k: localize(v) for k, v in rendered.env.items()})
     assert env["LMSERVE_HOST"] == "0.0.0.0" and int(env["LMSERVE_PORT"]) == 8000
     env.update(LMSERVE_HOST="127.0.0.1", LMSERVE_PORT=str(port), LMSERVE_GRPC_PORT=str(grpc_port))
+    env["HOME"] = "/nonexistent"  # the image user's home, where nothing can be written
     return env
 
 
