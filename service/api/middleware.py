@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.accounting import RequestOutcome, close_request, observe_error, open_request
+from service.api.admission import authenticate
 from service.api.errors import APIError
-from service.logs import REQUEST_ID, AccessRecord, log_access, resolve_request_id
+from service.logs import AccessRecord
 
 if TYPE_CHECKING:
-    from service.app import AppState
+    from service.state import AppState
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,6 @@ def access_record(scope: Scope) -> AccessRecord:
     return scope[RECORD_SCOPE]
 
 
-def observe_error(state: AppState, record: AccessRecord, code: str) -> None:
-    """Count an error the client gets and name it on the request's access line."""
-    state.metrics.observe_error(code)
-    record.error = code
-
-
 async def send_error(send: Send, error: APIError) -> None:
     body = json.dumps(error.to_dict()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -83,13 +78,12 @@ async def send_error(send: Send, error: APIError) -> None:
 
 
 class AccountingMiddleware:
-    """The outermost layer: every request's id, in-flight count, metrics, access line and trace.
+    """The outermost layer: accounting.py's open/close around every request.
 
-    The id is the client's `x-request-id` when valid, else a new one; it is returned as `x-request-id`
-    on every response (errors from the layers inside included), set as REQUEST_ID for every log line
-    while the request is served, and kept in the request's AccessRecord (scope[RECORD_SCOPE]), which
-    handlers fill in. When the app returns (for a stream: when it ended or the client left) the record
-    becomes the one access line and, with tracing on, the trace.
+    The request id is returned as `x-request-id` on every response (errors from the layers inside
+    included), and the request's AccessRecord (scope[RECORD_SCOPE]) is what handlers fill in. When the
+    app returns (for a stream: when it ended or the client left) the record becomes the one access
+    line and, with tracing on, the trace.
     """
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
@@ -100,15 +94,7 @@ class AccountingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics = self.state.metrics
-        lifecycle = self.state.lifecycle
-        tracer = self.state.tracer
-        record = AccessRecord(
-            request_id=resolve_request_id(header_value(scope, REQUEST_ID_HEADER)),
-            transport=TRANSPORT,
-            started=time.monotonic(),
-            log_prompts=self.state.config.log_prompts,
-        )
+        record = open_request(self.state, TRANSPORT, header_value(scope, REQUEST_ID_HEADER))
         scope[RECORD_SCOPE] = record
         id_header = (REQUEST_ID_HEADER, record.request_id.encode("ascii"))
         status = 499  # no response started: the client went away first
@@ -121,27 +107,19 @@ class AccountingMiddleware:
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
-        # Never reset: this task serves only this request, and the layers outside this one (Starlette's
-        # ServerErrorMiddleware, uvicorn's log of an unhandled exception) still log about it.
-        REQUEST_ID.set(record.request_id)
-        lifecycle.in_flight += 1
-        metrics.requests_in_flight.labels(transport=TRANSPORT).inc()
         try:
             await self.app(scope, receive, send_wrapper)
         except BaseException:
             errored = True
             raise
         finally:
-            finished = time.monotonic()
-            lifecycle.in_flight -= 1
-            metrics.requests_in_flight.labels(transport=TRANSPORT).dec()
             if errored and status == 499:
                 status = 500
-            metrics.observe_request(endpoint_label(scope["path"]), TRANSPORT, status)
-            log_access(record, scope["method"], scope["path"], status, finished)
-            if tracer is not None:
-                traceparent = header_value(scope, b"traceparent")
-                tracer.export(record, scope["method"], scope["path"], status, finished, traceparent)
+            path = scope["path"]
+            outcome = RequestOutcome(
+                scope["method"], path, endpoint_label(path), status, str(status), header_value(scope, b"traceparent")
+            )
+            close_request(self.state, record, outcome)
 
 
 class AuthMiddleware:
@@ -156,24 +134,20 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        keys = self.state.keys
-        if not keys.is_enabled or scope["path"] in self.open_paths:
-            scope[KEY_ID_SCOPE] = _client_id(scope) if not keys.is_enabled else "open"
+        if self.state.keys.is_enabled and scope["path"] in self.open_paths:
+            scope[KEY_ID_SCOPE] = "open"
             await self.app(scope, receive, send)
             return
+        client = scope.get("client")
         try:
-            scope[KEY_ID_SCOPE] = keys.authenticate(header_value(scope, b"authorization"))
+            scope[KEY_ID_SCOPE] = authenticate(
+                self.state, header_value(scope, b"authorization"), client[0] if client else None
+            )
         except APIError as exc:
             observe_error(self.state, access_record(scope), exc.code)
             await send_error(send, exc)
             return
         await self.app(scope, receive, send)
-
-
-def _client_id(scope: Scope) -> str:
-    """Without API keys, rate limits apply per client address."""
-    client = scope.get("client")
-    return f"ip-{client[0]}" if client else "anonymous"
 
 
 class BodyLimitMiddleware:

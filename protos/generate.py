@@ -1,0 +1,57 @@
+"""Generate the Python stubs for protos/lmserve/v1/lmserve.proto into a package folder.
+
+    python protos/generate.py service/api/proto      # what `make protos` runs
+    python protos/generate.py /tmp/x --check service/api/proto   # exit 1 if the committed stubs differ
+
+grpcio-tools writes `from lmserve.v1 import lmserve_pb2` into the service module, which only imports
+when `lmserve/v1` is a top-level package; the import is rewritten to the package the stubs live in, so
+the stubs can sit inside `service/`. Plain protoc with no plugins compiles the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+PROTO = "lmserve/v1/lmserve.proto"
+PACKAGE = "service.api.proto"
+OUTPUTS = ("lmserve_pb2.py", "lmserve_pb2.pyi", "lmserve_pb2_grpc.py")
+
+
+def generate(out_dir: Path) -> None:
+    from grpc_tools import protoc
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["protoc", f"-I{ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", PROTO]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed on {PROTO}")
+        for name in OUTPUTS:
+            text = (Path(tmp) / "lmserve" / "v1" / name).read_text()
+            text = text.replace("from lmserve.v1 import lmserve_pb2", f"from {PACKAGE} import lmserve_pb2")
+            (out_dir / name).write_text(text)
+    init = out_dir / "__init__.py"
+    if not init.exists():
+        init.write_text('"""Generated from protos/lmserve/v1/lmserve.proto by `make protos`; do not edit."""\n')
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--check", type=Path, default=None, help="compare the output with this folder")
+    args = parser.parse_args()
+    generate(args.out_dir)
+    if args.check is not None:
+        stale = [n for n in OUTPUTS if not filecmp.cmp(args.out_dir / n, args.check / n, shallow=False)]
+        if stale:
+            print(f"stale gRPC stubs in {args.check}: {', '.join(stale)}; run `make protos`", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The transport-neutral handlers: what a request does once a transport has parsed it.
+
+A request's life, the same over HTTP (api/http.py) and gRPC (api/grpc.py):
+
+    record = open_request(state, transport, x_request_id)          # accounting.py: id, in-flight, metrics
+    key_id = authenticate(state, authorization, client_address)    # admission.py: 401 / UNAUTHENTICATED
+    caller = Caller(record, key_id)
+    call = prepare_chat(state, caller, ChatInput(...))             # here: draining? rate limit, model,
+                                                                   # template, validation, plan, queue slot
+    async for choice_delta in call.stream(): ...                   # engine deltas; or `await call.collect()`
+    close_request(state, record, RequestOutcome(...))              # one access line, request metric, trace
+
+Every failure is an APIError (errors.py) raised before the engine sees anything, or out of the stream;
+each transport maps it to its own status through the one error table. Closing a stream, or cancelling
+the task awaiting `collect()` (an HTTP disconnect, a gRPC cancel or deadline), aborts the engine
+requests and frees their KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from service.api.admission import Admitted, Caller, check_request
+from service.api.errors import APIError
+from service.api.generation import (
+    ChoiceDelta,
+    ChoiceResult,
+    GenerationParams,
+    GenerationPlan,
+    GenerationResult,
+    Usage,
+    collect_choices,
+    plan_generation,
+    stream_choices,
+    usage_of,
+)
+
+if TYPE_CHECKING:
+    from service.state import AppState, ServedModel
+
+# Keys the chat template fills itself; a client's chat_template_kwargs may not override them.
+CHAT_TEMPLATE_RESERVED = frozenset(
+    {"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize", "return_dict"}
+)
+# Tokenizing this much text on the event loop would stall every other request; above it, a thread does it.
+_INLINE_TOKENIZE_CHARS = 64_000
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+def require_model(served: ServedModel | None, model: str | None, kind: str) -> ServedModel:
+    if served is None:
+        raise APIError(f"This server serves no {kind} model.", "model_not_found", "model")
+    if not served.matches(model):
+        raise APIError(
+            f"The model '{model}' does not exist or is not a {kind} model here; this server's {kind} model "
+            f"is '{served.name}'.",
+            "model_not_found",
+            "model",
+        )
+    return served
+
+
+# -- generation -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompletionInput:
+    model: str | None
+    prompt: Prompt  # a string, strings, a token array or token arrays
+    params: GenerationParams
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    model: str | None
+    messages: list[dict[str, Any]]  # {"role", "content" (a string), ...}, as the chat template takes them
+    params: GenerationParams
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] | None = None
+
+
+@dataclass
+class GenerationCall:
+    """An admitted generation request. Run it once, with `stream()` or `collect()`; either one releases
+    its admission with the tokens it used, and `close()` releases it if neither ever ran."""
+
+    state: AppState
+    caller: Caller
+    plan: GenerationPlan
+    admitted: Admitted
+    model: ServedModel
+    response_id: str
+    created: int
+    echo_texts: list[str] | None = None  # completions with echo: each prompt's text
+    finals: list[ChoiceResult] = field(default_factory=list)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.plan.requests)
+
+    def prompt_index(self, choice_index: int) -> int:
+        return choice_index // self.plan.n
+
+    async def stream(self) -> AsyncIterator[ChoiceDelta]:
+        s = self.state
+        self.finals = [ChoiceResult(index=i) for i in range(self.num_choices)]
+        try:
+            async with aclosing(stream_choices(s.engine, self.plan, s.metrics, self.caller.record)) as choices:
+                async for item in choices:
+                    self.finals[item.index].add(item.delta, [])
+                    yield item
+        finally:
+            self.admitted.release(self.usage.total_tokens)
+
+    async def collect(self) -> GenerationResult:
+        s = self.state
+        result = None
+        try:
+            result = await collect_choices(s.engine, self.plan, s.metrics, self.caller.record)
+        finally:
+            self.admitted.release(result.usage.total_tokens if result else 0)
+        return result
+
+    @property
+    def usage(self) -> Usage:
+        """What the stream used so far (all of it once the stream has ended)."""
+        return usage_of(self.plan, self.finals)
+
+    def close(self) -> None:
+        self.admitted.release(0)
+
+
+def completion_prompts(state: AppState, prompt: Prompt) -> list[list[int]]:
+    limits = state.config.limits
+    if isinstance(prompt, str):
+        items: list[str] | list[list[int]] = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]  # type: ignore[list-item]
+    else:
+        items = prompt  # type: ignore[assignment]
+    if not items:
+        raise APIError("The prompt must not be empty.", "invalid_value", "prompt")
+    if len(items) > limits.max_prompts:
+        raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", "prompt")
+    tok = state.tokenizer
+    return [tok.encode(p) if isinstance(p, str) else list(p) for p in items]
+
+
+def _echo_texts(state: AppState, prompt: Prompt, prompts: list[list[int]]) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], str):
+        return list(prompt)  # type: ignore[arg-type]
+    return [state.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+
+
+def _admit(
+    state: AppState, caller: Caller, model: ServedModel, prompts: list[list[int]], params: GenerationParams, prefix: str
+) -> GenerationCall:
+    s = state
+    plan = plan_generation(s.engine, prompts, params, s.config.limits, caller.record.request_id, s.tokenizer.vocab_size)
+    admitted = Admitted(s, caller, plan.max_total_tokens)
+    return GenerationCall(s, caller, plan, admitted, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+
+def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) -> GenerationCall:
+    check_request(state, caller)
+    model = require_model(state.generation_model, inp.model, "generation")
+    prompts = completion_prompts(state, inp.prompt)
+    if caller.record.log_prompts:
+        caller.record.prompt = inp.prompt
+    call = _admit(state, caller, model, prompts, inp.params, "cmpl")
+    if inp.echo:
+        call.echo_texts = _echo_texts(state, inp.prompt, prompts)
+    return call
+
+
+def chat_prompt(
+    state: AppState,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> list[int]:
+    """Token ids of the conversation under the model's chat template (chat and tokenize)."""
+    from service.tokenizer import TokenizerError
+
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(CHAT_TEMPLATE_RESERVED & kwargs.keys())
+    if reserved:
+        raise APIError(f"chat_template_kwargs may not set {', '.join(reserved)}.", "invalid_value", "chat_template_kwargs")
+    if not messages:
+        raise APIError("messages must not be empty.", "invalid_value", "messages")
+    try:
+        return state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
+        )
+    except TokenizerError as exc:
+        raise APIError(str(exc), "invalid_value", "messages") from None
+
+
+def chat_logprobs(logprobs: bool, top_logprobs: int | None) -> int | None:
+    """Chat's two logprob fields -> the engine's one (None: off; k: the chosen token plus the top k)."""
+    if top_logprobs and not logprobs:
+        raise APIError("top_logprobs requires logprobs to be true.", "invalid_value", "top_logprobs")
+    return (top_logprobs or 0) if logprobs else None
+
+
+def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
+    check_request(state, caller)
+    model = require_model(state.generation_model, inp.model, "generation")
+    prompt = chat_prompt(state, inp.messages, inp.add_generation_prompt, inp.tools, inp.template_kwargs)
+    if caller.record.log_prompts:
+        caller.record.prompt = inp.messages
+    return _admit(state, caller, model, [prompt], inp.params, "chatcmpl")
+
+
+# -- embeddings -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    model: str | None
+    inputs: list[str] | list[list[int]]  # texts or token arrays
+    dimensions: int | None = None
+    logged_input: Any = None  # what the client sent, for an access line with --log-prompts
+
+
+@dataclass(frozen=True)
+class EmbedOutput:
+    model: ServedModel
+    vectors: list[list[float]]
+    total_tokens: int
+
+
+@dataclass
+class EmbeddingCall:
+    """An admitted embedding request; `run()` once."""
+
+    state: AppState
+    caller: Caller
+    model: ServedModel
+    ids: list[list[int]]
+    dimensions: int | None
+    admitted: Admitted
+
+    async def run(self) -> EmbedOutput:
+        from service.embeddings import EmbedderNotRunning, EmbeddingInputError
+
+        embedder = self.state.embedder
+        assert embedder is not None
+        self.caller.record.submitted = time.monotonic()
+        result = None
+        try:
+            result = await embedder.embed(self.ids, self.dimensions)
+        except EmbeddingInputError as exc:
+            raise APIError(str(exc), exc.code, exc.param) from None
+        except EmbedderNotRunning as exc:
+            raise APIError(str(exc), "service_unavailable") from None
+        finally:
+            self.admitted.release(result.total_tokens if result is not None else 0)
+        self.state.metrics.embedding_tokens_total.inc(result.total_tokens)
+        self.caller.record.prompt_tokens = result.total_tokens
+        return EmbedOutput(self.model, result.vectors, result.total_tokens)
+
+
+async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) -> EmbeddingCall:
+    from service.embeddings import EmbeddingInputError
+
+    check_request(state, caller)
+    model = require_model(state.embedding_model, inp.model, "embedding")
+    if caller.record.log_prompts:
+        caller.record.prompt = inp.logged_input if inp.logged_input is not None else inp.inputs
+    embedder = state.embedder
+    assert embedder is not None
+    limit = state.config.limits.max_embedding_inputs
+    if not inp.inputs:
+        raise APIError("input must not be empty.", "invalid_value", "input")
+    if len(inp.inputs) > limit:
+        raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
+    if any(isinstance(x, str) and not x for x in inp.inputs):
+        raise APIError("input strings must not be empty.", "invalid_value", "input")
+    try:
+        if sum(len(x) for x in inp.inputs if isinstance(x, str)) > _INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(embedder.tokenize, inp.inputs)
+        else:
+            ids = embedder.tokenize(inp.inputs)
+        embedder.validate(ids, inp.dimensions)
+    except EmbeddingInputError as exc:
+        raise APIError(str(exc), exc.code, exc.param) from None
+    admitted = Admitted(state, caller, sum(len(x) for x in ids))
+    return EmbeddingCall(state, caller, model, ids, inp.dimensions, admitted)
+
+
+# -- tokenization -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizeInput:
+    model: str | None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenizeOutput:
+    tokens: list[int]
+    max_model_len: int
+    token_strs: list[str] | None = None
+
+
+def tokenize(state: AppState, inp: TokenizeInput) -> TokenizeOutput:
+    """The generation model's tokens for a prompt or chat messages; the embedding model's for a prompt
+    when `model` names it."""
+    if (inp.prompt is None) == (inp.messages is None):
+        raise APIError("Give exactly one of 'prompt' and 'messages'.", "invalid_request", "prompt")
+    embedding = state.embedding_model
+    if inp.model is not None and embedding is not None and embedding.matches(inp.model) and inp.prompt is not None:
+        embedder = state.embedder
+        assert embedder is not None
+        ids = embedder.tokenize([inp.prompt])[0]
+        strs = embedder.tokenizer.convert_ids_to_tokens(ids) if inp.return_token_strs else None
+        return TokenizeOutput(ids, embedder.max_input_tokens, strs)
+    require_model(state.generation_model, inp.model, "generation")
+    if inp.messages is not None:
+        ids = chat_prompt(state, inp.messages, inp.add_generation_prompt, inp.tools, inp.template_kwargs)
+    else:
+        assert inp.prompt is not None
+        ids = state.tokenizer.encode(inp.prompt, add_special_tokens=inp.add_special_tokens)
+    strs = state.tokenizer.convert_ids_to_tokens(ids) if inp.return_token_strs else None
+    return TokenizeOutput(ids, state.engine.max_model_len, strs)
+
+
+def detokenize(state: AppState, model: str | None, tokens: list[int]) -> str:
+    require_model(state.generation_model, model, "generation")
+    vocab = state.tokenizer.vocab_size
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(f"Token id {bad} is not in the vocabulary (0..{vocab - 1}).", "invalid_value", "tokens")
+    return state.tokenizer.decode(tokens)
+
+
+# -- models -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    served: ServedModel
+    max_model_len: int
+    kind: str  # generation | embedding
+
+
+def served_models(state: AppState) -> list[ModelInfo]:
+    models = [ModelInfo(state.generation_model, state.engine.max_model_len, "generation")]
+    if state.embedding_model is not None and state.embedder is not None:
+        models.append(ModelInfo(state.embedding_model, state.embedder.max_input_tokens, "embedding"))
+    return models
+
+
+__all__ = [
+    "ChatInput",
+    "CompletionInput",
+    "EmbedInput",
+    "EmbedOutput",
+    "EmbeddingCall",
+    "GenerationCall",
+    "ModelInfo",
+    "TokenizeInput",
+    "TokenizeOutput",
+    "chat_logprobs",
+    "chat_prompt",
+    "detokenize",
+    "prepare_chat",
+    "prepare_completion",
+    "prepare_embedding",
+    "require_model",
+    "served_models",
+    "tokenize",
+]

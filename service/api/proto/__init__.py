@@ -1,0 +1,1 @@
+"""Generated from protos/lmserve/v1/lmserve.proto by `make protos`; do not edit."""

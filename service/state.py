@@ -1,0 +1,69 @@
+"""What the transports share, built once by the composition root (app.py) and passed down.
+
+Below app.py and api/, so that nothing imports back up into the composition root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.api.auth import KeyStore
+    from service.api.limits import AdmissionControl, RateLimiter
+    from service.config import ServeConfig
+    from service.embeddings import Embedder
+    from service.engine.base import GenerationEngine
+    from service.metrics import Metrics
+    from service.tokenizer import Tokenizer
+    from service.tracing import RequestTracer
+
+
+@dataclass
+class Lifecycle:
+    """Mutable serving state shared by the transports: draining flag and requests in flight."""
+
+    draining: bool = False
+    in_flight: int = 0
+
+
+@dataclass
+class ServedModel:
+    name: str  # the id clients send as `model`
+    aliases: frozenset[str]  # name plus the checkpoint reference it was loaded from
+    created: int
+
+    def matches(self, model: str | None) -> bool:
+        return model is None or model in self.aliases
+
+
+@dataclass
+class AppState:
+    """Everything a transport needs; built once by `app.build_state`."""
+
+    config: ServeConfig
+    engine: GenerationEngine
+    tokenizer: Tokenizer
+    generation_model: ServedModel
+    embedder: Embedder | None
+    embedding_model: ServedModel | None
+    keys: KeyStore
+    limiter: RateLimiter
+    admission: AdmissionControl
+    metrics: Metrics
+    tracer: RequestTracer | None = None  # None: tracing off (no OTLP endpoint)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+
+
+def readiness(state: AppState) -> str | None:
+    """None when ready to take work, else why not (the same answer for /readyz and gRPC health)."""
+    if state.lifecycle.draining:
+        return "draining"
+    if not state.engine.stats().is_alive:
+        return "the generation engine is not running"
+    if state.embedder is not None and not state.embedder.is_running:
+        return "the embedding model is not running"
+    return None
+
+
+__all__ = ["AppState", "Lifecycle", "ServedModel", "readiness"]
