@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         }
     },
     "grpc-probes": {"probes": {"protocol": "grpc"}},
+    "grpc-tls": {"grpcTls": {"existingSecret": "lmserve-grpc-tls", "requireClientCert": True}},
     "network-policy": {
         "networkPolicy": {
             "enabled": True,

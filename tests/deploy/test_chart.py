@@ -126,6 +126,7 @@ def test_probes_point_at_the_servers_routes_and_ports(rendered: dict[str, Render
     by_name = {p["name"]: p for p in service["spec"]["ports"]}
     assert by_name["http"]["port"] == http_port and by_name["http"]["targetPort"] == "http"
     assert by_name["grpc"]["targetPort"] == "grpc" and by_name["grpc"]["port"] == int(r.env["LMSERVE_GRPC_PORT"])
+    assert by_name["grpc"].get("appProtocol") == (None if "LMSERVE_GRPC_TLS_CERT" in r.env else "kubernetes.io/h2c")
     assert service["spec"]["selector"] == r.deployment["spec"]["selector"]["matchLabels"]
 
 

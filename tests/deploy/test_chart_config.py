@@ -111,6 +111,25 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
     )  # fmt: skip
 
 
+def test_grpc_tls_files_reach_the_server(rendered: dict[str, Rendered], helm: Helm) -> None:
+    r = rendered["grpc-tls"]
+    config = config_of(r)
+    mount = next(m for m in r.container["volumeMounts"] if m["name"] == "grpc-tls")
+    directory = Path(mount["mountPath"])
+    assert mount["readOnly"] is True
+    assert (config.grpc_tls_cert, config.grpc_tls_key, config.grpc_tls_client_ca) == (
+        directory / "tls.crt", directory / "tls.key", directory / "ca.crt"
+    )
+    volume = next(v for v in r.pod["volumes"] if v["name"] == "grpc-tls")
+    assert volume["secret"]["secretName"] == "lmserve-grpc-tls"
+    assert {i["path"] for i in volume["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    grpc_port = next(p for p in r.one("Service")["spec"]["ports"] if p["name"] == "grpc")
+    assert "appProtocol" not in grpc_port  # not h2c: TLS
+    server_only = config_of(helm.template({"grpcTls": {"existingSecret": "s"}}))
+    assert server_only.grpc_tls_cert is not None and server_only.grpc_tls_client_ca is None
+    assert config_of(rendered["default"]).grpc_tls_cert is None
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_parses(rendered: dict[str, Rendered], variant: str) -> None:
     config = config_of(rendered[variant])

@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.deploy.conftest import REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
 from tests.deploy.dockerfile import Dockerfile
@@ -162,6 +164,18 @@ def test_endpoint_picker_scrapes_lmserves_gauges(pod: LivePod) -> None:
         assert f"# TYPE {args[flag]} gauge" in response.text, flag
     usage = next(line for line in response.text.splitlines() if line.startswith(args["kv-cache-usage-percentage-metric"]))
     assert 0.0 <= float(usage.rsplit(" ", 1)[1]) <= 1.0  # a ratio, as the picker expects
+
+
+def test_native_grpc_probe_target_is_serving(pod: LivePod, helm: Helm) -> None:
+    """With probes.protocol=grpc the kubelet asks grpc.health.v1 on the gRPC port about the service the
+    probe names; the server answers SERVING once ready."""
+    grpc_variant = helm.template(VARIANTS["grpc-probes"])
+    probe = grpc_variant.container["readinessProbe"]["grpc"]
+    assert probe["port"] == int(grpc_variant.env["LMSERVE_GRPC_PORT"])  # here: the pod's free gRPC port
+    with grpc.insecure_channel(f"127.0.0.1:{pod.env['LMSERVE_GRPC_PORT']}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=probe["service"]), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_healthcheck_hits_the_readiness_route(pod: LivePod) -> None:

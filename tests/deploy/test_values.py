@@ -55,6 +55,9 @@ CONFLICTS = [
     ({"serviceMonitor": {"enabled": True, "authorization": {"secretName": "k"}}},
      "serviceMonitor.authorization.secretKey is required"),
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas exceeds"),
+    ({"grpcTls": {"existingSecret": "t"}, "probes": {"protocol": "grpc"}}, "cannot check a TLS gRPC port"),
+    ({"grpcTls": {"existingSecret": "t"}, "ports": {"grpc": 0}}, "grpcTls.existingSecret needs a gRPC port"),
+    ({"grpcTls": {"requireClientCert": True}}, "grpcTls.requireClientCert needs grpcTls.existingSecret"),
 ]  # fmt: skip
 
 

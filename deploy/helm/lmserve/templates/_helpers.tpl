@@ -90,6 +90,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq .Values.probes.protocol "grpc") (eq (int .Values.ports.grpc) 0) }}
 {{- fail "probes.protocol grpc needs a gRPC port (ports.grpc is 0)" }}
 {{- end }}
+{{- if and .Values.grpcTls.existingSecret (eq .Values.probes.protocol "grpc") }}
+{{- fail "probes.protocol grpc cannot check a TLS gRPC port (the kubelet's gRPC probe has no TLS): use probes.protocol http with grpcTls" }}
+{{- end }}
+{{- if and .Values.grpcTls.existingSecret (eq (int .Values.ports.grpc) 0) }}
+{{- fail "grpcTls.existingSecret needs a gRPC port (ports.grpc is 0)" }}
+{{- end }}
+{{- if and .Values.grpcTls.requireClientCert (not .Values.grpcTls.existingSecret) }}
+{{- fail "grpcTls.requireClientCert needs grpcTls.existingSecret (its ca.crt)" }}
+{{- end }}
 {{- if and .Values.inferencePool.enabled (not .Values.metrics.open) }}
 {{- fail "inferencePool.enabled needs metrics.open=true: the endpoint picker scrapes /metrics without an API key" }}
 {{- end }}
