@@ -1,0 +1,132 @@
+"""Prompt injection and jailbreak heuristics: instruction overrides, role-play escapes, system-prompt
+extraction, chat-template tokens.
+
+Text is normalised first (compatibility forms, invisible characters removed, Cyrillic and Greek
+look-alikes and leetspeak digits mapped to letters, lower case, letter-spaced words joined), and words
+in a pattern may be separated by any run of spaces or punctuation, so "IGNORE   all\nprevious", "1gn0re
+prev1ous" and "i g n o r e previous" read alike.
+
+Each rule has a kind and a weight; a text's score is 1 - prod(1 - weight) over kinds, taking each kind's
+heaviest matching rule (two rules that match the same phrase do not add up). A rule
+preceded by a negation ("never reveal your system prompt") does not count, and one quoted inside a
+question about defending against it ("how do I detect 'ignore previous instructions'?") counts half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import regex
+
+from service.safety.unicode import fold
+
+CATEGORY = "injection"
+_W = r"[\W_]*"  # between words: any spaces or punctuation, or none
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
+_SPACED = regex.compile(r"(?<![^\W_])(?:[^\W_] ){3,}[^\W_](?![^\W_])")
+_NEGATION = regex.compile(r"(?:\bnever|\bnot|n't|\bno)(?:\W+\w+){0,2}\W*$")
+_QUOTED_DEFENCE = regex.compile(
+    r"\b(?:detect|prevent|defend|protect|mitigate|block|filter|guard|recogni[sz]e|stop|handle|examples?|explain|what)\b"
+)
+_QUOTES = "\"'“”‘’«»`"
+
+
+def _words(*alternatives: str) -> str:
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+_VERB = _words("ignore", "disregard", "forget", "override", "bypass", "skip", "discard", "abandon", "neglect", "drop")
+_STRONG = _words(
+    "previous", "prior", "above", "earlier", "preceding", "foregoing", "initial", "original", "system",
+    "developer", "safety", "your", "these", "those",
+)
+_TARGET = _words(
+    r"instructions?", r"prompts?", r"rules?", r"directives?", r"guidelines?", r"guardrails?", r"constraints?",
+    r"polic(?:y|ies)", r"restrictions?", "programming", "training", "guidance", r"filters?", r"limitations?",
+    "ethics",
+)
+_EXTRACT = _words("reveal", "show", "print", "repeat", "output", "display", "leak", "dump", "recite", "echo", "spell out", "tell me", "give me", "share", "list", "write out", "copy")
+_HIDDEN = _words("system", "initial", "hidden", "original", "secret", "internal", "developer", "pre-?prompt", "first", "confidential")
+_FREE = _words(
+    r"no (?:\w+ )?(?:rules|restrictions|limits|limitations|filters|guidelines|boundaries|censorship|ethics|morals|content polic(?:y|ies))",
+    r"without (?:any )?(?:\w+ )?(?:rules|restrictions|limits|limitations|filters|guidelines|boundaries|censorship|ethics|morals)",
+    "unrestricted", "unfiltered", "uncensored", "jailbroken", "evil", "amoral", "not bound by",
+    r"free (?:of|from) (?:all |any )?(?:rules|restrictions|guidelines|limits)",
+)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: str
+    pattern: regex.Pattern[str]
+    weight: float
+
+
+def _rule(kind: str, source: str, weight: float) -> _Rule:
+    # Patterns are written with single spaces between words; any separator (or none) matches there.
+    return _Rule(kind, regex.compile(source.replace(" ", _W)), weight)
+
+
+RULES = (
+    # "ignore all previous instructions", "disregard your system prompt", "forget your training"
+    _rule("override", rf"\b{_VERB} (?:\w+ ){{0,3}}?{_STRONG} (?:\w+ ){{0,2}}?{_TARGET}\b", 0.9),
+    _rule("override", rf"\b{_VERB} (?:all|any|every) (?:\w+ ){{0,2}}?{_words('instructions?', 'prompts?', 'directives?', 'guidelines?', 'guardrails?', 'restrictions?', 'filters?', 'safety')}\b", 0.9),
+    _rule("override", rf"\b{_VERB} (?:everything|anything|all|what) (?:\w+ ){{0,2}}?{_words('above', 'before', 'prior', 'so far', r'you(?:ve| have| were| was) (?:been )?told', 'i said')}", 0.9),
+    _rule("override", rf"\b{_VERB} (?:all of |everything |anything )?(?:the )?(?:above|foregoing)(?= ?(?:$|[.,;:!]|and\b|then\b|instead\b|now\b|please\b))", 0.8),
+    _rule("override", r"\b(?:new|updated|real|actual|revised) (?:system )?(?:instructions|rules|directives|task)\b ?(?::|are|is)", 0.7),
+    _rule("override", rf"\b(?:you (?:must|will|should|can) )?(?:no longer|stop|do not|don't|never) (?:follow|obey|adher\w*|comply)\w* (?:with |to )?(?:\w+ ){{0,2}}?{_TARGET}", 0.8),
+    # role-play escapes
+    _rule("roleplay", rf"\b(?:pretend|imagine|act|behave|roleplay|role play|play the role|you are now|from now on)\b(?: \w+){{0,8}}? {_FREE}", 0.8),
+    _rule("roleplay", r"\b(?:do anything now|dan mode|act as dan|you are dan|(?:jailbreak|jailbroken|god|evil|unrestricted|unfiltered|uncensored) mode)\b", 0.9),
+    _rule("roleplay", r"\b(?:you are|you're|you are now|now|respond|answer) (?:in |running in )?developer mode\b", 0.7),
+    _rule("roleplay", r"\b(?:chatgpt|assistant|ai|llm|model|bot)\b(?: \w+){0,4}? developer mode\b", 0.7),
+    _rule("roleplay", rf"\byou (?:have|now have|are|are now|will have) {_FREE}", 0.8),
+    _rule("roleplay", rf"\byou (?:are|will be|re) (?:\w+ ){{0,4}}?(?:that|who|which|with) (?:has |have )?{_FREE}", 0.8),
+    _rule("roleplay", rf"\b{_FREE}\b", 0.35),
+    _rule("roleplay", r"\b(?:stay|remain|never break|don't break|do not break) (?:in )?character\b", 0.35),
+    _rule("roleplay", r"\b(?:you (?:cannot|can't|can not|must not|mustn't|will not|won't) (?:refuse|decline)|never refuse|without (?:any )?(?:warnings|disclaimers|refusals?))\b", 0.35),
+    # system prompt extraction
+    _rule("extraction", rf"\b{_EXTRACT} (?:\w+ ){{0,3}}?(?:your|the) (?:\w+ )?{_HIDDEN} (?:prompt|instructions?|message|rules|directives|configuration|context)\b", 0.8),
+    _rule("extraction", rf"\bwhat (?:is|are|was|were) your (?:\w+ )?{_HIDDEN}? ?(?:prompt|instructions|directives|rules)\b", 0.8),
+    _rule("extraction", rf"\b{_EXTRACT} (?:\w+ ){{0,2}}?(?:everything|all|the (?:\w+ )?(?:text|words|content|message)) (?:\w+ ){{0,2}}?(?:above|before this|prior to this)\b(?! (?:the|a|an|it|its|each|every|my|his|her|their)\b)", 0.8),
+    _rule("extraction", r"\bwhat (?:were|was) you (?:told|instructed|given) (?:before|initially|at the start|above)\b", 0.8),
+    # chat-template and role markers smuggled into content
+    _rule("template", r"<\|(?:im_start|im_end|system|endoftext|eot_id|start_header_id|end_header_id)\|>|\[/?inst\]|<<\/?sys>>", 0.9),
+    _Rule("template", regex.compile(r"(?m)^\W*(?:#{2,} ?)?(?:system|developer)\W*(?:prompt|message)?\W*:"), 0.45),
+)
+
+
+@dataclass(frozen=True)
+class InjectionResult:
+    score: float
+    kinds: tuple[str, ...]
+
+
+def normalize(text: str) -> str:
+    folded = fold(text).lower().translate(_LEET)
+    folded = _SPACED.sub(lambda m: m.group().replace(" ", ""), folded)
+    return regex.sub(r"\s+", " ", folded)
+
+
+def score_injection(text: str) -> InjectionResult:
+    """How much `text` looks like an injection or jailbreak attempt (0..1) and which rule kinds matched."""
+    norm = normalize(text)
+    weights: dict[str, float] = {}
+    for rule in RULES:
+        for match in rule.pattern.finditer(norm):
+            if _NEGATION.search(norm, max(0, match.start() - 24), match.start()):
+                continue
+            weight = rule.weight
+            if _is_quoted(norm, match.start(), match.end()) and _QUOTED_DEFENCE.search(norm):
+                weight *= 0.5
+            weights[rule.kind] = max(weight, weights.get(rule.kind, 0.0))
+    miss = 1.0
+    for weight in weights.values():
+        miss *= 1.0 - weight
+    return InjectionResult(1.0 - miss, tuple(sorted(weights)))
+
+
+def _is_quoted(text: str, start: int, end: int) -> bool:
+    before = text[max(0, start - 3) : start]
+    after = text[end : end + 3]
+    return any(q in before for q in _QUOTES) and any(q in after for q in _QUOTES)

@@ -1,0 +1,138 @@
+"""Toxicity: the linear classifier that ships inside the `alt-profanity-check` wheel, evaluated directly.
+
+The wheel holds a scikit-learn TfidfVectorizer (lowercased word unigrams, English stop words dropped,
+l2-normalised tf-idf) and a CalibratedClassifierCV of five LinearSVCs with sigmoid calibration. Its
+`predict_prob` runs scikit-learn's input validation on every call (about 14 ms for one sentence), far
+too slow for every streamed sentence, so `ToxicityModel` reads the fitted weights once and computes the
+same probability with a dict lookup per word (tests compare it with `predict_prob` to 1e-9).
+
+The classifier is a bag of words: "kill" alone scores 0.95 whether it is a threat or `kill -9`. Common
+figurative and technical uses ("killer recipe", "kill a process", "shoot me an email") are masked before
+scoring, so only the rest of the sentence counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import regex
+
+# The vectorizer's token_pattern, `(?u)\b\w\w+\b`, after its lowercasing.
+_TOKEN = regex.compile(r"\b\w\w+\b")
+
+# Figurative and technical phrases whose violent or profane-looking words are not abuse. Each is
+# replaced by a space before scoring. Kept to phrases, not single words, so "I will kill you" still counts.
+_TECH_OBJECTS = (
+    r"process(?:es)?|pids?|jobs?|tasks?|threads?|daemons?|servers?|sessions?|containers?|pods?|"
+    r"signals?|commands?|apps?|applications?|programs?|tabs?|windows?|quer(?:y|ies)|connections?|"
+    r"workers?|services?|instances?|builds?|scripts?|loops?|shells?|terminals?|browsers?|engines?|"
+    r"lights?|power|switch(?:es)?|features?|bills?|time|the\s+mood|the\s+vibe|bugs?|(?:the\s+)?messenger"
+)
+FIGURATIVE = regex.compile(
+    r"\b(?:"
+    # kill / killing / killed + an object that is a thing, not a person (optional flags, determiner, adjective)
+    rf"(?:p?kill(?:s|ed|ing)?|killall)(?:\s+-{{1,2}}\w+)*(?:\s+(?:the|a|an|this|that|my|your|all|any|its|every|some|those|these|\d+))?(?:\s+\w+)?\s+(?:{_TECH_OBJECTS})"
+    r"|(?:p?kill|killall)\s+-{1,2}\w+"  # kill -9 1234, pkill -f name
+    r"|sigkill|oom[\s-]?killer|kill[\s-]?switch(?:es)?"
+    # killer + a thing ("killer recipe", "killer app")
+    r"|killer\s+(?:recipes?|apps?|features?|deals?|views?|looks?|workouts?|songs?|tracks?|performances?|"
+    r"ideas?|sales?|prices?|combos?|instincts?|lineups?|designs?|demos?|products?|tips?|questions?|"
+    r"playlists?|outfits?|smiles?|sauces?|dishes?|cakes?|burgers?|features?|use\s+cases?|robots?|whales?|bees?|heels?)"
+    r"|(?:killing|killed|kills|kill)\s+it\b"  # "you killed it on stage"
+    r"|(?:is|are|was|were)\s+killing\s+me|dressed\s+to\s+kill|kill(?:ing)?\s+two\s+birds|to\s+die\s+for"
+    r"|drop[\s-]dead\s+gorgeous|shoot\s+(?:me\s+)?(?:a|an)\s+(?:email|message|text|note|line|dm|photo|video)"
+    r"|shoot\s+for\s+the\s+(?:stars|moon)|(?:bombed|bomb)\s+(?:the|my|an?)\s+(?:test|exam|interview|audition)"
+    r"|break\s+a\s+leg|murder(?:ed|s)?\s+(?:the|that)\s+(?:song|performance|stage|track|set)"
+    r"|(?:die|died|dies|dying|dead)\s+(?:process|thread|worker|daemon|link|code|battery|pixel)s?"
+    r"|(?:process|thread|worker|daemon|battery|server|phone|laptop)s?\s+(?:died|dies|is\s+dead|was\s+killed)"
+    r")\b"
+)
+
+
+def mask_figurative(text: str) -> str:
+    """`text` lowercased with figurative phrases blanked out (what the classifier scores)."""
+    return FIGURATIVE.sub(" ", text.lower())
+
+
+@dataclass(frozen=True)
+class _WordWeights:
+    idf: float
+    coefs: tuple[float, ...]  # one per calibrated fold: the LinearSVC weight of this word
+
+
+class ToxicityModel:
+    """Probability that a text is toxic (profane, insulting, threatening), from alt-profanity-check."""
+
+    def __init__(
+        self,
+        words: dict[str, _WordWeights],
+        intercepts: tuple[float, ...],
+        sigmoid_a: tuple[float, ...],
+        sigmoid_b: tuple[float, ...],
+    ) -> None:
+        self._words = words
+        self._intercepts = intercepts
+        self._sigmoid_a = sigmoid_a
+        self._sigmoid_b = sigmoid_b
+
+    @classmethod
+    def load(cls) -> ToxicityModel:
+        """Read the weights fitted into the installed wheel (imports scikit-learn once, ~2 s)."""
+        from profanity_check import profanity_check as packaged
+
+        vectorizer, model = packaged.vectorizer, packaged.model
+        folds = model.calibrated_classifiers_
+        coef_rows = [fold.estimator.coef_[0] for fold in folds]
+        idf = vectorizer.idf_
+        words = {
+            word: _WordWeights(float(idf[col]), tuple(float(row[col]) for row in coef_rows))
+            for word, col in vectorizer.vocabulary_.items()
+        }
+        return cls(
+            words,
+            tuple(float(fold.estimator.intercept_[0]) for fold in folds),
+            tuple(float(fold.calibrators[0].a_) for fold in folds),
+            tuple(float(fold.calibrators[0].b_) for fold in folds),
+        )
+
+    def raw_score(self, text: str) -> float:
+        """Exactly the wheel's `predict_prob([text])[0]` (no figurative masking)."""
+        return self._score(text.lower())
+
+    def score(self, text: str) -> float:
+        """The toxicity probability of `text` with figurative phrases masked."""
+        return self._score(mask_figurative(text))
+
+    def _score(self, lowered: str) -> float:
+        counts: dict[str, int] = {}
+        for token in _TOKEN.findall(lowered):
+            if token in self._words:
+                counts[token] = counts.get(token, 0) + 1
+        num_folds = len(self._intercepts)
+        if not counts:
+            decisions = list(self._intercepts)
+        else:
+            # tf-idf then l2 normalisation, as the vectorizer does (raw counts times idf)
+            sums = [0.0] * num_folds
+            norm_sq = 0.0
+            for token, count in counts.items():
+                weights = self._words[token]
+                value = count * weights.idf
+                norm_sq += value * value
+                for k in range(num_folds):
+                    sums[k] += value * weights.coefs[k]
+            norm = math.sqrt(norm_sq)
+            decisions = [sums[k] / norm + self._intercepts[k] for k in range(num_folds)]
+        total = 0.0
+        for k in range(num_folds):
+            # sklearn's _SigmoidCalibration: 1 / (1 + exp(a * f + b))
+            total += _expit(-(self._sigmoid_a[k] * decisions[k] + self._sigmoid_b[k]))
+        return total / num_folds
+
+
+def _expit(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
