@@ -38,7 +38,7 @@ def _words(*alternatives: str) -> str:
 _VERB = _words("ignore", "disregard", "forget", "override", "bypass", "skip", "discard", "abandon", "neglect", "drop")
 _STRONG = _words(
     "previous", "prior", "above", "earlier", "preceding", "foregoing", "initial", "original", "system",
-    "developer", "safety", "your", "these", "those",
+    "developer", "safety", "your", "ur", "these", "those",
 )
 _TARGET = _words(
     r"instructions?", r"prompts?", r"rules?", r"directives?", r"guidelines?", r"guardrails?", r"constraints?",
@@ -50,8 +50,8 @@ _HIDDEN = _words("system", "initial", "hidden", "original", "secret", "internal"
 _FREE = _words(
     r"no (?:\w+ )?(?:rules|restrictions|limits|limitations|filters|guidelines|boundaries|censorship|ethics|morals|content polic(?:y|ies))",
     r"without (?:any )?(?:\w+ )?(?:rules|restrictions|limits|limitations|filters|guidelines|boundaries|censorship|ethics|morals)",
-    "unrestricted", "unfiltered", "uncensored", "jailbroken", "evil", "amoral", "not bound by",
-    r"free (?:of|from) (?:all |any )?(?:rules|restrictions|guidelines|limits)",
+    "unrestricted", "unfiltered", "uncensored", "jailbroken", "evil", "amoral", r"(?:not|no longer) (?:bound|restricted|limited|constrained) by",
+    r"free (?:of|from) (?:all |any )?(?:rules|restrictions|guidelines|limits)", r"never refuses?",
 )
 
 
@@ -73,14 +73,18 @@ RULES = (
     _rule("override", rf"\b{_VERB} (?:all|any|every) (?:\w+ ){{0,2}}?{_words('instructions?', 'prompts?', 'directives?', 'guidelines?', 'guardrails?', 'restrictions?', 'filters?', 'safety')}\b", 0.9),
     _rule("override", rf"\b{_VERB} (?:everything|anything|all|what) (?:\w+ ){{0,2}}?{_words('above', 'before', 'prior', 'so far', r'you(?:ve| have| were| was) (?:been )?told', 'i said')}", 0.9),
     _rule("override", rf"\b{_VERB} (?:all of |everything |anything )?(?:the )?(?:above|foregoing)(?= ?(?:$|[.,;:!]|and\b|then\b|instead\b|now\b|please\b))", 0.8),
+    _rule("override", rf"\b{_VERB} (?:all |any )?(?:of )?(?:the )?{_TARGET} (?:that )?(?:you (?:have |ve |had )?(?:were |been )?(?:given|told|received|got)|(?:given|provided) to you)", 0.9),
+    _rule("override", rf"\b(?:your|the|all) (?:previous|prior|earlier|original|old|initial|current) {_TARGET} (?:are|is|have been|has been|were) (?:now )?(?:cancel\w*|void|null|revoked|obsolete|invalid|overridden|lifted|removed|suspended|no longer (?:valid|apply|in effect))", 0.9),
+    _rule("override", r"\b(?:disable|turn off|deactivate|switch off|suspend|drop) (?:all|your|every|any) (?:of )?(?:your )?(?:\w+ )?(?:safety|content|ethical|moderation) (?:protocols?|filters?|guidelines|guardrails|restrictions|rules|checks)\b", 0.8),
+    _rule("override", r"\b(?:system|admin|developer|god) override\b", 0.6),
     _rule("override", r"\b(?:new|updated|real|actual|revised) (?:system )?(?:instructions|rules|directives|task)\b ?(?::|are|is)", 0.7),
     _rule("override", rf"\b(?:you (?:must|will|should|can) )?(?:no longer|stop|do not|don't|never) (?:follow|obey|adher\w*|comply)\w* (?:with |to )?(?:\w+ ){{0,2}}?{_TARGET}", 0.8),
     # role-play escapes
-    _rule("roleplay", rf"\b(?:pretend|imagine|act|behave|roleplay|role play|play the role|you are now|from now on)\b(?: \w+){{0,8}}? {_FREE}", 0.8),
+    _rule("roleplay", rf"\b(?:pretend|imagine|act|behave|roleplay|role play|play the role|you are now|from now on|simulate|emulate|become|(?:answer|respond|reply|speak|talk|write) as)\b(?: \w+){{0,8}}? {_FREE}", 0.8),
     _rule("roleplay", r"\b(?:do anything now|dan mode|act as dan|you are dan|(?:jailbreak|jailbroken|god|evil|unrestricted|unfiltered|uncensored) mode)\b", 0.9),
     _rule("roleplay", r"\b(?:you are|you're|you are now|now|respond|answer) (?:in |running in )?developer mode\b", 0.7),
     _rule("roleplay", r"\b(?:chatgpt|assistant|ai|llm|model|bot)\b(?: \w+){0,4}? developer mode\b", 0.7),
-    _rule("roleplay", rf"\byou (?:have|now have|are|are now|will have) {_FREE}", 0.8),
+    _rule("roleplay", rf"\byou (?:have|now have|are|are now|re|re now|will have|will be) {_FREE}", 0.8),
     _rule("roleplay", rf"\byou (?:are|will be|re) (?:\w+ ){{0,4}}?(?:that|who|which|with) (?:has |have )?{_FREE}", 0.8),
     _rule("roleplay", rf"\b{_FREE}\b", 0.35),
     _rule("roleplay", r"\b(?:stay|remain|never break|don't break|do not break) (?:in )?character\b", 0.35),

@@ -32,8 +32,9 @@ _FILE_TLDS = frozenset(
 )
 EXAMPLE_EMAIL_SCORE = 0.3  # below the default threshold: reported by moderation's scores, not acted on
 
+# Not the password in scheme://user:password@host (a secret, see secrets.py).
 EMAIL = regex.compile(
-    r"(?<![\w.%+-])[\w.%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"(?<![\w.%+-])(?<!://[^\s/@:]{1,64}:)[\w.%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
     r"\.[A-Za-z]{2,24}(?![\w-]|\.[A-Za-z0-9])"
 )
 # Digit groups with spaces, dots, dashes or parentheses; phonenumbers decides (valid number, and grouped
@@ -42,7 +43,7 @@ PHONE = regex.compile(r"(?<![\w+@.-])(?:\+|00)?[\d(][\d .()-]{5,18}\d(?![\w@]|[.
 CARD = regex.compile(r"(?<![\d.-])(?:\d[ -]?){12,18}\d(?![\d]|[.-]\d)")
 IBAN = regex.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 SSN = regex.compile(r"(?<![\d-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\d]|-\d)")
-IPV4 = regex.compile(r"(?<![\w.]|version )(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+IPV4 = regex.compile(r"(?<![\w.]|(?i:version) )(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 IPV6 = regex.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
 
 # IBAN length by country (ISO 13616 registry).
