@@ -23,8 +23,13 @@ def term_regex(term: str) -> str:
 def blocklist_patterns(terms: tuple[str, ...], patterns: tuple[str, ...]) -> list[SpanPattern]:
     result: list[SpanPattern] = []
     if terms:
-        joined = "|".join(term_regex(t) for t in sorted(terms, key=len, reverse=True))
-        result.append(SpanPattern(CATEGORY, "term", regex.compile(f"(?:{joined})", regex.IGNORECASE)))
+        joined = "|".join(term_regex(t) for t in sorted(terms, key=len, reverse=True))  # longest first
+        # Every match of a term contains its first word.
+        first_words = "|".join(sorted({regex.escape(t.split()[0]) for t in terms}))
+        result.append(
+            SpanPattern(CATEGORY, "term", regex.compile(joined, regex.IGNORECASE), anchor=f"(?i:{first_words})")
+        )
     for source in patterns:
+        # A policy's own expression has no anchor known here: it is scanned in full every step.
         result.append(SpanPattern(CATEGORY, "pattern", regex.compile(source), lookahead=_PATTERN_LOOKAHEAD))
     return result

@@ -11,7 +11,7 @@ from service.safety.injection import score_injection
 from service.safety.policy import CATEGORIES, Policy, load_policy
 from service.safety.scanners import Scanners, apply_redactions, category_rank
 from service.safety.segments import split_segments
-from service.safety.spans import Finding, scan
+from service.safety.spans import Finding
 from service.safety.toxicity import ToxicityModel
 from service.safety.unicode import find_hidden
 
@@ -76,7 +76,7 @@ class SafetyFilter:
                 if scanners.actions["unicode"] == "strip":
                     checked = stripped.text
         redactions: list[Finding] = []
-        for finding in self._span_findings(scanners, checked):
+        for finding in scanners.find_spans(checked):
             action = scanners.action_for(finding)
             note(finding.category, action, finding.score, (finding.kind,))
             if action == "redact":
@@ -102,23 +102,13 @@ class SafetyFilter:
         stripped = find_hidden(text)
         if stripped.kinds:
             scores["unicode"] = 1.0
-        for pattern in scanners.span_patterns:
-            for hit in scan(pattern, stripped.text).hits:
-                for finding in hit.findings:
-                    scores[finding.category] = max(scores[finding.category], finding.score)
+        for hit in scanners.spans.find_all(stripped.text):
+            for finding in hit.findings:
+                scores[finding.category] = max(scores[finding.category], finding.score)
         scores["injection"] = score_injection(stripped.text).score
         scores["toxicity"] = self._toxicity_score(stripped.text)
         flags = {name: scores[name] >= scanners.thresholds[name] and scores[name] > 0.0 for name in CATEGORIES}
         return ModerationResult(any(flags.values()), flags, {k: round(v, 6) for k, v in scores.items()})
-
-    def _span_findings(self, scanners: Scanners, text: str) -> list[Finding]:
-        findings: list[Finding] = []
-        for pattern in scanners.span_patterns:
-            for hit in scan(pattern, text).hits:
-                kept = scanners.kept(hit)
-                if kept is not None:
-                    findings += kept.findings
-        return findings
 
     def _toxicity_score(self, text: str) -> float:
         return max((self.toxicity.score(segment) for segment in split_segments(text)), default=0.0)

@@ -2,8 +2,8 @@
 
 Text is released as soon as nothing can change it any more, and held back only while
 - a span pattern's match might still be forming at the end of what has arrived (the `regex` module's
-  partial matching says where; for most patterns that is the last word or number, for a private key
-  block everything from BEGIN to its END line), or
+  partial matching, or the pattern's anchor and tail rule, says where; for most patterns that is the
+  last word or number, for a private key block everything from BEGIN to its END line), or
 - the sentence classifiers (toxicity; injection where on) have not judged the current segment yet: up to
   a sentence boundary, a newline, or MAX_SEGMENT_LEN characters.
 
@@ -20,11 +20,11 @@ from dataclasses import replace
 from service.safety.decisions import Decision, GuardStep
 from service.safety.scanners import Scanners, apply_redactions
 from service.safety.segments import segment_end
-from service.safety.spans import Hit, scan
+from service.safety.spans import Hit, scan, tail_start
 from service.safety.unicode import find_hidden
 
-# Released characters kept for the patterns' lookbehinds (the longest is 8).
-CONTEXT_LEN = 32
+# Released characters kept for the patterns' lookbehinds (the longest, in pii.EMAIL, reads 70).
+CONTEXT_LEN = 80
 
 
 class OutputGuard:
@@ -34,7 +34,7 @@ class OutputGuard:
         self._scanners = scanners
         self._buffer = ""  # arrived, stripped, not yet released
         self._context = ""  # the last CONTEXT_LEN released characters, raw
-        self._settled = [0] * len(scanners.span_patterns)  # per pattern: buffer index to resume from
+        self._settled = [0] * len(scanners.spans.patterns)  # per pattern: buffer index to resume from
         self._hits: list[Hit] = []  # settled matches in the buffer, not yet released (buffer positions)
         self._judged = 0  # buffer index up to which the sentence classifiers have judged
         self._last_char = ""  # the last character kept, for the ZWJ rule
@@ -89,8 +89,19 @@ class OutputGuard:
     def _scan_spans(self, final: bool, decisions: list[Decision]) -> Decision | None:
         window = self._context + self._buffer
         offset = len(self._context)
-        for i, pattern in enumerate(self._scanners.span_patterns):
-            result = scan(pattern, window, offset + self._settled[i], final)
+        tails: dict[str, int] = {}
+        for i, pattern in enumerate(self._scanners.spans.patterns):
+            pos = offset + self._settled[i]
+            if not pattern.has_anchor(window, pos):
+                # No complete match can start at or after pos; a partial one lies in the tail.
+                if final:
+                    self._settled[i] = len(self._buffer)
+                else:
+                    if pattern.tail not in tails:
+                        tails[pattern.tail] = tail_start(window, offset, pattern.tail)
+                    self._settled[i] = max(pos, tails[pattern.tail]) - offset
+                continue
+            result = scan(pattern, window, pos, final)
             self._settled[i] = result.hold_from - offset
             for hit in result.hits:
                 kept = self._scanners.kept(hit)

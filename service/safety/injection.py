@@ -14,6 +14,7 @@ question about defending against it ("how do I detect 'ignore previous instructi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import regex
@@ -58,46 +59,56 @@ _FREE = _words(
 @dataclass(frozen=True)
 class _Rule:
     kind: str
+    triggers: frozenset[str]  # the words a match can start with (it is tried only where one occurs)
     pattern: regex.Pattern[str]
     weight: float
 
 
-def _rule(kind: str, source: str, weight: float) -> _Rule:
+def _rule(kind: str, triggers: str, source: str, weight: float) -> _Rule:
     # Patterns are written with single spaces between words; any separator (or none) matches there.
-    return _Rule(kind, regex.compile(source.replace(" ", _W)), weight)
+    return _Rule(kind, frozenset(triggers.split()), regex.compile(source.replace(" ", _W)), weight)
 
 
+_VERBS = "ignore disregard forget override bypass skip discard abandon neglect drop"
+_EXTRACTS = "reveal show print repeat output display leak dump recite echo spell tell give share list write copy"
+_FREE_FIRST = "no without unrestricted unfiltered uncensored jailbroken evil amoral not free never"
 RULES = (
     # "ignore all previous instructions", "disregard your system prompt", "forget your training"
-    _rule("override", rf"\b{_VERB} (?:\w+ ){{0,3}}?{_STRONG} (?:\w+ ){{0,2}}?{_TARGET}\b", 0.9),
-    _rule("override", rf"\b{_VERB} (?:all|any|every) (?:\w+ ){{0,2}}?{_words('instructions?', 'prompts?', 'directives?', 'guidelines?', 'guardrails?', 'restrictions?', 'filters?', 'safety')}\b", 0.9),
-    _rule("override", rf"\b{_VERB} (?:everything|anything|all|what) (?:\w+ ){{0,2}}?{_words('above', 'before', 'prior', 'so far', r'you(?:ve| have| were| was) (?:been )?told', 'i said')}", 0.9),
-    _rule("override", rf"\b{_VERB} (?:all of |everything |anything )?(?:the )?(?:above|foregoing)(?= ?(?:$|[.,;:!]|and\b|then\b|instead\b|now\b|please\b))", 0.8),
-    _rule("override", rf"\b{_VERB} (?:all |any )?(?:of )?(?:the )?{_TARGET} (?:that )?(?:you (?:have |ve |had )?(?:were |been )?(?:given|told|received|got)|(?:given|provided) to you)", 0.9),
-    _rule("override", rf"\b(?:your|the|all) (?:previous|prior|earlier|original|old|initial|current) {_TARGET} (?:are|is|have been|has been|were) (?:now )?(?:cancel\w*|void|null|revoked|obsolete|invalid|overridden|lifted|removed|suspended|no longer (?:valid|apply|in effect))", 0.9),
-    _rule("override", r"\b(?:disable|turn off|deactivate|switch off|suspend|drop) (?:all|your|every|any) (?:of )?(?:your )?(?:\w+ )?(?:safety|content|ethical|moderation) (?:protocols?|filters?|guidelines|guardrails|restrictions|rules|checks)\b", 0.8),
-    _rule("override", r"\b(?:system|admin|developer|god) override\b", 0.6),
-    _rule("override", r"\b(?:new|updated|real|actual|revised) (?:system )?(?:instructions|rules|directives|task)\b ?(?::|are|is)", 0.7),
-    _rule("override", rf"\b(?:you (?:must|will|should|can) )?(?:no longer|stop|do not|don't|never) (?:follow|obey|adher\w*|comply)\w* (?:with |to )?(?:\w+ ){{0,2}}?{_TARGET}", 0.8),
+    _rule("override", _VERBS, rf"\b{_VERB} (?:\w+ ){{0,3}}?{_STRONG} (?:\w+ ){{0,2}}?{_TARGET}\b", 0.9),
+    _rule("override", _VERBS, rf"\b{_VERB} (?:all|any|every) (?:\w+ ){{0,2}}?{_words('instructions?', 'prompts?', 'directives?', 'guidelines?', 'guardrails?', 'restrictions?', 'filters?', 'safety')}\b", 0.9),
+    _rule("override", _VERBS, rf"\b{_VERB} (?:everything|anything|all|what) (?:\w+ ){{0,2}}?{_words('above', 'before', 'prior', 'so far', r'you(?:ve| have| were| was) (?:been )?told', 'i said')}", 0.9),
+    _rule("override", _VERBS, rf"\b{_VERB} (?:all of |everything |anything )?(?:the )?(?:above|foregoing)(?= ?(?:$|[.,;:!]|and\b|then\b|instead\b|now\b|please\b))", 0.8),
+    _rule("override", _VERBS, rf"\b{_VERB} (?:all |any )?(?:of )?(?:the )?{_TARGET} (?:that )?(?:you (?:have |ve |had )?(?:were |been )?(?:given|told|received|got)|(?:given|provided) to you)", 0.9),
+    _rule("override", "your the all", rf"\b(?:your|the|all) (?:previous|prior|earlier|original|old|initial|current) {_TARGET} (?:are|is|have been|has been|were) (?:now )?(?:cancel\w*|void|null|revoked|obsolete|invalid|overridden|lifted|removed|suspended|no longer (?:valid|apply|in effect))", 0.9),
+    _rule("override", "disable turn deactivate switch suspend drop", r"\b(?:disable|turn off|deactivate|switch off|suspend|drop) (?:all|your|every|any) (?:of )?(?:your )?(?:\w+ )?(?:safety|content|ethical|moderation) (?:protocols?|filters?|guidelines|guardrails|restrictions|rules|checks)\b", 0.8),
+    _rule("override", "system admin developer god", r"\b(?:system|admin|developer|god) override\b", 0.6),
+    _rule("override", "new updated real actual revised", r"\b(?:new|updated|real|actual|revised) (?:system )?(?:instructions|rules|directives|task)\b ?(?::|are|is)", 0.7),
+    _rule("override", "you no stop do don never", rf"\b(?:you (?:must|will|should|can) )?(?:no longer|stop|do not|don't|never) (?:follow|obey|adher\w*|comply)\w* (?:with |to )?(?:\w+ ){{0,2}}?{_TARGET}", 0.8),
     # role-play escapes
-    _rule("roleplay", rf"\b(?:pretend|imagine|act|behave|roleplay|role play|play the role|you are now|from now on|simulate|emulate|become|(?:answer|respond|reply|speak|talk|write) as)\b(?: \w+){{0,8}}? {_FREE}", 0.8),
-    _rule("roleplay", r"\b(?:do anything now|dan mode|act as dan|you are dan|(?:jailbreak|jailbroken|god|evil|unrestricted|unfiltered|uncensored) mode)\b", 0.9),
-    _rule("roleplay", r"\b(?:you are|you're|you are now|now|respond|answer) (?:in |running in )?developer mode\b", 0.7),
-    _rule("roleplay", r"\b(?:chatgpt|assistant|ai|llm|model|bot)\b(?: \w+){0,4}? developer mode\b", 0.7),
-    _rule("roleplay", rf"\byou (?:have|now have|are|are now|re|re now|will have|will be) {_FREE}", 0.8),
-    _rule("roleplay", rf"\byou (?:are|will be|re) (?:\w+ ){{0,4}}?(?:that|who|which|with) (?:has |have )?{_FREE}", 0.8),
-    _rule("roleplay", rf"\b{_FREE}\b", 0.35),
-    _rule("roleplay", r"\b(?:stay|remain|never break|don't break|do not break) (?:in )?character\b", 0.35),
-    _rule("roleplay", r"\b(?:you (?:cannot|can't|can not|must not|mustn't|will not|won't) (?:refuse|decline)|never refuse|without (?:any )?(?:warnings|disclaimers|refusals?))\b", 0.35),
+    _rule("roleplay", "pretend imagine act behave roleplay role play you from simulate emulate become answer respond reply speak talk write", rf"\b(?:pretend|imagine|act|behave|roleplay|role play|play the role|you are now|from now on|simulate|emulate|become|(?:answer|respond|reply|speak|talk|write) as)\b(?: \w+){{0,8}}? {_FREE}", 0.8),
+    _rule("roleplay", "do dan act you jailbreak jailbroken god evil unrestricted unfiltered uncensored", r"\b(?:do anything now|dan mode|act as dan|you are dan|(?:jailbreak|jailbroken|god|evil|unrestricted|unfiltered|uncensored) mode)\b", 0.9),
+    _rule("roleplay", "you now respond answer", r"\b(?:you are|you're|you are now|now|respond|answer) (?:in |running in )?developer mode\b", 0.7),
+    _rule("roleplay", "chatgpt assistant ai llm model bot", r"\b(?:chatgpt|assistant|ai|llm|model|bot)\b(?: \w+){0,4}? developer mode\b", 0.7),
+    _rule("roleplay", "you", rf"\byou (?:have|now have|are|are now|re|re now|will have|will be) {_FREE}", 0.8),
+    _rule("roleplay", "you", rf"\byou (?:are|will be|re) (?:\w+ ){{0,4}}?(?:that|who|which|with) (?:has |have )?{_FREE}", 0.8),
+    _rule("roleplay", _FREE_FIRST, rf"\b{_FREE}\b", 0.35),
+    _rule("roleplay", "stay remain never don do", r"\b(?:stay|remain|never break|don't break|do not break) (?:in )?character\b", 0.35),
+    _rule("roleplay", "you never without", r"\b(?:you (?:cannot|can't|can not|must not|mustn't|will not|won't) (?:refuse|decline)|never refuse|without (?:any )?(?:warnings|disclaimers|refusals?))\b", 0.35),
     # system prompt extraction
-    _rule("extraction", rf"\b{_EXTRACT} (?:\w+ ){{0,3}}?(?:your|the) (?:\w+ )?{_HIDDEN} (?:prompt|instructions?|message|rules|directives|configuration|context)\b", 0.8),
-    _rule("extraction", rf"\bwhat (?:is|are|was|were) your (?:\w+ )?{_HIDDEN}? ?(?:prompt|instructions|directives|rules)\b", 0.8),
-    _rule("extraction", rf"\b{_EXTRACT} (?:\w+ ){{0,2}}?(?:everything|all|the (?:\w+ )?(?:text|words|content|message)) (?:\w+ ){{0,2}}?(?:above|before this|prior to this)\b(?! (?:the|a|an|it|its|each|every|my|his|her|their)\b)", 0.8),
-    _rule("extraction", r"\bwhat (?:were|was) you (?:told|instructed|given) (?:before|initially|at the start|above)\b", 0.8),
-    # chat-template and role markers smuggled into content
-    _rule("template", r"<\|(?:im_start|im_end|system|endoftext|eot_id|start_header_id|end_header_id)\|>|\[/?inst\]|<<\/?sys>>", 0.9),
-    _Rule("template", regex.compile(r"(?m)^\W*(?:#{2,} ?)?(?:system|developer)\W*(?:prompt|message)?\W*:"), 0.45),
+    _rule("extraction", _EXTRACTS, rf"\b{_EXTRACT} (?:\w+ ){{0,3}}?(?:your|the) (?:\w+ )?{_HIDDEN} (?:prompt|instructions?|message|rules|directives|configuration|context)\b", 0.8),
+    _rule("extraction", "what", rf"\bwhat (?:is|are|was|were) your (?:\w+ )?{_HIDDEN}? ?(?:prompt|instructions|directives|rules)\b", 0.8),
+    _rule("extraction", _EXTRACTS, rf"\b{_EXTRACT} (?:\w+ ){{0,2}}?(?:everything|all|the (?:\w+ )?(?:text|words|content|message)) (?:\w+ ){{0,2}}?(?:above|before this|prior to this)\b(?! (?:the|a|an|it|its|each|every|my|his|her|their)\b)", 0.8),
+    _rule("extraction", "what", r"\bwhat (?:were|was) you (?:told|instructed|given) (?:before|initially|at the start|above)\b", 0.8),
 )
+# Chat-template and role markers smuggled into content: searched for only when a marker's start occurs.
+_TEMPLATE = regex.compile(r"<\|(?:im_start|im_end|system|endoftext|eot_id|start_header_id|end_header_id)\|>|\[/?inst\]|<</?sys>>")
+_TEMPLATE_STARTS = ("<|", "[inst", "[/inst", "<<sys", "<</sys")
+_TEMPLATE_WEIGHT = 0.9
+_ROLE_LABEL = regex.compile(r"(?m)^[^\w\n]*(?:#{2,} ?)?(?:system|developer)[^\w\n]*(?:prompt|message)?[^\w\n]*:")
+_ROLE_LABEL_WEIGHT = 0.45
+_WORD = re.compile(r"\w+")
+_TRIGGERS = frozenset(word for rule in RULES for word in rule.triggers) | {"system", "developer"}
+_TRIGGER_WORDS = {word: re.compile(rf"\b{word}\b") for word in _TRIGGERS}
 
 
 @dataclass(frozen=True)
@@ -107,23 +118,57 @@ class InjectionResult:
 
 
 def normalize(text: str) -> str:
+    """Lower case, folded, letter-spacing joined, every whitespace run one space."""
+    return " ".join(_lowered(text).split())
+
+
+def _lowered(text: str) -> str:
     folded = fold(text).lower().translate(_LEET)
-    folded = _SPACED.sub(lambda m: m.group().replace(" ", ""), folded)
-    return regex.sub(r"\s+", " ", folded)
+    if _has_letter_spacing(folded):
+        folded = _SPACED.sub(lambda m: m.group().replace(" ", ""), folded)
+    return folded
+
+
+def _has_letter_spacing(text: str) -> bool:
+    run = 0
+    for word in text.split():
+        run = run + 1 if len(word) == 1 else 0
+        if run >= 4:
+            return True
+    return False
 
 
 def score_injection(text: str) -> InjectionResult:
     """How much `text` looks like an injection or jailbreak attempt (0..1) and which rule kinds matched."""
-    norm = normalize(text)
+    lowered = _lowered(text)
+    norm = " ".join(lowered.split())
+    present = _TRIGGERS & set(_WORD.findall(norm))
+    starts = {word: [m.start() for m in _TRIGGER_WORDS[word].finditer(norm)] for word in present}
     weights: dict[str, float] = {}
+
+    def count(kind: str, weight: float, start: int, end: int) -> None:
+        if _NEGATION.search(norm, max(0, start - 24), start):
+            return
+        if _is_quoted(norm, start, end) and _QUOTED_DEFENCE.search(norm):
+            weight *= 0.5
+        weights[kind] = max(weight, weights.get(kind, 0.0))
+
     for rule in RULES:
-        for match in rule.pattern.finditer(norm):
-            if _NEGATION.search(norm, max(0, match.start() - 24), match.start()):
+        positions = sorted(p for word in rule.triggers & starts.keys() for p in starts[word])
+        matched_until = -1
+        for pos in positions:
+            if pos < matched_until:
                 continue
-            weight = rule.weight
-            if _is_quoted(norm, match.start(), match.end()) and _QUOTED_DEFENCE.search(norm):
-                weight *= 0.5
-            weights[rule.kind] = max(weight, weights.get(rule.kind, 0.0))
+            match = rule.pattern.match(norm, pos)
+            if match is not None:
+                count(rule.kind, rule.weight, match.start(), match.end())
+                matched_until = match.end()
+    if any(marker in norm for marker in _TEMPLATE_STARTS):
+        for match in _TEMPLATE.finditer(norm):
+            count("template", _TEMPLATE_WEIGHT, match.start(), match.end())
+    if "system" in starts or "developer" in starts:
+        if _ROLE_LABEL.search(lowered):
+            weights["template"] = max(_ROLE_LABEL_WEIGHT, weights.get("template", 0.0))
     miss = 1.0
     for weight in weights.values():
         miss *= 1.0 - weight

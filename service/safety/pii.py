@@ -12,7 +12,7 @@ from collections.abc import Callable
 import phonenumbers
 import regex
 
-from service.safety.spans import Finding, SpanPattern
+from service.safety.spans import NUMBER_TAIL, Finding, SpanPattern
 
 CATEGORY = "pii"
 PLACEHOLDERS = {
@@ -42,7 +42,7 @@ EMAIL = regex.compile(
 PHONE = regex.compile(r"(?<![\w+@.-])(?:\+|00)?[\d(][\d .()-]{5,18}\d(?![\w@]|[.-]\d)")
 CARD = regex.compile(r"(?<![\d.-])(?:\d[ -]?){12,18}\d(?![\d]|[.-]\d)")
 IBAN = regex.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
-SSN = regex.compile(r"(?<![\d-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\d]|-\d)")
+SSN = regex.compile(r"(?<![\d-])(\d{3})([- ])(\d{2})([- ])(\d{4})(?![\d]|-\d)")
 IPV4 = regex.compile(r"(?<![\w.]|(?i:version) )(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 IPV6 = regex.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
 
@@ -127,7 +127,7 @@ def _iban(match: regex.Match[str]) -> list[Finding]:
 
 
 def _ssn(match: regex.Match[str]) -> list[Finding]:
-    if ssn_ok(match.group(1), match.group(3), match.group(4)):
+    if match.group(2) == match.group(4) and ssn_ok(match.group(1), match.group(3), match.group(5)):
         return [Finding(CATEGORY, "ssn", match.start(), match.end(), 1.0)]
     return []
 
@@ -166,11 +166,14 @@ def _phone_evaluator(regions: tuple[str, ...]) -> Callable[[regex.Match[str]], l
 def pii_patterns(kinds: tuple[str, ...], phone_regions: tuple[str, ...]) -> list[SpanPattern]:
     """The patterns of the enabled kinds, in priority order (a card beats a phone over the same digits)."""
     table = {
-        "card": [SpanPattern(CATEGORY, "card", CARD, _card)],
-        "iban": [SpanPattern(CATEGORY, "iban", IBAN, _iban)],
-        "ssn": [SpanPattern(CATEGORY, "ssn", SSN, _ssn)],
-        "email": [SpanPattern(CATEGORY, "email", EMAIL, _email)],
-        "ip": [SpanPattern(CATEGORY, "ip", IPV4, _ip), SpanPattern(CATEGORY, "ip", IPV6, _ip)],
-        "phone": [SpanPattern(CATEGORY, "phone", PHONE, _phone_evaluator(phone_regions))],
+        "card": [SpanPattern(CATEGORY, "card", CARD, _card, anchor=r"\d[ -]?\d[ -]?\d[ -]?\d", tail=NUMBER_TAIL)],
+        "iban": [SpanPattern(CATEGORY, "iban", IBAN, _iban, anchor=r"[A-Z]{2}\d{2}")],
+        "ssn": [SpanPattern(CATEGORY, "ssn", SSN, _ssn, anchor=r"\d{3}[- ]\d{2}", tail=NUMBER_TAIL)],
+        "email": [SpanPattern(CATEGORY, "email", EMAIL, _email, anchor="@")],
+        "ip": [
+            SpanPattern(CATEGORY, "ip", IPV4, _ip, anchor=r"\d\.\d"),
+            SpanPattern(CATEGORY, "ip", IPV6, _ip, anchor=r":[0-9A-Fa-f]{0,4}:"),
+        ],
+        "phone": [SpanPattern(CATEGORY, "phone", PHONE, _phone_evaluator(phone_regions), anchor=r"\d", tail=NUMBER_TAIL)],
     }
     return [p for kind in ("card", "iban", "ssn", "email", "ip", "phone") if kind in kinds for p in table[kind]]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from service.safety import blocklist, pii, secrets, unicode
 from service.safety.injection import score_injection
 from service.safety.policy import CATEGORIES, Policy
-from service.safety.spans import Finding, Hit, SpanPattern
+from service.safety.spans import Finding, Hit, SpanPattern, SpanSet
 from service.safety.toxicity import ToxicityModel
 
 # Overlapping redactions take the placeholder of the earlier category here.
@@ -53,7 +53,7 @@ class Scanners:
             patterns += blocklist.blocklist_patterns(policy.block_terms, policy.block_patterns)
         if self.actions["unicode"] != "off":
             patterns += unicode.confusable_patterns()
-        self.span_patterns = patterns
+        self.spans = SpanSet(patterns)
         self.has_sentence_judges = self.actions["toxicity"] != "off" or self.actions["injection"] != "off"
 
     def action_for(self, finding: Finding) -> str:
@@ -67,6 +67,15 @@ class Scanners:
         if not findings:
             return None
         return hit if len(findings) == len(hit.findings) else Hit(hit.match_start, hit.match_end, findings)
+
+    def find_spans(self, text: str) -> list[Finding]:
+        """The findings at or above threshold in a whole text."""
+        findings: list[Finding] = []
+        for hit in self.spans.find_all(text):
+            kept = self.kept(hit)
+            if kept is not None:
+                findings += kept.findings
+        return findings
 
     def judge_sentence(self, text: str) -> list[Judgement]:
         """The sentence classifiers (toxicity, and injection where on) over one output segment."""

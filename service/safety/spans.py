@@ -4,6 +4,12 @@ can ask where a match might still be forming.
 Scanning uses the `regex` module's partial matching: in a text that is not final, a match that runs into
 the end of the text (or whose lookahead reaches it) might still grow or change, so everything from its
 start is held back; everything before the earliest such start is settled and will never change.
+
+Partial matching is slow (it turns off the engine's literal search: 2-50 us per pattern even on a few
+words), so each built-in pattern also has an `anchor`, a cheap expression found in every complete match
+of it, and a `tail` rule: with no anchor in the text, there is no complete match, and any partial one
+lies within the text's tail (the trailing run of non-space characters, or of number characters). Most
+text has no anchor for most patterns, so a stream's step usually costs one fast search per pattern.
 """
 
 from __future__ import annotations
@@ -39,25 +45,45 @@ class Hit:
 # (a number failing Luhn).
 Evaluate = Callable[[regex.Match[str]], list[Finding]]
 
+WORD_TAIL = "word"  # a partial match without the anchor has no whitespace
+NUMBER_TAIL = "number"  # ... consists of digits, spaces and . ( ) + -
+_NUMBER_CHARS = frozenset("0123456789 .()+-")
+
 
 class SpanPattern:
-    """One pattern. `lookahead` is how many characters past a match its lookarounds may read, so a
-    match that ends closer than that to the end of a growing text is not yet settled."""
+    """One pattern.
+
+    `lookahead`: how many characters past a match its lookarounds may read, so a match that ends closer
+    than that to the end of a growing text is not yet settled.
+    `anchor`: an expression that occurs inside every complete match, and `tail`: where a partial match
+    can lie when the anchor does not occur (see the module docstring). No anchor: always scan in full.
+    """
 
     def __init__(
-        self, category: str, kind: str, pattern: regex.Pattern[str], evaluate: Evaluate | None = None,
+        self,
+        category: str,
+        kind: str,
+        pattern: regex.Pattern[str],
+        evaluate: Evaluate | None = None,
         lookahead: int = 2,
+        anchor: str | None = None,
+        tail: str = WORD_TAIL,
     ) -> None:
         self.category = category
         self.kind = kind
         self.pattern = pattern
         self.lookahead = lookahead
+        self.anchor = regex.compile(anchor) if anchor is not None else None
+        self.tail = tail
         self._evaluate = evaluate
 
     def evaluate(self, match: regex.Match[str]) -> list[Finding]:
         if self._evaluate is not None:
             return self._evaluate(match)
         return [Finding(self.category, self.kind, match.start(), match.end(), 1.0)]
+
+    def has_anchor(self, text: str, pos: int) -> bool:
+        return self.anchor is None or self.anchor.search(text, pos) is not None
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,34 @@ def scan(pattern: SpanPattern, text: str, pos: int = 0, final: bool = True) -> S
             return ScanResult(hits, min(match.start(), end))
         _add(hits, pattern, match)
     return ScanResult(hits, end)
+
+
+def tail_start(text: str, pos: int, tail: str) -> int:
+    """The start (at least `pos`) of the trailing run of characters a partial match of a `tail` kind
+    may consist of."""
+    i = len(text)
+    if tail == NUMBER_TAIL:
+        while i > pos and text[i - 1] in _NUMBER_CHARS:
+            i -= 1
+    else:
+        while i > pos and not text[i - 1].isspace():
+            i -= 1
+    return i
+
+
+class SpanSet:
+    """A direction's span patterns."""
+
+    def __init__(self, patterns: list[SpanPattern]) -> None:
+        self.patterns = patterns
+
+    def find_all(self, text: str) -> list[Hit]:
+        """Every match of every pattern in a whole text (in pattern order)."""
+        hits: list[Hit] = []
+        for pattern in self.patterns:
+            if pattern.has_anchor(text, 0):
+                hits += scan(pattern, text).hits
+        return hits
 
 
 def _add(hits: list[Hit], pattern: SpanPattern, match: regex.Match[str]) -> None:
