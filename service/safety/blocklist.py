@@ -27,9 +27,13 @@ def blocklist_patterns(terms: tuple[str, ...], patterns: tuple[str, ...]) -> lis
         # Every match of a term contains its first word.
         first_words = "|".join(sorted({regex.escape(t.split()[0]) for t in terms}))
         result.append(
-            SpanPattern(CATEGORY, "term", regex.compile(joined, regex.IGNORECASE), anchor=f"(?i:{first_words})")
+            SpanPattern(
+                CATEGORY, "term", regex.compile(joined, regex.IGNORECASE), anchor=f"(?i:{first_words})"
+            )
         )
     for source in patterns:
         # A policy's own expression has no anchor known here: it is scanned in full every step.
-        result.append(SpanPattern(CATEGORY, "pattern", regex.compile(source), lookahead=_PATTERN_LOOKAHEAD))
+        result.append(
+            SpanPattern(CATEGORY, "pattern", regex.compile(source), lookahead=_PATTERN_LOOKAHEAD)
+        )
     return result

@@ -87,19 +87,22 @@ class OutputGuard:
         return GuardStep(self._release(final, decisions), decisions)
 
     def _scan_spans(self, final: bool, decisions: list[Decision]) -> Decision | None:
+        spans = self._scanners.spans
         window = self._context + self._buffer
         offset = len(self._context)
         tails: dict[str, int] = {}
-        for i, pattern in enumerate(self._scanners.spans.patterns):
+        ids: list[int] | range = range(len(spans.patterns))
+        if spans.any_anchor is not None and spans.any_anchor.search(window, offset + min(self._settled)) is None:
+            # No pattern's anchor in anything not yet settled: only tails can hold (the usual step).
+            for i in spans.anchored_ids:
+                self._settled[i] = self._tail_settled(i, window, offset, final, tails)
+            ids = spans.unanchored_ids
+        for i in ids:
+            pattern = spans.patterns[i]
             pos = offset + self._settled[i]
             if not pattern.has_anchor(window, pos):
                 # No complete match can start at or after pos; a partial one lies in the tail.
-                if final:
-                    self._settled[i] = len(self._buffer)
-                else:
-                    if pattern.tail not in tails:
-                        tails[pattern.tail] = tail_start(window, offset, pattern.tail)
-                    self._settled[i] = max(pos, tails[pattern.tail]) - offset
+                self._settled[i] = self._tail_settled(i, window, offset, final, tails)
                 continue
             result = scan(pattern, window, pos, final)
             self._settled[i] = result.hold_from - offset
@@ -113,6 +116,17 @@ class OutputGuard:
                         return self._decide(finding.category, "block", finding.score, (finding.kind,), decisions)
                 self._hits.append(kept)
         return None
+
+    def _tail_settled(self, i: int, window: str, offset: int, final: bool, tails: dict[str, int]) -> int:
+        """Where pattern i, with no anchor in its unsettled text, is settled to now (a buffer position;
+        `tails` caches each tail kind's start for this step). Never earlier than it was: scanning it again
+        from inside an earlier match could find that match twice."""
+        if final:
+            return len(self._buffer)
+        tail = self._scanners.spans.patterns[i].tail
+        if tail not in tails:
+            tails[tail] = tail_start(window, offset, tail) - offset
+        return max(self._settled[i], tails[tail])
 
     def _judge_sentences(self, final: bool, decisions: list[Decision]) -> Decision | None:
         if not self._scanners.has_sentence_judges:

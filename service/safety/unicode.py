@@ -82,4 +82,6 @@ def confusable_patterns() -> list[SpanPattern]:
     def evaluate(match: regex.Match[str]) -> list[Finding]:
         return [Finding(CATEGORY, "confusable", match.start(), match.end(), CONFUSABLE_SCORE)]
 
-    return [SpanPattern(CATEGORY, "confusable", CONFUSABLE, evaluate, anchor=r"[\p{Cyrillic}\p{Greek}]")]
+    # Any Greek or Cyrillic letter (their blocks; the anchor is searched with the stdlib's `re`).
+    anchor = "[\u0370-\u03ff\u1f00-\u1fff\u0400-\u052f\u1c80-\u1c8f\u2de0-\u2dff\ua640-\ua69f]"
+    return [SpanPattern(CATEGORY, "confusable", CONFUSABLE, evaluate, anchor=anchor)]
