@@ -34,7 +34,8 @@ EXAMPLE_EMAIL_SCORE = 0.3  # below the default threshold: reported by moderation
 
 # Not the password in scheme://user:password@host (a secret, see secrets.py).
 EMAIL = regex.compile(
-    r"(?<![\w.%+-])(?<!://[^\s/@:]{1,64}:)[\w.%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"(?<![\w.%+-])(?<!://[^\s/@:]{1,64}:)[\w.%+-]+@"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
     r"\.[A-Za-z]{2,24}(?![\w-]|\.[A-Za-z0-9])"
 )
 # Digit groups with spaces, dots, dashes or parentheses; phonenumbers decides (valid number, and grouped
@@ -174,6 +175,8 @@ def pii_patterns(kinds: tuple[str, ...], phone_regions: tuple[str, ...]) -> list
             SpanPattern(CATEGORY, "ip", IPV4, _ip, anchor=r"\d\.\d"),
             SpanPattern(CATEGORY, "ip", IPV6, _ip, anchor=r":[0-9A-Fa-f]{0,4}:"),
         ],
-        "phone": [SpanPattern(CATEGORY, "phone", PHONE, _phone_evaluator(phone_regions), anchor=r"\d", tail=NUMBER_TAIL)],
+        "phone": [
+            SpanPattern(CATEGORY, "phone", PHONE, _phone_evaluator(phone_regions), anchor=r"\d", tail=NUMBER_TAIL)
+        ],
     }
     return [p for kind in ("card", "iban", "ssn", "email", "ip", "phone") if kind in kinds for p in table[kind]]

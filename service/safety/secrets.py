@@ -69,7 +69,8 @@ KNOWN_FORMATS: dict[str, tuple[str, str]] = {
     # Up to its END line; without one (cut off), to the end of the text. One path, no alternatives that
     # could be cut short by a stream's end (see spans.py).
     "private_key": (
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r".*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)",
         r"-----BEGIN ",
     ),
     "basic_auth": (
@@ -81,7 +82,9 @@ KNOWN_FORMATS: dict[str, tuple[str, str]] = {
 # secret-sounding word (inside a longer name too: DB_PASSWORD), which keeps it cheap to search for.
 BEARER = r"(?<![A-Za-z0-9])(?i:bearer)\s+(?P<value>[A-Za-z0-9._~+/-]{16,}=*)(?![A-Za-z0-9._~+/=-])"
 URL_PASSWORD = r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:(?P<value>[^\s:/@]{3,})@"
-ASSIGNMENT_ANCHOR = r"(?i:api[_-]?key|apikey|secret|token|passw(?:or)?d|passwd|pwd|access[_-]?key|auth[_-]?key|credential)"
+ASSIGNMENT_ANCHOR = (
+    r"(?i:api[_-]?key|apikey|secret|token|passw(?:or)?d|passwd|pwd|access[_-]?key|auth[_-]?key|credential)"
+)
 ASSIGNMENT = (
     ASSIGNMENT_ANCHOR + r"s?[\w.-]*[\"']?\s*(?::=|=>|[:=])\s*[\"']?(?P<value>[^\s\"'`,;(){}\[\]<>$]{6,})"
 )
@@ -129,7 +132,9 @@ def secret_patterns() -> list[SpanPattern]:
         for kind, (source, anchor) in KNOWN_FORMATS.items()
     ]
     patterns += [
-        SpanPattern(CATEGORY, "bearer_token", regex.compile(BEARER), _valued("bearer_token", 0.9), anchor="(?i:bearer)"),
+        SpanPattern(
+            CATEGORY, "bearer_token", regex.compile(BEARER), _valued("bearer_token", 0.9), anchor="(?i:bearer)"
+        ),
         SpanPattern(CATEGORY, "url_password", regex.compile(URL_PASSWORD), _valued("url_password", 0.9), anchor="://"),
         SpanPattern(
             CATEGORY, "assigned_secret", regex.compile(ASSIGNMENT), _valued("assigned_secret"), anchor=ASSIGNMENT_ANCHOR

@@ -114,7 +114,8 @@ def scan(pattern: SpanPattern, text: str, pos: int = 0, final: bool = True) -> S
             _add(hits, pattern, match)
         return ScanResult(hits, end)
     for match in pattern.pattern.finditer(text, pos, partial=True):
-        if match.partial or match.end() + pattern.lookahead > end or (pattern.may_grow and _may_grow(pattern, text, match)):
+        unsettled = match.partial or match.end() + pattern.lookahead > end
+        if unsettled or (pattern.may_grow and _may_grow(pattern, text, match)):
             return ScanResult(hits, min(match.start(), end))
         _add(hits, pattern, match)
     return ScanResult(hits, end)

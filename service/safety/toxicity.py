@@ -33,7 +33,9 @@ _TECH_OBJECTS = (
 FIGURATIVE = regex.compile(
     r"\b(?:"
     # kill / killing / killed + an object that is a thing, not a person (optional flags, determiner, adjective)
-    rf"(?:p?kill(?:s|ed|ing)?|killall)(?:\s+-{{1,2}}\w+)*(?:\s+(?:the|a|an|this|that|my|your|all|any|its|every|some|those|these|\d+))?(?:\s+\w+)?\s+(?:{_TECH_OBJECTS})"
+    rf"(?:p?kill(?:s|ed|ing)?|killall)(?:\s+-{{1,2}}\w+)*"
+    r"(?:\s+(?:the|a|an|this|that|my|your|all|any|its|every|some|those|these|\d+))?"
+    rf"(?:\s+\w+)?\s+(?:{_TECH_OBJECTS})(?!\s+(?:admins?|administrators?|guys?|owners?|people|staff|managers?|person))"
     r"|(?:p?kill|killall)\s+-{1,2}\w+"  # kill -9 1234, pkill -f name
     r"|sigkill|oom[\s-]?killer|kill[\s-]?switch(?:es)?"
     # killer + a thing ("killer recipe", "killer app")

@@ -7,7 +7,8 @@ runs. ZWJ and ZWNJ are kept after a non-ASCII character, where emoji sequences a
 scripts need them, and stripped after ASCII, where they only split words.
 
 A confusable is a word that mixes Latin letters with Cyrillic or Greek look-alikes ("pаypal" with a
-Cyrillic а); it is flagged (nothing to strip) where the script changes. `fold` maps look-alikes to Latin for the injection scanner.
+Cyrillic а); it is flagged (nothing to strip) where the script changes. `fold` maps look-alikes to Latin for
+the injection scanner.
 """
 
 from __future__ import annotations
