@@ -25,7 +25,7 @@ from service.safety.unicode import fold
 CATEGORY = "injection"
 _W = r"[\W_]*"  # between words: any spaces or punctuation, or none
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
-_SPACED = regex.compile(r"(?<![^\W_])(?:[^\W_] ){3,}[^\W_](?![^\W_])")
+_SPACED = re.compile(r"(?<![^\W_])(?:[^\W_] ){3,}[^\W_](?![^\W_])")  # "i g n o r e": letters spaced out
 _NEGATION = regex.compile(r"(?:\bnever|\bnot|n't|\bno)(?:\W+\w+){0,2}\W*$")
 _QUOTED_DEFENCE = regex.compile(
     r"\b(?:detect|prevent|defend|protect|mitigate|block|filter|guard|recogni[sz]e|stop|handle|examples?|explain|what)\b"
@@ -249,18 +249,9 @@ def normalize(text: str) -> str:
 
 def _lowered(text: str) -> str:
     folded = fold(text).lower().translate(_LEET)
-    if _has_letter_spacing(folded):
+    if _SPACED.search(folded) is not None:
         folded = _SPACED.sub(lambda m: m.group().replace(" ", ""), folded)
     return folded
-
-
-def _has_letter_spacing(text: str) -> bool:
-    run = 0
-    for word in text.split():
-        run = run + 1 if len(word) == 1 else 0
-        if run >= 4:
-            return True
-    return False
 
 
 def score_injection(text: str) -> InjectionResult:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import regex
 
@@ -66,23 +65,17 @@ def mask_figurative(text: str) -> str:
     return lowered
 
 
-@dataclass(frozen=True)
-class _WordWeights:
-    idf: float
-    coefs: tuple[float, ...]  # one per calibrated fold: the LinearSVC weight of this word
-
-
 class ToxicityModel:
     """Probability that a text is toxic (profane, insulting, threatening), from alt-profanity-check."""
 
     def __init__(
         self,
-        words: dict[str, _WordWeights],
+        words: dict[str, tuple[float, tuple[float, ...]]],
         intercepts: tuple[float, ...],
         sigmoid_a: tuple[float, ...],
         sigmoid_b: tuple[float, ...],
     ) -> None:
-        self._words = words
+        self._words = words  # word -> (idf, per calibrated fold: the LinearSVC weight times idf)
         self._intercepts = intercepts
         self._sigmoid_a = sigmoid_a
         self._sigmoid_b = sigmoid_b
@@ -97,7 +90,7 @@ class ToxicityModel:
         coef_rows = [fold.estimator.coef_[0] for fold in folds]
         idf = vectorizer.idf_
         words = {
-            word: _WordWeights(float(idf[col]), tuple(float(row[col]) for row in coef_rows))
+            word: (float(idf[col]), tuple(float(idf[col] * row[col]) for row in coef_rows))
             for word, col in vectorizer.vocabulary_.items()
         }
         return cls(
@@ -120,26 +113,23 @@ class ToxicityModel:
         for token in _TOKEN.findall(lowered):
             if token in self._words:
                 counts[token] = counts.get(token, 0) + 1
-        num_folds = len(self._intercepts)
         if not counts:
-            decisions = list(self._intercepts)
+            decisions = self._intercepts
         else:
-            # tf-idf then l2 normalisation, as the vectorizer does (raw counts times idf)
-            sums = [0.0] * num_folds
+            # tf-idf (raw count times idf), l2-normalised, dotted with each fold's weights
             norm_sq = 0.0
+            sums = [0.0] * len(self._intercepts)
             for token, count in counts.items():
-                weights = self._words[token]
-                value = count * weights.idf
-                norm_sq += value * value
-                for k in range(num_folds):
-                    sums[k] += value * weights.coefs[k]
+                idf, weighted = self._words[token]
+                norm_sq += (count * idf) ** 2
+                sums = [s + count * w for s, w in zip(sums, weighted, strict=True)]
             norm = math.sqrt(norm_sq)
-            decisions = [sums[k] / norm + self._intercepts[k] for k in range(num_folds)]
-        total = 0.0
-        for k in range(num_folds):
-            # sklearn's _SigmoidCalibration: 1 / (1 + exp(a * f + b))
-            total += _expit(-(self._sigmoid_a[k] * decisions[k] + self._sigmoid_b[k]))
-        return total / num_folds
+            decisions = tuple(s / norm + b for s, b in zip(sums, self._intercepts, strict=True))
+        # sklearn's _SigmoidCalibration: P = 1 / (1 + exp(a * f + b)), averaged over the folds
+        total = sum(
+            _expit(-(a * f + b)) for f, a, b in zip(decisions, self._sigmoid_a, self._sigmoid_b, strict=True)
+        )
+        return total / len(decisions)
 
 
 def _expit(x: float) -> float:
