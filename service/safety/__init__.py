@@ -1,36 +1,39 @@
 """The safety filter: policy-driven scanning of input and output text, streaming-aware, transport-neutral.
 
-Build once at startup (loads the toxicity classifier, about 3 s) and share it:
+Build once at startup (it loads the toxicity classifier: scikit-learn's import, a few seconds) and share
+it across threads and requests; nothing in it is mutable after construction.
 
-    from service.safety import SafetyFilter, PolicyError, audit_decisions
-    safety = SafetyFilter.from_policy(path_or_none)        # None: the packaged default policy
-                                                           # PolicyError (one-line message) -> `error: ...`, exit 2
+    SafetyFilter.from_policy(path: str | Path | None = None) -> SafetyFilter
+        None: the packaged default_policy.yaml. Raises PolicyError, whose message is one line
+        (print it as `error: ...` and exit 2).
 
 Input (prompt, chat message contents, embedding inputs), before tokenizing:
 
-    verdict = safety.check_input(texts)                    # list[str] -> InputVerdict
-    verdict.blocked      # Decision | None: refuse with 400 content_filter naming verdict.blocked.category
-    verdict.texts        # what the model should see: redacted ([EMAIL], [SECRET], ...) and stripped
-    verdict.decisions    # every decision: count and audit each
+    SafetyFilter.check_input(texts: list[str]) -> InputVerdict
+        .blocked: Decision | None      refuse: 400 content_filter, naming .blocked.category
+        .texts: list[str]              what the model should see, one per input (redacted, stripped)
+        .decisions: list[Decision]     every decision, all texts: count and audit each
 
-Output, per choice (streamed or not):
+Output, one guard per choice (streamed or not):
 
-    guard = safety.output_guard()                          # OutputGuard, one per choice
-    step = guard.feed(text_delta)                          # GuardStep
-    step.text            # release this now (often ""; text is held only while a match may be forming)
-    step.blocked         # Decision | None: abort the request, finish_reason "content_filter"
-    step.decisions       # new decisions in this step
-    step = guard.finish()                                  # the sequence ended: release the held tail
-    safety.check_output(text) -> GuardStep                 # the same for a whole text at once
+    SafetyFilter.output_guard() -> OutputGuard
+    OutputGuard.feed(text_delta: str) -> GuardStep
+    OutputGuard.finish() -> GuardStep  the sequence ended: releases what was held back
+        GuardStep.text: str            send this now (often ""; held only while a match may be forming)
+        GuardStep.blocked: Decision | None   abort the request; finish_reason "content_filter"
+        GuardStep.decisions: list[Decision]  decisions made in this step
+        After a block or finish(), feed()/finish() raise RuntimeError; OutputGuard.is_done says so.
+    SafetyFilter.check_output(text: str) -> GuardStep   a whole text at once: what a guard would release
 
-Moderation (POST /v1/moderations, gRPC Moderations/Moderate):
+Moderation (POST /v1/moderations; gRPC Moderations/Moderate):
 
-    safety.moderate(texts) -> list[ModerationResult]       # .flagged, .categories, .category_scores, .to_dict()
+    SafetyFilter.moderate(texts: list[str]) -> list[ModerationResult]
+        .flagged: bool, .categories: dict[str, bool], .category_scores: dict[str, float], .to_dict()
+        Every category the scanners find at or above its threshold, whatever the policy's action.
 
-Every Decision (direction, category, action, score, kinds, text_sha256) is one increment of
-`lmserve_safety_decisions_total` (`metrics.observe_safety(d.action, d.category)`) and one audit line
-(`audit_decisions(decisions, request_id, key_id)`, logger `lmserve.audit`, never the text).
-Categories: CATEGORIES; actions: block, redact, strip (unicode), flag.
+Decision(direction, category, action, score, kinds, text_sha256): frozen; category in CATEGORIES, action
+in block | redact | strip | flag. Each one is one `metrics.observe_safety(d.action, d.category)` and one
+audit line: `audit_decisions(decisions, request_id, key_id)` (logger `lmserve.audit`, never the text).
 """
 
 from service.safety.audit import AUDIT_LOGGER, audit_decisions

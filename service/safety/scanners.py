@@ -38,7 +38,6 @@ class Scanners:
     """What runs on one direction. `direction` None means moderation: every category, action `flag`."""
 
     def __init__(self, policy: Policy, direction: str | None, toxicity: ToxicityModel) -> None:
-        self.direction = direction or "input"
         self.toxicity_model = toxicity
         self.thresholds = {name: policy.threshold(name) for name in CATEGORIES}
         self.actions = {

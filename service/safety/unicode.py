@@ -29,9 +29,8 @@ _INVISIBLE = (
     "\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0100-\U000e01ef"
 )
 _JOINERS = "\u200c\u200d"
-ANY_HIDDEN = regex.compile(f"[{_BIDI}{_TAGS}{_INVISIBLE}{_JOINERS}]")
-_ANY_HIDDEN_FAST = re.compile(f"[{_BIDI}{_TAGS}{_INVISIBLE}{_JOINERS}]")  # the stdlib's search is faster
-_KINDS = (("bidi", regex.compile(f"[{_BIDI}]")), ("tag", regex.compile(f"[{_TAGS}]")))
+ANY_HIDDEN = re.compile(f"[{_BIDI}{_TAGS}{_INVISIBLE}{_JOINERS}]")  # plain searches: the stdlib is faster
+_KINDS = (("bidi", re.compile(f"[{_BIDI}]")), ("tag", re.compile(f"[{_TAGS}]")))
 
 # Where a word switches between Latin and Cyrillic or Greek letters (marks may sit between).
 CONFUSABLE = regex.compile(
@@ -57,7 +56,7 @@ class StripResult:
 
 def find_hidden(text: str, prev_char: str = "") -> StripResult:
     """`text` without its invisible characters (`prev_char`: the one before `text`, for the ZWJ rule)."""
-    if _ANY_HIDDEN_FAST.search(text) is None:
+    if ANY_HIDDEN.search(text) is None:
         return StripResult(text, ())
     kept: list[str] = []
     kinds: set[str] = set()
@@ -74,8 +73,8 @@ def find_hidden(text: str, prev_char: str = "") -> StripResult:
 def fold(text: str) -> str:
     """Compatibility-normalised (fullwidth, ligatures), invisible characters gone, look-alikes Latin."""
     normal = unicodedata.normalize("NFKC", text)
-    if _ANY_HIDDEN_FAST.search(normal) is not None:
-        normal = _ANY_HIDDEN_FAST.sub("", normal)
+    if ANY_HIDDEN.search(normal) is not None:
+        normal = ANY_HIDDEN.sub("", normal)
     return normal.translate(_LOOKALIKES)
 
 
