@@ -66,6 +66,10 @@ def build_state(config: ServeConfig) -> AppState:
         )
         embedding_model = _served(emb_resolved.name, config.embedding_model)
     state = state_from_models(config, engine, tokenizer, _served(resolved.name, config.model), embedder, embedding_model)
+    if config.safety:
+        from service.safety import SafetyFilter
+
+        state.safety = SafetyFilter.from_policy(config.safety_policy)
     # Per-step and per-batch histograms come from hooks on the models' threads, one subscriber each:
     # states made later by with_config share the models but not these histograms.
     engine.on_step = state.metrics.observe_step
@@ -115,9 +119,11 @@ def state_from_models(
 
 def with_config(state: AppState, config: ServeConfig) -> AppState:
     """A second state over the same loaded models with other keys/limits (several apps, one engine)."""
-    return state_from_models(
+    other = state_from_models(
         config, state.engine, state.tokenizer, state.generation_model, state.embedder, state.embedding_model
     )
+    other.safety = state.safety if config.safety else None
+    return other
 
 
 async def start_models(state: AppState) -> None:

@@ -88,6 +88,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                        help="PEM CA: clients must present a certificate it signed (mutual TLS; env LMSERVE_GRPC_TLS_CLIENT_CA)")
     serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"))
     serve.add_argument("--api-key-file", default=env.get("LMSERVE_API_KEY_FILE"))
+    serve.add_argument("--safety-policy", type=Path, default=_env_path(env, "LMSERVE_SAFETY_POLICY"),
+                       help="safety policy YAML (default: the packaged policy; env LMSERVE_SAFETY_POLICY)")
+    serve.add_argument("--no-safety", action="store_true", default=_env_bool(env.get("LMSERVE_NO_SAFETY", "")),
+                       help="turn the safety filter off (env LMSERVE_NO_SAFETY)")
     d = ServeConfig()
     serve.add_argument("--log-format", choices=LOG_FORMATS, default=env.get("LMSERVE_LOG_FORMAT", d.log_format),
                        help="JSON lines or plain text (env LMSERVE_LOG_FORMAT)")
@@ -131,6 +135,8 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         grpc_tls_cert=args.grpc_tls_cert,
         grpc_tls_key=args.grpc_tls_key,
         grpc_tls_client_ca=args.grpc_tls_client_ca,
+        safety=not args.no_safety,
+        safety_policy=args.safety_policy,
         engine_kind=args.engine,
         api_key_file=args.api_key_file,
         log_format=args.log_format,
@@ -199,9 +205,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from service.app import run
 
+    from service.safety import load_policy
+
     try:
         config = serve_config_from_args(args, env)
-    except ValueError as exc:  # an inconsistent combination of flags (ServeConfig checks it)
+        if config.safety:
+            load_policy(config.safety_policy)  # a bad policy file is one error line, before any model loads
+    except ValueError as exc:  # an inconsistent combination of flags (ServeConfig checks it), a bad policy
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run(config)

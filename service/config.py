@@ -68,6 +68,8 @@ class ServeConfig:
     log_level: str = "info"  # debug | info | warning | error
     log_prompts: bool = False  # the access line carries prompts and outputs (off: they are never logged)
     otlp_endpoint: str | None = None  # OTLP/HTTP collector base URL; None: no tracing
+    safety: bool = True  # the safety filter on input and output (--no-safety turns it off)
+    safety_policy: Path | None = None  # a policy YAML; None: the packaged default policy
     drain_timeout_s: float = 30.0  # on SIGTERM: readyz 503, wait this long for in-flight requests, then exit
     cache_dir: Path = field(default_factory=default_cache_dir)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -20,10 +20,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
 
 from service.api.errors import APIError
 from service.config import LimitsConfig
@@ -31,6 +31,9 @@ from service.engine.base import EngineDeadError, GenerationEngine, RequestReject
 from service.logs import AccessRecord
 from service.metrics import Metrics
 from service.types import FinishReason, GenerationDelta, GenerationRequest, RequestTiming, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from service.safety import Decision, GuardStep
 
 log = logging.getLogger(__name__)
 
@@ -362,12 +365,17 @@ class _SequenceTimer:
         )
 
 
-async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -> AsyncIterator[ChoiceDelta]:
-    """Interleave several engine streams as their deltas arrive; closing this closes them all."""
+async def _merged(
+    engine: GenerationEngine, requests: list[GenerationRequest], ended: set[int]
+) -> AsyncIterator[ChoiceDelta]:
+    """Interleave several engine streams as their deltas arrive; closing this closes them all. A choice
+    whose index the consumer puts in `ended` is closed (its engine request aborted) at its next delta."""
     if len(requests) == 1:
         async with aclosing(engine.generate(requests[0])) as stream:
             async for delta in stream:
                 yield ChoiceDelta(0, delta)
+                if ended:
+                    return
         return
 
     queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = asyncio.Queue()
@@ -376,6 +384,8 @@ async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -
         try:
             async with aclosing(engine.generate(request)) as stream:
                 async for delta in stream:
+                    if index in ended:
+                        break
                     queue.put_nowait((index, delta))
         except asyncio.CancelledError:
             raise
@@ -393,7 +403,7 @@ async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -
                 num_open -= 1
             elif isinstance(item, BaseException):
                 raise item
-            else:
+            elif index not in ended:
                 yield ChoiceDelta(index, item)
     finally:
         for task in tasks:
@@ -401,19 +411,80 @@ async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class OutputGuard(Protocol):
+    """One choice's output screen (service/safety's OutputGuard): text in, what may be released out."""
+
+    def feed(self, text: str) -> GuardStep: ...
+
+    def finish(self) -> GuardStep: ...
+
+
+@dataclass
+class _ScreenedChoice:
+    """A choice's output as its guard lets it out. Token ids and logprobs are held with the text they
+    belong to and released with it, or dropped when the guard redacted or stripped something among
+    them, so no token-level field carries what the text withholds."""
+
+    guard: OutputGuard
+    report: Callable[[list[Decision]], None]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    altered: bool = False
+
+    def screen(self, delta: GenerationDelta) -> GenerationDelta:
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        steps = [self.guard.feed(delta.text)]
+        if steps[0].blocked is None and delta.finish_reason is not None:
+            steps.append(self.guard.finish())
+        text = ""
+        blocked = None
+        for step in steps:
+            self.report(step.decisions)
+            self.altered |= any(d.action in ("redact", "strip", "block") for d in step.decisions)
+            text += step.text
+            blocked = blocked or step.blocked
+        out = replace(delta, text=text, token_ids=[], logprobs=[] if delta.logprobs is not None else None)
+        if blocked is not None:
+            return replace(out, finish_reason=FinishReason.CONTENT_FILTER, stop_reason=None)
+        if text or delta.finish_reason is not None:  # all held text is out: release its tokens with it
+            if not self.altered:
+                out.token_ids = self.token_ids
+                out.logprobs = self.logprobs if delta.logprobs is not None else None
+            self.token_ids, self.logprobs, self.altered = [], None, False
+        return out
+
+
 async def stream_choices(
-    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None, record: AccessRecord | None = None
+    engine: GenerationEngine,
+    plan: GenerationPlan,
+    metrics: Metrics | None = None,
+    record: AccessRecord | None = None,
+    guards: Sequence[tuple[OutputGuard, Callable[[list[Decision]], None]]] | None = None,
 ) -> AsyncIterator[ChoiceDelta]:
-    """The plan's choices as one stream of deltas; engine failures surface as APIError."""
+    """The plan's choices as one stream of deltas; engine failures surface as APIError.
+
+    With `guards` (one output guard and its decision reporter per choice), each choice's text goes out
+    as its guard releases it; a choice the guard blocks ends with finish_reason content_filter and its
+    engine request is aborted at once, freeing its KV blocks.
+    """
     started = time.monotonic()
     timers = [_SequenceTimer(started) for _ in plan.requests]
+    screens = None if guards is None else [_ScreenedChoice(g, report) for g, report in guards]
+    ended: set[int] = set()
     # Output text is gathered only for an access line that will show it.
     outputs: list[list[str]] | None = [[] for _ in plan.requests] if record is not None and record.log_prompts else None
     log.debug("submitting %d sequences, %d prompt tokens", len(plan.requests), plan.num_prompt_tokens)
     try:
-        async with aclosing(_merged(engine, plan.requests)) as merged:
+        async with aclosing(_merged(engine, plan.requests, ended)) as merged:
             async for choice in merged:
                 delta = choice.delta
+                if screens is not None:
+                    delta = screens[choice.index].screen(delta)
+                    if delta.finish_reason is FinishReason.CONTENT_FILTER:
+                        ended.add(choice.index)
+                    choice = ChoiceDelta(choice.index, delta)
                 timers[choice.index].on_delta(delta, time.monotonic())
                 if outputs is not None:
                     outputs[choice.index].append(delta.text)
@@ -456,12 +527,16 @@ def _fill_record(
 
 
 async def collect_choices(
-    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None, record: AccessRecord | None = None
+    engine: GenerationEngine,
+    plan: GenerationPlan,
+    metrics: Metrics | None = None,
+    record: AccessRecord | None = None,
+    guards: Sequence[tuple[OutputGuard, Callable[[list[Decision]], None]]] | None = None,
 ) -> GenerationResult:
     """Run the plan to completion and aggregate each choice's text, tokens and logprobs."""
     choices = [ChoiceResult(index=i) for i in range(len(plan.requests))]
     texts: list[list[str]] = [[] for _ in plan.requests]
-    async with aclosing(stream_choices(engine, plan, metrics, record)) as stream:
+    async with aclosing(stream_choices(engine, plan, metrics, record, guards)) as stream:
         async for choice in stream:
             choices[choice.index].add(choice.delta, texts[choice.index])
     for choice, parts in zip(choices, texts, strict=True):

@@ -43,6 +43,7 @@ from service.api.handlers import (
     TokenizeInput,
     chat_logprobs,
     detokenize,
+    moderate,
     prepare_chat,
     prepare_completion,
     prepare_embedding,
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = "grpc"
 PACKAGE = "lmserve.v1"
-SERVICES = ("Generation", "Embeddings", "Tokenization", "Models")
+SERVICES = ("Generation", "Embeddings", "Tokenization", "Models", "Moderations")
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 HEALTH_POLL_S = 0.25
 # gRPC status names the accounting gives the HTTP status of (errors use their table entry's).
@@ -354,6 +355,18 @@ async def list_models(state: AppState, caller: Caller, req: pb.ListModelsRequest
     )
 
 
+async def moderate_rpc(state: AppState, caller: Caller, req: pb.ModerationRequest) -> pb.ModerationResponse:
+    out = moderate(state, caller, _opt(req, "model"), list(req.input))
+    return pb.ModerationResponse(
+        id=out.id,
+        model=out.model,
+        results=[
+            pb.ModerationResult(flagged=r.flagged, categories=r.categories, category_scores=r.category_scores)
+            for r in out.results
+        ],
+    )
+
+
 @dataclass(frozen=True)
 class Method:
     service: str
@@ -377,6 +390,7 @@ METHODS = (
     Method("Tokenization", "Tokenize", pb.TokenizeRequest, pb.TokenizeResponse, tokenize_rpc),
     Method("Tokenization", "Detokenize", pb.DetokenizeRequest, pb.DetokenizeResponse, detokenize_rpc),
     Method("Models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, list_models),
+    Method("Moderations", "Moderate", pb.ModerationRequest, pb.ModerationResponse, moderate_rpc),
 )
 
 

@@ -46,6 +46,7 @@ from service.api.handlers import (
     TokenizeInput,
     chat_logprobs,
     detokenize,
+    moderate,
     prepare_chat,
     prepare_completion,
     prepare_embedding,
@@ -746,6 +747,17 @@ def create_app(state: AppState) -> FastAPI:
             if model_id in info.served.aliases:
                 return _json(card, {})
         raise APIError(f"The model '{model_id}' does not exist.", "model_not_found", "model")
+
+    @app.post("/v1/moderations", response_model=schemas.ModerationResponse, responses=_BODY_ERRORS, tags=["openai"])
+    async def create_moderation(body: schemas.ModerationRequest, request: Request) -> Response:
+        """OpenAI moderations, backed by the safety filter's scanners: every category found is flagged."""
+        who = caller(request)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        out = moderate(state, who, body.model, texts)
+        response = schemas.ModerationResponse(
+            id=out.id, model=out.model, results=[schemas.ModerationResult(**r.to_dict()) for r in out.results]
+        )
+        return _json(response, who.response_headers)
 
     @app.post("/tokenize", response_model=schemas.TokenizeResponse, responses=_BODY_ERRORS, tags=["tokens"])
     async def tokenize(body: schemas.TokenizeRequest) -> Response:

@@ -34,6 +34,7 @@ _KNOWN_ENDPOINTS = frozenset(
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/embeddings",
+        "/v1/moderations",
         "/v1/models",
         "/tokenize",
         "/detokenize",

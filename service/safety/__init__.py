@@ -32,7 +32,7 @@ Moderation (POST /v1/moderations; gRPC Moderations/Moderate):
         Every category the scanners find at or above its threshold, whatever the policy's action.
 
 Decision(direction, category, action, score, kinds, text_sha256): frozen; category in CATEGORIES, action
-in block | redact | strip | flag. Each one is one `metrics.observe_safety(d.action, d.category)` and one
+in block | redact | strip | flag. Each one is one `metrics.observe_safety(d.direction, d.category, d.action)` and one
 audit line: `audit_decisions(decisions, request_id, key_id)` (logger `lmserve.audit`, never the text).
 """
 
