@@ -1,8 +1,9 @@
 """PEFT LoRA adapters: merge into their base model once and cache the merged safetensors folder.
 
 Cache entry: `cache_dir / f"{adapter_name}-lora-{key}"`, key = hash of the adapter folder's bytes
-(adapters are small), the base folder's path and the stat of its config and weight files (cheap,
-and catches a base replaced in place), plus the peft/transformers versions.
+(adapters are small) and of the base's config and weight files (their content hashes, computed once
+and remembered by size and mtime: fingerprint.py), plus the peft/transformers versions. Keyed by
+content, so the same adapter on the same base merges once whichever folders they are read from.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.checkpoints.errors import CheckpointError, one_line
+from service.checkpoints.fingerprint import file_sha256
 from service.checkpoints.weights import (
     CACHE_MARKER,
     PICKLE_HINT,
@@ -27,6 +29,7 @@ from service.checkpoints.weights import (
     weight_files,
     write_marker,
 )
+from service.progress import progress_step
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -64,18 +67,16 @@ def check_adapter_weights(adapter_dir: Path, allow_pickle: bool) -> None:
         raise CheckpointError(f"{adapter_dir} has no adapter weights: expected {ADAPTER_SAFETENSORS}")
 
 
-def lora_cache_key(adapter_dir: Path, base_path: Path, allow_pickle: bool) -> str:
-    digest = hashlib.sha256()
+def lora_cache_key(adapter_dir: Path, base_path: Path, cache_dir: Path, allow_pickle: bool = False) -> str:
+    digest = hashlib.sha256(b"lora\0")
     for file in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(adapter_dir)).encode() + b"\0")
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         digest.update(b"\0")
-    digest.update(str(base_path.resolve()).encode() + b"\0")
     for file in [base_path / "config.json", *weight_files(base_path, allow_pickle)]:
-        st = file.stat()
-        digest.update(f"{file.name}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+        digest.update(f"{file.name}:{file_sha256(file, cache_dir)}\0".encode())
     for dist in ("peft", "transformers"):
         digest.update(importlib.metadata.version(dist).encode() + b"\0")
     return digest.hexdigest()[:12]
@@ -85,10 +86,11 @@ def merge_lora(adapter_dir: Path, base_path: Path, cache_dir: Path, allow_pickle
     """The cached merged folder for `adapter_dir` applied to the HF folder `base_path`."""
     adapter_dir = Path(adapter_dir).resolve()
     check_adapter_weights(adapter_dir, allow_pickle)
-    final = Path(cache_dir) / f"{adapter_dir.name}-lora-{lora_cache_key(adapter_dir, base_path, allow_pickle)}"
+    final = Path(cache_dir) / f"{adapter_dir.name}-lora-{lora_cache_key(adapter_dir, base_path, cache_dir, allow_pickle)}"
     if is_complete(final):
         return final
-    return publish_folder(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
+    with progress_step(f"merging LoRA adapter {adapter_dir.name} into {base_path.name} (once per adapter and base)"):
+        return publish_folder(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
 
 
 def _stored_dtype(base_path: Path) -> str:

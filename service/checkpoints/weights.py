@@ -164,6 +164,13 @@ def load_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
 # ---- writing folders into the cache -------------------------------------------------------------
 
 
+def tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def is_complete(folder: Path) -> bool:
     """A cache folder is complete once its marker exists (the marker is written last, then renamed in)."""
     return (folder / CACHE_MARKER).is_file()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from service.config import EngineConfig
-from service.engine.base import EngineDeadError, EngineStats, RequestRejected, StepStats
+from service.engine.base import EngineDeadError, EngineStats, EngineStoppedError, RequestRejected, StepStats
 from service.engine.block_manager import BlockManager
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
@@ -128,9 +128,12 @@ class NativeEngine:
         vocab = self.runner.vocab_size
         if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
             raise RequestRejected(f"prompt token ids must lie in [0, {vocab})", code="invalid_value", param="prompt")
-        reason = self.scheduler.can_ever_fit(len(request.prompt_token_ids), request.sampling.max_tokens)
+        num_prompt_tokens = len(request.prompt_token_ids)
+        reason = self.scheduler.can_ever_fit(num_prompt_tokens, request.sampling.max_tokens)
         if reason is not None:
-            raise RequestRejected(reason, code="context_length_exceeded", param="max_tokens")
+            # Name what the client must change: the prompt when even one output token cannot fit beside it.
+            prompt_alone = self.scheduler.can_ever_fit(num_prompt_tokens, 1) is not None
+            raise RequestRejected(reason, code="context_length_exceeded", param="prompt" if prompt_alone else "max_tokens")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.check_request(request)
@@ -181,7 +184,7 @@ class NativeEngine:
             raise
         finally:
             self._is_alive = False
-            self._fail(list(self._streams.values()), EngineDeadError("the engine stopped"))
+            self._fail(list(self._streams.values()), EngineStoppedError("the engine stopped"))
 
     def _take_inbox(self) -> None:
         while self._inbox:
