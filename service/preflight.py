@@ -73,7 +73,7 @@ def check_api_key_file(path: str | Path) -> int:
     num_keys = len(read_key_file(path))
     if num_keys == 0:
         raise PreflightError(
-            f"API key file {path} holds no keys (one key per line; blank lines and lines starting with # are "
+            f"API key file (--api-key-file) {path} holds no keys (one key per line; blank lines and lines starting with # are "
             "skipped): refusing to start with every endpoint open"
         )
     return num_keys

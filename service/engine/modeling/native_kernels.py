@@ -48,7 +48,7 @@ def _build(sources: tuple[Path, ...], target: Path) -> None:
     if shutil.which(compiler) is None:
         raise FileNotFoundError(f"no C compiler ({compiler})")
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    with progress_step(f"building the C kernels with {compiler} into {target.parent} (once per machine and source change; 10-30 s)"):
+    with progress_step(f"building the C kernels with {compiler} into {target.parent} (once per machine and source change; 5-30 s)"):
         command = [compiler, *kernel_cache.FLAGS, *map(str, sources), "-o", str(tmp), "-lm"]
         subprocess.run(command, check=True, capture_output=True, text=True)
     os.replace(tmp, target)  # atomic: a reader never sees a half-written library
