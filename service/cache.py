@@ -7,14 +7,16 @@ Kinds of entry:
 - gguf: a converted GGUF checkpoint, `{stem}-{key}` (checkpoints/gguf.py). Used while a file remembered
   in `.sources/` is still there, unchanged, and its content has this key under the running converter.
   Several clones reading the same bundled GGUF use one entry.
-- lora: a merged LoRA adapter, `{adapter}-lora-{key}` (checkpoints/lora.py). Used while its adapter and
-  base folders exist and still give this key (and a base in the cache is itself used).
+- lora: a merged LoRA adapter, `{adapter}-lora-{key}` (checkpoints/lora.py). Used while one of the adapter
+  folders that resolved to it (`.lora-users/`) and its base exist and still give this key (and a base in
+  the cache is itself used).
 - kernel: a build of the C kernels, `kernels/paged_attention-{key}.so` (engine/modeling/kernel_cache.py).
   Used while a checkout that loaded it still has sources that hash to its key.
 - partial: a conversion or merge cut short (`.tmp-*`, `.stale-*`) or a half-written kernel build. Left
   alone for an hour, since another process may be writing it.
 - other: anything lmserve did not write. Listed, never removed.
-Records in `.sources/` whose file is gone or has changed are dropped by prune too.
+Records in `.sources/` whose file is gone or has changed, and in `.lora-users/` whose adapter is gone,
+are dropped by prune too.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from service.checkpoints.errors import CheckpointError
 from service.checkpoints.fingerprint import SOURCES_DIR, source_records
 from service.checkpoints.gguf import KEY_LEN, gguf_key_of_digest
-from service.checkpoints.lora import lora_cache_key
+from service.checkpoints.lora import USERS_DIR, lora_cache_key, user_records
 from service.checkpoints.weights import read_marker, tree_size
 from service.engine.modeling.kernel_cache import KERNELS_DIR, kernel_builds
 
@@ -54,7 +56,7 @@ class CacheEntry:
 class CacheListing:
     cache_dir: Path
     entries: list[CacheEntry]
-    stale_records: list[Path]  # .sources/ records of files that are gone or changed
+    stale_records: list[Path]  # .sources/ records of files gone or changed; .lora-users/ records of adapters gone
 
     @property
     def total_bytes(self) -> int:
@@ -76,20 +78,28 @@ def _is_young(path: Path, now: float) -> bool:
         return False
 
 
-def _lora_use(folder: Path, marker: dict, cache_dir: Path, unused: set[Path]) -> tuple[bool, str]:
-    adapter, base = Path(str(marker.get("origin", ""))), Path(str(marker.get("base", "")))
-    built_from = f"adapter {adapter} on base {base}"
-    if not adapter.is_dir() or not base.is_dir():
-        return False, f"{built_from}: {'adapter' if not adapter.is_dir() else 'base'} is gone"
-    if base.resolve() in unused:
-        return False, f"{built_from}: its base is an unused cache entry"
-    try:
-        key = lora_cache_key(adapter, base, cache_dir, allow_pickle=True)
-    except (CheckpointError, OSError) as exc:
-        return False, f"{built_from}: {exc}"
-    if key != _key_of(folder.name):
-        return False, f"{built_from}: the adapter, the base or the library versions have changed"
-    return True, built_from
+def _lora_use(folder: Path, users: list[tuple[str, str]], cache_dir: Path, unused: set[Path]) -> tuple[bool, str]:
+    """Whether one of the adapter folders that resolved to this entry still gives its key (its adapter and
+    base unchanged, a base in the cache itself used)."""
+    reasons = []
+    for adapter_text, base_text in dict.fromkeys(users):
+        adapter, base = Path(adapter_text), Path(base_text)
+        built_from = f"adapter {adapter} on base {base}"
+        if not adapter.is_dir() or not base.is_dir():
+            reasons.append(f"{built_from}: {'adapter' if not adapter.is_dir() else 'base'} is gone")
+            continue
+        if base.resolve() in unused:
+            reasons.append(f"{built_from}: its base is an unused cache entry")
+            continue
+        try:
+            key = lora_cache_key(adapter, base, cache_dir, allow_pickle=True)
+        except (CheckpointError, OSError) as exc:
+            reasons.append(f"{built_from}: {exc}")
+            continue
+        if key == _key_of(folder.name):
+            return True, built_from
+        reasons.append(f"{built_from}: the adapter, the base or the library versions have changed")
+    return False, "; ".join(reasons) or "no adapter folder is known"
 
 
 def list_cache(cache_dir: Path) -> CacheListing:
@@ -108,7 +118,7 @@ def list_cache(cache_dir: Path) -> CacheListing:
     entries: list[CacheEntry] = []
     loras: list[tuple[Path, dict]] = []
     for item in sorted(cache_dir.iterdir()):
-        if item.name in (SOURCES_DIR, KERNELS_DIR):
+        if item.name in (SOURCES_DIR, USERS_DIR, KERNELS_DIR):
             continue
         if item.name.startswith((".tmp-", ".stale-")):
             young = _is_young(item, now)
@@ -128,8 +138,16 @@ def list_cache(cache_dir: Path) -> CacheListing:
             entries.append(CacheEntry(item.name, "gguf", item, tree_size(item), bool(users), detail))
 
     unused = {e.path.resolve() for e in entries if e.kind == "gguf" and not e.is_used}
+    users_of: dict[str, list[tuple[str, str]]] = {}
+    for path, record in user_records(cache_dir):
+        entry_name = record.get("entry") if record else None
+        if record is None or not (cache_dir / str(entry_name)).is_dir() or not Path(str(record.get("adapter"))).is_dir():
+            stale.append(path)
+            continue
+        users_of.setdefault(str(entry_name), []).append((str(record["adapter"]), str(record.get("base"))))
     for item, marker in loras:
-        is_used, detail = _lora_use(item, marker, cache_dir, unused)
+        users = users_of.get(item.name, []) + [(str(marker.get("origin", "")), str(marker.get("base", "")))]
+        is_used, detail = _lora_use(item, users, cache_dir, unused)
         entries.append(CacheEntry(item.name, "lora", item, tree_size(item), is_used, detail))
 
     kernels = cache_dir / KERNELS_DIR

@@ -2,7 +2,7 @@
 
 Flags and LMSERVE_* variables become a ServeConfig here, once; nothing below reads either. Every value is
 checked as it is parsed: a bad flag is an argparse error (exit 2, one `error:` line), a bad variable an
-`error: LMSERVE_X=...` line (exit 2), never a traceback from deep inside.
+`error: LMSERVE_PORT='abc': ...` line (exit 2), never a traceback from deep inside.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from service.checkpoints.errors import CheckpointError, one_line
+from service.checkpoints.weights import write_json_atomic
 from service.progress import progress_step, size_text
 
 SOURCES_DIR = ".sources"
@@ -73,19 +73,6 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_record(file: Path, record: SourceRecord) -> None:
-    """Atomically (temp file, then rename): concurrent starts may write the same record."""
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(record), f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, file)
-    except OSError:
-        pass  # a read-only cache only costs hashing again next time
-
-
 def file_sha256(path: Path, cache_dir: Path) -> str:
     """The sha256 of `path`'s bytes, remembered in `cache_dir` by path, size and mtime_ns."""
     path = Path(path).resolve()
@@ -104,7 +91,7 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
         digest = _hash_file(path)
     after = path.stat()
     if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not rewritten while read
-        _write_record(record_file, SourceRecord(str(path), st.st_size, st.st_mtime_ns, digest))
+        write_json_atomic(record_file, asdict(SourceRecord(str(path), st.st_size, st.st_mtime_ns, digest)))
     return digest
 
 

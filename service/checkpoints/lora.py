@@ -3,7 +3,9 @@
 Cache entry: `cache_dir / f"{adapter_name}-lora-{key}"`, key = hash of the adapter folder's bytes
 (adapters are small) and of the base's config and weight files (their content hashes, computed once
 and remembered by size and mtime: fingerprint.py), plus the peft/transformers versions. Keyed by
-content, so the same adapter on the same base merges once whichever folders they are read from.
+content, so the same adapter on the same base merges once whichever folders they are read from. Each
+adapter folder that resolves to an entry is recorded in `cache_dir/.lora-users/`, so that `lmserve cache`
+knows which entries something still uses.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from service.checkpoints.weights import (
     read_json_object,
     save_plain_model,
     weight_files,
+    write_json_atomic,
     write_marker,
 )
 from service.progress import progress_step
 
+USERS_DIR = ".lora-users"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
@@ -87,10 +91,38 @@ def merge_lora(adapter_dir: Path, base_path: Path, cache_dir: Path, allow_pickle
     adapter_dir = Path(adapter_dir).resolve()
     check_adapter_weights(adapter_dir, allow_pickle)
     final = Path(cache_dir) / f"{adapter_dir.name}-lora-{lora_cache_key(adapter_dir, base_path, cache_dir, allow_pickle)}"
-    if is_complete(final):
-        return final
-    with progress_step(f"merging LoRA adapter {adapter_dir.name} into {base_path.name} (once per adapter and base)"):
-        return publish_folder(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
+    if not is_complete(final):
+        with progress_step(f"merging LoRA adapter {adapter_dir.name} into {base_path.name} (once per adapter and base)"):
+            publish_folder(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
+    remember_user(Path(cache_dir), adapter_dir, base_path, final)
+    return final
+
+
+def user_record_path(cache_dir: Path, adapter_dir: Path) -> Path:
+    return cache_dir / USERS_DIR / f"{hashlib.sha256(str(adapter_dir).encode()).hexdigest()[:24]}.json"
+
+
+def remember_user(cache_dir: Path, adapter_dir: Path, base_path: Path, entry: Path) -> None:
+    """Record that `adapter_dir` (on `base_path`) resolves to the cache entry `entry`; a later resolve of
+    the same folder to another entry (the adapter changed) replaces the record."""
+    record = {"adapter": str(adapter_dir), "base": str(Path(base_path).resolve()), "entry": entry.name}
+    path = user_record_path(cache_dir, adapter_dir)
+    if read_json_record(path) != record:
+        write_json_atomic(path, record)
+
+
+def read_json_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def user_records(cache_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    folder = Path(cache_dir) / USERS_DIR
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return [(f, read_json_record(f)) for f in files]
 
 
 def _stored_dtype(base_path: Path) -> str:

@@ -180,6 +180,21 @@ def write_marker(folder: Path, info: dict[str, Any]) -> None:
     (folder / CACHE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
+def write_json_atomic(path: Path, data: dict[str, Any]) -> bool:
+    """Write a small JSON record through a temp file and a rename (concurrent writers never interleave);
+    False when the cache is read-only, which only costs the record."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
+
+
 def read_marker(folder: Path) -> dict[str, Any] | None:
     try:
         info = json.loads((folder / CACHE_MARKER).read_text())

@@ -69,6 +69,7 @@ class NativeEngine:
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._open_queues: set[asyncio.Queue] = set()  # event loop only: the queues generate() is reading
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -98,6 +99,10 @@ class NativeEngine:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        # End the streams still being read now: the engine thread only notices after its current step,
+        # which on a loaded CPU can take a second. (It fails them again then, into queues nobody reads.)
+        for queue in self._open_queues:
+            queue.put_nowait(EngineStoppedError("the engine stopped"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
@@ -146,6 +151,7 @@ class NativeEngine:
         if seed is not None and not request.sampling.is_greedy:
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         queue: asyncio.Queue = asyncio.Queue()
+        self._open_queues.add(queue)
         stream = _Stream(req, SequenceOutput(self.tokenizer, req, request.request_id), queue, generator)
         self._inbox.append(stream)
         self._wake.set()
@@ -161,6 +167,7 @@ class NativeEngine:
                     finished = True
                     return
         finally:
+            self._open_queues.discard(queue)
             if not finished:
                 self._aborts.append(internal_id)
                 self._wake.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ import transformers
 from service.checkpoints import CheckpointError, bundled_location, load_weights, resolve_model
 from service.checkpoints import fingerprint
 from service.checkpoints import gguf as gguf_mod
+from service.progress import PROGRESS_LOGGER
 
 
 def _refuse(*args, **kwargs):
@@ -92,14 +94,22 @@ def _fake_converter(calls: list[Path], delay: float = 0.0):
     return convert
 
 
-def test_convert_once_then_cache_hit(tmp_path: Path, monkeypatch) -> None:
+def _progress(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER and r.levelno == logging.INFO]
+
+
+def test_convert_once_then_cache_hit(tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
     calls: list[Path] = []
     monkeypatch.setattr(gguf_mod, "_convert_into", _fake_converter(calls))
     gguf_file = _write_tiny_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
     first = resolve_model(str(gguf_file), cache)
+    (line,) = _progress(caplog)  # the one slow step of a first run says what it does
+    assert line.startswith(f"converting tiny.gguf (") and f"float32 safetensors folder in {cache} (once per file" in line
+    caplog.clear()
     second = resolve_model(str(gguf_file), cache)
-    assert first == second and len(calls) == 1
+    assert first == second and len(calls) == 1 and _progress(caplog) == []
     assert first.path.name.startswith("tiny-") and first.path.parent == cache
     assert sorted(p.name for p in cache.iterdir()) == [".sources", first.path.name]  # no temp dir left behind
     # Touching the file without changing its bytes: hashed again, the same entry.
