@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DRAIN_GRACE_S = 2  # after the drain: how long uvicorn lets the connections still open finish
+
 
 def _served(name: str, ref: str) -> ServedModel:
     return ServedModel(name=name, aliases=frozenset({name, ref}), created=int(time.time()))
@@ -143,10 +145,6 @@ async def stop_models(state: AppState) -> None:
     await state.engine.stop()
 
 
-# After a second exit signal: how long open connections get to send their last event and close.
-STOP_NOW_GRACE_S = 2.0
-
-
 def begin_drain(state: AppState) -> None:
     """The first SIGINT/SIGTERM: readiness turns 503 and new work is refused; in-flight work finishes."""
     state.lifecycle.draining = True
@@ -175,7 +173,7 @@ class DrainingServer(uvicorn.Server):
 
     First SIGINT/SIGTERM: begin_drain; once nothing is in flight (or drain_timeout_s has passed) the server
     stops accepting connections, closes the idle ones and returns. Second: stop_now, and open connections
-    get STOP_NOW_GRACE_S to take their last event. Third: uvicorn's force exit.
+    get DRAIN_GRACE_S to take their last event. Third: uvicorn's force exit.
     """
 
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
@@ -209,7 +207,6 @@ class DrainingServer(uvicorn.Server):
             self._drain_started = time.monotonic()
             begin_drain(self.state)
         if self._num_signals >= 2 and self.stopping_now is None:
-            self.config.timeout_graceful_shutdown = STOP_NOW_GRACE_S  # read by uvicorn's shutdown, next
             self.stopping_now = asyncio.ensure_future(stop_now(self.state))
         if self._drain_started is not None and not self.should_exit:
             waited = time.monotonic() - self._drain_started
@@ -228,7 +225,8 @@ def make_server(state: AppState, host: str | None = None, port: int | None = Non
         port=state.config.port if port is None else port,
         log_config=None,  # uvicorn's loggers propagate to the root handler configure_logging installed
         access_log=False,  # the access line is ours (AccountingMiddleware): request id, tokens, latency
-        timeout_graceful_shutdown=max(1, int(state.config.drain_timeout_s)),
+        # The drain (on_tick) already waited for in-flight requests; what is left after it gets a short grace.
+        timeout_graceful_shutdown=DRAIN_GRACE_S,
         lifespan="off",  # models are started by serve(), outside the app, so several apps can share them
     )
     return DrainingServer(uv_config, state)

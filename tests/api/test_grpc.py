@@ -419,7 +419,12 @@ def test_cancel_midway_frees_kv_blocks(server: LiveServer, http: httpx.Client) -
             assert await _wait_idle(server, baseline)
 
     run(go())
-    after = http.get("/metrics").text
+    cancelled = {"endpoint": "/lmserve.v1.Generation/CompleteStream", "transport": "grpc", "status": "CANCELLED"}
+    wanted = metric_value(before, "lmserve_requests_total", cancelled) + 1
+    deadline = time.monotonic() + 5  # the server counts the RPC once its handler has unwound
+    while metric_value(after := http.get("/metrics").text, "lmserve_requests_total", cancelled) < wanted:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     aborted = {"finish_reason": "abort"}
     assert metric_value(after, "lmserve_request_finished_total", aborted) == metric_value(
         before, "lmserve_request_finished_total", aborted
@@ -428,10 +433,7 @@ def test_cancel_midway_frees_kv_blocks(server: LiveServer, http: httpx.Client) -
         before, "lmserve_generation_tokens_total"
     )
     assert generated < 250
-    cancelled = {"endpoint": "/lmserve.v1.Generation/CompleteStream", "transport": "grpc", "status": "CANCELLED"}
-    assert metric_value(after, "lmserve_requests_total", cancelled) == metric_value(
-        before, "lmserve_requests_total", cancelled
-    ) + 1
+    assert metric_value(after, "lmserve_requests_total", cancelled) == wanted
 
 
 def test_deadline_aborts_unary_and_stream(server: LiveServer) -> None:
@@ -507,6 +509,13 @@ def test_metrics_and_access_log_count_grpc(server: LiveServer, http: httpx.Clien
 
     with caplog.at_level("INFO", logger="lmserve.access"):
         run(go())
+        # The server writes its access line after the status has gone out: give the last one a moment.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = [r for r in caplog.records if getattr(r, "request_id", None) == "grpc-access-1"]
+            if len(lines) == 4:
+                break
+            time.sleep(0.05)
     after = http.get("/metrics").text
     labels = {"endpoint": "/lmserve.v1.Tokenization/Tokenize", "transport": "grpc"}
     assert metric_value(after, "lmserve_requests_total", {**labels, "status": "OK"}) == metric_value(
@@ -515,7 +524,6 @@ def test_metrics_and_access_log_count_grpc(server: LiveServer, http: httpx.Clien
     assert metric_value(after, "lmserve_requests_total", {**labels, "status": "INVALID_ARGUMENT"}) == metric_value(
         before, "lmserve_requests_total", {**labels, "status": "INVALID_ARGUMENT"}
     ) + 1
-    lines = [r for r in caplog.records if getattr(r, "request_id", None) == "grpc-access-1"]
     assert len(lines) == 4
     assert all(r.transport == "grpc" and r.path == "/lmserve.v1.Tokenization/Tokenize" for r in lines)
     assert [r.grpc_status for r in lines] == ["OK", "OK", "OK", "INVALID_ARGUMENT"]
