@@ -33,7 +33,7 @@ from service.api.limits import AdmissionControl, RateLimiter
 from service.config import ServeConfig
 from service.logs import configure_logging
 from service.metrics import Metrics
-from service.preflight import PortReservation, preflight
+from service.preflight import PortReservation, PreflightError, preflight
 from service.progress import progress_step
 from service.state import AppState, Lifecycle, ServedModel
 from service.tracing import build_tracer
@@ -316,7 +316,10 @@ async def serve(state: AppState, ports: PortReservation | None = None, started: 
         if ports is not None:
             ports.release_grpc()  # grpc binds by address: free the port just before it does
         if state.config.grpc_port:
-            grpc_server = await start_grpc_server(state)
+            try:
+                grpc_server = await start_grpc_server(state)
+            except OSError as exc:  # taken in the instant between the pre-flight's release and grpc's bind
+                raise PreflightError(f"gRPC (--grpc-port) port {state.config.grpc_port}: {exc}") from None
         grpc_port = grpc_server.port if grpc_server is not None else None
         tls = grpc_tls(state.config) is not None
         if state.config.port:
