@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from service.api.errors import APIError
 from service.config import LimitsConfig
-from service.engine.base import EngineDeadError, GenerationEngine, RequestRejected
+from service.engine.base import EngineDeadError, EngineStoppedError, GenerationEngine, RequestRejected
 from service.logs import AccessRecord
 from service.metrics import Metrics
 from service.types import FinishReason, GenerationDelta, GenerationRequest, RequestTiming, SamplingParams, TokenLogprob
@@ -218,23 +218,23 @@ def parse_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int | None
 def resolve_max_tokens(params: GenerationParams, prompt_len: int, max_model_len: int, limits: LimitsConfig) -> int:
     """max_tokens for one prompt; raises context_length_exceeded when prompt + max_tokens cannot fit."""
     room = max_model_len - prompt_len
+    if room < 1:  # the prompt alone fills the context: no max_tokens would help
+        raise APIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, the prompt has "
+            f"{prompt_len} tokens, which leaves no room for a completion. Please shorten the prompt.",
+            "context_length_exceeded",
+            params.prompt_param,
+        )
     if params.max_tokens is not None:
-        if prompt_len + params.max_tokens > max_model_len:
+        if params.max_tokens > room:
             raise APIError(
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                 f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, {params.max_tokens} for "
-                f"the completion). Please reduce the prompt or max_tokens.",
+                f"the completion). Please reduce {params.max_tokens_param} to at most {room}, or shorten the prompt.",
                 "context_length_exceeded",
                 params.max_tokens_param,
             )
         return params.max_tokens
-    if room < 1:
-        raise APIError(
-            f"This model's maximum context length is {max_model_len} tokens. However, the prompt has "
-            f"{prompt_len} tokens, which leaves no room for a completion.",
-            "context_length_exceeded",
-            params.prompt_param,
-        )
     default = params.default_max_tokens if params.default_max_tokens is not None else room
     return max(1, min(default, room, limits.max_tokens_cap))
 
@@ -301,7 +301,8 @@ def plan_generation(
             try:
                 engine.check_request(req)
             except RequestRejected as exc:
-                raise APIError(str(exc), exc.code, exc.param or params.prompt_param) from None
+                param = params.max_tokens_param if exc.param == "max_tokens" else params.prompt_param
+                raise APIError(str(exc), exc.code, param) from None
             requests.append(req)
     return GenerationPlan(request_id, [list(p) for p in prompts], params.n, requests)
 
@@ -315,6 +316,8 @@ def engine_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, RequestRejected):
         return APIError(str(exc), exc.code, exc.param)
+    if isinstance(exc, EngineStoppedError):
+        return APIError("The server is shutting down: this request was stopped before it finished.", "service_unavailable")
     if isinstance(exc, EngineDeadError):
         return APIError("The generation engine is not running.", "service_unavailable")
     return APIError("Internal error while generating.", "internal_error")

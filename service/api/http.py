@@ -53,7 +53,15 @@ from service.api.handlers import (
     served_models,
     tokenize,
 )
-from service.api.middleware import KEY_ID_SCOPE, AccountingMiddleware, AuthMiddleware, BodyLimitMiddleware, access_record
+from service.api.middleware import (
+    KEY_ID_SCOPE,
+    SENT_CONTENT_TYPE_SCOPE,
+    AccountingMiddleware,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    JsonBodyMiddleware,
+    access_record,
+)
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.state import readiness
 
@@ -177,6 +185,14 @@ def _install_error_handlers(app: FastAPI, state: AppState) -> None:
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         error = validation_error(exc)
+        sent = request.scope.get(SENT_CONTENT_TYPE_SCOPE)
+        if error.code == "invalid_json" and sent is not None:
+            error = APIError(
+                f"{error.message}. The body was sent with content-type: {sent}; lmserve reads every POST body "
+                "as JSON (send it with content-type: application/json).",
+                error.code,
+                error.param,
+            )
         observe_error(state, access_record(request.scope), error.code)
         return error_response(error)
 
@@ -809,7 +825,9 @@ def create_app(state: AppState) -> FastAPI:
     app.openapi = lambda: build_openapi(app, limit_values)  # type: ignore[method-assign]
 
     # Middleware: the last added runs first. Accounting (outermost, so every response, CORS preflights
-    # included, carries the request id and gets an access line) -> CORS -> auth -> body limit -> app.
+    # included, carries the request id and gets an access line) -> CORS -> auth -> body limit -> JSON
+    # body -> app.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, state=state, max_body_bytes=state.config.limits.max_request_body_bytes)
     open_paths = PROBE_PATHS | ({"/metrics"} if state.config.metrics_open else set())
     app.add_middleware(AuthMiddleware, state=state, open_paths=frozenset(open_paths))
