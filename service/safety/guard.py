@@ -46,6 +46,11 @@ class OutputGuard:
     def is_done(self) -> bool:
         return self._is_done
 
+    @property
+    def is_holding(self) -> bool:
+        """Whether text fed so far is still held back (not yet released)."""
+        return bool(self._buffer)
+
     def feed(self, delta: str) -> GuardStep:
         """Take the next piece of output; returns what may be released now (or a block)."""
         if self._is_done:
