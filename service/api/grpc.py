@@ -448,7 +448,10 @@ class _Call:
         )
 
     def cancelled(self) -> None:
-        remaining = self.context.time_remaining()
+        try:
+            remaining = self.context.time_remaining()
+        except Exception:  # the call is already torn down: no deadline to read
+            remaining = None
         self.grpc_status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         self.http_status = _HTTP_STATUS[self.grpc_status]
 
@@ -498,7 +501,9 @@ def _stream(state: AppState, method: Method) -> Callable[[bytes, grpc.aio.Servic
                 async with contextlib.aclosing(method.handler(state, caller, request)) as messages:
                     async for message in messages:
                         yield message
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
+                # A cancel lands either in this generator's await (CancelledError) or, when grpc was
+                # sending, as the generator being closed (GeneratorExit).
                 rpc.cancelled()
                 raise
             except Exception as exc:
