@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import gevent
 from locust import events
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from lmload import options
 from lmload.context import load_context
@@ -40,3 +42,12 @@ def _add_arguments(parser: Any) -> None:
 def _explain_skipped_grpc(environment: Any, **_: Any) -> None:
     if GrpcUser in (environment.user_classes or []) and not load_context(environment).settings.grpc_target:
         logging.getLogger("locustfile").warning(NO_TARGET_REASON)
+
+
+@events.test_stop.add_listener
+def _let_csv_catch_up(environment: Any, **_: Any) -> None:
+    # Locust rewrites its --csv files once a second and closes them right after the run, so requests that
+    # finished in the last second (e.g. during --stop-timeout) would be missing from them; one more tick
+    # makes the files match the final summary.
+    if getattr(environment.parsed_options, "csv_prefix", None):
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)

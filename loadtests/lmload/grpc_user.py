@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from locust import User, tag, task
+from locust import SequentialTaskSet, User, tag, task
 from locust.exception import StopUser
 
 from lmload.checks import check_completion, check_detokenize, check_embeddings, check_tokenize
@@ -57,8 +57,36 @@ def _as_dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+class GrpcCalls(SequentialTaskSet):
+    """Each of the user's calls in turn, quick ones first, so that every RPC is exercised even in a short
+    run; select them with Locust's --tags / --exclude-tags (generation, embeddings, tokenize)."""
+
+    user: GrpcUser
+
+    @tag("tokenize")
+    @task
+    def tokenize(self) -> None:
+        self.user.tokenize()
+
+    @tag("embeddings")
+    @task
+    def embed(self) -> None:
+        self.user.embed()
+
+    @tag("generation")
+    @task
+    def complete(self) -> None:
+        self.user.complete()
+
+    @tag("generation")
+    @task
+    def chat_stream(self) -> None:
+        self.user.chat_stream()
+
+
 class GrpcUser(User):
     abstract = UNAVAILABLE_REASON is not None
+    tasks = [GrpcCalls]
 
     def on_start(self) -> None:
         self.ctx: LoadContext = load_context(self.environment)
@@ -115,10 +143,8 @@ class GrpcUser(User):
         self._fire("gRPC", name, elapsed_ms, response.ByteSize(), GrpcFailure(problem) if problem else None)
         return None if problem else data
 
-    # -- tasks --------------------------------------------------------------------------------------------
+    # -- the calls (run in turn by GrpcCalls) ------------------------------------------------------------
 
-    @tag("generation")
-    @task
     def chat_stream(self) -> None:
         s = self.ctx.settings
         prompt = self.ctx.prompts.make(s.prompt_tokens).text
@@ -139,23 +165,17 @@ class GrpcUser(User):
         for gap in result.itl_s:
             self._fire("ITL", f"grpc {name}", gap * 1000)
 
-    @tag("generation")
-    @task
     def complete(self) -> None:
         s = self.ctx.settings
         request = pb.CompletionRequest(prompt=self.ctx.prompts.make(s.prompt_tokens).text, **s.generation_fields())
         self._unary("Complete", self.generation.Complete, request, lambda d: check_completion(d, s.expected_tokens))
 
-    @tag("embeddings")
-    @task
     def embed(self) -> None:
         s = self.ctx.settings
         inputs = [self.ctx.prompts.make(s.embedding_tokens).text for _ in range(s.embedding_inputs)]
         request = pb.EmbedRequest(input=inputs, **({"model": s.embedding_model} if s.embedding_model else {}))
         self._unary("Embed", self.embeddings.Embed, request, lambda d: check_embeddings(d, len(inputs)))
 
-    @tag("tokenize")
-    @task
     def tokenize(self) -> None:
         s = self.ctx.settings
         text = self.ctx.prompts.make(s.prompt_tokens).text
