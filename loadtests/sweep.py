@@ -237,9 +237,12 @@ def sweep_server(spec: ServerSpec, config: SweepConfig, args: argparse.Namespace
         points, checks = [], []
         for concurrency in config.concurrencies:
             prompts = make_prompts(config, concurrency)
+            load_before = os.getloadavg()[0]
             summary, locust_view = run_point(spec.url, model, prompts, concurrency, config)
             print(_describe(spec.name, summary), flush=True)
-            points.append({**dataclasses.asdict(summary), "locust_stats": locust_view})
+            # The machine's 1-minute load average around the point: other work on a shared machine shows here.
+            load = {"before": load_before, "after": os.getloadavg()[0]}
+            points.append({**dataclasses.asdict(summary), "locust_stats": locust_view, "load_avg_1m": load})
             if args.vllm_bench is not None:
                 bench = run_bench(args.vllm_bench, spec.url, model, config.tokenizer, concurrency, len(prompts),
                                   config.input_len, config.output_len, config.point_timeout_s)
@@ -316,8 +319,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the sweep like Ctrl-C does, through the `finally` that stops a launched server. (gevent
+    runs signal handlers in a greenlet of their own, so the exit is thrown into the main one.)"""
+    main_greenlet = gevent.get_hub().parent
+    gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(SystemExit(143)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _exit_on_sigterm()
     if args.replot is not None:
         run = json.loads(args.replot.read_text())
         png = args.png or args.replot.with_suffix(".png")
