@@ -8,7 +8,8 @@ over them, each with its own keys and limits:
 - `limited`: requests/min = 3, tokens/min = 600 and max_queue = 1 (per key / per server), for 429 and 503;
 - `fuzz`:    tiny max_tokens and n caps, for the schemathesis run; also CORS and open /metrics.
 
-Several servers share one engine exactly as two transports (HTTP + gRPC) would.
+Each of them also serves gRPC (lmserve.v1) on a port of its own over the same state, as `lmserve serve`
+does: one budget of keys, limits and queue across both transports.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import AppState, DrainingServer, build_state, make_server, start_models, stop_models, with_config
+from service.api.grpc import GrpcServer
+from service.app import (
+    AppState,
+    DrainingServer,
+    build_state,
+    make_server,
+    start_grpc_server,
+    start_models,
+    stop_models,
+    with_config,
+)
 from service.config import EngineConfig, LimitsConfig, ServeConfig
 
 API_KEY = "test-key-main"
@@ -32,6 +43,8 @@ OTHER_KEY = "test-key-other"
 LIMITED_KEY = "test-key-limited"
 OVERLOAD_KEY = "test-key-overload"
 HEADERS_KEY = "test-key-headers"
+GRPC_RATE_KEY = "test-key-grpc-rate"
+GRPC_QUEUE_KEY = "test-key-grpc-queue"
 FUZZ_KEY = "test-key-fuzz"
 
 MAX_MODEL_LEN = 512
@@ -55,6 +68,16 @@ class LiveServer:
     port: int
     state: AppState
     api_key: str | None
+    grpc_port: int = 0
+    loop: asyncio.AbstractEventLoop | None = None  # the loop the server, its engine and gRPC run on
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def grpc_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
     @property
     def base_url(self) -> str:
@@ -89,12 +112,16 @@ class ServerThread:
         self.states = states
         self.sockets = {name: _bind() for name in states}
         self.servers: dict[str, DrainingServer] = {}
+        self.grpc: dict[str, GrpcServer] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="api-test-server", daemon=True)
 
     def port(self, name: str) -> int:
         return self.sockets[name].getsockname()[1]
+
+    def grpc_port(self, name: str) -> int:
+        return self.grpc[name].port
 
     def _run(self) -> None:
         try:
@@ -106,9 +133,13 @@ class ServerThread:
         self.loop = asyncio.get_running_loop()
         await start_models(self.base)
         try:
+            for name, state in self.states.items():
+                self.grpc[name] = await start_grpc_server(state, host="127.0.0.1", port=0)
             self.servers = {name: make_server(state, host="127.0.0.1", port=0) for name, state in self.states.items()}
             await asyncio.gather(*(srv.serve(sockets=[self.sockets[n]]) for n, srv in self.servers.items()))
         finally:
+            for grpc_server in self.grpc.values():
+                await grpc_server.stop(0)
             await stop_models(self.base)
 
     def start(self, timeout_s: float = 120.0) -> None:
@@ -149,7 +180,7 @@ def servers(serve_config: ServeConfig, smollm2_dir: Path, minilm_dir: Path) -> I
         base,
         replace(
             serve_config,
-            api_keys=(LIMITED_KEY, OVERLOAD_KEY, HEADERS_KEY),
+            api_keys=(LIMITED_KEY, OVERLOAD_KEY, HEADERS_KEY, GRPC_RATE_KEY, GRPC_QUEUE_KEY),
             limits=replace(LIMITS, requests_per_minute=LIMITED_RPM, tokens_per_minute=LIMITED_TPM, max_queue=1),
         ),
     )
@@ -167,9 +198,9 @@ def servers(serve_config: ServeConfig, smollm2_dir: Path, minilm_dir: Path) -> I
     thread.start()
     try:
         yield Servers(
-            main=LiveServer("main", thread.port("main"), base, API_KEY),
-            limited=LiveServer("limited", thread.port("limited"), limited, LIMITED_KEY),
-            fuzz=LiveServer("fuzz", thread.port("fuzz"), fuzz, FUZZ_KEY),
+            main=LiveServer("main", thread.port("main"), base, API_KEY, thread.grpc_port("main"), thread.loop),
+            limited=LiveServer("limited", thread.port("limited"), limited, LIMITED_KEY, thread.grpc_port("limited"), thread.loop),
+            fuzz=LiveServer("fuzz", thread.port("fuzz"), fuzz, FUZZ_KEY, thread.grpc_port("fuzz"), thread.loop),
         )
     finally:
         thread.stop()
