@@ -96,7 +96,7 @@ def _explain(proc: subprocess.CompletedProcess[str], server: LmserveProcess) -> 
 def test_every_scenario_runs_without_failures(lmserve_process: LmserveProcess, tmp_path: Path) -> None:
     prefix = tmp_path / "smoke"
     # Two users of each of the five classes; a think time keeps the tokenize users from swamping 2 cores.
-    proc = _locust_until(lmserve_process, prefix, EVERY_ENTRY, "-u", "10", "-r", "10", "--think-time", "0.2")
+    proc = _locust_until(lmserve_process, prefix, EVERY_ENTRY, "-u", "10", "-r", "10", "--think-time", "0.5")
     assert proc.returncode == 0, _explain(proc, lmserve_process)
     stats = _stats(prefix)
     for key in EVERY_ENTRY:
@@ -120,8 +120,8 @@ def test_overload_shape_sheds_with_503_and_fails_nothing(lmserve_process: Lmserv
     # 8, 16, then 24 users against max_queue 8: the server must shed load with 503 / UNAVAILABLE + Retry-After.
     proc = _locust(
         "overload.py", lmserve_process, prefix,
-        "--overload-peak-users", "24", "--overload-step-users", "8", "--overload-step-seconds", "2",
-        "--overload-hold-seconds", "3", "--tags", "generation", classes=("ChatStreamUser", "GrpcUser"),
+        "--overload-peak-users", "24", "--overload-step-users", "8", "--overload-step-seconds", "1.5",
+        "--overload-hold-seconds", "2", "--tags", "generation", classes=("ChatStreamUser", "GrpcUser"),
     )
     assert proc.returncode == 0, _explain(proc, lmserve_process)
     stats = _stats(prefix)
