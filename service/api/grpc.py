@@ -471,12 +471,27 @@ def _peer_host(peer: str | None) -> str | None:
     return host.strip("[]") or None
 
 
+def _cancel_on_termination(context: grpc.aio.ServicerContext) -> None:
+    """Cancel the running handler as soon as the call ends under it (a client cancel, an expired deadline),
+    so that its engine requests are aborted at once; grpc by itself notices a cancelled stream only at its
+    next send, which the safety filter's hold or a long prefill can put far off."""
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_done(_: object) -> None:
+        if context.cancelled() and not task.done():
+            task.cancel()
+
+    context.add_done_callback(on_done)
+
+
 def _unary(state: AppState, method: Method) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
     async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         rpc = _Call(state, method, context)
         try:
             try:
                 caller, request = rpc.caller_and_request(raw)
+                _cancel_on_termination(context)
                 response = await method.handler(state, caller, request)
             except asyncio.CancelledError:
                 rpc.cancelled()
@@ -498,6 +513,7 @@ def _stream(state: AppState, method: Method) -> Callable[[bytes, grpc.aio.Servic
         try:
             try:
                 caller, request = rpc.caller_and_request(raw)
+                _cancel_on_termination(context)
                 async with contextlib.aclosing(method.handler(state, caller, request)) as messages:
                     async for message in messages:
                         yield message

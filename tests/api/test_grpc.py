@@ -411,7 +411,9 @@ def test_cancel_midway_frees_kv_blocks(server: LiveServer, http: httpx.Client) -
             seen = 0
             async for _ in call:
                 seen += 1
-                if seen == 40:  # the prompt and 40 tokens fill blocks beyond the cached prefix
+                # The safety filter releases text a sentence at a time: a few messages in, the request is
+                # still early in its 250 tokens, holding blocks beyond the cached prompt prefix.
+                if seen == 2:
                     assert server.state.engine.stats().num_running == 1
                     assert _kv_used(server) > baseline
                     call.cancel()
