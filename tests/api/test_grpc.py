@@ -408,16 +408,16 @@ def test_cancel_midway_frees_kv_blocks(server: LiveServer, http: httpx.Client) -
         async with _channel(server) as channel:
             req = pb.CompletionRequest(prompt="Tell me a long story.", max_tokens=250, ignore_eos=True)
             call = rpc.GenerationStub(channel).CompleteStream(req, metadata=server.grpc_metadata)
-            seen = 0
             async for _ in call:
-                seen += 1
-                # The safety filter releases text a sentence at a time: a few messages in, the request is
-                # still early in its 250 tokens, holding blocks beyond the cached prompt prefix.
-                if seen == 2:
-                    assert server.state.engine.stats().num_running == 1
-                    assert _kv_used(server) > baseline
-                    call.cancel()
-                    break
+                break  # the request is running; the stream stays open, unread, while it generates
+            # Its first tokens may still fit the blocks the prompt shares with the prefix cache: wait until it
+            # holds a block of its own (well before its 250 tokens are done), then cancel.
+            deadline = time.monotonic() + 60
+            while _kv_used(server) <= baseline:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert server.state.engine.stats().num_running == 1
+            call.cancel()
             assert await _wait_idle(server, baseline)
 
     run(go())
