@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, default_cache_dir
+from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, VLLMConfig, default_cache_dir
 from service.logs import LOG_FORMATS, LOG_LEVELS
 
 
@@ -26,6 +26,14 @@ def _env_path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(env[name]) if env.get(name) else None
 
 
+def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    return int(env[name]) if env.get(name) else default
+
+
+def _env_float(env: Mapping[str, str], name: str) -> float | None:
+    return float(env[name]) if env.get(name) else None
+
+
 def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     d = EngineConfig()
     p.add_argument("--model", default=env.get("LMSERVE_MODEL", DEFAULT_MODEL),
@@ -33,15 +41,19 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    default=env.get("LMSERVE_DTYPE", d.dtype))
     p.add_argument("--device", default=env.get("LMSERVE_DEVICE", d.device), help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--kv-cache-memory", type=float, default=float(env.get("LMSERVE_KV_CACHE_GIB", d.kv_cache_memory_bytes / 2**30)),
-                   help="KV pool budget in GiB (env LMSERVE_KV_CACHE_GIB)")
-    p.add_argument("--num-kv-blocks", type=int, default=int(env["LMSERVE_NUM_KV_BLOCKS"]) if "LMSERVE_NUM_KV_BLOCKS" in env else None)
-    p.add_argument("--block-size", type=int, default=int(env.get("LMSERVE_BLOCK_SIZE", d.block_size)))
-    p.add_argument("--max-num-seqs", type=int, default=int(env.get("LMSERVE_MAX_NUM_SEQS", d.max_num_seqs)))
-    p.add_argument("--max-num-batched-tokens", type=int,
-                   default=int(env.get("LMSERVE_MAX_NUM_BATCHED_TOKENS", d.max_num_batched_tokens)))
+    p.add_argument("--kv-cache-memory", type=float, default=_env_float(env, "LMSERVE_KV_CACHE_GIB"),
+                   help=f"KV pool budget in GiB (env LMSERVE_KV_CACHE_GIB; native default {d.kv_cache_memory_bytes / 2**30:g})")
+    p.add_argument("--num-kv-blocks", type=int, default=_env_int(env, "LMSERVE_NUM_KV_BLOCKS"))
+    p.add_argument("--block-size", type=int, default=_env_int(env, "LMSERVE_BLOCK_SIZE"),
+                   help=f"native default {d.block_size}")
+    p.add_argument("--max-num-seqs", type=int, default=_env_int(env, "LMSERVE_MAX_NUM_SEQS"),
+                   help=f"native default {d.max_num_seqs}")
+    p.add_argument("--max-num-batched-tokens", type=int, default=_env_int(env, "LMSERVE_MAX_NUM_BATCHED_TOKENS"),
+                   help=f"native default {d.max_num_batched_tokens}")
     p.add_argument("--max-model-len", type=int, default=int(env["LMSERVE_MAX_MODEL_LEN"]) if "LMSERVE_MAX_MODEL_LEN" in env else None)
     p.add_argument("--no-prefix-caching", action="store_true", default=_env_bool(env.get("LMSERVE_NO_PREFIX_CACHING", "")))
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="vLLM's spelling of the prefix-cache switch (on by default); must agree with --no-prefix-caching")
     p.add_argument("--num-threads", type=int, default=int(env["LMSERVE_NUM_THREADS"]) if "LMSERVE_NUM_THREADS" in env else None)
     p.add_argument("--attention", choices=["auto", "kernel", "torch"], default=env.get("LMSERVE_ATTENTION", d.attention),
                    help="auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only "
@@ -51,20 +63,64 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
 
 
+def _kv_cache_bytes(args: argparse.Namespace) -> int | None:
+    return None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
+
+
+def _prefix_caching(args: argparse.Namespace) -> bool:
+    if args.enable_prefix_caching is None:
+        return not args.no_prefix_caching
+    if args.enable_prefix_caching and args.no_prefix_caching:
+        raise ValueError("--enable-prefix-caching and --no-prefix-caching contradict each other")
+    return bool(args.enable_prefix_caching)
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    d = EngineConfig()
+    kv_bytes = _kv_cache_bytes(args)
     return EngineConfig(
         dtype=args.dtype,
         device=args.device,
-        block_size=args.block_size,
-        kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30),
+        block_size=d.block_size if args.block_size is None else args.block_size,
+        kv_cache_memory_bytes=d.kv_cache_memory_bytes if kv_bytes is None else kv_bytes,
         num_kv_blocks=args.num_kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=d.max_num_seqs if args.max_num_seqs is None else args.max_num_seqs,
+        max_num_batched_tokens=d.max_num_batched_tokens if args.max_num_batched_tokens is None else args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=_prefix_caching(args),
         num_threads=args.num_threads,
         attention=args.attention,
         allow_pickle=args.allow_pickle,
+    )
+
+
+def add_vllm_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Settings only vLLM's engine has (--engine vllm); see service/engine/vllm_backend.py."""
+    g = p.add_argument_group("vLLM engine (--engine vllm)")
+    g.add_argument("--tensor-parallel-size", type=int, default=_env_int(env, "LMSERVE_TENSOR_PARALLEL_SIZE", 1),
+                   help="GPUs each layer is split over (env LMSERVE_TENSOR_PARALLEL_SIZE)")
+    g.add_argument("--pipeline-parallel-size", type=int, default=_env_int(env, "LMSERVE_PIPELINE_PARALLEL_SIZE", 1),
+                   help="pipeline stages (nodes, with Ray) the layers are split over (env LMSERVE_PIPELINE_PARALLEL_SIZE)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=_env_float(env, "LMSERVE_GPU_MEMORY_UTILIZATION"),
+                   help="fraction of GPU memory vLLM may use, weights and KV cache (vLLM's default 0.9; env "
+                   "LMSERVE_GPU_MEMORY_UTILIZATION)")
+    g.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                   default=env.get("LMSERVE_DISTRIBUTED_EXECUTOR_BACKEND") or None,
+                   help="mp: processes on this node; ray: a Ray cluster, for more than one node (vLLM picks when unset; "
+                   "env LMSERVE_DISTRIBUTED_EXECUTOR_BACKEND)")
+
+
+def vllm_config_from_args(args: argparse.Namespace) -> VLLMConfig:
+    return VLLMConfig(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        distributed_executor_backend=args.distributed_executor_backend,
+        kv_cache_memory_bytes=_kv_cache_bytes(args),
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 
@@ -87,6 +143,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     serve.add_argument("--grpc-tls-client-ca", type=Path, default=_env_path(env, "LMSERVE_GRPC_TLS_CLIENT_CA"),
                        help="PEM CA: clients must present a certificate it signed (mutual TLS; env LMSERVE_GRPC_TLS_CLIENT_CA)")
     serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"))
+    add_vllm_flags(serve, env)
     serve.add_argument("--api-key-file", default=env.get("LMSERVE_API_KEY_FILE"))
     d = ServeConfig()
     serve.add_argument("--log-format", choices=LOG_FORMATS, default=env.get("LMSERVE_LOG_FORMAT", d.log_format),
@@ -138,6 +195,7 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         log_prompts=args.log_prompts,
         cache_dir=args.cache_dir,
         engine=engine_config_from_args(args),
+        vllm=vllm_config_from_args(args),
         **serve_overrides_from_env(env),
     )
 
@@ -215,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":  # serve sets up its own logging from its config (app.run)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from service.checkpoints import CheckpointError
+    from service.engine.base import EngineUnavailableError
 
     try:
         if args.command == "generate":
@@ -224,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args)
         return cmd_serve(args, env)
-    except CheckpointError as exc:
+    except (CheckpointError, EngineUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
