@@ -111,11 +111,18 @@ def add_vllm_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
 
 
 def vllm_config_from_args(args: argparse.Namespace) -> VLLMConfig:
-    return VLLMConfig(
+    """The vLLM-only flags always (the native engine refuses them); the sizing flags both engines share
+    only with --engine vllm, where an unset one leaves vLLM's default."""
+    config = VLLMConfig(
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         distributed_executor_backend=args.distributed_executor_backend,
+    )
+    if args.engine != "vllm":
+        return config
+    return replace(
+        config,
         kv_cache_memory_bytes=_kv_cache_bytes(args),
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
