@@ -22,6 +22,7 @@ EngineUnavailableError, which the CLI prints as one `error:` line.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import logging
 import os
@@ -63,6 +64,19 @@ class VLLMRequestError(RuntimeError):
     """vLLM failed one request (its finish reason "error", or an error out of its generate())."""
 
 
+def unavailable_message(reason: str) -> str:
+    """The one line for `error:` when vLLM cannot be imported."""
+    return (
+        f"--engine vllm needs vLLM {VLLM_VERSION}, which cannot be imported here ({reason}); install it with "
+        f"pip install 'lmserve[vllm]' (GPU), or make vllm-venv for vLLM's CPU build"
+    )
+
+
+def find_vllm() -> str | None:
+    """None when a `vllm` package is installed, else why not: a check that imports nothing (pre-flight)."""
+    return None if importlib.util.find_spec("vllm") is not None else "No module named 'vllm'"
+
+
 def import_vllm() -> ModuleType:
     """vLLM, or EngineUnavailableError with a one-line message saying how to get it."""
     # A service must not report usage to vLLM's stats server unless its operator asks for it.
@@ -70,11 +84,7 @@ def import_vllm() -> ModuleType:
     try:
         vllm = importlib.import_module("vllm")
     except ImportError as exc:
-        reason = " ".join(str(exc).split())
-        raise EngineUnavailableError(
-            f"--engine vllm needs vLLM {VLLM_VERSION}, which cannot be imported here ({reason}); install it with "
-            f"pip install 'lmserve[vllm]' (GPU), or make vllm-venv for vLLM's CPU build"
-        ) from None
+        raise EngineUnavailableError(unavailable_message(" ".join(str(exc).split()))) from None
     version = str(getattr(vllm, "__version__", "?"))
     if not version.startswith(VLLM_VERSION.rsplit(".", 1)[0]):
         log.warning("vLLM %s found; lmserve's vLLM backend is written for %s", version, VLLM_VERSION)
