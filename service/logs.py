@@ -115,6 +115,7 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
     "request_id",
     "taskName",
     "color_message",  # uvicorn's copy of msg with terminal colour codes
+    "vllm_process_name",  # vLLM's record factory stamps every record once it is imported (--engine vllm)
 }
 
 

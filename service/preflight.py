@@ -13,7 +13,8 @@ Checked:
   handed to uvicorn, so nothing can take the port while the models load; it listens only once the
   server is ready, so clients are refused rather than left hanging meanwhile. gRPC binds by address and
   cannot take a socket: its port is held by a socket closed just before grpc binds it.
-- the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated.
+- the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated;
+- with --engine vllm, that vLLM is installed.
 """
 
 from __future__ import annotations
@@ -150,10 +151,25 @@ def reserve_ports(config: ServeConfig) -> PortReservation:
     return reservation
 
 
+def check_engine(config: ServeConfig) -> None:
+    """--engine vllm: vLLM is installed (found, not imported: that takes seconds and happens at load)."""
+    if config.engine_kind != "vllm":
+        return
+    from service.engine.vllm_backend import find_vllm, unavailable_message
+
+    reason = find_vllm()
+    if reason is not None:
+        raise PreflightError(unavailable_message(reason))
+
+
 def preflight(config: ServeConfig) -> PortReservation:
-    """Check the files, then reserve the ports; raises PreflightError."""
+    """Check the engine and the files, then reserve the ports; raises PreflightError."""
+    check_engine(config)
     check_files(config)
     return reserve_ports(config)
 
 
-__all__ = ["PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_files", "preflight", "reserve_ports"]
+__all__ = [
+    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files", "preflight",
+    "reserve_ports",
+]

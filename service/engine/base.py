@@ -30,6 +30,13 @@ class RequestRejected(ValueError):
         self.param = param
 
 
+class EngineUnavailableError(RuntimeError):
+    """The chosen engine cannot be built in this environment (e.g. --engine vllm without vLLM installed).
+
+    The message is one line, meant for `error: ...` on the command line.
+    """
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop has died; every in-flight stream ends with this."""
 

@@ -62,7 +62,9 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
     values = {
         "model": "/models/Qwen2.5-0.5B-Instruct",
         "embeddingModel": "none",
-        "engine": "vllm",
+        # The native engine: --engine vllm refuses --device, --attention and --num-threads (vLLM decides
+        # them; tests/engine/test_vllm_settings.py), which this case sets.
+        "engine": "native",
         "server": {
             "dtype": "bfloat16", "device": "cuda:1", "kvCacheMemoryGiB": 0.75, "numKvBlocks": 4096, "blockSize": 32,
             "maxNumSeqs": 64, "maxNumBatchedTokens": 2048, "maxModelLen": 8192, "prefixCaching": False,
@@ -88,7 +90,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         host="0.0.0.0",
         port=9000,
         grpc_port=0,
-        engine_kind="vllm",
+        engine_kind="native",
         api_key_file="/etc/lmserve/api-keys/api-keys",
         metrics_open=True,
         cors_origins=("https://a.example", "https://b.example"),

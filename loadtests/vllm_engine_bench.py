@@ -1,0 +1,208 @@
+"""`lmserve serve --engine vllm` against vLLM's own OpenAI server, side by side, with `vllm bench serve`.
+
+Both serve the same folder with the same engine settings (bf16, 2,048-token context, the same KV cache
+size, vLLM's defaults otherwise) and run at the same time, but only one is loaded at any moment: for
+each round and each concurrency the two are benchmarked back to back (random 128-token prompts, 128
+output tokens, ignore_eos, seed 0; 8 prompts at concurrency 1, 4 x concurrency otherwise unless
+--prompts-per-client says otherwise), the order
+alternating from round to round, so that a drift of a shared machine falls on both alike. Run it with
+the vLLM venv's python (`make vllm-venv`):
+
+    .vllm-venv/bin/python loadtests/vllm_engine_bench.py --model DIR [--rounds 2] [--concurrency 1 16 64]
+        [--kv-cache-gib 1] [--prompts-per-client 4] [--both-cores] [--json results.json]
+
+DIR: `lmserve export smollm2-135m-instruct DIR`. `--both-cores` gives both engines both cores
+(VLLM_CPU_OMP_THREADS_BIND=0-1); by default vLLM's CPU engine takes one and leaves one to the API server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PEER_SCRIPT = REPO_ROOT.parent / "shared" / "peers" / "vllm-cpu.sh"
+START_TIMEOUT_S = 1800.0
+BENCH_TIMEOUT_S = 3600.0
+MAX_MODEL_LEN = 2048
+SERVERS = ("lmserve", "vllm")
+
+_FIELDS = {
+    "num_ok": r"Successful requests:\s+(\d+)",
+    "num_failed": r"Failed requests:\s+(\d+)",
+    "output_tok_s": r"Output token throughput \(tok/s\):\s+([\d.]+)",
+    "median_ttft_ms": r"Median TTFT \(ms\):\s+([\d.]+)",
+    "median_tpot_ms": r"Median TPOT \(ms\):\s+([\d.]+)",
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    server: str
+    round: int
+    concurrency: int
+    num_prompts: int
+    num_ok: int
+    num_failed: int
+    output_tok_s: float
+    median_ttft_ms: float
+    median_tpot_ms: float
+
+
+@dataclass
+class Running:
+    name: str
+    process: subprocess.Popen
+    base_url: str
+    model: str = ""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _argv(server: str, model: Path, port: int, kv_cache_gib: int) -> tuple[list[str], str]:
+    """The server's command line and the path that answers 200 once it serves."""
+    if server == "vllm":
+        return [str(PEER_SCRIPT), "serve", str(model), str(port)], "/health"  # KV size: VLLM_CPU_KVCACHE_SPACE
+    return [
+        sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(model), "--dtype", "bfloat16",
+        "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(kv_cache_gib), "--embedding-model", "none",
+        "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
+    ], "/readyz"  # fmt: skip
+
+
+def start(server: str, model: Path, kv_cache_gib: int, env: dict[str, str], log_dir: Path) -> Running:
+    port = _free_port()
+    argv, ready_path = _argv(server, model, port, kv_cache_gib)
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = log_dir / f"{server}.log"
+    with log_path.open("w") as log:
+        # A session of its own: stop() ends the server and the engine processes it spawned, and only them.
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    running = Running(server, process, base_url)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{server} exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
+                running.model = str(httpx.get(base_url + "/v1/models", timeout=30).json()["data"][0]["id"])
+                return running
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop(running)
+            raise TimeoutError(f"{server} did not start; see {log_path}")
+        time.sleep(2)
+
+
+def stop(running: Running) -> None:
+    if running.process.poll() is not None:
+        return
+    os.killpg(running.process.pid, signal.SIGTERM)
+    try:
+        running.process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(running.process.pid, signal.SIGKILL)
+        running.process.wait(timeout=30)
+
+
+def bench(
+    running: Running, model: Path, concurrency: int, num_prompts: int, round_index: int, env: dict[str, str], log_dir: Path
+) -> Point:
+    result = subprocess.run(
+        [str(PEER_SCRIPT), "bench", running.base_url, running.model, str(model), str(concurrency), str(num_prompts)],
+        env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+    )  # fmt: skip
+    (log_dir / f"{running.name}-round{round_index}-c{concurrency}.txt").write_text(result.stdout + result.stderr)
+    values: dict[str, float] = {}
+    for field, pattern in _FIELDS.items():
+        match = re.search(pattern, result.stdout)
+        values[field] = float(match.group(1)) if match else (0.0 if field == "num_failed" else float("nan"))
+    return Point(
+        running.name, round_index, concurrency, num_prompts, int(values["num_ok"]), int(values["num_failed"]),
+        values["output_tok_s"], values["median_ttft_ms"], values["median_tpot_ms"],
+    )  # fmt: skip
+
+
+def table(points: list[Point], concurrencies: list[int]) -> str:
+    rows = [
+        "| round | concurrency | lmserve --engine vllm tok/s | vllm serve tok/s | ratio | median TTFT lmserve / vLLM | "
+        "median TPOT lmserve / vLLM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for round_index in sorted({p.round for p in points}):
+        for concurrency in concurrencies:
+            pair = {p.server: p for p in points if p.round == round_index and p.concurrency == concurrency}
+            if len(pair) < 2:
+                continue
+            ours, theirs = pair["lmserve"], pair["vllm"]
+            rows.append(
+                f"| {round_index} | {concurrency} | {ours.output_tok_s:.1f} | {theirs.output_tok_s:.1f} | "
+                f"{ours.output_tok_s / theirs.output_tok_s:.2f}x | {ours.median_ttft_ms:.0f} / {theirs.median_ttft_ms:.0f} ms | "
+                f"{ours.median_tpot_ms:.1f} / {theirs.median_tpot_ms:.1f} ms |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--kv-cache-gib", type=int, default=1)
+    parser.add_argument("--prompts-per-client", type=int, default=4, help="prompts = this x concurrency (8 at 1)")
+    parser.add_argument("--both-cores", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/vllm_engine_bench"))
+    args = parser.parse_args()
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (e.g. from `timeout`) unwinds through the finally below, which stops both servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PEER_DTYPE="bfloat16", PEER_MAX_LEN=str(MAX_MODEL_LEN))
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)  # the peer's KV size; lmserve's is its flag
+    # vLLM 0.32's CPU build cannot load its AOT-compiled model back and recompiles for minutes at every
+    # start; torch.compile's own cache works. Both servers run the same compiled model either way.
+    env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    if args.both_cores:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
+    lmserve_env = {k: v for k, v in env.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    points: list[Point] = []
+    servers: dict[str, Running] = {}
+    try:
+        # One at a time: two engines compiling at once would only slow both.
+        servers["lmserve"] = start("lmserve", args.model, args.kv_cache_gib, lmserve_env, args.log_dir)
+        servers["vllm"] = start("vllm", args.model, args.kv_cache_gib, env, args.log_dir)
+        for round_index in range(1, args.rounds + 1):
+            order = SERVERS if round_index % 2 else SERVERS[::-1]
+            for concurrency in args.concurrency:
+                for name in order:
+                    num_prompts = 8 if concurrency == 1 else args.prompts_per_client * concurrency
+                    point = bench(servers[name], args.model, concurrency, num_prompts, round_index, env, args.log_dir)
+                    print(json.dumps(asdict(point)), flush=True)
+                    points.append(point)
+    finally:
+        for running in servers.values():
+            stop(running)
+    print(table(points, args.concurrency))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
+    return 0 if all(p.num_failed == 0 and p.num_ok == p.num_prompts for p in points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""`--engine vllm`: the GenerationEngine interface over vLLM's async engine (AsyncLLM), in this process.
+
+The service keeps everything above the engine (tokenizer, chat templates, limits, safety, metrics, both
+transports); vLLM gets token ids and sampling parameters and streams back deltas. vLLM's own layout is
+kept: AsyncLLM (its detokenizer, stop strings and output queues) runs on our event loop, its EngineCore
+(scheduler, KV cache, model) in a child process, and with tensor/pipeline parallelism its workers in
+more processes, or on other nodes through Ray.
+
+    engine = VLLMEngine.load(path, name, engine_config, vllm_config)   # resolves vLLM's config, no weights yet
+    await engine.start()                                              # spawns the engine core, loads weights
+    async for delta in engine.generate(request): ...                  # closing the stream aborts in vLLM
+
+Sampling parameters map one to one onto vLLM's (both follow vLLM's semantics); where vLLM would silently
+change a value, check_request refuses it with a 400 naming the parameter (see `to_vllm_sampling`).
+EngineStats come from vLLM's own per-step SchedulerStats and IterationStats, through a stat logger that
+vLLM calls after every step.
+
+vLLM is imported only here and only when this engine is loaded; without it, `load` raises
+EngineUnavailableError, which the CLI prints as one `error:` line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from service.config import EngineConfig, VLLMConfig
+from service.engine.base import EngineDeadError, EngineStats, EngineUnavailableError, RequestRejected, StepStats
+from service.tokenizer import Tokenizer
+from service.types import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    RequestTiming,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.32.0"  # the version this adapter is written and tested against (pyproject's `vllm` extra)
+# vLLM raises any temperature in (0, 0.01) to 0.01 with a warning (sampling_params._MAX_TEMP): such a
+# value cannot be passed through as asked, so it is refused.
+VLLM_MIN_TEMPERATURE = 1e-2
+# vLLM reads seed -1 as "no seed" (sampling_params.SamplingParams.__post_init__).
+VLLM_NO_SEED = -1
+
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+# Our sampling fields, to name the parameter in a vLLM validation message that does not name it itself.
+_PARAM_NAMES = tuple(SamplingParams.__dataclass_fields__)
+
+
+class VLLMRequestError(RuntimeError):
+    """vLLM failed one request (its finish reason "error", or an error out of its generate())."""
+
+
+def unavailable_message(reason: str) -> str:
+    """The one line for `error:` when vLLM cannot be imported."""
+    return (
+        f"--engine vllm needs vLLM {VLLM_VERSION}, which cannot be imported here ({reason}); install it with "
+        f"pip install 'lmserve[vllm]' (GPU), or make vllm-venv for vLLM's CPU build"
+    )
+
+
+def find_vllm() -> str | None:
+    """None when a `vllm` package is installed, else why not: a check that imports nothing (pre-flight)."""
+    return None if importlib.util.find_spec("vllm") is not None else "No module named 'vllm'"
+
+
+def import_vllm() -> ModuleType:
+    """vLLM, or EngineUnavailableError with a one-line message saying how to get it."""
+    # A service must not report usage to vLLM's stats server unless its operator asks for it.
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    try:
+        vllm = importlib.import_module("vllm")
+    except ImportError as exc:
+        raise EngineUnavailableError(unavailable_message(" ".join(str(exc).split()))) from None
+    version = str(getattr(vllm, "__version__", "?"))
+    if not version.startswith(VLLM_VERSION.rsplit(".", 1)[0]):
+        log.warning("vLLM %s found; lmserve's vLLM backend is written for %s", version, VLLM_VERSION)
+    return vllm
+
+
+def vllm_engine_kwargs(model_path: Path, model_name: str, engine: EngineConfig, settings: VLLMConfig) -> dict[str, Any]:
+    """vLLM's AsyncEngineArgs for our configuration. Unset settings are left out, so vLLM's defaults apply."""
+    kwargs: dict[str, Any] = {
+        "model": str(model_path),
+        "tokenizer": str(model_path),
+        "served_model_name": model_name,
+        "dtype": engine.dtype,  # the same names; "auto" is vLLM's auto (the checkpoint's dtype, fp32 served as 16-bit)
+        "max_model_len": engine.max_model_len,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        # vLLM's logging stat logger stays off; ours (below) receives the same per-step statistics.
+        "disable_log_stats": True,
+        # Per-step batch sizes and durations, for on_step and the steps counter.
+        "enable_logging_iteration_details": True,
+    }
+    optional = {
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "distributed_executor_backend": settings.distributed_executor_backend,
+        "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
+        "block_size": settings.block_size,
+        "num_gpu_blocks_override": settings.num_kv_blocks,
+        "max_num_seqs": settings.max_num_seqs,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
+    }
+    kwargs.update({name: value for name, value in optional.items() if value is not None})
+    return kwargs
+
+
+def to_vllm_sampling(params: SamplingParams, vllm_sampling_params: type, delta_kind: Any) -> Any:
+    """vLLM's SamplingParams for ours; RequestRejected (naming the parameter) for what vLLM would change.
+
+    Every field has the same meaning on both sides (the native sampler follows vLLM's order: logit bias,
+    min_tokens, penalties, then temperature, top-k/top-p/min-p; logprobs of the raw logits).
+    """
+    if 0.0 < params.temperature < VLLM_MIN_TEMPERATURE:
+        raise RequestRejected(
+            f"temperature {params.temperature} is below {VLLM_MIN_TEMPERATURE}, the smallest the vLLM engine samples "
+            f"at (it would raise it to {VLLM_MIN_TEMPERATURE}); use 0 for greedy decoding",
+            code="invalid_value",
+            param="temperature",
+        )
+    if params.seed == VLLM_NO_SEED:
+        raise RequestRejected(
+            f"seed {VLLM_NO_SEED} means 'no seed' to the vLLM engine; choose another seed",
+            code="invalid_value",
+            param="seed",
+        )
+    logit_bias: dict[int, float] = {}
+    for token_id, bias in params.logit_bias:  # a token listed twice gets both biases, as in the native sampler
+        logit_bias[token_id] = logit_bias.get(token_id, 0.0) + bias
+    return vllm_sampling_params(
+        n=1,  # the API fans n out into separate requests (seed + j each)
+        max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=logit_bias or None,
+        seed=params.seed,
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
+        skip_special_tokens=params.skip_special_tokens,
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        output_kind=delta_kind,
+    )
+
+
+def _param_in(message: str) -> str | None:
+    return next((name for name in _PARAM_NAMES if name in message), None)
+
+
+class VLLMStatsCollector:
+    """vLLM's per-step statistics, kept the way EngineStats reports them.
+
+    vLLM calls `record` (through the stat logger `logger_factory` makes) from AsyncLLM's output handler,
+    on the event loop, once per engine step's outputs.
+    """
+
+    def __init__(self) -> None:
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage = 0.0
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
+        self.on_step: Callable[[StepStats], None] | None = None
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        num_preempted = 0 if iteration_stats is None else int(iteration_stats.num_preempted_reqs)
+        self.num_preemptions += num_preempted
+        if scheduler_stats is None:
+            return
+        self.num_running = int(scheduler_stats.num_running_reqs)
+        self.num_waiting = int(scheduler_stats.num_waiting_reqs) + int(scheduler_stats.num_skipped_waiting_reqs)
+        self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+        prefix = scheduler_stats.prefix_cache_stats
+        # New admissions and re-admissions after preemption alike, as the native engine counts them.
+        self.num_prefix_query_tokens += int(prefix.queries) + int(prefix.preempted_queries)
+        self.num_prefix_hit_tokens += int(prefix.hits) + int(prefix.preempted_hits)
+        details = scheduler_stats.iteration_details  # None for a step that computed nothing
+        if details is None or details.is_dummy:
+            return
+        self.num_steps += 1
+        if self.on_step is not None:
+            self.on_step(
+                StepStats(
+                    num_scheduled_seqs=int(details.num_ctx_requests + details.num_generation_requests),
+                    num_batched_tokens=int(details.num_ctx_tokens + details.num_generation_tokens),
+                    num_preempted=num_preempted,
+                    duration_s=float(details.elapsed_ms) / 1000.0,
+                )
+            )
+
+    def logger_factory(self) -> Callable[[Any, int], Any]:
+        """A per-engine stat logger class for AsyncLLM(stat_loggers=[...]) that forwards to this collector."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        collector = self
+
+        class _ForwardingStatLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                self.engine_index = engine_index
+
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+            ) -> None:
+                collector.record(scheduler_stats, iteration_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _ForwardingStatLogger
+
+
+class VLLMEngine:
+    """GenerationEngine over vLLM's AsyncLLM (see the module docstring)."""
+
+    def __init__(self, vllm_config: Any, tokenizer: Tokenizer, model_name: str) -> None:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import SamplingParams as VLLMSamplingParams
+
+        self.vllm_config = vllm_config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len: int = int(vllm_config.model_config.max_model_len)
+        self.vocab_size: int = int(vllm_config.model_config.get_vocab_size())
+        self._sampling_params_cls = VLLMSamplingParams
+        self._delta_kind = RequestOutputKind.DELTA
+        self._stats = VLLMStatsCollector()
+        self._ids = itertools.count()
+        self._llm: Any = None
+
+    @classmethod
+    def load(cls, model_path: Path, model_name: str, engine: EngineConfig, settings: VLLMConfig) -> VLLMEngine:
+        """vLLM's resolved configuration for the model folder (weights load in `start`)."""
+        import_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        args = AsyncEngineArgs(**vllm_engine_kwargs(model_path, model_name, engine, settings))
+        # The API server's context gives the defaults `vllm serve` has (e.g. the per-step token budget).
+        vllm_config = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+        return cls(vllm_config, Tokenizer.from_folder(model_path), model_name)
+
+    @property
+    def on_step(self) -> Callable[[StepStats], None] | None:
+        return self._stats.on_step
+
+    @on_step.setter
+    def on_step(self, hook: Callable[[StepStats], None] | None) -> None:
+        self._stats.on_step = hook
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn vLLM's engine core and load the weights (minutes on a CPU); blocks the loop meanwhile,
+        which is before anything is served."""
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM.from_vllm_config(
+            self.vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[self._stats.logger_factory()],
+            disable_log_stats=True,
+        )
+
+    async def stop(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()  # aborts what is left, stops the engine core and its workers
+
+    @property
+    def is_alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    def stats(self) -> EngineStats:
+        cache = self.vllm_config.cache_config
+        num_blocks = int(cache.num_gpu_blocks or 0)  # set once the engine core has sized its KV cache
+        return EngineStats(
+            num_running=self._stats.num_running,
+            num_waiting=self._stats.num_waiting,
+            num_kv_blocks_used=round(self._stats.kv_cache_usage * num_blocks),
+            num_kv_blocks_total=num_blocks,
+            block_size=int(cache.block_size),
+            is_alive=self.is_alive,
+            num_steps_total=self._stats.num_steps,
+            num_preemptions_total=self._stats.num_preemptions,
+            num_prefix_cache_query_tokens_total=self._stats.num_prefix_query_tokens,
+            num_prefix_cache_hit_tokens_total=self._stats.num_prefix_hit_tokens,
+        )
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def check_request(self, request: GenerationRequest) -> None:
+        self._sampling_params(request)
+
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        """The request's vLLM SamplingParams, after every check vLLM would make when it is added."""
+        from vllm.exceptions import VLLMValidationError
+
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise RequestRejected("the prompt is empty", code="invalid_value", param="prompt")
+        if any(t < 0 or t >= self.vocab_size for t in prompt):
+            raise RequestRejected(
+                f"prompt token ids must lie in [0, {self.vocab_size})", code="invalid_value", param="prompt"
+            )
+        max_tokens = request.sampling.max_tokens
+        if len(prompt) + max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) exceed the model's context "
+                f"length of {self.max_model_len} tokens",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+        params = to_vllm_sampling(request.sampling, self._sampling_params_cls, self._delta_kind)
+        config = self.vllm_config
+        try:
+            params.verify(config.model_config, config.speculative_config, config.structured_outputs_config, None)
+        except (VLLMValidationError, ValueError) as exc:
+            param = getattr(exc, "parameter", None) or _param_in(str(exc))
+            raise RequestRejected(str(exc), code="invalid_value", param=param) from None
+        return params
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        params = self._sampling_params(request)
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        arrival = time.monotonic()
+        # vLLM wants unique ids; clients may reuse theirs.
+        internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
+        num_prompt_tokens = len(request.prompt_token_ids)
+        num_logprobs = request.sampling.logprobs
+        num_output_tokens = 0
+        outputs = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, internal_id)
+        try:
+            # Leaving this block early (our stream closed or cancelled) closes vLLM's generator, which aborts
+            # the request in the engine core and frees its KV blocks.
+            async with aclosing(outputs):
+                async for output in outputs:
+                    completion = output.outputs[0]
+                    finish_reason = self._finish_reason(completion.finish_reason)
+                    token_ids = list(completion.token_ids)
+                    num_output_tokens += len(token_ids)
+                    if not token_ids and not completion.text and finish_reason is None:
+                        continue
+                    yield GenerationDelta(
+                        request_id=request.request_id,
+                        text=completion.text,
+                        token_ids=token_ids,
+                        logprobs=None
+                        if num_logprobs is None
+                        else self._logprobs(token_ids, completion.logprobs or [], num_logprobs),
+                        finish_reason=finish_reason,
+                        stop_reason=completion.stop_reason if finish_reason is not None else None,
+                        num_prompt_tokens=num_prompt_tokens,
+                        num_output_tokens=num_output_tokens,
+                        num_cached_tokens=int(output.num_cached_tokens or 0),
+                        timing=None if finish_reason is None else _timing(arrival, output.metrics),
+                    )
+                    if finish_reason is not None:
+                        return
+        except VLLMEngineDeadError as exc:
+            raise EngineDeadError(f"the vLLM engine died: {exc}") from exc
+        except VLLMValidationError as exc:  # check_request mirrors vLLM's checks; this is the backstop
+            param = exc.parameter or _param_in(str(exc))
+            raise RequestRejected(str(exc), code="invalid_value", param=param) from exc
+        except Exception as exc:
+            if isinstance(exc, (RequestRejected, EngineDeadError, VLLMRequestError)):
+                raise
+            raise VLLMRequestError(f"vLLM failed the request: {exc!r}") from exc
+
+    @staticmethod
+    def _finish_reason(reason: str | None) -> FinishReason | None:
+        if reason is None:
+            return None
+        if reason in _FINISH_REASONS:
+            return _FINISH_REASONS[reason]
+        # "error" (a request-level failure in vLLM); "repetition" needs repetition_detection, never set here.
+        raise VLLMRequestError(f"vLLM ended the request with finish reason {reason!r}")
+
+    def _logprobs(self, token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]], k: int) -> list[TokenLogprob]:
+        """Ours from vLLM's: each position maps the sampled token and the top k to Logprob(logprob, rank)."""
+        out: list[TokenLogprob] = []
+        for token_id, position in zip(token_ids, positions, strict=True):
+            top = sorted(
+                ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k),
+                key=lambda item: item[1].rank,
+            )
+            # Token strings as the native engine gives them (the tokenizer's pieces), not vLLM's decoded text.
+            strs = self.tokenizer.convert_ids_to_tokens([token_id] + [tid for tid, _ in top])
+            out.append(
+                TokenLogprob(
+                    token_id=token_id,
+                    token=strs[0],
+                    logprob=float(position[token_id].logprob),
+                    top=tuple(
+                        TopLogprob(token_id=tid, token=s, logprob=float(lp.logprob))
+                        for (tid, lp), s in zip(top, strs[1:], strict=True)
+                    ),
+                )
+            )
+        return out
+
+
+def _timing(arrival: float, stats: Any) -> RequestTiming:
+    """RequestTiming from vLLM's RequestStateStats. Its *_ts fields are the engine core's time.monotonic(),
+    the same clock as ours on one host (CLOCK_MONOTONIC); 0.0 means the event did not happen."""
+    now = time.monotonic()
+    if stats is None:
+        return RequestTiming(arrival_time=arrival, first_scheduled_time=None, first_token_time=None, finished_time=now)
+    return RequestTiming(
+        arrival_time=arrival,
+        first_scheduled_time=stats.scheduled_ts or None,
+        first_token_time=stats.first_token_ts or None,
+        finished_time=stats.last_token_ts or now,
+        num_preemptions=int(stats.num_preemptions),
+    )

@@ -1,0 +1,118 @@
+"""`--engine vllm` settings: flags -> VLLMConfig -> vLLM's engine arguments, the refusals, and the one-line
+error where vLLM is not installed. None of this needs vLLM (the engine itself: test_vllm_backend.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser, main, serve_config_from_args
+from service.config import EngineConfig, ServeConfig, VLLMConfig
+from service.engine.vllm_backend import vllm_engine_kwargs
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(*argv: str, env: dict[str, str] | None = None) -> ServeConfig:
+    env = env or {}
+    return serve_config_from_args(build_parser(env).parse_args(["serve", *argv]), env)
+
+
+def test_unset_flags_leave_vllms_defaults_and_the_native_ones() -> None:
+    config = _config("--engine", "vllm")
+    assert config.vllm == VLLMConfig()
+    assert config.engine == EngineConfig()  # the native engine's defaults are unchanged by None-valued flags
+    kwargs = vllm_engine_kwargs(Path("/m"), "m", config.engine, config.vllm)
+    assert kwargs == {
+        "model": "/m", "tokenizer": "/m", "served_model_name": "m", "dtype": "auto", "max_model_len": None,
+        "enable_prefix_caching": True, "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+        "disable_log_stats": True, "enable_logging_iteration_details": True,
+    }  # fmt: skip
+
+
+def test_every_pass_through_flag_reaches_vllms_arguments() -> None:
+    config = _config(
+        "--engine", "vllm", "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2",
+        "--gpu-memory-utilization", "0.85", "--distributed-executor-backend", "ray", "--max-model-len", "4096",
+        "--dtype", "bfloat16", "--kv-cache-memory", "1.5", "--no-enable-prefix-caching", "--block-size", "32",
+        "--num-kv-blocks", "900", "--max-num-seqs", "64", "--max-num-batched-tokens", "8192",
+    )  # fmt: skip
+    kwargs = vllm_engine_kwargs(Path("/m"), "m", config.engine, config.vllm)
+    assert kwargs == {
+        "model": "/m", "tokenizer": "/m", "served_model_name": "m", "dtype": "bfloat16", "max_model_len": 4096,
+        "enable_prefix_caching": False, "tensor_parallel_size": 4, "pipeline_parallel_size": 2,
+        "disable_log_stats": True, "enable_logging_iteration_details": True, "gpu_memory_utilization": 0.85,
+        "distributed_executor_backend": "ray", "kv_cache_memory_bytes": 3 * 2**29, "block_size": 32,
+        "num_gpu_blocks_override": 900, "max_num_seqs": 64, "max_num_batched_tokens": 8192,
+    }  # fmt: skip
+    # The same flags still configure the native engine when it is chosen, and then leave VLLMConfig alone.
+    native = _config("--kv-cache-memory", "1.5", "--block-size", "32", "--max-num-seqs", "64")
+    assert (native.engine.kv_cache_memory_bytes, native.engine.block_size, native.engine.max_num_seqs) == (
+        3 * 2**29, 32, 64,
+    )  # fmt: skip
+    assert native.vllm == VLLMConfig()
+
+
+def test_environment_variables_set_the_vllm_flags() -> None:
+    env = {
+        "LMSERVE_ENGINE": "vllm", "LMSERVE_TENSOR_PARALLEL_SIZE": "2", "LMSERVE_PIPELINE_PARALLEL_SIZE": "3",
+        "LMSERVE_GPU_MEMORY_UTILIZATION": "0.5", "LMSERVE_DISTRIBUTED_EXECUTOR_BACKEND": "mp",
+        "LMSERVE_KV_CACHE_GIB": "2",
+    }  # fmt: skip
+    config = _config(env=env)
+    assert config.engine_kind == "vllm"
+    assert config.vllm == VLLMConfig(
+        tensor_parallel_size=2, pipeline_parallel_size=3, gpu_memory_utilization=0.5,
+        distributed_executor_backend="mp", kv_cache_memory_bytes=2 * 2**30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tensor-parallel-size", "2"], "need --engine vllm"),
+        (["--gpu-memory-utilization", "0.5"], "need --engine vllm"),
+        (["--engine", "vllm", "--device", "cpu"], "--device is not used with --engine vllm"),
+        (["--engine", "vllm", "--attention", "torch"], "--attention is not used with --engine vllm"),
+        (["--engine", "vllm", "--num-threads", "2"], "--num-threads is not used with --engine vllm"),
+        (["--enable-prefix-caching", "--no-prefix-caching"], "contradict"),
+        # Out-of-range values are argparse's errors, with its usage above the line.
+        (["--engine", "vllm", "--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: must be"),
+        (["--engine", "vllm", "--tensor-parallel-size", "0"], "argument --tensor-parallel-size: must be"),
+        (["--engine", "vllm", "--distributed-executor-backend", "slurm"], "argument --distributed-executor-backend"),
+    ],
+)
+def test_inconsistent_flags_exit_2_with_one_error_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["serve", *argv])
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here, so its absence cannot be shown"
+)
+def test_without_vllm_the_engine_exits_2_with_one_error_line(smollm2_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(smollm2_dir),
+         "--embedding-model", "none", "--port", str(port), "--grpc-port", "0"],
+        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: --engine vllm needs vLLM 0.32.0"), result.stderr
+    assert "make vllm-venv" in lines[-1] and "Traceback" not in result.stderr
