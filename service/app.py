@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DRAIN_GRACE_S = 2  # after the drain: how long uvicorn lets the connections still open finish
+
 
 def _served(name: str, ref: str) -> ServedModel:
     return ServedModel(name=name, aliases=frozenset({name, ref}), created=int(time.time()))
@@ -174,7 +176,8 @@ def make_server(state: AppState, host: str | None = None, port: int | None = Non
         port=state.config.port if port is None else port,
         log_config=None,  # uvicorn's loggers propagate to the root handler configure_logging installed
         access_log=False,  # the access line is ours (AccountingMiddleware): request id, tokens, latency
-        timeout_graceful_shutdown=max(1, int(state.config.drain_timeout_s)),
+        # The drain (on_tick) already waited for in-flight requests; what is left after it gets a short grace.
+        timeout_graceful_shutdown=DRAIN_GRACE_S,
         lifespan="off",  # models are started by serve(), outside the app, so several apps can share them
     )
     return DrainingServer(uv_config, state)

@@ -1,0 +1,126 @@
+{{/* Names and labels. */}}
+{{- define "lmserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lmserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lmserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lmserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "lmserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "lmserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "lmserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lmserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lmserve.image" -}}
+{{- $variant := ternary "cuda" "cpu" .Values.gpu.enabled }}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $variant) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* Seconds the kubelet waits after the preStop hook starts before SIGKILL. */}}
+{{- define "lmserve.gracePeriod" -}}
+{{- $d := .Values.drain }}
+{{- if kindIs "invalid" $d.terminationGracePeriodSeconds }}
+{{- add $d.preStopSleepSeconds (mul 2 $d.timeoutSeconds) 10 }}
+{{- else }}
+{{- if le (int $d.terminationGracePeriodSeconds) (int (add $d.preStopSleepSeconds $d.timeoutSeconds)) }}
+{{- fail (printf "drain.terminationGracePeriodSeconds (%v) must exceed drain.preStopSleepSeconds + drain.timeoutSeconds (%v)" $d.terminationGracePeriodSeconds (add $d.preStopSleepSeconds $d.timeoutSeconds)) }}
+{{- end }}
+{{- $d.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* torch threads: server.numThreads, else the CPU limit rounded down (at least 1), else unset. */}}
+{{- define "lmserve.numThreads" -}}
+{{- if not (kindIs "invalid" .Values.server.numThreads) }}
+{{- .Values.server.numThreads }}
+{{- else }}
+{{- $cpu := dig "limits" "cpu" "" .Values.resources | toString }}
+{{- if hasSuffix "m" $cpu }}
+{{- max 1 (div (trimSuffix "m" $cpu | int) 1000) }}
+{{- else if $cpu }}
+{{- max 1 (floor $cpu | int) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lmserve.inferencePoolName" -}}
+{{- .Values.inferencePool.name | default (include "lmserve.fullname" .) }}
+{{- end }}
+
+{{- define "lmserve.eppName" -}}
+{{- printf "%s-epp" (include "lmserve.inferencePoolName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lmserve.eppSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "lmserve.name" . }}-epp
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Cross-field checks that values.schema.json cannot express. */}}
+{{- define "lmserve.validate" -}}
+{{- if and .Values.safety.disabled .Values.safety.policy }}
+{{- fail "safety.disabled and safety.policy exclude each other" }}
+{{- end }}
+{{- if and (eq .Values.probes.protocol "grpc") (eq (int .Values.ports.grpc) 0) }}
+{{- fail "probes.protocol grpc needs a gRPC port (ports.grpc is 0)" }}
+{{- end }}
+{{- if and .Values.grpcTls.existingSecret (eq .Values.probes.protocol "grpc") }}
+{{- fail "probes.protocol grpc cannot check a TLS gRPC port (the kubelet's gRPC probe has no TLS): use probes.protocol http with grpcTls" }}
+{{- end }}
+{{- if and .Values.grpcTls.existingSecret (eq (int .Values.ports.grpc) 0) }}
+{{- fail "grpcTls.existingSecret needs a gRPC port (ports.grpc is 0)" }}
+{{- end }}
+{{- if and .Values.grpcTls.requireClientCert (not .Values.grpcTls.existingSecret) }}
+{{- fail "grpcTls.requireClientCert needs grpcTls.existingSecret (its ca.crt)" }}
+{{- end }}
+{{- if and .Values.inferencePool.enabled (not .Values.metrics.open) }}
+{{- fail "inferencePool.enabled needs metrics.open=true: the endpoint picker scrapes /metrics without an API key" }}
+{{- end }}
+{{- if and .Values.inferencePool.enabled (not .Values.inferencePool.endpointPicker.create) (not .Values.inferencePool.endpointPicker.serviceName) }}
+{{- fail "inferencePool.endpointPicker.serviceName is required when inferencePool.endpointPicker.create is false" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (not .Values.metrics.open) (not .Values.serviceMonitor.authorization.secretName) }}
+{{- fail "serviceMonitor needs metrics.open=true or serviceMonitor.authorization.secretName (a Secret holding one API key)" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.authorization.secretName (not .Values.serviceMonitor.authorization.secretKey) }}
+{{- fail "serviceMonitor.authorization.secretKey is required with serviceMonitor.authorization.secretName" }}
+{{- end }}
+{{- if and (eq .Values.cache.type "existingClaim") (not .Values.cache.existingClaim) }}
+{{- fail "cache.existingClaim is required when cache.type is existingClaim" }}
+{{- end }}
+{{- if and .Values.modelVolume.enabled (not .Values.modelVolume.existingClaim) }}
+{{- fail "modelVolume.existingClaim is required when modelVolume.enabled" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.queueDepth.enabled) }}
+{{- fail "autoscaling needs a metric: autoscaling.targetCPUUtilizationPercentage or autoscaling.queueDepth.enabled" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas exceeds autoscaling.maxReplicas" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,196 @@
+"""A real lmserve, started the way a pod of the chart starts the CPU image: the image's entry point with
+the chart's args, the image's ENV, then the chart's ConfigMap, over what `make image-bake` wrote (the
+baked model folder and C kernels) and an empty cache folder standing in for the emptyDir volume.
+
+Only what cannot be the same here differs: the host is 127.0.0.1 (not 0.0.0.0), the ports are free ones
+(not 8000/50051), and the image's /opt and /var paths are scratch folders. The render is the
+InferencePool variant, so /metrics is open, as the endpoint picker scrapes it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.deploy.conftest import REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
+from tests.deploy.dockerfile import Dockerfile
+
+CPU_DOCKERFILE = REPO / "deploy" / "docker" / "cpu.Dockerfile"
+STARTUP_TIMEOUT_S = 240.0  # a loaded 2-core machine; the chart's startup probe allows 15 minutes
+LIVE_VALUES = deep_merge(VARIANTS["inference-pool"], {"server": {"kvCacheMemoryGiB": 0.05}, "drain": {"timeoutSeconds": 5}})
+
+
+@dataclass
+class LivePod:
+    process: subprocess.Popen[bytes]
+    rendered: Rendered
+    port: int  # stands in for the container's http port
+    env: dict[str, str]
+    cache_dir: Path  # stands in for the cache volume
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pod_environment(rendered: Rendered, baked: Baked, cache_volume: Path, port: int, grpc_port: int) -> dict[str, str]:
+    """The container's environment: the image's ENV, then the ConfigMap (envFrom), image paths mapped here."""
+    image_env = Dockerfile.read(CPU_DOCKERFILE).env("runtime")
+    here = {
+        "/opt/venv/bin": str(Path(sys.executable).parent),
+        "/opt/lmserve/cache": str(baked.cache_dir),
+        "/opt/lmserve/models": str(baked.models_dir),
+        "/var/cache/lmserve": str(cache_volume),
+    }
+
+    def localize(value: str) -> str:
+        for image_path, local_path in here.items():
+            value = value.replace(image_path, local_path)
+        return value.replace("$PATH", os.environ["PATH"])
+
+    env = worktree_env()
+    for key in [k for k in env if k.startswith("LMSERVE_")]:
+        del env[key]  # only what the image and the chart set
+    env.update({k: localize(v) for k, v in image_env.items()})
+    env.update({k: localize(v) for k, v in rendered.env.items()})
+    assert env["LMSERVE_HOST"] == "0.0.0.0" and int(env["LMSERVE_PORT"]) == 8000
+    env.update(LMSERVE_HOST="127.0.0.1", LMSERVE_PORT=str(port), LMSERVE_GRPC_PORT=str(grpc_port))
+    env["HOME"] = "/nonexistent"  # the image user's home, where nothing can be written
+    return env
+
+
+@pytest.fixture(scope="module")
+def pod(helm: Helm, baked: Baked, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LivePod]:
+    rendered = helm.template(LIVE_VALUES)
+    workdir = tmp_path_factory.mktemp("pod")
+    cache_volume = workdir / "cache-volume"
+    cache_volume.mkdir()
+    port = _free_port()
+    env = pod_environment(rendered, baked, cache_volume, port, _free_port())
+    entrypoint = Dockerfile.read(CPU_DOCKERFILE).exec_form(Dockerfile.read(CPU_DOCKERFILE).all("ENTRYPOINT")[-1])
+    assert entrypoint == ["/opt/lmserve/entrypoint.sh"]
+    command = [str(REPO / "deploy" / "docker" / "entrypoint.sh"), *rendered.container["args"]]
+    log = workdir / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    live = LivePod(process, rendered, port, env, cache_volume, log)
+    try:
+        yield live
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def probe_url(pod: LivePod, probe: dict) -> str:
+    get = probe["httpGet"]
+    assert get["port"] == "http"
+    return f"{pod.base_url}{get['path']}"
+
+
+def test_startup_liveness_and_readiness_probes_answer_200(pod: LivePod) -> None:
+    c = pod.rendered.container
+    startup = probe_url(pod, c["startupProbe"])
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    status = None
+    while time.monotonic() < deadline:
+        assert pod.process.poll() is None, f"the server exited ({pod.process.returncode}):\n{pod.log_tail()}"
+        try:
+            status = httpx.get(startup, timeout=5).status_code
+        except httpx.TransportError:
+            status = None  # not listening yet: the models are loading
+        if status == 200:
+            break
+        time.sleep(0.5)
+    assert status == 200, f"{startup} never answered 200:\n{pod.log_tail()}"
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        response = httpx.get(probe_url(pod, probe), timeout=probe["timeoutSeconds"])
+        assert response.status_code == 200, response.text
+
+
+def test_serves_the_baked_model_with_the_baked_kernels(pod: LivePod) -> None:
+    response = httpx.post(
+        f"{pod.base_url}/v1/completions",
+        json={"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 4
+    assert httpx.get(f"{pod.base_url}/v1/models", timeout=10).json()["data"][0]["id"] == "smollm2-135m-instruct"
+    # The entry point linked the baked library into the empty cache volume, and the server loaded it
+    # there (its lock file is there) without building another.
+    libraries = list((pod.cache_dir / "kernels").glob("*.so"))
+    assert libraries and all(lib.is_symlink() for lib in libraries), libraries
+    assert {lib.resolve().parent for lib in libraries} == {Path(pod.env["BAKED_CACHE_DIR"]) / "kernels"}
+    assert {p.stem for p in (pod.cache_dir / "kernels").glob("*.lock")} == {lib.stem for lib in libraries}
+    assert "kernel unavailable" not in pod.log_tail()
+
+
+def test_endpoint_picker_scrapes_lmserves_gauges(pod: LivePod) -> None:
+    """The picker reads /metrics on the pool's target port with no credentials; every metric it is
+    mapped to is a gauge there."""
+    pool = pod.rendered.one("InferencePool")
+    assert pool["spec"]["targetPorts"] == [{"number": int(pod.rendered.env["LMSERVE_PORT"])}]
+    epp = next(d for d in pod.rendered.all("Deployment") if d["metadata"]["name"].endswith("-epp"))
+    args = dict(a.removeprefix("--").split("=", 1) for a in epp["spec"]["template"]["spec"]["containers"][0]["args"])
+    path = args["model-server-metrics-path"]
+    response = httpx.get(f"{pod.base_url}{path}", timeout=10)
+    assert response.status_code == 200, response.text
+    for flag in ("total-queued-requests-metric", "total-running-requests-metric", "kv-cache-usage-percentage-metric"):
+        assert f"# TYPE {args[flag]} gauge" in response.text, flag
+    usage = next(line for line in response.text.splitlines() if line.startswith(args["kv-cache-usage-percentage-metric"]))
+    assert 0.0 <= float(usage.rsplit(" ", 1)[1]) <= 1.0  # a ratio, as the picker expects
+
+
+def test_native_grpc_probe_target_is_serving(pod: LivePod, helm: Helm) -> None:
+    """With probes.protocol=grpc the kubelet asks grpc.health.v1 on the gRPC port about the service the
+    probe names; the server answers SERVING once ready."""
+    grpc_variant = helm.template(VARIANTS["grpc-probes"])
+    probe = grpc_variant.container["readinessProbe"]["grpc"]
+    assert probe["port"] == int(grpc_variant.env["LMSERVE_GRPC_PORT"])  # here: the pod's free gRPC port
+    with grpc.insecure_channel(f"127.0.0.1:{pod.env['LMSERVE_GRPC_PORT']}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=probe["service"]), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_healthcheck_hits_the_readiness_route(pod: LivePod) -> None:
+    healthcheck = Dockerfile.read(CPU_DOCKERFILE).exec_form(Dockerfile.read(CPU_DOCKERFILE).all("HEALTHCHECK")[-1])
+    command = [sys.executable, str(REPO / "deploy" / "docker" / Path(healthcheck[1]).name)]
+    ok = subprocess.run(command, env=pod.env, capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    closed_env = {**pod.env, "LMSERVE_PORT": str(_free_port())}
+    closed = subprocess.run(command, env=closed_env, capture_output=True, text=True, timeout=30)
+    assert closed.returncode == 1 and "Connection refused" in closed.stderr
+
+
+def test_sigterm_drains_and_exits_zero(pod: LivePod) -> None:
+    """What the kubelet does after the preStop pause. (The drain with requests in flight is
+    tests/api/test_drain.py's.)"""
+    os.killpg(pod.process.pid, signal.SIGTERM)
+    grace_s = float(pod.env["LMSERVE_DRAIN_TIMEOUT_S"]) + 10
+    assert pod.process.wait(timeout=grace_s) == 0, pod.log_tail()
