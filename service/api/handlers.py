@@ -23,11 +23,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from service.api.admission import Admitted, Caller, check_request
 from service.api.errors import APIError
+from service.api.tools import ToolPlan, plan_tools
 from service.api.generation import (
     ChoiceDelta,
     ChoiceResult,
@@ -86,6 +87,8 @@ class ChatInput:
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass
@@ -101,6 +104,7 @@ class GenerationCall:
     response_id: str
     created: int
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
+    tool_plan: ToolPlan | None = None  # chat with tools: how to prompt for and parse tool calls
     finals: list[ChoiceResult] = field(default_factory=list)
 
     @property
@@ -218,10 +222,23 @@ def chat_logprobs(logprobs: bool, top_logprobs: int | None) -> int | None:
 def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
     check_request(state, caller)
     model = require_model(state.generation_model, inp.model, "generation")
-    prompt = chat_prompt(state, inp.messages, inp.add_generation_prompt, inp.tools, inp.template_kwargs)
+    template = getattr(state.tokenizer.hf_tokenizer, "chat_template", None)
+    plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, template if isinstance(template, str) else None)
+    messages, tools, params = inp.messages, inp.tools, inp.params
+    if plan is not None:
+        messages, tools = plan.prompt(inp.messages)
+        if plan.constraint is not None:
+            if params.structured is not None:
+                raise APIError(
+                    "A required or named tool_choice cannot be combined with a response format.", "invalid_value", "tool_choice"
+                )
+            params = replace(params, structured=plan.constraint)
+    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     if caller.record.log_prompts:
         caller.record.prompt = inp.messages
-    return _admit(state, caller, model, [prompt], inp.params, "chatcmpl")
+    call = _admit(state, caller, model, [prompt], params, "chatcmpl")
+    call.tool_plan = plan
+    return call
 
 
 # -- embeddings -------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -31,7 +32,6 @@ from service.engine.grammar import (
     allocate_bitmask,
     apply_bitmask,
     fill_bitmask,
-    new_executor,
 )
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
@@ -92,8 +92,10 @@ class NativeEngine:
         # Made on first use, so unconstrained serving starts no threads for them.
         self._grammar_pool: ThreadPoolExecutor | None = None
         self._mask_pool: ThreadPoolExecutor | None = None
-        self._mask_executor = None
         self._bitmask: torch.Tensor | None = None
+        # Masks are computed on a worker thread while the forward runs when that has a core to itself (a
+        # GPU forward, or CPU threads to spare); a CPU forward on every core would only be slowed by it.
+        self.overlap_masks = runner.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
         # Per-step metrics hook, called on the engine thread; None costs nothing.
         self.on_step: Callable[[StepStats], None] | None = None
 
@@ -255,19 +257,22 @@ class NativeEngine:
         self._compiling = pending
 
     def _start_masks(self, matchers: list[GrammarMatcher]) -> Future[torch.Tensor]:
-        """Compute the constrained rows' token masks on a worker thread, while the forward runs (llguidance
-        drops the GIL). Matchers only change after sampling, so nothing races with the worker."""
-        if self._mask_pool is None:
-            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-masks")
-            self._mask_executor = new_executor(num_threads=max(1, torch.get_num_threads() // 2))
+        """The constrained rows' token masks: on a worker thread while the forward runs where `overlap_masks`
+        (llguidance drops the GIL), else now. Matchers only change after sampling, so nothing races."""
         if self._bitmask is None or self._bitmask.shape[0] < len(matchers):
             self._bitmask = allocate_bitmask(max(len(matchers), 16), self.runner.vocab_size)
-        bitmask, executor = self._bitmask, self._mask_executor
+        bitmask = self._bitmask
 
         def fill() -> torch.Tensor:
-            fill_bitmask(executor, matchers, bitmask)
+            fill_bitmask(matchers, bitmask)
             return bitmask
 
+        if not self.overlap_masks:
+            done: Future[torch.Tensor] = Future()
+            done.set_result(fill())
+            return done
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-masks")
         return self._mask_pool.submit(fill)
 
     def _advance_grammar(self, req: Request, token_id: int) -> str | None:

@@ -3,7 +3,7 @@
     compiler = GrammarCompiler(tokenizer, vocab_size)
     compiler.validate(constraint)          # raises GrammarError naming the problem; cheap, cached; no tokenizer
     matcher = compiler.matcher(constraint) # one sequence's state (first call builds the token trie: ~1-3 s)
-    fill_bitmask(executor, [m1, m2], bitmask)   # [num_rows, ceil(vocab / 32)] int32, one bit per token
+    fill_bitmask([m1, m2], bitmask)        # [num_rows, ceil(vocab / 32)] int32, one bit per token
     apply_bitmask(logits, rows, bitmask)         # disallowed tokens' logits -> -inf, only in `rows`
     matcher.accept(token_id)               # advance; matcher.is_finished once nothing but EOS may follow
 
@@ -24,9 +24,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import llguidance as llg
-import numpy as np
 import torch
 
+from service.engine.modeling import native_kernels
 from service.tokenizer import Tokenizer
 from service.types import ConstraintKind, StructuredOutput
 
@@ -71,7 +71,7 @@ def grammar_text(constraint: StructuredOutput) -> str:
         raise
     except json.JSONDecodeError as exc:
         raise GrammarError(f"not valid JSON: {exc}") from None
-    except (ValueError, TypeError, RecursionError) as exc:  # GBNF conversion, a schema llguidance cannot read
+    except Exception as exc:  # GBNF conversion, a schema llguidance cannot read: the client's input, not a bug
         raise GrammarError(_first_line(str(exc))) from None
     raise GrammarError(f"unknown constraint kind {kind!r}")
 
@@ -200,35 +200,40 @@ def _first_line(message: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def new_executor(num_threads: int) -> llg.LLExecutor:
-    return llg.LLExecutor(num_threads=num_threads)
-
-
 def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
     """[num_rows, ceil(vocab / 32)] int32, one bit per token (bit t % 32 of word t // 32)."""
     return torch.full((num_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
-def fill_bitmask(executor: llg.LLExecutor, matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor) -> None:
-    """Row i of `bitmask` <- the tokens matchers[i] allows next (in parallel, without the GIL)."""
+def fill_bitmask(matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor) -> None:
+    """Row i of `bitmask` <- the tokens matchers[i] allows next, one row after another, without the GIL.
+
+    llguidance's LLExecutor would spread the rows over a thread pool of its own, but on a small CPU its
+    threads fight the forward's OpenMP threads for the cores: serially, 16 rows take ~1 ms.
+    """
     assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.shape[0] >= len(matchers)
-    words = bitmask.shape[1]
-    executor.unsafe_compute_mask_ptr(
-        [(m.raw, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), words * 4, bitmask.shape[0]
-    )
+    row_bytes = bitmask.shape[1] * 4
+    base = bitmask.data_ptr()
+    for i, m in enumerate(matchers):
+        m.raw.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
 
 
 @torch.inference_mode()  # the runner's logits are inference tensors
 def apply_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
-    """Set the logits of disallowed tokens to -inf in `rows` of `logits` ([num_rows, vocab], float32, in
-    place); bitmask row j belongs to logits row rows[j]. Other rows are not touched."""
+    """Set the logits of disallowed tokens to -inf in `rows` of `logits` ([num_rows, vocab], in place);
+    bitmask row j belongs to logits row rows[j]. Other rows are not touched."""
     if not rows:
         return
-    vocab = logits.shape[1]
-    bits = np.unpackbits(bitmask[: len(rows)].numpy().view(np.uint8), axis=1, bitorder="little")
-    banned = torch.from_numpy(bits[:, :vocab]) == 0  # [len(rows), vocab]
-    if list(rows) == list(range(logits.shape[0])):
-        logits.masked_fill_(banned, float("-inf"))
-        return
     index = torch.tensor(list(rows), dtype=torch.long)
-    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(banned, float("-inf")))
+    mask = bitmask[: len(rows)]
+    if native_kernels.apply_token_bitmask(logits, index, mask):
+        return
+    # Elsewhere (a GPU, no C compiler): unpack the bits with tensor ops on the logits' device.
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (mask.to(logits.device).unsqueeze(-1) >> shifts) & 1  # [len(rows), words, 32]
+    allowed = bits.flatten(1)[:, :vocab].bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    index = index.to(logits.device)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(~allowed, float("-inf")))
