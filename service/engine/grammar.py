@@ -99,7 +99,7 @@ class GrammarMatcher:
 
     @property
     def error(self) -> str | None:
-        return self._matcher.get_error() if self._matcher.is_error() else None
+        return _first_line(self._matcher.get_error()) if self._matcher.is_error() else None
 
     @property
     def raw(self) -> llg.LLMatcher:
