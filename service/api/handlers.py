@@ -219,11 +219,15 @@ def chat_logprobs(logprobs: bool, top_logprobs: int | None) -> int | None:
     return (top_logprobs or 0) if logprobs else None
 
 
+def _chat_template(state: AppState) -> str | None:
+    template = getattr(state.tokenizer.hf_tokenizer, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
 def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
     check_request(state, caller)
     model = require_model(state.generation_model, inp.model, "generation")
-    template = getattr(state.tokenizer.hf_tokenizer, "chat_template", None)
-    plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, template if isinstance(template, str) else None)
+    plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, _chat_template(state))
     messages, tools, params = inp.messages, inp.tools, inp.params
     if plan is not None:
         messages, tools = plan.prompt(inp.messages)
@@ -354,7 +358,11 @@ def tokenize(state: AppState, inp: TokenizeInput) -> TokenizeOutput:
         return TokenizeOutput(ids, embedder.max_input_tokens, strs)
     require_model(state.generation_model, inp.model, "generation")
     if inp.messages is not None:
-        ids = chat_prompt(state, inp.messages, inp.add_generation_prompt, inp.tools, inp.template_kwargs)
+        messages, tools = inp.messages, inp.tools
+        plan = plan_tools(inp.tools, None, None, _chat_template(state))
+        if plan is not None:  # the prompt chat would render for these tools (tool_choice auto)
+            messages, tools = plan.prompt(inp.messages)
+        ids = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     else:
         assert inp.prompt is not None
         ids = state.tokenizer.encode(inp.prompt, add_special_tokens=inp.add_special_tokens)

@@ -311,8 +311,13 @@ def test_tool_calls_stream_as_openai_deltas(openai_client: openai.OpenAI) -> Non
         _check_call(call["name"], call["arguments"])
 
 
-def test_tool_choice_auto_and_none_answer_in_openai_shape(openai_client: openai.OpenAI) -> None:
+def test_tool_choice_auto_and_none_answer_in_openai_shape(openai_client: openai.OpenAI, http: httpx.Client) -> None:
     auto = _chat(openai_client, messages=ASK_WEATHER, tools=TOOLS, temperature=0.0, max_tokens=60)
+    # SmolLM2's template ignores `tools`: the tools are described in a system message, which /tokenize
+    # renders too.
+    tokenized = http.post("/tokenize", json={"messages": ASK_WEATHER, "tools": TOOLS, "return_token_strs": True}).json()
+    assert auto.usage.prompt_tokens == tokenized["count"]
+    assert "<tool_call>" in "".join(tokenized["token_strs"]) and "get_weather" in "".join(tokenized["token_strs"])
     message = auto.choices[0].message
     if message.tool_calls:  # the model chose to call: then the calls parse and finish_reason says so
         assert auto.choices[0].finish_reason == "tool_calls"
