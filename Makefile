@@ -40,8 +40,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Extra flags: make serve SERVE_FLAGS='--log-format text --port 8080'
+SERVE_FLAGS ?=
 serve: $(STAMP)
-	$(VENV)/bin/lmserve serve
+	$(VENV)/bin/lmserve serve $(SERVE_FLAGS)
 
 test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q

@@ -1,12 +1,17 @@
 """Composition root: resolve and load the models, build keys/limits/metrics, serve, drain on SIGTERM.
 
     state = build_state(config)   # slow: loads weights (blocking, before any event loop work)
-    run(config)                   # build_state + serve until SIGTERM/SIGINT, then drain and exit 0
+    run(config)                   # preflight + build_state + serve until SIGTERM/SIGINT, then drain and exit 0
+
+Start-up: preflight (key and TLS files, ports; before anything slow), then the models load with one
+progress line per slow step (service/progress.py), then one "ready" line with the URLs once HTTP and
+gRPC listen.
 
 Drain: the first SIGTERM (or SIGINT) turns /readyz into 503 "draining" while requests keep being
 served; once no request is in flight (or `drain_timeout_s` has passed) the server stops accepting
 connections, lets uvicorn close the idle ones, stops the engine and the embedder, and the process
-exits. A second signal skips the wait; a third forces exit.
+exits. A second signal stops the models at once, which ends open streams with an error event; a third
+forces exit.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +33,8 @@ from service.api.limits import AdmissionControl, RateLimiter
 from service.config import ServeConfig
 from service.logs import configure_logging
 from service.metrics import Metrics
+from service.preflight import PortReservation, PreflightError, preflight
+from service.progress import progress_step
 from service.state import AppState, Lifecycle, ServedModel
 from service.tracing import build_tracer
 
@@ -48,6 +57,10 @@ def build_state(config: ServeConfig) -> AppState:
     """Resolve and load the generation (and embedding) model; build keys, limits and metrics."""
     from service.checkpoints import resolve_model
 
+    with progress_step("starting: importing torch and transformers"):  # seconds, before any other line could come
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
     resolved = resolve_model(config.model, config.cache_dir, allow_pickle=config.engine.allow_pickle)
     engine = _load_engine(config, resolved.path, resolved.name)
     tokenizer = engine.tokenizer  # type: ignore[attr-defined]
@@ -66,6 +79,10 @@ def build_state(config: ServeConfig) -> AppState:
         )
         embedding_model = _served(emb_resolved.name, config.embedding_model)
     state = state_from_models(config, engine, tokenizer, _served(resolved.name, config.model), embedder, embedding_model)
+    if config.safety:
+        from service.safety import SafetyFilter
+
+        state.safety = SafetyFilter.from_policy(config.safety_policy)
     # Per-step and per-batch histograms come from hooks on the models' threads, one subscriber each:
     # states made later by with_config share the models but not these histograms.
     engine.on_step = state.metrics.observe_step
@@ -115,9 +132,11 @@ def state_from_models(
 
 def with_config(state: AppState, config: ServeConfig) -> AppState:
     """A second state over the same loaded models with other keys/limits (several apps, one engine)."""
-    return state_from_models(
+    other = state_from_models(
         config, state.engine, state.tokenizer, state.generation_model, state.embedder, state.embedding_model
     )
+    other.safety = state.safety if config.safety else None
+    return other
 
 
 async def start_models(state: AppState) -> None:
@@ -132,14 +151,49 @@ async def stop_models(state: AppState) -> None:
     await state.engine.stop()
 
 
+def begin_drain(state: AppState) -> None:
+    """The first SIGINT/SIGTERM: readiness turns 503 and new work is refused; in-flight work finishes."""
+    state.lifecycle.draining = True
+    num_in_flight = state.lifecycle.in_flight
+    if num_in_flight:
+        log.info(
+            "draining %d requests (up to %.0f s); Ctrl-C again to stop now",
+            num_in_flight,
+            state.config.drain_timeout_s,
+            extra={"in_flight": num_in_flight, "drain_timeout_s": state.config.drain_timeout_s},
+        )
+    else:
+        log.info("shutting down: no requests in flight")
+
+
+async def stop_now(state: AppState) -> None:
+    """The second signal: stop the models, which ends every open stream with an error event (HTTP) or
+    UNAVAILABLE (gRPC) at once."""
+    log.info("stopping now: ending %d open requests", state.lifecycle.in_flight)
+    await stop_models(state)
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first exit signal drains instead of stopping at once."""
+    """uvicorn.Server whose first exit signal drains, whose second stops at once, and which says when it
+    is ready.
+
+    First SIGINT/SIGTERM: begin_drain; once nothing is in flight (or drain_timeout_s has passed) the server
+    stops accepting connections, closes the idle ones and returns. Second: stop_now, and open connections
+    get DRAIN_GRACE_S to take their last event. Third: uvicorn's force exit.
+    """
 
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
         super().__init__(config)
         self.state = state
+        self.on_started: Callable[[], None] | None = None  # called once the sockets listen
+        self.stopping_now: asyncio.Task[None] | None = None
         self._num_signals = 0
         self._drain_started: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in a signal handler: only set flags; on_tick does the work. Not recording the signal in
@@ -157,8 +211,9 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self._num_signals and self._drain_started is None:
             self._drain_started = time.monotonic()
-            self.state.lifecycle.draining = True
-            log.info("draining: readyz is 503; waiting for %d in-flight requests", self.state.lifecycle.in_flight)
+            begin_drain(self.state)
+        if self._num_signals >= 2 and self.stopping_now is None:
+            self.stopping_now = asyncio.ensure_future(stop_now(self.state))
         if self._drain_started is not None and not self.should_exit:
             waited = time.monotonic() - self._drain_started
             if self.state.lifecycle.in_flight == 0 or waited >= self.state.config.drain_timeout_s:
@@ -210,30 +265,81 @@ async def drain_without_http(state: AppState) -> None:
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     try:
         await signals.get()
-        state.lifecycle.draining = True
-        log.info("draining: waiting for %d in-flight requests", state.lifecycle.in_flight)
+        begin_drain(state)
         deadline = time.monotonic() + state.config.drain_timeout_s
         while state.lifecycle.in_flight and time.monotonic() < deadline and signals.empty():
             await asyncio.sleep(0.05)
+        if not signals.empty():
+            await stop_now(state)
         log.info("drained (%d still in flight)", state.lifecycle.in_flight)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
 
-async def serve(state: AppState, sockets: list[socket.socket] | None = None) -> None:
-    """Start the models, serve HTTP and gRPC until drained, stop the models."""
+@dataclass(frozen=True)
+class ReadyLine:
+    """The one line that says the server is up, and where."""
+
+    http_url: str | None  # the OpenAI base URL, http://host:port/v1
+    grpc_target: str | None  # host:port
+    models: tuple[str, ...]
+
+    def message(self, elapsed_s: float | None) -> str:
+        where = ([f"{self.http_url} (OpenAI API)"] if self.http_url else []) + (
+            [f"grpc {self.grpc_target} (lmserve.v1)"] if self.grpc_target else []
+        )
+        took = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
+        return f"ready{took}: {' and '.join(self.models)} on {', '.join(where)}; Ctrl-C to stop"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def log_ready(state: AppState, http_port: int | None, grpc_port: int | None, tls: bool, started: float | None) -> None:
+    host = _url_host(state.config.host)
+    models = [state.generation_model.name] + ([state.embedding_model.name] if state.embedding_model else [])
+    line = ReadyLine(
+        http_url=f"http://{host}:{http_port}/v1" if http_port else None,
+        grpc_target=f"{host}:{grpc_port}{' (TLS)' if tls else ''}" if grpc_port else None,
+        models=tuple(models),
+    )
+    elapsed = time.monotonic() - started if started is not None else None
+    log.info(line.message(elapsed), extra={"http_url": line.http_url, "grpc_target": line.grpc_target})
+
+
+async def serve(state: AppState, ports: PortReservation | None = None, started: float | None = None) -> None:
+    """Start the models, serve HTTP and gRPC until drained, stop the models.
+
+    `ports`: what preflight reserved (HTTP serves on its sockets; without it uvicorn binds by address).
+    `started`: when start-up began (time.monotonic()), for the ready line.
+    """
     await start_models(state)
     grpc_server = None
+    server = None
     try:
+        if ports is not None:
+            ports.release_grpc()  # grpc binds by address: free the port just before it does
         if state.config.grpc_port:
-            grpc_server = await start_grpc_server(state)
-            log.info("gRPC on %s:%d%s", state.config.host, grpc_server.port, " (TLS)" if grpc_tls(state.config) else "")
+            try:
+                grpc_server = await start_grpc_server(state)
+            except OSError as exc:  # taken in the instant between the pre-flight's release and grpc's bind
+                raise PreflightError(f"gRPC (--grpc-port) port {state.config.grpc_port}: {exc}") from None
+        grpc_port = grpc_server.port if grpc_server is not None else None
+        tls = grpc_tls(state.config) is not None
         if state.config.port:
-            await make_server(state).serve(sockets=sockets)
+            server = make_server(state)
+            sockets = ports.http_sockets if ports is not None and ports.http_sockets else None
+            http_port = sockets[0].getsockname()[1] if sockets else state.config.port
+            server.on_started = lambda: log_ready(state, http_port, grpc_port, tls, started)
+            await server.serve(sockets=sockets)
         else:
+            log_ready(state, None, grpc_port, tls, started)
             await drain_without_http(state)
     finally:
+        if server is not None and server.stopping_now is not None:
+            await server.stopping_now
         if grpc_server is not None:
             # In-flight RPCs have finished by now (or the drain timed out): a short grace for stragglers.
             await grpc_server.stop(1.0)
@@ -243,21 +349,27 @@ async def serve(state: AppState, sockets: list[socket.socket] | None = None) -> 
 
 
 def run(config: ServeConfig) -> None:
-    """The `lmserve serve` entry point."""
-    if config.port == 0 and config.grpc_port == 0:
-        raise ValueError("HTTP and gRPC ports are both 0 (off): nothing to serve")
-    configure_logging(config.log_format, config.log_level)
-    state = build_state(config)
-    log.info(
-        "serving %s%s on %s",
-        state.generation_model.name,
-        f" and {state.embedding_model.name}" if state.embedding_model else "",
-        ", ".join(
-            ([f"http://{config.host}:{config.port}"] if config.port else [])
-            + ([f"grpc {config.host}:{config.grpc_port}"] if config.grpc_port else [])
-        ),
-    )
-    asyncio.run(serve(state))
+    """The `lmserve serve` entry point. Raises PreflightError (before anything slow) for a bad key or TLS
+    file, a port in use, or no transport at all."""
+    started = time.monotonic()
+    ports = preflight(config)
+    try:
+        configure_logging(config.log_format, config.log_level)
+        state = build_state(config)
+        asyncio.run(serve(state, ports, started))
+        log.info("stopped")
+    finally:
+        ports.close()
 
 
-__all__ = ["AppState", "DrainingServer", "Lifecycle", "ServedModel", "build_state", "run", "serve", "start_grpc_server", "with_config"]
+__all__ = [
+    "AppState",
+    "DrainingServer",
+    "Lifecycle",
+    "ServedModel",
+    "build_state",
+    "run",
+    "serve",
+    "start_grpc_server",
+    "with_config",
+]

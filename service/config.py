@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class ServeConfig:
     log_level: str = "info"  # debug | info | warning | error
     log_prompts: bool = False  # the access line carries prompts and outputs (off: they are never logged)
     otlp_endpoint: str | None = None  # OTLP/HTTP collector base URL; None: no tracing
+    safety: bool = True  # the safety filter on input and output (--no-safety turns it off)
+    safety_policy: Path | None = None  # a policy YAML; None: the packaged default policy
     drain_timeout_s: float = 30.0  # on SIGTERM: readyz 503, wait this long for in-flight requests, then exit
     cache_dir: Path = field(default_factory=default_cache_dir)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -81,26 +84,47 @@ class ServeConfig:
             raise ValueError("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
 
 
-def _env_bool(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def parse_bool(value: str) -> bool:
+    """An LMSERVE_* switch: 1/true/yes/on or 0/false/no/off (any case); anything else is an error."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"expected one of 1, true, yes, on, 0, false, no, off; got {value!r}")
 
 
 def _env_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-# LMSERVE_* variable -> LimitsConfig field (all integers)
+def _env_number(environ: dict[str, str], var: str, kind: type, minimum: float) -> int | float:
+    raw = environ[var]
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{var}={raw!r} must be a finite number of at least {minimum}")
+    return value
+
+
+# LMSERVE_* variable -> (LimitsConfig field, smallest value); all integers
 _LIMIT_VARS = {
-    "LMSERVE_MAX_REQUEST_BODY_BYTES": "max_request_body_bytes",
-    "LMSERVE_MAX_N": "max_n",
-    "LMSERVE_MAX_TOKENS_CAP": "max_tokens_cap",
-    "LMSERVE_MAX_STOP_STRINGS": "max_stop_strings",
-    "LMSERVE_MAX_PROMPTS": "max_prompts",
-    "LMSERVE_MAX_QUEUE": "max_queue",
-    "LMSERVE_REQUESTS_PER_MINUTE": "requests_per_minute",
-    "LMSERVE_TOKENS_PER_MINUTE": "tokens_per_minute",
-    "LMSERVE_EMBEDDING_MAX_BATCH_TOKENS": "embedding_max_batch_tokens",
-    "LMSERVE_MAX_EMBEDDING_INPUTS": "max_embedding_inputs",
+    "LMSERVE_MAX_REQUEST_BODY_BYTES": ("max_request_body_bytes", 1024),
+    "LMSERVE_MAX_N": ("max_n", 1),
+    "LMSERVE_MAX_TOKENS_CAP": ("max_tokens_cap", 1),
+    "LMSERVE_MAX_STOP_STRINGS": ("max_stop_strings", 0),
+    "LMSERVE_MAX_PROMPTS": ("max_prompts", 1),
+    "LMSERVE_MAX_QUEUE": ("max_queue", 1),
+    "LMSERVE_REQUESTS_PER_MINUTE": ("requests_per_minute", 0),
+    "LMSERVE_TOKENS_PER_MINUTE": ("tokens_per_minute", 0),
+    "LMSERVE_EMBEDDING_MAX_BATCH_TOKENS": ("embedding_max_batch_tokens", 1),
+    "LMSERVE_MAX_EMBEDDING_INPUTS": ("max_embedding_inputs", 1),
 }
 
 
@@ -109,20 +133,28 @@ def serve_config_from_env(environ: dict[str, str]) -> dict:
 
     LMSERVE_API_KEYS (comma-separated), LMSERVE_METRICS_OPEN, LMSERVE_CORS_ORIGINS (comma-separated),
     LMSERVE_OTLP_ENDPOINT, LMSERVE_DRAIN_TIMEOUT_S and the limits in _LIMIT_VARS. Unset variables are left
-    out, so the dataclass defaults stay the single source of defaults.
+    out, so the dataclass defaults stay the single source of defaults. A malformed value is a ValueError
+    naming the variable.
     """
     out: dict = {}
     if environ.get("LMSERVE_API_KEYS"):
         out["api_keys"] = _env_list(environ["LMSERVE_API_KEYS"])
     if "LMSERVE_METRICS_OPEN" in environ:
-        out["metrics_open"] = _env_bool(environ["LMSERVE_METRICS_OPEN"])
+        try:
+            out["metrics_open"] = parse_bool(environ["LMSERVE_METRICS_OPEN"])
+        except ValueError as exc:
+            raise ValueError(f"LMSERVE_METRICS_OPEN: {exc}") from None
     if environ.get("LMSERVE_CORS_ORIGINS"):
         out["cors_origins"] = _env_list(environ["LMSERVE_CORS_ORIGINS"])
     if environ.get("LMSERVE_OTLP_ENDPOINT"):
         out["otlp_endpoint"] = environ["LMSERVE_OTLP_ENDPOINT"]
     if environ.get("LMSERVE_DRAIN_TIMEOUT_S"):
-        out["drain_timeout_s"] = float(environ["LMSERVE_DRAIN_TIMEOUT_S"])
-    limits = {field_name: int(environ[var]) for var, field_name in _LIMIT_VARS.items() if environ.get(var)}
+        out["drain_timeout_s"] = float(_env_number(environ, "LMSERVE_DRAIN_TIMEOUT_S", float, 0.0))
+    limits = {
+        field_name: int(_env_number(environ, var, int, minimum))
+        for var, (field_name, minimum) in _LIMIT_VARS.items()
+        if environ.get(var)
+    }
     if limits:
         out["limits"] = LimitsConfig(**limits)
     return out

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from service.progress import progress_step
+
 logger = logging.getLogger(__name__)
 
 PoolingMode = Literal["mean", "cls", "lasttoken", "max"]
@@ -294,8 +296,9 @@ class Embedder:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', not {dtype!r}")
         pooling = PoolingConfig.from_folder(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), dtype=_DTYPES[dtype], local_files_only=True)
+        with progress_step(f"loading the embedding model {name} ({dtype})"):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            model = AutoModel.from_pretrained(str(path), dtype=_DTYPES[dtype], local_files_only=True)
         model.to(device)
         model.eval()
         model.requires_grad_(False)

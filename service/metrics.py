@@ -4,7 +4,7 @@ No module-level registry: each server (and each test app) builds its own `Metric
 live in one process without "Duplicated timeseries" errors. Names carry the `lmserve_` prefix and their
 unit (`_seconds`, `_tokens`, `_total`). Both transports record through the same methods. Labels stay
 few and bounded: `model` (the served model's name), `endpoint` (known paths, else "other"), `transport`,
-`status`, `code` (api/errors.py), `finish_reason`, and the safety filter's `action` and `category`.
+`status`, `code` (api/errors.py), `finish_reason`, and the safety filter's `direction`, `category` and `action`.
 
 Where the numbers come from:
 - requests, errors, rate limits: the transports, one call per request or error;
@@ -85,8 +85,8 @@ class Metrics:
         )
         self.safety_decisions_total = Counter(
             "lmserve_safety_decisions_total",
-            "Safety filter decisions by action and category (the filter is not built yet; it records here).",
-            ["action", "category"],
+            "Safety filter decisions by direction (input|output), category and action.",
+            ["direction", "category", "action"],
             registry=r,
         )
 
@@ -209,9 +209,9 @@ class Metrics:
         elif code == "server_overloaded":
             self.overloaded_total.inc()
 
-    def observe_safety(self, action: str, category: str) -> None:
-        """One safety decision (e.g. action allow|block|redact, category from the filter's fixed list)."""
-        self.safety_decisions_total.labels(action=action, category=category).inc()
+    def observe_safety(self, direction: str, category: str, action: str) -> None:
+        """One safety decision (service/safety: direction input|output, category and action from the policy)."""
+        self.safety_decisions_total.labels(direction=direction, category=category, action=action).inc()
 
     def observe_sequence(
         self,

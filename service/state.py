@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from service.embeddings import Embedder
     from service.engine.base import GenerationEngine
     from service.metrics import Metrics
+    from service.safety import SafetyFilter
     from service.tokenizer import Tokenizer
     from service.tracing import RequestTracer
 
@@ -52,6 +53,7 @@ class AppState:
     admission: AdmissionControl
     metrics: Metrics
     tracer: RequestTracer | None = None  # None: tracing off (no OTLP endpoint)
+    safety: SafetyFilter | None = None  # None: --no-safety
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 

@@ -8,7 +8,7 @@ kernels: compiles the C kernels (service/engine/modeling/native_kernels.py) into
          where the server looks for them, so the image needs no compiler at run time.
 models:  writes the default generation model as a plain Hugging Face folder, DEST/<model id>. A folder
          is served as it is; the bundled GGUF would instead be converted at every start on a fresh cache
-         volume (its cache key holds the file's mtime in nanoseconds, which image layers do not keep).
+         volume (the conversion lives in the cache, which starts empty).
 verify:  fails unless the kernels load from what was baked (nothing is rebuilt) and the baked model
          folder resolves under its model id; the images run it in their final stage, so a runtime
          library missing there (libgomp) fails the build, not the first request.

@@ -20,14 +20,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
 
 from service.api.errors import APIError
 from service.config import LimitsConfig
-from service.engine.base import EngineDeadError, GenerationEngine, RequestRejected
+from service.engine.base import EngineDeadError, EngineStoppedError, GenerationEngine, RequestRejected
 from service.logs import AccessRecord
 from service.metrics import Metrics
 from service.types import (
@@ -39,6 +39,9 @@ from service.types import (
     StructuredOutput,
     TokenLogprob,
 )
+
+if TYPE_CHECKING:
+    from service.safety import Decision, GuardStep
 
 log = logging.getLogger(__name__)
 
@@ -234,23 +237,23 @@ def parse_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int | None
 def resolve_max_tokens(params: GenerationParams, prompt_len: int, max_model_len: int, limits: LimitsConfig) -> int:
     """max_tokens for one prompt; raises context_length_exceeded when prompt + max_tokens cannot fit."""
     room = max_model_len - prompt_len
+    if room < 1:  # the prompt alone fills the context: no max_tokens would help
+        raise APIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, the prompt has "
+            f"{prompt_len} tokens, which leaves no room for a completion. Please shorten the prompt.",
+            "context_length_exceeded",
+            params.prompt_param,
+        )
     if params.max_tokens is not None:
-        if prompt_len + params.max_tokens > max_model_len:
+        if params.max_tokens > room:
             raise APIError(
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                 f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, {params.max_tokens} for "
-                f"the completion). Please reduce the prompt or max_tokens.",
+                f"the completion). Please reduce {params.max_tokens_param} to at most {room}, or shorten the prompt.",
                 "context_length_exceeded",
                 params.max_tokens_param,
             )
         return params.max_tokens
-    if room < 1:
-        raise APIError(
-            f"This model's maximum context length is {max_model_len} tokens. However, the prompt has "
-            f"{prompt_len} tokens, which leaves no room for a completion.",
-            "context_length_exceeded",
-            params.prompt_param,
-        )
     default = params.default_max_tokens if params.default_max_tokens is not None else room
     return max(1, min(default, room, limits.max_tokens_cap))
 
@@ -318,7 +321,8 @@ def plan_generation(
             try:
                 engine.check_request(req)
             except RequestRejected as exc:
-                raise APIError(str(exc), exc.code, exc.param or params.prompt_param) from None
+                param = params.max_tokens_param if exc.param == "max_tokens" else params.prompt_param
+                raise APIError(str(exc), exc.code, param) from None
             requests.append(req)
     return GenerationPlan(request_id, [list(p) for p in prompts], params.n, requests)
 
@@ -332,6 +336,8 @@ def engine_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, RequestRejected):
         return APIError(str(exc), exc.code, exc.param)
+    if isinstance(exc, EngineStoppedError):
+        return APIError("The server is shutting down: this request was stopped before it finished.", "service_unavailable")
     if isinstance(exc, EngineDeadError):
         return APIError("The generation engine is not running.", "service_unavailable")
     return APIError("Internal error while generating.", "internal_error")
@@ -382,12 +388,17 @@ class _SequenceTimer:
         )
 
 
-async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -> AsyncIterator[ChoiceDelta]:
-    """Interleave several engine streams as their deltas arrive; closing this closes them all."""
+async def _merged(
+    engine: GenerationEngine, requests: list[GenerationRequest], ended: set[int]
+) -> AsyncIterator[ChoiceDelta]:
+    """Interleave several engine streams as their deltas arrive; closing this closes them all. A choice
+    whose index the consumer puts in `ended` is closed (its engine request aborted) at its next delta."""
     if len(requests) == 1:
         async with aclosing(engine.generate(requests[0])) as stream:
             async for delta in stream:
                 yield ChoiceDelta(0, delta)
+                if ended:
+                    return
         return
 
     queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = asyncio.Queue()
@@ -396,6 +407,8 @@ async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -
         try:
             async with aclosing(engine.generate(request)) as stream:
                 async for delta in stream:
+                    if index in ended:
+                        break
                     queue.put_nowait((index, delta))
         except asyncio.CancelledError:
             raise
@@ -413,7 +426,7 @@ async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -
                 num_open -= 1
             elif isinstance(item, BaseException):
                 raise item
-            else:
+            elif index not in ended:
                 yield ChoiceDelta(index, item)
     finally:
         for task in tasks:
@@ -421,19 +434,86 @@ async def _merged(engine: GenerationEngine, requests: list[GenerationRequest]) -
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class OutputGuard(Protocol):
+    """One choice's output screen (service/safety's OutputGuard): text in, what may be released out."""
+
+    @property
+    def is_holding(self) -> bool: ...
+
+    def feed(self, text: str) -> GuardStep: ...
+
+    def finish(self) -> GuardStep: ...
+
+
+@dataclass
+class _ScreenedChoice:
+    """A choice's output as its guard lets it out. Token ids and logprobs are held with the text they
+    belong to and released once the guard holds nothing back, if what it released is exactly the text
+    they make; where it redacted or stripped anything among them they are dropped, so no token-level
+    field carries what the text withholds."""
+
+    guard: OutputGuard
+    report: Callable[[list[Decision]], None]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    fed: list[str] = field(default_factory=list)  # raw text of the held tokens
+    released: list[str] = field(default_factory=list)  # what the guard let out since they were held
+
+    def screen(self, delta: GenerationDelta) -> GenerationDelta:
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        self.fed.append(delta.text)
+        steps = [self.guard.feed(delta.text)]
+        if steps[0].blocked is None and delta.finish_reason is not None:
+            steps.append(self.guard.finish())
+        text = ""
+        blocked = None
+        for step in steps:
+            self.report(step.decisions)
+            text += step.text
+            blocked = blocked or step.blocked
+        self.released.append(text)
+        out = replace(delta, text=text, token_ids=[], logprobs=[] if delta.logprobs is not None else None)
+        if blocked is not None:
+            return replace(out, finish_reason=FinishReason.CONTENT_FILTER, stop_reason=None)
+        if not self.guard.is_holding or delta.finish_reason is not None:
+            if "".join(self.released) == "".join(self.fed):  # released unchanged: its tokens go with it
+                out.token_ids = self.token_ids
+                out.logprobs = self.logprobs if delta.logprobs is not None else None
+            self.token_ids, self.logprobs, self.fed, self.released = [], None, [], []
+        return out
+
+
 async def stream_choices(
-    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None, record: AccessRecord | None = None
+    engine: GenerationEngine,
+    plan: GenerationPlan,
+    metrics: Metrics | None = None,
+    record: AccessRecord | None = None,
+    guards: Sequence[tuple[OutputGuard, Callable[[list[Decision]], None]]] | None = None,
 ) -> AsyncIterator[ChoiceDelta]:
-    """The plan's choices as one stream of deltas; engine failures surface as APIError."""
+    """The plan's choices as one stream of deltas; engine failures surface as APIError.
+
+    With `guards` (one output guard and its decision reporter per choice), each choice's text goes out
+    as its guard releases it; a choice the guard blocks ends with finish_reason content_filter and its
+    engine request is aborted at once, freeing its KV blocks.
+    """
     started = time.monotonic()
     timers = [_SequenceTimer(started) for _ in plan.requests]
+    screens = None if guards is None else [_ScreenedChoice(g, report) for g, report in guards]
+    ended: set[int] = set()
     # Output text is gathered only for an access line that will show it.
     outputs: list[list[str]] | None = [[] for _ in plan.requests] if record is not None and record.log_prompts else None
     log.debug("submitting %d sequences, %d prompt tokens", len(plan.requests), plan.num_prompt_tokens)
     try:
-        async with aclosing(_merged(engine, plan.requests)) as merged:
+        async with aclosing(_merged(engine, plan.requests, ended)) as merged:
             async for choice in merged:
                 delta = choice.delta
+                if screens is not None:
+                    delta = screens[choice.index].screen(delta)
+                    if delta.finish_reason is FinishReason.CONTENT_FILTER:
+                        ended.add(choice.index)
+                    choice = ChoiceDelta(choice.index, delta)
                 timers[choice.index].on_delta(delta, time.monotonic())
                 if outputs is not None:
                     outputs[choice.index].append(delta.text)
@@ -476,12 +556,16 @@ def _fill_record(
 
 
 async def collect_choices(
-    engine: GenerationEngine, plan: GenerationPlan, metrics: Metrics | None = None, record: AccessRecord | None = None
+    engine: GenerationEngine,
+    plan: GenerationPlan,
+    metrics: Metrics | None = None,
+    record: AccessRecord | None = None,
+    guards: Sequence[tuple[OutputGuard, Callable[[list[Decision]], None]]] | None = None,
 ) -> GenerationResult:
     """Run the plan to completion and aggregate each choice's text, tokens and logprobs."""
     choices = [ChoiceResult(index=i) for i in range(len(plan.requests))]
     texts: list[list[str]] = [[] for _ in plan.requests]
-    async with aclosing(stream_choices(engine, plan, metrics, record)) as stream:
+    async with aclosing(stream_choices(engine, plan, metrics, record, guards)) as stream:
         async for choice in stream:
             choices[choice.index].add(choice.delta, texts[choice.index])
     for choice, parts in zip(choices, texts, strict=True):

@@ -46,6 +46,7 @@ from service.api.handlers import (
     TokenizeInput,
     chat_logprobs,
     detokenize,
+    moderate,
     prepare_chat,
     prepare_completion,
     prepare_embedding,
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = "grpc"
 PACKAGE = "lmserve.v1"
-SERVICES = ("Generation", "Embeddings", "Tokenization", "Models")
+SERVICES = ("Generation", "Embeddings", "Tokenization", "Models", "Moderations")
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 HEALTH_POLL_S = 0.25
 # gRPC status names the accounting gives the HTTP status of (errors use their table entry's).
@@ -464,6 +465,18 @@ async def list_models(state: AppState, caller: Caller, req: pb.ListModelsRequest
     )
 
 
+async def moderate_rpc(state: AppState, caller: Caller, req: pb.ModerationRequest) -> pb.ModerationResponse:
+    out = moderate(state, caller, _opt(req, "model"), list(req.input))
+    return pb.ModerationResponse(
+        id=out.id,
+        model=out.model,
+        results=[
+            pb.ModerationResult(flagged=r.flagged, categories=r.categories, category_scores=r.category_scores)
+            for r in out.results
+        ],
+    )
+
+
 @dataclass(frozen=True)
 class Method:
     service: str
@@ -487,6 +500,7 @@ METHODS = (
     Method("Tokenization", "Tokenize", pb.TokenizeRequest, pb.TokenizeResponse, tokenize_rpc),
     Method("Tokenization", "Detokenize", pb.DetokenizeRequest, pb.DetokenizeResponse, detokenize_rpc),
     Method("Models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, list_models),
+    Method("Moderations", "Moderate", pb.ModerationRequest, pb.ModerationResponse, moderate_rpc),
 )
 
 
@@ -544,7 +558,10 @@ class _Call:
         )
 
     def cancelled(self) -> None:
-        remaining = self.context.time_remaining()
+        try:
+            remaining = self.context.time_remaining()
+        except Exception:  # the call is already torn down: no deadline to read
+            remaining = None
         self.grpc_status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         self.http_status = _HTTP_STATUS[self.grpc_status]
 
@@ -564,12 +581,27 @@ def _peer_host(peer: str | None) -> str | None:
     return host.strip("[]") or None
 
 
+def _cancel_on_termination(context: grpc.aio.ServicerContext) -> None:
+    """Cancel the running handler as soon as the call ends under it (a client cancel, an expired deadline),
+    so that its engine requests are aborted at once; grpc by itself notices a cancelled stream only at its
+    next send, which the safety filter's hold or a long prefill can put far off."""
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_done(_: object) -> None:
+        if context.cancelled() and not task.done():
+            task.cancel()
+
+    context.add_done_callback(on_done)
+
+
 def _unary(state: AppState, method: Method) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
     async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         rpc = _Call(state, method, context)
         try:
             try:
                 caller, request = rpc.caller_and_request(raw)
+                _cancel_on_termination(context)
                 response = await method.handler(state, caller, request)
             except asyncio.CancelledError:
                 rpc.cancelled()
@@ -591,10 +623,13 @@ def _stream(state: AppState, method: Method) -> Callable[[bytes, grpc.aio.Servic
         try:
             try:
                 caller, request = rpc.caller_and_request(raw)
+                _cancel_on_termination(context)
                 async with contextlib.aclosing(method.handler(state, caller, request)) as messages:
                     async for message in messages:
                         yield message
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
+                # A cancel lands either in this generator's await (CancelledError) or, when grpc was
+                # sending, as the generator being closed (GeneratorExit).
                 rpc.cancelled()
                 raise
             except Exception as exc:

@@ -43,6 +43,7 @@ from service.api.generation import (
 )
 
 if TYPE_CHECKING:
+    from service.safety import Decision
     from service.state import AppState, ServedModel
 
 # Keys the chat template fills itself; a client's chat_template_kwargs may not override them.
@@ -114,11 +115,21 @@ class GenerationCall:
     def prompt_index(self, choice_index: int) -> int:
         return choice_index // self.plan.n
 
+    def _guards(self) -> list[tuple[Any, Any]] | None:
+        safety = self.state.safety
+        if safety is None:
+            return None
+        return [(safety.output_guard(), self._report) for _ in range(self.num_choices)]
+
+    def _report(self, decisions: list[Decision]) -> None:
+        report_decisions(self.state, self.caller, decisions)
+
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         s = self.state
         self.finals = [ChoiceResult(index=i) for i in range(self.num_choices)]
         try:
-            async with aclosing(stream_choices(s.engine, self.plan, s.metrics, self.caller.record)) as choices:
+            stream = stream_choices(s.engine, self.plan, s.metrics, self.caller.record, self._guards())
+            async with aclosing(stream) as choices:
                 async for item in choices:
                     self.finals[item.index].add(item.delta, [])
                     yield item
@@ -129,7 +140,7 @@ class GenerationCall:
         s = self.state
         result = None
         try:
-            result = await collect_choices(s.engine, self.plan, s.metrics, self.caller.record)
+            result = await collect_choices(s.engine, self.plan, s.metrics, self.caller.record, self._guards())
         finally:
             self.admitted.release(result.usage.total_tokens if result else 0)
         return result
@@ -143,7 +154,41 @@ class GenerationCall:
         self.admitted.release(0)
 
 
-def completion_prompts(state: AppState, prompt: Prompt) -> list[list[int]]:
+def report_decisions(state: AppState, caller: Caller, decisions: list[Decision]) -> None:
+    """Count each safety decision and write its audit line (never the text)."""
+    if not decisions:
+        return
+    from service.safety import audit_decisions
+
+    for d in decisions:
+        state.metrics.observe_safety(d.direction, d.category, d.action)
+    audit_decisions(decisions, caller.record.request_id, caller.key_id)
+
+
+def screen_input(state: AppState, caller: Caller, texts: list[str], param: str) -> list[str]:
+    """The input texts as the model should see them (redacted, stripped), or APIError(content_filter) when
+    the policy blocks one. Without a safety filter, the texts as they are."""
+    if state.safety is None or not texts:
+        return texts
+    verdict = state.safety.check_input(texts)
+    report_decisions(state, caller, verdict.decisions)
+    if verdict.blocked is not None:
+        raise APIError(
+            f"The input was blocked by the safety filter (category: {verdict.blocked.category}).",
+            "content_filter",
+            param,
+        )
+    return verdict.texts
+
+
+def _screen_token_prompts(state: AppState, caller: Caller, prompts: list[list[int]], param: str) -> None:
+    """Token-array inputs are screened as their decoded text: a block refuses them; redaction cannot
+    apply to ids the client chose, so they go to the model as sent."""
+    if state.safety is not None:
+        screen_input(state, caller, [state.tokenizer.decode(p) for p in prompts], param)
+
+
+def completion_prompts(state: AppState, caller: Caller, prompt: Prompt) -> list[list[int]]:
     limits = state.config.limits
     if isinstance(prompt, str):
         items: list[str] | list[list[int]] = [prompt]
@@ -156,7 +201,11 @@ def completion_prompts(state: AppState, prompt: Prompt) -> list[list[int]]:
     if len(items) > limits.max_prompts:
         raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", "prompt")
     tok = state.tokenizer
-    return [tok.encode(p) if isinstance(p, str) else list(p) for p in items]
+    if isinstance(items[0], str):
+        return [tok.encode(p) for p in screen_input(state, caller, list(items), "prompt")]  # type: ignore[arg-type]
+    token_prompts = [list(p) for p in items]  # type: ignore[arg-type]
+    _screen_token_prompts(state, caller, token_prompts, "prompt")
+    return token_prompts
 
 
 def _echo_texts(state: AppState, prompt: Prompt, prompts: list[list[int]]) -> list[str]:
@@ -179,7 +228,7 @@ def _admit(
 def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) -> GenerationCall:
     check_request(state, caller)
     model = require_model(state.generation_model, inp.model, "generation")
-    prompts = completion_prompts(state, inp.prompt)
+    prompts = completion_prompts(state, caller, inp.prompt)
     if caller.record.log_prompts:
         caller.record.prompt = inp.prompt
     call = _admit(state, caller, model, prompts, inp.params, "cmpl")
@@ -227,10 +276,16 @@ def _chat_template(state: AppState) -> str | None:
 def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
     check_request(state, caller)
     model = require_model(state.generation_model, inp.model, "generation")
+    contents = [str(m.get("content") or "") for m in inp.messages]
+    screened = screen_input(state, caller, contents, "messages")
+    messages = [
+        m if text == (m.get("content") or "") else {**m, "content": text}
+        for m, text in zip(inp.messages, screened, strict=True)
+    ]
     plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, _chat_template(state))
-    messages, tools, params = inp.messages, inp.tools, inp.params
+    tools, params = inp.tools, inp.params
     if plan is not None:
-        messages, tools = plan.prompt(inp.messages)
+        messages, tools = plan.prompt(messages)
         if plan.constraint is not None:
             if params.structured is not None:
                 raise APIError(
@@ -310,11 +365,16 @@ async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) ->
         raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
     if any(isinstance(x, str) and not x for x in inp.inputs):
         raise APIError("input strings must not be empty.", "invalid_value", "input")
+    inputs = inp.inputs
+    if inputs and isinstance(inputs[0], str):
+        inputs = screen_input(state, caller, list(inputs), "input")  # type: ignore[arg-type]
+    elif inputs and state.safety is not None:  # token arrays: screened as their text, sent as they are
+        screen_input(state, caller, [embedder.tokenizer.decode(x) for x in inputs], "input")
     try:
-        if sum(len(x) for x in inp.inputs if isinstance(x, str)) > _INLINE_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(embedder.tokenize, inp.inputs)
+        if sum(len(x) for x in inputs if isinstance(x, str)) > _INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(embedder.tokenize, inputs)
         else:
-            ids = embedder.tokenize(inp.inputs)
+            ids = embedder.tokenize(inputs)
         embedder.validate(ids, inp.dimensions)
     except EmbeddingInputError as exc:
         raise APIError(str(exc), exc.code, exc.param) from None
@@ -377,6 +437,31 @@ def detokenize(state: AppState, model: str | None, tokens: list[int]) -> str:
     if bad is not None:
         raise APIError(f"Token id {bad} is not in the vocabulary (0..{vocab - 1}).", "invalid_value", "tokens")
     return state.tokenizer.decode(tokens)
+
+
+# -- moderations ------------------------------------------------------------------------------------------
+
+MODERATION_MODEL = "lmserve-safety"
+
+
+@dataclass(frozen=True)
+class ModerationOutput:
+    id: str
+    model: str
+    results: list[Any]  # service.safety.ModerationResult, one per input
+
+
+def moderate(state: AppState, caller: Caller, model: str | None, texts: list[str]) -> ModerationOutput:
+    """The safety scanners as a classifier: every category found is flagged, whatever its action."""
+    check_request(state, caller)
+    if state.safety is None:
+        raise APIError("The safety filter is off on this server (--no-safety).", "invalid_request", "input")
+    if not texts:
+        raise APIError("input must not be empty.", "invalid_value", "input")
+    limit = state.config.limits.max_embedding_inputs
+    if len(texts) > limit:
+        raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
+    return ModerationOutput(f"modr-{uuid.uuid4().hex}", model or MODERATION_MODEL, state.safety.moderate(texts))
 
 
 # -- models -----------------------------------------------------------------------------------------------

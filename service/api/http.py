@@ -48,13 +48,22 @@ from service.api.handlers import (
     TokenizeInput,
     chat_logprobs,
     detokenize,
+    moderate,
     prepare_chat,
     prepare_completion,
     prepare_embedding,
     served_models,
     tokenize,
 )
-from service.api.middleware import KEY_ID_SCOPE, AccountingMiddleware, AuthMiddleware, BodyLimitMiddleware, access_record
+from service.api.middleware import (
+    KEY_ID_SCOPE,
+    SENT_CONTENT_TYPE_SCOPE,
+    AccountingMiddleware,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    JsonBodyMiddleware,
+    access_record,
+)
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.state import readiness
 
@@ -178,6 +187,14 @@ def _install_error_handlers(app: FastAPI, state: AppState) -> None:
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         error = validation_error(exc)
+        sent = request.scope.get(SENT_CONTENT_TYPE_SCOPE)
+        if error.code == "invalid_json" and sent is not None:
+            error = APIError(
+                f"{error.message}. The body was sent with content-type: {sent}; lmserve reads every POST body "
+                "as JSON (send it with content-type: application/json).",
+                error.code,
+                error.param,
+            )
         observe_error(state, access_record(request.scope), error.code)
         return error_response(error)
 
@@ -772,6 +789,17 @@ def create_app(state: AppState) -> FastAPI:
                 return _json(card, {})
         raise APIError(f"The model '{model_id}' does not exist.", "model_not_found", "model")
 
+    @app.post("/v1/moderations", response_model=schemas.ModerationResponse, responses=_BODY_ERRORS, tags=["openai"])
+    async def create_moderation(body: schemas.ModerationRequest, request: Request) -> Response:
+        """OpenAI moderations, backed by the safety filter's scanners: every category found is flagged."""
+        who = caller(request)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        out = moderate(state, who, body.model, texts)
+        response = schemas.ModerationResponse(
+            id=out.id, model=out.model, results=[schemas.ModerationResult(**r.to_dict()) for r in out.results]
+        )
+        return _json(response, who.response_headers)
+
     @app.post("/tokenize", response_model=schemas.TokenizeResponse, responses=_BODY_ERRORS, tags=["tokens"])
     async def tokenize(body: schemas.TokenizeRequest) -> Response:
         """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
@@ -822,7 +850,9 @@ def create_app(state: AppState) -> FastAPI:
     app.openapi = lambda: build_openapi(app, limit_values)  # type: ignore[method-assign]
 
     # Middleware: the last added runs first. Accounting (outermost, so every response, CORS preflights
-    # included, carries the request id and gets an access line) -> CORS -> auth -> body limit -> app.
+    # included, carries the request id and gets an access line) -> CORS -> auth -> body limit -> JSON
+    # body -> app.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, state=state, max_body_bytes=state.config.limits.max_request_body_bytes)
     open_paths = PROBE_PATHS | ({"/metrics"} if state.config.metrics_open else set())
     app.add_middleware(AuthMiddleware, state=state, open_paths=frozenset(open_paths))

@@ -1,5 +1,5 @@
 """Pure-ASGI middleware for the HTTP transport: accounting (request ids, metrics, access line, trace),
-API-key auth and the request body limit.
+API-key auth, the request body limit and JSON bodies whatever their content-type.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a client
 disconnect still reaches the handler's `receive`.
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 KEY_ID_SCOPE = "lmserve.key_id"  # scope entry the auth middleware sets for handlers (rate limits)
 RECORD_SCOPE = "lmserve.record"  # scope entry: the request's AccessRecord, which handlers fill in
+SENT_CONTENT_TYPE_SCOPE = "lmserve.sent_content_type"  # the client's content-type, when it was not JSON
 REQUEST_ID_HEADER = b"x-request-id"
 TRANSPORT = "http"
 
@@ -34,6 +35,7 @@ _KNOWN_ENDPOINTS = frozenset(
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/embeddings",
+        "/v1/moderations",
         "/v1/models",
         "/tokenize",
         "/detokenize",
@@ -200,6 +202,33 @@ class BodyLimitMiddleware:
         error = self._too_large()
         observe_error(self.state, access_record(scope), error.code)
         await send_error(send, error)
+
+
+def is_json_content_type(value: str) -> bool:
+    media_type = value.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+class JsonBodyMiddleware:
+    """Every POST body is read as JSON, whatever its content-type says.
+
+    `curl -d` sends `application/x-www-form-urlencoded`, and some clients send no content-type or
+    `text/plain`; FastAPI would then not parse the body and answer that it is not an object. The header is
+    set to application/json before FastAPI reads the body, and the client's value is kept in
+    scope[SENT_CONTENT_TYPE_SCOPE], so that a body that is not JSON gets an error naming the header.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            sent = header_value(scope, b"content-type")
+            if sent is None or not is_json_content_type(sent):
+                scope[SENT_CONTENT_TYPE_SCOPE] = sent or "(none)"
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        await self.app(scope, receive, send)
 
 
 def _replay(body: bytes, receive: Receive) -> Callable[[], Any]:

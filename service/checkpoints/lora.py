@@ -1,8 +1,11 @@
 """PEFT LoRA adapters: merge into their base model once and cache the merged safetensors folder.
 
 Cache entry: `cache_dir / f"{adapter_name}-lora-{key}"`, key = hash of the adapter folder's bytes
-(adapters are small), the base folder's path and the stat of its config and weight files (cheap,
-and catches a base replaced in place), plus the peft/transformers versions.
+(adapters are small) and of the base's config and weight files (their content hashes, computed once
+and remembered by size and mtime: fingerprint.py), plus the peft/transformers versions. Keyed by
+content, so the same adapter on the same base merges once whichever folders they are read from. Each
+adapter folder that resolves to an entry is recorded in `cache_dir/.lora-users/`, so that `lmserve cache`
+knows which entries something still uses.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.checkpoints.errors import CheckpointError, one_line
+from service.checkpoints.fingerprint import file_sha256
 from service.checkpoints.weights import (
     CACHE_MARKER,
     PICKLE_HINT,
@@ -25,9 +29,12 @@ from service.checkpoints.weights import (
     read_json_object,
     save_plain_model,
     weight_files,
+    write_json_atomic,
     write_marker,
 )
+from service.progress import progress_step
 
+USERS_DIR = ".lora-users"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
@@ -64,18 +71,16 @@ def check_adapter_weights(adapter_dir: Path, allow_pickle: bool) -> None:
         raise CheckpointError(f"{adapter_dir} has no adapter weights: expected {ADAPTER_SAFETENSORS}")
 
 
-def lora_cache_key(adapter_dir: Path, base_path: Path, allow_pickle: bool) -> str:
-    digest = hashlib.sha256()
+def lora_cache_key(adapter_dir: Path, base_path: Path, cache_dir: Path, allow_pickle: bool = False) -> str:
+    digest = hashlib.sha256(b"lora\0")
     for file in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(adapter_dir)).encode() + b"\0")
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         digest.update(b"\0")
-    digest.update(str(base_path.resolve()).encode() + b"\0")
     for file in [base_path / "config.json", *weight_files(base_path, allow_pickle)]:
-        st = file.stat()
-        digest.update(f"{file.name}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+        digest.update(f"{file.name}:{file_sha256(file, cache_dir)}\0".encode())
     for dist in ("peft", "transformers"):
         digest.update(importlib.metadata.version(dist).encode() + b"\0")
     return digest.hexdigest()[:12]
@@ -85,10 +90,39 @@ def merge_lora(adapter_dir: Path, base_path: Path, cache_dir: Path, allow_pickle
     """The cached merged folder for `adapter_dir` applied to the HF folder `base_path`."""
     adapter_dir = Path(adapter_dir).resolve()
     check_adapter_weights(adapter_dir, allow_pickle)
-    final = Path(cache_dir) / f"{adapter_dir.name}-lora-{lora_cache_key(adapter_dir, base_path, allow_pickle)}"
-    if is_complete(final):
-        return final
-    return publish_folder(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
+    final = Path(cache_dir) / f"{adapter_dir.name}-lora-{lora_cache_key(adapter_dir, base_path, cache_dir, allow_pickle)}"
+    if not is_complete(final):
+        with progress_step(f"merging LoRA adapter {adapter_dir.name} into {base_path.name} (once per adapter and base)"):
+            publish_folder(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
+    remember_user(Path(cache_dir), adapter_dir, base_path, final)
+    return final
+
+
+def user_record_path(cache_dir: Path, adapter_dir: Path) -> Path:
+    return cache_dir / USERS_DIR / f"{hashlib.sha256(str(adapter_dir).encode()).hexdigest()[:24]}.json"
+
+
+def remember_user(cache_dir: Path, adapter_dir: Path, base_path: Path, entry: Path) -> None:
+    """Record that `adapter_dir` (on `base_path`) resolves to the cache entry `entry`; a later resolve of
+    the same folder to another entry (the adapter changed) replaces the record."""
+    record = {"adapter": str(adapter_dir), "base": str(Path(base_path).resolve()), "entry": entry.name}
+    path = user_record_path(cache_dir, adapter_dir)
+    if read_json_record(path) != record:
+        write_json_atomic(path, record)
+
+
+def read_json_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def user_records(cache_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    folder = Path(cache_dir) / USERS_DIR
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return [(f, read_json_record(f)) for f in files]
 
 
 def _stored_dtype(base_path: Path) -> str:

@@ -164,6 +164,13 @@ def load_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
 # ---- writing folders into the cache -------------------------------------------------------------
 
 
+def tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def is_complete(folder: Path) -> bool:
     """A cache folder is complete once its marker exists (the marker is written last, then renamed in)."""
     return (folder / CACHE_MARKER).is_file()
@@ -171,6 +178,21 @@ def is_complete(folder: Path) -> bool:
 
 def write_marker(folder: Path, info: dict[str, Any]) -> None:
     (folder / CACHE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> bool:
+    """Write a small JSON record through a temp file and a rename (concurrent writers never interleave);
+    False when the cache is read-only, which only costs the record."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:

@@ -34,6 +34,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop has died; every in-flight stream ends with this."""
 
 
+class EngineStoppedError(EngineDeadError):
+    """The engine was stopped (the server is shutting down) before this stream finished."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for probes and metrics.

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from service.config import EngineConfig
-from service.engine.base import EngineDeadError, EngineStats, RequestRejected, StepStats
+from service.engine.base import EngineDeadError, EngineStats, EngineStoppedError, RequestRejected, StepStats
 from service.engine.block_manager import BlockManager
 from service.engine.grammar import (
     GrammarCompiler,
@@ -80,6 +80,7 @@ class NativeEngine:
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._open_queues: set[asyncio.Queue] = set()  # event loop only: the queues generate() is reading
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -120,6 +121,10 @@ class NativeEngine:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        # End the streams still being read now: the engine thread only notices after its current step,
+        # which on a loaded CPU can take a second. (It fails them again then, into queues nobody reads.)
+        for queue in self._open_queues:
+            queue.put_nowait(EngineStoppedError("the engine stopped"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
@@ -154,9 +159,12 @@ class NativeEngine:
         vocab = self.runner.vocab_size
         if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
             raise RequestRejected(f"prompt token ids must lie in [0, {vocab})", code="invalid_value", param="prompt")
-        reason = self.scheduler.can_ever_fit(len(request.prompt_token_ids), request.sampling.max_tokens)
+        num_prompt_tokens = len(request.prompt_token_ids)
+        reason = self.scheduler.can_ever_fit(num_prompt_tokens, request.sampling.max_tokens)
         if reason is not None:
-            raise RequestRejected(reason, code="context_length_exceeded", param="max_tokens")
+            # Name what the client must change: the prompt when even one output token cannot fit beside it.
+            prompt_alone = self.scheduler.can_ever_fit(num_prompt_tokens, 1) is not None
+            raise RequestRejected(reason, code="context_length_exceeded", param="prompt" if prompt_alone else "max_tokens")
         structured = request.sampling.structured
         if structured is not None:
             try:
@@ -175,6 +183,7 @@ class NativeEngine:
         if seed is not None and not request.sampling.is_greedy:
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         queue: asyncio.Queue = asyncio.Queue()
+        self._open_queues.add(queue)
         stream = _Stream(req, SequenceOutput(self.tokenizer, req, request.request_id), queue, generator)
         self._inbox.append(stream)
         self._wake.set()
@@ -190,6 +199,7 @@ class NativeEngine:
                     finished = True
                     return
         finally:
+            self._open_queues.discard(queue)
             if not finished:
                 self._aborts.append(internal_id)
                 self._wake.set()
@@ -215,7 +225,7 @@ class NativeEngine:
             raise
         finally:
             self._is_alive = False
-            self._fail(list(self._streams.values()), EngineDeadError("the engine stopped"))
+            self._fail(list(self._streams.values()), EngineStoppedError("the engine stopped"))
 
     def _take_inbox(self) -> None:
         while self._inbox:

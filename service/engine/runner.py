@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from service.checkpoints import CheckpointError, check_generation_architecture, load_weights
+from service.checkpoints import CheckpointError, check_generation_architecture, load_weights, weight_files
 from service.config import EngineConfig
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata
 from service.engine.modeling.llama import LlamaForCausalLM
 from service.engine.scheduler import SchedulerOutput
+from service.progress import progress_step, size_text
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,11 @@ class ModelRunner:
         model = model.to_empty(device=self.device).to(self.dtype)
         # The rotary buffer must keep its float32 values (to_empty leaves it uninitialised).
         model.rotary = model.rotary.__class__(hf_config).to(self.device)
+        num_bytes = sum(f.stat().st_size for f in weight_files(model_path, config.allow_pickle))
+        dtype_name = str(self.dtype).removeprefix("torch.")
         try:
-            model.load_hf_weights(load_weights(model_path, allow_pickle=config.allow_pickle))
+            with progress_step(f"loading the weights of {Path(model_path).name} ({size_text(num_bytes)}) as {dtype_name}"):
+                model.load_hf_weights(load_weights(model_path, allow_pickle=config.allow_pickle))
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{model_path}: weights do not fit the {hf_config.model_type} architecture: {exc}") from None
         self.model = model.eval()

@@ -45,6 +45,19 @@ OVERLOAD_KEY = "test-key-overload"
 HEADERS_KEY = "test-key-headers"
 GRPC_RATE_KEY = "test-key-grpc-rate"
 GRPC_QUEUE_KEY = "test-key-grpc-queue"
+GUARDED_KEY = "test-key-guarded"
+# The default policy, but for an output block list: the bundled model answers "The capital of France is"
+# with " Paris." (greedy, float32), which this policy must stop before any of it leaves.
+GUARDED_POLICY = """
+version: 1
+categories:
+  injection: {input: block, output: off, threshold: 0.5}
+  secrets: {input: block, output: redact, threshold: 0.5}
+  pii: {input: flag, output: redact, threshold: 0.5}
+  toxicity: {input: flag, output: block, threshold: 0.9}
+  unicode: {input: strip, output: strip, threshold: 0.5}
+  blocklist: {input: block, output: block, threshold: 0.5, terms: [Paris], patterns: []}
+"""
 FUZZ_KEY = "test-key-fuzz"
 
 MAX_MODEL_LEN = 512
@@ -94,6 +107,7 @@ class Servers:
     main: LiveServer
     limited: LiveServer
     fuzz: LiveServer
+    guarded: LiveServer  # the safety filter under GUARDED_POLICY, which blocks "Paris" in output
 
 
 def _bind() -> socket.socket:
@@ -175,7 +189,11 @@ def serve_config(cache_dir: Path) -> ServeConfig:
 
 
 @pytest.fixture(scope="session")
-def servers(serve_config: ServeConfig, smollm2_dir: Path, minilm_dir: Path) -> Iterator[Servers]:
+def servers(
+    serve_config: ServeConfig, smollm2_dir: Path, minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Servers]:
+    from service.safety import SafetyFilter
+
     base = build_state(serve_config)
     limited = with_config(
         base,
@@ -195,13 +213,20 @@ def servers(serve_config: ServeConfig, smollm2_dir: Path, minilm_dir: Path) -> I
             limits=replace(LIMITS, max_tokens_cap=4, max_n=2, max_prompts=2, max_stop_strings=2, max_embedding_inputs=4),
         ),
     )
-    thread = ServerThread(base, {"main": base, "limited": limited, "fuzz": fuzz})
+    guarded = with_config(base, replace(serve_config, api_keys=(GUARDED_KEY,)))
+    policy = tmp_path_factory.mktemp("policy") / "guarded.yaml"
+    policy.write_text(GUARDED_POLICY)
+    guarded.safety = SafetyFilter.from_policy(policy)
+    thread = ServerThread(base, {"main": base, "limited": limited, "fuzz": fuzz, "guarded": guarded})
     thread.start()
     try:
         yield Servers(
             main=LiveServer("main", thread.port("main"), base, API_KEY, thread.grpc_port("main"), thread.loop),
             limited=LiveServer("limited", thread.port("limited"), limited, LIMITED_KEY, thread.grpc_port("limited"), thread.loop),
             fuzz=LiveServer("fuzz", thread.port("fuzz"), fuzz, FUZZ_KEY, thread.grpc_port("fuzz"), thread.loop),
+            guarded=LiveServer(
+                "guarded", thread.port("guarded"), guarded, GUARDED_KEY, thread.grpc_port("guarded"), thread.loop
+            ),
         )
     finally:
         thread.stop()

@@ -77,7 +77,7 @@ def test_every_method_of_the_proto_is_served() -> None:
         for method in service.methods
     }
     assert {m.path for m in METHODS} == declared
-    assert len(declared) == 8
+    assert len(declared) == 9
 
 
 def test_complete_and_stream(server: LiveServer) -> None:
@@ -411,7 +411,9 @@ def test_cancel_midway_frees_kv_blocks(server: LiveServer, http: httpx.Client) -
             seen = 0
             async for _ in call:
                 seen += 1
-                if seen == 40:  # the prompt and 40 tokens fill blocks beyond the cached prefix
+                # The safety filter releases text a sentence at a time: a few messages in, the request is
+                # still early in its 250 tokens, holding blocks beyond the cached prompt prefix.
+                if seen == 2:
                     assert server.state.engine.stats().num_running == 1
                     assert _kv_used(server) > baseline
                     call.cancel()
@@ -421,7 +423,7 @@ def test_cancel_midway_frees_kv_blocks(server: LiveServer, http: httpx.Client) -
     run(go())
     cancelled = {"endpoint": "/lmserve.v1.Generation/CompleteStream", "transport": "grpc", "status": "CANCELLED"}
     wanted = metric_value(before, "lmserve_requests_total", cancelled) + 1
-    deadline = time.monotonic() + 5  # the server counts the RPC once its handler has unwound
+    deadline = time.monotonic() + 30  # the server counts the RPC once its handler has unwound
     while metric_value(after := http.get("/metrics").text, "lmserve_requests_total", cancelled) < wanted:
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -483,12 +485,13 @@ def test_health_follows_readiness(server: LiveServer) -> None:
     run(go())
 
 
-def test_reflection_lists_the_four_services(server: LiveServer) -> None:
+def test_reflection_lists_the_services(server: LiveServer) -> None:
     def go() -> None:
         with grpc.insecure_channel(server.grpc_target) as channel:
             db = ProtoReflectionDescriptorDatabase(channel)
             services = set(db.get_services())
-            assert {f"lmserve.v1.{s}" for s in ("Generation", "Embeddings", "Tokenization", "Models")} <= services
+            names = ("Generation", "Embeddings", "Tokenization", "Models", "Moderations")
+            assert {f"lmserve.v1.{s}" for s in names} <= services
             assert "grpc.health.v1.Health" in services
             desc = db.FindFileContainingSymbol("lmserve.v1.Generation")
             assert desc.name == "lmserve/v1/lmserve.proto"
@@ -655,7 +658,7 @@ def test_proto_compiles_with_plain_protoc(tmp_path: Path) -> None:
     files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     [proto] = files.file
     assert proto.package == "lmserve.v1"
-    assert [s.name for s in proto.service] == ["Generation", "Embeddings", "Tokenization", "Models"]
+    assert [s.name for s in proto.service] == ["Generation", "Embeddings", "Tokenization", "Models", "Moderations"]
     assert json.dumps([m.name for m in proto.service[0].method]) == json.dumps(
         ["Complete", "CompleteStream", "Chat", "ChatStream"]
     )

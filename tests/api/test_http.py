@@ -118,6 +118,31 @@ def test_malformed_json_is_400(http: httpx.Client) -> None:
     assert _error(resp)["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain", "application/json; charset=utf-8"])
+def test_json_body_is_read_whatever_the_content_type(http: httpx.Client, content_type: str | None) -> None:
+    # `curl -d` sends application/x-www-form-urlencoded; some clients send nothing or text/plain.
+    headers = {"content-type": content_type} if content_type else {}
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    resp = http.post("/v1/completions", content=body, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 2
+    embed = http.post("/v1/embeddings", content=json.dumps({"input": "a cat"}), headers=headers)
+    assert embed.status_code == 200 and len(embed.json()["data"][0]["embedding"]) == 384
+
+
+def test_a_body_that_is_not_json_names_the_content_type_it_came_with(http: httpx.Client) -> None:
+    form = http.post("/v1/completions", content="prompt=Hello&max_tokens=2",
+                     headers={"content-type": "application/x-www-form-urlencoded"})
+    error = _error(form)
+    assert form.status_code == 400 and error["code"] == "invalid_json"
+    assert "The body was sent with content-type: application/x-www-form-urlencoded" in error["message"]
+    assert "send it with content-type: application/json" in error["message"]
+    bare = _error(http.post("/v1/chat/completions", content="hello"))
+    assert bare["code"] == "invalid_json" and "content-type: (none)" in bare["message"]
+    as_json = _error(http.post("/v1/completions", content="{bad", headers={"content-type": "application/json"}))
+    assert as_json["code"] == "invalid_json" and "content-type" not in as_json["message"]
+
+
 def test_validation_errors_are_400_with_param(http: httpx.Client) -> None:
     missing = http.post("/v1/completions", json={"model": MODEL})
     assert missing.status_code == 400

@@ -256,13 +256,12 @@ def test_rate_limit_and_overload_rejections_are_counted(server: LiveServer) -> N
     assert metrics.value("lmserve_safety_decisions_total") == 0
 
 
-def test_safety_decisions_are_counted_by_action_and_category() -> None:
-    """The safety filter is not built yet; its recording method is, with its bounded labels."""
+def test_safety_decisions_are_counted_by_direction_category_and_action() -> None:
     metrics = Metrics(MODEL)
-    metrics.observe_safety("block", "violence")
-    metrics.observe_safety("block", "violence")
-    metrics.observe_safety("allow", "none")
+    metrics.observe_safety("input", "injection", "block")
+    metrics.observe_safety("input", "injection", "block")
+    metrics.observe_safety("output", "pii", "redact")
     scraped = Scrape(metrics.render().decode())
-    assert scraped.value("lmserve_safety_decisions_total", action="block", category="violence") == 2
-    assert scraped.value("lmserve_safety_decisions_total", action="allow") == 1
+    assert scraped.value("lmserve_safety_decisions_total", direction="input", category="injection", action="block") == 2
+    assert scraped.value("lmserve_safety_decisions_total", direction="output", action="redact") == 1
     assert scraped.value("lmserve_safety_decisions_total") == 3

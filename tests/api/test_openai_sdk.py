@@ -188,6 +188,26 @@ def test_error_context_length_exceeded(openai_client: openai.OpenAI) -> None:
         openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=200)
     assert info.value.code == "context_length_exceeded"
     assert info.value.body["param"] == "max_tokens"
+    assert "reduce max_tokens to at most" in info.value.message
+
+
+def test_context_length_error_names_the_prompt_when_it_alone_is_too_long(openai_client: openai.OpenAI) -> None:
+    too_long = "hello " * (MAX_MODEL_LEN + 10)
+    for max_tokens in (5, None):  # whatever max_tokens says, the prompt is what must change
+        with pytest.raises(openai.BadRequestError) as info:
+            openai_client.completions.create(model=MODEL, prompt=too_long, **({"max_tokens": max_tokens} if max_tokens else {}))
+        assert (info.value.code, info.value.body["param"]) == ("context_length_exceeded", "prompt")
+        assert "leaves no room for a completion" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": too_long}], max_tokens=5)
+    assert (info.value.code, info.value.body["param"]) == ("context_length_exceeded", "messages")
+    # Prompt and output together too long: the output's field, under the name the client used.
+    fits = "hello " * (MAX_MODEL_LEN // 2)
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": fits}], max_completion_tokens=MAX_MODEL_LEN // 2
+        )
+    assert (info.value.code, info.value.body["param"]) == ("context_length_exceeded", "max_completion_tokens")
 
 
 def test_error_bad_params(openai_client: openai.OpenAI) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -14,7 +15,9 @@ import torch
 import transformers
 
 from service.checkpoints import CheckpointError, bundled_location, load_weights, resolve_model
+from service.checkpoints import fingerprint
 from service.checkpoints import gguf as gguf_mod
+from service.progress import PROGRESS_LOGGER
 
 
 def _refuse(*args, **kwargs):
@@ -31,7 +34,7 @@ def test_second_resolve_is_fast_and_loads_nothing(smollm2_dir: Path, cache_dir: 
     assert time.perf_counter() - start < 1.0
     assert by_id.path == by_path.path == smollm2_dir
     assert (by_path.source, by_path.name) == ("gguf", "SmolLM2-135M-Instruct.Q4_1")
-    assert smollm2_dir.name == f"SmolLM2-135M-Instruct.Q4_1-{gguf_mod.gguf_cache_key(gguf_file)}"
+    assert smollm2_dir.name == f"SmolLM2-135M-Instruct.Q4_1-{gguf_mod.gguf_cache_key(gguf_file, cache_dir)}"
 
 
 def test_converted_folder_matches_transformers_gguf_load(smollm2_dir: Path) -> None:
@@ -68,11 +71,11 @@ def test_converted_tokenizer_matches_gguf_tokenizer(smollm2_dir: Path) -> None:
 # ---- cache mechanics, on a tiny valid GGUF with the heavy conversion replaced ----------------------
 
 
-def _write_tiny_gguf(path: Path) -> Path:
+def _write_tiny_gguf(path: Path, scale: float = 1.0) -> Path:
     from gguf import GGUFWriter
 
     writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.arange(8, dtype=np.float32).reshape(2, 4))
+    writer.add_tensor("token_embd.weight", scale * np.arange(8, dtype=np.float32).reshape(2, 4))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -91,20 +94,51 @@ def _fake_converter(calls: list[Path], delay: float = 0.0):
     return convert
 
 
-def test_convert_once_then_cache_hit(tmp_path: Path, monkeypatch) -> None:
+def _progress(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER and r.levelno == logging.INFO]
+
+
+def test_convert_once_then_cache_hit(tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
     calls: list[Path] = []
     monkeypatch.setattr(gguf_mod, "_convert_into", _fake_converter(calls))
     gguf_file = _write_tiny_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
     first = resolve_model(str(gguf_file), cache)
+    (line,) = _progress(caplog)  # the one slow step of a first run says what it does
+    assert line.startswith(f"converting tiny.gguf (") and f"float32 safetensors folder in {cache} (once per file" in line
+    caplog.clear()
     second = resolve_model(str(gguf_file), cache)
-    assert first == second and len(calls) == 1
+    assert first == second and len(calls) == 1 and _progress(caplog) == []
     assert first.path.name.startswith("tiny-") and first.path.parent == cache
-    assert sorted(p.name for p in cache.iterdir()) == [first.path.name]  # no temp dir left behind
-    # Editing the file changes its mtime: a new entry, never the stale one.
+    assert sorted(p.name for p in cache.iterdir()) == [".sources", first.path.name]  # no temp dir left behind
+    # Touching the file without changing its bytes: hashed again, the same entry.
     os.utime(gguf_file, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert resolve_model(str(gguf_file), cache).path == first.path and len(calls) == 1
+    # New content: a new entry, never the stale one.
+    _write_tiny_gguf(gguf_file, scale=2.0)
     third = resolve_model(str(gguf_file), cache)
     assert third.path != first.path and len(calls) == 2
+
+
+def test_cache_is_keyed_by_content_so_clones_share_it(tmp_path: Path, monkeypatch) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(gguf_mod, "_convert_into", _fake_converter(calls))
+    cache = tmp_path / "cache"
+    clone_a, clone_b = tmp_path / "clone-a" / "tiny.gguf", tmp_path / "clone-b" / "tiny.gguf"
+    clone_a.parent.mkdir()
+    clone_b.parent.mkdir()
+    _write_tiny_gguf(clone_a)
+    clone_b.write_bytes(clone_a.read_bytes())
+    renamed = tmp_path / "renamed.gguf"
+    renamed.write_bytes(clone_a.read_bytes())
+    folders = {resolve_model(str(p), cache).path for p in (clone_a, clone_b, renamed)}
+    assert len(folders) == 1 and len(calls) == 1  # one conversion for the three copies
+    # Each path was hashed once and is remembered by size and mtime: a second round reads no file.
+    records = sorted((cache / ".sources").glob("*.json"))
+    assert len(records) == 3
+    monkeypatch.setattr(fingerprint, "_hash_file", _refuse)
+    assert {resolve_model(str(p), cache).path for p in (clone_a, clone_b, renamed)} == folders
 
 
 def test_incomplete_folder_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
@@ -116,7 +150,7 @@ def test_incomplete_folder_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
     (final / "config.json").write_text("{")
     assert resolve_model(str(gguf_file), tmp_path / "cache").path == final
     assert len(calls) == 1 and json.loads((final / "config.json").read_text()) == {"model_type": "llama"}
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [final.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".sources", final.name]
 
 
 def test_concurrent_converters_publish_one_complete_folder(tmp_path: Path, monkeypatch) -> None:
@@ -147,7 +181,7 @@ def test_concurrent_converters_publish_one_complete_folder(tmp_path: Path, monke
     stop.set()
     watcher.join()
     assert results == [final] * 3 and not seen_partial
-    assert sorted(p.name for p in cache.iterdir()) == [final.name]
+    assert sorted(p.name for p in cache.iterdir()) == [".sources", final.name]
     assert (final / "config.json").is_file()
 
 
@@ -169,4 +203,5 @@ def test_truncated_gguf(tmp_path: Path) -> None:
         cut.write_bytes(f.read(4 << 20))  # header and metadata, but only part of the tensor data
     with pytest.raises(CheckpointError, match="cut.gguf is not a valid GGUF file .corrupt or truncated"):
         resolve_model(str(cut), tmp_path / "cache")
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    cache = tmp_path / "cache"
+    assert not cache.exists() or [p.name for p in cache.iterdir()] == [".sources"]  # only the file's hash

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from service.cache import list_cache, prune_cache
 from service.checkpoints import CheckpointError, export_model, load_weights, resolve_model, validate_model_folder
+from service.progress import PROGRESS_LOGGER
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,38 @@ def test_adapter_with_unresolvable_base(adapter_dir: Path, tmp_path: Path) -> No
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="base model of LoRA adapter .*nothing is downloaded"):
         resolve_model(str(folder), tmp_path / "cache")
+
+
+def test_clones_share_one_merge_announced_once_and_prune_drops_it_when_gone(
+    tiny_llama_dir: Path, adapter_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two clones holding the same adapter and base (the base named relative to the adapter) merge once:
+    the cache is keyed by content, not by where the folders lie."""
+    caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
+    cache = tmp_path / "cache"
+    clones = [tmp_path / "clone-a", tmp_path / "clone-b"]
+    for clone in clones:
+        shutil.copytree(tiny_llama_dir, clone / "base")
+        shutil.copytree(adapter_dir, clone / "tiny-lora")
+        config_path = clone / "tiny-lora" / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = "../base"
+        config_path.write_text(json.dumps(config))
+    merged = {resolve_model(str(clone / "tiny-lora"), cache).path for clone in clones}
+    assert len(merged) == 1
+    merges = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER and r.levelno == logging.INFO]
+    assert merges == ["merging LoRA adapter tiny-lora into base (once per adapter and base)"]
+    (entry,) = [e for e in list_cache(cache).entries if e.kind == "lora"]
+    assert entry.path in merged and entry.is_used
+
+    shutil.rmtree(clones[0])  # the clone that merged it: the other one still uses the entry
+    assert [e.is_used for e in list_cache(cache).entries if e.kind == "lora"] == [True]
+    removed, stale = prune_cache(cache)
+    assert removed == [] and entry.path.is_dir()
+    # Dropped: clone-a's adapter record and the hashes of its base's files (config.json, model.safetensors).
+    assert sorted(p.parent.name for p in stale) == [".lora-users", ".sources", ".sources"]
+    shutil.rmtree(clones[1])
+    assert [e.is_used for e in list_cache(cache).entries if e.kind == "lora"] == [False]
+    removed, stale = prune_cache(cache)
+    assert [e.path for e in removed] == [entry.path] and not entry.path.exists()
+    assert sorted(p.parent.name for p in stale) == [".lora-users", ".sources", ".sources"]

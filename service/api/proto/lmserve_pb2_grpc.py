@@ -499,3 +499,84 @@ class Models:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModerationsStub:
+    """The safety filter's scanners as a classifier (OpenAI's moderation shape): every category any scanner
+    finds is flagged, whatever the policy's action for it. With the filter off (--no-safety) the call is
+    INVALID_ARGUMENT.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Moderate = channel.unary_unary(
+                '/lmserve.v1.Moderations/Moderate',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.ModerationRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.ModerationResponse.FromString,
+                _registered_method=True)
+
+
+class ModerationsServicer:
+    """The safety filter's scanners as a classifier (OpenAI's moderation shape): every category any scanner
+    finds is flagged, whatever the policy's action for it. With the filter off (--no-safety) the call is
+    INVALID_ARGUMENT.
+    """
+
+    def Moderate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModerationsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Moderate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Moderate,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.ModerationRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.ModerationResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lmserve.v1.Moderations', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lmserve.v1.Moderations', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Moderations:
+    """The safety filter's scanners as a classifier (OpenAI's moderation shape): every category any scanner
+    finds is flagged, whatever the policy's action for it. With the filter off (--no-safety) the call is
+    INVALID_ARGUMENT.
+    """
+
+    @staticmethod
+    def Moderate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Moderations/Moderate',
+            lmserve_dot_v1_dot_lmserve__pb2.ModerationRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.ModerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -6,9 +6,9 @@ Why C: a decode step's attention is thousands of tiny (query heads x context) pr
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
 than the model's own matmuls at 64 sequences. The kernel reads blocks in place.
 
-Built with the system C compiler into the lmserve cache (keyed by the sources' hash, the compiler
-flags and the CPU's instruction-set flags, since -march=native code may not run on another CPU sharing
-the cache), under a file lock so concurrent processes build it once. Without a compiler `load_kernel()`
+Built with the system C compiler into the lmserve cache (kernel_cache.py: keyed by the sources' hash,
+the compiler flags and the CPU's instruction-set flags, since -march=native code may not run on another
+CPU sharing the cache), under a file lock so concurrent processes build it once. Without a compiler `load_kernel()`
 returns None and attention falls back to torch ops (EngineConfig.attention chooses; "torch" forces them).
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -29,19 +28,18 @@ from pathlib import Path
 
 import torch
 
+from service.engine.modeling import kernel_cache
+from service.progress import progress_step
+
 log = logging.getLogger(__name__)
 
-_DIR = Path(__file__).parent
-_SOURCES = tuple(sorted(_DIR.glob("*.c")))  # compiled into one library
-_HEADERS = tuple(sorted(_DIR.glob("*.h")))  # included by them: part of the cache key too
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _C_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def _cache_dir() -> Path:
     from service.config import default_cache_dir  # the config layer is the only reader of LMSERVE_*
 
-    return default_cache_dir() / "kernels"
+    return default_cache_dir()
 
 
 def _build(sources: tuple[Path, ...], target: Path) -> None:
@@ -50,32 +48,24 @@ def _build(sources: tuple[Path, ...], target: Path) -> None:
     if shutil.which(compiler) is None:
         raise FileNotFoundError(f"no C compiler ({compiler})")
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run([compiler, *_FLAGS, *map(str, sources), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    with progress_step(f"building the C kernels with {compiler} into {target.parent} (once per machine and source change; 5-30 s)"):
+        command = [compiler, *kernel_cache.FLAGS, *map(str, sources), "-o", str(tmp), "-lm"]
+        subprocess.run(command, check=True, capture_output=True, text=True)
     os.replace(tmp, target)  # atomic: a reader never sees a half-written library
 
 
 @cache
-def _cpu_flags() -> bytes:
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            return next((line for line in f if line.startswith(b"flags")), b"")
-    except OSError:
-        return b""
-
-
-@cache
 def load_kernel() -> ctypes.CDLL | None:
-    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
-    identity = source + " ".join(_FLAGS).encode() + os.uname().machine.encode() + _cpu_flags()
-    key = hashlib.sha256(identity).hexdigest()[:16]
-    directory = _cache_dir()
-    target = directory / f"paged_attention-{key}.so"
+    source_dir = kernel_cache.SOURCE_DIR
+    key = kernel_cache.kernel_key(source_dir)
+    target = kernel_cache.library_path(_cache_dir(), key)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / f"paged_attention-{key}.lock", "w") as lock:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
-                _build(_SOURCES, target)
+                _build(kernel_cache.sources(source_dir)[0], target)
+            kernel_cache.remember_user(target, source_dir)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
@@ -230,7 +220,7 @@ def gemm_available() -> bool:
     """gemm.c runs here: built with AVX-512 BF16, on a CPU without AMX (whose tile unit oneDNN drives far
     faster than vdpbf16ps can)."""
     lib = load_kernel()
-    return lib is not None and bool(lib.gemm_bf16_available()) and b"amx_bf16" not in _cpu_flags()
+    return lib is not None and bool(lib.gemm_bf16_available()) and b"amx_bf16" not in kernel_cache.cpu_flags()
 
 
 def gemm_supported(weight: torch.Tensor) -> bool:

@@ -1,0 +1,117 @@
+"""Where the C kernels' library is cached, its key, and which source folders still use each build.
+
+Torch-free, so `lmserve cache` can list and prune builds without importing torch. The library is
+`cache_dir/kernels/paged_attention-{key}.so`, key = hash of the C sources and headers, the compiler
+flags, the machine and its CPU's instruction-set flags (-march=native code may not run on another CPU
+sharing the cache). Beside it, `paged_attention-{key}.json` lists the source folders (checkouts) that
+loaded it; a build is still used while one of them exists and still hashes to its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+KERNELS_DIR = "kernels"
+LIBRARY_PREFIX = "paged_attention-"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+SOURCE_DIR = Path(__file__).parent
+
+
+@cache
+def cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
+def sources(source_dir: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(the .c files compiled into one library, the .h files they include), each sorted."""
+    return tuple(sorted(source_dir.glob("*.c"))), tuple(sorted(source_dir.glob("*.h")))
+
+
+def kernel_key(source_dir: Path) -> str:
+    c_files, headers = sources(source_dir)
+    source = b"".join(path.read_bytes() for path in (*c_files, *headers))
+    identity = source + " ".join(FLAGS).encode() + os.uname().machine.encode() + cpu_flags()
+    return hashlib.sha256(identity).hexdigest()[:16]
+
+
+def library_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / KERNELS_DIR / f"{LIBRARY_PREFIX}{key}.so"
+
+
+def users_path(library: Path) -> Path:
+    return library.with_suffix(".json")
+
+
+def read_users(library: Path) -> list[str]:
+    try:
+        users = json.loads(users_path(library).read_text()).get("source_dirs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(u) for u in users] if isinstance(users, list) else []
+
+
+def remember_user(library: Path, source_dir: Path) -> None:
+    """Add `source_dir` to the library's users (under the caller's build lock)."""
+    users = read_users(library)
+    if str(source_dir) in users:
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=library.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"source_dirs": [*users, str(source_dir)]}, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, users_path(library))
+    except OSError:
+        pass  # a read-only cache: the build is only reported as unused by `lmserve cache`
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    path: Path  # the .so
+    key: str
+    size_bytes: int
+    users: tuple[str, ...]  # source folders that loaded it
+    is_used: bool  # one of them exists and still hashes to `key`
+
+
+def kernel_builds(cache_dir: Path) -> list[KernelBuild]:
+    folder = Path(cache_dir) / KERNELS_DIR
+    libraries = sorted(folder.glob(f"{LIBRARY_PREFIX}*.so")) if folder.is_dir() else []
+    keys_of: dict[str, str | None] = {}  # a source folder -> its key now (None: gone)
+
+    def key_now(source_dir: str) -> str | None:
+        if source_dir not in keys_of:
+            keys_of[source_dir] = kernel_key(Path(source_dir)) if Path(source_dir).is_dir() else None
+        return keys_of[source_dir]
+
+    builds = []
+    for library in libraries:
+        key = library.stem.removeprefix(LIBRARY_PREFIX)
+        users = read_users(library)
+        # This checkout's build counts as used even before anything loaded it through remember_user.
+        is_used = key == key_now(str(SOURCE_DIR)) or any(key_now(u) == key for u in users)
+        builds.append(KernelBuild(library, key, library.stat().st_size, tuple(users), is_used))
+    return builds
+
+
+__all__ = [
+    "FLAGS",
+    "KERNELS_DIR",
+    "KernelBuild",
+    "cpu_flags",
+    "kernel_builds",
+    "kernel_key",
+    "library_path",
+    "remember_user",
+    "sources",
+]

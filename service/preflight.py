@@ -1,0 +1,159 @@
+"""What `lmserve serve` checks before the slow part (model conversion and loading), so that a mistake in
+a file or a port is reported in a second, not after a minute.
+
+    ports = preflight(config)      # raises PreflightError (one line for the user); holds the ports
+    state = build_state(config)    # slow
+    serve(state, ports)            # HTTP serves on ports.http_sockets; gRPC binds after ports.release_grpc()
+
+Checked:
+- the API key file: readable UTF-8 holding at least one key (an empty file would leave every endpoint
+  open while the operator believes it is guarded);
+- the gRPC TLS files: readable PEM;
+- the ports: HTTP and gRPC differ, and each can be bound on --host. The HTTP socket is bound here and
+  handed to uvicorn, so nothing can take the port while the models load; it listens only once the
+  server is ready, so clients are refused rather than left hanging meanwhile. gRPC binds by address and
+  cannot take a socket: its port is held by a socket closed just before grpc binds it.
+- the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.config import ServeConfig
+
+
+class PreflightError(ValueError):
+    """One line for the user (the CLI prints `error: <message>` and exits 2)."""
+
+
+@dataclass
+class PortReservation:
+    """Sockets bound (not listening) on the configured ports, held while the models load."""
+
+    http_sockets: list[socket.socket] = field(default_factory=list)
+    grpc_sockets: list[socket.socket] = field(default_factory=list)
+
+    def release_grpc(self) -> None:
+        for sock in self.grpc_sockets:
+            sock.close()
+        self.grpc_sockets = []
+
+    def close(self) -> None:
+        self.release_grpc()
+        for sock in self.http_sockets:
+            sock.close()
+        self.http_sockets = []
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PreflightError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise PreflightError(f"{what} {path} is a folder, not a file") from None
+    except PermissionError:
+        raise PreflightError(f"{what} {path} is not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise PreflightError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PreflightError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def check_api_key_file(path: str | Path) -> int:
+    """The number of keys in the file (one per line; blank lines and # comments skipped)."""
+    from service.api.auth import read_key_file
+
+    _read_text(Path(path), "API key file (--api-key-file)")
+    num_keys = len(read_key_file(path))
+    if num_keys == 0:
+        raise PreflightError(
+            f"API key file (--api-key-file) {path} holds no keys (one key per line; blank lines and lines starting with # are "
+            "skipped): refusing to start with every endpoint open"
+        )
+    return num_keys
+
+
+def check_pem_file(path: Path, what: str) -> None:
+    if "-----BEGIN" not in _read_text(path, what):
+        raise PreflightError(f"{what} {path} is not a PEM file (no -----BEGIN line)")
+
+
+def check_files(config: ServeConfig) -> None:
+    """Every file the configuration names that is read after the models load."""
+    if config.api_key_file:
+        check_api_key_file(config.api_key_file)
+    if config.grpc_port and config.grpc_tls_cert is not None:
+        check_pem_file(config.grpc_tls_cert, "gRPC TLS certificate (--grpc-tls-cert)")
+        assert config.grpc_tls_key is not None  # ServeConfig requires both
+        check_pem_file(config.grpc_tls_key, "gRPC TLS key (--grpc-tls-key)")
+        if config.grpc_tls_client_ca is not None:
+            check_pem_file(config.grpc_tls_client_ca, "gRPC TLS client CA (--grpc-tls-client-ca)")
+    if config.safety:
+        from service.safety import PolicyError, load_policy
+
+        try:
+            load_policy(config.safety_policy)  # the packaged default too: parsed, never assumed
+        except PolicyError as exc:
+            raise PreflightError(str(exc)) from None
+
+
+def bind_port(host: str, port: int, what: str) -> list[socket.socket]:
+    """Sockets bound to every address `host` resolves to (as uvicorn and grpc bind them), not listening."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PreflightError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], i[3], i[4]) for i in infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and grpc do
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.set_inheritable(True)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PreflightError(
+                f"{what} port {port} on {host} is already in use: stop what is using it or choose another port"
+            ) from None
+        if exc.errno == errno.EACCES:
+            raise PreflightError(f"{what} port {port} on {host}: permission denied (ports below 1024 need root)") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise PreflightError(f"--host {host} is not an address of this machine") from None
+        raise PreflightError(f"cannot bind {what} port {port} on {host}: {exc.strerror or exc}") from None
+    return sockets
+
+
+def reserve_ports(config: ServeConfig) -> PortReservation:
+    if config.port == 0 and config.grpc_port == 0:
+        raise PreflightError("--port and --grpc-port are both 0 (off): nothing to serve")
+    if config.port and config.port == config.grpc_port:
+        raise PreflightError(f"--port and --grpc-port are both {config.port}: HTTP and gRPC need a port each")
+    reservation = PortReservation()
+    try:
+        if config.port:
+            reservation.http_sockets = bind_port(config.host, config.port, "HTTP (--port)")
+        if config.grpc_port:
+            reservation.grpc_sockets = bind_port(config.host, config.grpc_port, "gRPC (--grpc-port)")
+    except PreflightError:
+        reservation.close()
+        raise
+    return reservation
+
+
+def preflight(config: ServeConfig) -> PortReservation:
+    """Check the files, then reserve the ports; raises PreflightError."""
+    check_files(config)
+    return reserve_ports(config)
+
+
+__all__ = ["PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_files", "preflight", "reserve_ports"]

@@ -1,0 +1,116 @@
+"""The scanners one direction runs, built once from the policy, and the pieces of a check both the
+whole-text checks (filter.py) and the stream guard (guard.py) share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.safety import blocklist, pii, secrets, unicode
+from service.safety.injection import score_injection
+from service.safety.policy import CATEGORIES, Policy
+from service.safety.spans import Finding, Hit, SpanPattern, SpanSet
+from service.safety.toxicity import ToxicityModel
+
+# Overlapping redactions take the placeholder of the earlier category here.
+_REDACTION_PRIORITY = {"secrets": 0, "pii": 1, "blocklist": 2, "unicode": 3}
+_CATEGORY_ORDER = {name: i for i, name in enumerate(CATEGORIES)}
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A sentence classifier's verdict on a text at or above its threshold."""
+
+    category: str
+    action: str
+    score: float
+    kinds: tuple[str, ...]
+
+
+def placeholder(finding: Finding) -> str:
+    if finding.category == "pii":
+        return pii.PLACEHOLDERS[finding.kind]
+    if finding.category == "secrets":
+        return secrets.PLACEHOLDER
+    return blocklist.PLACEHOLDER
+
+
+class Scanners:
+    """What runs on one direction. `direction` None means moderation: every category, action `flag`."""
+
+    def __init__(self, policy: Policy, direction: str | None, toxicity: ToxicityModel) -> None:
+        self.toxicity_model = toxicity
+        self.thresholds = {name: policy.threshold(name) for name in CATEGORIES}
+        self.actions = {
+            name: (policy.action(name, direction) if direction is not None else "flag") for name in CATEGORIES
+        }
+        patterns: list[SpanPattern] = []
+        if self.actions["secrets"] != "off":
+            patterns += secrets.secret_patterns()
+        if self.actions["pii"] != "off":
+            patterns += pii.pii_patterns(policy.pii_kinds, policy.phone_regions)
+        if self.actions["blocklist"] != "off":
+            patterns += blocklist.blocklist_patterns(policy.block_terms, policy.block_patterns)
+        if self.actions["unicode"] != "off":
+            patterns += unicode.confusable_patterns()
+        self.spans = SpanSet(patterns)
+        self.has_sentence_judges = self.actions["toxicity"] != "off" or self.actions["injection"] != "off"
+
+    def action_for(self, finding: Finding) -> str:
+        action = self.actions[finding.category]
+        # A confusable word cannot be stripped: under `strip` it is only flagged.
+        return "flag" if action == "strip" else action
+
+    def kept(self, hit: Hit) -> Hit | None:
+        """`hit` with only the findings at or above their category's threshold (None if none are)."""
+        findings = tuple(f for f in hit.findings if f.score >= self.thresholds[f.category])
+        if not findings:
+            return None
+        return hit if len(findings) == len(hit.findings) else Hit(hit.match_start, hit.match_end, findings)
+
+    def find_spans(self, text: str) -> list[Finding]:
+        """The findings at or above threshold in a whole text."""
+        findings: list[Finding] = []
+        for hit in self.spans.find_all(text):
+            kept = self.kept(hit)
+            if kept is not None:
+                findings += kept.findings
+        return findings
+
+    def judge_sentence(self, text: str) -> list[Judgement]:
+        """The sentence classifiers (toxicity, and injection where on) over one output segment."""
+        verdicts: list[Judgement] = []
+        if self.actions["injection"] != "off":
+            result = score_injection(text)
+            if result.score >= self.thresholds["injection"]:
+                verdicts.append(Judgement("injection", self.actions["injection"], result.score, result.kinds))
+        if self.actions["toxicity"] != "off":
+            score = self.toxicity_model.score(text)
+            if score >= self.thresholds["toxicity"]:
+                verdicts.append(Judgement("toxicity", self.actions["toxicity"], score, ("classifier",)))
+        return verdicts
+
+
+def apply_redactions(text: str, findings: list[Finding]) -> str:
+    """`text` with each finding's span replaced by its placeholder; overlapping spans merge into one,
+    named by the highest-priority category among them."""
+    if not findings:
+        return text
+    ordered = sorted(findings, key=lambda f: (f.start, _REDACTION_PRIORITY[f.category]))
+    pieces: list[str] = []
+    pos = 0
+    span_start, span_end, best = ordered[0].start, ordered[0].end, ordered[0]
+    for finding in ordered[1:]:
+        if finding.start < span_end:
+            span_end = max(span_end, finding.end)
+            if _REDACTION_PRIORITY[finding.category] < _REDACTION_PRIORITY[best.category]:
+                best = finding
+            continue
+        pieces += [text[pos:span_start], placeholder(best)]
+        pos = span_end
+        span_start, span_end, best = finding.start, finding.end, finding
+    pieces += [text[pos:span_start], placeholder(best), text[span_end:]]
+    return "".join(pieces)
+
+
+def category_rank(category: str) -> int:
+    return _CATEGORY_ORDER[category]

@@ -1,0 +1,44 @@
+"""The C kernels' cache: the build announces itself, a build's users are recorded, unused builds are found."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service.engine.modeling import kernel_cache, native_kernels
+from service.progress import PROGRESS_LOGGER
+
+
+def test_a_build_writes_one_progress_line_first(tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails at once: the line comes before the compile
+    target = tmp_path / "kernels" / "paged_attention-test.so"
+    target.parent.mkdir()
+    with pytest.raises(subprocess.CalledProcessError):
+        native_kernels._build(kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], target)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
+    assert line.startswith(f"building the C kernels with false into {target.parent} (once per machine")
+    assert not target.exists()
+
+
+def test_builds_are_used_while_a_checkout_with_their_sources_exists(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for source in (*kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], *kernel_cache.sources(kernel_cache.SOURCE_DIR)[1]):
+        (checkout / source.name).write_bytes(source.read_bytes() + (b"\n/* edited */\n" if source.suffix == ".c" else b""))
+    cache = tmp_path / "cache"
+    key = kernel_cache.kernel_key(checkout)
+    assert key != kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)  # sources differ, so does the key
+    library = kernel_cache.library_path(cache, key)
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"\x7fELF")
+    kernel_cache.remember_user(library, checkout)
+    kernel_cache.remember_user(library, checkout)  # recorded once
+    assert kernel_cache.read_users(library) == [str(checkout)]
+    (build,) = kernel_cache.kernel_builds(cache)
+    assert (build.key, build.is_used, build.size_bytes) == (key, True, 4)
+    (checkout / sorted(p.name for p in checkout.glob("*.c"))[0]).write_text("/* changed again */")
+    assert [b.is_used for b in kernel_cache.kernel_builds(cache)] == [False]

@@ -1,0 +1,99 @@
+"""The load tests' fixtures: loadtests/ on sys.path, and a real lmserve server process on loopback.
+
+Locust monkey-patches the process it is imported into (gevent), so nothing here imports it: the
+scenarios and the sweep run as subprocesses, exactly as a user runs them, against `python -m service
+serve` started with small limits (max_queue 8, so that the overload shape meets 503s quickly).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LOADTESTS = ROOT / "loadtests"
+sys.path.insert(0, str(LOADTESTS))  # the lmload package; only its Locust-free modules are imported here
+
+API_KEY = "load-test-key"
+MAX_QUEUE = 8  # admitted generation/embedding requests; the smoke run stays under it, the overload run not
+STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class LmserveProcess:
+    url: str
+    grpc_target: str
+    api_key: str
+    tokenizer_dir: Path
+    log_path: Path
+
+    def env(self) -> dict[str, str]:
+        """The environment of a Locust run against it (settings by the documented variables)."""
+        return {**os.environ, "LMSERVE_API_KEY": self.api_key, "LMSERVE_GRPC_TARGET": self.grpc_target}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def lmserve_process(
+    cache_dir: Path, smollm2_dir: Path, minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LmserveProcess]:
+    port, grpc_port = _free_port(), _free_port()
+    log_path = tmp_path_factory.mktemp("lmserve") / "serve.log"
+    env = {
+        **os.environ,
+        "LMSERVE_API_KEYS": API_KEY,
+        "LMSERVE_MAX_QUEUE": str(MAX_QUEUE),
+        "LMSERVE_DRAIN_TIMEOUT_S": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
+    argv = [
+        sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--grpc-port", str(grpc_port), "--cache-dir", str(cache_dir), "--kv-cache-memory", "0.125",
+        "--max-model-len", "512", "--log-level", "warning",
+        # One engine thread: Locust shares the 2 cores, and OpenMP threads that wait on a busy core crawl.
+        "--num-threads", "1",
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"lmserve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"lmserve was not ready in {STARTUP_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield LmserveProcess(url, f"127.0.0.1:{grpc_port}", API_KEY, smollm2_dir, log_path)
+    finally:
+        _stop(proc)
