@@ -322,6 +322,8 @@ def plan_generation(
                 engine.check_request(req)
             except RequestRejected as exc:
                 param = params.max_tokens_param if exc.param == "max_tokens" else params.prompt_param
+                if params.structured is not None and exc.param == params.structured.param:
+                    param = exc.param  # the constraint's own field (response_format..., structured_outputs..., tools)
                 raise APIError(str(exc), exc.code, param) from None
             requests.append(req)
     return GenerationPlan(request_id, [list(p) for p in prompts], params.n, requests)
