@@ -86,6 +86,7 @@ class LimitsConfig:
     tokens_per_minute: int = 0
     embedding_max_batch_tokens: int = 8192
     max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings request (OpenAI's cap)
+    max_grammar_bytes: int = 64 * 1024  # a structured-output schema, regex, grammar or tool set; larger: 400
 
 
 @dataclass(frozen=True)

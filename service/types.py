@@ -16,6 +16,27 @@ class FinishReason(str, Enum):
     CONTENT_FILTER = "content_filter"  # the safety filter ended it
 
 
+class ConstraintKind(str, Enum):
+    JSON_SCHEMA = "json_schema"  # spec: the schema as JSON text
+    JSON_OBJECT = "json_object"  # any JSON object; spec unused
+    REGEX = "regex"  # spec: the pattern (Rust regex syntax, anchored at both ends)
+    CHOICE = "choice"  # spec: a JSON array of the allowed strings
+    GRAMMAR = "grammar"  # spec: a Lark grammar (llguidance's dialect) or GBNF
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a sequence's output text, enforced token by token while sampling.
+
+    Equal constraints share one compiled grammar (the engine caches by value). `param` names the request
+    field it came from, for error messages, and is not part of the identity.
+    """
+
+    kind: ConstraintKind
+    spec: str = ""
+    param: str = field(default="response_format", compare=False)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one sequence. Validated at the edge (api/), asserted here."""
@@ -37,6 +58,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Output must match this grammar (JSON schema, regex, choice, ...); None: unconstrained.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         assert self.max_tokens >= 1, "max_tokens must be positive"

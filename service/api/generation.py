@@ -30,7 +30,15 @@ from service.config import LimitsConfig
 from service.engine.base import EngineDeadError, EngineStoppedError, GenerationEngine, RequestRejected
 from service.logs import AccessRecord
 from service.metrics import Metrics
-from service.types import FinishReason, GenerationDelta, GenerationRequest, RequestTiming, SamplingParams, TokenLogprob
+from service.types import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    RequestTiming,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
     from service.safety import Decision, GuardStep
@@ -67,6 +75,7 @@ class GenerationParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None  # response_format / structured_outputs / forced tool calls
     # How max_tokens defaults when absent: completions use a fixed 16 (OpenAI), chat fills the context.
     default_max_tokens: int | None = 16
     max_logprobs: int = 20
@@ -196,6 +205,16 @@ def validate_params(params: GenerationParams, limits: LimitsConfig) -> None:
     if any(t < 0 for t in params.stop_token_ids):
         raise APIError("stop_token_ids must be non-negative.", "invalid_value", "stop_token_ids")
     parse_logit_bias(params.logit_bias)
+    if params.structured is not None:
+        # Compile time and memory grow with a grammar; no sane schema comes near the cap (the tests'
+        # mid-sized one is ~1.5 KB).
+        size = len(params.structured.spec.encode("utf-8"))
+        if size > limits.max_grammar_bytes:
+            raise APIError(
+                f"{params.structured.param} is {size} bytes; this server compiles at most {limits.max_grammar_bytes}.",
+                "invalid_value",
+                params.structured.param,
+            )
 
 
 def parse_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int | None = None) -> tuple[tuple[int, float], ...]:
@@ -261,6 +280,7 @@ def build_sampling(params: GenerationParams, max_tokens: int, seed: int | None, 
         logprobs=params.logprobs,
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
+        structured=params.structured,
     )
 
 
@@ -302,6 +322,8 @@ def plan_generation(
                 engine.check_request(req)
             except RequestRejected as exc:
                 param = params.max_tokens_param if exc.param == "max_tokens" else params.prompt_param
+                if params.structured is not None and exc.param == params.structured.param:
+                    param = exc.param  # the constraint's own field (response_format..., structured_outputs..., tools)
                 raise APIError(str(exc), exc.code, param) from None
             requests.append(req)
     return GenerationPlan(request_id, [list(p) for p in prompts], params.n, requests)

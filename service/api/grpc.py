@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from service.api.accounting import RequestOutcome, close_request, observe_error,
 from service.api.admission import Caller, authenticate
 from service.api.errors import APIError
 from service.api.generation import ChoiceDelta, GenerationParams
+from service.api.structured import ResponseFormatInput, StructuredOutputsInput, resolve_structured
+from service.api.tools import ToolEvent, ToolStreamParser, parse_output
 from service.api.handlers import (
     ChatInput,
     CompletionInput,
@@ -119,10 +122,48 @@ def _generation_params(
         logprobs=logprobs,
         skip_special_tokens=True if skip_special is None else skip_special,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        structured=_structured(req),
         default_max_tokens=default_max_tokens,
         max_logprobs=max_logprobs,
         prompt_param=prompt_param,
     )
+
+
+def _json_object(text: str, param: str) -> dict[str, Any] | None:
+    """A JSON-text field holding an object (a schema); empty text is None."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise APIError(f"{param} is not valid JSON: {exc}.", "invalid_value", param) from None
+    if not isinstance(value, dict):
+        raise APIError(f"{param} must be a JSON object.", "invalid_value", param)
+    return value
+
+
+def _structured(req: pb.CompletionRequest | pb.ChatRequest) -> Any:
+    fmt = None
+    if req.HasField("response_format"):
+        rf = req.response_format
+        schema = _json_object(rf.json_schema.schema, "response_format.json_schema.schema") if rf.HasField("json_schema") else None
+        fmt = ResponseFormatInput(rf.type or "text", schema, rf.HasField("json_schema"))
+    so = None
+    if req.HasField("structured_outputs"):
+        which = req.structured_outputs.WhichOneof("constraint")
+        value = getattr(req.structured_outputs, which) if which else None
+        so = StructuredOutputsInput(
+            json=value if which == "json" else None,
+            regex=value if which == "regex" else None,
+            choice=list(value.choices) if which == "choice" else None,
+            grammar=value if which == "grammar" else None,
+            json_object=value if which == "json_object" else None,
+        )
+    return resolve_structured(fmt, so)
+
+
+def _tool_call_dict(call: pb.ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": call.type or "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
 
 
 def _chat_messages(messages: Any) -> list[dict[str, Any]]:
@@ -135,8 +176,33 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.HasField("name"):
             item["name"] = m.name
+        if m.tool_calls:
+            item["tool_calls"] = [_tool_call_dict(c) for c in m.tool_calls]
+        if m.HasField("tool_call_id"):
+            item["tool_call_id"] = m.tool_call_id
         out.append(item)
     return out
+
+
+def _tools(req: pb.ChatRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """OpenAI-shaped tools and tool_choice from the proto's."""
+    tools = []
+    for i, t in enumerate(req.tools):
+        function: dict[str, Any] = {"name": t.function.name}
+        if t.function.HasField("description"):
+            function["description"] = t.function.description
+        parameters = _json_object(t.function.parameters, f"tools[{i}].function.parameters")
+        if parameters is not None:
+            function["parameters"] = parameters
+        tools.append({"type": t.type or "function", "function": function})
+    choice: Any = None
+    if req.HasField("tool_choice"):
+        which = req.tool_choice.WhichOneof("choice")
+        if which == "mode":
+            choice = req.tool_choice.mode
+        elif which == "function_name":
+            choice = {"type": "function", "function": {"name": req.tool_choice.function_name}}
+    return tools or None, choice
 
 
 def _completion_input(req: pb.CompletionRequest) -> CompletionInput:
@@ -153,11 +219,15 @@ def _chat_input(req: pb.ChatRequest) -> ChatInput:
     logprobs = chat_logprobs(req.logprobs, _opt(req, "top_logprobs"))
     params = _generation_params(req, logprobs=logprobs, default_max_tokens=None, max_logprobs=20, prompt_param="messages")
     add_generation_prompt = _opt(req, "add_generation_prompt")
+    tools, tool_choice = _tools(req)
     return ChatInput(
         _opt(req, "model"),
         _chat_messages(req.messages),
         params,
         add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=_opt(req, "parallel_tool_calls"),
     )
 
 
@@ -252,22 +322,51 @@ async def complete_stream(state: AppState, caller: Caller, req: pb.CompletionReq
     yield pb.CompletionChunk(id=call.response_id, model=call.model.name, created=call.created, usage=_usage(call))
 
 
+def _tool_calls(events: list[ToolEvent]) -> list[pb.ToolCall]:
+    """A chunk's tool-call pieces (OpenAI's delta shape: id, type and name on a call's first piece)."""
+    out = []
+    for e in events:
+        if e.content is not None or (e.id is None and not e.arguments):
+            continue
+        out.append(
+            pb.ToolCall(
+                index=e.index,
+                id=e.id or "",
+                type="function" if e.id is not None else "",
+                function=pb.FunctionCall(name=e.name or "", arguments=e.arguments or ""),
+            )
+        )
+    return out
+
+
 async def chat(state: AppState, caller: Caller, req: pb.ChatRequest) -> pb.ChatResponse:
     call = prepare_chat(state, caller, _chat_input(req))
     result = await call.collect()
     num_top = req.top_logprobs
-    choices = [
-        pb.ChatChoice(
-            index=c.index,
-            role="assistant",
-            content=c.text,
-            token_ids=c.token_ids,
-            logprobs=_logprobs(c.logprobs, num_top),
-            finish_reason=_finish(c.finish_reason),
-            stop_reason=_stop_reason(c.stop_reason),
+    plan = call.tool_plan if call.tool_plan is not None and call.tool_plan.parses_calls else None
+    choices = []
+    for c in result.choices:
+        content, calls, finish = c.text, [], _finish(c.finish_reason)
+        if plan is not None:
+            parsed = parse_output(plan, c.text)
+            content = parsed.content or ""
+            calls = [
+                pb.ToolCall(index=k, id=t.id, type="function", function=pb.FunctionCall(name=t.name, arguments=t.arguments))
+                for k, t in enumerate(parsed.tool_calls)
+            ]
+            finish = plan.finish_reason(bool(calls), c.finish_reason) or ""
+        choices.append(
+            pb.ChatChoice(
+                index=c.index,
+                role="assistant",
+                content=content,
+                token_ids=c.token_ids,
+                logprobs=_logprobs(c.logprobs, num_top),
+                finish_reason=finish,
+                stop_reason=_stop_reason(c.stop_reason),
+                tool_calls=calls,
+            )
         )
-        for c in result.choices
-    ]
     return pb.ChatResponse(
         id=call.response_id, model=call.model.name, created=call.created, choices=choices, usage=_usage(call, result.usage)
     )
@@ -277,19 +376,30 @@ async def chat_stream(state: AppState, caller: Caller, req: pb.ChatRequest) -> A
     call = prepare_chat(state, caller, _chat_input(req))
     started = [False] * call.num_choices
     num_top = req.top_logprobs
+    plan = call.tool_plan if call.tool_plan is not None and call.tool_plan.parses_calls else None
+    parsers = [ToolStreamParser(plan) for _ in range(call.num_choices)] if plan is not None else None
 
     def chunk(item: ChoiceDelta) -> pb.ChatChunk | None:
         i, delta = item.index, item.delta
         if not _has_news(delta):
             return None
+        content, calls, finish = delta.text, [], _finish(delta.finish_reason)
+        if parsers is not None and plan is not None:
+            events = parsers[i].feed(delta.text)
+            if delta.finish_reason is not None:
+                events += parsers[i].finish()
+                finish = plan.finish_reason(bool(parsers[i].calls), delta.finish_reason) or ""
+            content = "".join(e.content for e in events if e.content is not None)
+            calls = _tool_calls(events)
         choice = pb.ChatChoice(
             index=i,
             role="" if started[i] else "assistant",
-            content=delta.text,
+            content=content,
             token_ids=delta.token_ids,
             logprobs=_logprobs(delta.logprobs, num_top),
-            finish_reason=_finish(delta.finish_reason),
+            finish_reason=finish,
             stop_reason=_stop_reason(delta.stop_reason),
+            tool_calls=calls,
         )
         started[i] = True
         return pb.ChatChunk(id=call.response_id, model=call.model.name, created=call.created, choices=[choice])

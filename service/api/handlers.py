@@ -23,11 +23,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from service.api.admission import Admitted, Caller, check_request
 from service.api.errors import APIError
+from service.api.tools import ToolPlan, plan_tools
 from service.api.generation import (
     ChoiceDelta,
     ChoiceResult,
@@ -87,6 +88,8 @@ class ChatInput:
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ class GenerationCall:
     response_id: str
     created: int
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
+    tool_plan: ToolPlan | None = None  # chat with tools: how to prompt for and parse tool calls
     finals: list[ChoiceResult] = field(default_factory=list)
 
     @property
@@ -264,6 +268,11 @@ def chat_logprobs(logprobs: bool, top_logprobs: int | None) -> int | None:
     return (top_logprobs or 0) if logprobs else None
 
 
+def _chat_template(state: AppState) -> str | None:
+    template = getattr(state.tokenizer.hf_tokenizer, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
 def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
     check_request(state, caller)
     model = require_model(state.generation_model, inp.model, "generation")
@@ -273,10 +282,22 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
         m if text == (m.get("content") or "") else {**m, "content": text}
         for m, text in zip(inp.messages, screened, strict=True)
     ]
-    prompt = chat_prompt(state, messages, inp.add_generation_prompt, inp.tools, inp.template_kwargs)
+    plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, _chat_template(state))
+    tools, params = inp.tools, inp.params
+    if plan is not None:
+        messages, tools = plan.prompt(messages)
+        if plan.constraint is not None:
+            if params.structured is not None:
+                raise APIError(
+                    "A required or named tool_choice cannot be combined with a response format.", "invalid_value", "tool_choice"
+                )
+            params = replace(params, structured=plan.constraint)
+    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     if caller.record.log_prompts:
         caller.record.prompt = inp.messages
-    return _admit(state, caller, model, [prompt], inp.params, "chatcmpl")
+    call = _admit(state, caller, model, [prompt], params, "chatcmpl")
+    call.tool_plan = plan
+    return call
 
 
 # -- embeddings -------------------------------------------------------------------------------------------
@@ -397,7 +418,11 @@ def tokenize(state: AppState, inp: TokenizeInput) -> TokenizeOutput:
         return TokenizeOutput(ids, embedder.max_input_tokens, strs)
     require_model(state.generation_model, inp.model, "generation")
     if inp.messages is not None:
-        ids = chat_prompt(state, inp.messages, inp.add_generation_prompt, inp.tools, inp.template_kwargs)
+        messages, tools = inp.messages, inp.tools
+        plan = plan_tools(inp.tools, None, None, _chat_template(state))
+        if plan is not None:  # the prompt chat would render for these tools (tool_choice auto)
+            messages, tools = plan.prompt(inp.messages)
+        ids = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     else:
         assert inp.prompt is not None
         ids = state.tokenizer.encode(inp.prompt, add_special_tokens=inp.add_special_tokens)

@@ -6,10 +6,10 @@ Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models[/{id}]
 Every error is `{"error": {"message", "type", "param", "code"}}` (never FastAPI's 422 shape). Generation
 goes through api/generation.py, shared with gRPC; this module only parses, formats and streams.
 
-Not supported (documented in the OpenAPI schema): `suffix`, `best_of` != n, response_format other than
-text, image/audio content parts. `tools` reach the chat template but tool calls are not parsed out of the
-model's output (they come back as plain content). With `echo` + `logprobs`, prompt tokens carry null
-logprobs.
+Structured outputs (`response_format`, vLLM's `structured_outputs`) and tool calls (`tools`, `tool_choice`)
+are parsed in api/structured.py and api/tools.py, shared with gRPC. Not supported (documented in the
+OpenAPI schema): `suffix`, `best_of` != n, image/audio content parts. With `echo` + `logprobs`, prompt
+tokens carry null logprobs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from service.api.errors import APIError
 from service.api.accounting import observe_error
 from service.api.admission import Caller
 from service.api.generation import ChoiceDelta, ChoiceResult, GenerationParams
+from service.api.structured import ResponseFormatInput, StructuredOutputsInput, resolve_structured
+from service.api.tools import ToolPlan, ToolStreamParser
 from service.api.handlers import (
     ChatInput,
     CompletionInput,
@@ -321,11 +323,25 @@ def _generation_params(
         logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
+        structured=resolve_structured(_response_format(body.response_format), _structured_outputs(body.structured_outputs)),
         default_max_tokens=default_max_tokens,
         max_logprobs=max_logprobs,
         prompt_param=prompt_param,
         max_tokens_param=max_tokens_param,
     )
+
+
+def _response_format(fmt: schemas.ResponseFormat | None) -> ResponseFormatInput | None:
+    if fmt is None:
+        return None
+    spec = fmt.json_schema
+    return ResponseFormatInput(fmt.type, spec.schema_ if spec is not None else None, spec is not None)
+
+
+def _structured_outputs(so: schemas.StructuredOutputs | None) -> StructuredOutputsInput | None:
+    if so is None:
+        return None
+    return StructuredOutputsInput(so.json_, so.regex, so.choice, so.grammar, so.json_object)
 
 
 def chat_messages(messages: list[schemas.ChatMessage]) -> list[dict[str, Any]]:
@@ -467,12 +483,6 @@ class GenerationHandlers:
 
     async def chat(self, body: schemas.ChatCompletionRequest, request: Request) -> Response:
         who = caller(request)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(
-                f"response_format type '{body.response_format.type}' is not supported yet; only 'text'.",
-                "unsupported_value",
-                "response_format.type",
-            )
         use_mct = body.max_completion_tokens is not None
         params = _generation_params(
             body,
@@ -490,6 +500,8 @@ class GenerationHandlers:
             body.add_generation_prompt,
             body.tools,
             body.chat_template_kwargs,
+            body.tool_choice,
+            body.parallel_tool_calls,
         )
         call = prepare_chat(self.state, who, inp)
         num_top = body.top_logprobs or 0
@@ -499,14 +511,14 @@ class GenerationHandlers:
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(call.num_choices)
             ]
-            chunker = _chat_chunker(body.logprobs, num_top)
+            chunker = _chat_chunker(body.logprobs, num_top, call.tool_plan, call.num_choices)
             return self._sse_response(call, header, _include_usage(body), chunker, roles)
         result = await until_disconnect(request, call.collect())
         response = schemas.ChatCompletionResponse(
             id=call.response_id,
             created=call.created,
             model=call.model.name,
-            choices=[fmt.chat_choice(c, body.logprobs, num_top) for c in result.choices],
+            choices=[fmt.chat_choice(c, body.logprobs, num_top, call.tool_plan) for c in result.choices],
             usage=fmt.usage_model(result.usage),
         )
         return _json(response, who.response_headers)
@@ -566,23 +578,36 @@ def _include_usage(body: schemas.CompletionRequest | schemas.ChatCompletionReque
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _chat_chunker(want_logprobs: bool, num_top: int) -> Callable[[ChoiceDelta], dict[str, Any] | None]:
-    """A delta -> its streamed chat choice (None: nothing to send)."""
+def _chat_chunker(
+    want_logprobs: bool, num_top: int, tool_plan: ToolPlan | None = None, num_choices: int = 1
+) -> Callable[[ChoiceDelta], dict[str, Any] | None]:
+    """A delta -> its streamed chat choice (None: nothing to send). With tools, each choice's text goes
+    through its own ToolStreamParser: content as `content`, calls as OpenAI's `tool_calls` deltas."""
+    parsers = [ToolStreamParser(tool_plan) for _ in range(num_choices)] if tool_plan and tool_plan.parses_calls else None
 
     def choice_chunk(item: ChoiceDelta) -> dict[str, Any] | None:
         i, delta = item.index, item.delta
         logprobs = None
         if want_logprobs and delta.logprobs:
             logprobs = fmt.chat_logprobs(delta.logprobs, num_top).model_dump()
+        message: dict[str, Any] = {"content": delta.text} if delta.text else {}
+        finish_reason = fmt.finish_reason_str(delta.finish_reason)
+        if parsers is not None:
+            events = parsers[i].feed(delta.text)
+            if delta.finish_reason is not None:
+                events += parsers[i].finish()
+                assert tool_plan is not None
+                finish_reason = tool_plan.finish_reason(bool(parsers[i].calls), delta.finish_reason)
+            message = fmt.chat_delta(events)
         if delta.finish_reason is None:
-            if not delta.text and logprobs is None:
+            if not message and logprobs is None:
                 return None
-            return {"index": i, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": None}
+            return {"index": i, "delta": message or {"content": ""}, "logprobs": logprobs, "finish_reason": None}
         return {
             "index": i,
-            "delta": {"content": delta.text} if delta.text else {},
+            "delta": message,
             "logprobs": logprobs,
-            "finish_reason": fmt.finish_reason_str(delta.finish_reason),
+            "finish_reason": finish_reason,
             "stop_reason": delta.stop_reason,
         }
 

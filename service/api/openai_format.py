@@ -11,6 +11,7 @@ from typing import Any
 
 from service.api import schemas
 from service.api.generation import ChoiceResult, Usage
+from service.api.tools import ToolCall, ToolEvent, ToolPlan, parse_output
 from service.types import FinishReason, TokenLogprob
 
 
@@ -98,14 +99,44 @@ def chat_logprobs(logprobs: list[TokenLogprob], num_top: int) -> schemas.ChatLog
 # -- non-streaming responses ------------------------------------------------------------------------------
 
 
-def chat_choice(choice: ChoiceResult, want_logprobs: bool, num_top: int) -> schemas.ChatChoice:
+def tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def chat_choice(choice: ChoiceResult, want_logprobs: bool, num_top: int, tool_plan: ToolPlan | None = None) -> schemas.ChatChoice:
+    message = schemas.ChatResponseMessage(content=choice.text)
+    finish_reason = finish_reason_str(choice.finish_reason)
+    if tool_plan is not None and tool_plan.parses_calls:
+        parsed = parse_output(tool_plan, choice.text)
+        calls = [tool_call_dict(c) for c in parsed.tool_calls]
+        message = schemas.ChatResponseMessage(content=parsed.content, tool_calls=calls or None)
+        finish_reason = tool_plan.finish_reason(bool(calls), choice.finish_reason)
     return schemas.ChatChoice(
         index=choice.index,
-        message=schemas.ChatResponseMessage(content=choice.text),
+        message=message,
         logprobs=chat_logprobs(choice.logprobs or [], num_top) if want_logprobs else None,
-        finish_reason=finish_reason_str(choice.finish_reason),
+        finish_reason=finish_reason,
         stop_reason=choice.stop_reason,
     )
+
+
+def chat_delta(events: list[ToolEvent]) -> dict[str, Any]:
+    """A streamed chat delta from a ToolStreamParser's events: content joined, tool-call pieces listed."""
+    delta: dict[str, Any] = {}
+    content = "".join(e.content for e in events if e.content is not None)
+    if content:
+        delta["content"] = content
+    calls = []
+    for e in events:
+        if e.content is not None:
+            continue
+        if e.id is not None:
+            calls.append({"index": e.index, "id": e.id, "type": "function", "function": {"name": e.name, "arguments": e.arguments or ""}})
+        elif e.arguments:
+            calls.append({"index": e.index, "function": {"arguments": e.arguments}})
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
 
 
 # -- streaming chunks (plain dicts: built per token, so kept cheap) ----------------------------------------

@@ -79,6 +79,36 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = Field(None, description="The schema's name (OpenAI requires one; unused here).")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="The JSON schema the output must follow. Absent: any JSON object."
+    )
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced exactly.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(description="text | json_object | json_schema", json_schema_extra={"enum": ["text", "json_object", "json_schema"]})
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured outputs: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="A Lark grammar (llguidance's dialect) or GBNF.")
+    json_object: bool | None = None
+
+
 class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -103,6 +133,10 @@ class _SamplingFields(_Request):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constraints: one of json, regex, choice, grammar, json_object."
+    )
 
 
 # -- /v1/completions -------------------------------------------------------------------------------------
@@ -169,12 +203,6 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str = Field(description='Only "text" is supported.')
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(
@@ -186,11 +214,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, json_schema_extra=limit(maximum="max_tokens_cap"))
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = Field(
-        None, description="Passed to the chat template; tool calls are not parsed out of the output."
+        None, description="Functions the model may call; calls come back in message.tool_calls."
     )
-    tool_choice: Any = None
+    tool_choice: Any = Field(None, description='"none", "auto" (the default with tools), "required", or a named function.')
     parallel_tool_calls: bool | None = None
     # vLLM extras
     add_generation_prompt: bool = True
@@ -214,7 +241,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

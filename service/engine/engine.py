@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +25,21 @@ import torch
 from service.config import EngineConfig
 from service.engine.base import EngineDeadError, EngineStats, EngineStoppedError, RequestRejected, StepStats
 from service.engine.block_manager import BlockManager
+from service.engine.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    GrammarMatcher,
+    allocate_bitmask,
+    apply_bitmask,
+    fill_bitmask,
+)
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
 from service.engine.runner import ModelRunner, prepare_to_serve
 from service.engine.sampler import sample
 from service.engine.scheduler import Scheduler
 from service.tokenizer import Tokenizer
-from service.types import FinishReason, GenerationDelta, GenerationRequest
+from service.types import FinishReason, GenerationDelta, GenerationRequest, StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +86,17 @@ class NativeEngine:
         self._stopping = False
         self._is_alive = False
         self.num_steps = 0
+        self.grammars = GrammarCompiler(tokenizer, runner.vocab_size)
+        # Constrained requests whose matcher is being built off the engine thread (the first one also builds
+        # the token trie, ~1-3 s), so neither the event loop nor the running batch waits. Engine thread only.
+        self._compiling: list[tuple[_Stream, Future[GrammarMatcher]]] = []
+        # Made on first use, so unconstrained serving starts no threads for them.
+        self._grammar_pool: ThreadPoolExecutor | None = None
+        self._mask_pool: ThreadPoolExecutor | None = None
+        self._bitmask: torch.Tensor | None = None
+        # Masks are computed on a worker thread while the forward runs when that has a core to itself (a
+        # GPU forward, or CPU threads to spare); a CPU forward on every core would only be slowed by it.
+        self.overlap_masks = runner.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
         # Per-step metrics hook, called on the engine thread; None costs nothing.
         self.on_step: Callable[[StepStats], None] | None = None
 
@@ -106,6 +128,10 @@ class NativeEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
+        for pool in (self._grammar_pool, self._mask_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._grammar_pool = self._mask_pool = None
 
     @property
     def is_alive(self) -> bool:
@@ -114,7 +140,7 @@ class NativeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting + len(self._inbox),
+            num_waiting=self.scheduler.num_waiting + len(self._inbox) + len(self._compiling),
             num_kv_blocks_used=self.block_manager.num_used_blocks,
             num_kv_blocks_total=self.block_manager.num_blocks,
             block_size=self.block_manager.block_size,
@@ -139,6 +165,12 @@ class NativeEngine:
             # Name what the client must change: the prompt when even one output token cannot fit beside it.
             prompt_alone = self.scheduler.can_ever_fit(num_prompt_tokens, 1) is not None
             raise RequestRejected(reason, code="context_length_exceeded", param="prompt" if prompt_alone else "max_tokens")
+        structured = request.sampling.structured
+        if structured is not None:
+            try:
+                self.grammars.validate(structured)
+            except GrammarError as exc:
+                raise RequestRejected(f"Invalid {structured.param}: {exc}", code="invalid_value", param=structured.param) from None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.check_request(request)
@@ -179,6 +211,8 @@ class NativeEngine:
         try:
             while not self._stopping:
                 self._take_inbox()
+                if self._compiling:
+                    self._take_compiled()
                 if not self.scheduler.has_unfinished:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -197,11 +231,71 @@ class NativeEngine:
         while self._inbox:
             stream = self._inbox.popleft()
             self._streams[stream.request.request_id] = stream
-            self.scheduler.add_request(stream.request)
+            structured = stream.request.sampling.structured
+            if structured is None:
+                self.scheduler.add_request(stream.request)
+            else:
+                future = self._grammar_workers().submit(self.grammars.matcher, structured)
+                future.add_done_callback(lambda _: self._wake.set())
+                self._compiling.append((stream, future))
         while self._aborts:
             stream = self._streams.pop(self._aborts.popleft(), None)
             if stream is not None:
                 self.scheduler.finish_request(stream.request, FinishReason.ABORT)
+
+    def _grammar_workers(self) -> ThreadPoolExecutor:
+        if self._grammar_pool is None:
+            self._grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-grammar")
+        return self._grammar_pool
+
+    def _take_compiled(self) -> None:
+        """Queue the constrained requests whose matcher is ready; fail those whose grammar did not build."""
+        pending: list[tuple[_Stream, Future[GrammarMatcher]]] = []
+        for stream, future in self._compiling:
+            if not future.done():
+                pending.append((stream, future))
+                continue
+            req = stream.request
+            if req.request_id not in self._streams:
+                continue  # aborted while compiling
+            try:
+                req.grammar = future.result()
+            except GrammarError as exc:
+                self._fail([stream], _grammar_rejected(req.sampling.structured, str(exc)))
+                continue
+            self.scheduler.add_request(req)
+        self._compiling = pending
+
+    def _start_masks(self, matchers: list[GrammarMatcher]) -> Future[torch.Tensor]:
+        """The constrained rows' token masks: on a worker thread while the forward runs where `overlap_masks`
+        (llguidance drops the GIL), else now. Matchers only change after sampling, so nothing races."""
+        if self._bitmask is None or self._bitmask.shape[0] < len(matchers):
+            self._bitmask = allocate_bitmask(max(len(matchers), 16), self.runner.vocab_size)
+        bitmask = self._bitmask
+
+        def fill() -> torch.Tensor:
+            fill_bitmask(matchers, bitmask)
+            return bitmask
+
+        if not self.overlap_masks:
+            done: Future[torch.Tensor] = Future()
+            done.set_result(fill())
+            return done
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-masks")
+        return self._mask_pool.submit(fill)
+
+    def _advance_grammar(self, req: Request, token_id: int) -> str | None:
+        """Feed a sampled token to the request's matcher; finish the request once the grammar is complete.
+        Returns an error message if the grammar rejected the token (never, unless something is broken)."""
+        grammar = req.grammar
+        if grammar is None or req.is_finished:
+            return None
+        if not grammar.accept(token_id):
+            return grammar.error or f"token {token_id} is not allowed here"
+        if grammar.is_finished:
+            self.scheduler.finish_request(req, FinishReason.STOP)
+        return None
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -212,14 +306,21 @@ class NativeEngine:
             self._wake.clear()
             return
         sampling_reqs = [s.request for s in scheduled.scheduled if s.is_sampling]
+        constrained = [i for i, r in enumerate(sampling_reqs) if r.grammar is not None]
+        masks = self._start_masks([sampling_reqs[i].grammar for i in constrained]) if constrained else None
         try:
             logits = self.runner.execute(scheduled)
             sampled = []
             if sampling_reqs:
                 assert logits is not None
+                if masks is not None:
+                    # Only the constrained rows are touched: the others sample exactly as without constraints.
+                    apply_bitmask(logits, constrained, masks.result())
                 generators = [self._streams[r.request_id].generator for r in sampling_reqs]
                 sampled = sample(logits, sampling_reqs, generators)
         except Exception as exc:
+            if masks is not None:
+                wait_futures([masks])  # the worker must be done with the matchers before anyone else uses them
             log.exception("engine step failed; ending the %d requests in it", len(scheduled.scheduled))
             failed = [self._streams[s.request.request_id] for s in scheduled.scheduled]
             for stream in failed:
@@ -234,6 +335,12 @@ class NativeEngine:
             stream = self._streams[req.request_id]
             if req.first_token_time is None:
                 req.first_token_time = now
+            grammar_error = self._advance_grammar(req, by_id[req.request_id].token_id)
+            if grammar_error is not None:
+                log.error("request %s: constrained decoding failed: %s", req.request_id, grammar_error)
+                self.scheduler.finish_request(req, FinishReason.ABORT)
+                self._fail([stream], _grammar_rejected(req.sampling.structured, grammar_error))
+                continue
             delta, matched_stop = stream.output.process(req, by_id[req.request_id])
             if matched_stop is not None:
                 self.scheduler.finish_request(req, FinishReason.STOP, matched_stop)
@@ -266,6 +373,11 @@ class NativeEngine:
             self._streams.pop(stream.request.request_id, None)
         if streams:
             self._deliver([(s.queue, error) for s in streams])
+
+
+def _grammar_rejected(structured: StructuredOutput | None, message: str) -> RequestRejected:
+    param = structured.param if structured is not None else None
+    return RequestRejected(f"Invalid {param}: {message}", code="invalid_value", param=param)
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:

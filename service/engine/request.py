@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from service.types import FinishReason, RequestTiming, SamplingParams
+
+if TYPE_CHECKING:
+    from service.engine.grammar import GrammarMatcher
 
 
 class RequestStatus(Enum):
@@ -48,6 +52,9 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        # The structured-output constraint's state: advanced once per appended output token, never by
+        # recompute after preemption (recompute rebuilds KV only; the tokens, and so the state, stay).
+        self.grammar: GrammarMatcher | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -70,6 +70,7 @@ LIMITS = LimitsConfig(
     max_prompts=8,
     max_queue=32,
     max_embedding_inputs=16,
+    max_grammar_bytes=16 * 1024,
 )
 LIMITED_RPM = 3
 LIMITED_TPM = 600

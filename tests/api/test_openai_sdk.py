@@ -228,7 +228,7 @@ def test_error_bad_params(openai_client: openai.OpenAI) -> None:
     assert "image" in info.value.message.lower()
     with pytest.raises(openai.BadRequestError) as info:
         openai_client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}
+            model=MODEL, messages=MESSAGES, response_format={"type": "xml"}
         )
     assert info.value.body["param"] == "response_format.type"
 

@@ -86,6 +86,8 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.decoder_stack_bf16.restype = ctypes.c_int
     lib.sample_temperature_f32.argtypes = [i64p] * 4 + [i64, i64, i32]
     lib.sample_temperature_f32.restype = ctypes.c_int
+    lib.apply_token_bitmask_f32.argtypes = [i64p, i64, i64p, i64, i64p, i64, i64]
+    lib.apply_token_bitmask_f32.restype = None
     for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16):
         fn.restype = None
     return lib
@@ -363,3 +365,15 @@ def sample_temperature(logits: torch.Tensor, temperatures: list[float], uniforms
     ):
         raise MemoryError("the sampling kernel could not allocate its scratch buffer")
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> bool:
+    """logits[rows[j], t] = -inf where bit t of bitmask row j is 0 (float32 CPU logits [n, vocab], in place;
+    rows int64, bitmask int32 [len(rows), words]). False (nothing done) where the library is unavailable."""
+    lib = load_kernel() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if lib is None or logits.stride(1) != 1 or not bitmask.is_contiguous() or not rows.is_contiguous():
+        return False
+    lib.apply_token_bitmask_f32(
+        logits.data_ptr(), logits.stride(0), bitmask.data_ptr(), bitmask.shape[1], rows.data_ptr(), rows.numel(), logits.shape[1]
+    )
+    return True
