@@ -2,7 +2,9 @@
 
     .venv/bin/python loadtests/grpc_vs_http.py [--concurrency 1 16 64] [--rounds 2]
 
-Starts `lmserve serve` (bundled model, its default dtype, no embeddings) on loopback with both transports,
+Starts `lmserve serve` (bundled model, its default dtype, no embeddings, `--no-safety`: the filter's own
+cost is loadtests/safety_throughput.py's, and its sentence hold would turn TTFT into whole-answer latency on
+random prompts) on loopback with both transports,
 then, in this client process, runs the same load over each transport back to back, alternating which
 goes first each round: random prompts of --input-len token ids, --output-len tokens each (ignore_eos),
 `--requests-per-user` requests per concurrent user. Prints output tokens/s, median TTFT and TPOT for each
@@ -160,7 +162,7 @@ async def tokenize_rate(transport: str, port: int, concurrency: int, duration_s:
 
 def start_server(http_port: int, grpc_port: int, extra: list[str]) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "service", "serve", "--embedding-model", "none", "--port", str(http_port),
-           "--grpc-port", str(grpc_port), "--log-level", "warning", *extra]
+           "--grpc-port", str(grpc_port), "--log-level", "warning", "--no-safety", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

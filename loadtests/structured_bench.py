@@ -1,17 +1,16 @@
 """Structured outputs: engine throughput with every request constrained by a JSON schema, against the same
 engine unconstrained in the same run; and per-schema compile time.
 
-    .venv/bin/python loadtests/structured_bench.py --concurrency 16 --num-requests 48 --rounds 2 --output-len 170
+    .venv/bin/python loadtests/structured_bench.py --concurrency 16 --num-requests 32 --rounds 2
 
 Throughput: `--num-requests` chat requests ("Describe a customer as JSON."), `--concurrency` in flight
-(closed loop), temperature 1, seeded. Constrained requests follow MID_SCHEMA (a mid-sized schema: 10
-properties, a nested object, an array of objects, enums, bounded numbers and strings) and end when the JSON
-is complete; unconstrained ones generate exactly `--output-len` tokens (ignore_eos). Rounds alternate the two
-modes so drift on a shared machine hits both alike. Reported: output tokens/s of each and their ratio.
-Keep `--num-requests` several times `--concurrency` and `--output-len` near the constrained outputs' mean
-length (~170 tokens for MID_SCHEMA with this model): the constrained sequences end at different steps,
-and a round whose batch drains in a long tail, or whose contexts are shorter, is not measuring the
-constraint.
+(closed loop), temperature 1, the same seeds every round. Constrained requests follow MID_SCHEMA (a
+mid-sized schema: 10 properties, a nested object, an array of objects, enums, bounded numbers and strings)
+and end when the JSON is complete. Unconstrained request i then generates exactly as many tokens as
+constrained request i did in the first constrained run (ignore_eos), so that both modes have the same
+lengths and drain their batches through the same tail: the difference is what the constraint costs per
+step. Rounds alternate which mode goes first, so drift on a shared machine hits both alike. Reported:
+output tokens/s of each and their ratio.
 
 Compile time: `--num-schemas` distinct random schemas (objects, arrays, enums, nested, bounded numbers and
 strings), each timed from the constraint to a matcher ready for its first token (grammar, validation, and
@@ -99,16 +98,21 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-async def run_point(engine: NativeEngine, prompt: list[int], args: argparse.Namespace, constrained: bool, seed0: int) -> dict:
+async def run_point(
+    engine: NativeEngine, prompt: list[int], args: argparse.Namespace, lengths: list[int] | None, seed0: int
+) -> dict:
+    """Constrained requests when `lengths` is None; else unconstrained ones, request i exactly lengths[i] tokens."""
+    constrained = lengths is None
     structured = StructuredOutput(ConstraintKind.JSON_SCHEMA, json.dumps(MID_SCHEMA)) if constrained else None
     sem = asyncio.Semaphore(args.concurrency)
     num_tokens = 0
     num_valid = 0
+    out_lengths = [0] * args.num_requests
 
     async def one(i: int) -> None:
         nonlocal num_tokens, num_valid
         params = SamplingParams(
-            max_tokens=args.max_tokens if constrained else args.output_len,
+            max_tokens=args.max_tokens if lengths is None else lengths[i],
             temperature=1.0,
             seed=seed0 + i,
             ignore_eos=not constrained,
@@ -118,6 +122,7 @@ async def run_point(engine: NativeEngine, prompt: list[int], args: argparse.Name
             parts = []
             async for delta in engine.generate(GenerationRequest(prompt, params, f"s{i}")):
                 num_tokens += len(delta.token_ids)
+                out_lengths[i] += len(delta.token_ids)
                 parts.append(delta.text)
         if constrained:
             try:
@@ -129,7 +134,7 @@ async def run_point(engine: NativeEngine, prompt: list[int], args: argparse.Name
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(args.num_requests)))
     elapsed = time.perf_counter() - start
-    return {"tokens": num_tokens, "seconds": elapsed, "tok_s": num_tokens / elapsed, "valid": num_valid}
+    return {"tokens": num_tokens, "seconds": elapsed, "tok_s": num_tokens / elapsed, "valid": num_valid, "lengths": out_lengths}
 
 
 def compile_times(compiler: GrammarCompiler, num_schemas: int) -> None:
@@ -165,7 +170,6 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--num-requests", type=int, default=48, help="per mode and round")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--output-len", type=int, default=170, help="unconstrained requests' exact length")
     p.add_argument("--max-tokens", type=int, default=400, help="constrained requests' cap (the schema bounds them)")
     p.add_argument("--num-schemas", type=int, default=200)
     args = p.parse_args()
@@ -182,12 +186,18 @@ def main() -> None:
         try:
             # Warm-up: the engine's trie and this schema's grammar, and the kernels.
             warm = argparse.Namespace(**{**vars(args), "num_requests": 2})
-            await run_point(engine, prompt, warm, True, 10_000)
-            await run_point(engine, prompt, warm, False, 10_000)
+            await run_point(engine, prompt, warm, None, 10_000)
+            await run_point(engine, prompt, warm, [64, 64], 10_000)
             totals = {True: [0, 0.0], False: [0, 0.0]}
+            # Every round sends the same seeded requests. The first constrained run fixes each request's
+            # length; the unconstrained request i then generates exactly that many tokens (ignore_eos), so
+            # both modes drain their batches alike and the difference is the constraint's alone.
+            lengths: list[int] | None = None
             for r in range(args.rounds):
-                for constrained in (False, True) if r % 2 == 0 else (True, False):
-                    res = await run_point(engine, prompt, args, constrained, 1000 * r)
+                for constrained in (True, False) if r % 2 == 0 else (False, True):
+                    res = await run_point(engine, prompt, args, None if constrained else lengths, 1000)
+                    if constrained and lengths is None:
+                        lengths = res["lengths"]
                     totals[constrained][0] += res["tokens"]
                     totals[constrained][1] += res["seconds"]
                     label = "constrained  " if constrained else "unconstrained"
