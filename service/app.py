@@ -222,6 +222,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+HTTP_KEEP_ALIVE_S = 75  # longer than clients' and load balancers' idle timeouts (see make_server)
+
+
 def make_server(state: AppState, host: str | None = None, port: int | None = None) -> DrainingServer:
     from service.api.http import create_app
 
@@ -233,6 +236,10 @@ def make_server(state: AppState, host: str | None = None, port: int | None = Non
         access_log=False,  # the access line is ours (AccountingMiddleware): request id, tokens, latency
         # The drain (on_tick) already waited for in-flight requests; what is left after it gets a short grace.
         timeout_graceful_shutdown=DRAIN_GRACE_S,
+        # An idle keep-alive connection must be closed by the client, never by us: uvicorn's 5 s default
+        # equals httpx's (and so the openai SDK's) idle expiry, and a request sent on a connection the
+        # server is closing at that moment fails with "connection reset". Load balancers idle out at 60 s.
+        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
         lifespan="off",  # models are started by serve(), outside the app, so several apps can share them
     )
     return DrainingServer(uv_config, state)
