@@ -26,6 +26,7 @@ from service.api.proto import lmserve_pb2 as pb
 from service.api.proto import lmserve_pb2_grpc as rpc
 from service.cli import build_parser, serve_config_from_args
 from service.preflight import check_files
+from tests.api.conftest import metric_value
 from tests.cli_process import REPO_ROOT, cli_command, cli_env, free_port
 
 README_HOST = "127.0.0.1:8000"
@@ -218,8 +219,7 @@ def test_curl_without_content_type_is_read_as_json(cli_server: CliServer) -> Non
 
 
 def _engine_steps(base: str) -> float:
-    (value,) = re.findall(r"^lmserve_engine_steps_total(?:\{[^}]*\})? (\S+)$", httpx.get(f"{base}/metrics", timeout=10).text, re.M)
-    return float(value)
+    return metric_value(httpx.get(f"{base}/metrics", timeout=10).text, "lmserve_engine_steps_total")
 
 
 def test_ctrl_c_drains_then_a_second_stops_at_once(cli_server: CliServer) -> None:
