@@ -264,3 +264,18 @@ def test_first_scheduled_time_is_set_once() -> None:
     step(scheduler)
     step(scheduler)
     assert req.first_scheduled_time == first_time
+
+
+def test_a_stop_string_found_before_update_ends_the_request_in_it() -> None:
+    """The engine matches stop strings on the new token's text before update(), which appends the token
+    and ends the request there: blocks freed, nothing left to call back."""
+    scheduler = make_scheduler()
+    a, b = make_request("a", 5), make_request("b", 5, first=20)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    output = scheduler.schedule()
+    received = scheduler.update(output, {"a": 7, "b": 8}, {"b": "\n"})
+    assert received == [a, b]
+    assert (a.is_finished, b.finish_reason, b.stop_reason, b.output_token_ids) == (False, FinishReason.STOP, "\n", [8])
+    assert scheduler.running == (a,) and b.block_ids == []
+    scheduler.block_manager.check_invariants()
