@@ -232,7 +232,7 @@ def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) ->
     check_generation(inp.params, len(items), state.config.limits)
     prompts = completion_prompts(state, caller, items)
     if caller.record.log_prompts:
-        caller.record.prompt = inp.prompt
+        caller.record.prompt = inp.prompt  # once screened: a blocked prompt is never logged
     call = _admit(state, caller, model, prompts, inp.params, "cmpl")
     if inp.echo:
         call.echo_texts = _echo_texts(state, inp.prompt, prompts)
@@ -294,10 +294,10 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
                     "A required or named tool_choice cannot be combined with a response format.", "invalid_value", "tool_choice"
                 )
             params = replace(params, structured=plan.constraint)
-    check_generation(params, 1, state.config.limits)
-    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     if caller.record.log_prompts:
         caller.record.prompt = inp.messages
+    check_generation(params, 1, state.config.limits)
+    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     call = _admit(state, caller, model, [prompt], params, "chatcmpl")
     call.tool_plan = plan
     return call
