@@ -46,9 +46,7 @@ def timed_step(engine: NativeEngine) -> dict[str, float]:
     reqs = [s.request for s in scheduled.scheduled if s.is_sampling]
     sampled = sample(logits, reqs, [None] * len(reqs))
     t3 = time.perf_counter()
-    by_id = {r.request_id: tok for r, tok in zip(reqs, sampled, strict=True)}
-    for req in engine.scheduler.update(scheduled, {rid: t.token_id for rid, t in by_id.items()}):
-        engine._streams[req.request_id].output.process(req, by_id[req.request_id])
+    engine._apply_sampled(scheduled, reqs, sampled)  # detokenize, update, deltas: the engine's own loop
     t4 = time.perf_counter()
     return {"schedule": t1 - t0, "runner": t2 - t1, "sample": t3 - t2, "update+detok": t4 - t3, "total": t4 - t0}
 

@@ -301,6 +301,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     else:
         prompt_ids = engine.tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        print("error: the prompt is empty", file=sys.stderr)
+        return 2
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     request = GenerationRequest(prompt_ids, params, "cli")
     try:

@@ -3,7 +3,8 @@
 HTTP (api/http.py) and gRPC build a `GenerationParams` from their own wire types and then share every
 step here, so limits, the n fan-out, seeds, usage accounting and metrics are identical on both:
 
-    plan = plan_generation(engine, prompts, params, limits, request_id)   # raises APIError
+    check_generation(params, num_prompts, limits)                         # raises APIError; before tokenizing
+    plan = plan_generation(engine, prompts, params, limits, request_id)   # token ids, engine capacity
     async for choice_delta in stream_choices(engine, plan, metrics, record): ...  # streaming
     result = await collect_choices(engine, plan, metrics, record)                 # non-streaming
 
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from service.api.errors import APIError
 from service.config import LimitsConfig
-from service.engine.base import EngineDeadError, EngineStoppedError, GenerationEngine, RequestRejected
+from service.engine.base import EngineDeadError, EngineStoppedError, GenerationEngine, RejectReason, RequestRejected
 from service.logs import AccessRecord
 from service.metrics import Metrics
 from service.types import (
@@ -79,7 +80,9 @@ class GenerationParams:
     # How max_tokens defaults when absent: completions use a fixed 16 (OpenAI), chat fills the context.
     default_max_tokens: int | None = 16
     max_logprobs: int = 20
-    prompt_param: str = "prompt"  # names the prompt field in errors ("prompt", "messages", "input")
+    # The request's own names for these fields, for errors: "prompt" | "messages" | ...,
+    # "max_tokens" | "max_completion_tokens".
+    prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
 
 
@@ -91,6 +94,7 @@ class GenerationPlan:
     prompts: list[list[int]]
     n: int
     requests: list[GenerationRequest]
+    params: GenerationParams = field(default_factory=lambda: GenerationParams())  # as the client sent them
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -111,8 +115,14 @@ class ChoiceDelta:
 
 @dataclass
 class ChoiceResult:
+    """One choice's account: its output, usage, finish and timings, fed every delta the client gets.
+
+    The one record of a choice for both paths (`stream_choices` keeps it as it streams; `collect_choices`
+    returns it) and both transports; usage, metrics and the access line are read from it.
+    """
+
     index: int
-    text: str = ""
+    text: str = ""  # joined when the run ends, where the account keeps text
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
@@ -120,11 +130,19 @@ class ChoiceResult:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
-    timing: RequestTiming | None = None
+    timing: RequestTiming | None = None  # the engine's, from the finishing delta
+    first_token_at: float | None = None  # time.monotonic() when the first delta with tokens arrived
+    last_token_at: float | None = None
+    text_parts: list[str] | None = field(default=None, repr=False)  # None: text not kept
 
-    def add(self, delta: GenerationDelta, text_parts: list[str]) -> None:
-        text_parts.append(delta.text)
-        self.token_ids.extend(delta.token_ids)
+    def add(self, delta: GenerationDelta, now: float) -> None:
+        if self.text_parts is not None:
+            self.text_parts.append(delta.text)
+        if delta.token_ids:
+            self.token_ids.extend(delta.token_ids)
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
         if delta.logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = []
@@ -137,6 +155,21 @@ class ChoiceResult:
             self.stop_reason = delta.stop_reason
         if delta.timing is not None:
             self.timing = delta.timing
+
+    @property
+    def finish_reason_str(self) -> str:
+        """Why the choice ended; one closed before its finishing delta was aborted (client gone, error)."""
+        return (self.finish_reason or FinishReason.ABORT).value
+
+    def ttft_s(self, submitted: float) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - submitted
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.first_token_at is None or self.last_token_at is None or self.num_output_tokens <= 1:
+            return None
+        return (self.last_token_at - self.first_token_at) / (self.num_output_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -167,8 +200,14 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
         raise APIError(f"{name} must be in {bracket}{low}, {high}], got {value}.", "invalid_value", name)
 
 
-def validate_params(params: GenerationParams, limits: LimitsConfig) -> None:
-    """Everything checkable without the prompt; raises APIError(400) naming the parameter."""
+def check_generation(params: GenerationParams, num_prompts: int, limits: LimitsConfig) -> None:
+    """Every check of a generation request that needs no token ids: the parameters and the number of
+    prompts. Runs once, before the prompts are tokenized (and so before any work is spent on them);
+    `plan_generation` then checks the token ids. Raises APIError(400) naming the parameter as sent."""
+    if num_prompts < 1:
+        raise APIError("At least one prompt is required.", "missing_field", params.prompt_param)
+    if num_prompts > limits.max_prompts:
+        raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", params.prompt_param)
     if not 1 <= params.n <= limits.max_n:
         raise APIError(f"n must be between 1 and {limits.max_n}, got {params.n}.", "invalid_value", "n")
     if params.max_tokens is not None:
@@ -204,7 +243,6 @@ def validate_params(params: GenerationParams, limits: LimitsConfig) -> None:
         raise APIError("Stop sequences must not be empty.", "invalid_value", "stop")
     if any(t < 0 for t in params.stop_token_ids):
         raise APIError("stop_token_ids must be non-negative.", "invalid_value", "stop_token_ids")
-    parse_logit_bias(params.logit_bias)
     if params.structured is not None:
         # Compile time and memory grow with a grammar; no sane schema comes near the cap (the tests'
         # mid-sized one is ~1.5 KB).
@@ -235,30 +273,19 @@ def parse_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int | None
 
 
 def resolve_max_tokens(params: GenerationParams, prompt_len: int, max_model_len: int, limits: LimitsConfig) -> int:
-    """max_tokens for one prompt; raises context_length_exceeded when prompt + max_tokens cannot fit."""
-    room = max_model_len - prompt_len
-    if room < 1:  # the prompt alone fills the context: no max_tokens would help
-        raise APIError(
-            f"This model's maximum context length is {max_model_len} tokens. However, the prompt has "
-            f"{prompt_len} tokens, which leaves no room for a completion. Please shorten the prompt.",
-            "context_length_exceeded",
-            params.prompt_param,
-        )
+    """max_tokens for one prompt: as sent, or the default (completions: 16; chat: whatever room the context
+    leaves), within the server's cap. Whether it fits beside the prompt is the engine's to say
+    (check_request), and `rejection_error` words its answer."""
     if params.max_tokens is not None:
-        if params.max_tokens > room:
-            raise APIError(
-                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, {params.max_tokens} for "
-                f"the completion). Please reduce {params.max_tokens_param} to at most {room}, or shorten the prompt.",
-                "context_length_exceeded",
-                params.max_tokens_param,
-            )
         return params.max_tokens
+    room = max_model_len - prompt_len
     default = params.default_max_tokens if params.default_max_tokens is not None else room
     return max(1, min(default, room, limits.max_tokens_cap))
 
 
-def build_sampling(params: GenerationParams, max_tokens: int, seed: int | None, vocab_size: int | None = None) -> SamplingParams:
+def build_sampling(
+    params: GenerationParams, max_tokens: int, seed: int | None, logit_bias: tuple[tuple[int, float], ...] = ()
+) -> SamplingParams:
     temperature = 1.0 if params.temperature is None else params.temperature
     if temperature < GREEDY_TEMPERATURE_EPS:
         temperature = 0.0
@@ -272,7 +299,7 @@ def build_sampling(params: GenerationParams, max_tokens: int, seed: int | None, 
         repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
         presence_penalty=params.presence_penalty or 0.0,
         frequency_penalty=params.frequency_penalty or 0.0,
-        logit_bias=parse_logit_bias(params.logit_bias, vocab_size),
+        logit_bias=logit_bias,
         seed=seed,
         stop=params.stop,
         stop_token_ids=params.stop_token_ids,
@@ -292,52 +319,88 @@ def plan_generation(
     request_id: str,
     vocab_size: int | None = None,
 ) -> GenerationPlan:
-    """Validate and fan out: prompt i, choice j becomes engine request i*n + j with seed (seed + j).
+    """Check the token ids and fan out: prompt i, choice j becomes engine request i*n + j with seed
+    (seed + j). Call after `check_generation`, with the tokenized prompts.
 
-    Runs every check (ours, then the engine's `check_request`) before anything is queued, so a bad
-    request costs nothing and never half-runs.
+    The engine's `check_request` (its capacity, a constraint it cannot compile) runs for every request
+    before anything is queued, so a bad request costs nothing and never half-runs; its refusals come
+    back as APIErrors naming the parameter the client sent (`rejection_error`).
     """
-    validate_params(params, limits)
-    if not prompts:
-        raise APIError("At least one prompt is required.", "missing_field", params.prompt_param)
-    if len(prompts) > limits.max_prompts:
-        raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", params.prompt_param)
-    if len(prompts) * params.n > limits.max_prompts * limits.max_n:
-        raise APIError("Too many choices requested.", "invalid_value", "n")
+    # Ids the tokenizer and the model both know: the engine's embedding takes no others.
+    vocab = engine.vocab_size if vocab_size is None else min(vocab_size, engine.vocab_size)
+    logit_bias = parse_logit_bias(params.logit_bias, vocab)
     requests: list[GenerationRequest] = []
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise APIError("The prompt must not be empty.", "invalid_value", params.prompt_param)
-        if vocab_size is not None and any(t < 0 or t >= vocab_size for t in prompt):
+        if any(t < 0 or t >= vocab for t in prompt):
             raise APIError("Prompt token ids must be in the model's vocabulary.", "invalid_value", params.prompt_param)
         max_tokens = resolve_max_tokens(params, len(prompt), engine.max_model_len, limits)
         for j in range(params.n):
             seed = None if params.seed is None else params.seed + j
             req = GenerationRequest(
                 prompt_token_ids=list(prompt),
-                sampling=build_sampling(params, max_tokens, seed, vocab_size),
+                sampling=build_sampling(params, max_tokens, seed, logit_bias),
                 request_id=f"{request_id}-{i * params.n + j}",
             )
             try:
                 engine.check_request(req)
             except RequestRejected as exc:
-                param = params.max_tokens_param if exc.param == "max_tokens" else params.prompt_param
-                if params.structured is not None and exc.param == params.structured.param:
-                    param = exc.param  # the constraint's own field (response_format..., structured_outputs..., tools)
-                raise APIError(str(exc), exc.code, param) from None
+                raise rejection_error(exc, params, engine.max_model_len, len(prompt), max_tokens) from None
             requests.append(req)
-    return GenerationPlan(request_id, [list(p) for p in prompts], params.n, requests)
+    return GenerationPlan(request_id, [list(p) for p in prompts], params.n, requests, params)
+
+
+def rejection_error(
+    exc: RequestRejected,
+    params: GenerationParams,
+    max_model_len: int,
+    num_prompt_tokens: int | None = None,
+    max_tokens: int | None = None,
+) -> APIError:
+    """An engine's refusal as the client's error: the code, the parameter as the client named it, and,
+    for the lengths (given the request's prompt length and max_tokens), what to change."""
+    is_length = exc.reason in (RejectReason.PROMPT_TOO_LONG, RejectReason.OUTPUT_TOO_LONG)
+    if is_length and num_prompt_tokens is not None and max_tokens is not None:
+        limit = exc.max_seq_len if exc.max_seq_len is not None else max_model_len
+        if limit >= max_model_len:
+            said = f"This model's maximum context length is {max_model_len} tokens."
+        else:  # the KV pool, not the context, is what one sequence cannot exceed here
+            said = f"This server's KV cache holds at most {limit} tokens of one sequence."
+        if exc.reason is RejectReason.PROMPT_TOO_LONG:
+            return APIError(
+                f"{said} However, the prompt has {num_prompt_tokens} tokens, which leaves no room for a completion. "
+                "Please shorten the prompt.",
+                "context_length_exceeded",
+                params.prompt_param,
+            )
+        return APIError(
+            f"{said} However, you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"prompt, {max_tokens} for the completion). Please reduce {params.max_tokens_param} to at most "
+            f"{limit - num_prompt_tokens}, or shorten the prompt.",
+            "context_length_exceeded",
+            params.max_tokens_param,
+        )
+    if exc.reason is RejectReason.INVALID_CONSTRAINT:
+        param = params.structured.param if params.structured is not None else "response_format"
+        return APIError(f"Invalid {param}: {exc}", "invalid_value", param)
+    if is_length:
+        param = params.prompt_param if exc.reason is RejectReason.PROMPT_TOO_LONG else params.max_tokens_param
+        return APIError(str(exc), "context_length_exceeded", param)
+    param = params.max_tokens_param if exc.field == "max_tokens" else exc.field
+    return APIError(str(exc), "invalid_value", param)
 
 
 # -- running ---------------------------------------------------------------------------------------------
 
 
-def engine_error(exc: BaseException) -> APIError:
-    """The APIError a transport reports for an exception out of the engine."""
+def engine_error(exc: BaseException, plan: GenerationPlan | None = None) -> APIError:
+    """The APIError a transport reports for an exception out of the engine (`plan`: the run it ended)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RequestRejected):
-        return APIError(str(exc), exc.code, exc.param)
+        params = plan.params if plan is not None else GenerationParams()
+        return rejection_error(exc, params, max_model_len=0)
     if isinstance(exc, EngineStoppedError):
         return APIError("The server is shutting down: this request was stopped before it finished.", "service_unavailable")
     if isinstance(exc, EngineDeadError):
@@ -346,48 +409,68 @@ def engine_error(exc: BaseException) -> APIError:
 
 
 @dataclass
-class _SequenceTimer:
-    """Per-sequence timing for TTFT/TPOT, reported once when the sequence ends."""
+class GenerationAccount:
+    """The accounting of one plan's run: a ChoiceResult per choice, the usage they add up to, each
+    choice's metrics (observed once, when it ends) and the access record."""
 
+    plan: GenerationPlan
     submitted: float
-    first_token: float | None = None
-    last_token: float | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    finish_reason: FinishReason | None = None
-    timing: RequestTiming | None = None
-    reported: bool = False
+    choices: list[ChoiceResult]
+    _observed: set[int] = field(default_factory=set)
 
-    def on_delta(self, delta: GenerationDelta, now: float) -> None:
-        if delta.token_ids:
-            if self.first_token is None:
-                self.first_token = now
-            self.last_token = now
-        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
-        self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
-        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-        if delta.timing is not None:
-            self.timing = delta.timing
+    @classmethod
+    def start(cls, plan: GenerationPlan, keep_text: bool, submitted: float | None = None) -> GenerationAccount:
+        choices = [ChoiceResult(index=i, text_parts=[] if keep_text else None) for i in range(len(plan.requests))]
+        return cls(plan, time.monotonic() if submitted is None else submitted, choices)
 
     @property
-    def finish_reason_str(self) -> str:
-        """Why the sequence ended; one closed before its finishing delta was aborted (client gone, error)."""
-        return (self.finish_reason or FinishReason.ABORT).value
+    def keeps_text(self) -> bool:
+        return bool(self.choices) and self.choices[0].text_parts is not None
 
-    def report(self, metrics: Metrics | None) -> None:
-        if self.reported or metrics is None:
+    @property
+    def usage(self) -> Usage:
+        """What the choices used so far (all of it once they have ended); cached tokens are counted once
+        per prompt, like prompt tokens."""
+        choices = self.choices
+        cached = sum(c.num_cached_tokens for c in choices[:: max(self.plan.n, 1)])
+        return Usage(self.plan.num_prompt_tokens, sum(c.num_output_tokens for c in choices), cached)
+
+    def observe(self, index: int, metrics: Metrics | None) -> None:
+        """The choice's per-sequence metrics, once."""
+        if metrics is None or index in self._observed:
             return
-        self.reported = True
-        ttft = None if self.first_token is None else self.first_token - self.submitted
-        tpot = None
-        if self.first_token is not None and self.last_token is not None and self.num_output_tokens > 1:
-            tpot = (self.last_token - self.first_token) / (self.num_output_tokens - 1)
+        self._observed.add(index)
+        c = self.choices[index]
         metrics.observe_sequence(
-            ttft, tpot, self.num_prompt_tokens, self.num_output_tokens, self.finish_reason_str, self.timing
+            c.ttft_s(self.submitted), c.tpot_s, c.num_prompt_tokens, c.num_output_tokens, c.finish_reason_str, c.timing
         )
+
+    def finish(self, metrics: Metrics | None, record: AccessRecord | None) -> None:
+        """The run is over (ended, failed or closed): observe every choice not yet observed, join the
+        texts, and fill the access record."""
+        for index in range(len(self.choices)):
+            self.observe(index, metrics)
+        if self.keeps_text:
+            for c in self.choices:
+                c.text = "".join(c.text_parts or ())
+        if record is not None:
+            self.fill_record(record)
+
+    def fill_record(self, record: AccessRecord) -> None:
+        usage = self.usage  # the very figures the response's `usage` reports
+        record.submitted = self.submitted
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        record.cached_tokens = usage.cached_tokens
+        record.finish_reasons = [c.finish_reason_str for c in self.choices]
+        first_tokens = [c.first_token_at for c in self.choices if c.first_token_at is not None]
+        record.first_token = min(first_tokens) if first_tokens else None
+        record.timings = [c.timing for c in self.choices]
+        if record.log_prompts and self.keeps_text:
+            record.outputs = [c.text for c in self.choices]
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.choices, self.usage)
 
 
 async def _merged(
@@ -493,19 +576,22 @@ async def stream_choices(
     metrics: Metrics | None = None,
     record: AccessRecord | None = None,
     guards: Sequence[tuple[OutputGuard, Callable[[list[Decision]], None]]] | None = None,
+    account: GenerationAccount | None = None,
 ) -> AsyncIterator[ChoiceDelta]:
     """The plan's choices as one stream of deltas; engine failures surface as APIError.
+
+    Every delta the client gets goes into `account` (one is made if not given) before it is yielded,
+    so the caller reads usage and results from it, during the stream and after.
 
     With `guards` (one output guard and its decision reporter per choice), each choice's text goes out
     as its guard releases it; a choice the guard blocks ends with finish_reason content_filter and its
     engine request is aborted at once, freeing its KV blocks.
     """
-    started = time.monotonic()
-    timers = [_SequenceTimer(started) for _ in plan.requests]
+    if account is None:
+        # Output text is kept only for an access line that will show it.
+        account = GenerationAccount.start(plan, keep_text=record is not None and record.log_prompts)
     screens = None if guards is None else [_ScreenedChoice(g, report) for g, report in guards]
     ended: set[int] = set()
-    # Output text is gathered only for an access line that will show it.
-    outputs: list[list[str]] | None = [[] for _ in plan.requests] if record is not None and record.log_prompts else None
     log.debug("submitting %d sequences, %d prompt tokens", len(plan.requests), plan.num_prompt_tokens)
     try:
         async with aclosing(_merged(engine, plan.requests, ended)) as merged:
@@ -516,45 +602,20 @@ async def stream_choices(
                     if delta.finish_reason is FinishReason.CONTENT_FILTER:
                         ended.add(choice.index)
                     choice = ChoiceDelta(choice.index, delta)
-                timers[choice.index].on_delta(delta, time.monotonic())
-                if outputs is not None:
-                    outputs[choice.index].append(delta.text)
+                account.choices[choice.index].add(delta, time.monotonic())
                 if delta.finish_reason is not None:
-                    timers[choice.index].report(metrics)
+                    account.observe(choice.index, metrics)
                     log.debug(
                         "sequence %s finished (%s) after %d tokens",
                         delta.request_id, delta.finish_reason.value, delta.num_output_tokens,
                     )
                 yield choice
     except (RequestRejected, EngineDeadError) as exc:
-        raise engine_error(exc) from exc
+        raise engine_error(exc, plan) from exc
     finally:
-        for timer in timers:
-            timer.report(metrics)
+        account.finish(metrics, record)
         if metrics is not None:
-            metrics.e2e_request_latency_seconds.observe(time.monotonic() - started)
-        if record is not None:
-            _fill_record(record, plan, started, timers, outputs)
-
-
-def _fill_record(
-    record: AccessRecord,
-    plan: GenerationPlan,
-    submitted: float,
-    timers: list[_SequenceTimer],
-    outputs: list[list[str]] | None,
-) -> None:
-    usage = usage_of(plan, timers)  # the very figures the response's `usage` reports
-    record.submitted = submitted
-    record.prompt_tokens = usage.prompt_tokens
-    record.completion_tokens = usage.completion_tokens
-    record.cached_tokens = usage.cached_tokens
-    record.finish_reasons = [t.finish_reason_str for t in timers]
-    first_tokens = [t.first_token for t in timers if t.first_token is not None]
-    record.first_token = min(first_tokens) if first_tokens else None
-    record.timings = [t.timing for t in timers]
-    if outputs is not None:
-        record.outputs = ["".join(parts) for parts in outputs]
+            metrics.e2e_request_latency_seconds.observe(time.monotonic() - account.submitted)
 
 
 async def collect_choices(
@@ -564,24 +625,9 @@ async def collect_choices(
     record: AccessRecord | None = None,
     guards: Sequence[tuple[OutputGuard, Callable[[list[Decision]], None]]] | None = None,
 ) -> GenerationResult:
-    """Run the plan to completion and aggregate each choice's text, tokens and logprobs."""
-    choices = [ChoiceResult(index=i) for i in range(len(plan.requests))]
-    texts: list[list[str]] = [[] for _ in plan.requests]
-    async with aclosing(stream_choices(engine, plan, metrics, record, guards)) as stream:
-        async for choice in stream:
-            choices[choice.index].add(choice.delta, texts[choice.index])
-    for choice, parts in zip(choices, texts, strict=True):
-        choice.text = "".join(parts)
-    return GenerationResult(choices, usage_of(plan, choices))
-
-
-class _SequenceTokens(Protocol):
-    num_output_tokens: int
-    num_cached_tokens: int
-
-
-def usage_of(plan: GenerationPlan, choices: Sequence[_SequenceTokens]) -> Usage:
-    """Usage of the plan's sequences (ChoiceResults or stream_choices' timers); cached tokens are
-    counted once per prompt, like prompt tokens."""
-    cached = sum(c.num_cached_tokens for c in choices[:: max(plan.n, 1)])
-    return Usage(plan.num_prompt_tokens, sum(c.num_output_tokens for c in choices), cached)
+    """Run the plan to completion: each choice's text, tokens and logprobs, and the usage."""
+    account = GenerationAccount.start(plan, keep_text=True)
+    async with aclosing(stream_choices(engine, plan, metrics, record, guards, account)) as stream:
+        async for _ in stream:
+            pass
+    return account.result()

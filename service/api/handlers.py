@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from service.api.admission import Admitted, Caller, check_request
@@ -31,15 +31,15 @@ from service.api.errors import APIError
 from service.api.tools import ToolPlan, plan_tools
 from service.api.generation import (
     ChoiceDelta,
-    ChoiceResult,
+    GenerationAccount,
     GenerationParams,
     GenerationPlan,
     GenerationResult,
     Usage,
+    check_generation,
     collect_choices,
     plan_generation,
     stream_choices,
-    usage_of,
 )
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class GenerationCall:
     created: int
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
     tool_plan: ToolPlan | None = None  # chat with tools: how to prompt for and parse tool calls
-    finals: list[ChoiceResult] = field(default_factory=list)
+    account: GenerationAccount | None = None  # the streamed choices' accounting, once `stream()` runs
 
     @property
     def num_choices(self) -> int:
@@ -126,12 +126,12 @@ class GenerationCall:
 
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         s = self.state
-        self.finals = [ChoiceResult(index=i) for i in range(self.num_choices)]
+        record = self.caller.record
+        self.account = GenerationAccount.start(self.plan, keep_text=record.log_prompts)
         try:
-            stream = stream_choices(s.engine, self.plan, s.metrics, self.caller.record, self._guards())
+            stream = stream_choices(s.engine, self.plan, s.metrics, record, self._guards(), self.account)
             async with aclosing(stream) as choices:
                 async for item in choices:
-                    self.finals[item.index].add(item.delta, [])
                     yield item
         finally:
             self.admitted.release(self.usage.total_tokens)
@@ -148,7 +148,9 @@ class GenerationCall:
     @property
     def usage(self) -> Usage:
         """What the stream used so far (all of it once the stream has ended)."""
-        return usage_of(self.plan, self.finals)
+        if self.account is None:
+            return Usage(self.plan.num_prompt_tokens, 0)
+        return self.account.usage
 
     def close(self) -> None:
         self.admitted.release(0)
@@ -188,20 +190,17 @@ def _screen_token_prompts(state: AppState, caller: Caller, prompts: list[list[in
         screen_input(state, caller, [state.tokenizer.decode(p) for p in prompts], param)
 
 
-def completion_prompts(state: AppState, caller: Caller, prompt: Prompt) -> list[list[int]]:
-    limits = state.config.limits
-    if isinstance(prompt, str):
-        items: list[str] | list[list[int]] = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        items = [prompt]  # type: ignore[list-item]
-    else:
-        items = prompt  # type: ignore[assignment]
-    if not items:
-        raise APIError("The prompt must not be empty.", "invalid_value", "prompt")
-    if len(items) > limits.max_prompts:
-        raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", "prompt")
+def _prompt_items(prompt: Prompt) -> list[str] | list[list[int]]:
+    """A completion's prompt as a list of prompts: strings or token arrays ([] is one empty prompt)."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return prompt  # type: ignore[return-value]
+
+
+def completion_prompts(state: AppState, caller: Caller, items: list[str] | list[list[int]]) -> list[list[int]]:
+    """Each prompt's token ids, the texts screened and tokenized (after check_generation has counted them)."""
     tok = state.tokenizer
-    if isinstance(items[0], str):
+    if items and isinstance(items[0], str):
         return [tok.encode(p) for p in screen_input(state, caller, list(items), "prompt")]  # type: ignore[arg-type]
     token_prompts = [list(p) for p in items]  # type: ignore[arg-type]
     _screen_token_prompts(state, caller, token_prompts, "prompt")
@@ -221,6 +220,7 @@ def _admit(
 ) -> GenerationCall:
     s = state
     plan = plan_generation(s.engine, prompts, params, s.config.limits, caller.record.request_id, s.tokenizer.vocab_size)
+    # Queue slot and token reservation last: a request refused above holds neither.
     admitted = Admitted(s, caller, plan.max_total_tokens)
     return GenerationCall(s, caller, plan, admitted, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
@@ -228,9 +228,11 @@ def _admit(
 def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) -> GenerationCall:
     check_request(state, caller)
     model = require_model(state.generation_model, inp.model, "generation")
-    prompts = completion_prompts(state, caller, inp.prompt)
+    items = _prompt_items(inp.prompt)
+    check_generation(inp.params, len(items), state.config.limits)
+    prompts = completion_prompts(state, caller, items)
     if caller.record.log_prompts:
-        caller.record.prompt = inp.prompt
+        caller.record.prompt = inp.prompt  # once screened: a blocked prompt is never logged
     call = _admit(state, caller, model, prompts, inp.params, "cmpl")
     if inp.echo:
         call.echo_texts = _echo_texts(state, inp.prompt, prompts)
@@ -292,9 +294,10 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
                     "A required or named tool_choice cannot be combined with a response format.", "invalid_value", "tool_choice"
                 )
             params = replace(params, structured=plan.constraint)
-    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     if caller.record.log_prompts:
         caller.record.prompt = inp.messages
+    check_generation(params, 1, state.config.limits)
+    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
     call = _admit(state, caller, model, [prompt], params, "chatcmpl")
     call.tool_plan = plan
     return call

@@ -1,7 +1,7 @@
 """Pydantic models of the HTTP API, in OpenAI's shapes (plus vLLM's extra sampling fields).
 
 Request models only check types and document ranges; the value checks that both transports need
-(api/generation.py `validate_params`) live in one place. Unknown request fields are ignored, as OpenAI
+(api/generation.py `check_generation`) live in one place. Unknown request fields are ignored, as OpenAI
 clients send fields this server has no use for.
 """
 

@@ -6,7 +6,7 @@ Two spellings reach the same constraint:
 - vLLM's `structured_outputs`: exactly one of `json` (a schema), `regex`, `choice`, `grammar` (Lark or
   GBNF) or `json_object: true` (vLLM >= 0.12 names; its old `guided_*` fields are gone there too).
 
-Only the shape is checked here; the size (LimitsConfig.max_grammar_bytes) in generation.validate_params,
+Only the shape is checked here; the size (LimitsConfig.max_grammar_bytes) in generation.check_generation,
 and whether the grammar compiles in the engine's `check_request` (a 400 naming the field every time).
 """
 

@@ -2,7 +2,7 @@
 
 Usage from a transport:
 
-    engine.check_request(req)               # raises RequestRejected (a clear 4xx) before anything is queued
+    engine.check_request(req)               # capacity and constraints: RequestRejected before anything is queued
     async for delta in engine.generate(req):  # deltas until one has finish_reason set
         ...
     # Leaving the loop early (break, exception, client disconnect -> aclose()) aborts the request
@@ -13,21 +13,37 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from service.types import GenerationDelta, GenerationRequest
 
 
-class RequestRejected(ValueError):
-    """A request the engine can never serve (too long for the context or the KV pool).
+class RejectReason(str, Enum):
+    """Why an engine cannot serve a request, in the engine's terms; the API layer (api/generation.py)
+    maps each to an error code and to the parameter the client sent."""
 
-    `code` is one of the string codes of api/errors.py (e.g. "context_length_exceeded").
+    PROMPT_TOO_LONG = "prompt_too_long"  # the prompt alone leaves no room for one output token
+    OUTPUT_TOO_LONG = "output_too_long"  # the prompt fits, but not with max_tokens more
+    INVALID_CONSTRAINT = "invalid_constraint"  # the structured-output constraint does not compile
+    UNSUPPORTED_VALUE = "unsupported_value"  # a sampling value this engine would change; `field` names it
+
+
+class RequestRejected(ValueError):
+    """A request the engine can never serve: too long for its context or KV pool, a constraint it cannot
+    compile, a value it would not honour. The message is the engine's own account of it.
+
+    `field` names the SamplingParams field at fault, where one is; `max_seq_len` (for the two length
+    reasons) is the most tokens, prompt and output together, one sequence may hold in this engine.
     """
 
-    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
+    def __init__(
+        self, message: str, reason: RejectReason, field: str | None = None, max_seq_len: int | None = None
+    ) -> None:
         super().__init__(message)
-        self.code = code
-        self.param = param
+        self.reason = reason
+        self.field = field
+        self.max_seq_len = max_seq_len
 
 
 class EngineUnavailableError(RuntimeError):
@@ -84,6 +100,7 @@ class StepStats:
 class GenerationEngine(Protocol):
     model_name: str
     max_model_len: int
+    vocab_size: int  # the ids the model embeds; a prompt's token ids must lie in [0, vocab_size)
     # Called from the engine's thread after every completed step; None (the default) costs nothing.
     on_step: Callable[[StepStats], None] | None
 

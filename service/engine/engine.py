@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from service.config import EngineConfig
-from service.engine.base import EngineDeadError, EngineStats, EngineStoppedError, RequestRejected, StepStats
+from service.engine.base import (
+    EngineDeadError,
+    EngineStats,
+    EngineStoppedError,
+    RejectReason,
+    RequestRejected,
+    StepStats,
+)
 from service.engine.block_manager import BlockManager
 from service.engine.grammar import (
     GrammarCompiler,
@@ -36,10 +43,10 @@ from service.engine.grammar import (
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
 from service.engine.runner import ModelRunner, prepare_to_serve
-from service.engine.sampler import sample
-from service.engine.scheduler import Scheduler
+from service.engine.sampler import SampledToken, sample
+from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.tokenizer import Tokenizer
-from service.types import FinishReason, GenerationDelta, GenerationRequest, StructuredOutput
+from service.types import FinishReason, GenerationDelta, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,7 @@ class NativeEngine:
         self.model_name = model_name
         self.config = config
         self.max_model_len = runner.max_model_len
+        self.vocab_size = runner.vocab_size
         self.block_manager = BlockManager(
             runner.kv_spec.num_blocks, runner.kv_spec.block_size, config.enable_prefix_caching
         )
@@ -154,23 +162,21 @@ class NativeEngine:
     # ---- requests --------------------------------------------------------------------------
 
     def check_request(self, request: GenerationRequest) -> None:
-        if not request.prompt_token_ids:
-            raise RequestRejected("the prompt is empty", code="invalid_value", param="prompt")
-        vocab = self.runner.vocab_size
-        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
-            raise RequestRejected(f"prompt token ids must lie in [0, {vocab})", code="invalid_value", param="prompt")
+        """This engine's own limits: the context and the KV pool, and whether the constraint compiles.
+        Everything else about a request is validated once, before it gets here (api/generation.py)."""
         num_prompt_tokens = len(request.prompt_token_ids)
-        reason = self.scheduler.can_ever_fit(num_prompt_tokens, request.sampling.max_tokens)
-        if reason is not None:
-            # Name what the client must change: the prompt when even one output token cannot fit beside it.
+        message = self.scheduler.can_ever_fit(num_prompt_tokens, request.sampling.max_tokens)
+        if message is not None:
+            # The prompt is what must change when even one output token cannot fit beside it.
             prompt_alone = self.scheduler.can_ever_fit(num_prompt_tokens, 1) is not None
-            raise RequestRejected(reason, code="context_length_exceeded", param="prompt" if prompt_alone else "max_tokens")
+            reason = RejectReason.PROMPT_TOO_LONG if prompt_alone else RejectReason.OUTPUT_TOO_LONG
+            raise RequestRejected(message, reason, max_seq_len=self.scheduler.max_seq_len)
         structured = request.sampling.structured
         if structured is not None:
             try:
                 self.grammars.validate(structured)
             except GrammarError as exc:
-                raise RequestRejected(f"Invalid {structured.param}: {exc}", code="invalid_value", param=structured.param) from None
+                raise _grammar_rejected(str(exc)) from None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.check_request(request)
@@ -261,7 +267,7 @@ class NativeEngine:
             try:
                 req.grammar = future.result()
             except GrammarError as exc:
-                self._fail([stream], _grammar_rejected(req.sampling.structured, str(exc)))
+                self._fail([stream], _grammar_rejected(str(exc)))
                 continue
             self.scheduler.add_request(req)
         self._compiling = pending
@@ -284,18 +290,6 @@ class NativeEngine:
         if self._mask_pool is None:
             self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-masks")
         return self._mask_pool.submit(fill)
-
-    def _advance_grammar(self, req: Request, token_id: int) -> str | None:
-        """Feed a sampled token to the request's matcher; finish the request once the grammar is complete.
-        Returns an error message if the grammar rejected the token (never, unless something is broken)."""
-        grammar = req.grammar
-        if grammar is None or req.is_finished:
-            return None
-        if not grammar.accept(token_id):
-            return grammar.error or f"token {token_id} is not allowed here"
-        if grammar.is_finished:
-            self.scheduler.finish_request(req, FinishReason.STOP)
-        return None
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -327,26 +321,7 @@ class NativeEngine:
                 self.scheduler.finish_request(stream.request, FinishReason.ABORT)
             self._fail(failed, EngineStepError(f"generation failed: {exc}"))
             return
-        by_id = {r.request_id: tok for r, tok in zip(sampling_reqs, sampled, strict=True)}
-        now = time.monotonic()
-        got_token = self.scheduler.update(scheduled, {rid: tok.token_id for rid, tok in by_id.items()})
-        deliveries: list[tuple[asyncio.Queue, GenerationDelta]] = []
-        for req in got_token:
-            stream = self._streams[req.request_id]
-            if req.first_token_time is None:
-                req.first_token_time = now
-            grammar_error = self._advance_grammar(req, by_id[req.request_id].token_id)
-            if grammar_error is not None:
-                log.error("request %s: constrained decoding failed: %s", req.request_id, grammar_error)
-                self.scheduler.finish_request(req, FinishReason.ABORT)
-                self._fail([stream], _grammar_rejected(req.sampling.structured, grammar_error))
-                continue
-            delta, matched_stop = stream.output.process(req, by_id[req.request_id])
-            if matched_stop is not None:
-                self.scheduler.finish_request(req, FinishReason.STOP, matched_stop)
-            deliveries.append((stream.queue, delta))
-            if req.is_finished:
-                del self._streams[req.request_id]
+        deliveries = self._apply_sampled(scheduled, sampling_reqs, sampled)
         self.num_steps += 1
         # Before delivering: a client holding its answer then finds this step in the metrics too.
         if self.on_step is not None:
@@ -360,6 +335,43 @@ class NativeEngine:
             )
         if deliveries:
             self._deliver(deliveries)
+
+    def _apply_sampled(
+        self, scheduled: SchedulerOutput, sampling_reqs: list[Request], sampled: list[SampledToken]
+    ) -> list[tuple[asyncio.Queue, GenerationDelta | BaseException]]:
+        """One loop over the batch: advance each constrained request's grammar and detokenize its token
+        (matching stop strings), let the scheduler append the tokens and end the finished sequences
+        (Request.check_stop decides), then build each sequence's delta."""
+        token_ids: dict[str, int] = {}
+        matched_stops: dict[str, str] = {}
+        deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]] = []
+        for req, tok in zip(sampling_reqs, sampled, strict=True):
+            rid = req.request_id
+            if req.grammar is not None and not req.grammar.accept(tok.token_id):
+                # Never, unless something is broken: the token was sampled under the grammar's mask.
+                error = req.grammar.error or f"token {tok.token_id} is not allowed here"
+                log.error("request %s: constrained decoding failed: %s", rid, error)
+                self.scheduler.finish_request(req, FinishReason.ABORT)  # update() then skips it
+                stream = self._streams.pop(rid)
+                deliveries.append((stream.queue, _grammar_rejected(error)))
+                continue
+            token_ids[rid] = tok.token_id
+            matched = self._streams[rid].output.take(tok)
+            if matched is not None:
+                matched_stops[rid] = matched
+        received = self.scheduler.update(scheduled, token_ids, matched_stops)
+        now = time.monotonic()
+        for req, tok in zip(sampling_reqs, sampled, strict=True):
+            if req.request_id not in token_ids:
+                continue
+            stream = self._streams[req.request_id]
+            if req.first_token_time is None:
+                req.first_token_time = now
+            deliveries.append((stream.queue, stream.output.delta(req, tok)))
+            if req.is_finished:
+                del self._streams[req.request_id]
+        assert len(received) == len(token_ids)
+        return deliveries
 
     def _deliver(self, deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:
         assert self._loop is not None
@@ -375,9 +387,8 @@ class NativeEngine:
             self._deliver([(s.queue, error) for s in streams])
 
 
-def _grammar_rejected(structured: StructuredOutput | None, message: str) -> RequestRejected:
-    param = structured.param if structured is not None else None
-    return RequestRejected(f"Invalid {param}: {message}", code="invalid_value", param=param)
+def _grammar_rejected(message: str) -> RequestRejected:
+    return RequestRejected(message, RejectReason.INVALID_CONSTRAINT, field="structured")
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:

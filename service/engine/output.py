@@ -1,4 +1,11 @@
-"""Turns one sequence's sampled tokens into client-facing deltas: text, stop strings, logprobs."""
+"""Turns one sequence's sampled tokens into client-facing deltas: text, stop strings, logprobs.
+
+Per sampled token, around the scheduler's update (which decides whether the sequence ends):
+
+    matched_stop = output.take(sampled)          # detokenize, match stop strings
+    scheduler.update(..., {request_id: matched_stop})
+    delta = output.delta(request, sampled)       # text, logprobs, and the finish reason the request got
+"""
 
 from __future__ import annotations
 
@@ -20,39 +27,41 @@ class SequenceOutput:
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         self.stop_matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
         self.wants_logprobs = params.logprobs is not None
+        self._text = ""  # the text of the token `take` last saw, for its delta
 
-    def process(self, request: Request, sampled: SampledToken) -> tuple[GenerationDelta, str | None]:
-        """Build the delta for the token just appended to `request`.
-
-        Returns the delta and the stop string matched (the caller finishes the request on a match;
-        the delta already carries finish_reason STOP for it).
-        """
+    def take(self, sampled: SampledToken) -> str | None:
+        """Detokenize a sampled token, before the scheduler appends it; returns the stop string its text
+        completes, for Scheduler.update, which ends the request on it (Request.check_stop)."""
         text = self.detokenizer.step(sampled.token_id)
-        matched: str | None = None
-        if self.stop_matcher is not None:
-            result = self.stop_matcher.feed(text)
-            text, matched = result.text_to_emit, result.stop
-            if matched is None and request.is_finished:
-                text += self.stop_matcher.flush()
-        finish_reason, stop_reason = request.finish_reason, request.stop_reason
-        if matched is not None:
-            finish_reason, stop_reason = FinishReason.STOP, matched
-        # Read the clock only for the one delta per sequence that carries its timing.
-        timing = request.timing(time.monotonic()) if finish_reason is not None else None
-        return (
-            GenerationDelta(
-                request_id=self.external_id,
-                text=text,
-                token_ids=[sampled.token_id],
-                logprobs=[self._logprob(sampled)] if self.wants_logprobs else None,
-                finish_reason=finish_reason,
-                stop_reason=stop_reason,
-                num_prompt_tokens=request.num_prompt_tokens,
-                num_output_tokens=request.num_output_tokens,
-                num_cached_tokens=request.num_cached_tokens,
-                timing=timing,
-            ),
-            matched,
+        if self.stop_matcher is None:
+            self._text = text
+            return None
+        result = self.stop_matcher.feed(text)
+        self._text = result.text_to_emit
+        return result.stop
+
+    def delta(self, request: Request, sampled: SampledToken) -> GenerationDelta:
+        """The delta for the token `take` saw, once the scheduler has appended it (and perhaps ended the
+        request: its finish reason is the delta's)."""
+        text = self._text
+        finish_reason = request.finish_reason
+        timing = None
+        if finish_reason is not None:
+            if self.stop_matcher is not None and self.stop_matcher.stopped is None:
+                text += self.stop_matcher.flush()  # ended otherwise: what was held back for a stop string
+            # Read the clock only for the one delta per sequence that carries its timing.
+            timing = request.timing(time.monotonic())
+        return GenerationDelta(
+            request_id=self.external_id,
+            text=text,
+            token_ids=[sampled.token_id],
+            logprobs=[self._logprob(sampled)] if self.wants_logprobs else None,
+            finish_reason=finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            timing=timing,
         )
 
     def final_delta(self, request: Request) -> GenerationDelta:

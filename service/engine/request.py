@@ -80,12 +80,17 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def check_stop(self) -> None:
-        """Finish on max_tokens, EOS or a stop token id after the last appended token.
+    def check_stop(self, matched_stop: str | None = None) -> None:
+        """The one place a sequence's end is decided, after each appended output token: a stop string the
+        output text just completed (`matched_stop`, found by the engine's detokenizer), EOS, a stop token
+        id, max_tokens, or a structured-output grammar that is complete. An abort ends it from outside,
+        through Scheduler.finish_request.
 
-        Stop strings are matched on text by the detokenizer, outside this class.
+        The first that holds wins, in that order. EOS and stop token ids count only from min_tokens on
+        (the sampler keeps them out before then); a stop string always counts.
         """
-        if self.num_output_tokens == 0:
+        if matched_stop is not None:
+            self.finish(FinishReason.STOP, matched_stop)
             return
         last = self.token_ids[-1]
         if self.num_output_tokens >= self.sampling.min_tokens:
@@ -97,6 +102,8 @@ class Request:
                 return
         if self.num_output_tokens >= self.sampling.max_tokens:
             self.finish(FinishReason.LENGTH, None)
+        elif self.grammar is not None and self.grammar.is_finished:
+            self.finish(FinishReason.STOP, None)  # nothing but EOS could follow: the output is complete
 
     def timing(self, finished_time: float) -> RequestTiming:
         """Where this request's time went, for its finishing delta."""

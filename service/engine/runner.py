@@ -14,7 +14,8 @@ from transformers import AutoConfig, PretrainedConfig
 from service.checkpoints import CheckpointError, check_generation_architecture, load_weights, weight_files
 from service.config import EngineConfig
 from service.engine.modeling import native_kernels
-from service.engine.modeling.attention import SeqLayout, build_metadata
+from service.engine.modeling.attention import AttentionMetadata, SeqLayout, build_metadata
+from service.engine.modeling.forward_path import choose_forward_path
 from service.engine.modeling.llama import LlamaForCausalLM
 from service.engine.scheduler import SchedulerOutput
 from service.progress import progress_step, size_text
@@ -172,21 +173,18 @@ class ModelRunner:
         if self.device.type == "cpu":
             advise_huge_pages(self.kv_caches)  # before the first touch, which zero_ is
         self.kv_caches.zero_()
-        if config.attention not in ("auto", "kernel", "torch"):
-            raise ValueError(f"attention must be auto, kernel or torch, not {config.attention!r}")
         if self.device.type == "cpu":
             native_kernels.load_kernel()  # built now (once per machine), never on the engine thread's first step
-        self.use_kernel = config.attention != "torch" and native_kernels.supports(self.dtype, self.device)
-        self.fused_ops = self.use_kernel and model.use_fused_ops()
-        if config.attention == "kernel" and not self.use_kernel:
-            raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
+        # The one choice of how every step's forward runs; nothing below decides it again.
+        self.forward_path = choose_forward_path(config.attention, model, self.dtype, self.device)
+        self._forward = model.forward_for(self.forward_path)
         log.info(
-            "model loaded: %s %s on %s%s, attention: %s, KV pool %d blocks x %d tokens (%.1f MiB)",
+            "model loaded: %s %s on %s%s, forward: %s, KV pool %d blocks x %d tokens (%.1f MiB)",
             hf_config.model_type,
             str(self.dtype).removeprefix("torch."),
             self.device,
             f" (weights prepacked for {self.packed_weights})" if self.packed_weights else "",
-            ("C kernel" if self.use_kernel else "torch ops") + (" (+ fused C elementwise ops)" if self.fused_ops else ""),
+            self.forward_path.value,
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,
             self.kv_spec.total_bytes / 2**20,
@@ -195,6 +193,18 @@ class ModelRunner:
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
+
+    def attention_metadata(self, layouts: list[SeqLayout]) -> AttentionMetadata:
+        """A step's attention plan, for this runner's forward path."""
+        return build_metadata(
+            layouts, self.kv_spec.block_size, self.device, self.dtype, self.forward_path.uses_attention_kernel
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Hidden states for a step laid out by `meta`, by this runner's forward path, over its KV cache."""
+        return self._forward(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> torch.Tensor | None:
@@ -217,10 +227,10 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         if not input_ids:
             return None
-        meta = build_metadata(layouts, self.kv_spec.block_size, self.device, self.dtype, self.use_kernel)
+        meta = self.attention_metadata(layouts)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hidden = self._forward(ids, pos, self.kv_caches, meta)
         if not sample_rows:
             return None
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

@@ -8,14 +8,16 @@ already has) when re-admitted, ahead of every other waiting request.
 Pure Python, no torch. The engine drives it:
 
     output = scheduler.schedule()
-    ... forward over output.scheduled, sample one token for each `is_sampling` entry ...
-    scheduler.update(output, sampled_token_ids)
+    ... forward over output.scheduled, sample one token for each `is_sampling` entry,
+        detokenize it and match stop strings ...
+    scheduler.update(output, sampled_token_ids, matched_stops)   # appends, ends finished sequences
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from service.engine.block_manager import BlockManager
@@ -96,6 +98,11 @@ class Scheduler:
 
     # ---- admission control -------------------------------------------------------------
 
+    @property
+    def max_seq_len(self) -> int:
+        """The most tokens (prompt and output) one sequence can ever hold: the context, or the whole pool."""
+        return min(self.max_model_len, self.block_manager.num_blocks * self.block_manager.block_size)
+
     def can_ever_fit(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         """None if a request of this size can be served; else a one-line reason.
 
@@ -117,10 +124,8 @@ class Scheduler:
         return None
 
     def add_request(self, req: Request) -> None:
-        """Queue a new request (FIFO). Callers check can_ever_fit first."""
-        reason = self.can_ever_fit(req.num_prompt_tokens, req.sampling.max_tokens)
-        if reason is not None:
-            raise ValueError(reason)
+        """Queue a new request (FIFO). The engine has refused those that could never fit (can_ever_fit)."""
+        assert req.max_num_tokens <= self.max_seq_len, f"{req} can never fit"
         req.status = RequestStatus.WAITING
         self._waiting.append(req)
 
@@ -172,11 +177,15 @@ class Scheduler:
         output.num_batched_tokens = self.max_num_batched_tokens - budget
         return output
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Apply a finished forward: advance progress, cache written blocks, append sampled tokens.
+    def update(
+        self, output: SchedulerOutput, sampled_token_ids: dict[str, int], matched_stops: Mapping[str, str] | None = None
+    ) -> list[Request]:
+        """Apply a finished forward: advance progress, cache written blocks, append sampled tokens, and end
+        the sequences that are done (Request.check_stop; `matched_stops`: the stop string each request's
+        new text completed, found by the caller before this call).
 
-        Returns the requests that received a token, in batch order; those that finished on
-        max_tokens/EOS/stop token ids have been removed and their blocks freed.
+        Returns the requests that received a token, in batch order; those that finished have been removed
+        and their blocks freed.
         """
         received: list[Request] = []
         for scheduled in output.scheduled:
@@ -189,7 +198,7 @@ class Scheduler:
             if not is_sampling:
                 continue
             req.append_token(sampled_token_ids[req.request_id])
-            req.check_stop()
+            req.check_stop(matched_stops.get(req.request_id) if matched_stops else None)
             received.append(req)
             if req.is_finished:
                 self._running.remove(req)
@@ -197,7 +206,7 @@ class Scheduler:
         return received
 
     def finish_request(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
-        """End a request from outside the step loop (abort, stop string). Idempotent."""
+        """End a request from outside a step (abort, a failed step or grammar). Idempotent."""
         self._remove_from(self._running, req)
         self._remove_from(self._waiting, req)
         self.block_manager.free(req)

@@ -34,7 +34,14 @@ from types import ModuleType
 from typing import Any
 
 from service.config import EngineConfig, VLLMConfig
-from service.engine.base import EngineDeadError, EngineStats, EngineUnavailableError, RequestRejected, StepStats
+from service.engine.base import (
+    EngineDeadError,
+    EngineStats,
+    EngineUnavailableError,
+    RejectReason,
+    RequestRejected,
+    StepStats,
+)
 from service.tokenizer import Tokenizer
 from service.types import (
     FinishReason,
@@ -130,14 +137,14 @@ def to_vllm_sampling(params: SamplingParams, vllm_sampling_params: type, delta_k
         raise RequestRejected(
             f"temperature {params.temperature} is below {VLLM_MIN_TEMPERATURE}, the smallest the vLLM engine samples "
             f"at (it would raise it to {VLLM_MIN_TEMPERATURE}); use 0 for greedy decoding",
-            code="invalid_value",
-            param="temperature",
+            RejectReason.UNSUPPORTED_VALUE,
+            field="temperature",
         )
     if params.seed == VLLM_NO_SEED:
         raise RequestRejected(
             f"seed {VLLM_NO_SEED} means 'no seed' to the vLLM engine; choose another seed",
-            code="invalid_value",
-            param="seed",
+            RejectReason.UNSUPPORTED_VALUE,
+            field="seed",
         )
     logit_bias: dict[int, float] = {}
     for token_id, bias in params.logit_bias:  # a token listed twice gets both biases, as in the native sampler
@@ -167,6 +174,14 @@ def to_vllm_sampling(params: SamplingParams, vllm_sampling_params: type, delta_k
 
 def _param_in(message: str) -> str | None:
     return next((name for name in _PARAM_NAMES if name in message), None)
+
+
+def _rejected(exc: Exception) -> RequestRejected:
+    """vLLM's refusal of a sampling value, naming the field where vLLM or its message does."""
+    field = getattr(exc, "parameter", None) or _param_in(str(exc))
+    if field is not None and field.startswith("structured"):
+        return RequestRejected(str(exc), RejectReason.INVALID_CONSTRAINT, field="structured")
+    return RequestRejected(str(exc), RejectReason.UNSUPPORTED_VALUE, field=field)
 
 
 class VLLMStatsCollector:
@@ -320,28 +335,21 @@ class VLLMEngine:
         """The request's vLLM SamplingParams, after every check vLLM would make when it is added."""
         from vllm.exceptions import VLLMValidationError
 
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise RequestRejected("the prompt is empty", code="invalid_value", param="prompt")
-        if any(t < 0 or t >= self.vocab_size for t in prompt):
+        num_prompt_tokens, max_tokens = len(request.prompt_token_ids), request.sampling.max_tokens
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            reason = RejectReason.PROMPT_TOO_LONG if num_prompt_tokens >= self.max_model_len else RejectReason.OUTPUT_TOO_LONG
             raise RequestRejected(
-                f"prompt token ids must lie in [0, {self.vocab_size})", code="invalid_value", param="prompt"
-            )
-        max_tokens = request.sampling.max_tokens
-        if len(prompt) + max_tokens > self.max_model_len:
-            raise RequestRejected(
-                f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) exceed the model's context "
-                f"length of {self.max_model_len} tokens",
-                code="context_length_exceeded",
-                param="max_tokens",
+                f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                f"{num_prompt_tokens + max_tokens} tokens, more than the model's context length of {self.max_model_len}",
+                reason,
+                max_seq_len=self.max_model_len,
             )
         params = to_vllm_sampling(request.sampling, self._sampling_params_cls, self._delta_kind)
         config = self.vllm_config
         try:
             params.verify(config.model_config, config.speculative_config, config.structured_outputs_config, None)
         except (VLLMValidationError, ValueError) as exc:
-            param = getattr(exc, "parameter", None) or _param_in(str(exc))
-            raise RequestRejected(str(exc), code="invalid_value", param=param) from None
+            raise _rejected(exc) from None
         return params
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
@@ -389,8 +397,7 @@ class VLLMEngine:
         except VLLMEngineDeadError as exc:
             raise EngineDeadError(f"the vLLM engine died: {exc}") from exc
         except VLLMValidationError as exc:  # check_request mirrors vLLM's checks; this is the backstop
-            param = exc.parameter or _param_in(str(exc))
-            raise RequestRejected(str(exc), code="invalid_value", param=param) from exc
+            raise _rejected(exc) from exc
         except Exception as exc:
             if isinstance(exc, (RequestRejected, EngineDeadError, VLLMRequestError)):
                 raise

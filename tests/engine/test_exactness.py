@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from service.config import EngineConfig
 from service.engine.engine import NativeEngine
 from service.engine.modeling import native_kernels
+from service.engine.modeling.forward_path import ForwardPath
 from service.types import GenerationRequest, SamplingParams
 
 SYSTEM = (
@@ -142,7 +143,7 @@ def test_bf16_greedy_does_not_depend_on_the_batch(smollm2_dir: Path) -> None:
     the step: alone, all at once with small prefill chunks, and with a pool so small that requests are
     preempted and recomputed."""
     base = NativeEngine.load(smollm2_dir, "smollm2", EngineConfig(dtype="bfloat16", num_kv_blocks=256))
-    assert base.runner.model.stack_table is not None
+    assert base.runner.forward_path is ForwardPath.DECODER_STACK
     prompts = build_prompts(base)
     alone = asyncio.run(engine_greedy(base, prompts, concurrent=False))
     longest = max(len(p) for p in prompts) + MAX_NEW_TOKENS

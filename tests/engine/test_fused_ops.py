@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from service.config import EngineConfig
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata
+from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from service.engine.modeling.llama import rotate_half
 from service.engine.runner import ModelRunner
 
@@ -104,27 +105,26 @@ def test_fused_layers_match_unfused_forward(smollm2_dir: Path, monkeypatch: pyte
     unfused (torch ops on a gate/up weight packed plainly, torch's SiLU), over a prefill and a decode step."""
     config = EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16)
     fused_runner = ModelRunner(smollm2_dir, config)
-    assert fused_runner.fused_ops and fused_runner.model.fused
+    expected = ForwardPath.DECODER_STACK if native_kernels.gemm_available() else ForwardPath.FUSED_OPS
+    assert fused_runner.forward_path is expected
     assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == native_kernels.gemm_available()
     monkeypatch.setattr(native_kernels, "silu_mul_packable", lambda weight: False)
     plain_runner = ModelRunner(smollm2_dir, config)
-    plain = plain_runner.model
-    plain.fused = False
-    for layer in plain.layers:
-        layer.self_attn.fused = layer.mlp.fused = False
-        assert not layer.mlp.gate_up_proj.applies_silu
+    assert not any(layer.mlp.gate_up_proj.applies_silu for layer in plain_runner.model.layers)
 
-    def forward(runner: ModelRunner) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(runner: ModelRunner, path: ForwardPath) -> tuple[torch.Tensor, torch.Tensor]:
         model = runner.model
+        run = model.forward_for(path)
         ids = torch.randint(100, 5000, (21,), generator=torch.Generator().manual_seed(3))
         prefill = build_metadata([SeqLayout(0, 20, 0, [0, 1])], 16, CPU, BF16, use_kernel=True)
         with torch.inference_mode():
-            first = model(ids[:20], torch.arange(20), runner.kv_caches, prefill)
+            first = run(ids[:20], torch.arange(20), runner.kv_caches, prefill)
             decode = build_metadata([SeqLayout(0, 1, 20, [0, 1])], 16, CPU, BF16, use_kernel=True)
-            second = model(ids[20:], torch.tensor([20]), runner.kv_caches, decode)
+            second = run(ids[20:], torch.tensor([20]), runner.kv_caches, decode)
         return model.compute_logits(first[-1:]).float(), model.compute_logits(second).float()
 
-    fused, unfused = forward(fused_runner), forward(plain_runner)
+    fused = forward(fused_runner, ForwardPath.FUSED_OPS)
+    unfused = forward(plain_runner, ForwardPath.ATTENTION_KERNEL)
     for a, b in zip(fused, unfused, strict=True):
         assert a.argmax() == b.argmax()
         # Two bf16 computations that round in different places: their logits (magnitude ~10-30) drift
@@ -141,7 +141,16 @@ def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
     args = build_parser(env).parse_args(["serve", "--attention", "kernel"])
     assert serve_config_from_args(args, env).engine.attention == "kernel"  # a flag wins over its variable
     runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=4, attention="torch"))
-    assert not runner.use_kernel and not runner.fused_ops and not runner.model.fused
+    assert runner.forward_path is ForwardPath.TORCH
+    assert choose_forward_path("torch", runner.model, BF16, CPU) is ForwardPath.TORCH
+    has_kernel = native_kernels.supports(torch.float32, CPU)
+    float32_path = ForwardPath.ATTENTION_KERNEL if has_kernel else ForwardPath.TORCH
+    assert choose_forward_path("auto", runner.model, torch.float32, CPU) is float32_path
+    assert choose_forward_path("auto", runner.model, BF16, torch.device("meta")) is ForwardPath.TORCH
+    with pytest.raises(RuntimeError, match="unavailable"):
+        choose_forward_path("kernel", runner.model, BF16, torch.device("meta"))
+    with pytest.raises(ValueError, match="auto, kernel or torch"):
+        choose_forward_path("fast", runner.model, BF16, CPU)
 
 
 def _tiny_qwen2(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, name: str, intermediate_size: int) -> Path:
@@ -199,8 +208,7 @@ def test_decoder_stack_matches_the_layer_by_layer_path(
     model_dir = request.getfixturevalue(f"{which}_dir")
     runner = ModelRunner(model_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16))
     model = runner.model
-    table = model.stack_table
-    assert runner.fused_ops and table is not None
+    assert runner.forward_path is ForwardPath.DECODER_STACK
     assert all(layer.mlp.gate_up_proj.applies_silu == silu_in_gemm for layer in model.layers)
     ids = torch.randint(100, 5000, (100,), generator=torch.Generator().manual_seed(5))
     # (start_row, new tokens, cached tokens, blocks) per sequence: B, C, D prefill; then A fresh, B's next
@@ -211,7 +219,7 @@ def test_decoder_stack_matches_the_layer_by_layer_path(
     ]
 
     def run(stack: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-        model.stack_table = table if stack else None
+        forward = model.forward_for(ForwardPath.DECODER_STACK if stack else ForwardPath.FUSED_OPS)
         runner.kv_caches.zero_()
         outputs = []
         for step in steps:
@@ -220,11 +228,10 @@ def test_decoder_stack_matches_the_layer_by_layer_path(
             positions = torch.cat([torch.arange(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens) for s in layouts])
             meta = build_metadata(layouts, 16, CPU, BF16, use_kernel=True)
             with torch.inference_mode():
-                outputs.append(model(ids[:rows], positions, runner.kv_caches, meta).clone())
+                outputs.append(forward(ids[:rows], positions, runner.kv_caches, meta).clone())
         return outputs, runner.kv_caches.clone()
 
     (stacked, stacked_cache), (per_op, per_op_cache) = run(True), run(False)
-    model.stack_table = table
     for a, b in zip(stacked, per_op, strict=True):
         assert a.abs().sum() > 0
         assert torch.equal(a, b)

@@ -206,11 +206,16 @@ def test_prefix_cache_hits_shorten_the_prefill() -> None:
 def test_can_ever_fit_names_the_limit() -> None:
     scheduler = make_scheduler(num_blocks=4, block_size=4, max_model_len=32)
     assert scheduler.can_ever_fit(10, 6) is None
-    too_long = scheduler.can_ever_fit(30, 5)
-    assert too_long is not None and "context length of 32" in too_long and "\n" not in too_long
-    too_big = scheduler.can_ever_fit(10, 20)
-    assert too_big is not None and "8 KV blocks" in too_big and "pool of 4" in too_big
-    with pytest.raises(ValueError):
+    assert scheduler.can_ever_fit(30, 5) == (
+        "prompt (30 tokens) plus max_tokens (5) is 35 tokens, more than the model's context length of 32"
+    )
+    assert scheduler.can_ever_fit(10, 20) == (
+        "prompt (10 tokens) plus max_tokens (20) needs 8 KV blocks, more than the whole pool of 4"
+    )
+    assert scheduler.max_seq_len == 16  # the pool (4 blocks of 4) holds less than the context
+    assert scheduler.can_ever_fit(10, 6) is None and scheduler.can_ever_fit(10, 7) is not None
+    assert make_scheduler(num_blocks=64, block_size=4, max_model_len=32).max_seq_len == 32
+    with pytest.raises(AssertionError, match="can never fit"):
         scheduler.add_request(make_request("x", 10, max_tokens=20))
 
 
@@ -259,3 +264,18 @@ def test_first_scheduled_time_is_set_once() -> None:
     step(scheduler)
     step(scheduler)
     assert req.first_scheduled_time == first_time
+
+
+def test_a_stop_string_found_before_update_ends_the_request_in_it() -> None:
+    """The engine matches stop strings on the new token's text before update(), which appends the token
+    and ends the request there: blocks freed, nothing left to call back."""
+    scheduler = make_scheduler()
+    a, b = make_request("a", 5), make_request("b", 5, first=20)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    output = scheduler.schedule()
+    received = scheduler.update(output, {"a": 7, "b": 8}, {"b": "\n"})
+    assert received == [a, b]
+    assert (a.is_finished, b.finish_reason, b.stop_reason, b.output_token_ids) == (False, FinishReason.STOP, "\n", [8])
+    assert scheduler.running == (a,) and b.block_ids == []
+    scheduler.block_manager.check_invariants()

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 
 from service.config import EngineConfig
-from service.engine.base import RequestRejected
+from service.engine.base import RejectReason, RequestRejected
 from service.engine.engine import NativeEngine
 from service.engine.grammar import GrammarCompiler, GrammarError
 from service.types import (
@@ -154,7 +154,7 @@ def test_bad_constraints_are_refused_before_queueing(engine: NativeEngine, const
     request = GenerationRequest([1, 2, 3], SamplingParams(max_tokens=4, structured=constraint), "bad")
     with pytest.raises(RequestRejected, match=re.escape(message)) as info:
         engine.check_request(request)
-    assert info.value.param == "response_format"
+    assert (info.value.reason, info.value.field) == (RejectReason.INVALID_CONSTRAINT, "structured")
 
 
 def test_compiled_grammar_cache_is_bounded(engine: NativeEngine) -> None:

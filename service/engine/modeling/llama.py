@@ -8,6 +8,9 @@ kernels), and every layer reads and writes the shared paged cache through `Atten
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import AttentionMetadata, paged_attention
+from service.engine.modeling.forward_path import ForwardPath
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -144,7 +148,6 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.fused = False  # LlamaForCausalLM.use_fused_ops
         model_type = config.model_type
         qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         o_bias = model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
@@ -165,12 +168,28 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj.forward(hidden)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        return self._attend(qkv, v, cos, sin, kv_cache, meta)
+
+    def forward_fused(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The same, with RoPE and the cache write in one C call (bf16; not with a per-head q/k norm)."""
+        num_tokens = hidden.shape[0]
         # .forward, not __call__: the module-call machinery is a measurable share of a small step.
         qkv = self.qkv_proj.forward(hidden)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.fused and not self.has_qk_norm:
-            q, k = native_kernels.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
-            return self.o_proj.forward(paged_attention(q, k, v, kv_cache, meta, self.scale, cache_written=True))
+        if self.has_qk_norm:
+            return self._attend(qkv, v, cos, sin, kv_cache, meta)
+        q, k = native_kernels.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
+        return self.o_proj.forward(paged_attention(q, k, v, kv_cache, meta, self.scale, cache_written=True))
+
+    def _attend(
+        self, qkv: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = qkv.shape[0]
         if self.has_qk_norm:
             q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
@@ -193,15 +212,18 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = GateUpLinear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.fused = False  # LlamaForCausalLM.use_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj.applies_silu:
             return self.down_proj.forward(self.gate_up_proj.forward(x))
-        if self.fused:
-            return self.down_proj.forward(native_kernels.silu_mul(self.gate_up_proj.forward(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same, SiLU-and-multiply by the C kernel where gate/up's gemm does not apply it (bf16)."""
+        if self.gate_up_proj.applies_silu:
+            return self.down_proj.forward(self.gate_up_proj.forward(x))
+        return self.down_proj.forward(native_kernels.silu_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -226,9 +248,6 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.fused = False  # use_fused_ops
-        # Set by use_fused_ops where decoder.c can run every layer in one call (native_kernels.decoder_stack).
-        self.stack_table: torch.Tensor | None = None
         # Tied embeddings: a packed copy of the embedding matrix for the head (prepack_weights).
         self.packed_head: torch.Tensor | native_kernels.PackedWeight | None = None
         if not self.tie_word_embeddings:
@@ -241,59 +260,80 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: torch.Tensor,  # [num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """ForwardPath.TORCH and ATTENTION_KERNEL (which of the two is `meta`'s: build_metadata's use_kernel)."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, hidden.dtype)
-        if self.fused:
-            if self.stack_table is not None and meta.kernel is not None and not meta.fresh_prefills and not meta.groups:
-                attn = self.layers[0].self_attn
-                native_kernels.decoder_stack(
-                    hidden, self.stack_table, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
-                    self.layers[0].mlp.intermediate_size, self.layers[0].mlp.gate_up_proj.applies_silu, self.norm.eps,
-                    attn.scale,
-                )  # fmt: skip
-                return hidden
-            return self._forward_fused(hidden, cos, sin, kv_caches, meta)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, kv_caches[i], meta)
         return hidden  # [num_tokens, hidden_size], before the final norm
 
-    def _forward_fused(self, residual, cos, sin, kv_caches, meta) -> torch.Tensor:
-        """The same layers with each residual add fused into the norm that follows it (C kernels, bf16)."""
+    def forward_fused(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """ForwardPath.FUSED_OPS: the same layers with each residual add fused into the norm that follows
+        it, and the other elementwise ops by C kernels (bf16)."""
+        residual = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, residual.dtype)
+        return self._layers_fused(residual, cos, sin, kv_caches, meta)
+
+    def _layers_fused(self, residual, cos, sin, kv_caches, meta) -> torch.Tensor:
         layers = self.layers
         x = native_kernels.add_rms_norm(None, residual, layers[0].input_layernorm.weight, self.norm.eps)
         for i, layer in enumerate(layers):
-            attn = layer.self_attn.forward(x, cos, sin, kv_caches[i], meta)
+            attn = layer.self_attn.forward_fused(x, cos, sin, kv_caches[i], meta)
             x = native_kernels.add_rms_norm(attn, residual, layer.post_attention_layernorm.weight, self.norm.eps)
-            mlp = layer.mlp.forward(x)
+            mlp = layer.mlp.forward_fused(x)
             if i + 1 < len(layers):
                 x = native_kernels.add_rms_norm(mlp, residual, layers[i + 1].input_layernorm.weight, self.norm.eps)
             else:
                 residual += mlp
         return residual
 
-    def use_fused_ops(self) -> bool:
-        """Switch to the fused C elementwise ops (native_kernels) where they apply: bf16 on CPU."""
-        weight = self.embed_tokens.weight
-        if not native_kernels.fused_ops_supported(weight.dtype, weight.device):
-            return False
-        self.fused = True
-        for layer in self.layers:
-            layer.self_attn.fused = layer.mlp.fused = True
-        self.stack_table = self._stack_table()
-        return True
+    def forward_stack(
+        self,
+        stack_table: torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """ForwardPath.DECODER_STACK: every layer in one call to decoder.c, whose kernels and their order
+        are FUSED_OPS's; a step whose attention plan it cannot take (any not on the C kernel) runs those."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, hidden.dtype)
+        if meta.kernel is None or meta.fresh_prefills or meta.groups:
+            return self._layers_fused(hidden, cos, sin, kv_caches, meta)
+        attn = self.layers[0].self_attn
+        native_kernels.decoder_stack(
+            hidden, stack_table, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
+            self.layers[0].mlp.intermediate_size, self.layers[0].mlp.gate_up_proj.applies_silu, self.norm.eps,
+            attn.scale,
+        )  # fmt: skip
+        return hidden
 
-    def _stack_table(self) -> torch.Tensor | None:
-        """The layer table for native_kernels.decoder_stack, where it applies: every projection packed for
-        gemm.c, attention heads of 64 or 128 (its bf16 kernel's sizes), no per-head q/k norm (Qwen3)."""
+    def forward_for(self, path: ForwardPath) -> Callable[..., torch.Tensor]:
+        """The forward that runs `path`: (input_ids, positions, kv_caches, meta) -> hidden states."""
+        if path is ForwardPath.DECODER_STACK:
+            return functools.partial(self.forward_stack, self.stack_table())
+        if path is ForwardPath.FUSED_OPS:
+            return self.forward_fused
+        return self.forward
+
+    def can_run_decoder_stack(self) -> bool:
+        """decoder.c takes this model: every projection packed for gemm.c, attention heads of 64 or 128 (its
+        bf16 kernel's sizes), no per-head q/k norm (Qwen3)."""
         attn = self.layers[0].self_attn
         projections = [m for m in self.modules() if isinstance(m, Linear)]
-        if (
-            not native_kernels.gemm_available()
-            or attn.has_qk_norm
-            or attn.head_dim not in (64, 128)
-            or not all(isinstance(m.packed, native_kernels.PackedWeight) for m in projections)
-        ):
-            return None
+        return (
+            native_kernels.gemm_available()
+            and not attn.has_qk_norm
+            and attn.head_dim in (64, 128)
+            and all(isinstance(m.packed, native_kernels.PackedWeight) for m in projections)
+        )
+
+    def stack_table(self) -> torch.Tensor:
+        """The layer table for native_kernels.decoder_stack (addresses of the packed weights)."""
+        assert self.can_run_decoder_stack()
         return native_kernels.layer_table([
             [layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias,
              layer.self_attn.o_proj.packed, layer.self_attn.o_proj.bias,

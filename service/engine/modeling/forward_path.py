@@ -1,0 +1,59 @@
+"""Which forward the runner runs: chosen once, when the runner is built, from the config and the machine.
+
+    path = choose_forward_path(config.attention, model, dtype, device)   # one named strategy
+    forward = model.forward_for(path)                                     # the callable the runner steps
+    hidden = forward(input_ids, positions, kv_caches, meta)
+
+Each path is a superset of the one before it, and each one's arithmetic is tested against the one before
+(tests/engine/test_fused_ops.py): a broken kernel shows up as a difference, not as a silent fallback.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import torch
+
+from service.engine.modeling import native_kernels
+
+if TYPE_CHECKING:
+    from service.engine.modeling.llama import LlamaForCausalLM
+
+ATTENTION_CHOICES = ("auto", "kernel", "torch")
+
+
+class ForwardPath(str, Enum):
+    TORCH = "torch ops"  # torch ops throughout, attention included (no C compiler, a GPU, attention=torch)
+    ATTENTION_KERNEL = "C paged attention"  # torch ops, attention by the C kernel (float32 on CPU)
+    FUSED_OPS = "C paged attention + fused C elementwise ops"  # bf16 on CPU, one layer at a time
+    DECODER_STACK = "one C call for the decoder stack"  # the fused ops, every layer in one call (decoder.c)
+
+    @property
+    def uses_attention_kernel(self) -> bool:
+        return self is not ForwardPath.TORCH
+
+    @property
+    def uses_fused_ops(self) -> bool:
+        return self in (ForwardPath.FUSED_OPS, ForwardPath.DECODER_STACK)
+
+
+def choose_forward_path(
+    attention: str, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device
+) -> ForwardPath:
+    """The fastest path this machine and model allow under `attention` (auto | kernel | torch).
+
+    Call after the weights are packed: the decoder stack needs every projection packed for gemm.c.
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be auto, kernel or torch, not {attention!r}")
+    has_kernel = attention != "torch" and native_kernels.supports(dtype, device)
+    if attention == "kernel" and not has_kernel:
+        raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
+    if not has_kernel:
+        return ForwardPath.TORCH
+    if not native_kernels.fused_ops_supported(dtype, device):
+        return ForwardPath.ATTENTION_KERNEL
+    if model.can_run_decoder_stack():
+        return ForwardPath.DECODER_STACK
+    return ForwardPath.FUSED_OPS
