@@ -175,8 +175,9 @@ class ModelRunner:
         if config.attention not in ("auto", "kernel", "torch"):
             raise ValueError(f"attention must be auto, kernel or torch, not {config.attention!r}")
         if self.device.type == "cpu":
-            native_kernels.load_kernel()  # built now (once per machine), never on the engine thread's first step
-        self.use_kernel = config.attention != "torch" and native_kernels.supports(self.dtype, self.device)
+            # Built now (once per machine), never on the engine thread's first step.
+            native_kernels.load_kernels(config.cache_dir, config.c_compiler)
+        self.use_kernel = config.attention != "torch" and native_kernels.paged_attention_supported(self.dtype, self.device)
         self.fused_ops = self.use_kernel and model.use_fused_ops()
         if config.attention == "kernel" and not self.use_kernel:
             raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")

@@ -17,9 +17,8 @@ from service.engine.runner import ModelRunner
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
 
-_needs_kernels = pytest.mark.skipif(
-    not native_kernels.fused_ops_supported(BF16, CPU), reason="no C compiler: the fused ops are unavailable"
-)
+# Each op on the build for this CPU and on the portable one (tests/engine/conftest.py).
+_needs_kernels = pytest.mark.usefixtures("kernels")
 
 
 @_needs_kernels
@@ -98,14 +97,14 @@ def test_rope_and_cache_matches_torch_and_fills_slots(head_dim: int) -> None:
     assert not flat[:, :, untouched].any()
 
 
-@_needs_kernels
+@pytest.mark.usefixtures("native_library")
 def test_fused_layers_match_unfused_forward(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole bf16 model, fused (C elementwise ops; where gemm.c runs, SiLU in gate/up's gemm) against
     unfused (torch ops on a gate/up weight packed plainly, torch's SiLU), over a prefill and a decode step."""
     config = EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16)
     fused_runner = ModelRunner(smollm2_dir, config)
     assert fused_runner.fused_ops and fused_runner.model.fused
-    assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == native_kernels.gemm_available()
+    assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == native_kernels.gemm_bf16_available()
     monkeypatch.setattr(native_kernels, "silu_mul_packable", lambda weight: False)
     plain_runner = ModelRunner(smollm2_dir, config)
     plain = plain_runner.model
@@ -185,7 +184,7 @@ def qwen2_inter80_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
     return _tiny_qwen2(tmp_path_factory, smollm2_dir, "qwen2_inter80", 80)
 
 
-@pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c needs gemm.c (AVX-512 BF16, no AMX)")
+@pytest.mark.usefixtures("gemm_kernels")  # decoder.c needs gemm.c (AVX-512 BF16, no AMX)
 @pytest.mark.parametrize(
     ("which", "silu_in_gemm"),
     [("smollm2", True), ("qwen2_head64", True), ("llama_head128", True), ("qwen2_inter80", False)],

@@ -12,13 +12,12 @@ from service.engine.modeling import kernel_cache, native_kernels
 from service.progress import PROGRESS_LOGGER
 
 
-def test_a_build_writes_one_progress_line_first(tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_build_writes_one_progress_line_first(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
-    monkeypatch.setenv("CC", "false")  # a "compiler" that fails at once: the line comes before the compile
-    target = tmp_path / "kernels" / "paged_attention-test.so"
+    target = tmp_path / "kernels" / "lmserve-kernels-test.so"
     target.parent.mkdir()
-    with pytest.raises(subprocess.CalledProcessError):
-        native_kernels._build(kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], target)
+    with pytest.raises(subprocess.CalledProcessError):  # a "compiler" that fails at once: the line comes first
+        native_kernels._build(kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], target, "false")
     (line,) = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
     assert line.startswith(f"building the C kernels with false into {target.parent} (once per machine")
     assert not target.exists()
