@@ -34,7 +34,7 @@ _RIP = re.compile(r"rip\+0x[0-9a-f]+")
 
 
 def disassemble(source: Path, march: str, extra_flags: tuple[str, ...]) -> str:
-    flags = [f for f in kernel_cache.FLAGS if f not in ("-shared", "-march=native") and not f.startswith("-W")]
+    flags = [f for f in kernel_cache.CODEGEN_FLAGS if f not in ("-shared", "-march=native")]
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / (source.stem + ".o")
         subprocess.run(["cc", *flags, *extra_flags, f"-march={march}", "-c", str(source), "-o", str(obj)], check=True)
