@@ -41,3 +41,20 @@ def test_builds_are_used_while_a_checkout_with_their_sources_exists(tmp_path: Pa
     assert (build.key, build.is_used, build.size_bytes) == (key, True, 4)
     (checkout / sorted(p.name for p in checkout.glob("*.c"))[0]).write_text("/* changed again */")
     assert [b.is_used for b in kernel_cache.kernel_builds(cache)] == [False]
+
+
+def test_every_variant_of_this_checkout_is_used_and_old_names_are_listed(tmp_path: Path) -> None:
+    """The portable build the tests make counts as used like the native one; a build under the library's
+    old name (paged_attention-{key}.so) is listed, unused, so that `lmserve cache prune` removes it."""
+    folder = tmp_path / kernel_cache.KERNELS_DIR
+    folder.mkdir()
+    portable = kernel_cache.library_path(tmp_path, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, "portable"), "portable")
+    legacy = folder / "paged_attention-0123456789abcdef.so"
+    for library in (portable, legacy):
+        library.write_bytes(b"\x7fELF")
+    assert portable.name.startswith("lmserve-kernels-portable-")
+    builds = {b.path.name: (b.key, b.is_used) for b in kernel_cache.kernel_builds(tmp_path)}
+    assert builds == {
+        portable.name: (kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, "portable"), True),
+        legacy.name: ("0123456789abcdef", False),
+    }
