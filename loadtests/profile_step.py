@@ -22,7 +22,7 @@ from service.config import EngineConfig, default_cache_dir
 from service.engine.engine import NativeEngine, _Stream
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
-from service.engine.runner import prepare_to_serve
+from service.process import prepare_to_serve
 from service.engine.sampler import sample
 from service.types import FinishReason, SamplingParams
 

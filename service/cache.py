@@ -10,7 +10,7 @@ Kinds of entry:
 - lora: a merged LoRA adapter, `{adapter}-lora-{key}` (checkpoints/lora.py). Used while one of the adapter
   folders that resolved to it (`.lora-users/`) and its base exist and still give this key (and a base in
   the cache is itself used).
-- kernel: a build of the C kernels, `kernels/paged_attention-{key}.so` (engine/modeling/kernel_cache.py).
+- kernel: a build of the C kernels, `kernels/lmserve-kernels-{key}.so` (engine/modeling/kernel_cache.py).
   Used while a checkout that loaded it still has sources that hash to its key.
 - partial: a conversion or merge cut short (`.tmp-*`, `.stale-*`) or a half-written kernel build. Left
   alone for an hour, since another process may be writing it.

@@ -106,6 +106,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads,
         attention=args.attention,
         allow_pickle=args.allow_pickle,
+        cache_dir=args.cache_dir,  # the C kernels are built into the same cache as the converted models
     )
 
 
@@ -426,14 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # writes one line per slow step instead. Set either variable to 0 to get the bars back.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # With --engine vllm: a service must not report usage to vLLM's stats server unless its operator asks.
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     try:
         args = build_parser(env).parse_args(argv)
     except EnvError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if getattr(args, "cache_dir", None) is not None:
-        # The kernels' cache is found through the config layer's LMSERVE_CACHE_DIR: --cache-dir moves it too.
-        os.environ["LMSERVE_CACHE_DIR"] = str(args.cache_dir)
     if args.command != "serve":  # serve sets up its own logging from its config (app.run)
         from service.progress import PROGRESS_LOGGER
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,14 @@ DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     return Path(env.get("LMSERVE_CACHE_DIR") or Path.home() / ".cache" / "lmserve")
+
+
+def default_c_compiler(environ: dict[str, str] | None = None) -> str:
+    """The C compiler for the kernels: $CC (as make and pip honour it), else the one Python was built with,
+    else `cc`; its first word (a CC of "gcc -pthread" names gcc)."""
+    env = os.environ if environ is None else environ
+    command = env.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return command.split()[0]
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,9 @@ class EngineConfig:
     attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
+    # The C kernels are built into cache_dir/kernels (the same cache as ServeConfig.cache_dir) with c_compiler.
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    c_compiler: str = field(default_factory=default_c_compiler)
 
 
 @dataclass(frozen=True)

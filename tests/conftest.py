@@ -23,6 +23,13 @@ SMOLLM2_VOCAB_SIZE = 49152
 TINY_INIT_STD = 0.5
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kernel-sanitizers", action="store_true",
+        help="the C kernel tests load the AddressSanitizer/UBSan builds (make kernels-asan preloads libasan)",
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """The real model cache (not a temp dir): GGUF conversion is deterministic and takes ~20 s, so

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from service.checkpoints import CheckpointError, export_model, resolve_model
 from service.checkpoints.bundled import bundled_location
-from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, default_cache_dir
+from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, default_c_compiler, default_cache_dir
 
 
 def kernel_dir() -> Path:
@@ -33,9 +33,9 @@ def kernel_dir() -> Path:
 
 
 def bake_kernels() -> Path:
-    from service.engine.modeling.native_kernels import load_kernel
+    from service.engine.modeling.native_kernels import open_library
 
-    lib = load_kernel()
+    lib = open_library(default_cache_dir(), default_c_compiler())
     if lib is None:
         raise SystemExit("bake: the C kernels did not build (see the warning above); is a C compiler installed?")
     return Path(lib._name)
@@ -52,13 +52,13 @@ def verify_kernels() -> Path:
     baked = set(kernel_dir().glob("*.so"))
     if not baked:
         raise SystemExit(f"bake verify: no kernels in {kernel_dir()}")
-    from service.engine.modeling.native_kernels import load_kernel
+    from service.engine.modeling.native_kernels import open_library
 
-    lib = load_kernel()
+    lib = open_library(default_cache_dir(), default_c_compiler())
     if lib is None:
         raise SystemExit("bake verify: the baked kernels do not load here (see the warning above)")
     loaded = Path(lib._name)
-    if loaded not in baked:  # load_kernel built a new one: the baked one is keyed to other sources or CPU
+    if loaded not in baked:  # open_library built a new one: the baked one is keyed to other sources or CPU
         raise SystemExit(f"bake verify: {loaded.name} was built now; the baked {sorted(p.name for p in baked)} do not match")
     return loaded
 

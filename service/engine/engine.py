@@ -42,9 +42,10 @@ from service.engine.grammar import (
 )
 from service.engine.output import SequenceOutput
 from service.engine.request import Request
-from service.engine.runner import ModelRunner, prepare_to_serve
+from service.engine.runner import ModelRunner
 from service.engine.sampler import SampledToken, sample
 from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.process import prepare_to_serve, set_thread_count
 from service.tokenizer import Tokenizer
 from service.types import FinishReason, GenerationDelta, GenerationRequest
 
@@ -110,8 +111,7 @@ class NativeEngine:
 
     @classmethod
     def load(cls, model_path: Path, model_name: str, config: EngineConfig) -> NativeEngine:
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        set_thread_count(config.num_threads)
         runner = ModelRunner(model_path, config)
         return cls(runner, Tokenizer.from_folder(model_path), model_name, config)
 

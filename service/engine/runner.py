@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,30 +38,6 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def release_openmp_pool() -> None:
-    """Let go of the calling thread's OpenMP worker threads (omp_pause_resource_all, OpenMP 5), so that
-    the next thread to open a parallel region gets a pool of its own at full speed. A no-op where the
-    runtime lacks it."""
-    try:
-        ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # omp_pause_soft
-    except (OSError, AttributeError):
-        pass
-
-
-def keep_freed_memory() -> None:
-    """glibc malloc: serve blocks up to 32 MiB from the heap, and keep up to 256 MiB of freed heap rather
-    than hand it back to the system. Each decode step frees and reallocates the same large buffers
-    (logits in bf16 and float32, the sampler's probabilities and their cumulative sums); by default each
-    comes from a fresh mmap, and its first-touch page faults cost more than the arithmetic on it
-    (sampling 16 rows: 21 -> 2 ms a step, loadtests/profile_step.py). A no-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum on 64-bit)
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def advise_huge_pages(tensor: torch.Tensor) -> bool:
     """Ask Linux for 2 MiB pages (madvise MADV_HUGEPAGE) under a large CPU tensor not yet touched.
 
@@ -81,18 +56,6 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
         return libc.madvise(first, last - first, 14) == 0  # MADV_HUGEPAGE
     except (OSError, AttributeError):
         return False
-
-
-def prepare_to_serve() -> None:
-    """Once, after loading and before the engine thread's first step (NativeEngine.start; profile_step)."""
-    # Loading ran on this thread and left it an OpenMP thread pool; while that pool exists, every parallel
-    # region the engine thread opens costs 2-4x more (libgomp, measured with loadtests/profile_step.py
-    # --thread). Release it: the engine thread then owns the only pool.
-    release_openmp_pool()
-    keep_freed_memory()
-    # Everything loaded so far lives as long as the process: keep the cyclic GC from rescanning it each
-    # time the engine's per-step garbage triggers a collection (~3% of a step otherwise).
-    gc.freeze()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -174,7 +137,8 @@ class ModelRunner:
             advise_huge_pages(self.kv_caches)  # before the first touch, which zero_ is
         self.kv_caches.zero_()
         if self.device.type == "cpu":
-            native_kernels.load_kernel()  # built now (once per machine), never on the engine thread's first step
+            # Built now (once per machine), never on the engine thread's first step.
+            native_kernels.load_kernels(config.cache_dir, config.c_compiler)
         # The one choice of how every step's forward runs; nothing below decides it again.
         self.forward_path = choose_forward_path(config.attention, model, self.dtype, self.device)
         self._forward = model.forward_for(self.forward_path)

@@ -56,7 +56,7 @@ def sample(
         return [SampledToken(int(t), None) for t in logits.argmax(dim=-1).tolist()]
 
     vocab = logits.shape[1]
-    if native_kernels.can_sample(logits) and all(
+    if native_kernels.sample_temperature_supported(logits) and all(
         not r.sampling.is_greedy and _unprocessed(r) and _temperature_only(r.sampling, vocab) for r in requests
     ):
         # The common sampled step (temperature only, as vllm bench serve's requests): sampling.c draws every
@@ -85,7 +85,7 @@ def sample(
     # Rows whose only processor left is a temperature are drawn by the C kernel on CPU (sampling.c: no
     # probabilities materialised; the same CDF inversion as _draw); the decision is per row, so a row's
     # draw does not depend on what else shares the batch.
-    in_c = native_kernels.can_sample(x)
+    in_c = native_kernels.sample_temperature_supported(x)
     plain = [i for i in random_rows if in_c and _temperature_only(requests[i].sampling, vocab)]
     filtered = sorted(set(random_rows) - set(plain))
     for rows, draw in ((plain, _draw_plain), (filtered, _draw_filtered)):

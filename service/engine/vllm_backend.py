@@ -25,7 +25,6 @@ import importlib
 import importlib.util
 import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -86,8 +85,7 @@ def find_vllm() -> str | None:
 
 def import_vllm() -> ModuleType:
     """vLLM, or EngineUnavailableError with a one-line message saying how to get it."""
-    # A service must not report usage to vLLM's stats server unless its operator asks for it.
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    # VLLM_NO_USAGE_STATS is set by the CLI (service/cli.py), the only place that touches the environment.
     try:
         vllm = importlib.import_module("vllm")
     except ImportError as exc:

@@ -52,7 +52,8 @@ def test_defaults_are_the_servers(rendered: dict[str, Rendered]) -> None:
         ServeConfig(),
         host="0.0.0.0",  # reachable in the pod
         cache_dir=Path("/var/cache/lmserve"),  # the cache volume
-        engine=replace(EngineConfig(), num_threads=2),  # the CPU limit, not the node's cores
+        # the CPU limit, not the node's cores; the kernels built into the cache volume
+        engine=replace(EngineConfig(), num_threads=2, cache_dir=Path("/var/cache/lmserve")),
     )
     assert config == expected
     assert config.model == DEFAULT_MODEL  # no LMSERVE_MODEL: the image's default applies
@@ -104,6 +105,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
             dtype="bfloat16", device="cuda:1", block_size=32, kv_cache_memory_bytes=int(0.75 * 2**30),
             num_kv_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=8192,
             enable_prefix_caching=False, attention="torch", num_threads=3, allow_pickle=True,
+            cache_dir=Path("/cache"),
         ),
         limits=LimitsConfig(
             max_request_body_bytes=8388608, max_n=2, max_tokens_cap=1024, max_stop_strings=3, max_prompts=5,

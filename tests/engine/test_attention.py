@@ -72,10 +72,10 @@ def check_paged_attention(layout, num_heads, num_kv_heads, head_dim, block_size,
 # 32: the kernels' generic loops; 64 and 128: the bf16 kernel's register-blocked paths.
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("use_kernel", [False, True])
-def test_paged_attention_matches_causal_attention(dtype: torch.dtype, use_kernel: bool, head_dim: int) -> None:
-    if use_kernel and not native_kernels.supports(dtype, torch.device("cpu")):
-        pytest.skip("no C compiler: the kernel is unavailable on this machine")
+@pytest.mark.parametrize("kernels", ["none", "native", "portable"], indirect=True)  # none: torch ops
+def test_paged_attention_matches_causal_attention(dtype: torch.dtype, kernels: str, head_dim: int) -> None:
+    use_kernel = kernels != "none"
+    assert native_kernels.paged_attention_supported(dtype, torch.device("cpu")) == use_kernel
     check_paged_attention(LAYOUT, NUM_HEADS, NUM_KV_HEADS, head_dim, BLOCK_SIZE, NUM_BLOCKS, dtype, use_kernel)
 
 
@@ -89,7 +89,7 @@ LONG_LAYOUT = [
 ]
 
 
-@pytest.mark.skipif(native_kernels.load_kernel() is None, reason="no C compiler: the kernel is unavailable")
+@pytest.mark.usefixtures("kernels")  # native and portable builds
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

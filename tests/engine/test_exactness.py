@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 from service.config import EngineConfig
 from service.engine.engine import NativeEngine
-from service.engine.modeling import native_kernels
 from service.engine.modeling.forward_path import ForwardPath
 from service.types import GenerationRequest, SamplingParams
 
@@ -136,7 +135,7 @@ def test_greedy_matches_transformers(checkpoint, case: str) -> None:
         assert engine.block_manager.num_prefix_hits > 0
 
 
-@pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c runs where gemm.c does (AVX-512 BF16, no AMX)")
+@pytest.mark.usefixtures("gemm_kernels")  # decoder.c runs where gemm.c does (AVX-512 BF16, no AMX)
 def test_bf16_greedy_does_not_depend_on_the_batch(smollm2_dir: Path) -> None:
     """bf16 on this CPU runs decoder.c's one-call layers. Every row's arithmetic there is its own (gemm rows,
     norms, one attention item per query and KV head), so greedy outputs must not depend on what else is in

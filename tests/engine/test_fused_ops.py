@@ -18,9 +18,8 @@ from service.engine.runner import ModelRunner
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
 
-_needs_kernels = pytest.mark.skipif(
-    not native_kernels.fused_ops_supported(BF16, CPU), reason="no C compiler: the fused ops are unavailable"
-)
+# Each op on the build for this CPU and on the portable one (tests/engine/conftest.py).
+_needs_kernels = pytest.mark.usefixtures("kernels")
 
 
 @_needs_kernels
@@ -99,15 +98,15 @@ def test_rope_and_cache_matches_torch_and_fills_slots(head_dim: int) -> None:
     assert not flat[:, :, untouched].any()
 
 
-@_needs_kernels
+@pytest.mark.usefixtures("native_library")
 def test_fused_layers_match_unfused_forward(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole bf16 model, fused (C elementwise ops; where gemm.c runs, SiLU in gate/up's gemm) against
     unfused (torch ops on a gate/up weight packed plainly, torch's SiLU), over a prefill and a decode step."""
     config = EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16)
     fused_runner = ModelRunner(smollm2_dir, config)
-    expected = ForwardPath.DECODER_STACK if native_kernels.gemm_available() else ForwardPath.FUSED_OPS
+    expected = ForwardPath.DECODER_STACK if native_kernels.gemm_bf16_available() else ForwardPath.FUSED_OPS
     assert fused_runner.forward_path is expected
-    assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == native_kernels.gemm_available()
+    assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == native_kernels.gemm_bf16_available()
     monkeypatch.setattr(native_kernels, "silu_mul_packable", lambda weight: False)
     plain_runner = ModelRunner(smollm2_dir, config)
     assert not any(layer.mlp.gate_up_proj.applies_silu for layer in plain_runner.model.layers)
@@ -143,7 +142,7 @@ def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
     runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=4, attention="torch"))
     assert runner.forward_path is ForwardPath.TORCH
     assert choose_forward_path("torch", runner.model, BF16, CPU) is ForwardPath.TORCH
-    has_kernel = native_kernels.supports(torch.float32, CPU)
+    has_kernel = native_kernels.paged_attention_supported(torch.float32, CPU)
     float32_path = ForwardPath.ATTENTION_KERNEL if has_kernel else ForwardPath.TORCH
     assert choose_forward_path("auto", runner.model, torch.float32, CPU) is float32_path
     assert choose_forward_path("auto", runner.model, BF16, torch.device("meta")) is ForwardPath.TORCH
@@ -194,7 +193,7 @@ def qwen2_inter80_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Pat
     return _tiny_qwen2(tmp_path_factory, smollm2_dir, "qwen2_inter80", 80)
 
 
-@pytest.mark.skipif(not native_kernels.gemm_available(), reason="decoder.c needs gemm.c (AVX-512 BF16, no AMX)")
+@pytest.mark.usefixtures("gemm_kernels")  # decoder.c needs gemm.c (AVX-512 BF16, no AMX)
 @pytest.mark.parametrize(
     ("which", "silu_in_gemm"),
     [("smollm2", True), ("qwen2_head64", True), ("llama_head128", True), ("qwen2_inter80", False)],

@@ -12,13 +12,12 @@ from service.engine.modeling import kernel_cache, native_kernels
 from service.progress import PROGRESS_LOGGER
 
 
-def test_a_build_writes_one_progress_line_first(tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_build_writes_one_progress_line_first(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
-    monkeypatch.setenv("CC", "false")  # a "compiler" that fails at once: the line comes before the compile
-    target = tmp_path / "kernels" / "paged_attention-test.so"
+    target = tmp_path / "kernels" / "lmserve-kernels-test.so"
     target.parent.mkdir()
-    with pytest.raises(subprocess.CalledProcessError):
-        native_kernels._build(kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], target)
+    with pytest.raises(subprocess.CalledProcessError):  # a "compiler" that fails at once: the line comes first
+        native_kernels._build(kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], target, "false")
     (line,) = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
     assert line.startswith(f"building the C kernels with false into {target.parent} (once per machine")
     assert not target.exists()
@@ -42,3 +41,20 @@ def test_builds_are_used_while_a_checkout_with_their_sources_exists(tmp_path: Pa
     assert (build.key, build.is_used, build.size_bytes) == (key, True, 4)
     (checkout / sorted(p.name for p in checkout.glob("*.c"))[0]).write_text("/* changed again */")
     assert [b.is_used for b in kernel_cache.kernel_builds(cache)] == [False]
+
+
+def test_every_variant_of_this_checkout_is_used_and_old_names_are_listed(tmp_path: Path) -> None:
+    """The portable build the tests make counts as used like the native one; a build under the library's
+    old name (paged_attention-{key}.so) is listed, unused, so that `lmserve cache prune` removes it."""
+    folder = tmp_path / kernel_cache.KERNELS_DIR
+    folder.mkdir()
+    portable = kernel_cache.library_path(tmp_path, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, "portable"), "portable")
+    legacy = folder / "paged_attention-0123456789abcdef.so"
+    for library in (portable, legacy):
+        library.write_bytes(b"\x7fELF")
+    assert portable.name.startswith("lmserve-kernels-portable-")
+    builds = {b.path.name: (b.key, b.is_used) for b in kernel_cache.kernel_builds(tmp_path)}
+    assert builds == {
+        portable.name: (kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, "portable"), True),
+        legacy.name: ("0123456789abcdef", False),
+    }

@@ -338,9 +338,7 @@ def test_extreme_temperature_and_penalty_fall_back_to_argmax_not_error() -> None
     assert [t.token_id for t in out] == [1, 1, 0]
 
 
-_c_sampler = pytest.mark.skipif(
-    not native_kernels.can_sample(torch.zeros(1, 1)), reason="no C compiler: sampling.c is unavailable"
-)
+_c_sampler = pytest.mark.usefixtures("kernels")  # sampling.c, native and portable builds
 
 
 @_c_sampler

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def _config(*argv: str, env: dict[str, str] | None = None) -> ServeConfig:
 def test_unset_flags_leave_vllms_defaults_and_the_native_ones() -> None:
     config = _config("--engine", "vllm")
     assert config.vllm == VLLMConfig()
-    assert config.engine == EngineConfig()  # the native engine's defaults are unchanged by None-valued flags
+    # The native engine's defaults are unchanged by None-valued flags; its kernels go into --cache-dir's cache.
+    assert config.engine == replace(EngineConfig(), cache_dir=config.cache_dir)
     kwargs = vllm_engine_kwargs(Path("/m"), "m", config.engine, config.vllm)
     assert kwargs == {
         "model": "/m", "tokenizer": "/m", "served_model_name": "m", "dtype": "auto", "max_model_len": None,

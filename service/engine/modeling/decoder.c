@@ -8,8 +8,9 @@
  * allocation and a fork and join of the OpenMP team, while the other core waits. Here the phases are
  * separated by barriers only.
  *
- * layers: [L][LAYER_PTRS] addresses (0: none) of each layer's qkv, o, gate_up and down weights packed by
- * native_kernels.pack_weight, their biases, and the input and post-attention norms' weights. silu_gate_up:
+ * layers: [L][LMSERVE_LAYER_SLOTS] addresses (0: none), in abi.h's lmserve_layer_slot order, of each layer's
+ * qkv, o, gate_up and down weights packed by native_kernels.pack_weight, their biases, and the input and
+ * post-attention norms' weights (native_kernels.layer_table). silu_gate_up:
  * the gate/up weights are packed interleaved, so that gemm.c applies SiLU-and-multiply as it writes
  * (native_kernels.pack_weight's silu_mul); otherwise silu_mul runs as a phase of its own.
  * kv_cache: [L, 2, num_kv_heads, num_blocks, block_size, head_dim]. cos, sin: [T, head_dim].
@@ -20,10 +21,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "abi.h"
 #include "bf16.h"
 #include "kernels.h"
-
-enum { QKV_W, QKV_B, O_W, O_B, GATE_UP_W, GATE_UP_B, DOWN_W, DOWN_B, INPUT_NORM, POST_NORM, LAYER_PTRS };
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
@@ -55,27 +55,27 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
     {
         float *sg = team_scratch(sizeof(float) * (size_t)(group * (max_ctx + 1)), &failed); /* attention's */
         if (sg != NULL) { /* every thread or none runs the layers: each phase below is a worksharing loop */
-            add_rms_norm_team(NULL, residual, PTR(layers, INPUT_NORM), x, T, hidden, eps);
+            add_rms_norm_team(NULL, residual, PTR(layers, LMSERVE_INPUT_NORM), x, T, hidden, eps);
             for (int64_t l = 0; l < num_layers; l++) {
-                const int64_t *w = layers + l * LAYER_PTRS;
+                const int64_t *w = layers + l * LMSERVE_LAYER_SLOTS;
                 bf16 *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
-                gemm_bf16_team(x, PTR(w, QKV_W), PTR(w, QKV_B), qkv, NULL, T, qkv_width, hidden, 0);
+                gemm_bf16_team(x, PTR(w, LMSERVE_QKV_W), PTR(w, LMSERVE_QKV_B), qkv, NULL, T, qkv_width, hidden, 0);
                 rope_cache_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
                                 num_blocks * block_size);
                 attention_bf16_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
                                     num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks,
                                     max_ctx, scale, sg);
-                gemm_bf16_team(attn, PTR(w, O_W), PTR(w, O_B), proj, NULL, T, hidden, q_width, 0);
-                add_rms_norm_team(proj, residual, PTR(w, POST_NORM), x, T, hidden, eps);
+                gemm_bf16_team(attn, PTR(w, LMSERVE_O_W), PTR(w, LMSERVE_O_B), proj, NULL, T, hidden, q_width, 0);
+                add_rms_norm_team(proj, residual, PTR(w, LMSERVE_POST_NORM), x, T, hidden, eps);
                 if (silu_gate_up) {
-                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), act, NULL, T, 2 * inter, hidden, 1);
+                    gemm_bf16_team(x, PTR(w, LMSERVE_GATE_UP_W), PTR(w, LMSERVE_GATE_UP_B), act, NULL, T, 2 * inter, hidden, 1);
                 } else {
-                    gemm_bf16_team(x, PTR(w, GATE_UP_W), PTR(w, GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, 0);
+                    gemm_bf16_team(x, PTR(w, LMSERVE_GATE_UP_W), PTR(w, LMSERVE_GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, 0);
                     silu_mul_team(gate_up, act, T, inter);
                 }
-                gemm_bf16_team(act, PTR(w, DOWN_W), PTR(w, DOWN_B), proj, NULL, T, hidden, inter, 0);
+                gemm_bf16_team(act, PTR(w, LMSERVE_DOWN_W), PTR(w, LMSERVE_DOWN_B), proj, NULL, T, hidden, inter, 0);
                 if (l + 1 < num_layers)
-                    add_rms_norm_team(proj, residual, PTR(w + LAYER_PTRS, INPUT_NORM), x, T, hidden, eps);
+                    add_rms_norm_team(proj, residual, PTR(w + LMSERVE_LAYER_SLOTS, LMSERVE_INPUT_NORM), x, T, hidden, eps);
                 else
                     add_rows_team(proj, residual, T, hidden);
             }
@@ -88,6 +88,17 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
 
 #else /* no AVX-512 BF16 on the machine that built this: gemm.c does not run, and neither does this */
 
-int decoder_stack_bf16(void) { return 1; }
+int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
+                       const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
+                       const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                       const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
+                       int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
+                       int silu_gate_up, float eps, float scale, int num_threads) {
+    (void)residual, (void)layers, (void)num_layers, (void)cos, (void)sin, (void)slots, (void)kv_cache;
+    (void)num_blocks, (void)block_size, (void)block_table, (void)seq_of_query, (void)ctx_lens, (void)q_rows;
+    (void)num_queries, (void)max_blocks, (void)max_ctx, (void)T, (void)hidden, (void)num_heads, (void)num_kv_heads;
+    (void)head_dim, (void)inter, (void)silu_gate_up, (void)eps, (void)scale, (void)num_threads;
+    return 1; /* nothing computed; native_kernels never calls it here (gemm_bf16_available is false) */
+}
 
 #endif

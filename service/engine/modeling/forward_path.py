@@ -47,7 +47,7 @@ def choose_forward_path(
     """
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be auto, kernel or torch, not {attention!r}")
-    has_kernel = attention != "torch" and native_kernels.supports(dtype, device)
+    has_kernel = attention != "torch" and native_kernels.paged_attention_supported(dtype, device)
     if attention == "kernel" and not has_kernel:
         raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
     if not has_kernel:

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "abi.h"
 #include "bf16.h"
 #include "fast_exp.h"
 #include "kernels.h"

@@ -25,16 +25,17 @@
  */
 #include <stdint.h>
 
+#include "abi.h"
 #include "bf16.h"
 #include "fast_exp.h"
 #include "kernels.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
-#define GROUP_COLS 64
+#define GROUP_COLS LMSERVE_GEMM_GROUP_COLS
 #define BLOCK_ROWS 6
 
-int gemm_bf16_available(void) { return 1; }
+int lmserve_has_avx512_bf16(void) { return 1; }
 
 /* A block's walk through the memory it fetches ahead: `per8` cache lines every eight k-pairs. */
 typedef struct {
@@ -158,7 +159,7 @@ void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, flo
 
 #else /* no AVX-512 BF16 on the machine that built this: native_kernels keeps oneDNN */
 
-int gemm_bf16_available(void) { return 0; }
+int lmserve_has_avx512_bf16(void) { return 0; }
 
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
                     int64_t N, int64_t K, int silu_mul) {

@@ -1,10 +1,12 @@
 """Where the C kernels' library is cached, its key, and which source folders still use each build.
 
 Torch-free, so `lmserve cache` can list and prune builds without importing torch. The library is
-`cache_dir/kernels/paged_attention-{key}.so`, key = hash of the C sources and headers, the compiler
-flags, the machine and its CPU's instruction-set flags (-march=native code may not run on another CPU
-sharing the cache). Beside it, `paged_attention-{key}.json` lists the source folders (checkouts) that
-loaded it; a build is still used while one of them exists and still hashes to its key.
+`cache_dir/kernels/lmserve-kernels-{key}.so` (`lmserve-kernels-portable-{key}.so` for the build without
+AVX-512 that the tests also run), key = hash of the C sources and headers, the compiler flags, the machine
+and its CPU's instruction-set flags (-march=native code may not run on another CPU sharing the cache).
+Beside it, `{name}.json` lists the source folders (checkouts) that loaded it; a build is still used while
+one of them exists and still hashes to its key. Builds named `paged_attention-{key}.so` (the library's
+name before it held more than attention) are listed too, so that `lmserve cache prune` removes them.
 """
 
 from __future__ import annotations
@@ -18,8 +20,26 @@ from functools import cache
 from pathlib import Path
 
 KERNELS_DIR = "kernels"
-LIBRARY_PREFIX = "paged_attention-"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+LIBRARY_PREFIX = "lmserve-kernels-"
+LEGACY_PREFIXES = ("paged_attention-",)
+# What the code generator sees; tools/kernel_disasm.py compiles with these too.
+CODEGEN_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# A warning is a build failure: every exported function declared in abi.h (-Wmissing-prototypes), no
+# unused parameter or variable, no implicit conversion the compiler doubts.
+WARNING_FLAGS = ("-Wall", "-Wextra", "-Werror", "-Wmissing-prototypes", "-Wstrict-prototypes")
+FLAGS = CODEGEN_FLAGS + WARNING_FLAGS
+# Build variants: "native", everything this CPU has; "portable", the same sources with AVX-512 off, so
+# that the code paths of CPUs without it are compiled and tested on every machine (tests/engine).
+# The "-asan" ones add AddressSanitizer and UBSan (`make kernels-asan`; a process loading them needs libasan
+# preloaded).
+_PORTABLE = ("-mno-avx512f",)
+_SANITIZERS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer")
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "native": (),
+    "portable": _PORTABLE,
+    "native-asan": _SANITIZERS,
+    "portable-asan": _PORTABLE + _SANITIZERS,
+}
 SOURCE_DIR = Path(__file__).parent
 
 
@@ -37,15 +57,20 @@ def sources(source_dir: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     return tuple(sorted(source_dir.glob("*.c"))), tuple(sorted(source_dir.glob("*.h")))
 
 
-def kernel_key(source_dir: Path) -> str:
+def build_flags(variant: str = "native") -> tuple[str, ...]:
+    return FLAGS + VARIANTS[variant]
+
+
+def kernel_key(source_dir: Path, variant: str = "native") -> str:
     c_files, headers = sources(source_dir)
     source = b"".join(path.read_bytes() for path in (*c_files, *headers))
-    identity = source + " ".join(FLAGS).encode() + os.uname().machine.encode() + cpu_flags()
+    identity = source + " ".join(build_flags(variant)).encode() + os.uname().machine.encode() + cpu_flags()
     return hashlib.sha256(identity).hexdigest()[:16]
 
 
-def library_path(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / KERNELS_DIR / f"{LIBRARY_PREFIX}{key}.so"
+def library_path(cache_dir: Path, key: str, variant: str = "native") -> Path:
+    infix = "" if variant == "native" else f"{variant}-"
+    return Path(cache_dir) / KERNELS_DIR / f"{LIBRARY_PREFIX}{infix}{key}.so"
 
 
 def users_path(library: Path) -> Path:
@@ -86,26 +111,30 @@ class KernelBuild:
 
 def kernel_builds(cache_dir: Path) -> list[KernelBuild]:
     folder = Path(cache_dir) / KERNELS_DIR
-    libraries = sorted(folder.glob(f"{LIBRARY_PREFIX}*.so")) if folder.is_dir() else []
-    keys_of: dict[str, str | None] = {}  # a source folder -> its key now (None: gone)
+    prefixes = (LIBRARY_PREFIX, *LEGACY_PREFIXES)
+    libraries = sorted(p for prefix in prefixes for p in folder.glob(f"{prefix}*.so")) if folder.is_dir() else []
+    keys_of: dict[str, frozenset[str]] = {}  # a source folder -> its keys now, one per variant (none: gone)
 
-    def key_now(source_dir: str) -> str | None:
+    def keys_now(source_dir: str) -> frozenset[str]:
         if source_dir not in keys_of:
-            keys_of[source_dir] = kernel_key(Path(source_dir)) if Path(source_dir).is_dir() else None
+            is_dir = Path(source_dir).is_dir()
+            keys_of[source_dir] = frozenset(kernel_key(Path(source_dir), v) for v in VARIANTS) if is_dir else frozenset()
         return keys_of[source_dir]
 
     builds = []
     for library in libraries:
-        key = library.stem.removeprefix(LIBRARY_PREFIX)
+        key = library.stem.rsplit("-", 1)[-1]
         users = read_users(library)
         # This checkout's build counts as used even before anything loaded it through remember_user.
-        is_used = key == key_now(str(SOURCE_DIR)) or any(key_now(u) == key for u in users)
+        is_used = key in keys_now(str(SOURCE_DIR)) or any(key in keys_now(u) for u in users)
         builds.append(KernelBuild(library, key, library.stat().st_size, tuple(users), is_used))
     return builds
 
 
 __all__ = [
     "FLAGS",
+    "VARIANTS",
+    "build_flags",
     "KERNELS_DIR",
     "KernelBuild",
     "cpu_flags",

@@ -1,4 +1,5 @@
-/* The kernels' bodies as team work: each splits its loop over the threads of a parallel region its caller
+/* What the kernel sources share among themselves (what they export to Python is abi.h).
+ * The kernels' bodies as team work: each splits its loop over the threads of a parallel region its caller
  * has already opened (an orphaned `omp for`, whose closing barrier ends the phase), so that decoder.c runs
  * a whole step's layers inside one region. The calls of their own (gemm_bf16, add_rms_norm_bf16, ...)
  * open a region and run the same body. Every thread of the region must call each of them. */
@@ -44,6 +45,15 @@ void silu_mul_team(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter);
 void rope_cache_team(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out, bf16 *k_cache,
                      bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                      int64_t head_dim, int64_t cache_slots);
+
+/* paged_attention.c: the portable bf16 attention (any head_dim), which paged_attention_bf16 falls back to.
+ * Not exported to Python; not static either, because as a static function GCC inlines it into
+ * paged_attention_bf16 and that function's code changes (tools/kernel_disasm.py). */
+int paged_attention_bf16_generic(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,
+                                 const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                                 const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                                 int64_t max_ctx, float scale, int num_threads);
 
 /* paged_attention.c, with AVX-512 BF16 only (head_dim 64 or 128); sg: group * (max_ctx + 1) floats. */
 void attention_bf16_team(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,

@@ -52,14 +52,14 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     weights: packing gains little there, and the plain path is the one held token-exact to transformers."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    return _onednn_bf16() or native_kernels.gemm_available()
+    return _onednn_bf16() or native_kernels.gemm_bf16_available()
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:
     """A weight [out, in] reordered for `linear`: for gemm.c where it runs (AVX-512 BF16 without AMX),
     else in oneDNN's blocked layout (opaque; for `_linear_pointwise` only) where oneDNN computes bf16,
     else the plain weight (a shape gemm.c refuses, on a CPU without oneDNN bf16)."""
-    if native_kernels.gemm_supported(weight):
+    if native_kernels.gemm_bf16_fits(weight):
         return native_kernels.pack_weight(weight)
     if _onednn_bf16():
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
@@ -325,7 +325,7 @@ class LlamaForCausalLM(nn.Module):
         attn = self.layers[0].self_attn
         projections = [m for m in self.modules() if isinstance(m, Linear)]
         return (
-            native_kernels.gemm_available()
+            native_kernels.gemm_bf16_available()
             and not attn.has_qk_norm
             and attn.head_dim in (64, 128)
             and all(isinstance(m.packed, native_kernels.PackedWeight) for m in projections)
@@ -335,11 +335,13 @@ class LlamaForCausalLM(nn.Module):
         """The layer table for native_kernels.decoder_stack (addresses of the packed weights)."""
         assert self.can_run_decoder_stack()
         return native_kernels.layer_table([
-            [layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias,
-             layer.self_attn.o_proj.packed, layer.self_attn.o_proj.bias,
-             layer.mlp.gate_up_proj.packed, layer.mlp.gate_up_proj.bias,
-             layer.mlp.down_proj.packed, layer.mlp.down_proj.bias,
-             layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            native_kernels.LayerWeights(
+                qkv_w=layer.self_attn.qkv_proj.packed, qkv_b=layer.self_attn.qkv_proj.bias,
+                o_w=layer.self_attn.o_proj.packed, o_b=layer.self_attn.o_proj.bias,
+                gate_up_w=layer.mlp.gate_up_proj.packed, gate_up_b=layer.mlp.gate_up_proj.bias,
+                down_w=layer.mlp.down_proj.packed, down_b=layer.mlp.down_proj.bias,
+                input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+            )
             for layer in self.layers
         ])  # fmt: skip
 
@@ -366,7 +368,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack()
         if self.tie_word_embeddings:
             self.packed_head = prepack(weight)
-        return "gemm.c" if native_kernels.gemm_supported(weight) else "oneDNN"
+        return "gemm.c" if native_kernels.gemm_bf16_fits(weight) else "oneDNN"
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy an HF state dict in, fusing q/k/v and gate/up. Raises KeyError naming a missing tensor."""

@@ -1,15 +1,19 @@
 """C kernels, built once per machine and called via ctypes: attention over the paged cache
 (paged_attention.c), the fused elementwise ops of a bf16 layer (fused_ops.c), the bf16 matrix
-multiply of the projections on AVX-512 BF16 CPUs (gemm.c) and temperature sampling (sampling.c).
+multiply of the projections on AVX-512 BF16 CPUs (gemm.c), a whole step's decoder layers in one call
+(decoder.c), temperature sampling (sampling.c) and constrained decoding's token masks (token_mask.c).
 
 Why C: a decode step's attention is thousands of tiny (query heads x context) products; as torch ops it
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
 than the model's own matmuls at 64 sequences. The kernel reads blocks in place.
 
-Built with the system C compiler into the lmserve cache (kernel_cache.py: keyed by the sources' hash,
-the compiler flags and the CPU's instruction-set flags, since -march=native code may not run on another
-CPU sharing the cache), under a file lock so concurrent processes build it once. Without a compiler `load_kernel()`
-returns None and attention falls back to torch ops (EngineConfig.attention chooses; "torch" forces them).
+The ABI is declared once, in abi.h: kernel_abi reads it, and `open_library` gives each exported function
+its ctypes types from there. Built with the compiler and into the cache that EngineConfig names
+(kernel_cache.py: keyed by the sources' hash, the compiler flags and the CPU's instruction-set flags, since
+-march=native code may not run on another CPU sharing the cache), under a file lock so concurrent processes
+build it once. The runner opens it at load (`load_kernels`); the wrappers below use that library
+(`library()`). Without a compiler there is none, and attention falls back to torch ops
+(EngineConfig.attention chooses; "torch" forces them).
 """
 
 from __future__ import annotations
@@ -21,80 +25,108 @@ import logging
 import os
 import shutil
 import subprocess
-import sysconfig
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from service.engine.modeling import kernel_cache
+from service.engine.modeling import kernel_abi, kernel_cache
 from service.progress import progress_step
 
 log = logging.getLogger(__name__)
 
 _C_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_CTYPES = {"pointer": ctypes.c_void_p, "int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
+_RESTYPES = {"int": ctypes.c_int, "void": None}
 
 
-def _cache_dir() -> Path:
-    from service.config import default_cache_dir  # the config layer is the only reader of LMSERVE_*
-
-    return default_cache_dir()
-
-
-def _build(sources: tuple[Path, ...], target: Path) -> None:
-    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    compiler = compiler.split()[0]
+def _build(sources: tuple[Path, ...], target: Path, compiler: str, variant: str = "native") -> None:
     if shutil.which(compiler) is None:
         raise FileNotFoundError(f"no C compiler ({compiler})")
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     with progress_step(f"building the C kernels with {compiler} into {target.parent} (once per machine and source change; 5-30 s)"):
-        command = [compiler, *kernel_cache.FLAGS, *map(str, sources), "-o", str(tmp), "-lm"]
+        command = [compiler, *kernel_cache.build_flags(variant), *map(str, sources), "-o", str(tmp), "-lm"]
         subprocess.run(command, check=True, capture_output=True, text=True)
     os.replace(tmp, target)  # atomic: a reader never sees a half-written library
 
 
-@cache
-def load_kernel() -> ctypes.CDLL | None:
+def _declare(lib: ctypes.CDLL, abi: kernel_abi.Abi) -> None:
+    """Every function of abi.h gets its ctypes argument and result types from its declaration there."""
+    for function in abi.functions.values():
+        fn = getattr(lib, function.name)
+        fn.argtypes = [_CTYPES[p.c_type] for p in function.params]
+        fn.restype = _RESTYPES[function.returns]
+
+
+def _ensure_built(cache_dir: Path, compiler: str, variant: str) -> Path:
+    """The library for these sources, flags and CPU in cache_dir, built first if it is not there. A cache
+    that holds it already (a baked image's) is only read: no lock file is opened, no record written, so a
+    read-only cache works."""
     source_dir = kernel_cache.SOURCE_DIR
-    key = kernel_cache.kernel_key(source_dir)
-    target = kernel_cache.library_path(_cache_dir(), key)
+    target = kernel_cache.library_path(cache_dir, kernel_cache.kernel_key(source_dir, variant), variant)
+    if target.exists():
+        if str(source_dir) not in kernel_cache.read_users(target):
+            try:
+                with open(target.with_suffix(".lock"), "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    kernel_cache.remember_user(target, source_dir)
+            except OSError:
+                pass  # a read-only cache: the build is only reported as unused by `lmserve cache`
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():  # another process may have built it while this one waited
+            _build(kernel_cache.sources(source_dir)[0], target, compiler, variant)
+        kernel_cache.remember_user(target, source_dir)
+    return target
+
+
+@cache
+def open_library(cache_dir: Path, compiler: str, variant: str = "native") -> ctypes.CDLL | None:
+    """The kernels built for this CPU (variant "native") or without AVX-512 ("portable", for the tests),
+    built into cache_dir/kernels first where needed; None, with a warning, where they cannot be built."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not target.exists():
-                _build(kernel_cache.sources(source_dir)[0], target)
-            kernel_cache.remember_user(target, source_dir)
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(_ensure_built(Path(cache_dir), compiler, variant)))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        log.warning("paged attention kernel unavailable (%s); using torch ops", str(detail).strip()[:300])
+        log.warning("C kernels unavailable (%s); using torch ops", str(detail).strip()[:300])
         return None
-    i64p, f32 = ctypes.c_void_p, ctypes.c_float
-    for suffix in _C_TYPES.values():
-        fn = getattr(lib, f"paged_attention_{suffix}")
-        fn.restype = ctypes.c_int
-        fn.argtypes = [i64p] * 8 + [ctypes.c_int64] * 8 + [f32, ctypes.c_int]
-    i64, i32 = ctypes.c_int64, ctypes.c_int
-    lib.add_rms_norm_bf16.argtypes = [i64p] * 4 + [i64, i64, f32, i32]
-    lib.silu_mul_bf16.argtypes = [i64p] * 2 + [i64, i64, i32]
-    lib.rope_cache_bf16.argtypes = [i64p] * 8 + [i64] * 5 + [i32]
-    lib.gemm_bf16.argtypes = [i64p] * 5 + [i64] * 3 + [i32, i32]
-    lib.gemm_bf16_available.restype = ctypes.c_int
-    lib.decoder_stack_bf16.argtypes = [i64p, i64p, i64] + [i64p] * 4 + [i64] * 2 + [i64p] * 4 + [i64] * 9 + [i32, f32, f32, i32]
-    lib.decoder_stack_bf16.restype = ctypes.c_int
-    lib.sample_temperature_f32.argtypes = [i64p] * 4 + [i64, i64, i32]
-    lib.sample_temperature_f32.restype = ctypes.c_int
-    lib.apply_token_bitmask_f32.argtypes = [i64p, i64, i64p, i64, i64p, i64, i64]
-    lib.apply_token_bitmask_f32.restype = None
-    for fn in (lib.add_rms_norm_bf16, lib.silu_mul_bf16, lib.rope_cache_bf16, lib.gemm_bf16):
-        fn.restype = None
+    _declare(lib, kernel_abi.read())
     return lib
 
 
-def supports(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype in _C_TYPES and load_kernel() is not None
+# The library the wrappers below call: the one `load_kernels` opened first. A shared library, once
+# opened, stays mapped for the life of the process, so this is process-wide by nature; it is the only
+# state of this module, set once (the wrappers' callers, deep in the model's forward, hold no config).
+_process_library: list[ctypes.CDLL] = []
+
+
+def load_kernels(cache_dir: Path, compiler: str) -> ctypes.CDLL | None:
+    """Open (building if needed) the kernels for this process, from the engine's config; once per process,
+    before the first step (ModelRunner), so that a build never lands on the engine thread."""
+    lib = open_library(Path(cache_dir), compiler)
+    if lib is not None and not _process_library:
+        _process_library.append(lib)
+    return library()
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels this process opened with load_kernels, or None (not loaded, or no compiler)."""
+    return _process_library[0] if _process_library else None
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the C kernels are not loaded (native_kernels.load_kernels, from EngineConfig)")
+    return lib
+
+
+def paged_attention_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """paged_attention_kernel runs for this dtype and device (float32 or bf16 on CPU, kernels loaded)."""
+    return device.type == "cpu" and dtype in _C_TYPES and library() is not None
 
 
 def _threads_for(work: int) -> int:
@@ -119,9 +151,7 @@ def paged_attention_kernel(
     max_ctx: int,
     scale: float,
 ) -> None:
-    lib = load_kernel()
-    if lib is None:
-        raise RuntimeError("the paged attention kernel is unavailable")
+    lib = _loaded()
     for t in (q, out, kv_cache, block_table, seq_of_query, ctx_lens, q_rows):
         if not t.is_contiguous():
             raise ValueError("paged_attention_kernel: every tensor must be contiguous")
@@ -140,7 +170,8 @@ def paged_attention_kernel(
 
 
 def fused_ops_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and load_kernel() is not None
+    """add_rms_norm, silu_mul and rope_and_cache run for this dtype and device (bf16 on CPU, kernels loaded)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and library() is not None
 
 
 def _check(kind: str, *tensors: torch.Tensor) -> None:
@@ -157,7 +188,7 @@ def add_rms_norm(
     rows, dim = residual.shape
     _check("add_rms_norm", residual, weight, *(() if x is None else (x,)))
     out = torch.empty_like(residual)
-    load_kernel().add_rms_norm_bf16(
+    _loaded().add_rms_norm_bf16(
         None if x is None else x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
         rows, dim, eps, torch.get_num_threads(),
     )  # fmt: skip
@@ -169,7 +200,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gate_up.shape
     _check("silu_mul", gate_up)
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-    load_kernel().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    _loaded().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out
 
 
@@ -190,7 +221,7 @@ def rope_and_cache(
         raise ValueError("rope_and_cache: slot_mapping must be a contiguous int64 tensor, one slot per row")
     q = torch.empty(rows, num_heads, head_dim, dtype=qkv.dtype)
     k = torch.empty(rows, num_kv_heads, head_dim, dtype=qkv.dtype)
-    load_kernel().rope_cache_bf16(
+    _loaded().rope_cache_bf16(
         qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
         k_plane, v_plane, slot_mapping.data_ptr(),
         rows, num_heads, num_kv_heads, head_dim, num_blocks * block_size, torch.get_num_threads(),
@@ -200,7 +231,7 @@ def rope_and_cache(
 
 # ---- bf16 matrix multiply (gemm.c) ------------------------------------------------------------------
 
-_GROUP_COLS = 64  # gemm.c's GROUP_COLS
+_GROUP_COLS = kernel_abi.read().constants["GEMM_GROUP_COLS"]
 
 
 @dataclass(frozen=True)
@@ -216,17 +247,17 @@ class PackedWeight:
     silu_mul: bool = False
 
 
-def gemm_available() -> bool:
-    """gemm.c runs here: built with AVX-512 BF16, on a CPU without AMX (whose tile unit oneDNN drives far
-    faster than vdpbf16ps can)."""
-    lib = load_kernel()
-    return lib is not None and bool(lib.gemm_bf16_available()) and b"amx_bf16" not in kernel_cache.cpu_flags()
+def gemm_bf16_available() -> bool:
+    """gemm_bf16 (and decoder_stack, which is built on it) runs here: the kernels were built with AVX-512
+    BF16, on a CPU without AMX (whose tile unit oneDNN drives far faster than vdpbf16ps can)."""
+    lib = library()
+    return lib is not None and bool(lib.lmserve_has_avx512_bf16()) and b"amx_bf16" not in kernel_cache.cpu_flags()
 
 
-def gemm_supported(weight: torch.Tensor) -> bool:
-    """gemm.c runs here and fits this weight (bf16 on CPU, an even in_features)."""
+def gemm_bf16_fits(weight: torch.Tensor) -> bool:
+    """gemm_bf16 runs here and fits this weight (bf16 on CPU, an even in_features)."""
     return (
-        gemm_available()
+        gemm_bf16_available()
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and weight.dim() == 2
@@ -236,8 +267,8 @@ def gemm_supported(weight: torch.Tensor) -> bool:
 
 def silu_mul_packable(weight: torch.Tensor) -> bool:
     """A fused gate/up weight [2 * intermediate, in] that pack_weight can pack for silu_mul: gemm.c runs it
-    (gemm_supported) and intermediate is a multiple of 32."""
-    return gemm_supported(weight) and weight.shape[0] % _GROUP_COLS == 0
+    (gemm_bf16_fits) and intermediate is a multiple of 32."""
+    return gemm_bf16_fits(weight) and weight.shape[0] % _GROUP_COLS == 0
 
 
 def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
@@ -278,7 +309,7 @@ def gemm_bf16(
     out = torch.empty(rows, width, dtype=out_dtype)
     if rows:
         f32 = out_dtype == torch.float32
-        load_kernel().gemm_bf16(
+        _loaded().gemm_bf16(
             x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(),
             None if f32 else out.data_ptr(), out.data_ptr() if f32 else None,
             rows, weight.out_features, weight.in_features, int(weight.silu_mul), torch.get_num_threads(),
@@ -288,24 +319,39 @@ def gemm_bf16(
 
 # ---- a whole step's decoder layers in one call (decoder.c) ------------------------------------------
 
-LAYER_PTRS = 10  # decoder.c's: qkv, o, gate_up, down weights and biases, input and post-attention norms
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's tensors for decoder_stack, named as abi.h's layer slots (lmserve_layer_slot,
+    which also fixes their order in the table); None: no such tensor (a projection without a bias)."""
+
+    qkv_w: PackedWeight
+    qkv_b: torch.Tensor | None
+    o_w: PackedWeight
+    o_b: torch.Tensor | None
+    gate_up_w: PackedWeight
+    gate_up_b: torch.Tensor | None
+    down_w: PackedWeight
+    down_b: torch.Tensor | None
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
 
 
-def layer_table(layers: list[list[torch.Tensor | PackedWeight | None]]) -> torch.Tensor:
-    """[num_layers, LAYER_PTRS] int64 addresses for decoder_stack, in decoder.c's order; None -> 0. The
+def layer_table(layers: list[LayerWeights]) -> torch.Tensor:
+    """[num_layers, LAYER_SLOTS] int64 addresses for decoder_stack, in abi.h's slot order; None -> 0. The
     tensors must outlive the table (they are the model's own)."""
+    slots = kernel_abi.read().layer_slots
     rows = []
     for layer in layers:
-        assert len(layer) == LAYER_PTRS
         row = []
-        for t in layer:
+        for slot in slots:
+            t = getattr(layer, slot)
             if isinstance(t, PackedWeight):
                 t = t.data
             if t is not None:
                 _check("decoder_stack", t)
             row.append(0 if t is None else t.data_ptr())
         rows.append(row)
-    return torch.tensor(rows, dtype=torch.int64)
+    return torch.tensor(rows, dtype=torch.int64).view(len(layers), len(slots))
 
 
 def decoder_stack(
@@ -330,9 +376,9 @@ def decoder_stack(
     for t in (slot_mapping, plan.block_table, plan.seq_of_query, plan.ctx_lens, plan.q_rows):
         if t.dtype != torch.int64 or not t.is_contiguous():
             raise ValueError("decoder_stack: slot mapping and attention plan must be contiguous int64 tensors")
-    if table.shape != (num_layers, LAYER_PTRS) or slot_mapping.shape != (rows,):
+    if table.shape != (num_layers, kernel_abi.read().constants["LAYER_SLOTS"]) or slot_mapping.shape != (rows,):
         raise ValueError("decoder_stack: the layer table or slot mapping does not fit the cache and rows")
-    failed = load_kernel().decoder_stack_bf16(
+    failed = _loaded().decoder_stack_bf16(
         residual.data_ptr(), table.data_ptr(), num_layers, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
         kv_caches.data_ptr(), num_blocks, block_size, plan.block_table.data_ptr(), plan.seq_of_query.data_ptr(),
         plan.ctx_lens.data_ptr(), plan.q_rows.data_ptr(), plan.q_rows.shape[0], plan.block_table.shape[1],
@@ -346,8 +392,9 @@ def decoder_stack(
 # ---- temperature sampling (sampling.c) ----------------------------------------------------------------
 
 
-def can_sample(logits: torch.Tensor) -> bool:
-    return logits.device.type == "cpu" and logits.dtype == torch.float32 and load_kernel() is not None
+def sample_temperature_supported(logits: torch.Tensor) -> bool:
+    """sample_temperature runs for these logits (float32 on CPU, kernels loaded)."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and library() is not None
 
 
 def sample_temperature(logits: torch.Tensor, temperatures: list[float], uniforms: torch.Tensor) -> torch.Tensor:
@@ -360,7 +407,7 @@ def sample_temperature(logits: torch.Tensor, temperatures: list[float], uniforms
     temps = torch.tensor(temperatures, dtype=torch.float32)
     u = uniforms.to(torch.float32).contiguous().view(rows)
     out = torch.empty(rows, dtype=torch.int64)
-    if rows and load_kernel().sample_temperature_f32(
+    if rows and _loaded().sample_temperature_f32(
         x.data_ptr(), temps.data_ptr(), u.data_ptr(), out.data_ptr(), rows, vocab, torch.get_num_threads()
     ):
         raise MemoryError("the sampling kernel could not allocate its scratch buffer")
@@ -370,7 +417,7 @@ def sample_temperature(logits: torch.Tensor, temperatures: list[float], uniforms
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> bool:
     """logits[rows[j], t] = -inf where bit t of bitmask row j is 0 (float32 CPU logits [n, vocab], in place;
     rows int64, bitmask int32 [len(rows), words]). False (nothing done) where the library is unavailable."""
-    lib = load_kernel() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    lib = library() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
     if lib is None or logits.stride(1) != 1 or not bitmask.is_contiguous() or not rows.is_contiguous():
         return False
     lib.apply_token_bitmask_f32(

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "abi.h"
 #include "bf16.h"
 #include "kernels.h"
 
@@ -25,19 +26,21 @@ static inline void store_f32(float *p, int64_t i, float x) { p[i] = x; }
 static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_to_f32(p[i]); }
 static inline void store_bf16(uint16_t *p, int64_t i, float x) { p[i] = f32_to_bf16(x); }
 
-/* Row helpers, outside the kernel macro so that each loop vectorises (checked with -fopt-info-vec).
- * Defined twice: as written for the float32 kernel (its sums keep the order the exactness suite was
- * checked with), and under reassociation + FMA for the bf16 kernel, where a dot product's 16 lanes
- * then reduce as a tree instead of one by one. */
-#define DEFINE_ROW_HELPERS(SUFFIX)                                                                        \
-    static inline __attribute__((always_inline)) float dot_##SUFFIX(const float *a, const float *b, int64_t n) {                        \
-        float s = 0.0f;                                                                                   \
-        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; i++) s += a[i] * b[i];            \
-        return s;                                                                                         \
-    }                                                                                                     \
-    static inline __attribute__((always_inline)) void axpy_##SUFFIX(float *y, float a, const float *x, int64_t n) {                     \
-        _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] += a * x[i];                             \
-    }
+/* Row helpers, outside the kernel so that each loop vectorises (checked with -fopt-info-vec). Written
+ * twice: as here for the float32 kernel (its sums keep the order the exactness suite was checked with),
+ * and below, under reassociation + FMA, for the bf16 kernel, where a dot product's 16 lanes then reduce as
+ * a tree instead of one by one. */
+static inline __attribute__((always_inline)) float dot_f32(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline __attribute__((always_inline)) void axpy_f32(float *y, float a, const float *x, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
 
 static inline void row_f32(float *dst, const float *src, int64_t n) { memcpy(dst, src, sizeof(float) * (size_t)n); }
 
@@ -46,80 +49,45 @@ static inline void row_bf16(float *dst, const uint16_t *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
 }
 
-DEFINE_ROW_HELPERS(f32)
-
-/* One work item is (query row, KV head). Keys and values are walked block by block (no division per key),
- * and each key/value row is converted to float32 once for all `group` query heads. */
-#define DEFINE_KERNEL(NAME, T, LOAD, STORE, EXP, ROW, DOT, AXPY)                                                         \
-    int NAME(const T *q, const T *k_cache, const T *v_cache, T *out, const int64_t *block_table,          \
-             const int64_t *seq_of_query, const int64_t *ctx_lens, const int64_t *q_rows,                \
-             int64_t num_queries, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,              \
-             int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t max_ctx, float scale,    \
-             int num_threads) {                                                                           \
-        const int64_t group = num_heads / num_kv_heads;                                                   \
-        const int64_t num_items = num_queries * num_kv_heads;                                             \
-        int failed = 0;                                                                                   \
-        _Pragma("omp parallel num_threads(num_threads)") {                                                \
-            float *buf = team_scratch(sizeof(float) * (size_t)(group * (2 * head_dim + max_ctx) + head_dim), \
-                                      &failed);                                                           \
-            if (buf != NULL) { /* every thread or none meets the worksharing loop */                      \
-                float *qf = buf, *acc = buf + group * head_dim, *scores = acc + group * head_dim;         \
-                float *row_f = scores + group * max_ctx;                                                  \
-                _Pragma("omp for schedule(dynamic, 4)") for (int64_t item = 0; item < num_items; item++) { \
-                    const int64_t n = item / num_kv_heads, kh = item % num_kv_heads;                      \
-                    const int64_t row = q_rows[n], len = ctx_lens[n];                                     \
-                    const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;                   \
-                    const int64_t used_blocks = (len + block_size - 1) / block_size;                      \
-                    for (int64_t g = 0; g < group; g++) {                                                 \
-                        const int64_t base = (row * num_heads + kh * group + g) * head_dim;               \
-                        for (int64_t d = 0; d < head_dim; d++) qf[g * head_dim + d] = LOAD(q, base + d);  \
-                    }                                                                                     \
-                    for (int64_t b = 0; b < used_blocks; b++) {                                           \
-                        const T *kb = k_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;    \
-                        const int64_t first = b * block_size;                                             \
-                        const int64_t count = len - first < block_size ? len - first : block_size;        \
-                        for (int64_t o = 0; o < count; o++) {                                             \
-                            ROW(row_f, kb + o * head_dim, head_dim);                                      \
-                            for (int64_t g = 0; g < group; g++)                                           \
-                                scores[g * max_ctx + first + o] = DOT(qf + g * head_dim, row_f, head_dim) * scale; \
-                        }                                                                                 \
-                    }                                                                                     \
-                    for (int64_t g = 0; g < group; g++) {                                                 \
-                        float *sg = scores + g * max_ctx, mx = -INFINITY, sum = 0.0f;                     \
-                        for (int64_t j = 0; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;                   \
-                        _Pragma("omp simd") for (int64_t j = 0; j < len; j++) sg[j] = EXP(sg[j] - mx);    \
-                        for (int64_t j = 0; j < len; j++) sum += sg[j];                                   \
-                        for (int64_t j = 0; j < len; j++) sg[j] /= sum;                                   \
-                    }                                                                                     \
-                    memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));                           \
-                    for (int64_t b = 0; b < used_blocks; b++) {                                           \
-                        const T *vb = v_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;    \
-                        const int64_t first = b * block_size;                                             \
-                        const int64_t count = len - first < block_size ? len - first : block_size;        \
-                        for (int64_t o = 0; o < count; o++) {                                             \
-                            ROW(row_f, vb + o * head_dim, head_dim);                                      \
-                            for (int64_t g = 0; g < group; g++)                                           \
-                                AXPY(acc + g * head_dim, scores[g * max_ctx + first + o], row_f, head_dim); \
-                        }                                                                                 \
-                    }                                                                                     \
-                    for (int64_t g = 0; g < group; g++) {                                                 \
-                        const int64_t base = (row * num_heads + kh * group + g) * head_dim;               \
-                        for (int64_t d = 0; d < head_dim; d++) STORE(out, base + d, acc[g * head_dim + d]); \
-                    }                                                                                     \
-                }                                                                                         \
-            }                                                                                             \
-            free(buf);                                                                                    \
-        }                                                                                                 \
-        return failed;                                                                                    \
-    }
-
-DEFINE_KERNEL(paged_attention_f32, float, load_f32, store_f32, expf, row_f32, dot_f32, axpy_f32)
+#define ATTN_NAME paged_attention_f32
+#define ATTN_LINKAGE
+#define ATTN_T float
+#define ATTN_LOAD load_f32
+#define ATTN_STORE store_f32
+#define ATTN_EXP expf
+#define ATTN_ROW row_f32
+#define ATTN_DOT dot_f32
+#define ATTN_AXPY axpy_f32
+#include "paged_attention_generic.h"
 
 #pragma GCC push_options
 #pragma GCC optimize("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast")
 #include "fast_exp.h" /* inside the reassociating region, so that it inlines and vectorises */
-DEFINE_ROW_HELPERS(fast)
-DEFINE_KERNEL(paged_attention_bf16_generic, uint16_t, load_bf16, store_bf16, fast_expf, row_bf16, dot_fast, axpy_fast)
+
+static inline __attribute__((always_inline)) float dot_fast(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline __attribute__((always_inline)) void axpy_fast(float *y, float a, const float *x, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* The bf16 kernel for head sizes the AVX-512 heads below do not take, and for CPUs without AVX-512 BF16
+ * (declared in kernels.h). */
+#define ATTN_NAME paged_attention_bf16_generic
+#define ATTN_LINKAGE
+#define ATTN_T uint16_t
+#define ATTN_LOAD load_bf16
+#define ATTN_STORE store_bf16
+#define ATTN_EXP fast_expf
+#define ATTN_ROW row_bf16
+#define ATTN_DOT dot_fast
+#define ATTN_AXPY axpy_fast
+#include "paged_attention_generic.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
@@ -166,8 +134,10 @@ static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *
     for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
 }
 
-/* q . k for one key: P zmm of bf16 pairs each, 16 partial sums left in the lanes. */
-#define DOT_LANES(P, qz, k)                                                                               \
+/* q . k for one key: P zmm of bf16 pairs each, 16 partial sums left in the lanes. The one expression
+ * macro left: written as an always_inline function it compiles to different (longer) code for the heads
+ * (tools/kernel_disasm.py shows it), and the heads are the hot loop. */
+#define dot_lanes(P, qz, k)                                                                               \
     ({                                                                                                    \
         __m512 t_ = _mm512_dpbf16_ps(_mm512_setzero_ps(), qz[0], (__m512bh)_mm512_loadu_si512(k));        \
         for (int c_ = 1; c_ < P; c_++)                                                                    \
@@ -175,106 +145,41 @@ static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *
         t_;                                                                                               \
     })
 
-/* out rows of NH query heads (probabilities p[h][0..len)) = sum over keys of p * v, then * inv[h]. */
-#define DEFINE_PV(HD, NH)                                                                                 \
-    static inline __attribute__((always_inline)) void pv_##HD##_##NH(                                    \
-        const uint16_t *v_plane, const int64_t *blocks, int64_t len, int64_t block_size, const float *p,  \
-        int64_t p_stride, const float *inv, uint16_t *out) {                                              \
-        enum { D = HD / 16 };                                                                             \
-        __m512 acc[NH][D];                                                                                \
-        for (int h = 0; h < NH; h++)                                                                      \
-            for (int c = 0; c < D; c++) acc[h][c] = _mm512_setzero_ps();                                  \
-        for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {                          \
-            const uint16_t *vb = v_plane + blocks[b] * block_size * HD;                                   \
-            const int64_t count = len - first < block_size ? len - first : block_size;                    \
-            for (int64_t o = 0; o < count; o++) {                                                         \
-                __m512 v[D];                                                                              \
-                for (int c = 0; c < D; c++) v[c] = load16_bf16(vb + o * HD + c * 16, 0xffff);                         \
-                for (int h = 0; h < NH; h++) {                                                            \
-                    const __m512 w = _mm512_set1_ps(p[h * p_stride + first + o]);                         \
-                    for (int c = 0; c < D; c++) acc[h][c] = _mm512_fmadd_ps(w, v[c], acc[h][c]);          \
-                }                                                                                         \
-            }                                                                                             \
-        }                                                                                                 \
-        for (int h = 0; h < NH; h++)                                                                      \
-            for (int c = 0; c < D; c++) {                                                                 \
-                const __m512 r = _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h]));                        \
-                store16_bf16(out + h * HD + c * 16, 0xffff, r);  \
-            }                                                                                             \
-    }
+/* The value passes: out rows of PV_NH query heads at once (paged_attention_pv.h). */
+#define PV_FN pv_64_1
+#define PV_HD 64
+#define PV_NH 1
+#include "paged_attention_pv.h"
+#define PV_FN pv_64_2
+#define PV_HD 64
+#define PV_NH 2
+#include "paged_attention_pv.h"
+#define PV_FN pv_64_3
+#define PV_HD 64
+#define PV_NH 3
+#include "paged_attention_pv.h"
+#define PV_FN pv_64_4
+#define PV_HD 64
+#define PV_NH 4
+#include "paged_attention_pv.h"
+#define PV_FN pv_128_1
+#define PV_HD 128
+#define PV_NH 1
+#include "paged_attention_pv.h"
+#define PV_FN pv_128_2
+#define PV_HD 128
+#define PV_NH 2
+#include "paged_attention_pv.h"
 
-DEFINE_PV(64, 1)
-DEFINE_PV(64, 2)
-DEFINE_PV(64, 3)
-DEFINE_PV(64, 4)
-DEFINE_PV(128, 1)
-DEFINE_PV(128, 2)
-
-#define DEFINE_BF16_HEAD(HD, SUB)                                                                         \
-    static void attend_bf16_##HD(const uint16_t *q, const uint16_t *k_plane, const uint16_t *v_plane,   \
-                                 uint16_t *out, const int64_t *blocks, int64_t len, int64_t block_size,  \
-                                 int64_t group, float scale, float *sg, float *inv, const kv_item *next) { \
-        enum { P = HD / 32 };                                                                             \
-        const int chunked = block_size % 16 == 0;                                                         \
-        for (int64_t g = 0; g < group; g++) {                                                             \
-            float *s = sg + g * len, mx = -INFINITY;                                                      \
-            __m512bh qz[P];                                                                               \
-            for (int c = 0; c < P; c++) qz[c] = (__m512bh)_mm512_loadu_si512(q + g * HD + 32 * c);        \
-            for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {                      \
-                const uint16_t *kb = k_plane + blocks[b] * block_size * HD;                               \
-                const int64_t count = len - first < block_size ? len - first : block_size;                \
-                if (g == 0) { /* the first head's pass: ask for this block's values, */                   \
-                    prefetch_rows(v_plane + blocks[b] * block_size * HD, count * HD);                     \
-                    if (next != NULL && first < next->len) { /* and the next item's block b, into L2 */   \
-                        const int64_t nb = next->blocks[b] * block_size * HD;                             \
-                        prefetch_rows(next->k_plane + nb, block_size * HD);                               \
-                        prefetch_rows(next->v_plane + nb, block_size * HD);                               \
-                    }                                                                                     \
-                }                                                                                         \
-                int64_t o = 0;                                                                            \
-                for (; chunked && o + 16 <= count; o += 16) { /* sixteen keys, one joint reduction */     \
-                    v16f t[16];                                                                           \
-                    for (int k = 0; k < 16; k++) t[k] = (v16f)DOT_LANES(P, qz, kb + (o + k) * HD);        \
-                    const v16f sc = hsum16x16(t) * scale;                                                 \
-                    memcpy(s + first + o, &sc, sizeof sc);                                                \
-                    const float m = _mm512_reduce_max_ps((__m512)sc);                                     \
-                    mx = m > mx ? m : mx;                                                                 \
-                }                                                                                         \
-                for (; o < count; o++) {                                                                  \
-                    const float score = hsum16((v16f)DOT_LANES(P, qz, kb + o * HD)) * scale;              \
-                    s[first + o] = score;                                                                 \
-                    mx = score > mx ? score : mx;                                                         \
-                }                                                                                         \
-            }                                                                                             \
-            float sum = 0.0f;                                                                             \
-            _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < len; j++) {                    \
-                s[j] = fast_expf(s[j] - mx);                                                              \
-                sum += s[j];                                                                              \
-            }                                                                                             \
-            inv[g] = sum > 0.0f ? 1.0f / sum : 0.0f; /* len 0: zeros, as the other kernels write */       \
-        }                                                                                                 \
-        for (int64_t g = 0; g < group;) {                                                                 \
-            const int64_t nh = group - g < SUB ? group - g : SUB;                                         \
-            PV_SWITCH_##HD(nh, v_plane, blocks, len, block_size, sg + g * len, len, inv + g, out + g * HD); \
-            g += nh;                                                                                      \
-        }                                                                                                 \
-    }
-
-#define PV_SWITCH_64(nh, ...)                                                                             \
-    switch (nh) {                                                                                         \
-    case 4: pv_64_4(__VA_ARGS__); break;                                                                  \
-    case 3: pv_64_3(__VA_ARGS__); break;                                                                  \
-    case 2: pv_64_2(__VA_ARGS__); break;                                                                  \
-    default: pv_64_1(__VA_ARGS__); break;                                                                 \
-    }
-#define PV_SWITCH_128(nh, ...)                                                                            \
-    switch (nh) {                                                                                         \
-    case 2: pv_128_2(__VA_ARGS__); break;                                                                 \
-    default: pv_128_1(__VA_ARGS__); break;                                                                \
-    }
-
-DEFINE_BF16_HEAD(64, 4)
-DEFINE_BF16_HEAD(128, 2)
+/* One work item of each head size (paged_attention_head.h). */
+#define HEAD_FN attend_bf16_64
+#define HEAD_HD 64
+#define HEAD_SUB 4
+#include "paged_attention_head.h"
+#define HEAD_FN attend_bf16_128
+#define HEAD_HD 128
+#define HEAD_SUB 2
+#include "paged_attention_head.h"
 #define HAVE_BF16_HEADS 1
 #endif
 

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "abi.h"
 #include "kernels.h"
 
 #pragma GCC push_options

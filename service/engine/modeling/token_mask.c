@@ -10,6 +10,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "abi.h"
+
 void apply_token_bitmask_f32(float *logits, int64_t row_stride, const int32_t *mask, int64_t words,
                              const int64_t *rows, int64_t num_rows, int64_t vocab) {
     for (int64_t r = 0; r < num_rows; r++) {

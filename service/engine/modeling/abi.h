@@ -1,0 +1,79 @@
+/* The kernels library's ABI, declared once: every function it exports to Python and the constants Python
+ * shares with it. Every .c file includes this header, so the compiler checks each definition against its
+ * declaration here (and -Wmissing-prototypes fails the build on an exported function declared nowhere);
+ * kernel_abi.py reads this same file to give ctypes each function's argument and result types and to take
+ * the constants, so there is no second copy to drift. Keep to its subset of C: one `#define LMSERVE_NAME
+ * <integer>` per constant, the layer slots as one enum, and prototypes whose parameters are `int`,
+ * `int64_t`, `float` or pointers (any pointer crosses as an address).
+ *
+ * Results: `int` functions return 0, or 1 when their scratch memory could not be had (nothing computed). */
+#ifndef LMSERVE_ABI_H
+#define LMSERVE_ABI_H
+#include <stdint.h>
+
+#include "bf16.h"
+
+/* gemm.c's packed weights come in groups of this many output columns (native_kernels.pack_weight). */
+#define LMSERVE_GEMM_GROUP_COLS 64
+
+/* decoder_stack_bf16's layer table: one row of addresses per layer, in this order (0: none). */
+enum lmserve_layer_slot {
+    LMSERVE_QKV_W,
+    LMSERVE_QKV_B,
+    LMSERVE_O_W,
+    LMSERVE_O_B,
+    LMSERVE_GATE_UP_W,
+    LMSERVE_GATE_UP_B,
+    LMSERVE_DOWN_W,
+    LMSERVE_DOWN_B,
+    LMSERVE_INPUT_NORM,
+    LMSERVE_POST_NORM,
+    LMSERVE_LAYER_SLOTS
+};
+
+/* 1 when this build has the AVX-512 BF16 code paths (gemm_bf16, decoder_stack_bf16, the bf16 attention of
+ * head_dim 64/128 and the vector forms of the fused ops), 0 for the portable build, whose gemm_bf16 and
+ * decoder_stack_bf16 do nothing. */
+int lmserve_has_avx512_bf16(void);
+
+/* paged_attention.c: attention of query rows over the paged KV cache, read in place. */
+int paged_attention_f32(const float *q, const float *k_cache, const float *v_cache, float *out,
+                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                        const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                        int64_t max_ctx, float scale, int num_threads);
+int paged_attention_bf16(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,
+                         const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                         const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                         int64_t max_ctx, float scale, int num_threads);
+
+/* fused_ops.c: the elementwise ops of a bf16 decoder layer. */
+void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
+                       int64_t dim, float eps, int num_threads);
+void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads);
+void rope_cache_bf16(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out,
+                     bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_dim, int64_t cache_slots, int num_threads);
+
+/* gemm.c: the bf16 projections (AVX-512 BF16 builds only). */
+void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
+               int64_t K, int silu_mul, int num_threads);
+
+/* decoder.c: every decoder layer of a bf16 step in one call (AVX-512 BF16 builds only). */
+int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
+                       const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
+                       const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                       const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
+                       int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
+                       int silu_gate_up, float eps, float scale, int num_threads);
+
+/* sampling.c: one temperature draw per row of float32 logits. */
+int sample_temperature_f32(const float *logits, const float *temperatures, const float *uniforms, int64_t *out,
+                           int64_t rows, int64_t vocab, int num_threads);
+
+/* token_mask.c: constrained decoding's token masks applied to float32 logits in place. */
+void apply_token_bitmask_f32(float *logits, int64_t row_stride, const int32_t *mask, int64_t words,
+                             const int64_t *rows, int64_t num_rows, int64_t vocab);
+
+#endif
