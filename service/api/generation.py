@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from service.api.errors import APIError
 from service.config import LimitsConfig
-from service.engine.base import EngineDeadError, EngineStoppedError, GenerationEngine, RequestRejected
+from service.engine.base import (
+    EngineDeadError,
+    EngineFaultError,
+    EngineStepError,
+    EngineStoppedError,
+    GenerationEngine,
+    QueueTimeoutError,
+    RequestRejected,
+)
 from service.logs import AccessRecord
 from service.metrics import Metrics
 from service.types import (
@@ -81,6 +89,9 @@ class GenerationParams:
     max_logprobs: int = 20
     prompt_param: str = "prompt"  # names the prompt field in errors ("prompt", "messages", "input")
     max_tokens_param: str = "max_tokens"
+    # The client's own deadline in seconds from submission (HTTP: x-request-timeout / `timeout`); None: none.
+    timeout_s: float | None = None
+    timeout_param: str = "timeout"
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,12 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
 
 def validate_params(params: GenerationParams, limits: LimitsConfig) -> None:
     """Everything checkable without the prompt; raises APIError(400) naming the parameter."""
+    if params.timeout_s is not None and not (math.isfinite(params.timeout_s) and params.timeout_s > 0):
+        raise APIError(
+            f"{params.timeout_param} must be a positive number of seconds, got {params.timeout_s}.",
+            "invalid_value",
+            params.timeout_param,
+        )
     if not 1 <= params.n <= limits.max_n:
         raise APIError(f"n must be between 1 and {limits.max_n}, got {params.n}.", "invalid_value", "n")
     if params.max_tokens is not None:
@@ -317,6 +334,8 @@ def plan_generation(
                 prompt_token_ids=list(prompt),
                 sampling=build_sampling(params, max_tokens, seed, vocab_size),
                 request_id=f"{request_id}-{i * params.n + j}",
+                timeout_s=params.timeout_s,
+                queue_timeout_s=limits.queue_timeout_s or None,
             )
             try:
                 engine.check_request(req)
@@ -338,6 +357,20 @@ def engine_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, RequestRejected):
         return APIError(str(exc), exc.code, exc.param)
+    if isinstance(exc, EngineFaultError):
+        return APIError(
+            "The generation engine failed while serving this request; the server is restarting. Retry.",
+            "engine_failure",
+        )
+    if isinstance(exc, QueueTimeoutError):
+        return APIError(
+            f"The server is overloaded: the request waited {exc.waited_s:g} s in the queue without being "
+            "scheduled. Retry shortly.",
+            "queue_timeout",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, EngineStepError):
+        return APIError(f"Generation failed for this request: {exc}", "internal_error")
     if isinstance(exc, EngineStoppedError):
         return APIError("The server is shutting down: this request was stopped before it finished.", "service_unavailable")
     if isinstance(exc, EngineDeadError):
@@ -517,6 +550,8 @@ async def stream_choices(
                         ended.add(choice.index)
                     choice = ChoiceDelta(choice.index, delta)
                 timers[choice.index].on_delta(delta, time.monotonic())
+                if delta.finish_reason is FinishReason.TIMEOUT and all(t.first_token is None for t in timers):
+                    raise _timed_out(plan)
                 if outputs is not None:
                     outputs[choice.index].append(delta.text)
                 if delta.finish_reason is not None:
@@ -526,7 +561,7 @@ async def stream_choices(
                         delta.request_id, delta.finish_reason.value, delta.num_output_tokens,
                     )
                 yield choice
-    except (RequestRejected, EngineDeadError) as exc:
+    except (RequestRejected, EngineDeadError, EngineStepError, QueueTimeoutError) as exc:
         raise engine_error(exc) from exc
     finally:
         for timer in timers:
@@ -535,6 +570,15 @@ async def stream_choices(
             metrics.e2e_request_latency_seconds.observe(time.monotonic() - started)
         if record is not None:
             _fill_record(record, plan, started, timers, outputs)
+
+
+def _timed_out(plan: GenerationPlan) -> APIError:
+    """The request's own timeout passed before any choice produced a token: nothing to return but why."""
+    timeout_s = plan.requests[0].timeout_s if plan.requests else None
+    return APIError(
+        f"The request's timeout ({timeout_s:g} s) passed before its first token was generated.",
+        "request_timeout",
+    )
 
 
 def _fill_record(
