@@ -149,6 +149,9 @@ def test_four_times_capacity_gets_answers_or_retry_after(server: LiveServer) -> 
     served = [a for a in answers if a.status == 200]
     assert len(served) >= 2 and by_code["server_overloaded"] and by_code["queue_timeout"], answers
     assert len({a.response_id for a in served}) == len(served)  # none served twice
+    # Refused at its timeout, not left hanging: within the timeout plus a few times what one request takes
+    # alone here (on a machine whose CPU is busy elsewhere everything, that included, takes longer).
+    margin_s = max(3.0, 3 * reference.seconds)
     for a in by_code["queue_timeout"]:
-        assert a.seconds < QUEUE_TIMEOUT_S + 3.0, a  # refused at its timeout, not left hanging
+        assert a.seconds < QUEUE_TIMEOUT_S + margin_s, (a, reference.seconds)
     wait_idle(server.state)
