@@ -87,6 +87,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _MODEL_ERRORS = {**ERROR_RESPONSES, 404: {**_ERROR, "description": "Unknown model."}}
 _BODY_ERRORS = {**_MODEL_ERRORS, 413: {**_ERROR, "description": "Request body too large."}}
+_GENERATION_ERRORS = {
+    **_BODY_ERRORS,
+    504: {**_ERROR, "description": "The request's own timeout (x-request-timeout, timeout) passed before a token."},
+}
 # OpenAPI 3.1 reads an event stream's `schema` as the schema of one event.
 _SSE_EVENT = {
     "type": "object",
@@ -804,7 +808,7 @@ def create_app(state: AppState) -> FastAPI:
     @app.post(
         "/v1/completions",
         response_model=schemas.CompletionResponse,
-        responses={**_BODY_ERRORS, **_STREAM_200},
+        responses={**_GENERATION_ERRORS, **_STREAM_200},
         tags=["openai"],
     )
     async def create_completion(body: schemas.CompletionRequest, request: Request) -> Response:
@@ -814,7 +818,7 @@ def create_app(state: AppState) -> FastAPI:
     @app.post(
         "/v1/chat/completions",
         response_model=schemas.ChatCompletionResponse,
-        responses={**_BODY_ERRORS, **_STREAM_200},
+        responses={**_GENERATION_ERRORS, **_STREAM_200},
         tags=["openai"],
     )
     async def create_chat_completion(body: schemas.ChatCompletionRequest, request: Request) -> Response:

@@ -8,11 +8,13 @@ test-only injection point the fault tests use to make a forward fail.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -25,7 +27,7 @@ API_KEY = "test-key-reliability"
 MAX_MODEL_LEN = 512
 
 
-def tiny_config(model_dir: Path, cache_dir: Path, limits: LimitsConfig, **engine: object) -> ServeConfig:
+def tiny_config(model_dir: Path, cache_dir: Path, limits: LimitsConfig, **engine: Any) -> ServeConfig:
     return ServeConfig(
         model=str(model_dir),
         embedding_model=None,
@@ -33,9 +35,7 @@ def tiny_config(model_dir: Path, cache_dir: Path, limits: LimitsConfig, **engine
         api_keys=(API_KEY,),
         safety=False,
         drain_timeout_s=2.0,
-        engine=EngineConfig(
-            dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, **{"num_kv_blocks": 256, **engine}  # type: ignore[arg-type]
-        ),
+        engine=replace(EngineConfig(dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=256), **engine),
         limits=limits,
     )
 
@@ -101,8 +101,6 @@ def read_sse(resp: httpx.Response) -> SSE:
     events: list[dict] = []
     saw_done = False
     done_last = False
-    import json
-
     for line in resp.iter_lines():
         if not line.startswith("data: "):
             continue
