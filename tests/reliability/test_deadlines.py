@@ -44,11 +44,10 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 
 
 def test_a_stream_past_its_timeout_ends_with_finish_reason_timeout(server: LiveServer, http: httpx.Client) -> None:
-    started = time.monotonic()
-    with http.stream("POST", "/v1/completions", json={**BODY, "stream": True}, headers={"x-request-timeout": "0.8"}) as resp:
+    headers = {"x-request-timeout": "0.8"}
+    with http.stream("POST", "/v1/completions", json={**BODY, "stream": True}, headers=headers) as resp:
         assert resp.status_code == 200
         sse = read_sse(resp)
-    assert time.monotonic() - started < 3.5
     choices = [c for e in sse.events for c in e["choices"]]
     assert sse.done_last and all("error" not in e for e in sse.events)
     assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["timeout"] == [choices[-1]["finish_reason"]]
@@ -70,14 +69,15 @@ def test_a_completion_past_its_body_timeout_returns_what_it_has(http: httpx.Clie
 
 
 def test_the_smaller_of_header_and_body_timeout_wins(http: httpx.Client) -> None:
-    started = time.monotonic()
     resp = http.post("/v1/completions", json={**BODY, "timeout": 30}, headers={"x-request-timeout": "0.8"})
     assert resp.json()["choices"][0]["finish_reason"] == "timeout"
-    assert time.monotonic() - started < 3.5
+    assert resp.json()["usage"]["completion_tokens"] < 400
+    resp = http.post("/v1/completions", json={**BODY, "timeout": 0.8}, headers={"x-request-timeout": "30"})
+    assert resp.json()["choices"][0]["finish_reason"] == "timeout"
 
 
 def test_a_timeout_before_the_first_token_is_a_504(server: LiveServer, http: httpx.Client) -> None:
-    native(server.state).runner.fault_hook = lambda _: time.sleep(3.0)  # the first step outlasts the deadline
+    native(server.state).runner.fault_hook = lambda _: time.sleep(5.0)  # the first step outlasts the deadline
     for stream in (False, True):
         started = time.monotonic()
         resp = http.post("/v1/completions", json={**BODY, "stream": stream}, headers={"x-request-timeout": "0.4"})
@@ -85,7 +85,7 @@ def test_a_timeout_before_the_first_token_is_a_504(server: LiveServer, http: htt
         error = resp.json()["error"]
         assert (error["code"], error["type"]) == ("request_timeout", "timeout_error")
         assert "0.4 s" in error["message"]
-        assert time.monotonic() - started < 2.5  # answered at the deadline, not after the slow step
+        assert time.monotonic() - started < 4.0  # answered at the deadline, not after the slow step
 
 
 def test_bad_timeouts_are_400(http: httpx.Client) -> None:
