@@ -40,7 +40,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as client:
         yield client
     native(server.state).runner.fault_hook = None
-    wait_idle(server.state)  # whatever the test did, its requests ended and their blocks are free
+    wait_idle(server.state, timeout_s=20)  # whatever the test did, its requests ended and their blocks are free
 
 
 def test_a_stream_past_its_timeout_ends_with_finish_reason_timeout(server: LiveServer, http: httpx.Client) -> None:
