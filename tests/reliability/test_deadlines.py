@@ -24,7 +24,7 @@ from tests.api.conftest import LiveServer
 from tests.reliability.conftest import live_server, native, read_sse, tiny_config, wait_idle
 
 PROMPT_IDS = [1, 504, 3123, 314, 2752, 30, 198, 2000, 17, 86]
-STEP_S = 0.01
+STEP_S = 0.025  # each forward at least this long: 400 tokens take 10 s or more
 BODY = {"prompt": PROMPT_IDS, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
 
@@ -36,15 +36,32 @@ def server(tiny_llama_dir: Path, cache_dir: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def http(server: LiveServer) -> Iterator[httpx.Client]:
-    native(server.state).runner.fault_hook = lambda _: time.sleep(STEP_S)  # 400 tokens: 4 s at least
-    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as client:
+    native(server.state).runner.fault_hook = lambda _: time.sleep(STEP_S)
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=60) as client:
         yield client
     native(server.state).runner.fault_hook = None
     wait_idle(server.state, timeout_s=20)  # whatever the test did, its requests ended and their blocks are free
 
 
-def test_a_stream_past_its_timeout_ends_with_finish_reason_timeout(server: LiveServer, http: httpx.Client) -> None:
-    headers = {"x-request-timeout": "0.8"}
+@pytest.fixture
+def deadline_s(server: LiveServer, http: httpx.Client) -> float:
+    """A deadline that lands after the first tokens and long before the 400th: a few times this machine's
+    time to a first token (tens of milliseconds on an idle CI runner, seconds on a busy box)."""
+    started = time.monotonic()
+    with http.stream("POST", "/v1/completions", json={**BODY, "max_tokens": 2, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith('data: {"id"'):
+                break
+    ttft = time.monotonic() - started
+    for line in resp.iter_lines():
+        pass
+    return round(min(max(1.0, 4 * ttft), 4.0), 2)
+
+
+def test_a_stream_past_its_timeout_ends_with_finish_reason_timeout(
+    server: LiveServer, http: httpx.Client, deadline_s: float
+) -> None:
+    headers = {"x-request-timeout": str(deadline_s)}
     with http.stream("POST", "/v1/completions", json={**BODY, "stream": True}, headers=headers) as resp:
         assert resp.status_code == 200
         sse = read_sse(resp)
@@ -55,24 +72,24 @@ def test_a_stream_past_its_timeout_ends_with_finish_reason_timeout(server: LiveS
     wait_idle(server.state, timeout_s=2)  # aborted, its blocks freed at once
 
 
-def test_a_completion_past_its_body_timeout_returns_what_it_has(http: httpx.Client) -> None:
-    resp = http.post("/v1/completions", json={**BODY, "timeout": 0.8})
+def test_a_completion_past_its_body_timeout_returns_what_it_has(http: httpx.Client, deadline_s: float) -> None:
+    resp = http.post("/v1/completions", json={**BODY, "timeout": deadline_s})
     assert resp.status_code == 200, resp.text
     data = resp.json()
     assert data["choices"][0]["finish_reason"] == "timeout"
     assert 0 < data["usage"]["completion_tokens"] < 400 and data["choices"][0]["text"]
     chat = http.post(
         "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "ignore_eos": True, "timeout": 0.8},
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "ignore_eos": True, "timeout": deadline_s},
     )
     assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] == "timeout"
 
 
-def test_the_smaller_of_header_and_body_timeout_wins(http: httpx.Client) -> None:
-    resp = http.post("/v1/completions", json={**BODY, "timeout": 30}, headers={"x-request-timeout": "0.8"})
+def test_the_smaller_of_header_and_body_timeout_wins(http: httpx.Client, deadline_s: float) -> None:
+    resp = http.post("/v1/completions", json={**BODY, "timeout": 60}, headers={"x-request-timeout": str(deadline_s)})
     assert resp.json()["choices"][0]["finish_reason"] == "timeout"
     assert resp.json()["usage"]["completion_tokens"] < 400
-    resp = http.post("/v1/completions", json={**BODY, "timeout": 0.8}, headers={"x-request-timeout": "30"})
+    resp = http.post("/v1/completions", json={**BODY, "timeout": deadline_s}, headers={"x-request-timeout": "60"})
     assert resp.json()["choices"][0]["finish_reason"] == "timeout"
 
 
@@ -97,14 +114,16 @@ def test_bad_timeouts_are_400(http: httpx.Client) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "timeout"
 
 
-def test_a_grpc_deadline_ends_the_stream_and_frees_its_blocks(server: LiveServer, http: httpx.Client) -> None:
+def test_a_grpc_deadline_ends_the_stream_and_frees_its_blocks(
+    server: LiveServer, http: httpx.Client, deadline_s: float
+) -> None:
     async def go() -> tuple[int, grpc.aio.AioRpcError]:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
             stub = rpc.GenerationStub(channel)
             req = pb.CompletionRequest(prompt_token_ids=pb.TokenIds(ids=PROMPT_IDS), max_tokens=400, ignore_eos=True)
             num_tokens = 0
             try:
-                async for chunk in stub.CompleteStream(req, metadata=server.grpc_metadata, timeout=0.8):
+                async for chunk in stub.CompleteStream(req, metadata=server.grpc_metadata, timeout=deadline_s):
                     num_tokens += sum(len(c.token_ids) for c in chunk.choices)
             except grpc.aio.AioRpcError as exc:
                 return num_tokens, exc
