@@ -12,6 +12,12 @@ served; once no request is in flight (or `drain_timeout_s` has passed) the serve
 connections, lets uvicorn close the idle ones, stops the engine and the embedder, and the process
 exits. A second signal stops the models at once, which ends open streams with an error event; a third
 forces exit.
+
+Engine failure: when the generation engine dies under the server (a failed model forward), every open
+stream has already ended with an error, /readyz and gRPC health say not ready and new generation work
+gets 503/UNAVAILABLE; the server then stops accepting connections, gives the open ones DRAIN_GRACE_S to
+take their last event, and `serve` raises EngineFailed, so `lmserve serve` exits 1 and Kubernetes (or any
+supervisor) restarts it.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DRAIN_GRACE_S = 2  # after the drain: how long uvicorn lets the connections still open finish
+ENGINE_WATCH_S = 0.1  # how often serve() checks that the engine is still alive
+
+
+class EngineFailed(RuntimeError):
+    """The generation engine died while serving; the process should exit non-zero and be restarted."""
 
 
 def _served(name: str, ref: str) -> ServedModel:
@@ -146,6 +157,7 @@ async def start_models(state: AppState) -> None:
 
 
 async def stop_models(state: AppState) -> None:
+    state.lifecycle.models_stopping = True
     if state.embedder is not None:
         await state.embedder.stop()
     await state.engine.stop()
@@ -262,6 +274,23 @@ async def start_grpc_server(state: AppState, host: str | None = None, port: int 
     )
 
 
+async def watch_engine(state: AppState, on_failure: Callable[[], None]) -> None:
+    """Return once the engine has died on its own (not stopped by stop_models), after marking the failure
+    and calling `on_failure` (which ends the serving)."""
+    while state.engine.stats().is_alive:
+        await asyncio.sleep(ENGINE_WATCH_S)
+    if state.lifecycle.models_stopping:
+        return
+    state.lifecycle.engine_failed = True
+    fault = getattr(state.engine, "fault", None)
+    log.critical(
+        "the generation engine failed (%s); open requests got an error, new ones get 503; exiting so that "
+        "the process is restarted",
+        fault or "its loop stopped",
+    )
+    on_failure()
+
+
 async def drain_without_http(state: AppState) -> None:
     """With HTTP off, the signals uvicorn would handle: the first SIGTERM/SIGINT drains (gRPC health turns
     NOT_SERVING, new work gets UNAVAILABLE) until nothing is in flight or the drain timeout passes; a
@@ -325,6 +354,7 @@ async def serve(state: AppState, ports: PortReservation | None = None, started: 
     await start_models(state)
     grpc_server = None
     server = None
+    watcher: asyncio.Task[None] | None = None
     try:
         if ports is not None:
             ports.release_grpc()  # grpc binds by address: free the port just before it does
@@ -340,11 +370,17 @@ async def serve(state: AppState, ports: PortReservation | None = None, started: 
             sockets = ports.http_sockets if ports is not None and ports.http_sockets else None
             http_port = sockets[0].getsockname()[1] if sockets else state.config.port
             server.on_started = lambda: log_ready(state, http_port, grpc_port, tls, started)
+            http_server = server
+            watcher = asyncio.create_task(watch_engine(state, lambda: setattr(http_server, "should_exit", True)))
             await server.serve(sockets=sockets)
         else:
             log_ready(state, None, grpc_port, tls, started)
-            await drain_without_http(state)
+            drain = asyncio.create_task(drain_without_http(state))
+            watcher = asyncio.create_task(watch_engine(state, drain.cancel))
+            await asyncio.gather(drain, return_exceptions=True)  # cancelled by the watcher on engine failure
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if server is not None and server.stopping_now is not None:
             await server.stopping_now
         if grpc_server is not None:
@@ -353,6 +389,8 @@ async def serve(state: AppState, ports: PortReservation | None = None, started: 
         await stop_models(state)
         if state.tracer is not None:
             state.tracer.shutdown()
+    if state.lifecycle.engine_failed:
+        raise EngineFailed(f"the generation engine failed: {getattr(state.engine, 'fault', None) or 'its loop stopped'}")
 
 
 def run(config: ServeConfig) -> None:
@@ -372,6 +410,7 @@ def run(config: ServeConfig) -> None:
 __all__ = [
     "AppState",
     "DrainingServer",
+    "EngineFailed",
     "Lifecycle",
     "ServedModel",
     "build_state",

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from service.cli_args import PORT, EnvError, Flags, HelpFormatter, device_name, float_in, int_at_least, one_of
-from service.config import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, EngineConfig, ServeConfig, VLLMConfig, default_cache_dir
+from service.config import (
+    DEFAULT_EMBEDDING_MODEL,
+    DEFAULT_MODEL,
+    EngineConfig,
+    LimitsConfig,
+    ServeConfig,
+    VLLMConfig,
+    default_cache_dir,
+)
 from service.logs import LOG_FORMATS, LOG_LEVELS
 
 # `lmserve generate`'s sampling defaults (the HTTP API has OpenAI's own: temperature 1, max_tokens 16).
@@ -200,6 +208,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     f.value("--log-level", "LMSERVE_LOG_LEVEL", one_of(LOG_LEVELS, lower=True), d.log_level, "log level",
             choices=LOG_LEVELS)
     f.switch("--log-prompts", "LMSERVE_LOG_PROMPTS", "put prompts and outputs on the access lines")
+    f.value("--queue-timeout", "LMSERVE_QUEUE_TIMEOUT_S", float_in(0.0), LimitsConfig().queue_timeout_s,
+            "seconds a generation request may wait in the engine's queue before its first step; past it, 503 "
+            "with Retry-After; 0: no bound", metavar="S")
 
     gen = sub.add_parser("generate", help="print one completion (no server)", description=GENERATE_DESCRIPTION,
                          formatter_class=HelpFormatter)
@@ -239,7 +250,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ServeConfig:
     embedding = None if str(args.embedding_model).lower() in {"", "none"} else args.embedding_model
     base = ServeConfig()
-    return replace(
+    config = replace(
         base,
         model=args.model,
         embedding_model=embedding,
@@ -261,6 +272,8 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         vllm=vllm_config_from_args(args),
         **serve_overrides_from_env(env),
     )
+    # A flag over the env-only limits (serve_overrides_from_env replaces the whole LimitsConfig).
+    return replace(config, limits=replace(config.limits, queue_timeout_s=args.queue_timeout))
 
 
 def serve_overrides_from_env(env: Mapping[str, str]) -> dict:
@@ -404,7 +417,7 @@ def exit_now(code: int) -> NoReturn:
 
 
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from service.app import run
+    from service.app import EngineFailed, run
     from service.preflight import PreflightError
 
     try:
@@ -417,6 +430,9 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except PreflightError as exc:  # a key or TLS file, a port: found before anything slow
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except EngineFailed as exc:  # logged already; exit non-zero so that a supervisor restarts us
+        print(f"error: {exc}", file=sys.stderr)
+        exit_now(1)
     exit_now(0)
 
 

@@ -94,6 +94,9 @@ class LimitsConfig:
     max_stop_strings: int = 8
     max_prompts: int = 64
     max_queue: int = 256  # admitted-but-unfinished requests before 503 server_overloaded
+    # Seconds an admitted generation request may wait in the engine's queue before its first step; past it,
+    # 503 queue_timeout with Retry-After instead of an ever longer wait. 0: no bound.
+    queue_timeout_s: float = 60.0
     requests_per_minute: int = 0  # per API key; 0: unlimited
     tokens_per_minute: int = 0
     embedding_max_batch_tokens: int = 8192

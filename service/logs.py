@@ -67,6 +67,7 @@ class AccessRecord:
     timings: list[RequestTiming | None] = field(default_factory=list)  # one per choice, from the engine
     prompt: Any = None  # as the client sent it (text, token ids or chat messages)
     outputs: list[str] | None = None  # one text per choice
+    response_id: str | None = None  # a completion's `id` ("cmpl-" / "chatcmpl-" + request_id)
 
 
 def _ms(seconds: float) -> float:
@@ -90,6 +91,8 @@ def log_access(
     }
     if grpc_status is not None:
         fields["grpc_status"] = grpc_status
+    if record.response_id is not None:
+        fields["response_id"] = record.response_id
     if record.error is not None:
         fields["error"] = record.error
     if record.prompt_tokens is not None:

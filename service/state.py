@@ -26,6 +26,8 @@ class Lifecycle:
 
     draining: bool = False
     in_flight: int = 0
+    models_stopping: bool = False  # stop_models began: the engine ending now is no failure
+    engine_failed: bool = False  # the engine died under the server: it exits non-zero to be restarted
 
 
 @dataclass

@@ -14,6 +14,7 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"  # client went away, deadline, shutdown
     CONTENT_FILTER = "content_filter"  # the safety filter ended it
+    TIMEOUT = "timeout"  # its per-request deadline passed after some output was produced
 
 
 class ConstraintKind(str, Enum):
@@ -154,3 +155,9 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    # Seconds from submission: the request ends then with finish_reason TIMEOUT (a final delta with no
+    # tokens), its KV blocks freed. None: no deadline.
+    timeout_s: float | None = None
+    # Seconds from submission it may wait to be scheduled; still waiting then, it fails with
+    # QueueTimeoutError. None: it waits as long as it takes.
+    queue_timeout_s: float | None = None

@@ -51,6 +51,17 @@ def check_request(state: AppState, caller: Caller) -> None:
     caller.response_headers.update(state.limiter.check_request(caller.key_id).values)
 
 
+def check_engine(state: AppState) -> None:
+    """Before generation work: a failed (or stopped) engine takes none. 503 before anything is queued, so
+    a streaming request gets a status rather than an SSE stream that opens only to fail."""
+    if not state.engine.stats().is_alive:
+        raise APIError(
+            "The generation engine is not running; retry on another replica.",
+            "service_unavailable",
+            headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)},
+        )
+
+
 class Admitted:
     """A request's claims on shared capacity (token reservation, queue slot), released exactly once."""
 
@@ -69,4 +80,4 @@ class Admitted:
         self.admission.release()
 
 
-__all__ = ["Admitted", "Caller", "authenticate", "check_request"]
+__all__ = ["Admitted", "Caller", "authenticate", "check_engine", "check_request"]

@@ -43,10 +43,15 @@ ERRORS: dict[str, ErrorKind] = {
     "rate_limit_exceeded": ErrorKind(429, "RESOURCE_EXHAUSTED", "rate_limit_error"),
     "server_overloaded": ErrorKind(503, "UNAVAILABLE", "server_error"),
     "service_unavailable": ErrorKind(503, "UNAVAILABLE", "server_error"),
+    "queue_timeout": ErrorKind(503, "UNAVAILABLE", "server_error"),  # waited past --queue-timeout unscheduled
+    # 504: the request's own timeout (x-request-timeout / timeout) passed before its first token
+    "request_timeout": ErrorKind(504, "DEADLINE_EXCEEDED", "timeout_error"),
     # 499-ish: the client went away; never sent, only counted
     "client_disconnected": ErrorKind(499, "CANCELLED", "invalid_request_error"),
     # 500: only for real bugs
     "internal_error": ErrorKind(500, "INTERNAL", "server_error"),
+    # 500: the generation engine failed under this request (a failed forward); the server restarts
+    "engine_failure": ErrorKind(500, "INTERNAL", "server_error"),
 }
 
 

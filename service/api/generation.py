@@ -28,7 +28,16 @@ from typing import TYPE_CHECKING, Protocol
 
 from service.api.errors import APIError
 from service.config import LimitsConfig
-from service.engine.base import EngineDeadError, EngineStoppedError, GenerationEngine, RejectReason, RequestRejected
+from service.engine.base import (
+    EngineDeadError,
+    EngineFaultError,
+    EngineStepError,
+    EngineStoppedError,
+    GenerationEngine,
+    QueueTimeoutError,
+    RejectReason,
+    RequestRejected,
+)
 from service.logs import AccessRecord
 from service.metrics import Metrics
 from service.types import (
@@ -84,6 +93,9 @@ class GenerationParams:
     # "max_tokens" | "max_completion_tokens".
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
+    # The client's own deadline in seconds from submission (HTTP: x-request-timeout / `timeout`); None: none.
+    timeout_s: float | None = None
+    timeout_param: str = "timeout"
 
 
 @dataclass(frozen=True)
@@ -208,6 +220,12 @@ def check_generation(params: GenerationParams, num_prompts: int, limits: LimitsC
         raise APIError("At least one prompt is required.", "missing_field", params.prompt_param)
     if num_prompts > limits.max_prompts:
         raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", params.prompt_param)
+    if params.timeout_s is not None and not (math.isfinite(params.timeout_s) and params.timeout_s > 0):
+        raise APIError(
+            f"{params.timeout_param} must be a positive number of seconds, got {params.timeout_s}.",
+            "invalid_value",
+            params.timeout_param,
+        )
     if not 1 <= params.n <= limits.max_n:
         raise APIError(f"n must be between 1 and {limits.max_n}, got {params.n}.", "invalid_value", "n")
     if params.max_tokens is not None:
@@ -342,6 +360,8 @@ def plan_generation(
                 prompt_token_ids=list(prompt),
                 sampling=build_sampling(params, max_tokens, seed, logit_bias),
                 request_id=f"{request_id}-{i * params.n + j}",
+                timeout_s=params.timeout_s,
+                queue_timeout_s=limits.queue_timeout_s or None,
             )
             try:
                 engine.check_request(req)
@@ -401,6 +421,20 @@ def engine_error(exc: BaseException, plan: GenerationPlan | None = None) -> APIE
     if isinstance(exc, RequestRejected):
         params = plan.params if plan is not None else GenerationParams()
         return rejection_error(exc, params, max_model_len=0)
+    if isinstance(exc, EngineFaultError):
+        return APIError(
+            "The generation engine failed while serving this request; the server is restarting. Retry.",
+            "engine_failure",
+        )
+    if isinstance(exc, QueueTimeoutError):
+        return APIError(
+            f"The server is overloaded: the request waited {exc.waited_s:g} s in the queue without being "
+            "scheduled. Retry shortly.",
+            "queue_timeout",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, EngineStepError):
+        return APIError(f"Generation failed for this request: {exc}", "internal_error")
     if isinstance(exc, EngineStoppedError):
         return APIError("The server is shutting down: this request was stopped before it finished.", "service_unavailable")
     if isinstance(exc, EngineDeadError):
@@ -603,6 +637,8 @@ async def stream_choices(
                         ended.add(choice.index)
                     choice = ChoiceDelta(choice.index, delta)
                 account.choices[choice.index].add(delta, time.monotonic())
+                if delta.finish_reason is FinishReason.TIMEOUT and all(c.first_token_at is None for c in account.choices):
+                    raise _timed_out(plan)
                 if delta.finish_reason is not None:
                     account.observe(choice.index, metrics)
                     log.debug(
@@ -610,12 +646,22 @@ async def stream_choices(
                         delta.request_id, delta.finish_reason.value, delta.num_output_tokens,
                     )
                 yield choice
-    except (RequestRejected, EngineDeadError) as exc:
+    except (RequestRejected, EngineDeadError, EngineStepError, QueueTimeoutError) as exc:
         raise engine_error(exc, plan) from exc
     finally:
         account.finish(metrics, record)
         if metrics is not None:
             metrics.e2e_request_latency_seconds.observe(time.monotonic() - account.submitted)
+
+
+def _timed_out(plan: GenerationPlan) -> APIError:
+    """The request's own timeout passed before any choice produced a token: nothing to return but why."""
+    timeout_s = plan.requests[0].timeout_s if plan.requests else None
+    return APIError(
+        f"The request's timeout ({timeout_s:g} s) passed before its first token was generated.",
+        "request_timeout",
+    )
+
 
 
 async def collect_choices(

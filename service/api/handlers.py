@@ -26,7 +26,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from service.api.admission import Admitted, Caller, check_request
+from service.api.admission import Admitted, Caller, check_engine, check_request
 from service.api.errors import APIError
 from service.api.tools import ToolPlan, plan_tools
 from service.api.generation import (
@@ -222,11 +222,16 @@ def _admit(
     plan = plan_generation(s.engine, prompts, params, s.config.limits, caller.record.request_id, s.tokenizer.vocab_size)
     # Queue slot and token reservation last: a request refused above holds neither.
     admitted = Admitted(s, caller, plan.max_total_tokens)
-    return GenerationCall(s, caller, plan, admitted, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+    # One id per request: the completion's id is the request id behind OpenAI's prefix, so a response
+    # alone finds its access line (and x-request-id header / trailer).
+    response_id = f"{prefix}-{caller.record.request_id}"
+    caller.record.response_id = response_id
+    return GenerationCall(s, caller, plan, admitted, model, response_id, int(time.time()))
 
 
 def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) -> GenerationCall:
     check_request(state, caller)
+    check_engine(state)
     model = require_model(state.generation_model, inp.model, "generation")
     items = _prompt_items(inp.prompt)
     check_generation(inp.params, len(items), state.config.limits)
@@ -277,6 +282,7 @@ def _chat_template(state: AppState) -> str | None:
 
 def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
     check_request(state, caller)
+    check_engine(state)
     model = require_model(state.generation_model, inp.model, "generation")
     contents = [str(m.get("content") or "") for m in inp.messages]
     screened = screen_input(state, caller, contents, "messages")

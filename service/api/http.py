@@ -87,6 +87,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _MODEL_ERRORS = {**ERROR_RESPONSES, 404: {**_ERROR, "description": "Unknown model."}}
 _BODY_ERRORS = {**_MODEL_ERRORS, 413: {**_ERROR, "description": "Request body too large."}}
+_GENERATION_ERRORS = {
+    **_BODY_ERRORS,
+    504: {**_ERROR, "description": "The request's own timeout (x-request-timeout, timeout) passed before a token."},
+}
 # OpenAPI 3.1 reads an event stream's `schema` as the schema of one event.
 _SSE_EVENT = {
     "type": "object",
@@ -303,7 +307,9 @@ def _generation_params(
     max_logprobs: int,
     prompt_param: str,
     max_tokens_param: str = "max_tokens",
+    request: Request | None = None,
 ) -> GenerationParams:
+    timeout_s, timeout_param = _request_timeout(body, request)
     return GenerationParams(
         max_tokens=max_tokens,
         n=body.n,
@@ -328,7 +334,31 @@ def _generation_params(
         max_logprobs=max_logprobs,
         prompt_param=prompt_param,
         max_tokens_param=max_tokens_param,
+        timeout_s=timeout_s,
+        timeout_param=timeout_param,
     )
+
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def _request_timeout(
+    body: schemas.CompletionRequest | schemas.ChatCompletionRequest, request: Request | None
+) -> tuple[float | None, str]:
+    """The request's deadline in seconds (the smaller of the `timeout` field and the x-request-timeout
+    header) and the parameter it came from, for errors."""
+    timeout, param = body.timeout, "timeout"
+    raw = request.headers.get(TIMEOUT_HEADER) if request is not None else None
+    if raw is not None:
+        try:
+            header = float(raw)
+        except ValueError:
+            raise APIError(
+                f"The {TIMEOUT_HEADER} header must be a number of seconds, got {raw!r}.", "invalid_value", TIMEOUT_HEADER
+            ) from None
+        if timeout is None or header < timeout:
+            timeout, param = header, TIMEOUT_HEADER
+    return timeout, param
 
 
 def _response_format(fmt: schemas.ResponseFormat | None) -> ResponseFormatInput | None:
@@ -402,12 +432,13 @@ class GenerationHandlers:
             logprobs=body.logprobs,
             max_logprobs=5,
             prompt_param="prompt",
+            request=request,
         )
         call = prepare_completion(self.state, who, CompletionInput(body.model, body.prompt, params, body.echo))
         if body.stream:
             header = fmt.ChunkHeader(call.response_id, "text_completion", call.created, call.model.name)
             chunker = self._completion_chunker(call, body)
-            return self._sse_response(call, header, _include_usage(body), chunker)
+            return await self._sse_response(request, call, header, _include_usage(body), chunker)
         result = await until_disconnect(request, call.collect())
         choices = [self._completion_choice(c, call, body) for c in result.choices]
         response = schemas.CompletionResponse(
@@ -492,6 +523,7 @@ class GenerationHandlers:
             max_logprobs=20,
             prompt_param="messages",
             max_tokens_param="max_completion_tokens" if use_mct else "max_tokens",
+            request=request,
         )
         inp = ChatInput(
             body.model,
@@ -512,7 +544,7 @@ class GenerationHandlers:
                 for i in range(call.num_choices)
             ]
             chunker = _chat_chunker(body.logprobs, num_top, call.tool_plan, call.num_choices)
-            return self._sse_response(call, header, _include_usage(body), chunker, roles)
+            return await self._sse_response(request, call, header, _include_usage(body), chunker, roles)
         result = await until_disconnect(request, call.collect())
         response = schemas.ChatCompletionResponse(
             id=call.response_id,
@@ -525,15 +557,28 @@ class GenerationHandlers:
 
     # streaming, both endpoints --------------------------------------------------------------------------
 
-    def _sse_response(
+    async def _sse_response(
         self,
+        request: Request,
         call: GenerationCall,
         header: fmt.ChunkHeader,
         include_usage: bool,
         choice_chunk: Callable[[ChoiceDelta], dict[str, Any] | None],
         first_choices: Sequence[dict[str, Any]] = (),
     ) -> Response:
-        events = self._sse_events(call, header, include_usage, choice_chunk, first_choices)
+        """The stream opens once its first delta is there: whatever ends a request before its first token
+        (its timeout: 504, the queue timeout: 503, a failed engine) is then a plain HTTP error with its
+        status and Retry-After, not a 200 whose only event is an error."""
+        stream = call.stream()
+        try:
+            first = await until_disconnect(request, anext(stream))
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await stream.aclose()
+            call.close()
+            raise
+        events = self._sse_events(call, stream, first, header, include_usage, choice_chunk, first_choices)
         return ClosingStreamingResponse(
             events,
             on_close=call.close,
@@ -544,18 +589,25 @@ class GenerationHandlers:
     async def _sse_events(
         self,
         call: GenerationCall,
+        stream: AsyncIterator[ChoiceDelta],
+        first: ChoiceDelta | None,
         header: fmt.ChunkHeader,
         include_usage: bool,
         choice_chunk: Callable[[ChoiceDelta], dict[str, Any] | None],
         first_choices: Sequence[dict[str, Any]],
     ) -> AsyncIterator[str]:
-        """`first_choices`, one chunk per delta that `choice_chunk` makes one of, the usage chunk if asked
-        for, then [DONE]. An error becomes a last `{"error": ...}` event before [DONE]."""
+        """`first_choices`, one chunk per delta that `choice_chunk` makes one of (`first`, then the rest of
+        `stream`), the usage chunk if asked for, then [DONE]. An error becomes a last `{"error": ...}` event
+        before [DONE]."""
         record = call.caller.record
         try:
             for choice in first_choices:
                 yield sse(header.chunk([choice]))
-            async with aclosing(call.stream()) as stream:
+            async with aclosing(stream):  # type: ignore[type-var]
+                if first is not None:
+                    choice = choice_chunk(first)
+                    if choice is not None:
+                        yield sse(header.chunk([choice]))
                 async for item in stream:
                     choice = choice_chunk(item)
                     if choice is not None:
@@ -756,7 +808,7 @@ def create_app(state: AppState) -> FastAPI:
     @app.post(
         "/v1/completions",
         response_model=schemas.CompletionResponse,
-        responses={**_BODY_ERRORS, **_STREAM_200},
+        responses={**_GENERATION_ERRORS, **_STREAM_200},
         tags=["openai"],
     )
     async def create_completion(body: schemas.CompletionRequest, request: Request) -> Response:
@@ -766,7 +818,7 @@ def create_app(state: AppState) -> FastAPI:
     @app.post(
         "/v1/chat/completions",
         response_model=schemas.ChatCompletionResponse,
-        responses={**_BODY_ERRORS, **_STREAM_200},
+        responses={**_GENERATION_ERRORS, **_STREAM_200},
         tags=["openai"],
     )
     async def create_chat_completion(body: schemas.ChatCompletionRequest, request: Request) -> Response:

@@ -137,6 +137,13 @@ class _SamplingFields(_Request):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's constraints: one of json, regex, choice, grammar, json_object."
     )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds this request may take, from arrival (also the x-request-timeout header; the "
+        "smaller wins). Past it the request ends: finish_reason \"timeout\" once tokens have been generated, "
+        "else a 504 error (code request_timeout).",
+    )
 
 
 # -- /v1/completions -------------------------------------------------------------------------------------

@@ -61,6 +61,23 @@ class EngineStoppedError(EngineDeadError):
     """The engine was stopped (the server is shutting down) before this stream finished."""
 
 
+class EngineFaultError(EngineDeadError):
+    """A model forward failed: the engine stopped for good (its KV cache, or on a GPU the device, may be
+    corrupt). Every in-flight stream ends with this; new work then gets EngineDeadError."""
+
+
+class EngineStepError(RuntimeError):
+    """One request failed inside a step (e.g. sampling its row); it ends alone, the engine goes on."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """The request waited longer than its queue timeout without being scheduled; it was dropped."""
+
+    def __init__(self, message: str, waited_s: float) -> None:
+        super().__init__(message)
+        self.waited_s = waited_s
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for probes and metrics.

@@ -25,8 +25,11 @@ import torch
 from service.config import EngineConfig
 from service.engine.base import (
     EngineDeadError,
+    EngineFaultError,
     EngineStats,
+    EngineStepError,
     EngineStoppedError,
+    QueueTimeoutError,
     RejectReason,
     RequestRejected,
     StepStats,
@@ -52,8 +55,12 @@ from service.types import FinishReason, GenerationDelta, GenerationRequest
 log = logging.getLogger(__name__)
 
 
-class EngineStepError(RuntimeError):
-    """A step failed; the requests in that step end with this error, the others go on."""
+class _Deadline(Exception):
+    """Put in a request's queue by its timeout timer (an exception, so the per-delta path checks nothing new)."""
+
+
+class _QueueCheck(Exception):
+    """Put in a request's queue when its queue timeout passes: still unscheduled then, it fails."""
 
 
 @dataclass
@@ -94,6 +101,8 @@ class NativeEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._is_alive = False
+        # Why the engine loop died (a failed forward); None while it runs or after a clean stop.
+        self.fault: BaseException | None = None
         self.num_steps = 0
         self.grammars = GrammarCompiler(tokenizer, runner.vocab_size)
         # Constrained requests whose matcher is being built off the engine thread (the first one also builds
@@ -181,7 +190,7 @@ class NativeEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.check_request(request)
         if not self.is_alive:
-            raise EngineDeadError("the engine is not running")
+            raise self._dead_error()
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
         req = Request(internal_id, request.prompt_token_ids, request.sampling, self.eos_token_ids)
         seed = request.sampling.seed
@@ -193,11 +202,29 @@ class NativeEngine:
         stream = _Stream(req, SequenceOutput(self.tokenizer, req, request.request_id), queue, generator)
         self._inbox.append(stream)
         self._wake.set()
+        # One timer per limit and request, nothing per token: each puts a marker in the queue when due.
+        loop = asyncio.get_running_loop()
+        timers = []
+        if request.timeout_s is not None:
+            timers.append(loop.call_later(request.timeout_s, queue.put_nowait, _Deadline()))
+        if request.queue_timeout_s is not None:
+            timers.append(loop.call_later(request.queue_timeout_s, queue.put_nowait, _QueueCheck()))
         finished = False
         try:
+            if not self._is_alive:  # died between the check above and the inbox: nobody would answer
+                raise self._dead_error()
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
+                    if isinstance(item, _QueueCheck):
+                        if req.first_scheduled_time is not None:
+                            continue
+                        waited = request.queue_timeout_s or 0.0
+                        raise QueueTimeoutError(f"waited {waited:g} s in the queue without being scheduled", waited)
+                    if isinstance(item, _Deadline):
+                        # The `finally` aborts it (finished stays False), which frees its KV blocks.
+                        yield _timeout_delta(request)
+                        return
                     finished = True
                     raise item
                 yield item
@@ -205,10 +232,22 @@ class NativeEngine:
                     finished = True
                     return
         finally:
+            for timer in timers:
+                timer.cancel()
             self._open_queues.discard(queue)
             if not finished:
                 self._aborts.append(internal_id)
                 self._wake.set()
+
+    def _dead_error(self) -> EngineDeadError:
+        if self.fault is not None:
+            return EngineDeadError(f"the engine failed and takes no new work: {self.fault}")
+        return EngineDeadError("the engine is not running")
+
+    def _fail_open_queues(self, error: BaseException) -> None:
+        """Event loop: end every stream being read, the ones still in the inbox or compiling included."""
+        for queue in self._open_queues:
+            queue.put_nowait(error)
 
     # ---- engine thread ---------------------------------------------------------------------
 
@@ -224,11 +263,13 @@ class NativeEngine:
                     self._wake.clear()
                     continue
                 self._step()
-        except BaseException as exc:  # the loop itself broke: every stream must hear of it
-            log.exception("engine loop died")
+        except BaseException as exc:  # a failed forward, or the loop itself broke: every stream must hear of it
+            log.critical("generation engine failed; ending every open request: %s", exc, exc_info=exc)
+            self.fault = exc
             self._is_alive = False
-            self._fail(list(self._streams.values()), EngineDeadError(f"engine loop died: {exc}"))
-            raise
+            error = exc if isinstance(exc, EngineFaultError) else EngineFaultError(f"the engine loop died: {exc}")
+            self._fail(list(self._streams.values()), error)
+            self._deliver_call(self._fail_open_queues, error)
         finally:
             self._is_alive = False
             self._fail(list(self._streams.values()), EngineStoppedError("the engine stopped"))
@@ -304,14 +345,21 @@ class NativeEngine:
         masks = self._start_masks([sampling_reqs[i].grammar for i in constrained]) if constrained else None
         try:
             logits = self.runner.execute(scheduled)
-            sampled = []
+        except Exception as exc:
+            # The forward failed: the KV cache (or on a GPU the device) may be corrupt, so no request can
+            # trust this engine any more. The loop ends; the process should exit and be restarted.
+            if masks is not None:
+                wait_futures([masks])
+            raise EngineFaultError(f"the model forward failed: {exc}") from exc
+        try:
+            sampled: list[SampledToken | None] = []
             if sampling_reqs:
                 assert logits is not None
                 if masks is not None:
                     # Only the constrained rows are touched: the others sample exactly as without constraints.
                     apply_bitmask(logits, constrained, masks.result())
                 generators = [self._streams[r.request_id].generator for r in sampling_reqs]
-                sampled = sample(logits, sampling_reqs, generators)
+                sampled = self._sample(logits, sampling_reqs, generators)
         except Exception as exc:
             if masks is not None:
                 wait_futures([masks])  # the worker must be done with the matchers before anyone else uses them
@@ -321,7 +369,9 @@ class NativeEngine:
                 self.scheduler.finish_request(stream.request, FinishReason.ABORT)
             self._fail(failed, EngineStepError(f"generation failed: {exc}"))
             return
-        deliveries = self._apply_sampled(scheduled, sampling_reqs, sampled)
+        # Rows whose sampling failed (None) have already failed their own requests.
+        kept = [(req, tok) for req, tok in zip(sampling_reqs, sampled, strict=True) if tok is not None]
+        deliveries = self._apply_sampled(scheduled, kept)
         self.num_steps += 1
         # Before delivering: a client holding its answer then finds this step in the metrics too.
         if self.on_step is not None:
@@ -337,7 +387,7 @@ class NativeEngine:
             self._deliver(deliveries)
 
     def _apply_sampled(
-        self, scheduled: SchedulerOutput, sampling_reqs: list[Request], sampled: list[SampledToken]
+        self, scheduled: SchedulerOutput, sampled: list[tuple[Request, SampledToken]]
     ) -> list[tuple[asyncio.Queue, GenerationDelta | BaseException]]:
         """One loop over the batch: advance each constrained request's grammar and detokenize its token
         (matching stop strings), let the scheduler append the tokens and end the finished sequences
@@ -345,7 +395,7 @@ class NativeEngine:
         token_ids: dict[str, int] = {}
         matched_stops: dict[str, str] = {}
         deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]] = []
-        for req, tok in zip(sampling_reqs, sampled, strict=True):
+        for req, tok in sampled:
             rid = req.request_id
             if req.grammar is not None and not req.grammar.accept(tok.token_id):
                 # Never, unless something is broken: the token was sampled under the grammar's mask.
@@ -361,7 +411,7 @@ class NativeEngine:
                 matched_stops[rid] = matched
         received = self.scheduler.update(scheduled, token_ids, matched_stops)
         now = time.monotonic()
-        for req, tok in zip(sampling_reqs, sampled, strict=True):
+        for req, tok in sampled:
             if req.request_id not in token_ids:
                 continue
             stream = self._streams[req.request_id]
@@ -373,10 +423,33 @@ class NativeEngine:
         assert len(received) == len(token_ids)
         return deliveries
 
+    def _sample(
+        self, logits: torch.Tensor, reqs: list[Request], generators: list[torch.Generator | None]
+    ) -> list[SampledToken | None]:
+        """The batch's tokens; if sampling the batch fails, its rows one by one, so that a row that cannot
+        be sampled fails its own request alone (None in its place) and its batch-mates go on."""
+        try:
+            return sample(logits, reqs, generators)
+        except Exception:
+            log.exception("sampling a batch of %d rows failed; sampling them one by one", len(reqs))
+        out: list[SampledToken | None] = []
+        for i, (req, generator) in enumerate(zip(reqs, generators, strict=True)):
+            try:
+                out.extend(sample(logits[i : i + 1], [req], [generator]))
+            except Exception as exc:
+                log.error("request %s: sampling failed: %s", req.request_id, exc)
+                self.scheduler.finish_request(req, FinishReason.ABORT)
+                self._fail([self._streams[req.request_id]], EngineStepError(f"sampling failed for this request: {exc}"))
+                out.append(None)
+        return out
+
     def _deliver(self, deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:
+        self._deliver_call(_put_all, deliveries)
+
+    def _deliver_call(self, callback: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(_put_all, deliveries)
+            self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
@@ -389,6 +462,18 @@ class NativeEngine:
 
 def _grammar_rejected(message: str) -> RequestRejected:
     return RequestRejected(message, RejectReason.INVALID_CONSTRAINT, field="structured")
+
+
+def _timeout_delta(request: GenerationRequest) -> GenerationDelta:
+    """The closing delta of a request whose deadline passed: no new tokens, finish_reason TIMEOUT. Its
+    output count is left 0: consumers keep the largest count they saw (the deltas before it)."""
+    return GenerationDelta(
+        request_id=request.request_id,
+        text="",
+        token_ids=[],
+        finish_reason=FinishReason.TIMEOUT,
+        num_prompt_tokens=len(request.prompt_token_ids),
+    )
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,21 @@ class KVCacheSpec:
         return self.num_blocks * self.bytes_per_block
 
 
+# Test-only fault injection: called with each step's batch just before the forward; raising from it is a
+# failed forward (tests/reliability/). A serving runner never sets it.
+FaultHook = Callable[[SchedulerOutput], None]
+
+
 class ModelRunner:
+    """Owns the weights and the KV pool; `execute` runs one step's forward.
+
+    `fault_hook` (None unless a test sets it) is the one injection point for engine faults: a hook that
+    raises makes `execute` raise exactly where a real forward failure (a CUDA error, an out-of-memory)
+    would, so the engine's handling of it is what gets tested, not a mock's.
+    """
+
+    fault_hook: FaultHook | None = None
+
     def __init__(self, model_path: Path, config: EngineConfig) -> None:
         check_generation_architecture(model_path)
         self.device = resolve_device(config.device)
@@ -191,6 +206,8 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         if not input_ids:
             return None
+        if self.fault_hook is not None:
+            self.fault_hook(scheduled)
         meta = self.attention_metadata(layouts)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

@@ -154,11 +154,49 @@ def test_request_id_on_streams(http: httpx.Client) -> None:
     with http.stream("POST", "/v1/completions", json=body, headers={"x-request-id": "stream-1"}) as resp:
         assert resp.headers.get_list("x-request-id") == ["stream-1"]
         chunks = _sse_data(resp)
-    assert chunks and all(c["id"].startswith("cmpl-") for c in chunks)  # the response id keeps its format
+    assert chunks and {c["id"] for c in chunks} == {"cmpl-stream-1"}  # the request id behind OpenAI's prefix
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert HEX32.match(resp.headers["x-request-id"])
         resp.read()
+
+
+def test_one_id_per_request_on_both_transports(server: LiveServer, http: httpx.Client, logs: LogCapture) -> None:
+    """The completion's id is `cmpl-`/`chatcmpl-` + the request id, so a response alone finds its access
+    line; a request without an id of its own gets a fresh one, used the same way."""
+    import asyncio
+
+    import grpc
+
+    from service.api.proto import lmserve_pb2 as pb
+    from service.api.proto import lmserve_pb2_grpc as rpc
+
+    given = _new_id()
+    resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, headers={"x-request-id": given})
+    assert resp.json()["id"] == f"cmpl-{given}" and resp.headers["x-request-id"] == given
+    assert logs.access(given)["response_id"] == f"cmpl-{given}"
+
+    chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    fresh = chat.headers["x-request-id"]
+    assert HEX32.match(fresh) and chat.json()["id"] == f"chatcmpl-{fresh}"
+    assert logs.access(fresh)["response_id"] == f"chatcmpl-{fresh}"
+
+    async def over_grpc() -> tuple[str, str]:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = rpc.GenerationStub(channel)
+            metadata = server.grpc_metadata + (("x-request-id", given + "-g"),)
+            unary = await stub.Complete(pb.CompletionRequest(model=MODEL, prompt="Hi", max_tokens=2), metadata=metadata)
+            chats = stub.ChatStream(
+                pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content="Hi")], max_tokens=2),
+                metadata=server.grpc_metadata + (("x-request-id", given + "-gs"),),
+            )
+            ids = {chunk.id async for chunk in chats}
+            assert len(ids) == 1
+            return unary.id, ids.pop()
+
+    unary_id, stream_id = asyncio.run(over_grpc())
+    assert (unary_id, stream_id) == (f"cmpl-{given}-g", f"chatcmpl-{given}-gs")
+    assert logs.access(given + "-g")["response_id"] == unary_id
 
 
 # -- the access line -------------------------------------------------------------------------------------
