@@ -304,6 +304,14 @@ def plan_generation(
         raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", params.prompt_param)
     if len(prompts) * params.n > limits.max_prompts * limits.max_n:
         raise APIError("Too many choices requested.", "invalid_value", "n")
+    if vocab_size is not None:
+        bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                f"stop_token_ids holds {bad}, which is not in the model's vocabulary (0..{vocab_size - 1}).",
+                "invalid_value",
+                "stop_token_ids",
+            )
     requests: list[GenerationRequest] = []
     for i, prompt in enumerate(prompts):
         if not prompt:
