@@ -15,8 +15,8 @@ Kinds of entry:
 - partial: a conversion or merge cut short (`.tmp-*`, `.stale-*`) or a half-written kernel build. Left
   alone for an hour, since another process may be writing it.
 - other: anything lmserve did not write. Listed, never removed.
-Records in `.sources/` whose file is gone or has changed, and in `.lora-users/` whose adapter is gone,
-are dropped by prune too.
+Records in `.sources/` whose file is gone or has changed, in `.lora-users/` whose adapter is gone, and
+in `.verified/` (the hashes an entry last passed, integrity.py) whose entry is gone, are dropped by prune too.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 from service.checkpoints.errors import CheckpointError
 from service.checkpoints.fingerprint import SOURCES_DIR, source_records
 from service.checkpoints.gguf import KEY_LEN, gguf_key_of_digest
+from service.checkpoints.integrity import VERIFIED_DIR, verified_records
 from service.checkpoints.lora import USERS_DIR, lora_cache_key, user_records
 from service.checkpoints.weights import read_marker, tree_size
 from service.engine.modeling.kernel_cache import KERNELS_DIR, kernel_builds
@@ -56,7 +57,7 @@ class CacheEntry:
 class CacheListing:
     cache_dir: Path
     entries: list[CacheEntry]
-    stale_records: list[Path]  # .sources/ records of files gone or changed; .lora-users/ records of adapters gone
+    stale_records: list[Path]  # .sources/ records of files gone or changed; .lora-users/ of adapters gone; .verified/ of entries gone
 
     @property
     def total_bytes(self) -> int:
@@ -118,7 +119,7 @@ def list_cache(cache_dir: Path) -> CacheListing:
     entries: list[CacheEntry] = []
     loras: list[tuple[Path, dict]] = []
     for item in sorted(cache_dir.iterdir()):
-        if item.name in (SOURCES_DIR, USERS_DIR, KERNELS_DIR):
+        if item.name in (SOURCES_DIR, USERS_DIR, KERNELS_DIR, VERIFIED_DIR):
             continue
         if item.name.startswith((".tmp-", ".stale-")):
             young = _is_young(item, now)
@@ -149,6 +150,9 @@ def list_cache(cache_dir: Path) -> CacheListing:
         users = users_of.get(item.name, []) + [(str(marker.get("origin", "")), str(marker.get("base", "")))]
         is_used, detail = _lora_use(item, users, cache_dir, unused)
         entries.append(CacheEntry(item.name, "lora", item, tree_size(item), is_used, detail))
+
+    # .verified/ records (integrity.py) of entries that are gone
+    stale += [path for path, entry in verified_records(cache_dir) if entry is None or not entry.is_dir()]
 
     kernels = cache_dir / KERNELS_DIR
     for build in kernel_builds(cache_dir):

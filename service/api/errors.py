@@ -28,6 +28,7 @@ ERRORS: dict[str, ErrorKind] = {
     "missing_field": _INVALID,
     "invalid_json": _INVALID,
     "unsupported_parameter": _INVALID,
+    "unknown_field": _INVALID,
     "unsupported_value": _INVALID,
     "context_length_exceeded": _INVALID,
     "content_filter": _INVALID,

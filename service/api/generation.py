@@ -347,6 +347,13 @@ def plan_generation(
     # Ids the tokenizer and the model both know: the engine's embedding takes no others.
     vocab = engine.vocab_size if vocab_size is None else min(vocab_size, engine.vocab_size)
     logit_bias = parse_logit_bias(params.logit_bias, vocab)
+    bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+    if bad is not None:
+        raise APIError(
+            f"stop_token_ids holds {bad}, which is not in the model's vocabulary (0..{vocab - 1}).",
+            "invalid_value",
+            "stop_token_ids",
+        )
     requests: list[GenerationRequest] = []
     for i, prompt in enumerate(prompts):
         if not prompt:

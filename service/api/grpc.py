@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -528,6 +529,9 @@ class _Call:
             raise APIError(
                 f"The message is not a valid {self.method.request_type.DESCRIPTOR.full_name}.", "invalid_request"
             ) from None
+        unknown = _unknown_fields(request)
+        if unknown is not None:
+            raise APIError(unknown, "unknown_field")
         return Caller(self.record, key_id), request
 
     def trailers(self, headers: dict[str, str], error: APIError | None = None) -> tuple[tuple[str, str], ...]:
@@ -570,6 +574,21 @@ class _Call:
             "POST", self.method.path, self.method.path, self.http_status, self.grpc_status, self.metadata.get("traceparent")
         )
         close_request(self.state, self.record, outcome)
+
+
+def _unknown_fields(request: Message) -> str | None:
+    """Why the request is refused for fields this server's schema lacks (a newer client's, a typo in a
+    hand-built message), or None. Proto3 would keep and ignore them; like HTTP, lmserve says so instead,
+    since a setting silently dropped changes what the client gets."""
+    stripped = type(request)()
+    stripped.CopyFrom(request)
+    stripped.DiscardUnknownFields()  # recursive: nested messages too
+    if stripped.ByteSize() == request.ByteSize():
+        return None
+    name = request.DESCRIPTOR.full_name
+    numbers = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(request)})
+    where = f"field number {', '.join(map(str, numbers))}" if numbers else "fields in a nested message"
+    return f"The {name} holds {where}, unknown to this server's lmserve.v1 schema."
 
 
 def _peer_host(peer: str | None) -> str | None:

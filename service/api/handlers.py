@@ -201,8 +201,20 @@ def completion_prompts(state: AppState, caller: Caller, items: list[str] | list[
     """Each prompt's token ids, the texts screened and tokenized (after check_generation has counted them)."""
     tok = state.tokenizer
     if items and isinstance(items[0], str):
+        if any(not p.strip() for p in items):  # type: ignore[union-attr]
+            raise APIError("The prompt must contain text other than whitespace.", "invalid_value", "prompt")
         return [tok.encode(p) for p in screen_input(state, caller, list(items), "prompt")]  # type: ignore[arg-type]
     token_prompts = [list(p) for p in items]  # type: ignore[arg-type]
+    # Before the safety screen decodes them: an id past the vocabulary must be a 400, not a decode error.
+    vocab = tok.vocab_size
+    for p in token_prompts:
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(
+                f"The prompt holds token id {bad}, which is not in the model's vocabulary (0..{vocab - 1}).",
+                "invalid_value",
+                "prompt",
+            )
     _screen_token_prompts(state, caller, token_prompts, "prompt")
     return token_prompts
 
@@ -372,8 +384,8 @@ async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) ->
         raise APIError("input must not be empty.", "invalid_value", "input")
     if len(inp.inputs) > limit:
         raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
-    if any(isinstance(x, str) and not x for x in inp.inputs):
-        raise APIError("input strings must not be empty.", "invalid_value", "input")
+    if any(isinstance(x, str) and not x.strip() for x in inp.inputs):
+        raise APIError("input strings must contain text other than whitespace.", "invalid_value", "input")
     inputs = inp.inputs
     if inputs and isinstance(inputs[0], str):
         inputs = screen_input(state, caller, list(inputs), "input")  # type: ignore[arg-type]

@@ -156,6 +156,13 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return APIError(f"The request body is not valid JSON: {detail}".rstrip(": "), "invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(
+            f"Unrecognized request argument supplied: '{param}'. {first.get('msg', 'Extra inputs are not permitted')}; "
+            "see /docs for the parameters each endpoint takes.",
+            "unknown_field",
+            param,
+        )
     if kind == "missing":
         code = "missing_field"
         message = f"Missing required parameter: '{param}'." if param else "The request body is missing."

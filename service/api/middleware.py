@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.accounting import RequestOutcome, close_request, observe_error, open_request
 from service.api.admission import authenticate
 from service.api.errors import APIError
+from service.api.json_body import check_json_body
 from service.logs import AccessRecord
 
 if TYPE_CHECKING:
@@ -153,7 +154,8 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 `request_too_large` for bodies over the limit, counted while reading, not from Content-Length.
+    """413 `request_too_large` for bodies over the limit, counted while reading, not from Content-Length;
+    400 `invalid_json` for a POST body that is not UTF-8, nests too deep or holds lone surrogates.
 
     The body is read here in full (it is bounded by the limit) and replayed to the app as one message;
     later `receive` calls go to the server, so the handler still hears `http.disconnect`.
@@ -196,10 +198,17 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        body = b"".join(chunks)
+        # Every POST body is JSON (JsonBodyMiddleware): what the parser would choke on or let through
+        # to crash a handler is answered here, with a message that says what is wrong.
+        malformed = check_json_body(body) if scope["method"] == "POST" else None
+        if malformed is not None:
+            await self._reject(scope, send, malformed)
+            return
+        await self.app(scope, _replay(body, receive), send)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
-        error = self._too_large()
+    async def _reject(self, scope: Scope, send: Send, error: APIError | None = None) -> None:
+        error = error or self._too_large()
         observe_error(self.state, access_record(scope), error.code)
         await send_error(send, error)
 

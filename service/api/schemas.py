@@ -76,11 +76,13 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # An unknown field is a 400 naming it (`unknown_field`), as OpenAI answers: a misspelt or unsupported
+    # parameter silently ignored would change what the client gets without telling it.
+    model_config = ConfigDict(extra="forbid")
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str | None = Field(None, description="The schema's name (OpenAI requires one; unused here).")
     description: str | None = None
@@ -91,7 +93,7 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     type: str = Field(description="text | json_object | json_schema", json_schema_extra={"enum": ["text", "json_object", "json_schema"]})
     json_schema: JsonSchemaFormat | None = None
@@ -317,7 +319,7 @@ class ModerationResponse(BaseModel):
 
 class TokenizeRequest(_Request):
     model_config = ConfigDict(
-        extra="ignore", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
     )
 
     model: str | None = None

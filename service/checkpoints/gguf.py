@@ -16,7 +16,8 @@ from pathlib import Path
 
 from service.checkpoints.errors import CheckpointError, one_line
 from service.checkpoints.fingerprint import file_sha256
-from service.checkpoints.weights import is_complete, publish_folder, save_plain_model, write_marker
+from service.checkpoints.integrity import is_trusted, publish_entry
+from service.checkpoints.weights import is_complete, save_plain_model, write_marker
 from service.progress import progress_step, size_text
 
 GGUF_MAGIC = b"GGUF"
@@ -76,12 +77,13 @@ def check_gguf_file(path: Path) -> None:
 def convert_gguf(path: Path, cache_dir: Path) -> Path:
     """The cached HF folder for a GGUF file, converting it first if needed.
 
-    A cache hit is a stat, a small JSON read and a directory check: no transformers import, no model load.
+    A cache hit is a few stats and small JSON reads (integrity.py: each file's size, and its hash unless it
+    is unchanged since it last hashed right): no transformers import, no model load.
     """
     path = Path(path).resolve()
     check_gguf_magic(path)
     final = gguf_cache_path(path, cache_dir)
-    if is_complete(final):
+    if is_trusted(final, cache_dir):  # a damaged entry is removed here, and converted again below
         return final
     check_gguf_file(path)
     message = (
@@ -89,7 +91,7 @@ def convert_gguf(path: Path, cache_dir: Path) -> Path:
         f"{final.parent} (once per file; about 20 s for the bundled model on 2 cores)"
     )
     with progress_step(message):
-        return publish_folder(final, lambda tmp: _convert_into(path, tmp))
+        return publish_entry(final, lambda tmp: _convert_into(path, tmp))
 
 
 def _convert_into(path: Path, dest: Path) -> None:

@@ -19,13 +19,12 @@ from typing import Any
 
 from service.checkpoints.errors import CheckpointError, one_line
 from service.checkpoints.fingerprint import file_sha256
+from service.checkpoints.integrity import is_trusted, publish_entry
 from service.checkpoints.weights import (
     CACHE_MARKER,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     check_safetensors_header,
-    is_complete,
-    publish_folder,
     read_json_object,
     save_plain_model,
     weight_files,
@@ -91,9 +90,9 @@ def merge_lora(adapter_dir: Path, base_path: Path, cache_dir: Path, allow_pickle
     adapter_dir = Path(adapter_dir).resolve()
     check_adapter_weights(adapter_dir, allow_pickle)
     final = Path(cache_dir) / f"{adapter_dir.name}-lora-{lora_cache_key(adapter_dir, base_path, cache_dir, allow_pickle)}"
-    if not is_complete(final):
+    if not is_trusted(final, Path(cache_dir)):  # a damaged entry is removed here, and merged again
         with progress_step(f"merging LoRA adapter {adapter_dir.name} into {base_path.name} (once per adapter and base)"):
-            publish_folder(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
+            publish_entry(final, lambda tmp: _merge_into(adapter_dir, base_path, tmp))
     remember_user(Path(cache_dir), adapter_dir, base_path, final)
     return final
 

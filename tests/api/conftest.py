@@ -62,6 +62,7 @@ FUZZ_KEY = "test-key-fuzz"
 
 MAX_MODEL_LEN = 512
 MAX_BODY_BYTES = 64 * 1024
+EMBEDDING_BATCH_TOKENS = 1024
 LIMITS = LimitsConfig(
     max_request_body_bytes=MAX_BODY_BYTES,
     max_n=4,
@@ -71,6 +72,9 @@ LIMITS = LimitsConfig(
     max_queue=32,
     max_embedding_inputs=16,
     max_grammar_bytes=16 * 1024,
+    # Below what max_embedding_inputs inputs can hold (16 x 512 tokens), so a large request must be split
+    # over several embedding batches (test_embedding_split.py).
+    embedding_max_batch_tokens=EMBEDDING_BATCH_TOKENS,
 )
 LIMITED_RPM = 3
 LIMITED_TPM = 600
