@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -43,11 +44,13 @@ from service.engine.base import (
 )
 from service.tokenizer import Tokenizer
 from service.types import (
+    ConstraintKind,
     FinishReason,
     GenerationDelta,
     GenerationRequest,
     RequestTiming,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
     TopLogprob,
 )
@@ -166,8 +169,27 @@ def to_vllm_sampling(params: SamplingParams, vllm_sampling_params: type, delta_k
         logprobs=params.logprobs,
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
+        structured_outputs=_vllm_constraint(params.structured),
         output_kind=delta_kind,
     )
+
+
+def _vllm_constraint(structured: StructuredOutput | None) -> Any:
+    """vLLM's StructuredOutputsParams for our constraint (the same kinds, compiled by vLLM's backend)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind, spec = structured.kind, structured.spec
+    if kind is ConstraintKind.JSON_SCHEMA:
+        return StructuredOutputsParams(json=spec)
+    if kind is ConstraintKind.JSON_OBJECT:
+        return StructuredOutputsParams(json_object=True)
+    if kind is ConstraintKind.REGEX:
+        return StructuredOutputsParams(regex=spec)
+    if kind is ConstraintKind.CHOICE:
+        return StructuredOutputsParams(choice=list(json.loads(spec)))
+    return StructuredOutputsParams(grammar=spec)
 
 
 def _param_in(message: str) -> str | None:

@@ -38,7 +38,7 @@ from service.api.proto import lmserve_pb2 as pb  # noqa: E402
 from service.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
 from service.engine.base import RequestRejected  # noqa: E402
 from service.engine.vllm_backend import VLLMStatsCollector, to_vllm_sampling  # noqa: E402
-from service.types import SamplingParams  # noqa: E402
+from service.types import ConstraintKind, SamplingParams, StructuredOutput  # noqa: E402
 
 MAX_MODEL_LEN = 512
 BLOCK_SIZE = 128  # passed to both servers (vLLM's CPU default too), so prefix-cache hits are exact multiples
@@ -390,7 +390,7 @@ def test_every_sampling_field_is_mapped() -> None:
         max_tokens=33, min_tokens=3, temperature=0.7, top_k=9, top_p=0.8, min_p=0.05, repetition_penalty=1.1,
         presence_penalty=0.4, frequency_penalty=-0.3, logit_bias=((5, 1.5), (5, 0.5), (7, -2.0)), seed=123,
         stop=("x", "yz"), stop_token_ids=(4, 6), ignore_eos=True, logprobs=2, skip_special_tokens=False,
-        include_stop_str_in_output=True,
+        include_stop_str_in_output=True, structured=StructuredOutput(ConstraintKind.REGEX, "[a-z]+"),
     )  # fmt: skip
     theirs = to_vllm_sampling(ours, VLLMSamplingParams, RequestOutputKind.DELTA)
     expected = {
@@ -400,8 +400,19 @@ def test_every_sampling_field_is_mapped() -> None:
         "ignore_eos": True, "logprobs": 2, "skip_special_tokens": False, "include_stop_str_in_output": True,
     }  # fmt: skip
     # A field added to our SamplingParams fails here until it is mapped.
-    assert set(expected) == set(SamplingParams.__dataclass_fields__)
+    assert set(expected) | {"structured"} == set(SamplingParams.__dataclass_fields__)
     assert {name: getattr(theirs, name) for name in expected} == expected
+    assert theirs.structured_outputs.regex == "[a-z]+"
+    constraints = [
+        (StructuredOutput(ConstraintKind.JSON_SCHEMA, '{"type": "object"}'), "json", '{"type": "object"}'),
+        (StructuredOutput(ConstraintKind.JSON_OBJECT), "json_object", True),
+        (StructuredOutput(ConstraintKind.CHOICE, '["yes", "no"]'), "choice", ["yes", "no"]),
+        (StructuredOutput(ConstraintKind.GRAMMAR, 'start: "a"'), "grammar", 'start: "a"'),
+    ]
+    for constraint, name, value in constraints:
+        mapped = to_vllm_sampling(SamplingParams(structured=constraint), VLLMSamplingParams, RequestOutputKind.DELTA)
+        assert getattr(mapped.structured_outputs, name) == value
+    assert to_vllm_sampling(SamplingParams(), VLLMSamplingParams, RequestOutputKind.DELTA).structured_outputs is None
     assert theirs.n == 1 and theirs.output_kind == RequestOutputKind.DELTA
 
     for bad, param in [(SamplingParams(temperature=0.001), "temperature"), (SamplingParams(seed=-1), "seed")]:
