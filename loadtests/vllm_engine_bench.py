@@ -1,15 +1,15 @@
 """`lmserve serve --engine vllm` against vLLM's own OpenAI server, side by side, with `vllm bench serve`.
 
-Both serve the same folder with the same engine settings (bf16, 2,048-token context, the same KV cache
-size, vLLM's defaults otherwise) and run at the same time, but only one is loaded at any moment: for
-each round and each concurrency the two are benchmarked back to back (random 128-token prompts, 128
-output tokens, ignore_eos, seed 0; 8 prompts at concurrency 1, 4 x concurrency otherwise unless
---prompts-per-client says otherwise), the order
-alternating from round to round, so that a drift of a shared machine falls on both alike. Run it with
-the vLLM venv's python (`make vllm-venv`):
+Both serve the same folder with the same engine settings (--dtype, bf16 by default; 2,048-token
+context; the same KV cache size; vLLM's defaults otherwise; lmserve's safety filter off, since vLLM has
+none and its sentence hold would delay the first token) and run at the same time, but only one is loaded
+at any moment: for each round and each concurrency the two are benchmarked back to back (random 128-token
+prompts, 128 output tokens, ignore_eos, seed 0; 8 prompts at concurrency 1, 4 x concurrency otherwise
+unless --prompts-per-client says otherwise), the order alternating from round to round, so that a drift
+of a shared machine falls on both alike. Run it with the vLLM venv's python (`make vllm-venv`):
 
     .vllm-venv/bin/python loadtests/vllm_engine_bench.py --model DIR [--rounds 2] [--concurrency 1 16 64]
-        [--kv-cache-gib 1] [--prompts-per-client 4] [--both-cores] [--json results.json]
+        [--kv-cache-gib 1] [--dtype bfloat16|float32] [--prompts-per-client 4] [--both-cores] [--json results.json]
 
 DIR: `lmserve export smollm2-135m-instruct DIR`. `--both-cores` gives both engines both cores
 (VLLM_CPU_OMP_THREADS_BIND=0-1); by default vLLM's CPU engine takes one and leaves one to the API server.
@@ -74,20 +74,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _argv(server: str, model: Path, port: int, kv_cache_gib: int) -> tuple[list[str], str]:
+def _argv(server: str, model: Path, port: int, kv_cache_gib: int, dtype: str) -> tuple[list[str], str]:
     """The server's command line and the path that answers 200 once it serves."""
     if server == "vllm":
         return [str(PEER_SCRIPT), "serve", str(model), str(port)], "/health"  # KV size: VLLM_CPU_KVCACHE_SPACE
     return [
-        sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(model), "--dtype", "bfloat16",
+        sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(model), "--dtype", dtype,
         "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(kv_cache_gib), "--embedding-model", "none",
-        "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
+        "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
     ], "/readyz"  # fmt: skip
 
 
-def start(server: str, model: Path, kv_cache_gib: int, env: dict[str, str], log_dir: Path) -> Running:
+def start(server: str, model: Path, kv_cache_gib: int, dtype: str, env: dict[str, str], log_dir: Path) -> Running:
     port = _free_port()
-    argv, ready_path = _argv(server, model, port, kv_cache_gib)
+    argv, ready_path = _argv(server, model, port, kv_cache_gib, dtype)
     base_url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"{server}.log"
     with log_path.open("w") as log:
@@ -165,6 +165,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--kv-cache-gib", type=int, default=1)
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+        help="both engines' dtype (float32 where the CPU has no bf16: vLLM's CPU build then emulates bf16)",
+    )  # fmt: skip
     parser.add_argument("--prompts-per-client", type=int, default=4, help="prompts = this x concurrency (8 at 1)")
     parser.add_argument("--both-cores", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
@@ -173,7 +177,7 @@ def main() -> int:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM (e.g. from `timeout`) unwinds through the finally below, which stops both servers.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PEER_DTYPE="bfloat16", PEER_MAX_LEN=str(MAX_MODEL_LEN))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PEER_DTYPE=args.dtype, PEER_MAX_LEN=str(MAX_MODEL_LEN))
     env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)  # the peer's KV size; lmserve's is its flag
     # vLLM 0.32's CPU build cannot load its AOT-compiled model back and recompiles for minutes at every
     # start; torch.compile's own cache works. Both servers run the same compiled model either way.
@@ -185,8 +189,8 @@ def main() -> int:
     servers: dict[str, Running] = {}
     try:
         # One at a time: two engines compiling at once would only slow both.
-        servers["lmserve"] = start("lmserve", args.model, args.kv_cache_gib, lmserve_env, args.log_dir)
-        servers["vllm"] = start("vllm", args.model, args.kv_cache_gib, env, args.log_dir)
+        servers["lmserve"] = start("lmserve", args.model, args.kv_cache_gib, args.dtype, lmserve_env, args.log_dir)
+        servers["vllm"] = start("vllm", args.model, args.kv_cache_gib, args.dtype, env, args.log_dir)
         for round_index in range(1, args.rounds + 1):
             order = SERVERS if round_index % 2 else SERVERS[::-1]
             for concurrency in args.concurrency:
