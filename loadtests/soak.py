@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -92,7 +93,7 @@ class Mix:
         self.max_tokens = max_tokens
         self.tally = tally
         self.rng = random.Random(seed)
-        self.kinds: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        self.kinds: list[tuple[str, Callable[[str], Awaitable[None]]]] = [
             ("http completion", self.http_completion),
             ("grpc chat stream", self.grpc_chat_stream),
             ("http embeddings", self.http_embeddings),
@@ -111,92 +112,106 @@ class Mix:
         return f"Write two sentences about {self.rng.choice(TOPICS)}."
 
     async def run(self, index: int) -> None:
+        """Request `index` of the mix. Its id (x-request-id, header or metadata) is `soak-<index>`, so that
+        a failure's line here finds the server's access line for it."""
         kind, call = self.kinds[index % len(self.kinds)]
+        rid = f"soak-{index}"
+        started = time.monotonic()
         try:
-            await asyncio.wait_for(call(), REQUEST_TIMEOUT_S)
+            await asyncio.wait_for(call(rid), REQUEST_TIMEOUT_S)
             self.tally.by_kind[kind] += 1
         except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the soak
-            self.tally.fail(kind, f"{type(exc).__name__}: {exc}")
+            self.tally.fail(kind, f"{rid} after {time.monotonic() - started:.1f} s: {type(exc).__name__}: {exc}")
 
-    async def _post(self, path: str, body: dict[str, object], expect: int = 200) -> httpx.Response:
-        resp = await self.http.post(path, json=body)
+    @staticmethod
+    def _md(rid: str) -> tuple[tuple[str, str], ...]:
+        return (("x-request-id", rid),)
+
+    async def _post(self, rid: str, path: str, body: dict[str, object], expect: int = 200) -> httpx.Response:
+        resp = await self.http.post(path, json=body, headers={"x-request-id": rid})
         if resp.status_code != expect:
             raise RuntimeError(f"{path} -> {resp.status_code} (expected {expect}): {resp.text[:200]}")
         return resp
 
-    async def http_completion(self) -> None:
-        resp = await self._post("/v1/completions", {"prompt": self._prompt(), "max_tokens": self.max_tokens})
+    async def http_completion(self, rid: str) -> None:
+        resp = await self._post(rid, "/v1/completions", {"prompt": self._prompt(), "max_tokens": self.max_tokens})
         if not resp.json()["choices"][0]["finish_reason"]:
             raise RuntimeError("no finish_reason")
 
-    async def http_chat_stream(self) -> None:
+    async def http_chat_stream(self, rid: str) -> None:
         body = {"messages": [{"role": "user", "content": self._prompt()}], "max_tokens": self.max_tokens, "stream": True}
-        async with self.http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        async with self.http.stream("POST", "/v1/chat/completions", json=body, headers={"x-request-id": rid}) as resp:
             if resp.status_code != 200:
                 raise RuntimeError(f"chat stream -> {resp.status_code}")
             lines = [line async for line in resp.aiter_lines() if line.startswith("data: ")]
         if lines[-1] != "data: [DONE]" or any('"error"' in line for line in lines):
             raise RuntimeError(f"stream ended badly: {lines[-1][:100]}")
 
-    async def http_embeddings(self) -> None:
-        resp = await self._post("/v1/embeddings", {"input": [self._prompt() for _ in range(self.rng.randint(1, 8))]})
+    async def http_embeddings(self, rid: str) -> None:
+        resp = await self._post(rid, "/v1/embeddings", {"input": [self._prompt() for _ in range(self.rng.randint(1, 8))]})
         if not resp.json()["data"]:
             raise RuntimeError("no vectors")
 
-    async def http_tokenize(self) -> None:
-        tokens = (await self._post("/tokenize", {"prompt": self._prompt()})).json()["tokens"]
-        await self._post("/detokenize", {"tokens": tokens})
+    async def http_tokenize(self, rid: str) -> None:
+        tokens = (await self._post(rid, "/tokenize", {"prompt": self._prompt()})).json()["tokens"]
+        await self._post(rid, "/detokenize", {"tokens": tokens})
 
-    async def http_refused(self) -> None:
+    async def http_refused(self, rid: str) -> None:
         body = self.rng.choice(
             [{"prompt": "  ", "max_tokens": 2}, {"prompt": "x", "temperature": -1}, {"prompt": [10**9]}, {"prompt": "x", "bogus": 1}]
         )
-        await self._post("/v1/completions", body, expect=400)
+        await self._post(rid, "/v1/completions", body, expect=400)
 
-    async def http_abandoned(self) -> None:
+    async def http_abandoned(self, rid: str) -> None:
         body = {"prompt": self._prompt(), "max_tokens": self.max_tokens * 4, "stream": True, "ignore_eos": True}
-        async with self.http.stream("POST", "/v1/completions", json=body) as resp:
+        async with self.http.stream("POST", "/v1/completions", json=body, headers={"x-request-id": rid}) as resp:
             if resp.status_code != 200:
                 raise RuntimeError(f"stream -> {resp.status_code}")
-            async for line in resp.aiter_lines():
-                if line.startswith("data: {"):
-                    break  # leave after the first chunk: the server must abort and free the request
+            # Leave as soon as the response starts (a stream's headers go out with its first token): the
+            # server must abort the request and free it. Waiting for the first text line would not do: the
+            # safety filter may hold the text until the very end.
 
-    async def grpc_complete(self) -> None:
-        reply = await self.generation.Complete(pb.CompletionRequest(prompt=self._prompt(), max_tokens=self.max_tokens))
+    async def grpc_complete(self, rid: str) -> None:
+        reply = await self.generation.Complete(
+            pb.CompletionRequest(prompt=self._prompt(), max_tokens=self.max_tokens), metadata=self._md(rid)
+        )
         if not reply.choices[0].finish_reason:
             raise RuntimeError("no finish_reason")
 
-    async def grpc_chat_stream(self) -> None:
+    async def grpc_chat_stream(self, rid: str) -> None:
         req = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content=self._prompt())], max_tokens=self.max_tokens)
-        chunks = [chunk async for chunk in self.generation.ChatStream(req)]
+        chunks = [chunk async for chunk in self.generation.ChatStream(req, metadata=self._md(rid))]
         if not chunks or not chunks[-1].HasField("usage"):
             raise RuntimeError("stream ended without usage")
 
-    async def grpc_embed(self) -> None:
-        reply = await self.embeddings.Embed(pb.EmbedRequest(input=[self._prompt() for _ in range(self.rng.randint(1, 8))]))
+    async def grpc_embed(self, rid: str) -> None:
+        reply = await self.embeddings.Embed(
+            pb.EmbedRequest(input=[self._prompt() for _ in range(self.rng.randint(1, 8))]), metadata=self._md(rid)
+        )
         if not reply.data:
             raise RuntimeError("no vectors")
 
-    async def grpc_tokenize(self) -> None:
-        reply = await self.tokenization.Tokenize(pb.TokenizeRequest(prompt=self._prompt()))
-        await self.tokenization.Detokenize(pb.DetokenizeRequest(tokens=reply.tokens))
+    async def grpc_tokenize(self, rid: str) -> None:
+        reply = await self.tokenization.Tokenize(pb.TokenizeRequest(prompt=self._prompt()), metadata=self._md(rid))
+        await self.tokenization.Detokenize(pb.DetokenizeRequest(tokens=reply.tokens), metadata=self._md(rid))
 
-    async def grpc_refused(self) -> None:
+    async def grpc_refused(self, rid: str) -> None:
         try:
-            await self.generation.Complete(pb.CompletionRequest(prompt=" \n", max_tokens=2))
+            await self.generation.Complete(pb.CompletionRequest(prompt=" \n", max_tokens=2), metadata=self._md(rid))
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise RuntimeError(f"refused with {error.code().name}, not INVALID_ARGUMENT") from None
             return
         raise RuntimeError("a whitespace-only prompt was served")
 
-    async def grpc_cancelled(self) -> None:
+    async def grpc_cancelled(self, rid: str) -> None:
         req = pb.CompletionRequest(prompt=self._prompt(), max_tokens=self.max_tokens * 4, ignore_eos=True)
-        call = self.generation.CompleteStream(req)
-        async for _ in call:
-            call.cancel()  # after the first chunk
-            break
+        call = self.generation.CompleteStream(req, metadata=self._md(rid))
+        # Cancel at the first message or after 0.05-0.5 s, whichever comes first (the safety filter may
+        # hold every message to the end): some are cancelled queued or in prefill, most while decoding.
+        with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+            await asyncio.wait_for(anext(aiter(call)), self.rng.uniform(0.05, 0.5))
+        call.cancel()
 
 
 # -- the run -----------------------------------------------------------------------------------------------

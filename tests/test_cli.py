@@ -4,6 +4,7 @@ weight is read, `models`, `generate`'s defaults and `cache` listing and pruning.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import os
 import re
@@ -183,6 +184,21 @@ def test_key_and_tls_files_are_checked_before_any_weight_is_read(watched_model, 
     assert "--grpc-tls-cert" in line and "not a PEM file" in line
     line = _serve_fails_before_loading(watched_model, "--port", "0", "--grpc-port", "0", tmp_path=tmp_path)
     assert line == "error: --port and --grpc-port are both 0 (off): nothing to serve"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("input: [not, a, mapping\n")
+    line = _serve_fails_before_loading(watched_model, "--safety-policy", str(policy), *ports, tmp_path=tmp_path)
+    assert line.startswith("error: ") and str(policy) in line
+    line = _serve_fails_before_loading(
+        watched_model, "--safety-policy", str(tmp_path / "absent.yaml"), *ports, tmp_path=tmp_path
+    )
+    assert line.startswith("error: ") and "absent.yaml" in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this environment")
+def test_engine_vllm_without_vllm_fails_before_any_weight_is_read(watched_model, tmp_path: Path) -> None:
+    ports = ("--port", str(free_port()), "--grpc-port", str(free_port()))
+    line = _serve_fails_before_loading(watched_model, "--engine", "vllm", *ports, tmp_path=tmp_path)
+    assert line.startswith("error: ") and "vLLM" in line
 
 
 # ---- models, generate --------------------------------------------------------------------------------------
