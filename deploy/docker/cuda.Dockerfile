@@ -6,14 +6,13 @@
 # No Docker engine runs on our machines, so every step below is a make target or a command that
 # tests/deploy/test_dockerfile.py runs too (same install order, same pins: the Makefile holds them).
 # Models come from a volume; a bundled id (the default) is converted into the cache volume at the first
-# start. The C kernels are CPU code and not baked here. The vLLM backend (--engine vllm) is not
-# installed: it does not exist yet.
+# start. The C kernels are CPU code and not baked here. The venv is vLLM's (its CUDA build from PyPI, with
+# the torch it pins) with lmserve installed into it (make image-venv-vllm), so the image serves both
+# --engine native and --engine vllm (the chart's `engine` value).
 
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# Empty: PyPI's torch, the CUDA build.
-ARG TORCH_INDEX=
 ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
@@ -22,7 +21,8 @@ WORKDIR /src
 COPY pyproject.toml Makefile ./
 COPY service/ service/
 COPY deploy/docker/ deploy/docker/
-RUN make image-venv IMAGE_VENV=/opt/venv TORCH_INDEX=${TORCH_INDEX}
+COPY deploy/tools/missing_requirements.py deploy/tools/
+RUN make image-venv-vllm IMAGE_VENV=/opt/venv
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 lmserve \

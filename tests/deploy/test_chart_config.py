@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import build_parser, serve_config_from_args
-from service.config import DEFAULT_MODEL, EngineConfig, LimitsConfig, ServeConfig
+from service.config import DEFAULT_MODEL, EngineConfig, LimitsConfig, ServeConfig, VLLMConfig
 from tests.deploy.conftest import REPO, VARIANTS, Helm, Rendered
 
 CONFIG_LAYER = (REPO / "service" / "config.py", REPO / "service" / "cli.py")
@@ -76,7 +76,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         "limits": {
             "maxRequestBodyBytes": 8388608, "maxN": 2, "maxTokensCap": 1024, "maxStopStrings": 3, "maxPrompts": 5,
             "maxQueue": 17, "requestsPerMinute": 600, "tokensPerMinute": 100000, "embeddingMaxBatchTokens": 4096,
-            "maxEmbeddingInputs": 99,
+            "maxEmbeddingInputs": 99, "queueTimeoutSeconds": 2.5,
         },
         "ports": {"http": 9000, "grpc": 0},
         "apiKeys": {"existingSecret": "keys", "secretKey": "list"},
@@ -110,9 +110,56 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         limits=LimitsConfig(
             max_request_body_bytes=8388608, max_n=2, max_tokens_cap=1024, max_stop_strings=3, max_prompts=5,
             max_queue=17, requests_per_minute=600, tokens_per_minute=100000, embedding_max_batch_tokens=4096,
-            max_embedding_inputs=99,
+            max_embedding_inputs=99, queue_timeout_s=2.5,
         ),
     )  # fmt: skip
+    assert config_of(helm.template({"limits": {"queueTimeoutSeconds": 0}})).limits.queue_timeout_s == 0
+
+
+def test_vllm_settings_land_in_the_server_config(helm: Helm) -> None:
+    """engine: vllm with the default resources (a CPU limit, which sets the native engine's threads) and
+    every vLLM setting: the server accepts the result and gets each value."""
+    vllm = {"tensorParallelSize": 2, "pipelineParallelSize": 3, "gpuMemoryUtilization": 0.85,
+            "distributedExecutorBackend": "ray"}  # fmt: skip
+    config = config_of(helm.template({"engine": "vllm", "vllm": vllm}))
+    assert config.engine_kind == "vllm"
+    assert config.vllm == replace(
+        VLLMConfig(), tensor_parallel_size=2, pipeline_parallel_size=3, gpu_memory_utilization=0.85,
+        distributed_executor_backend="ray",
+    )  # fmt: skip
+    assert config_of(helm.template({"engine": "vllm"})).vllm == VLLMConfig()
+    for bad, message in [
+        ({"vllm": {"tensorParallelSize": 2}}, "vllm.* settings need engine: vllm"),
+        ({"engine": "vllm", "server": {"numThreads": 4}}, "server.numThreads is not used with engine: vllm"),
+    ]:
+        assert message in helm.template_error(bad)
+
+
+# Variables the server reads that the chart sets some other way, with the value that does it.
+SET_OTHERWISE = {
+    "LMSERVE_API_KEYS": "apiKeys.existingSecret (a file: LMSERVE_API_KEY_FILE; keys never sit in values)",
+    "LMSERVE_NO_SAFETY": "safety.disabled (the --no-safety flag)",
+    "LMSERVE_SAFETY_POLICY": "safety.policy (a mounted file, the --safety-policy flag)",
+}
+
+
+def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, Rendered], helm: Helm) -> None:
+    """The other direction: every setting of `lmserve serve` can be given by value."""
+    read = set().union(*(re.findall(r"LMSERVE_[A-Z0-9_]+", path.read_text()) for path in CONFIG_LAYER))
+    everything = helm.template({
+        "engine": "vllm", "embeddingModel": "none", "apiKeys": {"existingSecret": "k"}, "grpcTls": {"existingSecret": "t", "requireClientCert": True},
+        "limits": {"queueTimeoutSeconds": 1, "maxQueue": 3, "maxN": 2, "maxTokensCap": 9, "maxStopStrings": 2,
+                   "maxPrompts": 2, "requestsPerMinute": 1, "tokensPerMinute": 1, "embeddingMaxBatchTokens": 9,
+                   "maxEmbeddingInputs": 2, "maxRequestBodyBytes": 999},
+        "vllm": {"tensorParallelSize": 1, "pipelineParallelSize": 1, "gpuMemoryUtilization": 0.5,
+                 "distributedExecutorBackend": "mp"},
+        "server": {"numKvBlocks": 9, "kvCacheMemoryGiB": 2, "blockSize": 32, "otlpEndpoint": "http://x:4318", "corsOrigins": ["https://a.example"],
+                   "maxNumSeqs": 2, "maxNumBatchedTokens": 64, "maxModelLen": 128},
+    })  # fmt: skip
+    set_by_chart = set(everything.env).union(*(set(r.env) for r in rendered.values()))
+    missing = read - set_by_chart - set(SET_OTHERWISE)
+    assert not missing, f"no chart value sets {sorted(missing)}"
+    assert not set(SET_OTHERWISE) & set_by_chart
 
 
 def test_grpc_tls_files_reach_the_server(rendered: dict[str, Rendered], helm: Helm) -> None:

@@ -26,9 +26,9 @@ DOCKER = REPO / "deploy" / "docker"
 DOCKERFILES = {"cpu": DOCKER / "cpu.Dockerfile", "cuda": DOCKER / "cuda.Dockerfile"}
 IMAGE_UID = 10001  # the chart's podSecurityContext.runAsUser
 PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)")
-# Make targets the Dockerfiles may run; each is exercised below (image-bake for real, image-venv as the
-# same pip steps as the development venv, compared line by line).
-TESTED_MAKE_TARGETS = {"image-venv", "image-bake"}
+# Make targets the Dockerfiles may run; each is exercised below (image-bake for real; image-venv as the
+# same pip steps as the development venv, image-venv-vllm as the vLLM venv's, compared line by line).
+TESTED_MAKE_TARGETS = {"image-venv", "image-venv-vllm", "image-bake"}
 # System set-up the tests cannot run (no root filesystem of the base image here): apt packages and the user.
 SYSTEM_COMMANDS = {"apt-get", "rm", "groupadd", "useradd", "mkdir", "chown"}
 
@@ -131,12 +131,16 @@ def test_pins_match_pyproject(dockerfile: Dockerfile) -> None:
     for name, version in PIN.findall(text):
         pinned = pins.get(name.lower())
         assert pinned == version, f"{dockerfile.path.name}: {name}=={version}, pyproject.toml: {pinned}"
+    (venv_run,) = [r.text for r in dockerfile.all("RUN") if r.text.startswith("make image-venv")]
+    target, *variables = shlex.split(venv_run)[1:]
+    if target == "image-venv-vllm":
+        _check_vllm_venv_steps(variables, pins)
+        return
     # The image's venv: the development venv's three pip steps, in the same order with the same pins;
     # only the project spec (plain, no test extra) and the torch index (CPU wheels) differ.
     torch_index = dockerfile.args().get("TORCH_INDEX", "")
-    (venv_run,) = [r.text for r in dockerfile.all("RUN") if r.text.startswith("make image-venv")]
-    image_args = [a.replace("${TORCH_INDEX}", torch_index) for a in shlex.split(venv_run)[1:]]
-    image = pip_installs(make_dry_run(*image_args))
+    image_args = [a.replace("${TORCH_INDEX}", torch_index) for a in variables]
+    image = pip_installs(make_dry_run(target, *image_args))
     development = pip_installs(make_dry_run("install", "VENV=/nonexistent-venv"))
     index = ["--index-url", torch_index] if torch_index else []
     assert image[0] == [*index, f"torch=={pins['torch']}"] and development[0] == [f"torch=={pins['torch']}"]
@@ -145,10 +149,29 @@ def test_pins_match_pyproject(dockerfile: Dockerfile) -> None:
     assert [p for p in image[2][1:] if PIN.fullmatch(p)] == image[2][1:]  # the model wheels: exact pins too
 
 
+def _check_vllm_venv_steps(variables: list[str], pins: dict[str, str]) -> None:
+    """The CUDA image's venv: vLLM at pyproject's pin, then lmserve into it with the very steps of the
+    vLLM venv that `make vllm-test` runs in (its folder aside, and a plain install, not an editable one)."""
+    (image_venv,) = [v.partition("=")[2] for v in variables if v.startswith("IMAGE_VENV=")]
+    dev_venv = "/nonexistent-vllm-venv"
+
+    def steps(commands: list[str], folder: str) -> list[list[str]]:
+        return [[w.replace(folder, "<venv>") for w in words] for words in pip_installs(commands)]
+
+    image = steps(make_dry_run("image-venv-vllm", *variables), image_venv)
+    development = steps(make_dry_run("vllm-venv", f"VLLM_VENV={dev_venv}"), dev_venv)
+    assert image[0] == [f"vllm=={pins['vllm']}"]
+    assert image[1] == development[0] == ["-c", "<venv>/peer-constraints.txt", "-r", "<venv>/lmserve-missing.txt"]
+    assert image[2] == ["--no-deps", "."] and development[1] == ["--no-deps", "-e", "."]
+    assert image[3] == development[2] and image[3][0] == "--no-deps" and len(image) == len(development) + 1
+    assert [p for p in image[3][1:] if PIN.fullmatch(p)] == image[3][1:]
+
+
 def test_torch_index_gives_the_cpu_build_on_the_cpu_image() -> None:
     cpu = Dockerfile.read(DOCKERFILES["cpu"]).args()["TORCH_INDEX"]
-    cuda = Dockerfile.read(DOCKERFILES["cuda"]).args()["TORCH_INDEX"]
-    assert cpu.rstrip("/").endswith("/whl/cpu") and cuda == ""
+    assert cpu.rstrip("/").endswith("/whl/cpu")
+    # The CUDA image takes the torch vLLM pins, from PyPI (the CUDA build), and no index of its own.
+    assert "TORCH_INDEX" not in Dockerfile.read(DOCKERFILES["cuda"]).args()
 
 
 def test_runs_as_a_non_root_user(dockerfile: Dockerfile) -> None:

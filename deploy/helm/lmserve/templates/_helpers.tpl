@@ -55,9 +55,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* torch threads: server.numThreads, else the CPU limit rounded down (at least 1), else unset. */}}
+{{/* torch threads: server.numThreads, else the CPU limit rounded down (at least 1), else unset; unset
+     with engine vllm too (vLLM decides its threads; the server refuses --num-threads with it). */}}
 {{- define "lmserve.numThreads" -}}
-{{- if not (kindIs "invalid" .Values.server.numThreads) }}
+{{- if eq .Values.engine "vllm" }}
+{{- else if not (kindIs "invalid" .Values.server.numThreads) }}
 {{- .Values.server.numThreads }}
 {{- else }}
 {{- $cpu := dig "limits" "cpu" "" .Values.resources | toString }}
@@ -84,6 +86,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Cross-field checks that values.schema.json cannot express. */}}
 {{- define "lmserve.validate" -}}
+{{- if and (ne .Values.engine "vllm") (or .Values.vllm.tensorParallelSize .Values.vllm.pipelineParallelSize .Values.vllm.gpuMemoryUtilization .Values.vllm.distributedExecutorBackend) }}
+{{- fail "vllm.* settings need engine: vllm" }}
+{{- end }}
+{{- if and (eq .Values.engine "vllm") (not (kindIs "invalid" .Values.server.numThreads)) }}
+{{- fail "server.numThreads is not used with engine: vllm (vLLM decides its threads)" }}
+{{- end }}
 {{- if and .Values.safety.disabled .Values.safety.policy }}
 {{- fail "safety.disabled and safety.policy exclude each other" }}
 {{- end }}
