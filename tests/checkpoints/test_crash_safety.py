@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from service.cache import list_cache, prune_cache
 from service.checkpoints import integrity, load_weights, resolve_model
 from service.checkpoints.gguf import gguf_cache_path
 from service.checkpoints.weights import CACHE_MARKER
+from tests.checkpoints.lora_adapters import save_random_lora
 from tests.cli_process import REPO_ROOT, cli_env
 
 CACHE_LOGGER = "lmserve.cache"
@@ -121,22 +120,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from peft import LoraConfig, get_peft_model
-
     folder = tmp_path_factory.mktemp("adapters") / "crash-lora"
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero, which would make the merge a no-op
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(str(folder))
-    config_path = folder / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = str(tiny_llama_dir)
-    config_path.write_text(json.dumps(config))
-    return folder
+    return save_random_lora(tiny_llama_dir, folder, r=2, alpha=4, targets=["q_proj"], seed=2)
 
 
 def _kill_midway(module: str, ref: Path, cache: Path) -> Path:

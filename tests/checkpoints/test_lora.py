@@ -10,29 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from service.cache import list_cache, prune_cache
 from service.checkpoints import CheckpointError, export_model, load_weights, resolve_model, validate_model_folder
 from service.progress import PROGRESS_LOGGER
+from tests.checkpoints.lora_adapters import save_random_lora
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("adapters") / "tiny-lora"
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # peft initializes B to zero, which would make the merge a no-op
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(str(folder))
-    config_path = folder / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = str(tiny_llama_dir)
-    config_path.write_text(json.dumps(config))
-    return folder
+    return save_random_lora(tiny_llama_dir, folder, r=4, alpha=8, targets=["q_proj", "v_proj"], seed=1)
 
 
 def test_merged_weights_equal_peft_merge(adapter_dir: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -131,3 +131,22 @@ def test_a_grpc_deadline_ends_the_stream_and_frees_its_blocks(
     num_tokens, exc = asyncio.run(go())
     assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and 0 < num_tokens < 400
     wait_idle(server.state, timeout_s=2)
+
+
+def test_a_grpc_deadline_ends_a_unary_call_and_frees_its_blocks(
+    server: LiveServer, http: httpx.Client, deadline_s: float
+) -> None:
+    async def go() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = rpc.GenerationStub(channel)
+            req = pb.CompletionRequest(prompt_token_ids=pb.TokenIds(ids=PROMPT_IDS), max_tokens=400, ignore_eos=True)
+            try:
+                await stub.Complete(req, metadata=server.grpc_metadata, timeout=deadline_s)
+            except grpc.aio.AioRpcError as exc:
+                return exc
+            raise AssertionError("the call outlived its deadline")
+
+    started = time.monotonic()
+    exc = asyncio.run(go())
+    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < deadline_s + 2
+    wait_idle(server.state, timeout_s=2)

@@ -78,6 +78,19 @@ async def _grpc_stream(stub: rpc.GenerationStub, server: LiveServer, started: as
     raise AssertionError("the gRPC stream ended without an error")
 
 
+async def _http_unary(client: httpx.AsyncClient) -> httpx.Response:
+    return await client.post("/v1/completions", json=_body(False))
+
+
+async def _grpc_unary(stub: rpc.GenerationStub, server: LiveServer) -> grpc.aio.AioRpcError:
+    req = pb.CompletionRequest(prompt_token_ids=pb.TokenIds(ids=PROMPT_IDS), max_tokens=400, ignore_eos=True, temperature=0)
+    try:
+        await stub.Complete(req, metadata=server.grpc_metadata)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the gRPC call ended without an error")
+
+
 async def _health(channel: grpc.aio.Channel) -> int:
     resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     return resp.status
@@ -99,7 +112,14 @@ def test_a_failed_forward_ends_every_stream_and_the_server_refuses_work(server: 
             grpc_started = [asyncio.Event() for _ in range(2)]
             http_tasks = [asyncio.create_task(_http_stream(client, e)) for e in http_started]
             grpc_tasks = [asyncio.create_task(_grpc_stream(stub, server, e)) for e in grpc_started]
+            # And a request of each transport that is not streamed.
+            http_unary = asyncio.create_task(_http_unary(client))
+            grpc_unary = asyncio.create_task(_grpc_unary(stub, server))
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in http_started + grpc_started)), 20)
+            deadline = time.monotonic() + 20
+            while engine.scheduler.num_running < 6:  # all six decoding when the fault comes
+                assert time.monotonic() < deadline, "the six requests never ran together"
+                await asyncio.sleep(0.02)
             engine.runner.fault_hook = fail_forward
 
             for lines in await asyncio.wait_for(asyncio.gather(*http_tasks), 20):
@@ -107,9 +127,12 @@ def test_a_failed_forward_ends_every_stream_and_the_server_refuses_work(server: 
                 error = json.loads(lines[-2])["error"]
                 assert error["code"] == "engine_failure" and error["type"] == "server_error"
                 assert all("choices" in json.loads(line) for line in lines[:-2])  # tokens, then the error
-            for exc in await asyncio.wait_for(asyncio.gather(*grpc_tasks), 20):
+            for exc in await asyncio.wait_for(asyncio.gather(*grpc_tasks, grpc_unary), 20):
                 assert exc.code() == grpc.StatusCode.INTERNAL
                 assert dict(exc.trailing_metadata() or ())["lmserve-error-code"] == "engine_failure"
+            failed = await asyncio.wait_for(http_unary, 20)
+            assert failed.status_code == 500, failed.text
+            assert failed.json()["error"]["code"] == "engine_failure"
 
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and "not running" in ready.json()["error"]["message"]
