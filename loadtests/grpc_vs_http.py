@@ -18,8 +18,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,10 +28,12 @@ from pathlib import Path
 import grpc
 import httpx
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "loadtests"))
+
+from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
+from service.api.proto import lmserve_pb2 as pb  # noqa: E402
+from service.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
 
 
 @dataclass
@@ -61,12 +61,6 @@ class Result:
     @property
     def tpot_ms(self) -> float:
         return 1000 * statistics.median(s.tpot_s for s in self.samples if s.tpot_s is not None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -163,18 +157,9 @@ async def tokenize_rate(transport: str, port: int, concurrency: int, duration_s:
 def start_server(http_port: int, grpc_port: int, extra: list[str]) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "service", "serve", "--embedding-model", "none", "--port", str(http_port),
            "--grpc-port", str(grpc_port), "--log-level", "warning", "--no-safety", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not become ready")
+    proc = launch(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+    wait_ready(proc, f"http://127.0.0.1:{http_port}/readyz", 300, "the server")
+    return proc
 
 
 async def main_async(args: argparse.Namespace, http_port: int, grpc_port: int) -> None:
@@ -231,17 +216,12 @@ def main() -> None:
     parser.add_argument("--tokenize-seconds", type=float, default=5.0)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `lmserve serve` flag (repeatable)")
     args = parser.parse_args()
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     proc = start_server(http_port, grpc_port, args.server_arg)
     try:
         asyncio.run(main_async(args, http_port, grpc_port))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, grace_s=30)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ import itertools
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +37,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the stubs in service/api/proto, when run as a script from anywhere
+sys.path.insert(0, str(ROOT / "loadtests"))
 
+from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
 from service.api.proto import lmserve_pb2 as pb  # noqa: E402
 from service.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
 
@@ -71,12 +71,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the request mix ---------------------------------------------------------------------------------------
@@ -306,19 +300,9 @@ def start_server(http_port: int, grpc_port: int, extra: list[str], api_key: str 
     cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(http_port),
            "--grpc-port", str(grpc_port), "--log-level", "warning", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"LMSERVE_API_KEYS": api_key} if api_key else {})}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("the server did not become ready in 600 s")
+    proc = launch(cmd, env=env, cwd=ROOT)
+    wait_ready(proc, f"http://127.0.0.1:{http_port}/readyz", 600, "the server")
+    return proc
 
 
 def summary_line(result: dict[str, object]) -> str:
@@ -354,12 +338,7 @@ def main() -> int:
     try:
         result = asyncio.run(soak(args, proc.pid, http_port, grpc_port))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace_s=60)
     for line in result["unexpected"][:20]:  # type: ignore[index]
         print(f"unexpected: {line}")
     print(f"by kind: {json.dumps(result['by_kind'], sort_keys=True)}")

