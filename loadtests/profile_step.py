@@ -46,7 +46,8 @@ def timed_step(engine: NativeEngine) -> dict[str, float]:
     reqs = [s.request for s in scheduled.scheduled if s.is_sampling]
     sampled = sample(logits, reqs, [None] * len(reqs))
     t3 = time.perf_counter()
-    engine._apply_sampled(scheduled, reqs, sampled)  # detokenize, update, deltas: the engine's own loop
+    # The engine's own loop: detokenize, update, deltas.
+    engine._apply_sampled(scheduled, list(zip(reqs, sampled, strict=True)))
     t4 = time.perf_counter()
     return {"schedule": t1 - t0, "runner": t2 - t1, "sample": t3 - t2, "update+detok": t4 - t3, "total": t4 - t0}
 
