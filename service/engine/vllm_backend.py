@@ -21,6 +21,7 @@ EngineUnavailableError, which the CLI prints as one `error:` line.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import itertools
@@ -387,11 +388,32 @@ class VLLMEngine:
         num_logprobs = request.sampling.logprobs
         num_output_tokens = 0
         outputs = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, internal_id)
+        # The request's own deadline (timeout_s): each output is awaited for the time left, in a task of its
+        # own, so the timeout cancels vLLM's generator (which aborts the request, as a disconnect does) and
+        # never the consumer's task.
+        deadline = None if request.timeout_s is None else arrival + request.timeout_s
         try:
             # Leaving this block early (our stream closed or cancelled) closes vLLM's generator, which aborts
             # the request in the engine core and frees its KV blocks.
             async with aclosing(outputs):
-                async for output in outputs:
+                while True:
+                    try:
+                        if deadline is None:
+                            output = await anext(outputs)
+                        else:
+                            output = await asyncio.wait_for(anext(outputs), max(deadline - time.monotonic(), 0.0))
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        yield GenerationDelta(
+                            request_id=request.request_id,
+                            text="",
+                            token_ids=[],
+                            finish_reason=FinishReason.TIMEOUT,
+                            num_prompt_tokens=num_prompt_tokens,
+                            num_output_tokens=num_output_tokens,
+                        )
+                        return
                     completion = output.outputs[0]
                     finish_reason = self._finish_reason(completion.finish_reason)
                     token_ids = list(completion.token_ids)

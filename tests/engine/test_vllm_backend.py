@@ -12,6 +12,7 @@ reproducible: greedy text, seeded sampled text and logprobs must be the same fro
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -300,6 +301,32 @@ def test_cancel_aborts_in_vllm(servers: Pair) -> None:
     assert _delta(before, after, "lmserve_request_finished_total{finish_reason=abort}") == 1
     # Aborted well before 400 tokens: vLLM stopped generating for it.
     assert _delta(before, after, "lmserve_generation_tokens_total") < 200
+
+
+def test_a_request_timeout_aborts_in_vllm(servers: Pair) -> None:
+    """x-request-timeout: the stream ends with finish_reason "timeout" before max_tokens, and the request
+    is aborted inside vLLM (running back to 0, its blocks freed)."""
+    server = servers.lmserve
+    body = {"model": server.model, "prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    headers = {"x-request-timeout": "3"}
+    finishes, num_tokens = [], 0
+    with httpx.stream(
+        "POST", server.base_url + "/v1/completions", json=body, headers=headers, timeout=REQUEST_TIMEOUT_S
+    ) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line.removeprefix("data: "))["choices"][0]
+                num_tokens += 1 if choice["text"] else 0
+                if choice["finish_reason"] is not None:
+                    finishes.append(choice["finish_reason"])
+    assert finishes == ["timeout"] and 0 < num_tokens < 400
+    deadline = time.monotonic() + 30
+    after = _metrics(server)
+    while after["lmserve_num_requests_running"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = _metrics(server)
+    assert after["lmserve_num_requests_running"] == 0 and after["lmserve_kv_blocks_used"] == 0
 
 
 def _grpc_complete(server: Server, prompt_token_ids: list[int], max_tokens: int) -> Any:
