@@ -8,7 +8,6 @@ tiny model is slowed through the runner's test-only `fault_hook`, so that a dead
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
