@@ -644,7 +644,9 @@ async def stream_choices(
                         ended.add(choice.index)
                     choice = ChoiceDelta(choice.index, delta)
                 account.choices[choice.index].add(delta, time.monotonic())
-                if delta.finish_reason is FinishReason.TIMEOUT and all(c.first_token_at is None for c in account.choices):
+                # No output at all (token ids may be dropped where the safety filter changed the text, so the
+                # count is what tells).
+                if delta.finish_reason is FinishReason.TIMEOUT and all(c.num_output_tokens == 0 for c in account.choices):
                     raise _timed_out(plan)
                 if delta.finish_reason is not None:
                     account.observe(choice.index, metrics)

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from importlib import metadata
@@ -360,8 +361,12 @@ def _request_timeout(
         try:
             header = float(raw)
         except ValueError:
+            header = math.nan
+        if not (math.isfinite(header) and header > 0):
             raise APIError(
-                f"The {TIMEOUT_HEADER} header must be a number of seconds, got {raw!r}.", "invalid_value", TIMEOUT_HEADER
+                f"The {TIMEOUT_HEADER} header must be a positive number of seconds, got {raw!r}.",
+                "invalid_value",
+                TIMEOUT_HEADER,
             ) from None
         if timeout is None or header < timeout:
             timeout, param = header, TIMEOUT_HEADER

@@ -106,6 +106,10 @@ class ModelRunner:
         check_generation_architecture(model_path)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            # Built now (once per machine), never on the engine thread's first step; and before the
+            # weights are packed, which asks which kernels there are (gemm.c or oneDNN).
+            native_kernels.load_kernels(config.cache_dir, config.c_compiler)
         hf_config: PretrainedConfig = AutoConfig.from_pretrained(model_path)
         self.hf_config = hf_config
         model_len = int(getattr(hf_config, "max_position_embeddings", 2048))
@@ -151,9 +155,6 @@ class ModelRunner:
         if self.device.type == "cpu":
             advise_huge_pages(self.kv_caches)  # before the first touch, which zero_ is
         self.kv_caches.zero_()
-        if self.device.type == "cpu":
-            # Built now (once per machine), never on the engine thread's first step.
-            native_kernels.load_kernels(config.cache_dir, config.c_compiler)
         # The one choice of how every step's forward runs; nothing below decides it again.
         self.forward_path = choose_forward_path(config.attention, model, self.dtype, self.device)
         self._forward = model.forward_for(self.forward_path)

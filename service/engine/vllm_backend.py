@@ -388,9 +388,8 @@ class VLLMEngine:
         num_logprobs = request.sampling.logprobs
         num_output_tokens = 0
         outputs = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, internal_id)
-        # The request's own deadline (timeout_s): each output is awaited for the time left, in a task of its
-        # own, so the timeout cancels vLLM's generator (which aborts the request, as a disconnect does) and
-        # never the consumer's task.
+        # The request's own deadline (timeout_s): each output is awaited for the time left; at the deadline
+        # wait_for cancels the wait inside vLLM's generator, which aborts the request as a disconnect does.
         deadline = None if request.timeout_s is None else arrival + request.timeout_s
         try:
             # Leaving this block early (our stream closed or cancelled) closes vLLM's generator, which aborts
@@ -405,6 +404,8 @@ class VLLMEngine:
                     except StopAsyncIteration:
                         return
                     except TimeoutError:
+                        # And by id: cancelled while vLLM was still adding it, the generator could not.
+                        await self._llm.abort(internal_id)
                         yield GenerationDelta(
                             request_id=request.request_id,
                             text="",

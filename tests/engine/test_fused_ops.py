@@ -12,7 +12,7 @@ from service.config import EngineConfig
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata
 from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
-from service.engine.modeling.llama import rotate_half
+from service.engine.modeling.llama import LlamaForCausalLM, rotate_half
 from service.engine.runner import ModelRunner
 
 BF16 = torch.bfloat16
@@ -150,6 +150,26 @@ def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
         choose_forward_path("kernel", runner.model, BF16, torch.device("meta"))
     with pytest.raises(ValueError, match="auto, kernel or torch"):
         choose_forward_path("fast", runner.model, BF16, CPU)
+
+
+def test_kernels_are_loaded_before_the_weights_are_packed(
+    tiny_llama_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packing asks which kernels there are (gemm.c's layout where it runs, else oneDNN's): the runner
+    must have loaded them by then, in a process that has not loaded them before."""
+    if native_kernels.open_library(cache_dir, EngineConfig().c_compiler) is None:
+        pytest.skip("no C compiler: nothing to load")
+    monkeypatch.setattr(native_kernels, "_process_library", [])
+    loaded_at_packing: list[bool] = []
+    prepack = LlamaForCausalLM.prepack_weights
+
+    def spy(model: LlamaForCausalLM) -> str | None:
+        loaded_at_packing.append(native_kernels.library() is not None)
+        return prepack(model)
+
+    monkeypatch.setattr(LlamaForCausalLM, "prepack_weights", spy)
+    ModelRunner(tiny_llama_dir, EngineConfig(dtype="float32", num_kv_blocks=4, cache_dir=cache_dir))
+    assert loaded_at_packing == [True]
 
 
 def _tiny_qwen2(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, name: str, intermediate_size: int) -> Path:
