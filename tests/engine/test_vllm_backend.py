@@ -431,7 +431,7 @@ def test_every_sampling_field_is_mapped() -> None:
     for bad, param in [(SamplingParams(temperature=0.001), "temperature"), (SamplingParams(seed=-1), "seed")]:
         with pytest.raises(RequestRejected) as info:
             to_vllm_sampling(bad, VLLMSamplingParams, RequestOutputKind.DELTA)
-        assert info.value.param == param
+        assert info.value.field == param
     # Values vLLM takes as they are pass: greedy, the smallest sampled temperature, other negative seeds.
     for fine in [SamplingParams(temperature=0.0), SamplingParams(temperature=0.01), SamplingParams(seed=-2)]:
         to_vllm_sampling(fine, VLLMSamplingParams, RequestOutputKind.DELTA)
