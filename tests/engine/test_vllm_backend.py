@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -301,6 +302,25 @@ def test_cancel_aborts_in_vllm(servers: Pair) -> None:
     assert _delta(before, after, "lmserve_request_finished_total{finish_reason=abort}") == 1
     # Aborted well before 400 tokens: vLLM stopped generating for it.
     assert _delta(before, after, "lmserve_generation_tokens_total") < 200
+
+
+def test_structured_outputs_equal_vllm_server(servers: Pair) -> None:
+    """A constrained request (regex, choice, JSON schema) through lmserve --engine vllm gives vLLM's own
+    server's text: the constraint reached vLLM's structured-output backend as it was sent."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}  # fmt: skip
+    for constraint in ({"regex": "[0-9]{3}-[0-9]{4}"}, {"choice": ["Paris", "London", "Rome"]}, {"json": schema}):
+        body = {"prompt": "The capital of France is", "max_tokens": 40, "temperature": 0,
+                "structured_outputs": constraint}  # fmt: skip
+        ours = _complete(servers.lmserve, body)["choices"][0]["text"]
+        theirs = _complete(servers.peer, body)["choices"][0]["text"]
+        assert ours == theirs, (constraint, ours, theirs)
+        if "choice" in constraint:
+            assert ours in constraint["choice"]
+        elif "regex" in constraint:
+            assert re.fullmatch(constraint["regex"], ours)
+        else:
+            assert set(json.loads(ours)) == {"city"}
 
 
 def test_a_request_timeout_aborts_in_vllm(servers: Pair) -> None:
