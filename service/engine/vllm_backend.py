@@ -368,7 +368,9 @@ class VLLMEngine:
         params = to_vllm_sampling(request.sampling, self._sampling_params_cls, self._delta_kind)
         config = self.vllm_config
         try:
-            params.verify(config.model_config, config.speculative_config, config.structured_outputs_config, None)
+            # vLLM's tokenizer (its structured-output checks need one; None would read as skip_tokenizer_init).
+            tokenizer = self._llm.tokenizer if self._llm is not None else None
+            params.verify(config.model_config, config.speculative_config, config.structured_outputs_config, tokenizer)
         except (VLLMValidationError, ValueError) as exc:
             raise _rejected(exc) from None
         return params
