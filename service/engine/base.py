@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from service.types import GenerationDelta, GenerationRequest
+from service.types import FinishReason, GenerationDelta, GenerationRequest
 
 
 class RejectReason(str, Enum):
@@ -130,3 +130,16 @@ class GenerationEngine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
 
     def stats(self) -> EngineStats: ...
+
+
+def timeout_delta(request: GenerationRequest, num_output_tokens: int = 0) -> GenerationDelta:
+    """The closing delta of a request whose deadline passed, from either engine: no new tokens, finish_reason
+    TIMEOUT. Consumers keep the largest output count they saw, so 0 (the default) leaves theirs as it was."""
+    return GenerationDelta(
+        request_id=request.request_id,
+        text="",
+        token_ids=[],
+        finish_reason=FinishReason.TIMEOUT,
+        num_prompt_tokens=len(request.prompt_token_ids),
+        num_output_tokens=num_output_tokens,
+    )

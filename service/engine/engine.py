@@ -33,6 +33,7 @@ from service.engine.base import (
     RejectReason,
     RequestRejected,
     StepStats,
+    timeout_delta,
 )
 from service.engine.block_manager import BlockManager
 from service.engine.grammar import (
@@ -223,7 +224,7 @@ class NativeEngine:
                         raise QueueTimeoutError(f"waited {waited:g} s in the queue without being scheduled", waited)
                     if isinstance(item, _Deadline):
                         # The `finally` aborts it (finished stays False), which frees its KV blocks.
-                        yield _timeout_delta(request)
+                        yield timeout_delta(request)
                         return
                     finished = True
                     raise item
@@ -462,18 +463,6 @@ class NativeEngine:
 
 def _grammar_rejected(message: str) -> RequestRejected:
     return RequestRejected(message, RejectReason.INVALID_CONSTRAINT, field="structured")
-
-
-def _timeout_delta(request: GenerationRequest) -> GenerationDelta:
-    """The closing delta of a request whose deadline passed: no new tokens, finish_reason TIMEOUT. Its
-    output count is left 0: consumers keep the largest count they saw (the deltas before it)."""
-    return GenerationDelta(
-        request_id=request.request_id,
-        text="",
-        token_ids=[],
-        finish_reason=FinishReason.TIMEOUT,
-        num_prompt_tokens=len(request.prompt_token_ids),
-    )
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:

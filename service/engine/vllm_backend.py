@@ -42,6 +42,7 @@ from service.engine.base import (
     RejectReason,
     RequestRejected,
     StepStats,
+    timeout_delta,
 )
 from service.tokenizer import Tokenizer
 from service.types import (
@@ -408,14 +409,7 @@ class VLLMEngine:
                     except TimeoutError:
                         # And by id: cancelled while vLLM was still adding it, the generator could not.
                         await self._llm.abort(internal_id)
-                        yield GenerationDelta(
-                            request_id=request.request_id,
-                            text="",
-                            token_ids=[],
-                            finish_reason=FinishReason.TIMEOUT,
-                            num_prompt_tokens=num_prompt_tokens,
-                            num_output_tokens=num_output_tokens,
-                        )
+                        yield timeout_delta(request, num_output_tokens)
                         return
                     completion = output.outputs[0]
                     finish_reason = self._finish_reason(completion.finish_reason)
