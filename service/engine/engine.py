@@ -365,12 +365,17 @@ class NativeEngine:
             sampled: list[list[SampledToken] | None] = []
             if sampling_reqs:
                 assert logits is not None
+                has_drafts = logits.shape[0] != len(sampling_reqs)
                 if masks is not None:
                     # Only the constrained rows are touched: the others sample exactly as without constraints.
-                    # (A constrained request never drafts, so its row is the one at its index.)
-                    apply_bitmask(logits, constrained, masks.result())
+                    # A constrained request never drafts, so it has one row: the first of its share.
+                    rows = constrained
+                    if has_drafts:
+                        first_rows = list(itertools.accumulate((s.num_logit_rows for s in sampling), initial=0))
+                        rows = [first_rows[i] for i in constrained]
+                    apply_bitmask(logits, rows, masks.result())
                 generators = [self._streams[r.request_id].generator for r in sampling_reqs]
-                if logits.shape[0] == len(sampling_reqs):
+                if not has_drafts:
                     sampled = [None if tok is None else [tok] for tok in self._sample(logits, sampling_reqs, generators)]
                 else:
                     sampled = self._verify(logits, sampling, generators)

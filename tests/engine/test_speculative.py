@@ -4,6 +4,7 @@ argmax prefix, sampling (rejection with a point-mass proposal) keeps the model's
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from service.engine.engine import NativeEngine
 from service.engine.prompt_lookup import PromptLookup
 from service.engine.request import Request
 from service.engine.speculative import reject_sample, verify
-from service.types import GenerationRequest, SamplingParams
+from service.types import ConstraintKind, GenerationRequest, SamplingParams, StructuredOutput
 
 
 def test_lookup_proposes_what_followed_the_latest_earlier_match() -> None:
@@ -115,9 +116,35 @@ def test_the_server_default_speculates_and_stops_where_plain_decoding_stops(smol
         finally:
             await engine.stop()
 
-    for plain, default, num_drafted in asyncio.run(main()):
+    results = asyncio.run(main())
+    for plain, default, num_drafted in results:
         assert default == plain and num_drafted > 0
     assert "budget" not in plain[1] and plain[2] == "stop"
+    plain_text = results[0][0][1]  # max_tokens 40, no stop
+
+    # In one step with a drafting request, a constrained request's mask goes to its own row (the rows after
+    # a drafting request's share are shifted by its drafts): its text matches the pattern and its run alone.
+    constrained = SamplingParams(temperature=0.0, max_tokens=12, structured=StructuredOutput(ConstraintKind.REGEX, r"[0-9]{3}-[a-z]{2,4}"))
+    question = engine.tokenizer.encode("Give me a code:")
+
+    async def collect(sampling: SamplingParams, ids: list[int], rid: str) -> str:
+        return "".join([d.text async for d in engine.generate(GenerationRequest(ids, sampling, rid))])
+
+    async def together() -> tuple[str, str, str, str]:
+        await engine.start()
+        try:
+            alone = await collect(constrained, question, "c0")
+            drafting = SamplingParams(temperature=0.0, max_tokens=40, speculative_tokens=4)
+            first, second, third = await asyncio.gather(
+                collect(drafting, prompt, "d1"), collect(constrained, question, "c1"), collect(drafting, prompt, "d2")
+            )
+            return alone, first, second, third
+        finally:
+            await engine.stop()
+
+    alone, first, second, third = asyncio.run(together())
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", second) and second == alone
+    assert first == third == plain_text
 
 
 SENTENCE = "The committee met on Tuesday to review the budget for the new library and the archive."
