@@ -68,6 +68,13 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="vLLM's spelling of the prefix-cache switch (on unless turned off); must agree with "
                    "--no-prefix-caching")
+    f.value("--speculative-tokens", "LMSERVE_SPECULATIVE_TOKENS", int_at_least(0), d.speculative_tokens,
+            "speculative decoding by prompt lookup: draft tokens per step for requests that do not set "
+            "speculative_tokens themselves; 0: off", metavar="K")
+    f.value("--prompt-lookup-min", "LMSERVE_PROMPT_LOOKUP_MIN", int_at_least(1), d.prompt_lookup_min,
+            "shortest n-gram prompt lookup matches against the sequence", metavar="N")
+    f.value("--prompt-lookup-max", "LMSERVE_PROMPT_LOOKUP_MAX", int_at_least(1), d.prompt_lookup_max,
+            "longest n-gram prompt lookup matches (tried first)", metavar="N")
     f.value("--num-threads", "LMSERVE_NUM_THREADS", int_at_least(1), d.num_threads,
             "CPU threads for the model; unset: every core", metavar="N")
     f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
@@ -111,6 +118,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=_or(args.max_num_batched_tokens, d.max_num_batched_tokens),
         max_model_len=args.max_model_len,
         enable_prefix_caching=_prefix_caching(args),
+        speculative_tokens=args.speculative_tokens,
+        prompt_lookup_min=args.prompt_lookup_min,
+        prompt_lookup_max=args.prompt_lookup_max,
         num_threads=args.num_threads,
         attention=args.attention,
         allow_pickle=args.allow_pickle,

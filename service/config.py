@@ -38,12 +38,23 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # the per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the checkpoint's own context length
     enable_prefix_caching: bool = True
+    # Speculative decoding by prompt lookup: draft tokens per step for requests that do not set their own
+    # (0: off), and the n-gram sizes matched against the sequence, longest first.
+    speculative_tokens: int = 0
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
     attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
     # The C kernels are built into cache_dir/kernels (the same cache as ServeConfig.cache_dir) with c_compiler.
     cache_dir: Path = field(default_factory=default_cache_dir)
     c_compiler: str = field(default_factory=default_c_compiler)
+
+    def __post_init__(self) -> None:
+        if self.speculative_tokens < 0:
+            raise ValueError("--speculative-tokens must be 0 (off) or more")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("--prompt-lookup-min must be at least 1 and at most --prompt-lookup-max")
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,11 @@ class ServeConfig:
                 raise ValueError("--device is not used with --engine vllm (vLLM's build decides the device)")
             if self.engine.attention != "auto":
                 raise ValueError("--attention is not used with --engine vllm (vLLM runs its own attention)")
+            if self.engine.speculative_tokens:
+                raise ValueError(
+                    "--speculative-tokens is the native engine's prompt lookup, not used with --engine vllm "
+                    "(vLLM's speculative decoding is not configured through lmserve)"
+                )
             if self.engine.num_threads is not None:
                 raise ValueError(
                     "--num-threads is not used with --engine vllm (its CPU build reads VLLM_CPU_OMP_THREADS_BIND)"

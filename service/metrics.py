@@ -167,6 +167,18 @@ class Metrics:
             "lmserve_prefix_cache_hit_tokens_total",
             "Looked-up tokens whose KV the prefix cache supplied (whole blocks).",
         )
+        self.spec_decode_draft_tokens_total = gen.counter(
+            "lmserve_spec_decode_draft_tokens_total",
+            "Speculative (prompt-lookup) draft tokens verified by the model.",
+        )
+        self.spec_decode_accepted_tokens_total = gen.counter(
+            "lmserve_spec_decode_accepted_tokens_total",
+            "Draft tokens the model accepted; over the drafted ones, the acceptance rate.",
+        )
+        self.spec_decode_acceptance_ratio = gen.gauge(
+            "lmserve_spec_decode_acceptance_ratio",
+            "Accepted over drafted tokens since the engine started (0 before any draft).",
+        )
         self.engine_step_sequences = gen.histogram(
             "lmserve_engine_step_sequences",
             "Sequences in one engine step's batch (prefill chunks and decodes).",
@@ -270,6 +282,11 @@ class Metrics:
             stats.num_prefix_cache_hit_tokens_total,
             last.num_prefix_cache_hit_tokens_total,
         )
+        _advance(self.spec_decode_draft_tokens_total, stats.num_draft_tokens_total, last.num_draft_tokens_total)
+        _advance(
+            self.spec_decode_accepted_tokens_total, stats.num_accepted_tokens_total, last.num_accepted_tokens_total
+        )
+        self.spec_decode_acceptance_ratio.set(stats.num_accepted_tokens_total / max(stats.num_draft_tokens_total, 1))
         self._last_engine = stats
 
     def render(self) -> bytes:

@@ -61,6 +61,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Output must match this grammar (JSON schema, regex, choice, ...); None: unconstrained.
     structured: StructuredOutput | None = None
+    # Speculative decoding by prompt lookup: most draft tokens per step; 0 off, None the server's default.
+    speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         assert self.max_tokens >= 1, "max_tokens must be positive"

@@ -61,6 +61,8 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 # A repetition penalty near 0 divides logits into inf/NaN; a single such request would fail its whole
 # engine step (everyone batched with it), so the edge refuses it.
 MIN_REPETITION_PENALTY = 0.01
+# Drafts beyond a few dozen are nearly never all accepted, and each one is a row of the step's forward.
+MAX_SPECULATIVE_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class GenerationParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # response_format / structured_outputs / forced tool calls
+    speculative_tokens: int | None = None  # prompt-lookup drafts per step; None: the server's default
     # How max_tokens defaults when absent: completions use a fixed 16 (OpenAI), chat fills the context.
     default_max_tokens: int | None = 16
     max_logprobs: int = 20
@@ -249,6 +252,10 @@ def check_generation(params: GenerationParams, num_prompts: int, limits: LimitsC
         raise APIError("seed must fit in a signed 64-bit integer.", "invalid_value", "seed")
     if params.min_tokens < 0:
         raise APIError("min_tokens must be >= 0.", "invalid_value", "min_tokens")
+    if params.speculative_tokens is not None and not 0 <= params.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise APIError(
+            f"speculative_tokens must be between 0 (off) and {MAX_SPECULATIVE_TOKENS}.", "invalid_value", "speculative_tokens"
+        )
     if params.max_tokens is not None and params.min_tokens > params.max_tokens:
         raise APIError("min_tokens must not exceed max_tokens.", "invalid_value", "min_tokens")
     if params.logprobs is not None and not 0 <= params.logprobs <= params.max_logprobs:
@@ -326,6 +333,7 @@ def build_sampling(
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
         structured=params.structured,
+        speculative_tokens=params.speculative_tokens,
     )
 
 

@@ -123,6 +123,7 @@ def _generation_params(
         logprobs=logprobs,
         skip_special_tokens=True if skip_special is None else skip_special,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        speculative_tokens=_opt(req, "speculative_tokens"),
         structured=_structured(req),
         default_max_tokens=default_max_tokens,
         max_logprobs=max_logprobs,

@@ -337,6 +337,7 @@ def _generation_params(
         logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
+        speculative_tokens=body.speculative_tokens,
         structured=resolve_structured(_response_format(body.response_format), _structured_outputs(body.structured_outputs)),
         default_max_tokens=default_max_tokens,
         max_logprobs=max_logprobs,

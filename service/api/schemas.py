@@ -146,6 +146,13 @@ class _SamplingFields(_Request):
         "smaller wins). Past it the request ends: finish_reason \"timeout\" once tokens have been generated, "
         "else a 504 error (code request_timeout).",
     )
+    speculative_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Speculative decoding by prompt lookup: at most this many draft tokens per step, taken from "
+        "earlier in the prompt and output and verified by the model in one forward (the output is the same; "
+        "extractive answers come faster). 0: off. Unset: the server's --speculative-tokens.",
+    )
 
 
 # -- /v1/completions -------------------------------------------------------------------------------------

@@ -98,6 +98,9 @@ class EngineStats:
     # of those the tokens whose KV the cache supplied.
     num_prefix_cache_query_tokens_total: int = 0
     num_prefix_cache_hit_tokens_total: int = 0
+    # Speculative decoding: draft tokens verified, and of those accepted (their ratio is the acceptance rate).
+    num_draft_tokens_total: int = 0
+    num_accepted_tokens_total: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -129,16 +129,18 @@ class BlockManager:
 
     # ---- decode ------------------------------------------------------------------------
 
-    def can_append(self, req: Request) -> bool:
-        """Whether there is room for all `req.num_tokens` tokens (the newest sits at slot num_tokens-1)."""
-        num_missing = self.num_blocks_for(req.num_tokens) - len(req.block_ids)
+    def can_append(self, req: Request, num_lookahead: int = 0) -> bool:
+        """Whether there is room for all `req.num_tokens` tokens (the newest sits at slot num_tokens-1) and
+        `num_lookahead` more (speculative drafts, whose KV the step writes before they are accepted)."""
+        num_missing = self.num_blocks_for(req.num_tokens + num_lookahead) - len(req.block_ids)
         return num_missing <= len(self._free_queue)
 
-    def append(self, req: Request) -> None:
-        """Grow `req` to cover all its tokens (one new block when the newest token starts one)."""
+    def append(self, req: Request, num_lookahead: int = 0) -> None:
+        """Grow `req` to cover all its tokens and `num_lookahead` more. Blocks a rejected draft leaves
+        unused stay with the request (its next tokens fill them) until it is freed."""
         assert id(req) in self._requests, f"{req} holds no blocks"
-        assert self.can_append(req), "append() without can_append()"
-        while req.num_tokens > len(req.block_ids) * self._block_size:
+        assert self.can_append(req, num_lookahead), "append() without can_append()"
+        while req.num_tokens + num_lookahead > len(req.block_ids) * self._block_size:
             req.block_ids.append(self._take_fresh_block())
 
     # ---- prefix cache ------------------------------------------------------------------

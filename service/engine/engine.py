@@ -45,10 +45,12 @@ from service.engine.grammar import (
     fill_bitmask,
 )
 from service.engine.output import SequenceOutput
+from service.engine.prompt_lookup import PromptLookup
 from service.engine.request import Request
 from service.engine.runner import ModelRunner
 from service.engine.sampler import SampledToken, sample
-from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from service.engine.speculative import verify
 from service.process import prepare_to_serve, set_thread_count
 from service.tokenizer import Tokenizer
 from service.types import FinishReason, GenerationDelta, GenerationRequest
@@ -167,6 +169,8 @@ class NativeEngine:
             num_preemptions_total=self.scheduler.num_preemptions_total,
             num_prefix_cache_query_tokens_total=self.block_manager.num_prefix_queries,
             num_prefix_cache_hit_tokens_total=self.block_manager.num_prefix_hits,
+            num_draft_tokens_total=self.scheduler.num_draft_tokens_total,
+            num_accepted_tokens_total=self.scheduler.num_accepted_tokens_total,
         )
 
     # ---- requests --------------------------------------------------------------------------
@@ -194,6 +198,10 @@ class NativeEngine:
             raise self._dead_error()
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
         req = Request(internal_id, request.prompt_token_ids, request.sampling, self.eos_token_ids)
+        num_speculative = request.sampling.speculative_tokens
+        req.num_speculative_tokens = self.config.speculative_tokens if num_speculative is None else num_speculative
+        if req.num_speculative_tokens > 0:
+            req.lookup = PromptLookup(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
         seed = request.sampling.seed
         generator = None
         if seed is not None and not request.sampling.is_greedy:
@@ -341,7 +349,8 @@ class NativeEngine:
             self._wake.wait(timeout=0.001)
             self._wake.clear()
             return
-        sampling_reqs = [s.request for s in scheduled.scheduled if s.is_sampling]
+        sampling = [s for s in scheduled.scheduled if s.is_sampling]
+        sampling_reqs = [s.request for s in sampling]
         constrained = [i for i, r in enumerate(sampling_reqs) if r.grammar is not None]
         masks = self._start_masks([sampling_reqs[i].grammar for i in constrained]) if constrained else None
         try:
@@ -353,14 +362,23 @@ class NativeEngine:
                 wait_futures([masks])
             raise EngineFaultError(f"the model forward failed: {exc}") from exc
         try:
-            sampled: list[SampledToken | None] = []
+            sampled: list[list[SampledToken] | None] = []
             if sampling_reqs:
                 assert logits is not None
+                has_drafts = logits.shape[0] != len(sampling_reqs)
                 if masks is not None:
                     # Only the constrained rows are touched: the others sample exactly as without constraints.
-                    apply_bitmask(logits, constrained, masks.result())
+                    # A constrained request never drafts, so it has one row: the first of its share.
+                    rows = constrained
+                    if has_drafts:
+                        first_rows = list(itertools.accumulate((s.num_logit_rows for s in sampling), initial=0))
+                        rows = [first_rows[i] for i in constrained]
+                    apply_bitmask(logits, rows, masks.result())
                 generators = [self._streams[r.request_id].generator for r in sampling_reqs]
-                sampled = self._sample(logits, sampling_reqs, generators)
+                if not has_drafts:
+                    sampled = [None if tok is None else [tok] for tok in self._sample(logits, sampling_reqs, generators)]
+                else:
+                    sampled = self._verify(logits, sampling, generators)
         except Exception as exc:
             if masks is not None:
                 wait_futures([masks])  # the worker must be done with the matchers before anyone else uses them
@@ -371,7 +389,7 @@ class NativeEngine:
             self._fail(failed, EngineStepError(f"generation failed: {exc}"))
             return
         # Rows whose sampling failed (None) have already failed their own requests.
-        kept = [(req, tok) for req, tok in zip(sampling_reqs, sampled, strict=True) if tok is not None]
+        kept = [(req, toks) for req, toks in zip(sampling_reqs, sampled, strict=True) if toks is not None]
         deliveries = self._apply_sampled(scheduled, kept)
         self.num_steps += 1
         # Before delivering: a client holding its answer then finds this step in the metrics too.
@@ -388,41 +406,65 @@ class NativeEngine:
             self._deliver(deliveries)
 
     def _apply_sampled(
-        self, scheduled: SchedulerOutput, sampled: list[tuple[Request, SampledToken]]
+        self, scheduled: SchedulerOutput, sampled: list[tuple[Request, list[SampledToken]]]
     ) -> list[tuple[asyncio.Queue, GenerationDelta | BaseException]]:
-        """One loop over the batch: advance each constrained request's grammar and detokenize its token
-        (matching stop strings), let the scheduler append the tokens and end the finished sequences
+        """One loop over the batch: advance each constrained request's grammar, let the scheduler append the
+        tokens (detokenizing each and matching stop strings as it goes) and end the finished sequences
         (Request.check_stop decides), then build each sequence's delta."""
-        token_ids: dict[str, int] = {}
-        matched_stops: dict[str, str] = {}
+        token_ids: dict[str, list[int]] = {}
         deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]] = []
-        for req, tok in sampled:
+        for req, toks in sampled:
             rid = req.request_id
-            if req.grammar is not None and not req.grammar.accept(tok.token_id):
+            if req.grammar is not None and not req.grammar.accept(toks[0].token_id):
                 # Never, unless something is broken: the token was sampled under the grammar's mask.
-                error = req.grammar.error or f"token {tok.token_id} is not allowed here"
+                error = req.grammar.error or f"token {toks[0].token_id} is not allowed here"
                 log.error("request %s: constrained decoding failed: %s", rid, error)
                 self.scheduler.finish_request(req, FinishReason.ABORT)  # update() then skips it
                 stream = self._streams.pop(rid)
                 deliveries.append((stream.queue, _grammar_rejected(error)))
                 continue
-            token_ids[rid] = tok.token_id
-            matched = self._streams[rid].output.take(tok)
-            if matched is not None:
-                matched_stops[rid] = matched
-        received = self.scheduler.update(scheduled, token_ids, matched_stops)
+            token_ids[rid] = [t.token_id for t in toks]
+        received = self.scheduler.update(scheduled, token_ids, self._take)
         now = time.monotonic()
-        for req, tok in sampled:
+        for req, toks in sampled:
             if req.request_id not in token_ids:
                 continue
             stream = self._streams[req.request_id]
             if req.first_token_time is None:
                 req.first_token_time = now
-            deliveries.append((stream.queue, stream.output.delta(req, tok)))
+            deliveries.append((stream.queue, stream.output.delta(req, toks)))
             if req.is_finished:
                 del self._streams[req.request_id]
         assert len(received) == len(token_ids)
         return deliveries
+
+    def _take(self, req: Request, token_id: int) -> str | None:
+        return self._streams[req.request_id].output.take(token_id)
+
+    def _verify(
+        self, logits: torch.Tensor, sampling: list[ScheduledRequest], generators: list[torch.Generator | None]
+    ) -> list[list[SampledToken] | None]:
+        """The tokens each request keeps from a step in which some verified drafts (speculative.py); as in
+        `_sample`, a request whose verification fails ends alone (None in its place)."""
+        items = [(s.request, s.draft_token_ids) for s in sampling]
+        try:
+            return list(verify(logits, items, generators))
+        except Exception:
+            log.exception("verifying a batch of %d requests failed; verifying them one by one", len(items))
+        out: list[list[SampledToken] | None] = []
+        row = 0
+        for item, generator in zip(items, generators, strict=True):
+            rows = logits[row : row + 1 + len(item[1])]
+            row += rows.shape[0]
+            try:
+                out.append(verify(rows, [item], [generator])[0])
+            except Exception as exc:
+                req = item[0]
+                log.error("request %s: sampling failed: %s", req.request_id, exc)
+                self.scheduler.finish_request(req, FinishReason.ABORT)
+                self._fail([self._streams[req.request_id]], EngineStepError(f"sampling failed for this request: {exc}"))
+                out.append(None)
+        return out
 
     def _sample(
         self, logits: torch.Tensor, reqs: list[Request], generators: list[torch.Generator | None]

@@ -1,15 +1,18 @@
 """Turns one sequence's sampled tokens into client-facing deltas: text, stop strings, logprobs.
 
-Per sampled token, around the scheduler's update (which decides whether the sequence ends):
+Per step, around the scheduler's update (which decides whether the sequence ends):
 
-    matched_stop = output.take(sampled)          # detokenize, match stop strings
-    scheduler.update(..., {request_id: matched_stop})
-    delta = output.delta(request, sampled)       # text, logprobs, and the finish reason the request got
+    scheduler.update(..., take=lambda req, token_id: output.take(token_id))   # detokenize, match stops
+    delta = output.delta(request, sampled)      # the tokens taken: text, logprobs, and the finish reason
+
+A step gives a sequence one token, or several where it verified speculative drafts; `take` sees only
+those the sequence keeps (none after the one that ends it).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from service.engine.request import Request
 from service.engine.sampler import SampledToken
@@ -27,23 +30,28 @@ class SequenceOutput:
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         self.stop_matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
         self.wants_logprobs = params.logprobs is not None
-        self._text = ""  # the text of the token `take` last saw, for its delta
+        self._text = ""  # the text of the tokens `take` saw since the last delta
+        self._num_taken = 0
 
-    def take(self, sampled: SampledToken) -> str | None:
-        """Detokenize a sampled token, before the scheduler appends it; returns the stop string its text
-        completes, for Scheduler.update, which ends the request on it (Request.check_stop)."""
-        text = self.detokenizer.step(sampled.token_id)
+    def take(self, token_id: int) -> str | None:
+        """Detokenize a sampled token, just before the scheduler appends it; returns the stop string its
+        text completes, on which the scheduler ends the request (Request.check_stop)."""
+        self._num_taken += 1
+        text = self.detokenizer.step(token_id)
         if self.stop_matcher is None:
-            self._text = text
+            self._text += text
             return None
         result = self.stop_matcher.feed(text)
-        self._text = result.text_to_emit
+        self._text += result.text_to_emit
         return result.stop
 
-    def delta(self, request: Request, sampled: SampledToken) -> GenerationDelta:
-        """The delta for the token `take` saw, once the scheduler has appended it (and perhaps ended the
-        request: its finish reason is the delta's)."""
+    def delta(self, request: Request, sampled: Sequence[SampledToken]) -> GenerationDelta:
+        """The delta for the tokens `take` saw since the last one (the first of `sampled`), once the
+        scheduler has appended them (and perhaps ended the request: its finish reason is the delta's)."""
+        kept = sampled[: self._num_taken]
         text = self._text
+        self._text = ""
+        self._num_taken = 0
         finish_reason = request.finish_reason
         timing = None
         if finish_reason is not None:
@@ -54,8 +62,8 @@ class SequenceOutput:
         return GenerationDelta(
             request_id=self.external_id,
             text=text,
-            token_ids=[sampled.token_id],
-            logprobs=[self._logprob(sampled)] if self.wants_logprobs else None,
+            token_ids=[t.token_id for t in kept],
+            logprobs=[self._logprob(t) for t in kept] if self.wants_logprobs else None,
             finish_reason=finish_reason,
             stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens,

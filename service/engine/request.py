@@ -10,6 +10,7 @@ from service.types import FinishReason, RequestTiming, SamplingParams
 
 if TYPE_CHECKING:
     from service.engine.grammar import GrammarMatcher
+    from service.engine.prompt_lookup import PromptLookup
 
 
 class RequestStatus(Enum):
@@ -55,6 +56,11 @@ class Request:
         # The structured-output constraint's state: advanced once per appended output token, never by
         # recompute after preemption (recompute rebuilds KV only; the tokens, and so the state, stay).
         self.grammar: GrammarMatcher | None = None
+        # Speculative decoding: up to this many draft tokens per step, proposed by `lookup` (None: off).
+        self.lookup: PromptLookup | None = None
+        self.num_speculative_tokens = 0
+        self.num_draft_tokens = 0  # drafted and verified so far
+        self.num_accepted_tokens = 0  # of those, accepted
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +85,20 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def max_drafts(self) -> int:
+        """How many draft tokens this step may verify: its speculative setting, within max_tokens (the
+        drafts and the token after them all become output) and nothing while the sampler would treat the
+        drafted positions differently from the first (min_tokens still banning EOS, penalties that count
+        the output so far, a grammar; logprobs of sampled tokens)."""
+        if self.lookup is None or self.grammar is not None:
+            return 0
+        p = self.sampling
+        if p.needs_penalties or self.num_output_tokens < p.min_tokens:
+            return 0
+        if not p.is_greedy and p.logprobs is not None:
+            return 0  # rejection sampling reports no logprobs
+        return min(self.num_speculative_tokens, p.max_tokens - self.num_output_tokens - 1)
 
     def check_stop(self, matched_stop: str | None = None) -> None:
         """The one place a sequence's end is decided, after each appended output token: a stop string the

@@ -190,7 +190,8 @@ class ModelRunner:
     def execute(self, scheduled: SchedulerOutput) -> torch.Tensor | None:
         """Run the forward for every scheduled token; return float32 logits for the sampling rows.
 
-        Rows come back in batch order of the requests whose `is_sampling` is true.
+        Rows come back in batch order of the requests whose `is_sampling` is true, `num_logit_rows` each
+        (a request with draft tokens gets its last token's row, then one per draft).
         """
         input_ids: list[int] = []
         positions: list[int] = []
@@ -202,9 +203,11 @@ class ModelRunner:
             end = start + item.num_new_tokens
             layouts.append(SeqLayout(len(input_ids), item.num_new_tokens, start, req.block_ids))
             input_ids.extend(req.token_ids[start:end])
+            input_ids.extend(item.draft_token_ids)
             positions.extend(range(start, end))
-            if item.is_sampling:
-                sample_rows.append(len(input_ids) - 1)
+            num_rows = item.num_logit_rows
+            if num_rows:
+                sample_rows.extend(range(len(input_ids) - num_rows, len(input_ids)))
         if not input_ids:
             return None
         if self.fault_hook is not None:

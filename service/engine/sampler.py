@@ -114,6 +114,21 @@ def sample(
     return [SampledToken(chosen[i], out_logprob[i], out_top[i]) for i in range(num_rows)]
 
 
+def processed_probs(logits: torch.Tensor, req: Request) -> torch.Tensor:
+    """The distribution `sample` draws from for each row of `logits`, all rows `req`'s (speculative
+    verification); only for requests whose processors do not depend on the output so far
+    (Request.max_drafts): logit_bias, temperature, top_k, top_p, min_p."""
+    x = logits.to(dtype=torch.float32, copy=True)
+    rows = [req] * x.shape[0]
+    _apply_logit_bias(x, rows, x.shape[1])
+    return _random_probs(x, [req.sampling] * x.shape[0])
+
+
+def draw_from(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` (unnormalised weights are fine), as `sample` draws."""
+    return _draw(probs, generators)
+
+
 def _unprocessed(r: Request) -> bool:
     """No logits processor applies to this row now, and it asks for no logprobs."""
     p = r.sampling

@@ -8,16 +8,21 @@ already has) when re-admitted, ahead of every other waiting request.
 Pure Python, no torch. The engine drives it:
 
     output = scheduler.schedule()
-    ... forward over output.scheduled, sample one token for each `is_sampling` entry,
-        detokenize it and match stop strings ...
-    scheduler.update(output, sampled_token_ids, matched_stops)   # appends, ends finished sequences
+    ... forward over output.scheduled, sample one token for each `is_sampling` entry (or, where it
+        carries draft tokens, verify them: speculative.py) ...
+    scheduler.update(output, sampled_token_ids, take)   # appends, ends finished sequences
+
+Speculative decoding (prompt lookup): a decoding request whose `lookup` proposes draft tokens computes
+them in the same step as its last token, like a short prefill chunk; the step's logits at every drafted
+position decide how many are kept. Their KV slots are reserved up front (never by preempting anyone);
+a rejected draft's KV is simply overwritten by the next step.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.engine.block_manager import BlockManager
@@ -30,15 +35,28 @@ class ScheduledRequest:
     """One request's share of a step: positions [num_computed_tokens, +num_new_tokens) of its tokens."""
 
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # the draft tokens included
+    # Speculative tokens computed after the request's last token this step (positions num_tokens, ...).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def is_sampling(self) -> bool:
-        """After this step every token is computed, so one token gets sampled.
+        """After this step every token is computed, so one token gets sampled (plus one per draft).
 
         Read it before `Scheduler.update()`, which advances num_computed_tokens.
         """
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        computed = self.request.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids)
+        return computed == self.request.num_tokens
+
+    @property
+    def num_logit_rows(self) -> int:
+        """Rows of logits this entry needs: its last token's, and each draft's when it has drafts."""
+        return 1 + len(self.draft_token_ids) if self.is_sampling else 0
+
+
+# Called by Scheduler.update for each token just before it is appended; returns the stop string the
+# token's text completes (the engine's detokenizer), which ends the request there.
+TakeToken = Callable[[Request, int], "str | None"]
 
 
 @dataclass
@@ -72,6 +90,8 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order; the last one is preempted first
         self.num_preemptions_total = 0
+        self.num_draft_tokens_total = 0  # speculative tokens verified
+        self.num_accepted_tokens_total = 0  # of those, accepted
 
     # ---- queue state -------------------------------------------------------------------
 
@@ -154,8 +174,9 @@ class Scheduler:
             self.block_manager.append(req)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             assert num_new > 0, f"running {req} has nothing to compute"
-            output.scheduled.append(ScheduledRequest(req, num_new))
-            budget -= num_new
+            drafts = self._propose(req, budget) if req.lookup is not None else []
+            output.scheduled.append(ScheduledRequest(req, num_new + len(drafts), drafts))
+            budget -= num_new + len(drafts)
             index += 1
 
         # 2. Waiting requests, FIFO, unless this step had to preempt (no room to spare then).
@@ -178,13 +199,17 @@ class Scheduler:
         return output
 
     def update(
-        self, output: SchedulerOutput, sampled_token_ids: dict[str, int], matched_stops: Mapping[str, str] | None = None
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, Sequence[int]], take: TakeToken | None = None
     ) -> list[Request]:
-        """Apply a finished forward: advance progress, cache written blocks, append sampled tokens, and end
-        the sequences that are done (Request.check_stop; `matched_stops`: the stop string each request's
-        new text completed, found by the caller before this call).
+        """Apply a finished forward: advance progress, cache written blocks, append each sampling request's
+        tokens and end the sequences that are done (Request.check_stop, after every token; `take(request,
+        token)` is called just before each append and returns the stop string the token completes).
 
-        Returns the requests that received a token, in batch order; those that finished have been removed
+        A request that verified drafts gets its accepted drafts and then the token after them (all but the
+        last of its tokens must be its first drafts); every other sampling request gets one token. Tokens
+        after the one that ends a sequence are dropped.
+
+        Returns the requests that received tokens, in batch order; those that finished have been removed
         and their blocks freed.
         """
         received: list[Request] = []
@@ -193,16 +218,32 @@ class Scheduler:
             if req.is_finished:
                 continue  # aborted between schedule() and update(); its blocks are already freed
             is_sampling = scheduled.is_sampling
-            req.num_computed_tokens += scheduled.num_new_tokens
+            drafts = scheduled.draft_token_ids
+            req.num_computed_tokens += scheduled.num_new_tokens - len(drafts)
             self.block_manager.cache_computed_blocks(req)
             if not is_sampling:
                 continue
-            req.append_token(sampled_token_ids[req.request_id])
-            req.check_stop(matched_stops.get(req.request_id) if matched_stops else None)
+            tokens = sampled_token_ids[req.request_id]
+            num_accepted = len(tokens) - 1
+            assert 0 <= num_accepted <= len(drafts) and list(tokens[:num_accepted]) == drafts[:num_accepted]
+            for token_id in tokens:
+                matched_stop = take(req, token_id) if take is not None else None
+                req.append_token(token_id)
+                req.check_stop(matched_stop)
+                if req.is_finished:
+                    break
+            if drafts:
+                req.num_draft_tokens += len(drafts)
+                req.num_accepted_tokens += num_accepted
+                self.num_draft_tokens_total += len(drafts)
+                self.num_accepted_tokens_total += num_accepted
             received.append(req)
             if req.is_finished:
                 self._running.remove(req)
                 self.block_manager.free(req)
+            elif num_accepted:
+                req.num_computed_tokens += num_accepted  # the accepted drafts' KV was written this step
+                self.block_manager.cache_computed_blocks(req)
         return received
 
     def finish_request(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
@@ -213,6 +254,21 @@ class Scheduler:
         req.finish(reason, stop_reason)
 
     # ---- internals ---------------------------------------------------------------------
+
+    def _propose(self, req: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request, within the step's budget and the KV blocks free now (a
+        speculation never preempts anyone); [] when it has none."""
+        if req.num_tokens - req.num_computed_tokens != 1:
+            return []  # still prefilling
+        k = min(req.max_drafts(), budget - 1, self.max_model_len - req.num_tokens)
+        if k <= 0:
+            return []
+        assert req.lookup is not None
+        drafts = req.lookup.propose(req.token_ids, k)
+        if not drafts or not self.block_manager.can_append(req, len(drafts)):
+            return []
+        self.block_manager.append(req, len(drafts))
+        return drafts
 
     def _preempt(self, req: Request) -> None:
         """Free `req`'s blocks and put it at the head of the waiting queue for recompute."""

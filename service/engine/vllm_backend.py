@@ -143,6 +143,13 @@ def to_vllm_sampling(params: SamplingParams, vllm_sampling_params: type, delta_k
             RejectReason.UNSUPPORTED_VALUE,
             field="temperature",
         )
+    if params.speculative_tokens:
+        raise RequestRejected(
+            "speculative_tokens (prompt-lookup speculative decoding) is a native-engine feature; the vLLM engine "
+            "does not speculate per request",
+            RejectReason.UNSUPPORTED_VALUE,
+            field="speculative_tokens",
+        )
     if params.seed == VLLM_NO_SEED:
         raise RequestRejected(
             f"seed {VLLM_NO_SEED} means 'no seed' to the vLLM engine; choose another seed",

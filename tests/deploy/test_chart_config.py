@@ -135,6 +135,12 @@ def test_vllm_settings_land_in_the_server_config(helm: Helm) -> None:
         assert message in helm.template_error(bad)
 
 
+def test_speculative_decoding_values_reach_the_engine(helm: Helm) -> None:
+    engine = config_of(helm.template({"server": {"speculativeTokens": 5, "promptLookupMin": 1, "promptLookupMax": 3}})).engine
+    assert (engine.speculative_tokens, engine.prompt_lookup_min, engine.prompt_lookup_max) == (5, 1, 3)
+    assert config_of(helm.template({})).engine.speculative_tokens == 0
+
+
 # Variables the server reads that the chart sets some other way, with the value that does it.
 SET_OTHERWISE = {
     "LMSERVE_API_KEYS": "apiKeys.existingSecret (a file: LMSERVE_API_KEY_FILE; keys never sit in values)",
@@ -154,7 +160,8 @@ def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, R
         "vllm": {"tensorParallelSize": 1, "pipelineParallelSize": 1, "gpuMemoryUtilization": 0.5,
                  "distributedExecutorBackend": "mp"},
         "server": {"numKvBlocks": 9, "kvCacheMemoryGiB": 2, "blockSize": 32, "otlpEndpoint": "http://x:4318", "corsOrigins": ["https://a.example"],
-                   "maxNumSeqs": 2, "maxNumBatchedTokens": 64, "maxModelLen": 128},
+                   "maxNumSeqs": 2, "maxNumBatchedTokens": 64, "maxModelLen": 128, "promptLookupMin": 1,
+                   "promptLookupMax": 3},
     })  # fmt: skip
     set_by_chart = set(everything.env).union(*(set(r.env) for r in rendered.values()))
     missing = read - set_by_chart - set(SET_OTHERWISE)

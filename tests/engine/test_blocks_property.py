@@ -98,7 +98,7 @@ class Harness:
         for preempted in output.preempted:
             assert preempted.status == RequestStatus.PREEMPTED and preempted.block_ids == []
         ref_counts = self._ref_counts()
-        sampled: dict[str, int] = {}
+        sampled: dict[str, list[int]] = {}
         for index, scheduled in enumerate(output.scheduled):
             req = scheduled.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + scheduled.num_new_tokens
@@ -110,7 +110,7 @@ class Harness:
                 assert ref_counts[block_id] == 1, f"{req} writes into shared block {block_id}"
                 self.kv[(block_id, pos % size)] = tuple(req.token_ids[: pos + 1])
             if scheduled.is_sampling:
-                sampled[req.request_id] = tokens[index % len(tokens)]
+                sampled[req.request_id] = [tokens[index % len(tokens)]]
         received = self.scheduler.update(output, sampled)
         assert [req.request_id for req in received] == list(sampled)
         self.live = [req for req in self.live if not req.is_finished]

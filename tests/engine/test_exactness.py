@@ -98,6 +98,13 @@ CASES = {
     "tiny_pool_preempts": (dict(num_kv_blocks="tiny", max_num_batched_tokens=64), True),
     # The torch-ops fallback of the C paged-attention kernel (the default path) must be exact too.
     "torch_attention_chunked": (dict(attention="torch", max_num_batched_tokens=32), True),
+    # Prompt-lookup speculative decoding verifies drafts in the same step: the tokens must not change, batched
+    # with other drafting and plain decodes, in small steps, and when preempted and recomputed.
+    "speculative": (dict(speculative_tokens=4, prompt_lookup_min=1), True),
+    "speculative_tiny_pool_preempts": (
+        dict(speculative_tokens=3, prompt_lookup_min=1, num_kv_blocks="tiny", max_num_batched_tokens=48),
+        True,
+    ),
 }
 
 
@@ -126,8 +133,11 @@ def test_greedy_matches_transformers(checkpoint, case: str) -> None:
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g == e, f"{name}/{case}: prompt {i} ({len(prompts[i])} tokens) diverged"
     assert engine.block_manager.num_used_blocks == 0, "blocks leaked after every request finished"
-    if case == "tiny_pool_preempts":
+    if case.endswith("tiny_pool_preempts"):
         assert engine.scheduler.num_preemptions_total > 0, "the pool was meant to force preemption"
+    if case.startswith("speculative") and name == "smollm2":  # the random-weight models rarely repeat a prompt
+        stats = engine.stats()
+        assert 0 < stats.num_accepted_tokens_total < stats.num_draft_tokens_total, "drafts both kept and rejected"
     if case == "all_at_once" and name == "smollm2":
         assert engine.block_manager.num_prefix_hits > 0, "the shared system prompt should hit the prefix cache"
     if case == "alone":

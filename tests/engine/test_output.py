@@ -1,4 +1,4 @@
-"""SequenceOutput: a sampled token's text and stop-string match before the scheduler's update, its delta
+"""SequenceOutput: a sampled token's text and stop-string match inside the scheduler's update, its delta
 after, carrying the finish the request got there."""
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ def run(tokenizer: Tokenizer, text: str, params: SamplingParams) -> list[tuple[s
     for token_id in tokenizer.encode(text):
         scheduled = scheduler.schedule()
         sampled = SampledToken(token_id, None)
-        matched = output.take(sampled)
-        scheduler.update(scheduled, {"r": token_id}, {"r": matched} if matched else None)
-        delta = output.delta(req, sampled)
+        scheduler.update(scheduled, {"r": [token_id]}, lambda _, token: output.take(token))
+        delta = output.delta(req, [sampled])
         assert delta.request_id == "ext" and delta.token_ids == [token_id]
         deltas.append((delta.text, delta.finish_reason, delta.stop_reason))
         if req.is_finished:

@@ -41,7 +41,7 @@ def step(scheduler: Scheduler, token: int = 7) -> tuple[list[tuple[str, int, boo
     """
     output = scheduler.schedule()
     planned = plan(output)
-    sampled = {s.request.request_id: token for s in output.scheduled if s.is_sampling}
+    sampled = {s.request.request_id: [token] for s in output.scheduled if s.is_sampling}
     received = scheduler.update(output, sampled)
     scheduler.block_manager.check_invariants()
     return planned, output, received
@@ -230,7 +230,7 @@ def test_finish_request_frees_blocks_wherever_the_request_is() -> None:
 
     # Aborted between schedule() and update(): update() skips it.
     scheduler.finish_request(running, FinishReason.ABORT)
-    assert scheduler.update(output, {"run": 1}) == []
+    assert scheduler.update(output, {"run": [1]}) == []
     assert running.status == RequestStatus.FINISHED and running.finish_reason == FinishReason.ABORT
     assert running.block_ids == [] and running.num_tokens == 10
     assert scheduler.block_manager.num_free_blocks == 8
@@ -274,7 +274,7 @@ def test_a_stop_string_found_before_update_ends_the_request_in_it() -> None:
     scheduler.add_request(a)
     scheduler.add_request(b)
     output = scheduler.schedule()
-    received = scheduler.update(output, {"a": 7, "b": 8}, {"b": "\n"})
+    received = scheduler.update(output, {"a": [7], "b": [8]}, lambda req, _: "\n" if req is b else None)
     assert received == [a, b]
     assert (a.is_finished, b.finish_reason, b.stop_reason, b.output_token_ids) == (False, FinishReason.STOP, "\n", [8])
     assert scheduler.running == (a,) and b.block_ids == []

@@ -84,6 +84,9 @@ def test_environment_variables_set_the_vllm_flags() -> None:
         (["--engine", "vllm", "--attention", "torch"], "--attention is not used with --engine vllm"),
         (["--engine", "vllm", "--num-threads", "2"], "--num-threads is not used with --engine vllm"),
         (["--enable-prefix-caching", "--no-prefix-caching"], "contradict"),
+        (["--engine", "vllm", "--speculative-tokens", "4"], "--speculative-tokens is the native engine's"),
+        (["--prompt-lookup-min", "5", "--prompt-lookup-max", "3"], "--prompt-lookup-min must be"),
+        (["--speculative-tokens", "-1"], "argument --speculative-tokens: must be"),
         # Out-of-range values are argparse's errors, with its usage above the line.
         (["--engine", "vllm", "--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: must be"),
         (["--engine", "vllm", "--tensor-parallel-size", "0"], "argument --tensor-parallel-size: must be"),
