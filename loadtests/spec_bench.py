@@ -4,7 +4,8 @@ the same run.
     .venv/bin/python loadtests/spec_bench.py --concurrency 1 16 --num-requests 16 --rounds 2
 
 Workload: chat requests "Repeat this paragraph, changing the word X to Y" over paragraphs of this
-repository's README (prose of 40 to 110 words, so the answer repeats most of the prompt), greedy,
+repository's README (prose of 40 to 110 words, so the answer repeats most of the prompt; `--num-requests`
+distinct prompts, each paragraph once while there are enough), greedy,
 max_tokens 160, ending where the model ends. Greedy speculative decoding yields exactly the plain tokens,
 so both modes produce the same outputs (checked) and differ only in how many steps they take. Closed loop
 with `--concurrency` requests in flight; rounds alternate which mode goes first, so drift on a shared
@@ -31,25 +32,31 @@ from service.types import GenerationRequest, SamplingParams
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def paragraphs(limit: int) -> list[str]:
-    """Plain prose paragraphs of the README (no tables, code, headings), 40 to 110 words each."""
+def paragraphs() -> list[str]:
+    """Prose of the README: its paragraphs and list items (no tables, code, headings), 40 to 110 words."""
     text = re.sub(r"```.*?```", "", README.read_text(), flags=re.S)
     out = []
-    for block in re.split(r"\n\s*\n", text):
+    for block in re.split(r"\n\s*\n|\n(?=- )", text):
         lines = [line.strip().removeprefix("- ") for line in block.splitlines()]
-        if not lines or any(line.startswith(("|", "#", "    ", ">")) for line in lines):
+        if not lines or any(line.startswith(("|", "#", ">")) for line in lines):
             continue
-        para = " ".join(lines)
-        if 40 <= len(para.split()) <= 110 and "`" not in para:
+        para = " ".join(lines).replace("`", "")
+        if 40 <= len(para.split()) <= 110:
             out.append(para)
-    return out[:limit]
+    return out
 
 
-def prompt_for(engine: NativeEngine, paragraph: str) -> list[int]:
-    words = [w for w in re.findall(r"[A-Za-z]{5,}", paragraph)]
-    word = words[len(words) // 2] if words else "the"
-    message = f"Repeat this paragraph exactly, changing only the word '{word}' to 'banana'.\n\n{paragraph}"
-    return engine.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True)
+def prompts_for(engine: NativeEngine, num: int) -> list[list[int]]:
+    """`num` distinct prompts: the paragraphs in turn, each time with another word to change."""
+    texts = paragraphs()
+    prompts = []
+    for i in range(num):
+        paragraph = texts[i % len(texts)]
+        words = re.findall(r"[A-Za-z]{5,}", paragraph)
+        word = words[(len(words) // 2 + i // len(texts)) % len(words)] if words else "the"
+        message = f"Repeat this paragraph exactly, changing only the word '{word}' to 'banana'.\n\n{paragraph}"
+        prompts.append(engine.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True))
+    return prompts
 
 
 @dataclass
@@ -109,9 +116,8 @@ async def main() -> None:
 
     resolved = resolve_model(args.model, default_cache_dir())
     engine = NativeEngine.load(resolved.path, resolved.name, EngineConfig(dtype=args.dtype))
-    texts = paragraphs(args.num_requests)
-    prompts = [prompt_for(engine, p) for p in texts]
-    print(f"{len(prompts)} paragraphs, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+    prompts = prompts_for(engine, args.num_requests)
+    print(f"{len(prompts)} requests over {min(len(paragraphs()), len(prompts))} README paragraphs, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
           f"dtype {engine.runner.dtype}, speculative_tokens {args.speculative_tokens}")  # fmt: skip
     await engine.start()
     try:
