@@ -73,6 +73,10 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
             "auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only",
             choices=["auto", "kernel", "torch"])
+    f.value("--quantization", "LMSERVE_QUANTIZATION", one_of(("none", "int8")), d.quantization,
+            "none: the weights in --dtype; int8: the decoder's projections and the LM head as int8 weights with "
+            "per-channel scales times per-row int8 activations (C kernel; CPU with --dtype float32)",
+            choices=["none", "int8"])
     f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
     add_cache_dir_flag(p, env)
 
@@ -113,6 +117,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=_prefix_caching(args),
         num_threads=args.num_threads,
         attention=args.attention,
+        quantization=args.quantization,
         allow_pickle=args.allow_pickle,
         cache_dir=args.cache_dir,  # the C kernels are built into the same cache as the converted models
     )

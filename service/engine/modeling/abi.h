@@ -73,14 +73,14 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
                        int silu_gate_up, float eps, float scale, int num_threads);
 
-/* qgemm.c: int8 weights (per-output-channel scales) times activations quantized per row, float32 out.
- * lmserve_qgemm_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. quantize_rows_int8: xq [M, Kp] and sx [M] as
- * qgemm_int8 computes them (exported for the tests). qgemm_int8: y[M, N] = q(x) . W_q^T * sx[m] * scales[n];
- * comp[n] = 128 * sum_k W_q[n, k] (used by the VNNI path only). */
+/* qgemm.c: int8 weights (per-output-channel scales) times activations quantized in blocks of 32 along K,
+ * float32 out. lmserve_qgemm_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. quantize_rows_int8: xq [M, Kp] and
+ * sx [M, Kp / 32] as qgemm_int8 computes them (exported for the tests). qgemm_int8:
+ * y[m, n] = sum_b (xq[m, b] . W_q[n, b]) * sx[m, b] * scales[n]. */
 int lmserve_qgemm_isa(void);
 int quantize_rows_int8(const float *x, int8_t *xq, float *sx, int64_t M, int64_t K, int64_t Kp, int num_threads);
-int qgemm_int8(const float *x, const int8_t *packed, const float *scales, const int32_t *comp, float *y, int64_t M,
-               int64_t N, int64_t K, int num_threads);
+int qgemm_int8(const float *x, const int8_t *packed, const float *scales, float *y, int64_t M, int64_t N, int64_t K,
+               int num_threads);
 
 /* sampling.c: one temperature draw per row of float32 logits. */
 int sample_temperature_f32(const float *logits, const float *temperatures, const float *uniforms, int64_t *out,

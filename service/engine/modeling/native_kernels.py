@@ -328,12 +328,10 @@ QGEMM_ISAS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "plain C"}
 class QuantizedWeight:
     """A weight [out_features, in_features] as symmetric int8 with one float32 scale per output channel
     (|row|max / 127), packed for qgemm_int8 (see qgemm.c): data [ceil(out / 4), Kp / 32, 4, 32] int8 with
-    Kp = in_features rounded up to 32, padding zero; scales [out padded to 4] float32; comp [same] int32,
-    128 * each column's weight sum (the VNNI path's correction for its +128 activations)."""
+    Kp = in_features rounded up to 32, padding zero; scales [out padded to 4] float32, padding zero."""
 
     data: torch.Tensor
     scales: torch.Tensor
-    comp: torch.Tensor
     out_features: int
     in_features: int
 
@@ -369,26 +367,27 @@ def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
     data = padded.view(n_pad // _QCOLS, _QCOLS, k_pad // _QK, _QK).permute(0, 2, 1, 3).contiguous()
     padded_scales = torch.zeros(n_pad, dtype=torch.float32)
     padded_scales[:out_features] = scales
-    comp = (padded.to(torch.int32).sum(dim=1) * 128).to(torch.int32)
-    return QuantizedWeight(data, padded_scales, comp, out_features, in_features)
+    return QuantizedWeight(data, padded_scales, out_features, in_features)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation quantization qgemm_int8 applies: float32 [M, K] -> (int8 [M, Kp] with zero padding,
-    float32 scales [M]). For the tests; qgemm_int8 does it inside its own call."""
+    float32 scales [M, Kp / 32], one per block of 32 along K). For the tests; qgemm_int8 does it inside
+    its own call."""
     x2 = x.contiguous()
     rows, k = x2.shape
     k_pad = -(-k // _QK) * _QK
     xq = torch.empty(rows, k_pad, dtype=torch.int8)
-    sx = torch.empty(rows, dtype=torch.float32)
+    sx = torch.empty(rows, k_pad // _QK, dtype=torch.float32)
     if rows:
         _loaded().quantize_rows_int8(x2.data_ptr(), xq.data_ptr(), sx.data_ptr(), rows, k, k_pad, torch.get_num_threads())
     return xq, sx
 
 
 def qgemm_int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in_features] float32 @ weight.T -> [..., out_features] float32, by qgemm.c: the rows of x
-    quantized to int8 per row, the products summed in int32, scaled back (+ bias, by torch)."""
+    """x [..., in_features] float32 @ weight.T -> [..., out_features] float32, by qgemm.c: x quantized to
+    int8 with a scale per block of 32 values of a row, the products summed in int32 per block, scaled back
+    (+ bias, by torch)."""
     if x.dtype != torch.float32:
         raise ValueError(f"qgemm_int8 takes float32 activations, not {x.dtype}")
     lead = x.shape[:-1]
@@ -396,8 +395,7 @@ def qgemm_int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | No
     rows = x2.shape[0]
     out = torch.empty(rows, weight.out_features, dtype=torch.float32)
     if rows and _loaded().qgemm_int8(
-        x2.data_ptr(), weight.data.data_ptr(), weight.scales.data_ptr(), weight.comp.data_ptr(), out.data_ptr(),
-        rows, weight.out_features, weight.in_features, torch.get_num_threads(),
+        x2.data_ptr(), weight.data.data_ptr(), weight.scales.data_ptr(), out.data_ptr(), rows, weight.out_features, weight.in_features, torch.get_num_threads(),
     ):
         raise MemoryError("qgemm_int8 could not allocate its activation buffer")
     if bias is not None:
