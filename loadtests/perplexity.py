@@ -1,7 +1,7 @@
 """Perplexity of a model over a fixed text, for each --quantization mode, through the engine's own forward.
 
     .venv/bin/python loadtests/perplexity.py [--model smollm2-135m-instruct] [--dtype float32]
-        [--text tests/data/perplexity/federalist_1-3.txt] [--window 512] [--modes none int8]
+        [--text tests/data/perplexity/kjv_ruth_jonah.txt] [--window 512] [--modes none int8]
 
 The text is tokenized once (no BOS; the chat template plays no part), cut into non-overlapping windows of
 --window tokens, and each window is one fresh prefill through ModelRunner (the paged KV cache, the forward
@@ -29,7 +29,7 @@ from service.engine.runner import ModelRunner
 from service.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_TEXT = REPO / "tests" / "data" / "perplexity" / "federalist_1-3.txt"
+DEFAULT_TEXT = REPO / "tests" / "data" / "perplexity" / "kjv_ruth_jonah.txt"
 
 
 @dataclass(frozen=True)
