@@ -311,8 +311,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None and args.temperature == 0.0:
         print("note: --seed has no effect with greedy decoding (--temperature 0, the default); "
               "pass --temperature above 0 to sample", file=sys.stderr)
+    from service.preflight import PreflightError, check_quantization
+
+    config = engine_config_from_args(args)
+    try:
+        check_quantization(config)  # before the model is resolved and read, as `serve` does
+    except PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     resolved = resolve_model(args.model, args.cache_dir, allow_pickle=args.allow_pickle)
-    engine = NativeEngine.load(resolved.path, resolved.name, engine_config_from_args(args))
+    engine = NativeEngine.load(resolved.path, resolved.name, config)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}

@@ -27,7 +27,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.config import ServeConfig
+from service.config import EngineConfig, ServeConfig
 
 
 class PreflightError(ValueError):
@@ -165,11 +165,10 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
-def check_quantization(config: ServeConfig) -> None:
-    """--quantization int8 runs qgemm.c: refuse now, not after the weights are read, where it cannot.
-    (With --engine vllm, ServeConfig itself refuses it.)"""
-    engine = config.engine
-    if engine.quantization == "none" or config.engine_kind != "native":
+def check_quantization(engine: EngineConfig) -> None:
+    """--quantization int8 runs qgemm.c: refuse now, not after the weights are read, where it cannot (for
+    the native engine; with --engine vllm, ServeConfig itself refuses it)."""
+    if engine.quantization == "none":
         return
     from service.engine.modeling import kernel_cache
 
@@ -196,7 +195,8 @@ def check_quantization(config: ServeConfig) -> None:
 def preflight(config: ServeConfig) -> PortReservation:
     """Check the engine and the files, then reserve the ports; raises PreflightError."""
     check_engine(config)
-    check_quantization(config)
+    if config.engine_kind == "native":
+        check_quantization(config.engine)
     check_files(config)
     return reserve_ports(config)
 
