@@ -75,7 +75,7 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
             choices=["auto", "kernel", "torch"])
     f.value("--quantization", "LMSERVE_QUANTIZATION", one_of(("none", "int8")), d.quantization,
             "none: the weights in --dtype; int8: the decoder's projections and the LM head as int8 weights with "
-            "per-channel scales times per-row int8 activations (C kernel; CPU with --dtype float32)",
+            "per-channel scales times int8 activations (a scale per 32 values; C kernel; CPU with --dtype float32)",
             choices=["none", "int8"])
     f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
     add_cache_dir_flag(p, env)

@@ -40,7 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
     # none | int8: the decoder's projections and the LM head as int8 weights with per-channel scales, times
-    # activations quantized per row (qgemm.c; CPU, float32 activations). none: the float paths, unchanged.
+    # activations quantized per 32 values of a row (qgemm.c; CPU, float32 activations). none: the float paths.
     quantization: str = "none"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set

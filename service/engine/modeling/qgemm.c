@@ -50,7 +50,7 @@
 int lmserve_qgemm_isa(void) {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
     return 2;
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && defined(__FMA__)
     return 1;
 #else
     return 0;
@@ -137,7 +137,7 @@ static inline __attribute__((always_inline)) void group_dot(const int rows, cons
         }
 }
 
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && defined(__FMA__)
 
 static inline __attribute__((always_inline)) void group_dot(const int rows, const int8_t *x, const float *sx,
                                                             const int64_t Kp, const int8_t *w, float sums[2][QCOLS]) {
