@@ -80,6 +80,10 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
             "auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only",
             choices=["auto", "kernel", "torch"])
+    f.value("--quantization", "LMSERVE_QUANTIZATION", one_of(("none", "int8")), d.quantization,
+            "none: the weights in --dtype; int8: the decoder's projections and the LM head as int8 weights with "
+            "per-channel scales times int8 activations (a scale per 32 values; C kernel; CPU with --dtype float32)",
+            choices=["none", "int8"])
     f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
     add_cache_dir_flag(p, env)
 
@@ -123,6 +127,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         prompt_lookup_max=args.prompt_lookup_max,
         num_threads=args.num_threads,
         attention=args.attention,
+        quantization=args.quantization,
         allow_pickle=args.allow_pickle,
         cache_dir=args.cache_dir,  # the C kernels are built into the same cache as the converted models
     )
@@ -316,8 +321,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None and args.temperature == 0.0:
         print("note: --seed has no effect with greedy decoding (--temperature 0, the default); "
               "pass --temperature above 0 to sample", file=sys.stderr)
+    from service.preflight import PreflightError, check_quantization
+
+    config = engine_config_from_args(args)
+    try:
+        check_quantization(config)  # before the model is resolved and read, as `serve` does
+    except PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     resolved = resolve_model(args.model, args.cache_dir, allow_pickle=args.allow_pickle)
-    engine = NativeEngine.load(resolved.path, resolved.name, engine_config_from_args(args))
+    engine = NativeEngine.load(resolved.path, resolved.name, config)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}

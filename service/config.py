@@ -44,6 +44,9 @@ class EngineConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
+    # none | int8: the decoder's projections and the LM head as int8 weights with per-channel scales, times
+    # activations quantized per 32 values of a row (qgemm.c; CPU, float32 activations). none: the float paths.
+    quantization: str = "none"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
     # The C kernels are built into cache_dir/kernels (the same cache as ServeConfig.cache_dir) with c_compiler.
@@ -159,6 +162,8 @@ class ServeConfig:
                     "--speculative-tokens is the native engine's prompt lookup, not used with --engine vllm "
                     "(vLLM's speculative decoding is not configured through lmserve)"
                 )
+            if self.engine.quantization != "none":
+                raise ValueError("--quantization is not used with --engine vllm (it is the native engine's int8 kernel)")
             if self.engine.num_threads is not None:
                 raise ValueError(
                     "--num-threads is not used with --engine vllm (its CPU build reads VLLM_CPU_OMP_THREADS_BIND)"

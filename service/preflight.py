@@ -14,17 +14,20 @@ Checked:
   server is ready, so clients are refused rather than left hanging meanwhile. gRPC binds by address and
   cannot take a socket: its port is held by a socket closed just before grpc binds it.
 - the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated;
-- with --engine vllm, that vLLM is installed.
+- with --engine vllm, that vLLM is installed;
+- with --quantization int8, that it can run: a CPU device, float32 activations (--dtype float32, or auto
+  where auto is float32), and the C kernels built or a C compiler to build them.
 """
 
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.config import ServeConfig
+from service.config import EngineConfig, ServeConfig
 
 
 class PreflightError(ValueError):
@@ -162,14 +165,43 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
+def check_quantization(engine: EngineConfig) -> None:
+    """--quantization int8 runs qgemm.c: refuse now, not after the weights are read, where it cannot (for
+    the native engine; with --engine vllm, ServeConfig itself refuses it)."""
+    if engine.quantization == "none":
+        return
+    from service.engine.modeling import kernel_cache
+
+    flag = f"--quantization {engine.quantization}"
+    device = engine.device
+    if device == "auto":  # as the runner resolves it (torch only here: transformers would cost seconds)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        raise PreflightError(f"{flag} runs on CPU only (its kernel is C); the device here is {device} (--device cpu)")
+    dtype = engine.dtype
+    if dtype == "auto":  # runner.resolve_dtype on CPU: bf16 where the CPU computes it natively
+        flags = kernel_cache.cpu_flags().split()
+        dtype = "bfloat16" if b"avx512_bf16" in flags or b"amx_bf16" in flags else "float32"
+    if dtype != "float32":
+        where = " (auto on this CPU)" if engine.dtype == "auto" else ""
+        raise PreflightError(f"{flag} computes with float32 activations, not {dtype}{where}: add --dtype float32")
+    built = kernel_cache.library_path(engine.cache_dir, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)).exists()
+    if not built and shutil.which(engine.c_compiler) is None:
+        raise PreflightError(f"{flag} needs the C kernels, and there is no C compiler ({engine.c_compiler}) to build them")
+
+
 def preflight(config: ServeConfig) -> PortReservation:
     """Check the engine and the files, then reserve the ports; raises PreflightError."""
     check_engine(config)
+    if config.engine_kind == "native":
+        check_quantization(config.engine)
     check_files(config)
     return reserve_ports(config)
 
 
 __all__ = [
-    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files", "preflight",
-    "reserve_ports",
+    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files", "check_quantization",
+    "preflight", "reserve_ports",
 ]

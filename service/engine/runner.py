@@ -128,7 +128,7 @@ class ModelRunner:
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{model_path}: weights do not fit the {hf_config.model_type} architecture: {exc}") from None
         self.model = model.eval()
-        self.packed_weights = model.prepack_weights()
+        self.packed_weights = model.prepack_weights(config.quantization)
 
         attn = model.layers[0].self_attn
         spec = KVCacheSpec(

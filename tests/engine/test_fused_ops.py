@@ -163,9 +163,9 @@ def test_kernels_are_loaded_before_the_weights_are_packed(
     loaded_at_packing: list[bool] = []
     prepack = LlamaForCausalLM.prepack_weights
 
-    def spy(model: LlamaForCausalLM) -> str | None:
+    def spy(model: LlamaForCausalLM, quantization: str = "none") -> str | None:
         loaded_at_packing.append(native_kernels.library() is not None)
-        return prepack(model)
+        return prepack(model, quantization)
 
     monkeypatch.setattr(LlamaForCausalLM, "prepack_weights", spy)
     ModelRunner(tiny_llama_dir, EngineConfig(dtype="float32", num_kv_blocks=4, cache_dir=cache_dir))

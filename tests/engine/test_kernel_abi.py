@@ -44,7 +44,7 @@ def test_the_library_exports_what_abi_h_declares(variant: str, request: pytest.F
 
 def test_abi_h_is_read_as_declared() -> None:
     abi = kernel_abi.read()
-    assert abi.constants == {"GEMM_GROUP_COLS": 64, "LAYER_SLOTS": 10}
+    assert abi.constants == {"GEMM_GROUP_COLS": 64, "QGEMM_GROUP_COLS": 4, "QGEMM_K_ALIGN": 32, "LAYER_SLOTS": 10}
     assert abi.layer_slots == (
         "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b", "input_norm", "post_norm",
     )  # fmt: skip
@@ -53,6 +53,8 @@ def test_abi_h_is_read_as_declared() -> None:
     gemm = abi.functions["gemm_bf16"]
     assert [p.c_type for p in gemm.params] == ["pointer"] * 5 + ["int64_t"] * 3 + ["int", "int"]
     assert abi.functions["lmserve_has_avx512_bf16"].params == ()
+    qgemm = abi.functions["qgemm_int8"]
+    assert [p.c_type for p in qgemm.params] == ["pointer"] * 4 + ["int64_t"] * 3 + ["int"]
     assert abi.functions["apply_token_bitmask_f32"].returns == "void"
 
 

@@ -83,6 +83,7 @@ def test_environment_variables_set_the_vllm_flags() -> None:
         (["--engine", "vllm", "--device", "cpu"], "--device is not used with --engine vllm"),
         (["--engine", "vllm", "--attention", "torch"], "--attention is not used with --engine vllm"),
         (["--engine", "vllm", "--num-threads", "2"], "--num-threads is not used with --engine vllm"),
+        (["--engine", "vllm", "--quantization", "int8"], "--quantization is not used with --engine vllm"),
         (["--enable-prefix-caching", "--no-prefix-caching"], "contradict"),
         (["--engine", "vllm", "--speculative-tokens", "4"], "--speculative-tokens is the native engine's"),
         (["--prompt-lookup-min", "5", "--prompt-lookup-max", "3"], "--prompt-lookup-min must be"),

@@ -16,6 +16,11 @@
 /* gemm.c's packed weights come in groups of this many output columns (native_kernels.pack_weight). */
 #define LMSERVE_GEMM_GROUP_COLS 64
 
+/* qgemm.c's packed int8 weights: groups of this many output columns, K padded to a multiple of the other
+ * (native_kernels.quantize_weight). */
+#define LMSERVE_QGEMM_GROUP_COLS 4
+#define LMSERVE_QGEMM_K_ALIGN 32
+
 /* decoder_stack_bf16's layer table: one row of addresses per layer, in this order (0: none). */
 enum lmserve_layer_slot {
     LMSERVE_QKV_W,
@@ -67,6 +72,15 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
                        int silu_gate_up, float eps, float scale, int num_threads);
+
+/* qgemm.c: int8 weights (per-output-channel scales) times activations quantized in blocks of 32 along K,
+ * float32 out. lmserve_qgemm_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. quantize_rows_int8: xq [M, Kp] and
+ * sx [M, Kp / 32] as qgemm_int8 computes them (exported for the tests). qgemm_int8:
+ * y[m, n] = sum_b (xq[m, b] . W_q[n, b]) * sx[m, b] * scales[n]. */
+int lmserve_qgemm_isa(void);
+int quantize_rows_int8(const float *x, int8_t *xq, float *sx, int64_t M, int64_t K, int64_t Kp, int num_threads);
+int qgemm_int8(const float *x, const int8_t *packed, const float *scales, float *y, int64_t M, int64_t N, int64_t K,
+               int num_threads);
 
 /* sampling.c: one temperature draw per row of float32 logits. */
 int sample_temperature_f32(const float *logits, const float *temperatures, const float *uniforms, int64_t *out,

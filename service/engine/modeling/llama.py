@@ -27,14 +27,19 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor | native_kernels.PackedWeight, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+QUANTIZATIONS = ("none", "int8")
+AnyWeight = torch.Tensor | native_kernels.PackedWeight | native_kernels.QuantizedWeight
+
+
+def linear(x: torch.Tensor, weight: AnyWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias. `weight` is plain, or `prepack`ed: for gemm.c (native_kernels.PackedWeight) or
-    in oneDNN's blocked layout. On CPU a plain weight goes through oneDNN's matmul too, which on the small
-    batches of a decode step runs 1.3-2x faster than the default BLAS path here; elsewhere F.linear."""
+    in oneDNN's blocked layout, or quantized for qgemm.c (native_kernels.QuantizedWeight, --quantization
+    int8). On CPU a plain weight goes through oneDNN's matmul too, which on the small batches of a decode
+    step runs 1.3-2x faster than the default BLAS path here; elsewhere F.linear."""
     if isinstance(weight, native_kernels.PackedWeight):
         return native_kernels.gemm_bf16(x, weight, bias)
+    if isinstance(weight, native_kernels.QuantizedWeight):
+        return native_kernels.qgemm_int8(x, weight, bias)
     if x.device.type == "cpu" and (
         (_ONEDNN and x.dtype == torch.float32) or (_ONEDNN_BF16 and x.dtype == torch.bfloat16)
     ):
@@ -66,9 +71,26 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:
     return weight.detach()
 
 
+def quantization_refusal(quantization: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why `quantization` cannot run with these activations here (one line), or None when it can. int8:
+    qgemm.c, on CPU, with float32 activations, the kernels loaded."""
+    if quantization not in QUANTIZATIONS:
+        return f"--quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}"
+    if quantization == "none":
+        return None
+    if device.type != "cpu":
+        return f"--quantization {quantization} runs on CPU only (its kernel is C), not on {device.type}"
+    if dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        return f"--quantization {quantization} computes with float32 activations, not {name}: add --dtype float32"
+    if not native_kernels.qgemm_available():
+        return f"--quantization {quantization} needs the C kernels, which could not be built (a C compiler, --cache-dir)"
+    return None
+
+
 class Linear(nn.Linear):
     # Set by LlamaForCausalLM.prepack_weights, which drops .weight.
-    packed: torch.Tensor | native_kernels.PackedWeight | None = None
+    packed: AnyWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight if self.packed is None else self.packed, self.bias)
@@ -77,6 +99,12 @@ class Linear(nn.Linear):
         self.packed = prepack(self.weight)
         del self.weight
         self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
+
+    def quantize(self) -> None:
+        """int8 weights for qgemm.c in place of the float ones (--quantization int8)."""
+        self.packed = native_kernels.quantize_weight(self.weight)
+        del self.weight
+        self.weight = None
 
 
 class GateUpLinear(Linear):
@@ -249,7 +277,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # Tied embeddings: a packed copy of the embedding matrix for the head (prepack_weights).
-        self.packed_head: torch.Tensor | native_kernels.PackedWeight | None = None
+        self.packed_head: AnyWeight | None = None
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -357,10 +385,25 @@ class LlamaForCausalLM(nn.Module):
             return native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
         return linear(hidden, head)
 
-    def prepack_weights(self) -> str | None:
+    def prepack_weights(self, quantization: str = "none") -> str | None:
         """Reorder every projection for the fast matmul where that pays (`can_prepack`); after loading.
-        Returns what the weights were packed for ("gemm.c" or "oneDNN"), None when left plain."""
+        Returns what the weights were packed for ("gemm.c" or "oneDNN"), None when left plain.
+
+        quantization "int8": every projection of the decoder and the LM head (a tied one as an int8 copy;
+        the embedding lookup stays float) quantized for qgemm.c instead; raises ValueError where it cannot
+        run (quantization_refusal; the server's preflight says so before the weights are read)."""
         weight = self.embed_tokens.weight
+        if quantization != "none":
+            refusal = quantization_refusal(quantization, weight.dtype, weight.device)
+            if refusal is not None:
+                raise ValueError(refusal)
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.quantize()
+            if self.tie_word_embeddings:
+                # The head is the largest single matrix (a fifth of SmolLM2-135M's bytes), read every step.
+                self.packed_head = native_kernels.quantize_weight(weight)
+            return f"int8, qgemm.c {native_kernels.qgemm_isa()}"
         if not can_prepack(weight.dtype, weight.device):
             return None
         for module in self.modules():

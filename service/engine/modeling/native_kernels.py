@@ -1,7 +1,7 @@
 """C kernels, built once per machine and called via ctypes: attention over the paged cache
 (paged_attention.c), the fused elementwise ops of a bf16 layer (fused_ops.c), the bf16 matrix
-multiply of the projections on AVX-512 BF16 CPUs (gemm.c), a whole step's decoder layers in one call
-(decoder.c), temperature sampling (sampling.c) and constrained decoding's token masks (token_mask.c).
+multiply of the projections on AVX-512 BF16 CPUs (gemm.c), the int8 one of `--quantization int8` (qgemm.c),
+a whole step's decoder layers in one call (decoder.c), temperature sampling (sampling.c) and constrained decoding's token masks (token_mask.c).
 
 Why C: a decode step's attention is thousands of tiny (query heads x context) products; as torch ops it
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
@@ -315,6 +315,92 @@ def gemm_bf16(
             rows, weight.out_features, weight.in_features, int(weight.silu_mul), torch.get_num_threads(),
         )  # fmt: skip
     return out.view(*lead, width)
+
+
+# ---- int8 matrix multiply (qgemm.c) -------------------------------------------------------------------
+
+_QCOLS = kernel_abi.read().constants["QGEMM_GROUP_COLS"]
+_QK = kernel_abi.read().constants["QGEMM_K_ALIGN"]
+QGEMM_ISAS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "plain C"}
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight [out_features, in_features] as symmetric int8 with one float32 scale per output channel
+    (|row|max / 127), packed for qgemm_int8 (see qgemm.c): data [ceil(out / 4), Kp / 32, 4, 32] int8 with
+    Kp = in_features rounded up to 32, padding zero; scales [out padded to 4] float32, padding zero."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out_features, in_features] these int8 values and scales stand for."""
+        groups, steps = self.data.shape[:2]
+        q = self.data.permute(0, 2, 1, 3).reshape(groups * _QCOLS, steps * _QK)
+        w = q[: self.out_features, : self.in_features].float()
+        return w * self.scales[: self.out_features, None]
+
+
+def qgemm_available() -> bool:
+    """qgemm_int8 runs here: the kernels are loaded (any CPU; the instruction set is qgemm_isa's)."""
+    return library() is not None
+
+
+def qgemm_isa() -> str:
+    """Which inner loop the loaded library's qgemm_int8 runs: AVX-512 VNNI, AVX2 or plain C."""
+    return QGEMM_ISAS[int(_loaded().lmserve_qgemm_isa())]
+
+
+def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
+    """Quantize a float weight [out, in] per output channel (symmetric: scale = |row|max / 127, values
+    rounded to nearest even and clamped to [-127, 127]) and pack it for qgemm_int8."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    scales = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / torch.where(scales > 0, scales, 1.0)[:, None]).clamp_(-127, 127).to(torch.int8)
+    n_pad = -(-out_features // _QCOLS) * _QCOLS
+    k_pad = -(-in_features // _QK) * _QK
+    padded = torch.zeros(n_pad, k_pad, dtype=torch.int8)
+    padded[:out_features, :in_features] = q
+    data = padded.view(n_pad // _QCOLS, _QCOLS, k_pad // _QK, _QK).permute(0, 2, 1, 3).contiguous()
+    padded_scales = torch.zeros(n_pad, dtype=torch.float32)
+    padded_scales[:out_features] = scales
+    return QuantizedWeight(data, padded_scales, out_features, in_features)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantization qgemm_int8 applies: float32 [M, K] -> (int8 [M, Kp] with zero padding,
+    float32 scales [M, Kp / 32], one per block of 32 along K). For the tests; qgemm_int8 does it inside
+    its own call."""
+    x2 = x.contiguous()
+    rows, k = x2.shape
+    k_pad = -(-k // _QK) * _QK
+    xq = torch.empty(rows, k_pad, dtype=torch.int8)
+    sx = torch.empty(rows, k_pad // _QK, dtype=torch.float32)
+    if rows:
+        _loaded().quantize_rows_int8(x2.data_ptr(), xq.data_ptr(), sx.data_ptr(), rows, k, k_pad, torch.get_num_threads())
+    return xq, sx
+
+
+def qgemm_int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in_features] float32 @ weight.T -> [..., out_features] float32, by qgemm.c: x quantized to
+    int8 with a scale per block of 32 values of a row, the products summed in int32 per block, scaled back
+    (+ bias, by torch)."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"qgemm_int8 takes float32 activations, not {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.in_features).contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(rows, weight.out_features, dtype=torch.float32)
+    if rows and _loaded().qgemm_int8(
+        x2.data_ptr(), weight.data.data_ptr(), weight.scales.data_ptr(), out.data_ptr(), rows, weight.out_features, weight.in_features, torch.get_num_threads(),
+    ):
+        raise MemoryError("qgemm_int8 could not allocate its activation buffer")
+    if bias is not None:
+        out += bias
+    return out.view(*lead, weight.out_features)
 
 
 # ---- a whole step's decoder layers in one call (decoder.c) ------------------------------------------

@@ -1,0 +1,115 @@
+"""Perplexity of a model over a fixed text, for each --quantization mode, through the engine's own forward.
+
+    .venv/bin/python loadtests/perplexity.py [--model smollm2-135m-instruct] [--dtype float32]
+        [--text tests/data/perplexity/kjv_ruth_jonah.txt] [--window 512] [--modes none int8]
+
+The text is tokenized once (no BOS; the chat template plays no part), cut into non-overlapping windows of
+--window tokens, and each window is one fresh prefill through ModelRunner (the paged KV cache, the forward
+path the server would pick, the LM head's logits for every position): perplexity = exp(mean negative log
+likelihood of each token after the first of its window). Prints one line per mode and each mode's ratio to
+the first mode's perplexity; --max-ratio makes the exit status 1 when a ratio exceeds it (the quality guard:
+int8 within 2% of float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.checkpoints import resolve_model
+from service.config import DEFAULT_MODEL, EngineConfig, default_cache_dir
+from service.engine.modeling.attention import SeqLayout
+from service.engine.runner import ModelRunner
+from service.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TEXT = REPO / "tests" / "data" / "perplexity" / "kjv_ruth_jonah.txt"
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    mode: str
+    num_tokens: int  # tokens scored
+    nll: float  # mean negative log likelihood (nats per token)
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def windows(token_ids: list[int], size: int) -> list[list[int]]:
+    """Non-overlapping windows of `size` tokens; a last shorter one is kept if it has at least 2 tokens."""
+    chunks = [token_ids[i : i + size] for i in range(0, len(token_ids), size)]
+    return [c for c in chunks if len(c) >= 2]
+
+
+@torch.inference_mode()
+def window_nll(runner: ModelRunner, ids: list[int]) -> tuple[float, int]:
+    """Sum of -log p(token | the window before it) over ids[1:], by one prefill of the window."""
+    block_size = runner.kv_spec.block_size
+    num_blocks = -(-len(ids) // block_size)
+    assert num_blocks <= runner.kv_spec.num_blocks, "the KV pool is smaller than one window"
+    meta = runner.attention_metadata([SeqLayout(0, len(ids), 0, list(range(num_blocks)))])
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    hidden = runner.forward(input_ids, torch.arange(len(ids)), meta)
+    logits = runner.model.compute_logits(hidden[:-1]).float()  # [len - 1, vocab]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[1:]
+    return -float(log_probs.gather(1, targets[:, None]).sum()), len(ids) - 1
+
+
+def measure(model_path: Path, mode: str, dtype: str, token_windows: list[list[int]], cache_dir: Path) -> Perplexity:
+    window = max(len(w) for w in token_windows)
+    config = EngineConfig(dtype=dtype, quantization=mode, num_kv_blocks=-(-window // 16) + 1, cache_dir=cache_dir)
+    runner = ModelRunner(model_path, config)
+    start = time.perf_counter()
+    total, count = 0.0, 0
+    for ids in token_windows:
+        nll, n = window_nll(runner, ids)
+        total, count = total + nll, count + n
+    return Perplexity(mode, count, total / count, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
+    p.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", "int8"])
+    p.add_argument("--max-ratio", type=float, default=None, help="exit 1 if a mode's perplexity / the first's exceeds it")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    args = p.parse_args(argv)
+
+    model_path = resolve_model(args.model, args.cache_dir).path
+    tokenizer = Tokenizer.from_folder(model_path)
+    token_ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))
+    if args.max_tokens:
+        token_ids = token_ids[: args.max_tokens]
+    token_windows = windows(token_ids, args.window)
+    print(f"{args.text.name}: {len(token_ids)} tokens, {len(token_windows)} windows of up to {args.window}; "
+          f"{model_path.name} {args.dtype}")  # fmt: skip
+    results = [measure(model_path, mode, args.dtype, token_windows, args.cache_dir) for mode in args.modes]
+    base = results[0].perplexity
+    worst = 1.0
+    for r in results:
+        ratio = r.perplexity / base
+        worst = max(worst, ratio)
+        print(f"quantization {r.mode:5s}: perplexity {r.perplexity:.4f} over {r.num_tokens} tokens "
+              f"(ratio to {results[0].mode}: {ratio:.4f}; {r.seconds:.1f} s)")  # fmt: skip
+    if args.max_ratio is not None and worst > args.max_ratio:
+        print(f"FAIL: a perplexity ratio of {worst:.4f} exceeds {args.max_ratio}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

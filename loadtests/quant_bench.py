@@ -1,0 +1,133 @@
+"""Time per output token of `lmserve serve --quantization int8` against the float paths, in one run.
+
+    .venv/bin/python loadtests/quant_bench.py [--model smollm2-135m-instruct] [--requests 8] [--rounds 2]
+        [--input-len 128] [--output-len 128] [--configs none:auto none:float32 int8:float32] [--json out.json]
+
+Each configuration (QUANTIZATION:DTYPE) is one `lmserve serve` process (safety filter off, no embedding
+model, gRPC off), started, measured and stopped in turn, so only one holds the CPU at a time; the order of
+the configurations alternates from round to round, so that a drift of a shared machine falls on all alike.
+At concurrency 1: --requests streamed completions of random --input-len-token prompts (seeded, the same
+for every configuration), --output-len tokens each (ignore_eos, greedy). Per request, TTFT = the first
+token's arrival, TPOT = (last token's arrival - TTFT) / (output tokens - 1) (vLLM's definition). Prints the
+median TTFT and TPOT of each configuration, and each TPOT as a ratio to the first configuration's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 600.0
+REQUEST_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Point:
+    config: str  # QUANTIZATION:DTYPE
+    round: int
+    num_requests: int
+    median_ttft_ms: float
+    median_tpot_ms: float
+
+
+def prompts(num: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 49152) for _ in range(length)] for _ in range(num)]  # past the special tokens
+
+
+def one_request(client: httpx.Client, model: str, prompt: list[int], output_len: int) -> tuple[float, float]:
+    """(TTFT, TPOT) in seconds of one streamed greedy completion of exactly output_len tokens."""
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    first = last = None
+    num_tokens = 0
+    with client.stream("POST", "/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                num_tokens = int(chunk["usage"]["completion_tokens"])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                last = time.perf_counter()
+                first = first if first is not None else last
+    if first is None or last is None or num_tokens != output_len:
+        raise RuntimeError(f"expected {output_len} streamed tokens, got {num_tokens}")
+    return first - start, (last - first) / max(num_tokens - 1, 1)
+
+
+def measure(config: str, model: str, requests: list[list[int]], output_len: int, round_index: int, log_dir: Path) -> Point:
+    quantization, dtype = config.split(":")
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "service", "serve", "--model", model, "--quantization", quantization, "--dtype", dtype,
+        "--embedding-model", "none", "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
+    ]  # fmt: skip
+    process = launch(argv, log_dir / f"{config.replace(':', '-')}.log", cwd=REPO_ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, base + "/readyz", START_TIMEOUT_S, f"lmserve {config}")
+        with httpx.Client(base_url=base) as client:
+            model_id = client.get("/v1/models").json()["data"][0]["id"]
+            one_request(client, model_id, requests[0][:8], 4)  # warm-up, not counted
+            times = [one_request(client, model_id, p, output_len) for p in requests]
+    finally:
+        stop(process)
+    ttfts, tpots = zip(*times)
+    return Point(config, round_index, len(times), 1000 * statistics.median(ttfts), 1000 * statistics.median(tpots))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--requests", type=int, default=8, help="measured requests per configuration and round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--configs", nargs="+", default=["none:auto", "none:float32", "int8:float32"])
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.output_len < 2:
+        p.error("--output-len must be at least 2 (TPOT is measured between tokens)")
+
+    requests = prompts(args.requests, args.input_len)
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
+        for round_index in range(args.rounds):
+            order = args.configs if round_index % 2 == 0 else args.configs[::-1]
+            for config in order:
+                point = measure(config, args.model, requests, args.output_len, round_index, Path(tmp))
+                points.append(point)
+                print(f"round {round_index} {config}: median TTFT {point.median_ttft_ms:.1f} ms, "
+                      f"median TPOT {point.median_tpot_ms:.2f} ms", flush=True)  # fmt: skip
+    print(f"\n| configuration (quantization:dtype) | median TTFT | median TPOT | TPOT / {args.configs[0]} |")
+    print("|---|---|---|---|")
+    for config in args.configs:
+        mine = [p for p in points if p.config == config]
+        base = [p for p in points if p.config == args.configs[0]]
+        ttft = statistics.median(p.median_ttft_ms for p in mine)
+        tpot = statistics.median(p.median_tpot_ms for p in mine)
+        ratio = tpot / statistics.median(p.median_tpot_ms for p in base)
+        print(f"| {config} | {ttft:.1f} ms | {tpot:.2f} ms | {ratio:.2f}x |")
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(p) for p in points], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
