@@ -44,7 +44,9 @@ def test_the_library_exports_what_abi_h_declares(variant: str, request: pytest.F
 
 def test_abi_h_is_read_as_declared() -> None:
     abi = kernel_abi.read()
-    assert abi.constants == {"GEMM_GROUP_COLS": 64, "LAYER_SLOTS": 10}
+    assert abi.constants["GEMM_GROUP_COLS"] == 64 and abi.constants["LAYER_SLOTS"] == 10
+    # qgemm_gguf.c's block size and the ggml type ids it takes (GGMLQuantizationType's values)
+    assert (abi.constants["GGUF_BLOCK"], abi.constants["GGUF_Q4_1"], abi.constants["GGUF_Q8_0"]) == (32, 3, 8)
     assert abi.layer_slots == (
         "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b", "input_norm", "post_norm",
     )  # fmt: skip
