@@ -73,6 +73,10 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
             "auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only",
             choices=["auto", "kernel", "torch"])
+    f.value("--quantization", "LMSERVE_QUANTIZATION", one_of(("none", "q4_1", "q8_0")), d.quantization,
+            "none: the weights in --dtype; q4_1 | q8_0: a GGUF model's linear layers served as the file stores "
+            "them, in its own Q4_1 / Q8_0 blocks (C kernel; CPU with --dtype float32; the file's linears must be "
+            "that type)", choices=["none", "q4_1", "q8_0"])
     f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
     add_cache_dir_flag(p, env)
 
@@ -113,6 +117,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=_prefix_caching(args),
         num_threads=args.num_threads,
         attention=args.attention,
+        quantization=args.quantization,
         allow_pickle=args.allow_pickle,
         cache_dir=args.cache_dir,  # the C kernels are built into the same cache as the converted models
     )

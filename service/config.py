@@ -39,6 +39,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's own context length
     enable_prefix_caching: bool = True
     attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
+    # none | q4_1 | q8_0: a GGUF checkpoint's linear layers as the file's own Q4_1 / Q8_0 blocks, times float32
+    # activations quantized per block (qgemm_gguf.c; CPU). none: the float paths, unchanged.
+    quantization: str = "none"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
     # The C kernels are built into cache_dir/kernels (the same cache as ServeConfig.cache_dir) with c_compiler.
@@ -143,6 +146,8 @@ class ServeConfig:
                 raise ValueError("--device is not used with --engine vllm (vLLM's build decides the device)")
             if self.engine.attention != "auto":
                 raise ValueError("--attention is not used with --engine vllm (vLLM runs its own attention)")
+            if self.engine.quantization != "none":
+                raise ValueError("--quantization is not used with --engine vllm (it is the native engine's C kernels)")
             if self.engine.num_threads is not None:
                 raise ValueError(
                     "--num-threads is not used with --engine vllm (its CPU build reads VLLM_CPU_OMP_THREADS_BIND)"

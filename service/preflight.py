@@ -15,11 +15,14 @@ Checked:
   cannot take a socket: its port is held by a socket closed just before grpc binds it.
 - the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated;
 - with --engine vllm, that vLLM is installed.
+- with --quantization q4_1 | q8_0: a CPU device, float32 activations, the C kernels built or a compiler to
+  build them, and a GGUF model whose decoder linears are all of that type (read from its header).
 """
 
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,14 +165,47 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
+def check_gguf_quantization(config: ServeConfig) -> None:
+    """--quantization q4_1 | q8_0 serves a GGUF file's own blocks by qgemm_gguf.c: refuse now, before any weight
+    is read, where the model is not such a file (its header says) or the kernel cannot run here. (With
+    --engine vllm, ServeConfig itself refuses it.)"""
+    engine = config.engine
+    if engine.quantization not in ("q4_1", "q8_0") or config.engine_kind != "native":
+        return
+    from service.checkpoints import CheckpointError
+    from service.checkpoints.gguf_blocks import quantization_refusal
+    from service.engine.modeling import kernel_cache
+    from service.engine.runner import resolve_device, resolve_dtype
+
+    flag = f"--quantization {engine.quantization}"
+    device = resolve_device(engine.device)
+    if device.type != "cpu":
+        raise PreflightError(f"{flag} runs on CPU only (its kernel is C); the device here is {device} (--device cpu)")
+    dtype = str(resolve_dtype(engine.dtype, device)).removeprefix("torch.")
+    if dtype != "float32":
+        where = " (auto on this CPU)" if engine.dtype == "auto" else ""
+        raise PreflightError(f"{flag} computes with float32 activations, not {dtype}{where}: add --dtype float32")
+    built = kernel_cache.library_path(engine.cache_dir, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)).exists()
+    if not built and shutil.which(engine.c_compiler) is None:
+        raise PreflightError(f"{flag} needs the C kernels, and there is no C compiler ({engine.c_compiler}) to build them")
+    try:
+        refusal = quantization_refusal(config.model, engine.quantization)
+    except CheckpointError as exc:  # a bundled id whose wheel is missing: the model check says so as it does today
+        refusal = str(exc)
+    if refusal is not None:
+        raise PreflightError(refusal)
+
+
 def preflight(config: ServeConfig) -> PortReservation:
     """Check the engine and the files, then reserve the ports; raises PreflightError."""
     check_engine(config)
     check_files(config)
+    check_gguf_quantization(config)
     return reserve_ports(config)
 
 
 __all__ = [
-    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files", "preflight",
+    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files",
+    "check_gguf_quantization", "preflight",
     "reserve_ports",
 ]

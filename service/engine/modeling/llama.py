@@ -71,12 +71,25 @@ class Linear(nn.Linear):
     packed: torch.Tensor | native_kernels.PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.packed, native_kernels.GGUFWeight):
+            return native_kernels.gguf_gemm(x, self.packed, self.bias)
         return linear(x, self.weight if self.packed is None else self.packed, self.bias)
 
     def pack(self) -> None:
         self.packed = prepack(self.weight)
         del self.weight
         self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
+
+    def use_gguf(self, weight: native_kernels.GGUFWeight) -> None:
+        """A GGUF file's blocks of this weight (qgemm_gguf.c; --quantization q4_1 | q8_0) in place of the float one."""
+        if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"GGUF blocks of [{weight.out_features}, {weight.in_features}] for a [{self.out_features}, "
+                f"{self.in_features}] projection"
+            )
+        self.packed = weight  # type: ignore[assignment]  # a third kind of packed weight, for forward
+        del self.weight
+        self.weight = None
 
 
 class GateUpLinear(Linear):
@@ -99,6 +112,15 @@ class GateUpLinear(Linear):
     def applies_silu(self) -> bool:
         """forward returns silu(gate) * up, [..., intermediate], instead of gate and up."""
         return isinstance(self.packed, native_kernels.PackedWeight) and self.packed.silu_mul
+
+
+def _cat_rows(parts: list[native_kernels.GGUFWeight]) -> native_kernels.GGUFWeight:
+    """GGUF weights of one type and width stacked by rows (q/k/v, gate/up): their blocks, concatenated."""
+    kinds = {p.kind for p in parts}
+    if len(kinds) != 1 or len({p.in_features for p in parts}) != 1:
+        raise ValueError(f"cannot fuse GGUF weights of types {sorted(kinds)} and different widths")
+    data = torch.cat([p.data for p in parts], dim=0)
+    return native_kernels.GGUFWeight(data, parts[0].kind, sum(p.out_features for p in parts), parts[0].in_features)
 
 
 class RMSNorm(nn.Module):
@@ -355,6 +377,8 @@ class LlamaForCausalLM(nn.Module):
             head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
         if isinstance(head, native_kernels.PackedWeight):
             return native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
+        if isinstance(head, native_kernels.GGUFWeight):
+            return native_kernels.gguf_gemm(hidden, head)
         return linear(hidden, head)
 
     def prepack_weights(self) -> str | None:
@@ -369,6 +393,30 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.packed_head = prepack(weight)
         return "gemm.c" if native_kernels.gemm_bf16_fits(weight) else "oneDNN"
+
+    def use_gguf_weights(
+        self, weights: dict[str, native_kernels.GGUFWeight], head: native_kernels.GGUFWeight | None
+    ) -> str:
+        """--quantization q4_1 | q8_0, after load_hf_weights: every projection of the decoder as a GGUF file's
+        blocks (`weights`, by Hugging Face name, fused here as load_hf_weights fuses the float ones), and the
+        LM head too where `head` is given (a tied head keeps the float embedding for the lookup). Returns
+        what the weights are now, for the runner's log line."""
+        for i, layer in enumerate(self.layers):
+            src = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj.use_gguf(_cat_rows([weights[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"]))
+            attn.o_proj.use_gguf(weights[f"{src}self_attn.o_proj.weight"])
+            mlp.gate_up_proj.use_gguf(_cat_rows([weights[f"{src}mlp.{p}_proj.weight"] for p in ("gate", "up")]))
+            mlp.down_proj.use_gguf(weights[f"{src}mlp.down_proj.weight"])
+        if head is not None:
+            if self.tie_word_embeddings:
+                if (head.out_features, head.in_features) != tuple(self.embed_tokens.weight.shape):
+                    raise ValueError(f"GGUF head blocks of [{head.out_features}, {head.in_features}] for a tied head")
+                self.packed_head = head  # type: ignore[assignment]
+            else:
+                self.lm_head.use_gguf(head)
+        head_text = f"head {head.kind}" if head is not None else "head float"
+        return f"GGUF {weights[next(iter(weights))].kind} blocks ({head_text}), qgemm_gguf.c {native_kernels.gguf_isa()}"
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy an HF state dict in, fusing q/k/v and gate/up. Raises KeyError naming a missing tensor."""
