@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from service.checkpoints.bundled import require_bundled
+from service.checkpoints.gguf_blocks import _read_blocks, read_tensor_table
 from service.config import default_c_compiler
 from service.engine.modeling import kernel_abi, kernel_cache, native_kernels
 
@@ -131,13 +132,12 @@ def test_gguf_gemm_matches_float_references(build: str, kind: str, m: int, n: in
 def test_gguf_gemm_on_the_bundled_models_blocks(native_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real blocks: layer 0's ffn_down (Q4_1, K = 1536) and the first 999 rows of token_embd (Q8_0)."""
     monkeypatch.setattr(native_kernels, "library", lambda: native_library)
-    reader = gguf.GGUFReader(str(require_bundled("smollm2-135m-instruct")))
-    tensors = {t.name: t for t in reader.tensors}
+    table = read_tensor_table(require_bundled("smollm2-135m-instruct"))
     for name, kind, rows in (("blk.0.ffn_down.weight", "q4_1", None), ("token_embd.weight", "q8_0", 999)):
-        t = tensors[name]
-        assert t.tensor_type == QTYPES[kind]
-        blocks = np.array(t.data[:rows])  # a copy: the reader maps the file read-only
-        w_float = torch.from_numpy(gguf.quants.dequantize(blocks, t.tensor_type)).double()
+        t = table.tensors[name]
+        assert t.kind == kind
+        blocks = np.ascontiguousarray(_read_blocks(require_bundled("smollm2-135m-instruct"), t).blocks[:rows])
+        w_float = torch.from_numpy(gguf.quants.dequantize(blocks, QTYPES[kind])).double()
         weight = native_kernels.GGUFWeight(torch.from_numpy(blocks), kind, *w_float.shape)
         x = torch.randn(3, weight.in_features, generator=torch.Generator().manual_seed(5))
         got = native_kernels.gguf_gemm(x, weight).double()
