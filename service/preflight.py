@@ -172,16 +172,22 @@ def check_gguf_quantization(config: ServeConfig) -> None:
     engine = config.engine
     if engine.quantization not in ("q4_1", "q8_0") or config.engine_kind != "native":
         return
-    from service.checkpoints import CheckpointError
+    from service.checkpoints.errors import CheckpointError
     from service.checkpoints.gguf_blocks import quantization_refusal
     from service.engine.modeling import kernel_cache
-    from service.engine.runner import resolve_device, resolve_dtype
 
     flag = f"--quantization {engine.quantization}"
-    device = resolve_device(engine.device)
-    if device.type != "cpu":
+    device = engine.device
+    if device == "auto":  # as runner.resolve_device does (torch only here: transformers would cost seconds)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
         raise PreflightError(f"{flag} runs on CPU only (its kernel is C); the device here is {device} (--device cpu)")
-    dtype = str(resolve_dtype(engine.dtype, device)).removeprefix("torch.")
+    dtype = engine.dtype
+    if dtype == "auto":  # runner.resolve_dtype on CPU: bf16 where the CPU computes it natively
+        flags = kernel_cache.cpu_flags().split()
+        dtype = "bfloat16" if b"avx512_bf16" in flags or b"amx_bf16" in flags else "float32"
     if dtype != "float32":
         where = " (auto on this CPU)" if engine.dtype == "auto" else ""
         raise PreflightError(f"{flag} computes with float32 activations, not {dtype}{where}: add --dtype float32")

@@ -35,18 +35,15 @@ def test_blocks_dequantize_to_the_converted_weights(smollm2_dir: Path) -> None:
     assert (linears.head.dequantize()[:1000] == embed[:1000]).all()
 
 
-def test_tensor_table_reads_as_gguf_reader_does() -> None:
-    """The header reader of gguf_blocks against the gguf package's (which parses much more, slowly)."""
-    import gguf
-
-    path = require_bundled(BUNDLED)
-    table = read_tensor_table(path)
-    reader = gguf.GGUFReader(str(path))
-    assert table.architecture == "llama"
-    assert len(table.tensors) == len(reader.tensors) == 30 * 9 + 2
-    for t in reader.tensors:
-        mine = table.tensors[t.name]
-        assert (mine.kind, mine.shape, mine.offset) == (t.tensor_type.name.lower(), tuple(int(d) for d in t.shape), t.data_offset)
+def test_tensor_table() -> None:
+    """The header reader's table (tensor offsets are checked by the blocks' values above)."""
+    table = read_tensor_table(require_bundled(BUNDLED))
+    assert table.architecture == "llama" and len(table.tensors) == 30 * 9 + 2
+    embed = table.tensors["token_embd.weight"]
+    assert (embed.kind, embed.shape) == ("q8_0", (576, 49152))
+    down = table.tensors["blk.29.ffn_down.weight"]
+    assert (down.kind, down.shape) == ("q4_1", (1536, 576))
+    assert table.tensors["output_norm.weight"].kind == "f32"
 
 
 def test_without_the_unpermutation_q_would_not_match(smollm2_dir: Path) -> None:
