@@ -26,7 +26,7 @@ from service.config import default_c_compiler
 from service.engine.modeling import kernel_abi, kernel_cache, native_kernels
 
 QTYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-SHAPES = [(1, 576, 576), (1, 1536, 576), (1, 577, 1536), (7, 33, 576), (7, 192, 64), (4, 5, 32), (9, 101, 96)]
+SHAPES = [(1, 576, 576), (1, 1536, 576), (1, 577, 1536), (1, 3, 64), (7, 33, 576), (7, 192, 64), (4, 5, 32), (9, 101, 96)]
 SOURCE = kernel_cache.SOURCE_DIR / "qgemm_gguf.c"
 FLOAT_SLACK = 1e-5  # float32 rounding of the per-block products and their sum, relative to sum |terms|
 

@@ -169,6 +169,38 @@ static inline __attribute__((always_inline)) void row_q8_0(const uint8_t *w, con
     }
     for (int r = 0; r < mr; r++) out[r] = hsum8(acc[r]);
 }
+
+/* M = 1, Q4_1: WEIGHT_ROWS rows of W against the one row of x, so that each x block is loaded once for all
+ * of them and their accumulations are independent chains (a single row's is one FMA chain, latency-bound):
+ * about 1.4x faster on the decoder's shapes here. Not for Q8_0: measured on this Zen 3, its 34-byte blocks
+ * from four rows at once ran the 49152-row head 1.9x slower than one row at a time. */
+#define WEIGHT_ROWS 4
+static void rows_q4_1_m1(const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx, const float *sx,
+                         int64_t K, float *out) {
+    const int64_t nb = K / QB;
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    __m256 acc[WEIGHT_ROWS];
+    __m128 macc = _mm_setzero_ps();
+    for (int r = 0; r < WEIGHT_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + b * QB));
+        const float xd = dx[b];
+        float d[WEIGHT_ROWS], m[WEIGHT_ROWS];
+        for (int r = 0; r < WEIGHT_ROWS; r++) {
+            const uint8_t *blk = w + r * row_bytes + b * Q4_1_BYTES;
+            d[r] = f16_to_f32(blk) * xd;
+            m[r] = f16_to_f32(blk + 2);
+            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 4));
+            const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low4), _mm_and_si128(qs, low4));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(dot_u8s8(q, xv)), acc[r]);
+        }
+        macc = _mm_fmadd_ps(_mm_loadu_ps(m), _mm_set1_ps(sx[b]), macc);
+    }
+    float mo[WEIGHT_ROWS];
+    _mm_storeu_ps(mo, macc);
+    for (int r = 0; r < WEIGHT_ROWS; r++) out[r] = hsum8(acc[r]) + mo[r];
+}
+
 #else
 static inline void row_q4_1(const uint8_t *w, const int8_t *qx, const float *dx, const float *sx, int64_t K, int mr,
                             float *out) {
@@ -237,6 +269,21 @@ int gguf_gemm(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, 
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) quantize_row_blocks(x + m * K, qx + m * K, dx + m * nb, sx + m * nb, K);
         /* the loop's closing barrier: every row is quantized before any thread reads them */
+#if defined(WEIGHT_ROWS)
+        if (M == 1 && type == LMSERVE_GGUF_Q4_1) {
+            /* groups of WEIGHT_ROWS output rows, then the last few one by one */
+            const int64_t groups = N / WEIGHT_ROWS;
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < groups + (N - groups * WEIGHT_ROWS); g++) {
+                if (g < groups) {
+                    rows_q4_1_m1(w + g * WEIGHT_ROWS * row_bytes, row_bytes, qx, dx, sx, K, y + g * WEIGHT_ROWS);
+                } else {
+                    const int64_t n = groups * WEIGHT_ROWS + (g - groups);
+                    tile(w + n * row_bytes, qx, dx, sx, y, 0, 1, n, N, K, type);
+                }
+            }
+        } else
+#endif
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *wrow = w + n * row_bytes;
