@@ -63,22 +63,23 @@ def q4_1_server(cache_dir: Path, smollm2_dir: Path, tmp_path_factory: pytest.Tem
             proc.wait()
 
 
-def _greedy(base_url: str, prompt: str, headers: dict[str, str] | None = None) -> str:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+def _greedy(base_url: str, prompts: list[str], headers: dict[str, str] | None = None) -> list[str]:
+    """Greedy continuations of `prompts`, in one request (the engine batches them)."""
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     response = httpx.post(f"{base_url}/v1/completions", json=body, headers=headers or {}, timeout=120)
     assert response.status_code == 200, response.text
-    (choice,) = response.json()["choices"]
-    assert response.json()["usage"]["completion_tokens"] == MAX_TOKENS
-    return choice["text"]
+    assert response.json()["usage"]["completion_tokens"] == MAX_TOKENS * len(prompts)
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    return [c["text"] for c in choices]
 
 
 def test_q4_1_server_answers_greedy_completions(q4_1_server: QuantizedServer) -> None:
     log = q4_1_server.log_path.read_text()
     (loaded,) = [line for line in log.splitlines() if "model loaded" in line]
     assert "GGUF q4_1 blocks (head q8_0), qgemm_gguf.c" in loaded
-    first = _greedy(q4_1_server.base_url, "The capital of France is")
+    (first,) = _greedy(q4_1_server.base_url, ["The capital of France is"])
     assert "Paris" in first
-    assert _greedy(q4_1_server.base_url, "The capital of France is") == first  # greedy: the same again
+    assert _greedy(q4_1_server.base_url, ["The capital of France is"]) == [first]  # greedy: the same again
 
 
 def test_q4_1_greedy_agreement_with_float32_is_reported(
@@ -87,9 +88,8 @@ def test_q4_1_greedy_agreement_with_float32_is_reported(
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     matching: list[int] = []
     identical = 0
-    for prompt in PROMPTS:
-        quantized_text = _greedy(q4_1_server.base_url, prompt)
-        exact_text = _greedy(server.base_url, prompt, server.headers)
+    exact_texts = _greedy(server.base_url, PROMPTS, server.headers)
+    for quantized_text, exact_text in zip(_greedy(q4_1_server.base_url, PROMPTS), exact_texts, strict=True):
         identical += quantized_text == exact_text
         # the texts tokenized again: the same tokens as generated, up to the first difference
         quantized = tokenizer.encode(quantized_text, add_special_tokens=False)
