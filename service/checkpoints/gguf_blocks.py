@@ -187,7 +187,8 @@ def _linear_types(table: TensorTable) -> dict[str, str]:
     return {
         name: t.kind
         for name, t in table.tensors.items()
-        if name.startswith("blk.") and name.count(".") == 3 and name.split(".")[2] in LINEAR_NAMES
+        if name.startswith("blk.") and name.endswith(".weight") and name.count(".") == 3
+        and name.split(".")[2] in LINEAR_NAMES  # not their biases (Qwen2's q/k/v), which stay float
     }
 
 
@@ -233,9 +234,8 @@ def read_gguf_linears(path: Path, quantization: str, num_heads: int, num_kv_head
         if permuted and part in ("attn_q", "attn_k"):
             w = WeightBlocks(_unpermute_rows(w.blocks, num_heads if part == "attn_q" else num_kv_heads), w.kind, w.in_features)
         weights[f"model.layers.{layer}.{LINEAR_NAMES[part]}.weight"] = w
-    head_info = table.tensors.get("output.weight")
-    if head_info is None and tied:
-        head_info = table.tensors.get("token_embd.weight")
+    # the head the float model computes with: the embedding where tied (as transformers ties it), else output
+    head_info = table.tensors.get("token_embd.weight" if tied else "output.weight")
     head = _read_blocks(path, head_info) if head_info is not None and head_info.kind in GGUF_QUANTIZATIONS else None
     return GGUFLinears(quantization, weights, head)
 

@@ -66,5 +66,10 @@ def use_gguf_blocks(model: LlamaForCausalLM, model_path: Path, config: EngineCon
         if not matches(blocks, qkv[start : start + rows]):
             raise CheckpointError(f"{model_path}: the GGUF blocks of layer 0's {p}_proj do not match its converted weights")
         start += rows
+    if linears.head is not None:
+        float_head = model.embed_tokens.weight if model.tie_word_embeddings else model.lm_head.weight
+        first = WeightBlocks(linears.head.blocks[:64], linears.head.kind, linears.head.in_features)
+        if not matches(first, float_head[:64].detach().numpy()):
+            raise CheckpointError(f"{model_path}: the GGUF blocks of the LM head do not match its converted weights")
     head = None if linears.head is None else _torch_weight(linears.head)
     return model.use_gguf_weights({name: _torch_weight(b) for name, b in linears.weights.items()}, head)

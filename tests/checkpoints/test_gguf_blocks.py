@@ -96,3 +96,15 @@ def test_refusals_are_one_line_each(tmp_path: Path, tiny_llama_dir: Path) -> Non
 
 def test_none_is_never_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
     check_gguf_quantization(_config(tmp_path, model=str(tiny_llama_dir), quantization="none", dtype="bfloat16"))
+
+
+def test_biases_are_not_linears() -> None:
+    """Qwen2's q/k/v biases (f32) sit beside Q4_1 weights: only the weights decide the type."""
+    from service.checkpoints.gguf_blocks import TensorInfo, TensorTable, _linear_types
+
+    tensors = {
+        "blk.0.attn_q.weight": TensorInfo("blk.0.attn_q.weight", "q4_1", (64, 64), 0),
+        "blk.0.attn_q.bias": TensorInfo("blk.0.attn_q.bias", "f32", (64,), 0),
+        "blk.0.attn_norm.weight": TensorInfo("blk.0.attn_norm.weight", "f32", (64,), 0),
+    }
+    assert _linear_types(TensorTable("qwen2", tensors)) == {"blk.0.attn_q.weight": "q4_1"}
