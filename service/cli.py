@@ -80,10 +80,11 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
             "auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only",
             choices=["auto", "kernel", "torch"])
-    f.value("--quantization", "LMSERVE_QUANTIZATION", one_of(("none", "int8")), d.quantization,
+    f.value("--quantization", "LMSERVE_QUANTIZATION", one_of(("none", "int8", "q4_1", "q8_0")), d.quantization,
             "none: the weights in --dtype; int8: the decoder's projections and the LM head as int8 weights with "
-            "per-channel scales times int8 activations (a scale per 32 values; C kernel; CPU with --dtype float32)",
-            choices=["none", "int8"])
+            "per-channel scales times int8 activations (a scale per 32 values); q4_1 | q8_0: a GGUF model's linear "
+            "layers served as the file stores them, in its own Q4_1 / Q8_0 blocks (the file's linears must be that "
+            "type). C kernels; CPU with --dtype float32", choices=["none", "int8", "q4_1", "q8_0"])
     f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
     add_cache_dir_flag(p, env)
 
@@ -325,7 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     try:
-        check_quantization(config)  # before the model is resolved and read, as `serve` does
+        check_quantization(config, args.model)  # before the model is resolved and read, as `serve` does
     except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -44,8 +44,10 @@ class EngineConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
-    # none | int8: the decoder's projections and the LM head as int8 weights with per-channel scales, times
-    # activations quantized per 32 values of a row (qgemm.c; CPU, float32 activations). none: the float paths.
+    # none | int8 | q4_1 | q8_0: int8: the decoder's projections and the LM head as int8 weights with per-channel
+    # scales, times activations quantized per 32 values of a row (qgemm.c); q4_1 | q8_0: a GGUF checkpoint's
+    # linear layers as the file's own blocks, times activations quantized per block (qgemm_gguf.c). CPU, float32
+    # activations. none: the float paths, unchanged.
     quantization: str = "none"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
@@ -163,7 +165,7 @@ class ServeConfig:
                     "(vLLM's speculative decoding is not configured through lmserve)"
                 )
             if self.engine.quantization != "none":
-                raise ValueError("--quantization is not used with --engine vllm (it is the native engine's int8 kernel)")
+                raise ValueError("--quantization is not used with --engine vllm (it is the native engine's C kernels)")
             if self.engine.num_threads is not None:
                 raise ValueError(
                     "--num-threads is not used with --engine vllm (its CPU build reads VLLM_CPU_OMP_THREADS_BIND)"

@@ -15,8 +15,9 @@ Checked:
   cannot take a socket: its port is held by a socket closed just before grpc binds it.
 - the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated;
 - with --engine vllm, that vLLM is installed;
-- with --quantization int8, that it can run: a CPU device, float32 activations (--dtype float32, or auto
-  where auto is float32), and the C kernels built or a C compiler to build them.
+- with --quantization int8 | q4_1 | q8_0, that it can run: a CPU device, float32 activations (--dtype float32,
+  or auto where auto is float32), and the C kernels built or a C compiler to build them; for q4_1 | q8_0
+  also a GGUF model whose decoder linears are all of that type (read from its header).
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
-def check_quantization(engine: EngineConfig) -> None:
-    """--quantization int8 runs qgemm.c: refuse now, not after the weights are read, where it cannot (for
-    the native engine; with --engine vllm, ServeConfig itself refuses it)."""
+def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
+    """--quantization int8 runs qgemm.c, q4_1 | q8_0 serve a GGUF file's own blocks by qgemm_gguf.c: refuse
+    now, not after the weights are read, where they cannot (for the native engine; with --engine vllm,
+    ServeConfig itself refuses it). `model` (the --model reference) is checked for the GGUF modes when given."""
     if engine.quantization == "none":
         return
     from service.engine.modeling import kernel_cache
@@ -190,14 +192,24 @@ def check_quantization(engine: EngineConfig) -> None:
     built = kernel_cache.library_path(engine.cache_dir, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)).exists()
     if not built and shutil.which(engine.c_compiler) is None:
         raise PreflightError(f"{flag} needs the C kernels, and there is no C compiler ({engine.c_compiler}) to build them")
+    if engine.quantization in ("q4_1", "q8_0") and model is not None:
+        from service.checkpoints.errors import CheckpointError
+        from service.checkpoints.gguf_blocks import quantization_refusal
+
+        try:
+            refusal = quantization_refusal(model, engine.quantization)
+        except CheckpointError as exc:  # a bundled id whose wheel is missing: the model check says so as it does today
+            refusal = str(exc)
+        if refusal is not None:
+            raise PreflightError(refusal)
 
 
 def preflight(config: ServeConfig) -> PortReservation:
     """Check the engine and the files, then reserve the ports; raises PreflightError."""
     check_engine(config)
-    if config.engine_kind == "native":
-        check_quantization(config.engine)
     check_files(config)
+    if config.engine_kind == "native":
+        check_quantization(config.engine, config.model)
     return reserve_ports(config)
 
 

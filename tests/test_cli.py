@@ -333,3 +333,12 @@ def test_cache_lists_entries_and_prunes_what_nothing_uses(tmp_path: Path) -> Non
     assert not record_path(cache, gone_file.resolve()).exists() and record_path(cache, kept_file.resolve()).exists()
     rows = _table(run_cli("cache", "--cache-dir", str(cache)).stdout, CACHE_COLUMNS)
     assert all(row[3] == "yes" for row in rows)
+
+
+def test_gguf_quantization_of_a_folder_model_fails_before_any_weight_is_read(watched_model, tmp_path: Path) -> None:
+    ports = ("--port", str(free_port()), "--grpc-port", str(free_port()))
+    model_dir = watched_model[0]
+    line = _serve_fails_before_loading(watched_model, "--quantization", "q4_1", "--dtype", "float32", *ports,
+                                       tmp_path=tmp_path)
+    assert line == (f"error: --quantization q4_1 serves a GGUF file's own blocks, and the model {str(model_dir)!r} "
+                    "is not a GGUF file (use --quantization none)")

@@ -13,6 +13,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from service.checkpoints import CheckpointError, check_generation_architecture, load_weights, weight_files
 from service.config import EngineConfig
+from service.checkpoints.gguf_blocks import GGUF_QUANTIZATIONS
+from service.engine.gguf_weights import use_gguf_blocks
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import AttentionMetadata, SeqLayout, build_metadata
 from service.engine.modeling.forward_path import choose_forward_path
@@ -130,6 +132,8 @@ class ModelRunner:
         self.model = model.eval()
         self.packed_weights = model.prepack_weights(config.quantization)
 
+        if config.quantization in GGUF_QUANTIZATIONS:  # the source GGUF's own Q4_1 / Q8_0 blocks (gguf_weights.py)
+            self.packed_weights = use_gguf_blocks(model, model_path, config)
         attn = model.layers[0].self_attn
         spec = KVCacheSpec(
             num_blocks=0,

@@ -44,7 +44,11 @@ def test_the_library_exports_what_abi_h_declares(variant: str, request: pytest.F
 
 def test_abi_h_is_read_as_declared() -> None:
     abi = kernel_abi.read()
-    assert abi.constants == {"GEMM_GROUP_COLS": 64, "QGEMM_GROUP_COLS": 4, "QGEMM_K_ALIGN": 32, "LAYER_SLOTS": 10}
+    assert abi.constants == {
+        "GEMM_GROUP_COLS": 64, "QGEMM_GROUP_COLS": 4, "QGEMM_K_ALIGN": 32, "LAYER_SLOTS": 10,
+        # qgemm_gguf.c's block size and the ggml type ids it takes (GGMLQuantizationType's values)
+        "GGUF_BLOCK": 32, "GGUF_Q4_1": 3, "GGUF_Q8_0": 8,
+    }  # fmt: skip
     assert abi.layer_slots == (
         "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b", "input_norm", "post_norm",
     )  # fmt: skip

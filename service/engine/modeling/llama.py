@@ -27,7 +27,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-QUANTIZATIONS = ("none", "int8")
+# int8: quantized here at load (qgemm.c); q4_1 | q8_0: a GGUF file's own blocks, put in after loading by
+# engine/gguf_weights.py (qgemm_gguf.c).
+QUANTIZATIONS = ("none", "int8", "q4_1", "q8_0")
 AnyWeight = torch.Tensor | native_kernels.PackedWeight | native_kernels.QuantizedWeight
 
 
@@ -93,6 +95,8 @@ class Linear(nn.Linear):
     packed: AnyWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.packed, native_kernels.GGUFWeight):
+            return native_kernels.gguf_gemm(x, self.packed, self.bias)
         return linear(x, self.weight if self.packed is None else self.packed, self.bias)
 
     def pack(self) -> None:
@@ -103,6 +107,17 @@ class Linear(nn.Linear):
     def quantize(self) -> None:
         """int8 weights for qgemm.c in place of the float ones (--quantization int8)."""
         self.packed = native_kernels.quantize_weight(self.weight)
+        del self.weight
+        self.weight = None
+
+    def use_gguf(self, weight: native_kernels.GGUFWeight) -> None:
+        """A GGUF file's blocks of this weight (qgemm_gguf.c; --quantization q4_1 | q8_0) in place of the float one."""
+        if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"GGUF blocks of [{weight.out_features}, {weight.in_features}] for a [{self.out_features}, "
+                f"{self.in_features}] projection"
+            )
+        self.packed = weight  # type: ignore[assignment]  # a third kind of packed weight, for forward
         del self.weight
         self.weight = None
 
@@ -127,6 +142,15 @@ class GateUpLinear(Linear):
     def applies_silu(self) -> bool:
         """forward returns silu(gate) * up, [..., intermediate], instead of gate and up."""
         return isinstance(self.packed, native_kernels.PackedWeight) and self.packed.silu_mul
+
+
+def _cat_rows(parts: list[native_kernels.GGUFWeight]) -> native_kernels.GGUFWeight:
+    """GGUF weights of one type and width stacked by rows (q/k/v, gate/up): their blocks, concatenated."""
+    kinds = {p.kind for p in parts}
+    if len(kinds) != 1 or len({p.in_features for p in parts}) != 1:
+        raise ValueError(f"cannot fuse GGUF weights of types {sorted(kinds)} and different widths")
+    data = torch.cat([p.data for p in parts], dim=0)
+    return native_kernels.GGUFWeight(data, parts[0].kind, sum(p.out_features for p in parts), parts[0].in_features)
 
 
 class RMSNorm(nn.Module):
@@ -383,6 +407,8 @@ class LlamaForCausalLM(nn.Module):
             head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
         if isinstance(head, native_kernels.PackedWeight):
             return native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
+        if isinstance(head, native_kernels.GGUFWeight):
+            return native_kernels.gguf_gemm(hidden, head)
         return linear(hidden, head)
 
     def prepack_weights(self, quantization: str = "none") -> str | None:
@@ -390,13 +416,16 @@ class LlamaForCausalLM(nn.Module):
         Returns what the weights were packed for ("gemm.c" or "oneDNN"), None when left plain.
 
         quantization "int8": every projection of the decoder and the LM head (a tied one as an int8 copy;
-        the embedding lookup stays float) quantized for qgemm.c instead; raises ValueError where it cannot
-        run (quantization_refusal; the server's preflight says so before the weights are read)."""
+        the embedding lookup stays float) quantized for qgemm.c instead; "q4_1" | "q8_0": nothing packed
+        (use_gguf_weights follows). Raises ValueError where the mode cannot run (quantization_refusal; the
+        server's preflight says so before the weights are read)."""
         weight = self.embed_tokens.weight
         if quantization != "none":
             refusal = quantization_refusal(quantization, weight.dtype, weight.device)
             if refusal is not None:
                 raise ValueError(refusal)
+            if quantization != "int8":
+                return None  # the GGUF blocks replace the float weights next (use_gguf_weights)
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.quantize()
@@ -412,6 +441,30 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.packed_head = prepack(weight)
         return "gemm.c" if native_kernels.gemm_bf16_fits(weight) else "oneDNN"
+
+    def use_gguf_weights(
+        self, weights: dict[str, native_kernels.GGUFWeight], head: native_kernels.GGUFWeight | None
+    ) -> str:
+        """--quantization q4_1 | q8_0, after load_hf_weights: every projection of the decoder as a GGUF file's
+        blocks (`weights`, by Hugging Face name, fused here as load_hf_weights fuses the float ones), and the
+        LM head too where `head` is given (a tied head keeps the float embedding for the lookup). Returns
+        what the weights are now, for the runner's log line."""
+        for i, layer in enumerate(self.layers):
+            src = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj.use_gguf(_cat_rows([weights[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"]))
+            attn.o_proj.use_gguf(weights[f"{src}self_attn.o_proj.weight"])
+            mlp.gate_up_proj.use_gguf(_cat_rows([weights[f"{src}mlp.{p}_proj.weight"] for p in ("gate", "up")]))
+            mlp.down_proj.use_gguf(weights[f"{src}mlp.down_proj.weight"])
+        if head is not None:
+            if self.tie_word_embeddings:
+                if (head.out_features, head.in_features) != tuple(self.embed_tokens.weight.shape):
+                    raise ValueError(f"GGUF head blocks of [{head.out_features}, {head.in_features}] for a tied head")
+                self.packed_head = head  # type: ignore[assignment]
+            else:
+                self.lm_head.use_gguf(head)
+        head_text = f"head {head.kind}" if head is not None else "head float"
+        return f"GGUF {weights[next(iter(weights))].kind} blocks ({head_text}), qgemm_gguf.c {native_kernels.gguf_isa()}"
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy an HF state dict in, fusing q/k/v and gate/up. Raises KeyError naming a missing tensor."""

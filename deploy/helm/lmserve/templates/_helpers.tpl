@@ -93,7 +93,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail "server.numThreads is not used with engine: vllm (vLLM decides its threads)" }}
 {{- end }}
 {{- if and (eq .Values.engine "vllm") (ne .Values.server.quantization "none") }}
-{{- fail "server.quantization is not used with engine: vllm (it is the native engine's int8 kernel)" }}
+{{- fail "server.quantization is not used with engine: vllm (it is the native engine's C kernels)" }}
 {{- end }}
 {{- if and .Values.safety.disabled .Values.safety.policy }}
 {{- fail "safety.disabled and safety.policy exclude each other" }}
