@@ -1,7 +1,7 @@
 """Perplexity of a model over a fixed text, for each --quantization mode, through the engine's own forward.
 
     .venv/bin/python loadtests/perplexity.py [--model smollm2-135m-instruct] [--dtype float32]
-        [--text tests/data/perplexity/kjv_ruth_jonah.txt] [--window 512] [--modes none int8]
+        [--text tests/data/perplexity/kjv_ruth_jonah.txt] [--window 512] [--modes none int8 q4_1]
 
 The text is tokenized once (no BOS; the chat template plays no part), cut into non-overlapping windows of
 --window tokens, and each window is one fresh prefill through ModelRunner (the paged KV cache, the forward
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
-    p.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", "int8"])
+    p.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", "int8", "q4_1", "q8_0"])
     p.add_argument("--max-ratio", type=float, default=None, help="exit 1 if a mode's perplexity / the first's exceeds it")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = p.parse_args(argv)
