@@ -6,7 +6,8 @@
 The text is tokenized once (no BOS; the chat template plays no part), cut into non-overlapping windows of
 --window tokens, and each window is one fresh prefill through ModelRunner (the paged KV cache, the forward
 path the server would pick, the LM head's logits for every position): perplexity = exp(mean negative log
-likelihood of each token after the first of its window). Prints one line per mode and each mode's ratio to
+likelihood of each token after the first of its window; with --second-half, of the second half of each
+whole window, llama.cpp's llama-perplexity method, for a figure comparable with its own). Prints one line per mode and each mode's ratio to
 the first mode's perplexity; --max-ratio makes the exit status 1 when a ratio exceeds it (the quality guard:
 int8 within 2% of float32).
 """
@@ -44,35 +45,38 @@ class Perplexity:
         return math.exp(self.nll)
 
 
-def windows(token_ids: list[int], size: int) -> list[list[int]]:
-    """Non-overlapping windows of `size` tokens; a last shorter one is kept if it has at least 2 tokens."""
+def windows(token_ids: list[int], size: int, full_only: bool = False) -> list[list[int]]:
+    """Non-overlapping windows of `size` tokens; a last shorter one is kept if it has at least 2 tokens
+    (none with `full_only`, as llama.cpp's perplexity tool counts only whole chunks)."""
     chunks = [token_ids[i : i + size] for i in range(0, len(token_ids), size)]
-    return [c for c in chunks if len(c) >= 2]
+    return [c for c in chunks if len(c) >= (size if full_only else 2)]
 
 
 @torch.inference_mode()
-def window_nll(runner: ModelRunner, ids: list[int]) -> tuple[float, int]:
-    """Sum of -log p(token | the window before it) over ids[1:], by one prefill of the window."""
+def window_nll(runner: ModelRunner, ids: list[int], first: int = 1) -> tuple[float, int]:
+    """Sum of -log p(token | the window before it) over ids[first:], by one prefill of the window."""
     block_size = runner.kv_spec.block_size
     num_blocks = -(-len(ids) // block_size)
     assert num_blocks <= runner.kv_spec.num_blocks, "the KV pool is smaller than one window"
     meta = runner.attention_metadata([SeqLayout(0, len(ids), 0, list(range(num_blocks)))])
     input_ids = torch.tensor(ids, dtype=torch.long)
     hidden = runner.forward(input_ids, torch.arange(len(ids)), meta)
-    logits = runner.model.compute_logits(hidden[:-1]).float()  # [len - 1, vocab]
+    logits = runner.model.compute_logits(hidden[first - 1 : -1]).float()  # [len - first, vocab]
     log_probs = torch.log_softmax(logits, dim=-1)
-    targets = input_ids[1:]
-    return -float(log_probs.gather(1, targets[:, None]).sum()), len(ids) - 1
+    targets = input_ids[first:]
+    return -float(log_probs.gather(1, targets[:, None]).sum()), len(ids) - first
 
 
-def measure(model_path: Path, mode: str, dtype: str, token_windows: list[list[int]], cache_dir: Path) -> Perplexity:
+def measure(
+    model_path: Path, mode: str, dtype: str, token_windows: list[list[int]], cache_dir: Path, second_half: bool = False
+) -> Perplexity:
     window = max(len(w) for w in token_windows)
     config = EngineConfig(dtype=dtype, quantization=mode, num_kv_blocks=-(-window // 16) + 1, cache_dir=cache_dir)
     runner = ModelRunner(model_path, config)
     start = time.perf_counter()
     total, count = 0.0, 0
     for ids in token_windows:
-        nll, n = window_nll(runner, ids)
+        nll, n = window_nll(runner, ids, len(ids) // 2 if second_half else 1)
         total, count = total + nll, count + n
     return Perplexity(mode, count, total / count, time.perf_counter() - start)
 
@@ -85,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
     p.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", "int8", "q4_1", "q8_0"])
+    p.add_argument("--second-half", action="store_true",
+                   help="llama.cpp's method (llama-perplexity -c WINDOW): whole windows only, each scoring only its "
+                   "second half, so figures compare with its Final estimate")  # fmt: skip
     p.add_argument("--max-ratio", type=float, default=None, help="exit 1 if a mode's perplexity / the first's exceeds it")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = p.parse_args(argv)
@@ -94,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     token_ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))
     if args.max_tokens:
         token_ids = token_ids[: args.max_tokens]
-    token_windows = windows(token_ids, args.window)
+    token_windows = windows(token_ids, args.window, full_only=args.second_half)
     print(f"{args.text.name}: {len(token_ids)} tokens, {len(token_windows)} windows of up to {args.window}; "
           f"{model_path.name} {args.dtype}")  # fmt: skip
-    results = [measure(model_path, mode, args.dtype, token_windows, args.cache_dir) for mode in args.modes]
+    results = [
+        measure(model_path, mode, args.dtype, token_windows, args.cache_dir, args.second_half) for mode in args.modes
+    ]
     base = results[0].perplexity
     worst = 1.0
     for r in results:
