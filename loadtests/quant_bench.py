@@ -3,7 +3,8 @@
     .venv/bin/python loadtests/quant_bench.py [--model smollm2-135m-instruct] [--requests 8] [--rounds 2]
         [--input-len 128] [--output-len 128] [--configs none:auto none:float32 int8:float32] [--json out.json]
 
-Each configuration (QUANTIZATION:DTYPE) is one `lmserve serve` process (safety filter off, no embedding
+Each configuration (QUANTIZATION:DTYPE, or `llamacpp`: llama.cpp's llama-server on the same model's GGUF file
+at its own precision, --llama-server) is one server process (safety filter off, no embedding
 model, gRPC off), started, measured and stopped in turn, so only one holds the CPU at a time; the order of
 the configurations alternates from round to round, so that a drift of a shared machine falls on all alike.
 At concurrency 1: --requests streamed completions of random --input-len-token prompts (seeded, the same
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -55,6 +57,7 @@ def one_request(client: httpx.Client, model: str, prompt: list[int], output_len:
     start = time.perf_counter()
     first = last = None
     num_tokens = 0
+    num_text_chunks = 0
     with client.stream("POST", "/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
@@ -66,22 +69,34 @@ def one_request(client: httpx.Client, model: str, prompt: list[int], output_len:
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 last = time.perf_counter()
                 first = first if first is not None else last
+                num_text_chunks += 1
+    num_tokens = num_tokens or num_text_chunks  # a peer without usage in its stream sends a chunk per token
     if first is None or last is None or num_tokens != output_len:
         raise RuntimeError(f"expected {output_len} streamed tokens, got {num_tokens}")
     return first - start, (last - first) / max(num_tokens - 1, 1)
 
 
-def measure(config: str, model: str, requests: list[list[int]], output_len: int, round_index: int, log_dir: Path) -> Point:
-    quantization, dtype = config.split(":")
+def measure(
+    config: str, model: str, requests: list[list[int]], output_len: int, round_index: int, log_dir: Path,
+    llama_server: Path | None = None,
+) -> Point:
     port = free_port()
-    argv = [
-        sys.executable, "-m", "service", "serve", "--model", model, "--quantization", quantization, "--dtype", dtype,
-        "--embedding-model", "none", "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
-    ]  # fmt: skip
+    if config == "llamacpp":  # llama.cpp's own server on the GGUF file, at its own precision (one slot)
+        assert llama_server is not None, "--llama-server is needed for the llamacpp configuration"
+        argv = [str(llama_server), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(os.cpu_count() or 1),
+                "-np", "1", "-c", "4096"]  # fmt: skip
+        ready = "/health"
+    else:
+        quantization, dtype = config.split(":")
+        argv = [
+            sys.executable, "-m", "service", "serve", "--model", model, "--quantization", quantization, "--dtype", dtype,
+            "--embedding-model", "none", "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
+        ]  # fmt: skip
+        ready = "/readyz"
     process = launch(argv, log_dir / f"{config.replace(':', '-')}.log", cwd=REPO_ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(process, base + "/readyz", START_TIMEOUT_S, f"lmserve {config}")
+        wait_ready(process, base + ready, START_TIMEOUT_S, config)
         with httpx.Client(base_url=base) as client:
             model_id = client.get("/v1/models").json()["data"][0]["id"]
             one_request(client, model_id, requests[0][:8], 4)  # warm-up, not counted
@@ -101,17 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--configs", nargs="+", default=["none:auto", "none:float32", "int8:float32"])
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--llama-server", type=Path, default=None,
+                   help="llama.cpp's llama-server (../shared/peers/llamacpp.sh setup); with the configuration "
+                   "`llamacpp`, it serves --gguf")  # fmt: skip
+    p.add_argument("--gguf", type=Path, default=None, help="the GGUF file llama-server serves (default: the bundled model's)")
     args = p.parse_args(argv)
     if args.output_len < 2:
         p.error("--output-len must be at least 2 (TPOT is measured between tokens)")
 
     requests = prompts(args.requests, args.input_len)
+    gguf = args.gguf
+    if "llamacpp" in args.configs and gguf is None:
+        from service.checkpoints.bundled import require_bundled
+
+        gguf = require_bundled(args.model)
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
         for round_index in range(args.rounds):
             order = args.configs if round_index % 2 == 0 else args.configs[::-1]
             for config in order:
-                point = measure(config, args.model, requests, args.output_len, round_index, Path(tmp))
+                model = str(gguf) if config == "llamacpp" else args.model
+                point = measure(config, model, requests, args.output_len, round_index, Path(tmp), args.llama_server)
                 points.append(point)
                 print(f"round {round_index} {config}: median TTFT {point.median_ttft_ms:.1f} ms, "
                       f"median TPOT {point.median_tpot_ms:.2f} ms", flush=True)  # fmt: skip
