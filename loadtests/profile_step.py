@@ -47,7 +47,7 @@ def timed_step(engine: NativeEngine) -> dict[str, float]:
     sampled = sample(logits, reqs, [None] * len(reqs))
     t3 = time.perf_counter()
     # The engine's own loop: detokenize, update, deltas.
-    engine._apply_sampled(scheduled, list(zip(reqs, sampled, strict=True)))
+    engine._apply_sampled(scheduled, [(req, [tok]) for req, tok in zip(reqs, sampled, strict=True)])
     t4 = time.perf_counter()
     return {"schedule": t1 - t0, "runner": t2 - t1, "sample": t3 - t2, "update+detok": t4 - t3, "total": t4 - t0}
 
@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "q4_1", "q8_0"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, default=192)
     parser.add_argument("--steps", type=int, default=20)
@@ -65,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     resolved = resolve_model(args.model, default_cache_dir())
-    engine = NativeEngine.load(resolved.path, resolved.name, EngineConfig(dtype=args.dtype, max_num_seqs=256))
+    engine = NativeEngine.load(resolved.path, resolved.name, EngineConfig(dtype=args.dtype, max_num_seqs=256, quantization=args.quantization))
     print(f"threads={torch.get_num_threads()} dtype={engine.runner.dtype}")
     prepare_to_serve()  # as NativeEngine.start does
     if args.thread:
