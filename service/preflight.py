@@ -9,14 +9,14 @@ Checked:
 - the API key file: readable UTF-8 holding at least one key (an empty file would leave every endpoint
   open while the operator believes it is guarded);
 - the gRPC TLS files: readable PEM;
+- with --quantization q4_1 | q8_0: a CPU device, float32 activations, the C kernels built or a compiler to
+  build them, and a GGUF model whose decoder linears are all of that type (read from its header);
 - the ports: HTTP and gRPC differ, and each can be bound on --host. The HTTP socket is bound here and
   handed to uvicorn, so nothing can take the port while the models load; it listens only once the
   server is ready, so clients are refused rather than left hanging meanwhile. gRPC binds by address and
   cannot take a socket: its port is held by a socket closed just before grpc binds it.
 - the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated;
 - with --engine vllm, that vLLM is installed.
-- with --quantization q4_1 | q8_0: a CPU device, float32 activations, the C kernels built or a compiler to
-  build them, and a GGUF model whose decoder linears are all of that type (read from its header).
 """
 
 from __future__ import annotations
@@ -85,6 +85,43 @@ def check_api_key_file(path: str | Path) -> int:
 def check_pem_file(path: Path, what: str) -> None:
     if "-----BEGIN" not in _read_text(path, what):
         raise PreflightError(f"{what} {path} is not a PEM file (no -----BEGIN line)")
+
+
+def check_gguf_quantization(config: ServeConfig) -> None:
+    """--quantization q4_1 | q8_0 serves a GGUF file's own blocks by qgemm_gguf.c: refuse now, before any weight
+    is read, where the model is not such a file (its header says) or the kernel cannot run here. (With
+    --engine vllm, ServeConfig itself refuses it.)"""
+    engine = config.engine
+    if engine.quantization not in ("q4_1", "q8_0") or config.engine_kind != "native":
+        return
+    from service.checkpoints.errors import CheckpointError
+    from service.checkpoints.gguf_blocks import quantization_refusal
+    from service.engine.modeling import kernel_cache
+
+    flag = f"--quantization {engine.quantization}"
+    device = engine.device
+    if device == "auto":  # as runner.resolve_device does (torch only here: transformers would cost seconds)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        raise PreflightError(f"{flag} runs on CPU only (its kernel is C); the device here is {device} (--device cpu)")
+    dtype = engine.dtype
+    if dtype == "auto":  # runner.resolve_dtype on CPU: bf16 where the CPU computes it natively
+        flags = kernel_cache.cpu_flags().split()
+        dtype = "bfloat16" if b"avx512_bf16" in flags or b"amx_bf16" in flags else "float32"
+    if dtype != "float32":
+        where = " (auto on this CPU)" if engine.dtype == "auto" else ""
+        raise PreflightError(f"{flag} computes with float32 activations, not {dtype}{where}: add --dtype float32")
+    built = kernel_cache.library_path(engine.cache_dir, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)).exists()
+    if not built and shutil.which(engine.c_compiler) is None:
+        raise PreflightError(f"{flag} needs the C kernels, and there is no C compiler ({engine.c_compiler}) to build them")
+    try:
+        refusal = quantization_refusal(config.model, engine.quantization)
+    except CheckpointError as exc:  # a bundled id whose wheel is missing: the model check says so as it does today
+        refusal = str(exc)
+    if refusal is not None:
+        raise PreflightError(refusal)
 
 
 def check_files(config: ServeConfig) -> None:
@@ -165,43 +202,6 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
-def check_gguf_quantization(config: ServeConfig) -> None:
-    """--quantization q4_1 | q8_0 serves a GGUF file's own blocks by qgemm_gguf.c: refuse now, before any weight
-    is read, where the model is not such a file (its header says) or the kernel cannot run here. (With
-    --engine vllm, ServeConfig itself refuses it.)"""
-    engine = config.engine
-    if engine.quantization not in ("q4_1", "q8_0") or config.engine_kind != "native":
-        return
-    from service.checkpoints.errors import CheckpointError
-    from service.checkpoints.gguf_blocks import quantization_refusal
-    from service.engine.modeling import kernel_cache
-
-    flag = f"--quantization {engine.quantization}"
-    device = engine.device
-    if device == "auto":  # as runner.resolve_device does (torch only here: transformers would cost seconds)
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu":
-        raise PreflightError(f"{flag} runs on CPU only (its kernel is C); the device here is {device} (--device cpu)")
-    dtype = engine.dtype
-    if dtype == "auto":  # runner.resolve_dtype on CPU: bf16 where the CPU computes it natively
-        flags = kernel_cache.cpu_flags().split()
-        dtype = "bfloat16" if b"avx512_bf16" in flags or b"amx_bf16" in flags else "float32"
-    if dtype != "float32":
-        where = " (auto on this CPU)" if engine.dtype == "auto" else ""
-        raise PreflightError(f"{flag} computes with float32 activations, not {dtype}{where}: add --dtype float32")
-    built = kernel_cache.library_path(engine.cache_dir, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)).exists()
-    if not built and shutil.which(engine.c_compiler) is None:
-        raise PreflightError(f"{flag} needs the C kernels, and there is no C compiler ({engine.c_compiler}) to build them")
-    try:
-        refusal = quantization_refusal(config.model, engine.quantization)
-    except CheckpointError as exc:  # a bundled id whose wheel is missing: the model check says so as it does today
-        refusal = str(exc)
-    if refusal is not None:
-        raise PreflightError(refusal)
-
-
 def preflight(config: ServeConfig) -> PortReservation:
     """Check the engine and the files, then reserve the ports; raises PreflightError."""
     check_engine(config)
@@ -211,7 +211,6 @@ def preflight(config: ServeConfig) -> PortReservation:
 
 
 __all__ = [
-    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files",
-    "check_gguf_quantization", "preflight",
+    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files", "preflight",
     "reserve_ports",
 ]

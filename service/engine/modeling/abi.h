@@ -16,12 +16,6 @@
 /* gemm.c's packed weights come in groups of this many output columns (native_kernels.pack_weight). */
 #define LMSERVE_GEMM_GROUP_COLS 64
 
-/* qgemm_gguf.c: GGUF weight blocks of this many elements, and the two ggml types it computes with (their
- * GGMLQuantizationType values). */
-#define LMSERVE_GGUF_BLOCK 32
-#define LMSERVE_GGUF_Q4_1 3
-#define LMSERVE_GGUF_Q8_0 8
-
 /* decoder_stack_bf16's layer table: one row of addresses per layer, in this order (0: none). */
 enum lmserve_layer_slot {
     LMSERVE_QKV_W,
@@ -74,14 +68,6 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
                        int silu_gate_up, float eps, float scale, int num_threads);
 
-/* qgemm_gguf.c: y[M, N] = x[M, K] . W^T, W's N rows in the GGUF blocks of `type` (LMSERVE_GGUF_Q4_1 or
- * _Q8_0) as stored, x quantized per block of 32 inside the call (ggml's Q8_1 / Q8_0); returns 2 for a K not a
- * multiple of 32 or another type. lmserve_gguf_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. gguf_quantize_rows:
- * that activation quantization alone, qx [M, K], dx and sx [M, K / 32] (exported for the tests). */
-int lmserve_gguf_isa(void);
-int gguf_quantize_rows(const float *x, int8_t *qx, float *dx, float *sx, int64_t M, int64_t K, int num_threads);
-int gguf_gemm(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type, int num_threads);
-
 /* sampling.c: one temperature draw per row of float32 logits. */
 int sample_temperature_f32(const float *logits, const float *temperatures, const float *uniforms, int64_t *out,
                            int64_t rows, int64_t vocab, int num_threads);
@@ -89,5 +75,19 @@ int sample_temperature_f32(const float *logits, const float *temperatures, const
 /* token_mask.c: constrained decoding's token masks applied to float32 logits in place. */
 void apply_token_bitmask_f32(float *logits, int64_t row_stride, const int32_t *mask, int64_t words,
                              const int64_t *rows, int64_t num_rows, int64_t vocab);
+
+/* qgemm_gguf.c: GGUF weight blocks of this many elements, and the two ggml types it computes with (their
+ * GGMLQuantizationType values). */
+#define LMSERVE_GGUF_BLOCK 32
+#define LMSERVE_GGUF_Q4_1 3
+#define LMSERVE_GGUF_Q8_0 8
+
+/* qgemm_gguf.c: y[M, N] = x[M, K] . W^T, W's N rows in the GGUF blocks of `type` (LMSERVE_GGUF_Q4_1 or
+ * _Q8_0) as stored, x quantized per block of 32 inside the call (ggml's Q8_1 / Q8_0); returns 2 for a K not a
+ * multiple of 32 or another type. lmserve_gguf_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. gguf_quantize_rows:
+ * that activation quantization alone, qx [M, K], dx and sx [M, K / 32] (exported for the tests). */
+int lmserve_gguf_isa(void);
+int gguf_quantize_rows(const float *x, int8_t *qx, float *dx, float *sx, int64_t M, int64_t K, int num_threads);
+int gguf_gemm(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type, int num_threads);
 
 #endif

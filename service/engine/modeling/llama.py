@@ -75,11 +75,6 @@ class Linear(nn.Linear):
             return native_kernels.gguf_gemm(x, self.packed, self.bias)
         return linear(x, self.weight if self.packed is None else self.packed, self.bias)
 
-    def pack(self) -> None:
-        self.packed = prepack(self.weight)
-        del self.weight
-        self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
-
     def use_gguf(self, weight: native_kernels.GGUFWeight) -> None:
         """A GGUF file's blocks of this weight (qgemm_gguf.c; --quantization q4_1 | q8_0) in place of the float one."""
         if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
@@ -90,6 +85,11 @@ class Linear(nn.Linear):
         self.packed = weight  # type: ignore[assignment]  # a third kind of packed weight, for forward
         del self.weight
         self.weight = None
+
+    def pack(self) -> None:
+        self.packed = prepack(self.weight)
+        del self.weight
+        self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
 
 
 class GateUpLinear(Linear):
