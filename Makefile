@@ -74,7 +74,7 @@ kernels: $(STAMP)
 # python itself is not instrumented, so libasan is preloaded; its leak check is off (the interpreter's own
 # allocations would be reported). gemm.c's tests run where the CPU has AVX-512 BF16 (tests/engine/conftest.py).
 KERNEL_TESTS := tests/engine/test_kernel_abi.py tests/engine/test_attention.py tests/engine/test_fused_ops.py \
-	tests/engine/test_gemm.py tests/engine/test_sampler.py
+	tests/engine/test_gemm.py tests/engine/test_sampler.py tests/engine/test_qgemm_gguf.py
 kernels-asan: $(STAMP)
 	LD_PRELOAD=$$($${CC:-cc} -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from service.checkpoints import CheckpointError, check_generation_architecture, load_weights, weight_files
-from service.config import EngineConfig
 from service.checkpoints.gguf_blocks import GGUF_QUANTIZATIONS
+from service.config import EngineConfig
 from service.engine.gguf_weights import use_gguf_blocks
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import AttentionMetadata, SeqLayout, build_metadata

@@ -148,7 +148,8 @@ def _cat_rows(parts: list[native_kernels.GGUFWeight]) -> native_kernels.GGUFWeig
     """GGUF weights of one type and width stacked by rows (q/k/v, gate/up): their blocks, concatenated."""
     kinds = {p.kind for p in parts}
     if len(kinds) != 1 or len({p.in_features for p in parts}) != 1:
-        raise ValueError(f"cannot fuse GGUF weights of types {sorted(kinds)} and different widths")
+        widths = sorted({p.in_features for p in parts})
+        raise ValueError(f"cannot fuse GGUF weights of differing types or widths: {sorted(kinds)}, {widths}")
     data = torch.cat([p.data for p in parts], dim=0)
     return native_kernels.GGUFWeight(data, parts[0].kind, sum(p.out_features for p in parts), parts[0].in_features)
 

@@ -254,7 +254,8 @@ int gguf_gemm(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, 
     const int64_t m_pad = M == 1 ? 1 : (M + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
     /* qx [m_pad, K] int8, then dx and sx [m_pad, nb] float; the padding rows are zero (scale 0). */
     const size_t qx_bytes = (size_t)(m_pad * K + 63) / 64 * 64;
-    char *buf = aligned_alloc(64, qx_bytes + 2 * sizeof(float) * (size_t)(m_pad * nb) + 64);
+    const size_t total = (qx_bytes + 2 * sizeof(float) * (size_t)(m_pad * nb) + 63) / 64 * 64; /* C11: a multiple */
+    char *buf = aligned_alloc(64, total);
     if (buf == NULL) return 1;
     int8_t *qx = (int8_t *)buf;
     float *dx = (float *)(buf + qx_bytes), *sx = dx + m_pad * nb;
