@@ -58,7 +58,9 @@ def one_request(client: httpx.Client, model: str, prompt: list[int], output_len:
     first = last = None
     num_tokens = 0
     num_text_chunks = 0
-    with client.stream("POST", "/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S) as resp:
+    # A fresh connection each time: llama-server may close a kept-alive one just as the next request is sent.
+    headers = {"Connection": "close"}
+    with client.stream("POST", "/v1/completions", json=body, headers=headers, timeout=REQUEST_TIMEOUT_S) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
