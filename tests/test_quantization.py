@@ -5,12 +5,9 @@ not asserted: int8 is an approximation, and a near-tie may go either way)."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -18,7 +15,7 @@ from service.config import EngineConfig
 from service.engine.modeling.attention import SeqLayout
 from service.engine.runner import ModelRunner
 from service.tokenizer import Tokenizer
-from tests.cli_process import REPO_ROOT, cli_command, cli_env, free_port
+from tests.cli_process import cli_server, free_port
 from tests.test_cli import FileWatch, _serve_fails_before_loading
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -44,29 +41,13 @@ def greedy(runner: ModelRunner, prompt_ids: list[int], num_tokens: int) -> list[
 def int8_server(tiny_llama_dir: Path, tmp_path: Path, cache_dir: Path) -> Iterator[tuple[str, Path]]:
     port = free_port()
     log_path = tmp_path / "server.log"
-    command = cli_command(
+    args = [
         "serve", "--model", str(tiny_llama_dir), "--embedding-model", "none", "--port", str(port), "--grpc-port", "0",
         "--quantization", "int8", "--dtype", "float32", "--num-kv-blocks", "64", "--no-safety", "--log-format", "text",
         "--cache-dir", str(cache_dir),
-    )  # fmt: skip
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(), stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+    ]  # fmt: skip
+    with cli_server(args, port, log_path) as base:
         yield base, log_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_int8_server_answers_a_greedy_completion_with_the_int8_models_tokens(

@@ -6,8 +6,6 @@ are not the float model, and where the two first part is the measure."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.api.conftest import LiveServer
-from tests.cli_process import REPO_ROOT, cli_command, cli_env, free_port
+from tests.cli_process import cli_server, free_port
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = ["The capital of France is", "Hello, how are you?", "1 2 3 4", "def f(x):", "The sun rises in the"]
@@ -39,28 +37,8 @@ def q4_1_server(cache_dir: Path, smollm2_dir: Path, tmp_path_factory: pytest.Tem
         "--port", str(port), "--grpc-port", "0", "--cache-dir", str(cache_dir), "--max-model-len", "256",
         "--num-kv-blocks", "64", "--no-safety",
     ]  # fmt: skip
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cli_command(*args), cwd=REPO_ROOT, env=cli_env(), stdout=log_file, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the q4_1 server did not become ready"
-            time.sleep(0.2)
+    with cli_server(args, port, log_path, timeout_s=180) as base_url:
         yield QuantizedServer(base_url, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _greedy(base_url: str, prompts: list[str], headers: dict[str, str] | None = None) -> list[str]:
