@@ -59,8 +59,6 @@ class Request:
         # Speculative decoding: up to this many draft tokens per step, proposed by `lookup` (None: off).
         self.lookup: PromptLookup | None = None
         self.num_speculative_tokens = 0
-        self.num_draft_tokens = 0  # drafted and verified so far
-        self.num_accepted_tokens = 0  # of those, accepted
 
     @property
     def num_tokens(self) -> int:

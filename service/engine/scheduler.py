@@ -233,8 +233,6 @@ class Scheduler:
                 if req.is_finished:
                     break
             if drafts:
-                req.num_draft_tokens += len(drafts)
-                req.num_accepted_tokens += num_accepted
                 self.num_draft_tokens_total += len(drafts)
                 self.num_accepted_tokens_total += num_accepted
             received.append(req)
