@@ -45,12 +45,15 @@ def test_the_library_exports_what_abi_h_declares(variant: str, request: pytest.F
 def test_abi_h_is_read_as_declared() -> None:
     abi = kernel_abi.read()
     assert abi.constants == {
-        "GEMM_GROUP_COLS": 64, "QGEMM_GROUP_COLS": 4, "QGEMM_K_ALIGN": 32, "LAYER_SLOTS": 10,
+        "GEMM_GROUP_COLS": 64, "QGEMM_GROUP_COLS": 4, "QGEMM_K_ALIGN": 32, "LAYER_SLOTS": 14,
         # qgemm_gguf.c's block size and the ggml type ids it takes (GGMLQuantizationType's values)
         "GGUF_BLOCK": 32, "GGUF_Q4_1": 3, "GGUF_Q8_0": 8,
+        # decoder_stack_f32q's third weight kind, int8 (clear of the ggml type ids)
+        "WEIGHT_INT8": 1000,
     }  # fmt: skip
     assert abi.layer_slots == (
         "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b", "input_norm", "post_norm",
+        "qkv_s", "o_s", "gate_up_s", "down_s",
     )  # fmt: skip
     # LayerWeights names the same slots, in the same order.
     assert tuple(f.name for f in dataclasses.fields(native_kernels.LayerWeights)) == abi.layer_slots
@@ -58,7 +61,7 @@ def test_abi_h_is_read_as_declared() -> None:
     assert [p.c_type for p in gemm.params] == ["pointer"] * 5 + ["int64_t"] * 3 + ["int", "int"]
     assert abi.functions["lmserve_has_avx512_bf16"].params == ()
     qgemm = abi.functions["qgemm_int8"]
-    assert [p.c_type for p in qgemm.params] == ["pointer"] * 4 + ["int64_t"] * 3 + ["int"]
+    assert [p.c_type for p in qgemm.params] == ["pointer"] * 5 + ["int64_t"] * 3 + ["int"]
     assert abi.functions["apply_token_bitmask_f32"].returns == "void"
 
 

@@ -25,8 +25,11 @@
 #define LMSERVE_GGUF_BLOCK 32
 #define LMSERVE_GGUF_Q4_1 3
 #define LMSERVE_GGUF_Q8_0 8
+/* decoder_stack_f32q's weight kinds: int8 (qgemm.c) or one of the two GGUF types above. */
+#define LMSERVE_WEIGHT_INT8 1000
 
-/* decoder_stack_bf16's layer table: one row of addresses per layer, in this order (0: none). */
+/* The decoder stacks' layer table: one row of addresses per layer, in this order (0: none). The _S slots are
+ * int8 weights' per-channel scales (decoder_stack_f32q with LMSERVE_WEIGHT_INT8 only). */
 enum lmserve_layer_slot {
     LMSERVE_QKV_W,
     LMSERVE_QKV_B,
@@ -38,6 +41,10 @@ enum lmserve_layer_slot {
     LMSERVE_DOWN_B,
     LMSERVE_INPUT_NORM,
     LMSERVE_POST_NORM,
+    LMSERVE_QKV_S,
+    LMSERVE_O_S,
+    LMSERVE_GATE_UP_S,
+    LMSERVE_DOWN_S,
     LMSERVE_LAYER_SLOTS
 };
 
@@ -58,13 +65,19 @@ int paged_attention_bf16(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache
                          int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                          int64_t max_ctx, float scale, int num_threads);
 
-/* fused_ops.c: the elementwise ops of a bf16 decoder layer. */
+/* fused_ops.c: the elementwise ops of a decoder layer, bf16 and (the quantized-weight path) float32. */
 void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
                        int64_t dim, float eps, int num_threads);
 void silu_mul_bf16(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads);
 void rope_cache_bf16(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out,
                      bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads,
                      int64_t num_kv_heads, int64_t head_dim, int64_t cache_slots, int num_threads);
+void add_rms_norm_f32(const float *x, float *residual, const float *weight, float *out, int64_t rows, int64_t dim,
+                      float eps, int num_threads);
+void silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t inter, int num_threads);
+void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out, float *k_cache,
+                    float *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                    int64_t head_dim, int64_t cache_slots, int num_threads);
 
 /* gemm.c: the bf16 projections (AVX-512 BF16 builds only). */
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
@@ -77,22 +90,32 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
                        int silu_gate_up, float eps, float scale, int num_threads);
+/* decoder.c: every decoder layer of a float32 step with quantized weights (--quantization) in one call, on any
+ * CPU: weight_kind LMSERVE_WEIGHT_INT8, LMSERVE_GGUF_Q4_1 or LMSERVE_GGUF_Q8_0 for every projection. Returns
+ * 2 for another kind. */
+int decoder_stack_f32q(float *residual, const int64_t *layers, int64_t num_layers, const float *cos, const float *sin,
+                       const int64_t *slots, float *kv_cache, int64_t num_blocks, int64_t block_size,
+                       const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                       const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
+                       int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
+                       int weight_kind, float eps, float scale, int num_threads);
 
 /* qgemm.c: int8 weights (per-output-channel scales) times activations quantized in blocks of 32 along K,
  * float32 out. lmserve_qgemm_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. quantize_rows_int8: xq [M, Kp] and
  * sx [M, Kp / 32] as qgemm_int8 computes them (exported for the tests). qgemm_int8:
- * y[m, n] = sum_b (xq[m, b] . W_q[n, b]) * sx[m, b] * scales[n]. */
+ * y[m, n] = sum_b (xq[m, b] . W_q[n, b]) * sx[m, b] * scales[n] (+ bias[n], where bias is not NULL). */
 int lmserve_qgemm_isa(void);
 int quantize_rows_int8(const float *x, int8_t *xq, float *sx, int64_t M, int64_t K, int64_t Kp, int num_threads);
-int qgemm_int8(const float *x, const int8_t *packed, const float *scales, float *y, int64_t M, int64_t N, int64_t K,
-               int num_threads);
-/* qgemm_gguf.c: y[M, N] = x[M, K] . W^T, W's N rows in the GGUF blocks of `type` (LMSERVE_GGUF_Q4_1 or
+int qgemm_int8(const float *x, const int8_t *packed, const float *scales, const float *bias, float *y, int64_t M,
+               int64_t N, int64_t K, int num_threads);
+/* qgemm_gguf.c: y[M, N] = x[M, K] . W^T (+ bias, where not NULL), W's N rows in the GGUF blocks of `type` (LMSERVE_GGUF_Q4_1 or
  * _Q8_0) as stored, x quantized per block of 32 inside the call (ggml's Q8_1 / Q8_0); returns 2 for a K not a
  * multiple of 32 or another type. lmserve_gguf_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. gguf_quantize_rows:
  * that activation quantization alone, qx [M, K], dx and sx [M, K / 32] (exported for the tests). */
 int lmserve_gguf_isa(void);
 int gguf_quantize_rows(const float *x, int8_t *qx, float *dx, float *sx, int64_t M, int64_t K, int num_threads);
-int gguf_gemm(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type, int num_threads);
+int gguf_gemm(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int type,
+              int num_threads);
 
 /* sampling.c: one temperature draw per row of float32 logits. */
 int sample_temperature_f32(const float *logits, const float *temperatures, const float *uniforms, int64_t *out,

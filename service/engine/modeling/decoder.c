@@ -102,3 +102,88 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
 }
 
 #endif
+
+/* decoder_stack_f32q: the same for a float32 step whose projections are quantized (--quantization int8,
+ * q4_1 or q8_0), on any CPU the kernels build for: every layer in one parallel region, with the kernels of
+ * the per-op path (llama.py's _layers_fused with those weights) in its order, so the result is bit for bit
+ * that path's. The projections are qgemm.c's (int8, with the _S slots' scales) or qgemm_gguf.c's (a GGUF's
+ * blocks), each quantizing its rows of x into the one scratch shared by all of them; SiLU-and-multiply is a
+ * phase of its own; attention is the portable float32 kernel's team work. */
+
+#define FPTR(layer, i) ((const float *)(intptr_t)(layer)[i])
+
+/* y = x . W^T (+ bias) for the projection in slots (w, s, b) of a layer row. */
+static void qlinear_team(const int64_t *layer, int w, int s, int b, int kind, const float *x, float *y, int64_t M,
+                         int64_t N, int64_t K, int8_t *qx, float *dx, float *sx) {
+    if (kind == LMSERVE_WEIGHT_INT8)
+        qgemm_int8_team(x, qx, sx, (const int8_t *)(intptr_t)layer[w], FPTR(layer, s), FPTR(layer, b), y, M, N, K);
+    else
+        gguf_gemm_team(x, (const uint8_t *)(intptr_t)layer[w], FPTR(layer, b), y, M, N, K, kind, qx, dx, sx);
+}
+
+int decoder_stack_f32q(float *residual, const int64_t *layers, int64_t num_layers, const float *cos, const float *sin,
+                       const int64_t *slots, float *kv_cache, int64_t num_blocks, int64_t block_size,
+                       const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                       const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
+                       int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
+                       int weight_kind, float eps, float scale, int num_threads) {
+    if (weight_kind != LMSERVE_WEIGHT_INT8 && weight_kind != LMSERVE_GGUF_Q4_1 && weight_kind != LMSERVE_GGUF_Q8_0)
+        return 2;
+    if ((weight_kind != LMSERVE_WEIGHT_INT8) && (hidden % LMSERVE_GGUF_BLOCK || inter % LMSERVE_GGUF_BLOCK ||
+                                                 (num_heads * head_dim) % LMSERVE_GGUF_BLOCK))
+        return 2;
+    const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
+    const int64_t qkv_width = q_width + 2 * kv_width;
+    const int64_t plane = num_kv_heads * num_blocks * block_size * head_dim; /* one layer's K (or V) */
+    const int64_t group = num_heads / num_kv_heads;
+    int64_t k_max = hidden > inter ? hidden : inter;
+    k_max = (k_max > q_width ? k_max : q_width) + LMSERVE_GGUF_BLOCK; /* room for K rounded up to 32 */
+    const int64_t q_rows_pad = quant_rows(T), k_blocks = k_max / LMSERVE_GGUF_BLOCK;
+    /* Activations, as decoder_stack_bf16's (gate_up always: silu_mul is a phase here), then the quantized
+     * rows' scales dx, sx (floats) and the quantized rows qx (bytes, last). */
+    const int64_t sizes[] = {T * hidden, T * qkv_width, T * q_width, T * kv_width, T * q_width, T * hidden,
+                             T * 2 * inter, T * inter, q_rows_pad * k_blocks, q_rows_pad * k_blocks};
+    int64_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += sizes[i];
+    float *buf = malloc(sizeof(float) * (size_t)total + (size_t)(q_rows_pad * k_max));
+    if (buf == NULL) return 1;
+    float *x = buf, *qkv = x + sizes[0], *q = qkv + sizes[1], *k = q + sizes[2], *attn = k + sizes[3];
+    float *proj = attn + sizes[4], *gate_up = proj + sizes[5], *act = gate_up + sizes[6];
+    float *dx = act + sizes[7], *sx = dx + sizes[8];
+    int8_t *qx = (int8_t *)(sx + sizes[9]);
+    const int kind = weight_kind;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *sg = team_scratch(sizeof(float) * attention_scratch_floats(group, head_dim, max_ctx), &failed);
+        if (sg != NULL) { /* every thread or none runs the layers: each phase below is a worksharing loop */
+            add_rms_norm_f32_team(NULL, residual, FPTR(layers, LMSERVE_INPUT_NORM), x, T, hidden, eps);
+            for (int64_t l = 0; l < num_layers; l++) {
+                const int64_t *w = layers + l * LMSERVE_LAYER_SLOTS;
+                float *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
+                qlinear_team(w, LMSERVE_QKV_W, LMSERVE_QKV_S, LMSERVE_QKV_B, kind, x, qkv, T, qkv_width, hidden, qx,
+                             dx, sx);
+                rope_cache_f32_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
+                                    num_blocks * block_size);
+                attention_f32_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows, num_queries,
+                                   num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, max_ctx,
+                                   scale, sg);
+                qlinear_team(w, LMSERVE_O_W, LMSERVE_O_S, LMSERVE_O_B, kind, attn, proj, T, hidden, q_width, qx, dx, sx);
+                add_rms_norm_f32_team(proj, residual, FPTR(w, LMSERVE_POST_NORM), x, T, hidden, eps);
+                qlinear_team(w, LMSERVE_GATE_UP_W, LMSERVE_GATE_UP_S, LMSERVE_GATE_UP_B, kind, x, gate_up, T, 2 * inter,
+                             hidden, qx, dx, sx);
+                silu_mul_f32_team(gate_up, act, T, inter);
+                qlinear_team(w, LMSERVE_DOWN_W, LMSERVE_DOWN_S, LMSERVE_DOWN_B, kind, act, proj, T, hidden, inter, qx,
+                             dx, sx);
+                if (l + 1 < num_layers)
+                    add_rms_norm_f32_team(proj, residual, FPTR(w + LMSERVE_LAYER_SLOTS, LMSERVE_INPUT_NORM), x, T,
+                                          hidden, eps);
+                else
+                    add_rows_f32_team(proj, residual, T, hidden);
+            }
+        }
+        free(sg);
+    }
+    free(buf);
+    return failed;
+}

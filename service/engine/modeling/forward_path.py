@@ -26,7 +26,8 @@ ATTENTION_CHOICES = ("auto", "kernel", "torch")
 class ForwardPath(str, Enum):
     TORCH = "torch ops"  # torch ops throughout, attention included (no C compiler, a GPU, attention=torch)
     ATTENTION_KERNEL = "C paged attention"  # torch ops, attention by the C kernel (float32 on CPU)
-    FUSED_OPS = "C paged attention + fused C elementwise ops"  # bf16 on CPU, one layer at a time
+    # bf16 on CPU, or float32 with quantized weights (--quantization), one layer at a time
+    FUSED_OPS = "C paged attention + fused C elementwise ops"
     DECODER_STACK = "one C call for the decoder stack"  # the fused ops, every layer in one call (decoder.c)
 
     @property
@@ -43,7 +44,9 @@ def choose_forward_path(
 ) -> ForwardPath:
     """The fastest path this machine and model allow under `attention` (auto | kernel | torch).
 
-    Call after the weights are packed: the decoder stack needs every projection packed for gemm.c.
+    Call after the weights are packed or quantized: the decoder stack needs every projection packed for gemm.c,
+    or every one quantized alike. Unquantized float32 stays on torch's elementwise ops (ATTENTION_KERNEL): that
+    is the path held token-exact to transformers.
     """
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be auto, kernel or torch, not {attention!r}")
@@ -52,7 +55,7 @@ def choose_forward_path(
         raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
     if not has_kernel:
         return ForwardPath.TORCH
-    if not native_kernels.fused_ops_supported(dtype, device):
+    if not native_kernels.fused_ops_supported(dtype, device) or (dtype == torch.float32 and not model.quantized()):
         return ForwardPath.ATTENTION_KERNEL
     if model.can_run_decoder_stack():
         return ForwardPath.DECODER_STACK

@@ -144,34 +144,10 @@ void silu_mul_team(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter) 
     for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
 }
 
-/* qkv: [rows, (num_heads + 2 * num_kv_heads) * head_dim]; cos, sin: [rows, head_dim] (HF's duplicated
- * halves); q_out: [rows, num_heads, head_dim]; k_out: [rows, num_kv_heads, head_dim];
- * k_cache, v_cache: [num_kv_heads, num_blocks * block_size, head_dim]; slots: [rows].
- * Per element, as torch computes x * cos + rotate_half(x) * sin in bf16: three roundings. */
-void rope_cache_team(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_out, bf16 *k_out, bf16 *k_cache,
-                     bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
-                     int64_t head_dim, int64_t cache_slots) {
-    const int64_t half = head_dim / 2;
-    const int64_t row_width = (num_heads + 2 * num_kv_heads) * head_dim;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const bf16 *src = qkv + r * row_width;
-        const bf16 *c = cos + r * head_dim;
-        const bf16 *s = sin + r * head_dim;
-        const int64_t slot = slots[r];
-        for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
-            const bf16 *x = src + h * head_dim;
-            bf16 *dst = h < num_heads ? q_out + (r * num_heads + h) * head_dim
-                                      : k_out + (r * num_kv_heads + (h - num_heads)) * head_dim;
-            rope_head(x, c, s, dst, half);
-            if (h >= num_heads)
-                memcpy(k_cache + ((h - num_heads) * cache_slots + slot) * head_dim, dst, head_dim * sizeof(bf16));
-        }
-        const bf16 *v = src + (num_heads + num_kv_heads) * head_dim;
-        for (int64_t h = 0; h < num_kv_heads; h++)
-            memcpy(v_cache + (h * cache_slots + slot) * head_dim, v + h * head_dim, head_dim * sizeof(bf16));
-    }
-}
+#define ROPE_TEAM_NAME rope_cache_team
+#define ROPE_T bf16
+#define ROPE_HEAD rope_head
+#include "rope_cache_generic.h"
 
 void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
                        int64_t dim, float eps, int num_threads) {
@@ -191,4 +167,77 @@ void rope_cache_bf16(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_
 #pragma omp parallel num_threads(threads_for(rows, row_width, num_threads))
     rope_cache_team(qkv, cos, sin, q_out, k_out, k_cache, v_cache, slots, rows, num_heads, num_kv_heads, head_dim,
                     cache_slots);
+}
+
+/* The float32 forms, for the quantized-weight path (--quantization: float32 activations, quantized
+ * weights). Plain float32 arithmetic, in the order of the torch expressions they replace (RoPE's three
+ * roundings give torch's bits), except RMSNorm's sum of squares (vectorised) and 1 / sqrt, and SiLU's exp
+ * (fast_expf, about 2 ulp). */
+static void add_rms_norm_row_f32(const float *x, float *res, const float *weight, float *out, int64_t dim, float eps) {
+    if (x != NULL)
+        for (int64_t i = 0; i < dim; i++) res[i] += x[i];
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < dim; i++) sum += res[i] * res[i];
+    const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+    for (int64_t i = 0; i < dim; i++) out[i] = weight[i] * (res[i] * inv);
+}
+
+#pragma GCC push_options
+#pragma GCC optimize("-fno-trapping-math") /* fast_expf's floorf vectorises (see silu_mul_row) */
+static void silu_mul_row_f32(const float *g, const float *u, float *o, int64_t inter) {
+#pragma omp simd
+    for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
+}
+#pragma GCC pop_options
+
+static inline void rope_head_f32(const float *x, const float *c, const float *s, float *dst, int64_t half) {
+    for (int64_t j = 0; j < half; j++) {
+        dst[j] = x[j] * c[j] + -x[j + half] * s[j];
+        dst[j + half] = x[j + half] * c[j + half] + x[j] * s[j + half];
+    }
+}
+
+#define ROPE_TEAM_NAME rope_cache_f32_team
+#define ROPE_T float
+#define ROPE_HEAD rope_head_f32
+#include "rope_cache_generic.h"
+
+void add_rms_norm_f32_team(const float *x, float *residual, const float *weight, float *out, int64_t rows, int64_t dim,
+                           float eps) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        add_rms_norm_row_f32(x == NULL ? NULL : x + r * dim, residual + r * dim, weight, out + r * dim, dim, eps);
+}
+
+void add_rows_f32_team(const float *x, float *residual, int64_t rows, int64_t dim) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < dim; i++) residual[r * dim + i] += x[r * dim + i];
+}
+
+void silu_mul_f32_team(const float *gate_up, float *out, int64_t rows, int64_t inter) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul_row_f32(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
+}
+
+void add_rms_norm_f32(const float *x, float *residual, const float *weight, float *out, int64_t rows, int64_t dim,
+                      float eps, int num_threads) {
+#pragma omp parallel num_threads(threads_for(rows, dim, num_threads))
+    add_rms_norm_f32_team(x, residual, weight, out, rows, dim, eps);
+}
+
+void silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel num_threads(threads_for(rows, inter, num_threads))
+    silu_mul_f32_team(gate_up, out, rows, inter);
+}
+
+void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out, float *k_cache,
+                    float *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                    int64_t head_dim, int64_t cache_slots, int num_threads) {
+    const int64_t row_width = (num_heads + 2 * num_kv_heads) * head_dim;
+#pragma omp parallel num_threads(threads_for(rows, row_width, num_threads))
+    rope_cache_f32_team(qkv, cos, sin, q_out, k_out, k_cache, v_cache, slots, rows, num_heads, num_kv_heads, head_dim,
+                        cache_slots);
 }

@@ -46,6 +46,24 @@ void rope_cache_team(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_
                      bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                      int64_t head_dim, int64_t cache_slots);
 
+/* The per-thread scratch, in floats, of the portable attention's team work below. */
+static inline size_t attention_scratch_floats(int64_t group, int64_t head_dim, int64_t max_ctx) {
+    return (size_t)(group * (2 * head_dim + max_ctx) + head_dim);
+}
+
+/* paged_attention.c: the portable attention's body as team work, float32 (decoder.c's quantized stack) and
+ * bf16; buf: this thread's attention_scratch_floats. */
+void attention_f32_team(const float *q, const float *k_cache, const float *v_cache, float *out,
+                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                        const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t max_ctx,
+                        float scale, float *buf);
+void attention_bf16_generic_team(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,
+                                 const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                                 const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                                 int64_t max_ctx, float scale, float *buf);
+
 /* paged_attention.c: the portable bf16 attention (any head_dim), which paged_attention_bf16 falls back to.
  * Not exported to Python; not static either, because as a static function GCC inlines it into
  * paged_attention_bf16 and that function's code changes (tools/kernel_disasm.py). */
@@ -54,6 +72,27 @@ int paged_attention_bf16_generic(const bf16 *q, const bf16 *k_cache, const bf16 
                                  const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                                  int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                                  int64_t max_ctx, float scale, int num_threads);
+
+/* fused_ops.c: the same ops in float32, for the quantized-weight path (float32 activations). */
+void add_rms_norm_f32_team(const float *x, float *residual, const float *weight, float *out, int64_t rows, int64_t dim,
+                           float eps);
+void add_rows_f32_team(const float *x, float *residual, int64_t rows, int64_t dim);
+void silu_mul_f32_team(const float *gate_up, float *out, int64_t rows, int64_t inter);
+void rope_cache_f32_team(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out,
+                         float *k_cache, float *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim, int64_t cache_slots);
+
+/* The quantized matrix multiplies' rows of x are quantized into scratch of quant_rows(M) rows (a multiple of
+ * 4, so that qgemm_gguf.c's tiles of 4 rows may run past M on zeros) of the call's K rounded up to 32:
+ * qx [quant_rows(M), Kp] int8, dx and sx [quant_rows(M), Kp / 32] float. */
+static inline int64_t quant_rows(int64_t M) { return (M + 3) / 4 * 4; }
+
+/* qgemm.c: qgemm_int8's body as team work, y = x . W^T (+ bias), x quantized into xq and sx first. */
+void qgemm_int8_team(const float *x, int8_t *xq, float *sx, const int8_t *packed, const float *scales,
+                     const float *bias, float *y, int64_t M, int64_t N, int64_t K);
+/* qgemm_gguf.c: gguf_gemm's body as team work (K a multiple of 32, type Q4_1 or Q8_0, as gguf_gemm checks). */
+void gguf_gemm_team(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                    int type, int8_t *qx, float *dx, float *sx);
 
 /* paged_attention.c, with AVX-512 BF16 only (head_dim 64 or 128); sg: group * (max_ctx + 1) floats. */
 void attention_bf16_team(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,

@@ -228,7 +228,7 @@ class Attention(nn.Module):
     def forward_fused(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """The same, with RoPE and the cache write in one C call (bf16; not with a per-head q/k norm)."""
+        """The same, with RoPE and the cache write in one C call (not with a per-head q/k norm)."""
         num_tokens = hidden.shape[0]
         # .forward, not __call__: the module-call machinery is a measurable share of a small step.
         qkv = self.qkv_proj.forward(hidden)
@@ -273,7 +273,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The same, SiLU-and-multiply by the C kernel where gate/up's gemm does not apply it (bf16)."""
+        """The same, SiLU-and-multiply by the C kernel where gate/up's gemm does not apply it."""
         if self.gate_up_proj.applies_silu:
             return self.down_proj.forward(self.gate_up_proj.forward(x))
         return self.down_proj.forward(native_kernels.silu_mul(self.gate_up_proj.forward(x)))
@@ -324,7 +324,7 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """ForwardPath.FUSED_OPS: the same layers with each residual add fused into the norm that follows
-        it, and the other elementwise ops by C kernels (bf16)."""
+        it, and the other elementwise ops by C kernels (bf16, or float32 with quantized weights)."""
         residual = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, residual.dtype)
         return self._layers_fused(residual, cos, sin, kv_caches, meta)
@@ -345,6 +345,7 @@ class LlamaForCausalLM(nn.Module):
     def forward_stack(
         self,
         stack_table: torch.Tensor,
+        weight_kind: int | None,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: torch.Tensor,
@@ -358,7 +359,7 @@ class LlamaForCausalLM(nn.Module):
             return self._layers_fused(hidden, cos, sin, kv_caches, meta)
         attn = self.layers[0].self_attn
         native_kernels.decoder_stack(
-            hidden, stack_table, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
+            hidden, stack_table, weight_kind, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
             self.layers[0].mlp.intermediate_size, self.layers[0].mlp.gate_up_proj.applies_silu, self.norm.eps,
             attn.scale,
         )  # fmt: skip
@@ -367,36 +368,51 @@ class LlamaForCausalLM(nn.Module):
     def forward_for(self, path: ForwardPath) -> Callable[..., torch.Tensor]:
         """The forward that runs `path`: (input_ids, positions, kv_caches, meta) -> hidden states."""
         if path is ForwardPath.DECODER_STACK:
-            return functools.partial(self.forward_stack, self.stack_table())
+            layers = self._stack_layers()
+            table, kind = native_kernels.layer_table(layers), native_kernels.stack_weight_kind(layers)
+            return functools.partial(self.forward_stack, table, kind)
         if path is ForwardPath.FUSED_OPS:
             return self.forward_fused
         return self.forward
 
+    def quantized(self) -> bool:
+        """The decoder's projections are quantized (--quantization int8, q4_1 or q8_0): float32 activations
+        with qgemm.c's or qgemm_gguf.c's weights."""
+        packed = self.layers[0].self_attn.qkv_proj.packed
+        return isinstance(packed, (native_kernels.QuantizedWeight, native_kernels.GGUFWeight))
+
     def can_run_decoder_stack(self) -> bool:
-        """decoder.c takes this model: every projection packed for gemm.c, attention heads of 64 or 128 (its
-        bf16 kernel's sizes), no per-head q/k norm (Qwen3)."""
+        """decoder.c takes this model: no per-head q/k norm (Qwen3), and either every projection packed for
+        gemm.c with attention heads of 64 or 128 (its bf16 kernel's sizes), or every decoder projection
+        quantized, all of one kind (decoder_stack_f32q; any head size: the portable float32 attention)."""
         attn = self.layers[0].self_attn
+        if attn.has_qk_norm or native_kernels.library() is None:
+            return False
+        if self.quantized():
+            try:
+                native_kernels.stack_weight_kind(self._stack_layers())
+            except ValueError:
+                return False
+            return True
         projections = [m for m in self.modules() if isinstance(m, Linear)]
         return (
             native_kernels.gemm_bf16_available()
-            and not attn.has_qk_norm
             and attn.head_dim in (64, 128)
             and all(isinstance(m.packed, native_kernels.PackedWeight) for m in projections)
         )
 
-    def stack_table(self) -> torch.Tensor:
-        """The layer table for native_kernels.decoder_stack (addresses of the packed weights)."""
-        assert self.can_run_decoder_stack()
-        return native_kernels.layer_table([
-            native_kernels.LayerWeights(
-                qkv_w=layer.self_attn.qkv_proj.packed, qkv_b=layer.self_attn.qkv_proj.bias,
-                o_w=layer.self_attn.o_proj.packed, o_b=layer.self_attn.o_proj.bias,
-                gate_up_w=layer.mlp.gate_up_proj.packed, gate_up_b=layer.mlp.gate_up_proj.bias,
-                down_w=layer.mlp.down_proj.packed, down_b=layer.mlp.down_proj.bias,
+    def _stack_layers(self) -> list[native_kernels.LayerWeights]:
+        """Each layer's tensors for native_kernels.layer_table (the packed or quantized weights)."""
+        return [
+            native_kernels.LayerWeights.of(
+                qkv=(layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias),
+                o=(layer.self_attn.o_proj.packed, layer.self_attn.o_proj.bias),
+                gate_up=(layer.mlp.gate_up_proj.packed, layer.mlp.gate_up_proj.bias),
+                down=(layer.mlp.down_proj.packed, layer.mlp.down_proj.bias),
                 input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
             )
             for layer in self.layers
-        ])  # fmt: skip
+        ]  # fmt: skip
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, vocab_size] logits: float32 straight from gemm.c's sums where it computes the head,

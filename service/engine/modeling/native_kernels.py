@@ -170,25 +170,33 @@ def paged_attention_kernel(
 
 
 def fused_ops_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """add_rms_norm, silu_mul and rope_and_cache run for this dtype and device (bf16 on CPU, kernels loaded)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and library() is not None
+    """add_rms_norm, silu_mul and rope_and_cache run for this dtype and device (bf16 or float32 on CPU, kernels
+    loaded). float32 takes them with quantized weights only (forward_path.choose_forward_path)."""
+    return device.type == "cpu" and dtype in _C_TYPES and library() is not None
 
 
-def _check(kind: str, *tensors: torch.Tensor) -> None:
+def _check(kind: str, *tensors: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
     """The kernels read raw pointers: every tensor must be contiguous and of the kernel's dtype."""
     for t in tensors:
-        if t.dtype != torch.bfloat16 or not t.is_contiguous():
-            raise ValueError(f"{kind}: expected contiguous bfloat16 tensors, got {t.dtype} {tuple(t.stride())}")
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{kind}: expected contiguous {dtype} tensors, got {t.dtype} {tuple(t.stride())}")
+
+
+def _fused(lib: ctypes.CDLL, name: str, dtype: torch.dtype):
+    """fused_ops.c's `name` for this dtype: name_bf16 or name_f32."""
+    if dtype not in _C_TYPES:
+        raise ValueError(f"{name}: no kernel for {dtype}")
+    return getattr(lib, f"{name}_{_C_TYPES[dtype]}")
 
 
 def add_rms_norm(
     x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """residual += x in place (when x is given); returns weight * rms_norm(residual). bf16, [rows, dim]."""
+    """residual += x in place (when x is given); returns weight * rms_norm(residual). bf16 or float32, [rows, dim]."""
     rows, dim = residual.shape
-    _check("add_rms_norm", residual, weight, *(() if x is None else (x,)))
+    _check("add_rms_norm", residual, weight, *(() if x is None else (x,)), dtype=residual.dtype)
     out = torch.empty_like(residual)
-    _loaded().add_rms_norm_bf16(
+    _fused(_loaded(), "add_rms_norm", residual.dtype)(
         None if x is None else x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
         rows, dim, eps, torch.get_num_threads(),
     )  # fmt: skip
@@ -196,11 +204,11 @@ def add_rms_norm(
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[rows, 2 * inter] (gate | up) -> silu(gate) * up, [rows, inter]. bf16."""
+    """[rows, 2 * inter] (gate | up) -> silu(gate) * up, [rows, inter]. bf16 or float32."""
     rows, width = gate_up.shape
-    _check("silu_mul", gate_up)
+    _check("silu_mul", gate_up, dtype=gate_up.dtype)
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-    _loaded().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    _fused(_loaded(), "silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out
 
 
@@ -212,16 +220,17 @@ def rope_and_cache(
     slot_mapping: torch.Tensor,  # [rows] int64
     num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k, and k, v written to their cache slots, in one pass. Returns q, k contiguous."""
+    """RoPE on q and k, and k, v written to their cache slots, in one pass (bf16 or float32). Returns q, k
+    contiguous."""
     _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     rows = qkv.shape[0]
     k_plane, v_plane = _planes(kv_cache)
-    _check("rope_and_cache", qkv, cos, sin, kv_cache)
+    _check("rope_and_cache", qkv, cos, sin, kv_cache, dtype=qkv.dtype)
     if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (rows,) or not slot_mapping.is_contiguous():
         raise ValueError("rope_and_cache: slot_mapping must be a contiguous int64 tensor, one slot per row")
     q = torch.empty(rows, num_heads, head_dim, dtype=qkv.dtype)
     k = torch.empty(rows, num_kv_heads, head_dim, dtype=qkv.dtype)
-    _loaded().rope_cache_bf16(
+    _fused(_loaded(), "rope_cache", qkv.dtype)(
         qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
         k_plane, v_plane, slot_mapping.data_ptr(),
         rows, num_heads, num_kv_heads, head_dim, num_blocks * block_size, torch.get_num_threads(),
@@ -387,19 +396,20 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def qgemm_int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in_features] float32 @ weight.T -> [..., out_features] float32, by qgemm.c: x quantized to
     int8 with a scale per block of 32 values of a row, the products summed in int32 per block, scaled back
-    (+ bias, by torch)."""
+    (+ bias, float32, added in the same call)."""
     if x.dtype != torch.float32:
         raise ValueError(f"qgemm_int8 takes float32 activations, not {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features).contiguous()
     rows = x2.shape[0]
     out = torch.empty(rows, weight.out_features, dtype=torch.float32)
-    if rows and _loaded().qgemm_int8(
-        x2.data_ptr(), weight.data.data_ptr(), weight.scales.data_ptr(), out.data_ptr(), rows, weight.out_features, weight.in_features, torch.get_num_threads(),
-    ):
-        raise MemoryError("qgemm_int8 could not allocate its activation buffer")
     if bias is not None:
-        out += bias
+        _check("qgemm_int8", bias, dtype=torch.float32)
+    if rows and _loaded().qgemm_int8(
+        x2.data_ptr(), weight.data.data_ptr(), weight.scales.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), rows, weight.out_features, weight.in_features, torch.get_num_threads(),
+    ):  # fmt: skip
+        raise MemoryError("qgemm_int8 could not allocate its activation buffer")
     return out.view(*lead, weight.out_features)
 
 
@@ -408,41 +418,78 @@ def qgemm_int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | No
 @dataclass(frozen=True)
 class LayerWeights:
     """One decoder layer's tensors for decoder_stack, named as abi.h's layer slots (lmserve_layer_slot,
-    which also fixes their order in the table); None: no such tensor (a projection without a bias)."""
+    which also fixes their order in the table); None: no such tensor (a projection without a bias). The
+    projections are all PackedWeight (bf16, gemm.c), all QuantizedWeight (int8, whose per-channel scales
+    fill the _s slots) or all GGUFWeight of one kind."""
 
-    qkv_w: PackedWeight
+    qkv_w: PackedWeight | QuantizedWeight | GGUFWeight
     qkv_b: torch.Tensor | None
-    o_w: PackedWeight
+    o_w: PackedWeight | QuantizedWeight | GGUFWeight
     o_b: torch.Tensor | None
-    gate_up_w: PackedWeight
+    gate_up_w: PackedWeight | QuantizedWeight | GGUFWeight
     gate_up_b: torch.Tensor | None
-    down_w: PackedWeight
+    down_w: PackedWeight | QuantizedWeight | GGUFWeight
     down_b: torch.Tensor | None
     input_norm: torch.Tensor
     post_norm: torch.Tensor
+    qkv_s: torch.Tensor | None = None
+    o_s: torch.Tensor | None = None
+    gate_up_s: torch.Tensor | None = None
+    down_s: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, qkv, o, gate_up, down, input_norm: torch.Tensor, post_norm: torch.Tensor) -> LayerWeights:
+        """From the layer's four projections, each (weight, bias), and its two norms' weights."""
+        scales = {
+            f"{name}_s": w.scales if isinstance(w, QuantizedWeight) else None
+            for name, (w, _) in zip(("qkv", "o", "gate_up", "down"), (qkv, o, gate_up, down), strict=True)
+        }
+        return cls(
+            qkv_w=qkv[0], qkv_b=qkv[1], o_w=o[0], o_b=o[1], gate_up_w=gate_up[0], gate_up_b=gate_up[1],
+            down_w=down[0], down_b=down[1], input_norm=input_norm, post_norm=post_norm, **scales,
+        )  # fmt: skip
+
+
+def stack_weight_kind(layers: list[LayerWeights]) -> int | None:
+    """decoder_stack_f32q's weight_kind for these layers (abi.h: WEIGHT_INT8, GGUF_Q4_1 or GGUF_Q8_0), None for
+    bf16 (gemm.c) ones; raises ValueError where the projections are not all of one kind."""
+    projections = [w for layer in layers for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)]
+    kinds = {w.kind if isinstance(w, GGUFWeight) else type(w).__name__ for w in projections}
+    if len(kinds) != 1:
+        raise ValueError(f"decoder_stack: the projections must be of one kind, not {sorted(kinds)}")
+    weight = projections[0]
+    if isinstance(weight, PackedWeight):
+        return None
+    if isinstance(weight, QuantizedWeight):
+        return kernel_abi.read().constants["WEIGHT_INT8"]
+    return GGUF_TYPES[weight.kind][0]
 
 
 def layer_table(layers: list[LayerWeights]) -> torch.Tensor:
     """[num_layers, LAYER_SLOTS] int64 addresses for decoder_stack, in abi.h's slot order; None -> 0. The
     tensors must outlive the table (they are the model's own)."""
     slots = kernel_abi.read().layer_slots
+    dtype = torch.bfloat16 if stack_weight_kind(layers) is None else torch.float32
     rows = []
     for layer in layers:
         row = []
         for slot in slots:
             t = getattr(layer, slot)
-            if isinstance(t, PackedWeight):
+            if isinstance(t, (PackedWeight, QuantizedWeight, GGUFWeight)):
                 t = t.data
-            if t is not None:
-                _check("decoder_stack", t)
+            elif t is not None:
+                _check("decoder_stack", t, dtype=dtype)
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"decoder_stack: the {slot} tensor is not contiguous")
             row.append(0 if t is None else t.data_ptr())
         rows.append(row)
     return torch.tensor(rows, dtype=torch.int64).view(len(layers), len(slots))
 
 
 def decoder_stack(
-    residual: torch.Tensor,  # [rows, hidden] bf16, updated in place
+    residual: torch.Tensor,  # [rows, hidden] bf16 or float32, updated in place
     table: torch.Tensor,  # layer_table(...)
+    weight_kind: int | None,  # stack_weight_kind(...) of the same layers
     cos: torch.Tensor,  # [rows, 1, head_dim]
     sin: torch.Tensor,
     slot_mapping: torch.Tensor,  # [rows] int64
@@ -450,27 +497,35 @@ def decoder_stack(
     plan,  # attention.KernelPlan covering every row
     num_heads: int,
     intermediate_size: int,
-    silu_gate_up: bool,  # the table's gate/up weights are packed for silu_mul
+    silu_gate_up: bool,  # the table's gate/up weights are packed for silu_mul (bf16 only)
     eps: float,
     scale: float,
 ) -> None:
-    """Every decoder layer of a bf16 step in one C call (see decoder.c): the same arithmetic as running
-    add_rms_norm, gemm_bf16, rope_and_cache, paged_attention_kernel and silu_mul layer by layer."""
+    """Every decoder layer of a step in one C call (see decoder.c): the same arithmetic as running add_rms_norm,
+    the projections, rope_and_cache, paged_attention_kernel and silu_mul layer by layer. bf16 with gemm.c's
+    packed weights (weight_kind None), or float32 with quantized ones."""
     num_layers, _, num_kv_heads, num_blocks, block_size, head_dim = kv_caches.shape
     rows, hidden = residual.shape
-    _check("decoder_stack", residual, cos, sin, kv_caches)
+    dtype = torch.bfloat16 if weight_kind is None else torch.float32
+    _check("decoder_stack", residual, cos, sin, kv_caches, dtype=dtype)
     for t in (slot_mapping, plan.block_table, plan.seq_of_query, plan.ctx_lens, plan.q_rows):
         if t.dtype != torch.int64 or not t.is_contiguous():
             raise ValueError("decoder_stack: slot mapping and attention plan must be contiguous int64 tensors")
     if table.shape != (num_layers, kernel_abi.read().constants["LAYER_SLOTS"]) or slot_mapping.shape != (rows,):
         raise ValueError("decoder_stack: the layer table or slot mapping does not fit the cache and rows")
-    failed = _loaded().decoder_stack_bf16(
+    lib = _loaded()
+    common = (
         residual.data_ptr(), table.data_ptr(), num_layers, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
         kv_caches.data_ptr(), num_blocks, block_size, plan.block_table.data_ptr(), plan.seq_of_query.data_ptr(),
         plan.ctx_lens.data_ptr(), plan.q_rows.data_ptr(), plan.q_rows.shape[0], plan.block_table.shape[1],
-        plan.max_ctx, rows, hidden, num_heads, num_kv_heads, head_dim, intermediate_size, int(silu_gate_up), eps, scale,
-        torch.get_num_threads(),
+        plan.max_ctx, rows, hidden, num_heads, num_kv_heads, head_dim, intermediate_size,
     )  # fmt: skip
+    if weight_kind is None:
+        failed = lib.decoder_stack_bf16(*common, int(silu_gate_up), eps, scale, torch.get_num_threads())
+    else:
+        failed = lib.decoder_stack_f32q(*common, weight_kind, eps, scale, torch.get_num_threads())
+    if failed == 2:
+        raise ValueError(f"decoder_stack: weight kind {weight_kind} or these sizes are not the quantized stack's")
     if failed:
         raise MemoryError("decoder_stack could not allocate its scratch buffers")
 
@@ -570,20 +625,20 @@ def gguf_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def gguf_gemm(x: torch.Tensor, weight: GGUFWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in_features] float32 @ weight.T -> [..., out_features] float32 by qgemm_gguf.c (x quantized
-    per block of 32 inside the call; + bias, by torch)."""
+    per block of 32 inside the call; + bias, float32, in the same call)."""
     if x.dtype != torch.float32:
         raise ValueError(f"gguf_gemm takes float32 activations, not {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features).contiguous()
     rows = x2.shape[0]
     out = torch.empty(rows, weight.out_features, dtype=torch.float32)
+    if bias is not None:
+        _check("gguf_gemm", bias, dtype=torch.float32)
     if rows:
         failed = _loaded().gguf_gemm(
-            x2.data_ptr(), weight.data.data_ptr(), out.data_ptr(), rows, weight.out_features, weight.in_features,
-            GGUF_TYPES[weight.kind][0], torch.get_num_threads(),
+            x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+            weight.out_features, weight.in_features, GGUF_TYPES[weight.kind][0], torch.get_num_threads(),
         )  # fmt: skip
         if failed:
             raise MemoryError("gguf_gemm could not allocate its activation buffer")
-    if bias is not None:
-        out += bias
     return out.view(*lead, weight.out_features)

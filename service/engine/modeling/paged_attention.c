@@ -50,6 +50,7 @@ static inline void row_bf16(float *dst, const uint16_t *src, int64_t n) {
 }
 
 #define ATTN_NAME paged_attention_f32
+#define ATTN_TEAM_NAME attention_f32_team
 #define ATTN_LINKAGE
 #define ATTN_T float
 #define ATTN_LOAD load_f32
@@ -79,6 +80,7 @@ static inline __attribute__((always_inline)) void axpy_fast(float *y, float a, c
 /* The bf16 kernel for head sizes the AVX-512 heads below do not take, and for CPUs without AVX-512 BF16
  * (declared in kernels.h). */
 #define ATTN_NAME paged_attention_bf16_generic
+#define ATTN_TEAM_NAME attention_bf16_generic_team
 #define ATTN_LINKAGE
 #define ATTN_T uint16_t
 #define ATTN_LOAD load_bf16

@@ -9,8 +9,8 @@
  * row: a row's outliers (the residual stream's, after RMSNorm) set a per-row scale so coarse that the rest
  * of the row loses most of its bits; on SmolLM2-135M per-row scales raised perplexity 4.7%, blocks of 32
  * 0.5-0.9% (loadtests/perplexity.py; the int8 weights alone 0.3%). Within a block the products sum exactly in
- * int32, then converted to float and accumulated with the block's scale; sw[n] multiplies the total. No
- * bias: the caller adds it.
+ * int32, then converted to float and accumulated with the block's scale; sw[n] multiplies the total, and
+ * the bias, where there is one, is added to that (as torch's `y += bias` would).
  *
  * Why: a decode step at batch 1 reads every weight once; int8 weights are a quarter of float32's
  * bytes (half of bf16's), and the memory is what sets that step's pace.
@@ -186,17 +186,17 @@ static inline void group_dot(const int rows, const int8_t *x, const float *sx, c
 
 #endif
 
-/* Store one row's 4 column sums times the column scales; only the first `ncols` columns. */
-static inline void store4(float *y, const float *sums, const float *sw, int64_t ncols) {
-    for (int64_t j = 0; j < ncols; j++) y[j] = sums[j] * sw[j];
+/* Store one row's 4 column sums times the column scales (+ the bias); only the first `ncols` columns. */
+static inline void store4(float *y, const float *sums, const float *sw, const float *bias, int64_t ncols) {
+    for (int64_t j = 0; j < ncols; j++) y[j] = bias == NULL ? sums[j] * sw[j] : sums[j] * sw[j] + bias[j];
 }
 
-/* The work of one call inside a parallel region: first every row quantized (an orphaned `omp for`, whose
- * barrier ends the phase), then (column group, row block) items, group-major, so a thread reads each of
+/* The work of one call inside a parallel region (kernels.h): first every row quantized (an orphaned `omp for`,
+ * whose barrier ends the phase), then (column group, row block) items, group-major, so a thread reads each of
  * its groups' weights from memory once. */
-static void qgemm_team(const float *x, int8_t *xq, float *sx, const int8_t *packed, const float *scales, float *y,
-                       int64_t M, int64_t N, int64_t K, int64_t Kp) {
-    const int64_t nb = Kp / QK;
+void qgemm_int8_team(const float *x, int8_t *xq, float *sx, const int8_t *packed, const float *scales,
+                     const float *bias, float *y, int64_t M, int64_t N, int64_t K) {
+    const int64_t Kp = (K + QK - 1) / QK * QK, nb = Kp / QK;
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * Kp, sx + m * nb, K, Kp);
     const int64_t groups = (N + QCOLS - 1) / QCOLS;
@@ -208,16 +208,17 @@ static void qgemm_team(const float *x, int8_t *xq, float *sx, const int8_t *pack
         const int64_t m1 = m0 + ROW_BLOCK < M ? m0 + ROW_BLOCK : M;
         const int64_t n0 = g * QCOLS, ncols = N - n0 < QCOLS ? N - n0 : QCOLS;
         const int8_t *w = packed + g * Kp * QCOLS;
+        const float *b = bias == NULL ? NULL : bias + n0;
         float sums[2][QCOLS];
         int64_t m = m0;
         for (; m + 2 <= m1; m += 2) {
             group_dot(2, xq + m * Kp, sx + m * nb, Kp, w, sums);
-            store4(y + m * N + n0, sums[0], scales + n0, ncols);
-            store4(y + (m + 1) * N + n0, sums[1], scales + n0, ncols);
+            store4(y + m * N + n0, sums[0], scales + n0, b, ncols);
+            store4(y + (m + 1) * N + n0, sums[1], scales + n0, b, ncols);
         }
         if (m < m1) {
             group_dot(1, xq + m * Kp, sx + m * nb, Kp, w, sums);
-            store4(y + m * N + n0, sums[0], scales + n0, ncols);
+            store4(y + m * N + n0, sums[0], scales + n0, b, ncols);
         }
     }
 }
@@ -230,8 +231,8 @@ int quantize_rows_int8(const float *x, int8_t *xq, float *sx, int64_t M, int64_t
     return 0;
 }
 
-int qgemm_int8(const float *x, const int8_t *packed, const float *scales, float *y, int64_t M, int64_t N, int64_t K,
-               int num_threads) {
+int qgemm_int8(const float *x, const int8_t *packed, const float *scales, const float *bias, float *y, int64_t M,
+               int64_t N, int64_t K, int num_threads) {
     const int64_t Kp = (K + QK - 1) / QK * QK;
     int8_t *xq = malloc((size_t)(M * Kp));
     float *sx = malloc((size_t)(M * (Kp / QK)) * sizeof(float));
@@ -244,7 +245,7 @@ int qgemm_int8(const float *x, const int8_t *packed, const float *scales, float 
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > groups) threads = (int)groups;
 #pragma omp parallel num_threads(threads)
-    qgemm_team(x, xq, sx, packed, scales, y, M, N, K, Kp);
+    qgemm_int8_team(x, xq, sx, packed, scales, bias, y, M, N, K);
     free(xq);
     free(sx);
     return 0;

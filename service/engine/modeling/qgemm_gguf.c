@@ -10,7 +10,7 @@
  * Q8_0 activations): per block dx = absmax / 127, qx = round_even(x / dx) in [-127, 127], and for Q4_1
  * also sx = dx * sum(qx), which carries the m term. A block's product is then
  *   Q4_1: d * dx * sum(q * qx) + m * sx        Q8_0: d * dx * sum(q * qx)
- * the integer sums exact in int32, the blocks summed in float (FMA). No bias: the caller adds it.
+ * the integer sums exact in int32, the blocks summed in float (FMA); a bias, where there is one, added last.
  *
  * Why: at M = 1 (decode) a step reads every weight once, and memory sets its pace; Q4_1 is 5 bits a weight
  * (a sixth of float32's bytes), Q8_0 8.5. Work is split over the N output rows (OpenMP, static), so each
@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "abi.h"
+#include "kernels.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -236,75 +237,88 @@ static inline void row_q8_0(const uint8_t *w, const int8_t *qx, const float *dx,
 
 /* Rows [m0, m0 + mr) of y, column n. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *wrow, const int8_t *qx, const float *dx,
-                                                        const float *sx, float *y, int64_t m0, int mr, int64_t n,
-                                                        int64_t N, int64_t K, int type) {
+                                                        const float *sx, const float *bias, float *y, int64_t m0,
+                                                        int mr, int64_t n, int64_t N, int64_t K, int type) {
     const int64_t nb = K / QB;
     float out[ROW_TILE];
     if (type == LMSERVE_GGUF_Q4_1)
         row_q4_1(wrow, qx + m0 * K, dx + m0 * nb, sx + m0 * nb, K, mr, out);
     else
         row_q8_0(wrow, qx + m0 * K, dx + m0 * nb, K, mr, out);
-    for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = out[r];
+    for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = bias == NULL ? out[r] : out[r] + bias[n];
 }
 
-int gguf_gemm(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type, int num_threads) {
-    if (K % QB != 0 || (type != LMSERVE_GGUF_Q4_1 && type != LMSERVE_GGUF_Q8_0)) return 2;
-    if (M <= 0 || N <= 0) return 0;
+/* The work of one call inside a parallel region (kernels.h): the rows of x quantized into qx, dx, sx
+ * (quant_rows(M) of them, those past M zero), then the output rows split over the threads. */
+void gguf_gemm_team(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                    int type, int8_t *qx, float *dx, float *sx) {
     const int64_t nb = K / QB, row_bytes = nb * (type == LMSERVE_GGUF_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
-    const int64_t m_pad = M == 1 ? 1 : (M + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
-    /* qx [m_pad, K] int8, then dx and sx [m_pad, nb] float; the padding rows are zero (scale 0). */
-    const size_t qx_bytes = (size_t)(m_pad * K + 63) / 64 * 64;
-    const size_t total = (qx_bytes + 2 * sizeof(float) * (size_t)(m_pad * nb) + 63) / 64 * 64; /* C11: a multiple */
-    char *buf = aligned_alloc(64, total);
-    if (buf == NULL) return 1;
-    int8_t *qx = (int8_t *)buf;
-    float *dx = (float *)(buf + qx_bytes), *sx = dx + m_pad * nb;
-    if (m_pad > M) {
-        memset(qx + M * K, 0, (size_t)((m_pad - M) * K));
-        memset(dx + M * nb, 0, sizeof(float) * (size_t)((m_pad - M) * nb));
-        memset(sx + M * nb, 0, sizeof(float) * (size_t)((m_pad - M) * nb));
-    }
-    int threads = num_threads < 1 ? 1 : num_threads;
-#pragma omp parallel num_threads(threads)
-    {
+    const int64_t m_pad = M == 1 ? 1 : quant_rows(M);
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) quantize_row_blocks(x + m * K, qx + m * K, dx + m * nb, sx + m * nb, K);
-        /* the loop's closing barrier: every row is quantized before any thread reads them */
-#if defined(WEIGHT_ROWS)
-        if (M == 1 && type == LMSERVE_GGUF_Q4_1) {
-            /* groups of WEIGHT_ROWS output rows, then the last few one by one */
-            const int64_t groups = N / WEIGHT_ROWS;
-#pragma omp for schedule(static)
-            for (int64_t g = 0; g < groups + (N - groups * WEIGHT_ROWS); g++) {
-                if (g < groups) {
-                    rows_q4_1_m1(w + g * WEIGHT_ROWS * row_bytes, row_bytes, qx, dx, sx, K, y + g * WEIGHT_ROWS);
-                } else {
-                    const int64_t n = groups * WEIGHT_ROWS + (g - groups);
-                    tile(w + n * row_bytes, qx, dx, sx, y, 0, 1, n, N, K, type);
-                }
-            }
-        } else
-#endif
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *wrow = w + n * row_bytes;
-            if (M == 1) {
-                tile(wrow, qx, dx, sx, y, 0, 1, n, N, K, type);
-                continue;
-            }
-            int64_t m0 = 0;
-            for (; m0 + ROW_TILE <= M; m0 += ROW_TILE) tile(wrow, qx, dx, sx, y, m0, ROW_TILE, n, N, K, type);
-            if (m0 < M) {
-                /* the last partial tile runs on the zero padding rows; only the real ones are written */
-                float out[ROW_TILE];
-                if (type == LMSERVE_GGUF_Q4_1)
-                    row_q4_1(wrow, qx + m0 * K, dx + m0 * nb, sx + m0 * nb, K, ROW_TILE, out);
-                else
-                    row_q8_0(wrow, qx + m0 * K, dx + m0 * nb, K, ROW_TILE, out);
-                for (int64_t r = 0; r < M - m0; r++) y[(m0 + r) * N + n] = out[r];
-            }
+    for (int64_t m = 0; m < m_pad; m++) {
+        if (m < M) {
+            quantize_row_blocks(x + m * K, qx + m * K, dx + m * nb, sx + m * nb, K);
+        } else { /* a padding row of the last tile: scale 0 */
+            memset(qx + m * K, 0, (size_t)K);
+            memset(dx + m * nb, 0, sizeof(float) * (size_t)nb);
+            memset(sx + m * nb, 0, sizeof(float) * (size_t)nb);
         }
     }
+    /* the loop's closing barrier: every row is quantized before any thread reads them */
+#if defined(WEIGHT_ROWS)
+    if (M == 1 && type == LMSERVE_GGUF_Q4_1) {
+        /* groups of WEIGHT_ROWS output rows, then the last few one by one */
+        const int64_t groups = N / WEIGHT_ROWS;
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups + (N - groups * WEIGHT_ROWS); g++) {
+            if (g < groups) {
+                float *yg = y + g * WEIGHT_ROWS;
+                rows_q4_1_m1(w + g * WEIGHT_ROWS * row_bytes, row_bytes, qx, dx, sx, K, yg);
+                if (bias != NULL)
+                    for (int r = 0; r < WEIGHT_ROWS; r++) yg[r] += bias[g * WEIGHT_ROWS + r];
+            } else {
+                const int64_t n = groups * WEIGHT_ROWS + (g - groups);
+                tile(w + n * row_bytes, qx, dx, sx, bias, y, 0, 1, n, N, K, type);
+            }
+        }
+        return;
+    }
+#endif
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wrow = w + n * row_bytes;
+        if (M == 1) {
+            tile(wrow, qx, dx, sx, bias, y, 0, 1, n, N, K, type);
+            continue;
+        }
+        int64_t m0 = 0;
+        for (; m0 + ROW_TILE <= M; m0 += ROW_TILE) tile(wrow, qx, dx, sx, bias, y, m0, ROW_TILE, n, N, K, type);
+        if (m0 < M) {
+            /* the last partial tile runs on the zero padding rows; only the real ones are written */
+            float out[ROW_TILE];
+            if (type == LMSERVE_GGUF_Q4_1)
+                row_q4_1(wrow, qx + m0 * K, dx + m0 * nb, sx + m0 * nb, K, ROW_TILE, out);
+            else
+                row_q8_0(wrow, qx + m0 * K, dx + m0 * nb, K, ROW_TILE, out);
+            for (int64_t r = 0; r < M - m0; r++) y[(m0 + r) * N + n] = bias == NULL ? out[r] : out[r] + bias[n];
+        }
+    }
+}
+
+int gguf_gemm(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int type,
+              int num_threads) {
+    if (K % QB != 0 || (type != LMSERVE_GGUF_Q4_1 && type != LMSERVE_GGUF_Q8_0)) return 2;
+    if (M <= 0 || N <= 0) return 0;
+    const int64_t rows = quant_rows(M), nb = K / QB;
+    /* qx [rows, K] int8, then dx and sx [rows, nb] float */
+    const size_t qx_bytes = (size_t)(rows * K + 63) / 64 * 64;
+    const size_t total = (qx_bytes + 2 * sizeof(float) * (size_t)(rows * nb) + 63) / 64 * 64; /* C11: a multiple */
+    char *buf = aligned_alloc(64, total);
+    if (buf == NULL) return 1;
+    float *dx = (float *)(buf + qx_bytes);
+    int threads = num_threads < 1 ? 1 : num_threads;
+#pragma omp parallel num_threads(threads)
+    gguf_gemm_team(x, w, bias, y, M, N, K, type, (int8_t *)buf, dx, dx + rows * nb);
     free(buf);
     return 0;
 }
