@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import torch
 
@@ -16,8 +14,7 @@ from service.config import EngineConfig
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout
 from service.engine.runner import ModelRunner
-
-QTYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+from tests.checkpoints.gguf_model import gguf_blocks_of
 
 
 def _logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
@@ -32,26 +29,7 @@ def test_gguf_weights_give_the_dequantized_models_logits(kind: str, tiny_llama_d
     runner = ModelRunner(tiny_llama_dir, EngineConfig(dtype="float32", device="cpu", num_kv_blocks=4, cache_dir=cache_dir))
     assert native_kernels.gguf_gemm_available()
     model = runner.model
-    attn = model.layers[0].self_attn
-    q_rows, kv_rows = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-    inter = model.layers[0].mlp.intermediate_size
-
-    def quantize(weight: torch.Tensor) -> native_kernels.GGUFWeight:
-        """Blocks of `weight`, and `weight` overwritten with their dequantized values (the reference)."""
-        blocks = gguf.quants.quantize(weight.numpy(), QTYPES[kind])
-        weight.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, QTYPES[kind])))
-        return native_kernels.GGUFWeight(torch.from_numpy(np.ascontiguousarray(blocks)), kind, *weight.shape)
-
-    weights: dict[str, native_kernels.GGUFWeight] = {}
-    for i, layer in enumerate(model.layers):
-        src = f"model.layers.{i}."
-        q, k, v = layer.self_attn.qkv_proj.weight.split([q_rows, kv_rows, kv_rows])
-        gate, up = layer.mlp.gate_up_proj.weight.split([inter, inter])
-        for name, part in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v),
-                           ("self_attn.o_proj", layer.self_attn.o_proj.weight), ("mlp.gate_proj", gate),
-                           ("mlp.up_proj", up), ("mlp.down_proj", layer.mlp.down_proj.weight)):  # fmt: skip
-            weights[f"{src}{name}.weight"] = quantize(part)
-    head = quantize(model.lm_head.weight)
+    weights, head = gguf_blocks_of(model, kind)
 
     ids = [1, 17, 300, 4000, 12, 99, 5, 42, 7]
     reference = _logits(runner, ids)  # float weights holding the blocks' values
