@@ -181,25 +181,29 @@ static void rows_q4_1_m1(const uint8_t *w, int64_t row_bytes, const int8_t *qx, 
     const int64_t nb = K / QB;
     const __m128i low4 = _mm_set1_epi8(0x0f);
     __m256 acc[WEIGHT_ROWS];
-    __m128 macc = _mm_setzero_ps();
+    __m256 macc = _mm256_setzero_ps(); /* odd lanes 2r + 1: row r's sum of m * sx */
     for (int r = 0; r < WEIGHT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + b * QB));
-        const float xd = dx[b];
-        float d[WEIGHT_ROWS], m[WEIGHT_ROWS];
+        /* the four rows' (d, m) f16 pairs converted at once: [d0 m0 d1 m1 d2 m2 d3 m3], then times
+         * [dx sx dx sx ...]: each d * dx (the products one row at a time would take) and m * sx, FMA-added
+         * into macc as before */
+        int32_t dm[WEIGHT_ROWS];
+        for (int r = 0; r < WEIGHT_ROWS; r++) memcpy(&dm[r], w + r * row_bytes + b * Q4_1_BYTES, sizeof dm[r]);
+        const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));
+        const __m256 scales = _mm256_blend_ps(_mm256_set1_ps(dx[b]), _mm256_set1_ps(sx[b]), 0xaa);
+        const __m256 d = _mm256_mul_ps(f, scales);
+        macc = _mm256_fmadd_ps(f, scales, macc);
         for (int r = 0; r < WEIGHT_ROWS; r++) {
-            const uint8_t *blk = w + r * row_bytes + b * Q4_1_BYTES;
-            d[r] = f16_to_f32(blk) * xd;
-            m[r] = f16_to_f32(blk + 2);
-            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 4));
+            const __m128i qs = _mm_loadu_si128((const __m128i *)(w + r * row_bytes + b * Q4_1_BYTES + 4));
             const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low4), _mm_and_si128(qs, low4));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(dot_u8s8(q, xv)), acc[r]);
+            const __m256 dr = _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(2 * r));
+            acc[r] = _mm256_fmadd_ps(dr, _mm256_cvtepi32_ps(dot_u8s8(q, xv)), acc[r]);
         }
-        macc = _mm_fmadd_ps(_mm_loadu_ps(m), _mm_set1_ps(sx[b]), macc);
     }
-    float mo[WEIGHT_ROWS];
-    _mm_storeu_ps(mo, macc);
-    for (int r = 0; r < WEIGHT_ROWS; r++) out[r] = hsum8(acc[r]) + mo[r];
+    float mo[8];
+    _mm256_storeu_ps(mo, macc);
+    for (int r = 0; r < WEIGHT_ROWS; r++) out[r] = hsum8(acc[r]) + mo[2 * r + 1];
 }
 
 #else
