@@ -3,7 +3,7 @@
     .venv/bin/python loadtests/quant_bench.py [--model smollm2-135m-instruct] [--requests 8] [--rounds 2]
         [--input-len 128] [--output-len 128] [--configs none:auto none:float32 int8:float32] [--json out.json]
 
-Each configuration (QUANTIZATION:DTYPE, or `llamacpp`: llama.cpp's llama-server on the same model's GGUF file
+Each configuration (QUANTIZATION:DTYPE[:ENGINE_THREADS], or `llamacpp`: llama.cpp's llama-server on the same model's GGUF file
 at its own precision, --llama-server) is one server process (safety filter off, no embedding
 model, gRPC off), started, measured and stopped in turn, so only one holds the CPU at a time; the order of
 the configurations alternates from round to round, so that a drift of a shared machine falls on all alike.
@@ -89,10 +89,11 @@ def measure(
                 "-np", "1", "-c", "4096"]  # fmt: skip
         ready = "/health"
     else:
-        quantization, dtype = config.split(":")
+        quantization, dtype, *threads = config.split(":")
         argv = [
             sys.executable, "-m", "service", "serve", "--model", model, "--quantization", quantization, "--dtype", dtype,
             "--embedding-model", "none", "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
+            *(["--num-threads", threads[0]] if threads else []),
         ]  # fmt: skip
         ready = "/readyz"
     process = launch(argv, log_dir / f"{config.replace(':', '-')}.log", cwd=REPO_ROOT)

@@ -128,19 +128,24 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* A Q4_1 block's 16 bytes of nibbles as its 32 weights in k order, u8: the bytes loaded into both 128-bit lanes
+ * at once, the upper lane's shifted right by 4 (one variable shift), and both masked to 4 bits. */
+static inline __m256i unpack_q4(const uint8_t *qs) {
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0f));
+}
+
 /* Q4_1 weight row . `mr` (1 or ROW_TILE, a constant after inlining) quantized rows of x starting at qx. */
 static inline __attribute__((always_inline)) void row_q4_1(const uint8_t *w, const int8_t *qx, const float *dx,
                                                             const float *sx, int64_t K, int mr, float *out) {
     const int64_t nb = K / QB;
-    const __m128i low4 = _mm_set1_epi8(0x0f);
     __m256 acc[ROW_TILE];
     float macc[ROW_TILE];
     for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps(), macc[r] = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * Q4_1_BYTES;
         const float d = f16_to_f32(blk), m = f16_to_f32(blk + 2);
-        const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 4));
-        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low4), _mm_and_si128(qs, low4));
+        const __m256i q = unpack_q4(blk + 4);
         for (int r = 0; r < mr; r++) {
             const int64_t xb = r * K + b * QB;
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + xb));
@@ -179,7 +184,6 @@ static inline __attribute__((always_inline)) void row_q8_0(const uint8_t *w, con
 static void rows_q4_1_m1(const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx, const float *sx,
                          int64_t K, float *out) {
     const int64_t nb = K / QB;
-    const __m128i low4 = _mm_set1_epi8(0x0f);
     __m256 acc[WEIGHT_ROWS];
     __m256 macc = _mm256_setzero_ps(); /* odd lanes 2r + 1: row r's sum of m * sx */
     for (int r = 0; r < WEIGHT_ROWS; r++) acc[r] = _mm256_setzero_ps();
@@ -195,8 +199,7 @@ static void rows_q4_1_m1(const uint8_t *w, int64_t row_bytes, const int8_t *qx, 
         const __m256 d = _mm256_mul_ps(f, scales);
         macc = _mm256_fmadd_ps(f, scales, macc);
         for (int r = 0; r < WEIGHT_ROWS; r++) {
-            const __m128i qs = _mm_loadu_si128((const __m128i *)(w + r * row_bytes + b * Q4_1_BYTES + 4));
-            const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low4), _mm_and_si128(qs, low4));
+            const __m256i q = unpack_q4(w + r * row_bytes + b * Q4_1_BYTES + 4);
             const __m256 dr = _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(2 * r));
             acc[r] = _mm256_fmadd_ps(dr, _mm256_cvtepi32_ps(dot_u8s8(q, xv)), acc[r]);
         }
