@@ -1,4 +1,5 @@
-/* Every decoder layer of one bf16 step in a single OpenMP parallel region, on CPUs where gemm.c runs.
+/* Every decoder layer of one step in a single OpenMP parallel region: bf16 on CPUs where gemm.c runs, and
+ * float32 with quantized weights (--quantization) on any CPU (decoder_stack_f32q, at the end).
  *
  *   decoder_stack_bf16   residual[T, H] := the decoder layers applied to it (before the final norm)
  *

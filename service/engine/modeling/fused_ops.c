@@ -1,4 +1,5 @@
-/* Fused elementwise ops of a bf16 decoder layer on CPU, each one pass over its rows instead of several
+/* Fused elementwise ops of a bf16 decoder layer on CPU (float32 forms at the end, for the quantized-weight
+ * path), each one pass over its rows instead of several
  * torch kernels (a decode step runs ~25 small ops per layer; their dispatch, not their arithmetic, is
  * what costs). Each op rounds to bf16 exactly where the torch expression it replaces does, so results
  * match torch's bf16 path except for the order of a sum of squares (RMSNorm) and SiLU's exp (fast_exp.h);

@@ -1,7 +1,8 @@
 """C kernels, built once per machine and called via ctypes: attention over the paged cache
-(paged_attention.c), the fused elementwise ops of a bf16 layer (fused_ops.c), the bf16 matrix
+(paged_attention.c), the fused elementwise ops of a bf16 layer, or of a float32 one with quantized weights
+(fused_ops.c), the bf16 matrix
 multiply of the projections on AVX-512 BF16 CPUs (gemm.c), the int8 one of `--quantization int8` (qgemm.c),
-a whole step's decoder layers in one call (decoder.c), temperature sampling (sampling.c) and constrained decoding's token masks (token_mask.c).
+a whole step's decoder layers in one call (decoder.c: bf16, or float32 with int8 / GGUF weights), temperature sampling (sampling.c) and constrained decoding's token masks (token_mask.c).
 
 Why C: a decode step's attention is thousands of tiny (query heads x context) products; as torch ops it
 needs a gather of every block the batch touches plus batched matmuls of tiny matrices, which cost more
