@@ -40,10 +40,11 @@ def _compiler() -> str:
 
 @pytest.fixture(scope="module")
 def plain_c_library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """qgemm_gguf.c alone, built for the x86-64 baseline (no AVX2, FMA or F16C): its plain C path."""
+    """qgemm_gguf.c (with qgemm.c, whose row quantizer it shares) built for the x86-64 baseline (no AVX2, FMA
+    or F16C): its plain C path."""
     target = tmp_path_factory.mktemp("plain") / "qgemm_gguf_plain.so"
     flags = [f for f in kernel_cache.FLAGS if f != "-march=native"]
-    subprocess.run([_compiler(), *flags, "-mno-avx2", "-mno-fma", "-mno-f16c", str(SOURCE), "-o", str(target), "-lm"],
+    subprocess.run([_compiler(), *flags, "-mno-avx2", "-mno-fma", "-mno-f16c", str(SOURCE), str(SOURCE.with_name("qgemm.c")), "-o", str(target), "-lm"],
                    check=True, capture_output=True, text=True)  # fmt: skip
     lib = ctypes.CDLL(str(target))
     abi = kernel_abi.read()

@@ -87,6 +87,10 @@ void rope_cache_f32_team(const float *qkv, const float *cos, const float *sin, f
  * qx [quant_rows(M), Kp] int8, dx and sx [quant_rows(M), Kp / 32] float. */
 static inline int64_t quant_rows(int64_t M) { return (M + 3) / 4 * 4; }
 
+/* qgemm.c: one row of x quantized per block of 32 (sx[b] = the block's |x|max / 127, q = round_even(x / sx[b]),
+ * zero past K up to Kp), vectorised where AVX2 is; qgemm_gguf.c quantizes its rows with it too. */
+void quantize_row_int8(const float *x, int8_t *q, float *sx, int64_t K, int64_t Kp);
+
 /* qgemm.c: qgemm_int8's body as team work, y = x . W^T (+ bias), x quantized into xq and sx first. */
 void qgemm_int8_team(const float *x, int8_t *xq, float *sx, const int8_t *packed, const float *scales,
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K);

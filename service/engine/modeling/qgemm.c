@@ -58,8 +58,9 @@ int lmserve_qgemm_isa(void) {
 }
 
 /* One row: per 32-value block b, sx[b] = |x_b|max / 127 and q = round_even(x * 127 / |x_b|max); the
- * padding K..Kp is zero (its block scale too, where the whole block is padding). */
-static void quantize_row(const float *x, int8_t *q, float *sx, int64_t K, int64_t Kp) {
+ * padding K..Kp is zero (its block scale too, where the whole block is padding). qgemm_gguf.c's activations
+ * too (kernels.h). */
+void quantize_row_int8(const float *x, int8_t *q, float *sx, int64_t K, int64_t Kp) {
     int64_t k = 0;
 #if defined(__AVX2__)
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
@@ -198,7 +199,7 @@ void qgemm_int8_team(const float *x, int8_t *xq, float *sx, const int8_t *packed
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t Kp = (K + QK - 1) / QK * QK, nb = Kp / QK;
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * Kp, sx + m * nb, K, Kp);
+    for (int64_t m = 0; m < M; m++) quantize_row_int8(x + m * K, xq + m * Kp, sx + m * nb, K, Kp);
     const int64_t groups = (N + QCOLS - 1) / QCOLS;
     const int64_t row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     const int64_t items = groups * row_blocks;
@@ -227,7 +228,7 @@ int quantize_rows_int8(const float *x, int8_t *xq, float *sx, int64_t M, int64_t
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > M) threads = M < 1 ? 1 : (int)M;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * Kp, sx + m * (Kp / QK), K, Kp);
+    for (int64_t m = 0; m < M; m++) quantize_row_int8(x + m * K, xq + m * Kp, sx + m * (Kp / QK), K, Kp);
     return 0;
 }
 

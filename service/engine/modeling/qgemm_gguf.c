@@ -82,24 +82,14 @@ static inline float f16_to_f32(const uint8_t *p) {
 #endif
 }
 
-/* One row of x in blocks of 32: qx [K], dx [K / 32], sx [K / 32] (dx * sum of the block's qx). */
+/* One row of x in blocks of 32: qx [K], dx [K / 32], sx [K / 32] (dx * sum of the block's qx). The rounding is
+ * qgemm.c's (quantize_row_int8: dx = absmax / 127, qx = round half to even of x / dx); then the sums. */
 static void quantize_row_blocks(const float *x, int8_t *qx, float *dx, float *sx, int64_t K) {
+    quantize_row_int8(x, qx, dx, K, K);
     for (int64_t b = 0; b < K / QB; b++) {
-        const float *xb = x + b * QB;
-        int8_t *qb = qx + b * QB;
-        float amax = 0.0f;
-        for (int i = 0; i < QB; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        const float d = amax / 127.0f;
-        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
-        for (int i = 0; i < QB; i++) {
-            /* nearintf: round half to even under the default rounding mode, like cvtps2dq */
-            const int q = (int)nearbyintf(xb[i] * id);
-            qb[i] = (int8_t)q;
-            sum += q;
-        }
-        dx[b] = d;
-        sx[b] = d * (float)sum;
+        for (int i = 0; i < QB; i++) sum += qx[b * QB + i];
+        sx[b] = dx[b] * (float)sum;
     }
 }
 
