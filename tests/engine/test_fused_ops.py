@@ -14,6 +14,7 @@ from service.engine.modeling.attention import SeqLayout, build_metadata
 from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from service.engine.modeling.llama import LlamaForCausalLM, rotate_half
 from service.engine.runner import ModelRunner
+from tests.engine.forward_steps import forward_steps
 
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
@@ -237,20 +238,8 @@ def test_decoder_stack_matches_the_layer_by_layer_path(
         [(0, 20, 0, [0, 1]), (20, 7, 18, [2, 3]), (27, 1, 30, [4, 5]), (28, 1, 5, [6])],
     ]
 
-    def run(stack: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-        forward = model.forward_for(ForwardPath.DECODER_STACK if stack else ForwardPath.FUSED_OPS)
-        runner.kv_caches.zero_()
-        outputs = []
-        for step in steps:
-            layouts = [SeqLayout(*s) for s in step]
-            rows = sum(s.num_new_tokens for s in layouts)
-            positions = torch.cat([torch.arange(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens) for s in layouts])
-            meta = build_metadata(layouts, 16, CPU, BF16, use_kernel=True)
-            with torch.inference_mode():
-                outputs.append(forward(ids[:rows], positions, runner.kv_caches, meta).clone())
-        return outputs, runner.kv_caches.clone()
-
-    (stacked, stacked_cache), (per_op, per_op_cache) = run(True), run(False)
+    stacked, stacked_cache = forward_steps(runner, ForwardPath.DECODER_STACK, steps, ids)
+    per_op, per_op_cache = forward_steps(runner, ForwardPath.FUSED_OPS, steps, ids)
     for a, b in zip(stacked, per_op, strict=True):
         assert a.abs().sum() > 0
         assert torch.equal(a, b)

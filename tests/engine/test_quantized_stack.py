@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from service.config import EngineConfig
 from service.engine.modeling import native_kernels
-from service.engine.modeling.attention import SeqLayout, build_metadata
 from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from service.engine.modeling.llama import rotate_half
 from service.engine.runner import ModelRunner
 from tests.checkpoints.gguf_model import gguf_blocks_of
+from tests.engine.forward_steps import forward_steps
 
 F32 = torch.float32
 CPU = torch.device("cpu")
@@ -104,28 +104,15 @@ def test_quantized_stack_matches_the_layer_by_layer_path(
         [(0, 1, 25, [2, 3]), (1, 1, 31, [4, 5]), (2, 1, 6, [6])],  # decodes
     ]
 
-    def run(path: ForwardPath) -> tuple[list[torch.Tensor], torch.Tensor]:
-        forward = model.forward_for(path)
-        runner.kv_caches.zero_()
-        outputs = []
-        for step in steps:
-            layouts = [SeqLayout(*s) for s in step]
-            rows = sum(s.num_new_tokens for s in layouts)
-            positions = torch.cat([torch.arange(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens) for s in layouts])
-            meta = build_metadata(layouts, 16, CPU, F32, use_kernel=True)
-            with torch.inference_mode():
-                outputs.append(forward(ids[:rows], positions, runner.kv_caches, meta).clone())
-        return outputs, runner.kv_caches.clone()
-
-    stacked, stacked_cache = run(ForwardPath.DECODER_STACK)
+    stacked, stacked_cache = forward_steps(runner, ForwardPath.DECODER_STACK, steps, ids)
     assert len(stack_calls) == 2  # the two steps without a fresh prefill
-    per_op, per_op_cache = run(ForwardPath.FUSED_OPS)
+    per_op, per_op_cache = forward_steps(runner, ForwardPath.FUSED_OPS, steps, ids)
     assert len(stack_calls) == 2
     for a, b in zip(stacked, per_op, strict=True):
         assert a.abs().sum() > 0
         assert torch.equal(a, b)
     assert torch.equal(stacked_cache, per_op_cache)
-    torch_ops, _ = run(ForwardPath.ATTENTION_KERNEL)
+    torch_ops, _ = forward_steps(runner, ForwardPath.ATTENTION_KERNEL, steps, ids)
     for a, b in zip(per_op, torch_ops, strict=True):
         # An ulp's difference may tip an activation's rounding to int8 by a step (1/127 of its block's largest),
         # so compare whole steps' states: up to 1e-3 seen here; a wrong rotation or norm would be of order 1.
