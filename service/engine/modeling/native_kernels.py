@@ -640,6 +640,8 @@ def gguf_gemm(x: torch.Tensor, weight: GGUFWeight, bias: torch.Tensor | None = N
             x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
             weight.out_features, weight.in_features, GGUF_TYPES[weight.kind][0], torch.get_num_threads(),
         )  # fmt: skip
+        if failed == 2:
+            raise ValueError(f"gguf_gemm: in_features {weight.in_features} is not a multiple of {GGUF_BLOCK}")
         if failed:
             raise MemoryError("gguf_gemm could not allocate its activation buffer")
     return out.view(*lead, weight.out_features)

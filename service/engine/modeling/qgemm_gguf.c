@@ -169,7 +169,9 @@ static inline __attribute__((always_inline)) void row_q8_0(const uint8_t *w, con
 /* M = 1, Q4_1: WEIGHT_ROWS rows of W against the one row of x, so that each x block is loaded once for all
  * of them and their accumulations are independent chains (a single row's is one FMA chain, latency-bound):
  * about 1.4x faster on the decoder's shapes here. Not for Q8_0: measured on this Zen 3, its 34-byte blocks
- * from four rows at once ran the 49152-row head 1.9x slower than one row at a time. */
+ * from four rows at once ran the 49152-row head 1.9x slower than one row at a time. Needs F16C (vcvtph2ps on
+ * the four rows' scales at once), which every AVX2 CPU has but a build may switch off. */
+#if defined(__F16C__)
 #define WEIGHT_ROWS 4
 static void rows_q4_1_m1(const uint8_t *w, int64_t row_bytes, const int8_t *qx, const float *dx, const float *sx,
                          int64_t K, float *out) {
@@ -198,6 +200,7 @@ static void rows_q4_1_m1(const uint8_t *w, int64_t row_bytes, const int8_t *qx, 
     _mm256_storeu_ps(mo, macc);
     for (int r = 0; r < WEIGHT_ROWS; r++) out[r] = hsum8(acc[r]) + mo[2 * r + 1];
 }
+#endif /* __F16C__ */
 
 #else
 static inline void row_q4_1(const uint8_t *w, const int8_t *qx, const float *dx, const float *sx, int64_t K, int mr,
