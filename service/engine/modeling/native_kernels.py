@@ -394,24 +394,40 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, sx
 
 
+def _quantized_matmul(
+    kind: str, x: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None, call
+) -> torch.Tensor:
+    """What qgemm_int8 and gguf_gemm share: float32 x [..., in_features] flattened to rows, a float32 out
+    [rows, out_features], `call(x_ptr, bias_ptr or None, out_ptr, rows)` (the kernel; 0, 1: no memory, 2: K
+    not a multiple of 32, qgemm_gguf.c's) where there are rows, and out shaped as x's leading dimensions."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"{kind} takes float32 activations, not {x.dtype}")
+    if bias is not None:
+        _check(kind, bias, dtype=torch.float32)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    failed = call(x2.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows) if rows else 0
+    if failed == 2:
+        raise ValueError(f"{kind}: in_features {in_features} is not a multiple of {GGUF_BLOCK}")
+    if failed:
+        raise MemoryError(f"{kind} could not allocate its activation buffer")
+    return out.view(*lead, out_features)
+
+
 def qgemm_int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in_features] float32 @ weight.T -> [..., out_features] float32, by qgemm.c: x quantized to
     int8 with a scale per block of 32 values of a row, the products summed in int32 per block, scaled back
     (+ bias, float32, added in the same call)."""
-    if x.dtype != torch.float32:
-        raise ValueError(f"qgemm_int8 takes float32 activations, not {x.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, weight.in_features).contiguous()
-    rows = x2.shape[0]
-    out = torch.empty(rows, weight.out_features, dtype=torch.float32)
-    if bias is not None:
-        _check("qgemm_int8", bias, dtype=torch.float32)
-    if rows and _loaded().qgemm_int8(
-        x2.data_ptr(), weight.data.data_ptr(), weight.scales.data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), rows, weight.out_features, weight.in_features, torch.get_num_threads(),
-    ):  # fmt: skip
-        raise MemoryError("qgemm_int8 could not allocate its activation buffer")
-    return out.view(*lead, weight.out_features)
+
+    def call(x_ptr: int, bias_ptr: int | None, out_ptr: int, rows: int) -> int:
+        return _loaded().qgemm_int8(
+            x_ptr, weight.data.data_ptr(), weight.scales.data_ptr(), bias_ptr, out_ptr, rows, weight.out_features,
+            weight.in_features, torch.get_num_threads(),
+        )  # fmt: skip
+
+    return _quantized_matmul("qgemm_int8", x, weight.in_features, weight.out_features, bias, call)
 
 
 # ---- a whole step's decoder layers in one call (decoder.c) ------------------------------------------
@@ -627,21 +643,11 @@ def gguf_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 def gguf_gemm(x: torch.Tensor, weight: GGUFWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in_features] float32 @ weight.T -> [..., out_features] float32 by qgemm_gguf.c (x quantized
     per block of 32 inside the call; + bias, float32, in the same call)."""
-    if x.dtype != torch.float32:
-        raise ValueError(f"gguf_gemm takes float32 activations, not {x.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, weight.in_features).contiguous()
-    rows = x2.shape[0]
-    out = torch.empty(rows, weight.out_features, dtype=torch.float32)
-    if bias is not None:
-        _check("gguf_gemm", bias, dtype=torch.float32)
-    if rows:
-        failed = _loaded().gguf_gemm(
-            x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
-            weight.out_features, weight.in_features, GGUF_TYPES[weight.kind][0], torch.get_num_threads(),
+
+    def call(x_ptr: int, bias_ptr: int | None, out_ptr: int, rows: int) -> int:
+        return _loaded().gguf_gemm(
+            x_ptr, weight.data.data_ptr(), bias_ptr, out_ptr, rows, weight.out_features, weight.in_features,
+            GGUF_TYPES[weight.kind][0], torch.get_num_threads(),
         )  # fmt: skip
-        if failed == 2:
-            raise ValueError(f"gguf_gemm: in_features {weight.in_features} is not a multiple of {GGUF_BLOCK}")
-        if failed:
-            raise MemoryError("gguf_gemm could not allocate its activation buffer")
-    return out.view(*lead, weight.out_features)
+
+    return _quantized_matmul("gguf_gemm", x, weight.in_features, weight.out_features, bias, call)
