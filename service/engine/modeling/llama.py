@@ -30,18 +30,20 @@ _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 # int8: quantized here at load (qgemm.c); q4_1 | q8_0: a GGUF file's own blocks, put in after loading by
 # engine/gguf_weights.py (qgemm_gguf.c).
 QUANTIZATIONS = ("none", "int8", "q4_1", "q8_0")
-AnyWeight = torch.Tensor | native_kernels.PackedWeight | native_kernels.QuantizedWeight
+AnyWeight = torch.Tensor | native_kernels.PackedWeight | native_kernels.QuantizedWeight | native_kernels.GGUFWeight
 
 
 def linear(x: torch.Tensor, weight: AnyWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias. `weight` is plain, or `prepack`ed: for gemm.c (native_kernels.PackedWeight) or
     in oneDNN's blocked layout, or quantized for qgemm.c (native_kernels.QuantizedWeight, --quantization
-    int8). On CPU a plain weight goes through oneDNN's matmul too, which on the small batches of a decode
+    int8), or a GGUF file's blocks for qgemm_gguf.c (native_kernels.GGUFWeight, q4_1 | q8_0). On CPU a plain weight goes through oneDNN's matmul too, which on the small batches of a decode
     step runs 1.3-2x faster than the default BLAS path here; elsewhere F.linear."""
     if isinstance(weight, native_kernels.PackedWeight):
         return native_kernels.gemm_bf16(x, weight, bias)
     if isinstance(weight, native_kernels.QuantizedWeight):
         return native_kernels.qgemm_int8(x, weight, bias)
+    if isinstance(weight, native_kernels.GGUFWeight):
+        return native_kernels.gguf_gemm(x, weight, bias)
     if x.device.type == "cpu" and (
         (_ONEDNN and x.dtype == torch.float32) or (_ONEDNN_BF16 and x.dtype == torch.bfloat16)
     ):
@@ -95,8 +97,6 @@ class Linear(nn.Linear):
     packed: AnyWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.packed, native_kernels.GGUFWeight):
-            return native_kernels.gguf_gemm(x, self.packed, self.bias)
         return linear(x, self.weight if self.packed is None else self.packed, self.bias)
 
     def pack(self) -> None:
@@ -117,7 +117,7 @@ class Linear(nn.Linear):
                 f"GGUF blocks of [{weight.out_features}, {weight.in_features}] for a [{self.out_features}, "
                 f"{self.in_features}] projection"
             )
-        self.packed = weight  # type: ignore[assignment]  # a third kind of packed weight, for forward
+        self.packed = weight
         del self.weight
         self.weight = None
 
@@ -424,8 +424,6 @@ class LlamaForCausalLM(nn.Module):
             head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
         if isinstance(head, native_kernels.PackedWeight):
             return native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
-        if isinstance(head, native_kernels.GGUFWeight):
-            return native_kernels.gguf_gemm(hidden, head)
         return linear(hidden, head)
 
     def prepack_weights(self, quantization: str = "none") -> str | None:
@@ -477,7 +475,7 @@ class LlamaForCausalLM(nn.Module):
             if self.tie_word_embeddings:
                 if (head.out_features, head.in_features) != tuple(self.embed_tokens.weight.shape):
                     raise ValueError(f"GGUF head blocks of [{head.out_features}, {head.in_features}] for a tied head")
-                self.packed_head = head  # type: ignore[assignment]
+                self.packed_head = head
             else:
                 self.lm_head.use_gguf(head)
         head_text = f"head {head.kind}" if head is not None else "head float"
