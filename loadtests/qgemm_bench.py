@@ -11,25 +11,13 @@ the float32 weights (the path `--dtype float32` takes), per weight, and float32'
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from service.config import default_c_compiler, default_cache_dir
 from service.engine.modeling import native_kernels
 
-SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from kernel_bench import SHAPES, median_time  # the same shapes and timing as the bf16 kernels' bench
 
 
 def main() -> None:
