@@ -141,7 +141,7 @@ class ModelRunner:
             num_layers=hf_config.num_hidden_layers,
             num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim,
-            dtype=self.dtype,
+            dtype=model.kv_cache_dtype(),
         )
         num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // spec.bytes_per_block, 1)
         self.kv_spec = KVCacheSpec(**{**spec.__dict__, "num_blocks": int(num_blocks)})
@@ -153,7 +153,7 @@ class ModelRunner:
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,
             self.kv_spec.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_spec.dtype,
             device=self.device,
         )
         if self.device.type == "cpu":
@@ -163,7 +163,7 @@ class ModelRunner:
         self.forward_path = choose_forward_path(config.attention, model, self.dtype, self.device)
         self._forward = model.forward_for(self.forward_path)
         log.info(
-            "model loaded: %s %s on %s%s, forward: %s, KV pool %d blocks x %d tokens (%.1f MiB)",
+            "model loaded: %s %s on %s%s, forward: %s, KV pool %d blocks x %d tokens (%.1f MiB, %s)",
             hf_config.model_type,
             str(self.dtype).removeprefix("torch."),
             self.device,
@@ -172,6 +172,7 @@ class ModelRunner:
             self.kv_spec.num_blocks,
             self.kv_spec.block_size,
             self.kv_spec.total_bytes / 2**20,
+            str(self.kv_spec.dtype).removeprefix("torch."),
         )
 
     @property

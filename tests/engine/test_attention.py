@@ -36,23 +36,29 @@ def reference(q, k_all, v_all, seqs, head_dim):
     return out
 
 
-def check_paged_attention(layout, num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtype, use_kernel):
-    """Fill each sequence's cached history into its blocks, run one step, compare with plain attention."""
+def check_paged_attention(layout, num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtypes, use_kernel):
+    """Fill each sequence's cached history into its blocks, run one step, compare with plain attention.
+    dtypes: (q's, the cache's); K and V hold values both represent, so the reference sees what the cache does."""
+    dtype, kv_dtype = dtypes
     num_tokens = sum(s.num_new_tokens for s in layout)
     gen = torch.Generator().manual_seed(0)
-    cache = torch.zeros(2, num_kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
+    cache = torch.zeros(2, num_kv_heads, num_blocks, block_size, head_dim, dtype=kv_dtype)
     q = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype)
-    k_new = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v_new = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+
+    def kv_values(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(kv_dtype).to(dtype)
+
+    k_new = kv_values(num_tokens, num_kv_heads, head_dim)
+    v_new = kv_values(num_tokens, num_kv_heads, head_dim)
     k_hist, v_hist = [], []
     for s in layout:
         # Write each sequence's cached history into its blocks, as earlier steps would have.
-        k_old = torch.randn(s.num_computed_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v_old = torch.randn(s.num_computed_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+        k_old = kv_values(s.num_computed_tokens, num_kv_heads, head_dim)
+        v_old = kv_values(s.num_computed_tokens, num_kv_heads, head_dim)
         for pos in range(s.num_computed_tokens):
             block, off = s.block_ids[pos // block_size], pos % block_size
-            cache[0, :, block, off] = k_old[pos]
-            cache[1, :, block, off] = v_old[pos]
+            cache[0, :, block, off] = k_old[pos].to(kv_dtype)
+            cache[1, :, block, off] = v_old[pos].to(kv_dtype)
         rows = slice(s.start_row, s.start_row + s.num_new_tokens)
         k_hist.append(torch.cat([k_old, k_new[rows]]))
         v_hist.append(torch.cat([v_old, v_new[rows]]))
@@ -66,17 +72,23 @@ def check_paged_attention(layout, num_heads, num_kv_heads, head_dim, block_size,
     s = layout[-1]
     pos = s.num_computed_tokens + s.num_new_tokens - 1
     block, off = s.block_ids[pos // block_size], pos % block_size
-    assert torch.equal(cache[0, :, block, off], k_new[s.start_row + s.num_new_tokens - 1])
+    assert torch.equal(cache[0, :, block, off].to(dtype), k_new[s.start_row + s.num_new_tokens - 1])
 
 
-# 32: the kernels' generic loops; 64 and 128: the bf16 kernel's register-blocked paths.
+F32, BF16 = torch.float32, torch.bfloat16
+# (q, cache): float32 throughout, bf16 throughout, and float32 over a bf16 cache (the quantized-weight path's).
+DTYPES = pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (F32, BF16)], ids=["f32", "bf16", "f32-bf16kv"])
+
+
+# 32: the kernels' generic loops; 64 and 128: the bf16 kernel's register-blocked paths and the float32-over-
+# bf16 kernel's AVX2 tiles.
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@DTYPES
 @pytest.mark.parametrize("kernels", ["none", "native", "portable"], indirect=True)  # none: torch ops
-def test_paged_attention_matches_causal_attention(dtype: torch.dtype, kernels: str, head_dim: int) -> None:
+def test_paged_attention_matches_causal_attention(dtypes: tuple, kernels: str, head_dim: int) -> None:
     use_kernel = kernels != "none"
-    assert native_kernels.paged_attention_supported(dtype, torch.device("cpu")) == use_kernel
-    check_paged_attention(LAYOUT, NUM_HEADS, NUM_KV_HEADS, head_dim, BLOCK_SIZE, NUM_BLOCKS, dtype, use_kernel)
+    assert native_kernels.paged_attention_supported(dtypes[0], torch.device("cpu")) == use_kernel
+    check_paged_attention(LAYOUT, NUM_HEADS, NUM_KV_HEADS, head_dim, BLOCK_SIZE, NUM_BLOCKS, dtypes, use_kernel)
 
 
 # Blocks of 16 (the engine's default) with contexts past several blocks: the bf16 kernel's sixteen-key
@@ -92,6 +104,6 @@ LONG_LAYOUT = [
 @pytest.mark.usefixtures("kernels")  # native and portable builds
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_long_contexts_and_groups(dtype: torch.dtype, head_dim: int, group: int) -> None:
-    check_paged_attention(LONG_LAYOUT, 2 * group, 2, head_dim, 16, 32, dtype, use_kernel=True)
+@DTYPES
+def test_kernel_long_contexts_and_groups(dtypes: tuple, head_dim: int, group: int) -> None:
+    check_paged_attention(LONG_LAYOUT, 2 * group, 2, head_dim, 16, 32, dtypes, use_kernel=True)

@@ -47,16 +47,19 @@ def test_float32_rope_and_cache_gives_torchs_bits() -> None:
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen)
     angles = torch.rand(rows, 1, head_dim // 2, generator=gen) * 6
     cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
-    cache = torch.zeros(2, kv_heads, 4, 8, head_dim)
+    cache = torch.zeros(2, kv_heads, 4, 8, head_dim, dtype=torch.bfloat16)  # the quantized path's cache
     slots = torch.tensor([9, 0, 30])
     q, k = native_kernels.rope_and_cache(qkv, cos, sin, cache, slots, heads)
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
     expected = qk * cos + rotate_half(qk) * sin  # llama.py's expression: three roundings, as the kernel's
+    assert q.dtype == k.dtype == F32
     assert torch.equal(q, expected[:, :heads]) and torch.equal(k, expected[:, heads:])
     flat = cache.view(2, kv_heads, 32, head_dim)
     v = qkv[:, (heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim)
-    for r, slot in enumerate(slots.tolist()):
-        assert torch.equal(flat[0, :, slot], k[r]) and torch.equal(flat[1, :, slot], v[r])
+    for r, slot in enumerate(slots.tolist()):  # stored rounded to nearest even, as torch's .to(bfloat16)
+        assert torch.equal(flat[0, :, slot], k[r].bfloat16()) and torch.equal(flat[1, :, slot], v[r].bfloat16())
+    with pytest.raises(ValueError, match="bfloat16"):  # a float32 cache is not this kernel's
+        native_kernels.rope_and_cache(qkv, cos, sin, torch.zeros(2, kv_heads, 4, 8, head_dim), slots, heads)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,8 @@ def _quantized_runner(model_dir: Path, kind: str, cache_dir: Path) -> ModelRunne
         return ModelRunner(model_dir, EngineConfig(quantization="int8", **config))
     runner = ModelRunner(model_dir, EngineConfig(**config))
     runner.model.use_gguf_weights(*gguf_blocks_of(runner.model, kind))
+    # The runner sized its cache for float32 weights; a server loading GGUF blocks sizes it after (bf16).
+    runner.kv_caches = torch.zeros_like(runner.kv_caches, dtype=runner.model.kv_cache_dtype())
     return runner
 
 
@@ -86,12 +91,13 @@ def _quantized_runner(model_dir: Path, kind: str, cache_dir: Path) -> ModelRunne
 def test_quantized_stack_matches_the_layer_by_layer_path(
     kind: str, which: str, cache_dir: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """decoder_stack_f32q runs the per-op path's kernels in its order: hidden states and KV cache bit for bit
-    the same over steps that prefill (the per-op path in both: float32 prefills take torch's attention), then
+    """decoder_stack_f32q runs the per-op path's kernels in its order: hidden states and the (bf16) KV cache bit
+    for bit the same over steps that prefill (the per-op path in both: float32 prefills take torch's attention), then
     a prompt's later chunk beside decodes, then decodes. The per-op path itself stays within float32 rounding
     of the same weights on torch's elementwise ops (ATTENTION_KERNEL)."""
     runner = _quantized_runner(request.getfixturevalue(f"{which}_dir"), kind, cache_dir)
     model = runner.model
+    assert runner.kv_caches.dtype == torch.bfloat16
     assert choose_forward_path("auto", model, F32, CPU) is ForwardPath.DECODER_STACK
     stack_calls = []
     decoder_stack = native_kernels.decoder_stack
@@ -129,3 +135,14 @@ def test_mixed_weight_kinds_do_not_take_the_stack(tiny_llama_dir: Path, cache_di
     down.packed = native_kernels.quantize_weight(torch.randn(down.out_features, down.in_features))
     assert not model.can_run_decoder_stack()
     assert choose_forward_path("auto", model, F32, CPU) is ForwardPath.FUSED_OPS
+
+
+@_needs_kernels
+def test_quantized_runner_keeps_a_bf16_cache_of_twice_the_blocks(tiny_llama_dir: Path, cache_dir: Path) -> None:
+    """Quantized projections read and write a bf16 KV cache, so one memory budget holds twice float32's blocks."""
+    config = dict(dtype="float32", block_size=16, kv_cache_memory_bytes=1 << 20, cache_dir=cache_dir)
+    plain = ModelRunner(tiny_llama_dir, EngineConfig(**config))
+    int8 = ModelRunner(tiny_llama_dir, EngineConfig(quantization="int8", **config))
+    assert plain.kv_caches.dtype == F32 and int8.kv_caches.dtype == torch.bfloat16
+    assert int8.kv_spec.num_blocks == 2 * plain.kv_spec.num_blocks
+    assert int8.kv_spec.total_bytes == int8.kv_caches.numel() * 2 <= 1 << 20

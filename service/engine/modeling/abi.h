@@ -64,6 +64,12 @@ int paged_attention_bf16(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache
                          const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                          int64_t max_ctx, float scale, int num_threads);
+/* float32 q and out over a bf16 cache: the quantized-weight path's (--quantization). */
+int paged_attention_f32_bf16kv(const float *q, const bf16 *k_cache, const bf16 *v_cache, float *out,
+                               const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                               const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                               int64_t max_ctx, float scale, int num_threads);
 
 /* fused_ops.c: the elementwise ops of a decoder layer, bf16 and (the quantized-weight path) float32. */
 void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
@@ -75,8 +81,8 @@ void rope_cache_bf16(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_
 void add_rms_norm_f32(const float *x, float *residual, const float *weight, float *out, int64_t rows, int64_t dim,
                       float eps, int num_threads);
 void silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t inter, int num_threads);
-void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out, float *k_cache,
-                    float *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out, bf16 *k_cache,
+                    bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                     int64_t head_dim, int64_t cache_slots, int num_threads);
 
 /* gemm.c: the bf16 projections (AVX-512 BF16 builds only). */
@@ -94,7 +100,7 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
  * CPU: weight_kind LMSERVE_WEIGHT_INT8, LMSERVE_GGUF_Q4_1 or LMSERVE_GGUF_Q8_0 for every projection. Returns
  * 2 for another kind. */
 int decoder_stack_f32q(float *residual, const int64_t *layers, int64_t num_layers, const float *cos, const float *sin,
-                       const int64_t *slots, float *kv_cache, int64_t num_blocks, int64_t block_size,
+                       const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,

@@ -175,8 +175,8 @@ def paged_attention(
     # contiguous per (head, sequence), which is the batched matmul's layout: no copy after the gather.
     if not cache_written:
         flat = kv_cache.view(2, num_kv_heads, num_blocks * block_size, head_dim)
-        flat[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        flat[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
+        flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
 
     out = torch.empty_like(q)
     for start, end in meta.fresh_prefills:
@@ -199,7 +199,7 @@ def paged_attention(
     for g in meta.groups:
         b, lq = g.num_seqs, g.max_query_len
         ctx_len = g.bias.shape[-1]
-        kv = kv_cache.index_select(2, g.block_ids).view(2, num_kv_heads, b, ctx_len, head_dim)
+        kv = kv_cache.index_select(2, g.block_ids).view(2, num_kv_heads, b, ctx_len, head_dim).to(q.dtype)
         # [b * lq, heads, hd] -> [kv_heads, b, group * lq, hd]: each KV head serves its query heads at once.
         qg = q[g.q_index].view(b, lq, num_kv_heads, group_size, head_dim).permute(2, 0, 3, 1, 4)
         qg = qg.reshape(num_kv_heads, b, group_size * lq, head_dim)

@@ -109,7 +109,8 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
  * the per-op path (llama.py's _layers_fused with those weights) in its order, so the result is bit for bit
  * that path's. The projections are qgemm.c's (int8, with the _S slots' scales) or qgemm_gguf.c's (a GGUF's
  * blocks), each quantizing its rows of x into the one scratch shared by all of them; SiLU-and-multiply is a
- * phase of its own; attention is the portable float32 kernel's team work. */
+ * phase of its own; the KV cache is bf16 (kv_cache: [L, 2, num_kv_heads, num_blocks, block_size, head_dim]
+ * bf16), written by rope_cache_f32_team and read by attention_f32_bf16kv_team. */
 
 #define FPTR(layer, i) ((const float *)(intptr_t)(layer)[i])
 
@@ -123,7 +124,7 @@ static void qlinear_team(const int64_t *layer, int w, int s, int b, int kind, co
 }
 
 int decoder_stack_f32q(float *residual, const int64_t *layers, int64_t num_layers, const float *cos, const float *sin,
-                       const int64_t *slots, float *kv_cache, int64_t num_blocks, int64_t block_size,
+                       const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
@@ -161,14 +162,14 @@ int decoder_stack_f32q(float *residual, const int64_t *layers, int64_t num_layer
             add_rms_norm_f32_team(NULL, residual, FPTR(layers, LMSERVE_INPUT_NORM), x, T, hidden, eps);
             for (int64_t l = 0; l < num_layers; l++) {
                 const int64_t *w = layers + l * LMSERVE_LAYER_SLOTS;
-                float *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
+                bf16 *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
                 qlinear_team(w, LMSERVE_QKV_W, LMSERVE_QKV_S, LMSERVE_QKV_B, kind, x, qkv, T, qkv_width, hidden, qx,
                              dx, sx);
                 rope_cache_f32_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
                                     num_blocks * block_size);
-                attention_f32_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows, num_queries,
-                                   num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, max_ctx,
-                                   scale, sg);
+                attention_f32_bf16kv_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
+                                          num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
+                                          max_blocks, max_ctx, scale, sg);
                 qlinear_team(w, LMSERVE_O_W, LMSERVE_O_S, LMSERVE_O_B, kind, attn, proj, T, hidden, q_width, qx, dx, sx);
                 add_rms_norm_f32_team(proj, residual, FPTR(w, LMSERVE_POST_NORM), x, T, hidden, eps);
                 qlinear_team(w, LMSERVE_GATE_UP_W, LMSERVE_GATE_UP_S, LMSERVE_GATE_UP_B, kind, x, gate_up, T, 2 * inter,

@@ -145,9 +145,13 @@ void silu_mul_team(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter) 
     for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
 }
 
+static inline void copy_row_bf16(bf16 *dst, const bf16 *src, int64_t n) { memcpy(dst, src, sizeof(bf16) * (size_t)n); }
+
 #define ROPE_TEAM_NAME rope_cache_team
 #define ROPE_T bf16
 #define ROPE_HEAD rope_head
+#define ROPE_CACHE_T bf16
+#define ROPE_TO_CACHE copy_row_bf16
 #include "rope_cache_generic.h"
 
 void add_rms_norm_bf16(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows,
@@ -199,9 +203,18 @@ static inline void rope_head_f32(const float *x, const float *c, const float *s,
     }
 }
 
+/* The quantized path's KV cache is bf16 (paged_attention.c's attention_f32_bf16kv_team): K and V rounded to
+ * nearest even as they are stored, as torch's .to(torch.bfloat16) does; q and k come back in float32. */
+static inline void round_row_bf16(bf16 *dst, const float *src, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
 #define ROPE_TEAM_NAME rope_cache_f32_team
 #define ROPE_T float
 #define ROPE_HEAD rope_head_f32
+#define ROPE_CACHE_T bf16
+#define ROPE_TO_CACHE round_row_bf16
 #include "rope_cache_generic.h"
 
 void add_rms_norm_f32_team(const float *x, float *residual, const float *weight, float *out, int64_t rows, int64_t dim,
@@ -234,8 +247,8 @@ void silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t inter,
     silu_mul_f32_team(gate_up, out, rows, inter);
 }
 
-void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out, float *k_cache,
-                    float *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out, bf16 *k_cache,
+                    bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                     int64_t head_dim, int64_t cache_slots, int num_threads) {
     const int64_t row_width = (num_heads + 2 * num_kv_heads) * head_dim;
 #pragma omp parallel num_threads(threads_for(rows, row_width, num_threads))

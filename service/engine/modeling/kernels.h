@@ -46,9 +46,10 @@ void rope_cache_team(const bf16 *qkv, const bf16 *cos, const bf16 *sin, bf16 *q_
                      bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                      int64_t head_dim, int64_t cache_slots);
 
-/* The per-thread scratch, in floats, of the portable attention's team work below. */
+/* The per-thread scratch, in floats, of the float32-query attentions' team work below (the portable one's,
+ * and attention_f32_bf16kv_team's tile of eight rows). */
 static inline size_t attention_scratch_floats(int64_t group, int64_t head_dim, int64_t max_ctx) {
-    return (size_t)(group * (2 * head_dim + max_ctx) + head_dim);
+    return (size_t)(group * (2 * head_dim + max_ctx) + 8 * head_dim);
 }
 
 /* paged_attention.c: the portable attention's body as team work, float32 (decoder.c's quantized stack) and
@@ -58,6 +59,12 @@ void attention_f32_team(const float *q, const float *k_cache, const float *v_cac
                         const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                         int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t max_ctx,
                         float scale, float *buf);
+/* paged_attention.c: float32 queries over a bf16 KV cache (the quantized-weight path). */
+void attention_f32_bf16kv_team(const float *q, const bf16 *k_cache, const bf16 *v_cache, float *out,
+                               const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                               const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                               int64_t max_ctx, float scale, float *buf);
 void attention_bf16_generic_team(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,
                                  const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                                  const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
@@ -79,7 +86,7 @@ void add_rms_norm_f32_team(const float *x, float *residual, const float *weight,
 void add_rows_f32_team(const float *x, float *residual, int64_t rows, int64_t dim);
 void silu_mul_f32_team(const float *gate_up, float *out, int64_t rows, int64_t inter);
 void rope_cache_f32_team(const float *qkv, const float *cos, const float *sin, float *q_out, float *k_out,
-                         float *k_cache, float *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads,
+                         bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t rows, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, int64_t cache_slots);
 
 /* The quantized matrix multiplies' rows of x are quantized into scratch of quant_rows(M) rows (a multiple of

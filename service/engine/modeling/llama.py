@@ -381,10 +381,15 @@ class LlamaForCausalLM(nn.Module):
         packed = self.layers[0].self_attn.qkv_proj.packed
         return isinstance(packed, (native_kernels.QuantizedWeight, native_kernels.GGUFWeight))
 
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: bf16 where the projections are quantized (float32 activations over a bf16
+        cache, half float32's bytes: paged_attention.c's attention_f32_bf16kv_team), else the model's."""
+        return torch.bfloat16 if self.quantized() else self.embed_tokens.weight.dtype
+
     def can_run_decoder_stack(self) -> bool:
         """decoder.c takes this model: no per-head q/k norm (Qwen3), and either every projection packed for
         gemm.c with attention heads of 64 or 128 (its bf16 kernel's sizes), or every decoder projection
-        quantized, all of one kind (decoder_stack_f32q; any head size: the portable float32 attention)."""
+        quantized, all of one kind (decoder_stack_f32q; any head size)."""
         attn = self.layers[0].self_attn
         if attn.has_qk_norm or native_kernels.library() is None:
             return False

@@ -152,14 +152,23 @@ def paged_attention_kernel(
     max_ctx: int,
     scale: float,
 ) -> None:
+    """q over the cache: float32 q over a float32 cache (the kernel held to transformers), bf16 over bf16, or
+    float32 over bf16 (the quantized-weight path's cache, kv_cache_dtype)."""
     lib = _loaded()
+    kernels = {
+        (torch.float32, torch.float32): lib.paged_attention_f32,
+        (torch.bfloat16, torch.bfloat16): lib.paged_attention_bf16,
+        (torch.float32, torch.bfloat16): lib.paged_attention_f32_bf16kv,
+    }
+    fn = kernels.get((q.dtype, kv_cache.dtype))
+    if fn is None or out.dtype != q.dtype:
+        raise ValueError(f"paged_attention_kernel: no kernel for {q.dtype} queries over a {kv_cache.dtype} cache")
     for t in (q, out, kv_cache, block_table, seq_of_query, ctx_lens, q_rows):
         if not t.is_contiguous():
             raise ValueError("paged_attention_kernel: every tensor must be contiguous")
     _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     num_queries, num_heads = q_rows.shape[0], q.shape[1]
     k_plane, v_plane = _planes(kv_cache)
-    fn = lib.paged_attention_bf16 if q.dtype == torch.bfloat16 else lib.paged_attention_f32
     failed = fn(
         q.data_ptr(), k_plane, v_plane, out.data_ptr(), block_table.data_ptr(),
         seq_of_query.data_ptr(), ctx_lens.data_ptr(), q_rows.data_ptr(),
@@ -221,12 +230,13 @@ def rope_and_cache(
     slot_mapping: torch.Tensor,  # [rows] int64
     num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k, and k, v written to their cache slots, in one pass (bf16 or float32). Returns q, k
-    contiguous."""
+    """RoPE on q and k, and k, v written to their cache slots, in one pass (bf16, or float32 whose cache is
+    bf16: the quantized path's, the values rounded to nearest even). Returns q, k contiguous, in qkv's dtype."""
     _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     rows = qkv.shape[0]
     k_plane, v_plane = _planes(kv_cache)
-    _check("rope_and_cache", qkv, cos, sin, kv_cache, dtype=qkv.dtype)
+    _check("rope_and_cache", qkv, cos, sin, dtype=qkv.dtype)
+    _check("rope_and_cache", kv_cache)
     if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (rows,) or not slot_mapping.is_contiguous():
         raise ValueError("rope_and_cache: slot_mapping must be a contiguous int64 tensor, one slot per row")
     q = torch.empty(rows, num_heads, head_dim, dtype=qkv.dtype)
@@ -524,7 +534,8 @@ def decoder_stack(
     num_layers, _, num_kv_heads, num_blocks, block_size, head_dim = kv_caches.shape
     rows, hidden = residual.shape
     dtype = torch.bfloat16 if weight_kind is None else torch.float32
-    _check("decoder_stack", residual, cos, sin, kv_caches, dtype=dtype)
+    _check("decoder_stack", residual, cos, sin, dtype=dtype)
+    _check("decoder_stack", kv_caches)  # bf16 either way (kv_cache_dtype)
     for t in (slot_mapping, plan.block_table, plan.seq_of_query, plan.ctx_lens, plan.q_rows):
         if t.dtype != torch.int64 or not t.is_contiguous():
             raise ValueError("decoder_stack: slot mapping and attention plan must be contiguous int64 tensors")

@@ -52,7 +52,8 @@ static inline void row_bf16(float *dst, const uint16_t *src, int64_t n) {
 #define ATTN_NAME paged_attention_f32
 #define ATTN_TEAM_NAME attention_f32_team
 #define ATTN_LINKAGE
-#define ATTN_T float
+#define ATTN_QT float
+#define ATTN_KVT float
 #define ATTN_LOAD load_f32
 #define ATTN_STORE store_f32
 #define ATTN_EXP expf
@@ -82,7 +83,8 @@ static inline __attribute__((always_inline)) void axpy_fast(float *y, float a, c
 #define ATTN_NAME paged_attention_bf16_generic
 #define ATTN_TEAM_NAME attention_bf16_generic_team
 #define ATTN_LINKAGE
-#define ATTN_T uint16_t
+#define ATTN_QT uint16_t
+#define ATTN_KVT uint16_t
 #define ATTN_LOAD load_bf16
 #define ATTN_STORE store_bf16
 #define ATTN_EXP fast_expf
@@ -253,5 +255,190 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint1
     return paged_attention_bf16_generic(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows,
                                         num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
                                         max_blocks, max_ctx, scale, num_threads);
+}
+
+/* float32 queries over a bf16 KV cache: the attention of the quantized-weight path (--quantization; float32
+ * activations), whose cache holds K and V in bf16, rounded to nearest even as they are written
+ * (fused_ops.c's rope_cache_f32). At many sequences a decode step's attention reads every sequence's whole
+ * cache, and that read is what it waits on: bf16 halves it. Exported as paged_attention_f32_bf16kv (abi.h)
+ * and as team work for decoder.c's quantized stack (kernels.h); both sums reassociate and exp is fast_expf,
+ * as in the bf16 kernels, so a result is within float32 rounding of paged_attention_f32 on the same
+ * (bf16-valued) cache, not bit for bit.
+ *
+ * The portable form: the template's, for any head size and where there is no AVX2. */
+#define ATTN_NAME paged_attention_f32_bf16kv
+#define ATTN_TEAM_NAME attention_f32_bf16kv_generic_team
+#define ATTN_WRAPS attention_f32_bf16kv_team
+#define ATTN_LINKAGE
+#define ATTN_TEAM_LINKAGE static
+#define ATTN_QT float
+#define ATTN_KVT uint16_t
+#define ATTN_LOAD load_f32
+#define ATTN_STORE store_f32
+#define ATTN_EXP fast_expf
+#define ATTN_ROW row_bf16
+#define ATTN_DOT dot_fast
+#define ATTN_AXPY axpy_fast
+#include "paged_attention_generic.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* AVX2 with head_dim a multiple of 64: keys and values eight at a time, each tile of eight rows converted
+ * to float32 once into scratch (L1) for all `group` query heads. Scores: a head's eight dot products
+ * accumulate in eight registers along head_dim, then reduce in one transposing sum (hsum8x8). Values: a
+ * head's 64-float slice of the output stays in eight registers over the tile's keys. Like
+ * attention_bf16_team, an item's first pass also asks for the next item's blocks (into L2). */
+#define TILE 8
+
+static inline __attribute__((always_inline)) __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Lane k of the result: the sum of t[k]'s eight lanes. */
+static inline __attribute__((always_inline)) __m256 hsum8x8(const __m256 t[8]) {
+    const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
+    const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(t[4], t[5]), _mm256_hadd_ps(t[6], t[7]));
+    /* ab: the sums of t[0..3]'s low four lanes, then of their high four; cd: the same for t[4..7] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+/* Rows [0, n) of a block's bf16 rows as float32 in tile (TILE rows of head_dim); rows past n zero. */
+static inline void tile_rows(float *tile, const uint16_t *rows, int64_t n, int64_t head_dim) {
+    for (int64_t i = 0; i < n * head_dim; i += 8) _mm256_storeu_ps(tile + i, load8_bf16(rows + i));
+    for (int64_t i = n * head_dim; i < TILE * head_dim; i += 8) _mm256_storeu_ps(tile + i, _mm256_setzero_ps());
+}
+
+/* n bf16 values, a cache line at a time: into L2 (T1), or L1 (T0) */
+static inline void prefetch_bf16_rows(const uint16_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
+}
+static inline void prefetch_bf16_rows_l1(const uint16_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+
+/* One work item: the group's query heads q[group][head_dim] over len keys; out likewise. scores: group * len
+ * floats; acc: group * head_dim; tile: TILE * head_dim. */
+static void attend_f32_bf16kv(const float *q, const uint16_t *k_plane, const uint16_t *v_plane, float *out,
+                              const int64_t *blocks, int64_t len, int64_t block_size, int64_t group,
+                              int64_t head_dim, float scale, float *scores, float *acc, float *tile,
+                              const uint16_t *next_k, const uint16_t *next_v, const int64_t *next_blocks,
+                              int64_t next_len) {
+    const int64_t D = head_dim / 8, row = block_size * head_dim;
+    for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {
+        const uint16_t *kb = k_plane + blocks[b] * row;
+        const int64_t count = len - first < block_size ? len - first : block_size;
+        prefetch_bf16_rows(v_plane + blocks[b] * row, count * head_dim);
+        if (first + block_size < len) prefetch_bf16_rows_l1(k_plane + blocks[b + 1] * row, row);
+        if (next_k != NULL && first < next_len) {
+            prefetch_bf16_rows(next_k + next_blocks[b] * row, row);
+            prefetch_bf16_rows(next_v + next_blocks[b] * row, row);
+        }
+        for (int64_t o = 0; o < count; o += TILE) {
+            const int64_t n = count - o < TILE ? count - o : TILE;
+            tile_rows(tile, kb + o * head_dim, n, head_dim);
+            for (int64_t g = 0; g < group; g++) {
+                const float *qg = q + g * head_dim;
+                __m256 t[TILE];
+                for (int k = 0; k < TILE; k++) t[k] = _mm256_setzero_ps();
+                for (int64_t c = 0; c < D; c++) {
+                    const __m256 qc = _mm256_loadu_ps(qg + 8 * c);
+                    for (int k = 0; k < TILE; k++)
+                        t[k] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(tile + k * head_dim + 8 * c), t[k]);
+                }
+                const __m256 s = _mm256_mul_ps(hsum8x8(t), _mm256_set1_ps(scale));
+                float *dst = scores + g * len + first + o;
+                if (n == TILE) {
+                    _mm256_storeu_ps(dst, s);
+                } else {
+                    float part[TILE];
+                    _mm256_storeu_ps(part, s);
+                    for (int64_t k = 0; k < n; k++) dst[k] = part[k];
+                }
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *sg = scores + g * len, sum = 0.0f;
+        __m256 m8 = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 8 <= len; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sg + j));
+        float lanes[8], mx = -INFINITY;
+        _mm256_storeu_ps(lanes, m8);
+        for (int k = 0; k < 8; k++) mx = lanes[k] > mx ? lanes[k] : mx;
+        for (; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < len; j++) {
+            sg[j] = fast_expf(sg[j] - mx);
+            sum += sg[j];
+        }
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f; /* len 0: zeros, as the other kernels write */
+        for (int64_t j = 0; j < len; j++) sg[j] *= inv;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
+    for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {
+        const uint16_t *vb = v_plane + blocks[b] * row;
+        const int64_t count = len - first < block_size ? len - first : block_size;
+        if (first + block_size < len) prefetch_bf16_rows_l1(v_plane + blocks[b + 1] * row, row);
+        for (int64_t o = 0; o < count; o += TILE) {
+            const int64_t n = count - o < TILE ? count - o : TILE;
+            tile_rows(tile, vb + o * head_dim, n, head_dim);
+            for (int64_t g = 0; g < group; g++) {
+                const float *p = scores + g * len + first + o;
+                for (int64_t c0 = 0; c0 < D; c0 += 8) { /* 64 floats of the head's output in registers */
+                    float *a = acc + g * head_dim + 8 * c0;
+                    __m256 r[8];
+                    for (int c = 0; c < 8; c++) r[c] = _mm256_loadu_ps(a + 8 * c);
+                    for (int64_t k = 0; k < n; k++) {
+                        const __m256 w = _mm256_broadcast_ss(p + k);
+                        for (int c = 0; c < 8; c++)
+                            r[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(tile + k * head_dim + 8 * (c0 + c)), r[c]);
+                    }
+                    for (int c = 0; c < 8; c++) _mm256_storeu_ps(a + 8 * c, r[c]);
+                }
+            }
+        }
+    }
+    memcpy(out, acc, sizeof(float) * (size_t)(group * head_dim));
+}
+#endif
+
+/* The team work (kernels.h): the AVX2 tiles where they apply, else the portable form. buf: this thread's
+ * attention_scratch_floats. Items in chunks of consecutive ones, as attention_bf16_team takes them. */
+void attention_f32_bf16kv_team(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, float *out,
+                               const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                               const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                               int64_t max_ctx, float scale, float *buf) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (head_dim % 64 == 0) {
+        const int64_t group = num_heads / num_kv_heads;
+        const int64_t num_items = num_queries * num_kv_heads;
+        const int64_t plane = num_blocks * block_size * head_dim;
+        float *scores = buf, *acc = scores + group * max_ctx, *tile = acc + group * head_dim;
+        int64_t chunk = num_items / (4 * omp_get_num_threads()); /* the same on every thread */
+        chunk = chunk < 4 ? 4 : chunk > 16 ? 16 : chunk;
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t item = 0; item < num_items; item++) {
+            const int64_t n = item / num_kv_heads, kh = item % num_kv_heads;
+            const int64_t base = (q_rows[n] * num_heads + kh * group) * head_dim;
+            const uint16_t *next_k = NULL, *next_v = NULL;
+            const int64_t *next_blocks = NULL;
+            int64_t next_len = 0;
+            if (item + 1 < num_items) {
+                const int64_t n2 = (item + 1) / num_kv_heads, kh2 = (item + 1) % num_kv_heads;
+                next_k = k_cache + kh2 * plane, next_v = v_cache + kh2 * plane;
+                next_blocks = block_table + seq_of_query[n2] * max_blocks, next_len = ctx_lens[n2];
+            }
+            attend_f32_bf16kv(q + base, k_cache + kh * plane, v_cache + kh * plane, out + base,
+                              block_table + seq_of_query[n] * max_blocks, ctx_lens[n], block_size, group, head_dim,
+                              scale, scores, acc, tile, next_k, next_v, next_blocks, next_len);
+        }
+        return;
+    }
+#endif
+    attention_f32_bf16kv_generic_team(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows,
+                                      num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
+                                      max_blocks, max_ctx, scale, buf);
 }
 #pragma GCC pop_options

@@ -2,13 +2,20 @@
  * type (float32, and bf16 where the AVX-512 heads do not apply). A template rather than a macro so that a
  * debugger steps through these lines. The includer defines:
  *   ATTN_NAME     the function's name            ATTN_LINKAGE  its linkage (empty, or static)
- *   ATTN_TEAM_NAME  its body as team work (kernels.h), which ATTN_NAME runs inside a region of its own
- *   ATTN_T        the element type (float, bf16) ATTN_LOAD, ATTN_STORE  element i of a row <-> float
+ *   ATTN_TEAM_LINKAGE  optional: the team work's linkage, where it differs
+ *   ATTN_TEAM_NAME  its body as team work (kernels.h)
+ *   ATTN_WRAPS    optional: the team work ATTN_NAME runs inside a region of its own (ATTN_TEAM_NAME if unset)
+ *   ATTN_QT       the element type of q and out  ATTN_KVT  the KV cache's (float, bf16)
+ *   ATTN_LOAD, ATTN_STORE  element i of a q / out row <-> float
  *   ATTN_EXP      exp                            ATTN_ROW      a key/value row -> float32
  *   ATTN_DOT      dot product of float32 rows    ATTN_AXPY     y += a * x over float32 rows
  * One work item is (query row, KV head). Keys and values are walked block by block (no division per key),
  * and each key/value row is converted to float32 once for all `group` query heads. */
-ATTN_LINKAGE void ATTN_TEAM_NAME(const ATTN_T *q, const ATTN_T *k_cache, const ATTN_T *v_cache, ATTN_T *out,
+#ifndef ATTN_TEAM_LINKAGE
+#define ATTN_TEAM_LINKAGE ATTN_LINKAGE
+#endif
+
+ATTN_TEAM_LINKAGE void ATTN_TEAM_NAME(const ATTN_QT *q, const ATTN_KVT *k_cache, const ATTN_KVT *v_cache, ATTN_QT *out,
                                 const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                                 const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
@@ -28,7 +35,7 @@ ATTN_LINKAGE void ATTN_TEAM_NAME(const ATTN_T *q, const ATTN_T *k_cache, const A
             for (int64_t d = 0; d < head_dim; d++) qf[g * head_dim + d] = ATTN_LOAD(q, base + d);
         }
         for (int64_t b = 0; b < used_blocks; b++) {
-            const ATTN_T *kb = k_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;
+            const ATTN_KVT *kb = k_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;
             const int64_t first = b * block_size;
             const int64_t count = len - first < block_size ? len - first : block_size;
             for (int64_t o = 0; o < count; o++) {
@@ -47,7 +54,7 @@ ATTN_LINKAGE void ATTN_TEAM_NAME(const ATTN_T *q, const ATTN_T *k_cache, const A
         }
         memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
         for (int64_t b = 0; b < used_blocks; b++) {
-            const ATTN_T *vb = v_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;
+            const ATTN_KVT *vb = v_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;
             const int64_t first = b * block_size;
             const int64_t count = len - first < block_size ? len - first : block_size;
             for (int64_t o = 0; o < count; o++) {
@@ -63,7 +70,11 @@ ATTN_LINKAGE void ATTN_TEAM_NAME(const ATTN_T *q, const ATTN_T *k_cache, const A
     }
 }
 
-ATTN_LINKAGE int ATTN_NAME(const ATTN_T *q, const ATTN_T *k_cache, const ATTN_T *v_cache, ATTN_T *out,
+#ifndef ATTN_WRAPS
+#define ATTN_WRAPS ATTN_TEAM_NAME
+#endif
+
+ATTN_LINKAGE int ATTN_NAME(const ATTN_QT *q, const ATTN_KVT *k_cache, const ATTN_KVT *v_cache, ATTN_QT *out,
                            const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                            const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                            int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
@@ -74,7 +85,7 @@ ATTN_LINKAGE int ATTN_NAME(const ATTN_T *q, const ATTN_T *k_cache, const ATTN_T 
         float *buf = team_scratch(sizeof(float) * attention_scratch_floats(num_heads / num_kv_heads, head_dim, max_ctx),
                                   &failed);
         if (buf != NULL) /* every thread or none meets the worksharing loop */
-            ATTN_TEAM_NAME(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows, num_queries,
+            ATTN_WRAPS(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows, num_queries,
                            num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, max_ctx, scale, buf);
         free(buf);
     }
@@ -84,7 +95,10 @@ ATTN_LINKAGE int ATTN_NAME(const ATTN_T *q, const ATTN_T *k_cache, const ATTN_T 
 #undef ATTN_NAME
 #undef ATTN_TEAM_NAME
 #undef ATTN_LINKAGE
-#undef ATTN_T
+#undef ATTN_TEAM_LINKAGE
+#undef ATTN_WRAPS
+#undef ATTN_QT
+#undef ATTN_KVT
 #undef ATTN_LOAD
 #undef ATTN_STORE
 #undef ATTN_EXP
