@@ -1,13 +1,16 @@
 """Perplexity of a model over a fixed text, for each --quantization mode, through the engine's own forward.
 
     .venv/bin/python loadtests/perplexity.py [--model smollm2-135m-instruct] [--dtype float32]
-        [--text tests/data/perplexity/kjv_ruth_jonah.txt] [--window 512] [--modes none int8 q4_1]
+        [--text tests/data/perplexity/kjv_ruth_jonah.txt] [--window 512] [--modes none int8 q4_1] [--chunk 16]
 
 The text is tokenized once (no BOS; the chat template plays no part), cut into non-overlapping windows of
 --window tokens, and each window is one fresh prefill through ModelRunner (the paged KV cache, the forward
 path the server would pick, the LM head's logits for every position): perplexity = exp(mean negative log
 likelihood of each token after the first of its window; with --second-half, of the second half of each
-whole window, llama.cpp's llama-perplexity method, for a figure comparable with its own). Prints one line per mode and each mode's ratio to
+whole window, llama.cpp's llama-perplexity method, for a figure comparable with its own). With --chunk N each
+window is fed N tokens a step instead, so that all but its first N tokens attend over the KV cache as
+decodes and later prompt chunks do (a fresh prefill's attention takes its own float K and V, never the
+cache's: the quantized modes' cache is bf16). Prints one line per mode and each mode's ratio to
 the first mode's perplexity; --max-ratio makes the exit status 1 when a ratio exceeds it (the quality guard:
 int8 within 2% of float32).
 """
@@ -53,14 +56,21 @@ def windows(token_ids: list[int], size: int, full_only: bool = False) -> list[li
 
 
 @torch.inference_mode()
-def window_nll(runner: ModelRunner, ids: list[int], first: int = 1) -> tuple[float, int]:
-    """Sum of -log p(token | the window before it) over ids[first:], by one prefill of the window."""
+def window_nll(runner: ModelRunner, ids: list[int], first: int = 1, chunk: int = 0) -> tuple[float, int]:
+    """Sum of -log p(token | the window before it) over ids[first:], by one prefill of the window (or of
+    `chunk` tokens at a time, each chunk after the first over the cache)."""
     block_size = runner.kv_spec.block_size
     num_blocks = -(-len(ids) // block_size)
     assert num_blocks <= runner.kv_spec.num_blocks, "the KV pool is smaller than one window"
-    meta = runner.attention_metadata([SeqLayout(0, len(ids), 0, list(range(num_blocks)))])
     input_ids = torch.tensor(ids, dtype=torch.long)
-    hidden = runner.forward(input_ids, torch.arange(len(ids)), meta)
+    step = chunk or len(ids)
+    hidden = torch.cat([
+        runner.forward(
+            input_ids[start : start + step], torch.arange(start, min(start + step, len(ids))),
+            runner.attention_metadata([SeqLayout(0, len(ids[start : start + step]), start, list(range(num_blocks)))]),
+        )
+        for start in range(0, len(ids), step)
+    ])  # fmt: skip
     logits = runner.model.compute_logits(hidden[first - 1 : -1]).float()  # [len - first, vocab]
     log_probs = torch.log_softmax(logits, dim=-1)
     targets = input_ids[first:]
@@ -68,7 +78,8 @@ def window_nll(runner: ModelRunner, ids: list[int], first: int = 1) -> tuple[flo
 
 
 def measure(
-    model_path: Path, mode: str, dtype: str, token_windows: list[list[int]], cache_dir: Path, second_half: bool = False
+    model_path: Path, mode: str, dtype: str, token_windows: list[list[int]], cache_dir: Path, second_half: bool = False,
+    chunk: int = 0,
 ) -> Perplexity:
     window = max(len(w) for w in token_windows)
     config = EngineConfig(dtype=dtype, quantization=mode, num_kv_blocks=-(-window // 16) + 1, cache_dir=cache_dir)
@@ -76,7 +87,7 @@ def measure(
     start = time.perf_counter()
     total, count = 0.0, 0
     for ids in token_windows:
-        nll, n = window_nll(runner, ids, len(ids) // 2 if second_half else 1)
+        nll, n = window_nll(runner, ids, len(ids) // 2 if second_half else 1, chunk)
         total, count = total + nll, count + n
     return Perplexity(mode, count, total / count, time.perf_counter() - start)
 
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="llama.cpp's method (llama-perplexity -c WINDOW): whole windows only, each scoring only its "
                    "second half, so figures compare with its Final estimate")  # fmt: skip
     p.add_argument("--max-ratio", type=float, default=None, help="exit 1 if a mode's perplexity / the first's exceeds it")
+    p.add_argument("--chunk", type=int, default=0, help="feed each window N tokens a step, over the KV cache (0: whole)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = p.parse_args(argv)
 
@@ -103,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         token_ids = token_ids[: args.max_tokens]
     token_windows = windows(token_ids, args.window, full_only=args.second_half)
     print(f"{args.text.name}: {len(token_ids)} tokens, {len(token_windows)} windows of up to {args.window}; "
-          f"{model_path.name} {args.dtype}")  # fmt: skip
+          f"{model_path.name} {args.dtype}" + (f", {args.chunk} tokens a step" if args.chunk else ""))  # fmt: skip
     results = [
-        measure(model_path, mode, args.dtype, token_windows, args.cache_dir, args.second_half) for mode in args.modes
+        measure(model_path, mode, args.dtype, token_windows, args.cache_dir, args.second_half, args.chunk)
+        for mode in args.modes
     ]
     base = results[0].perplexity
     worst = 1.0
