@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -53,6 +54,30 @@ def test_without_the_unpermutation_q_would_not_match(smollm2_dir: Path) -> None:
     with safe_open(str(weights_file), "pt") as f:
         q = f.get_tensor("model.layers.0.self_attn.q_proj.weight").numpy()
     assert not (raw.weights["model.layers.0.self_attn.q_proj.weight"].dequantize() == q).all()
+
+
+def test_a_q8_0_twin_from_the_requantize_tool_reads_back(tmp_path: Path, smollm2_dir: Path) -> None:
+    """tools/requantize_gguf.py's Q8_0 copy of the bundled file (the one `--quantization q8_0` was measured on:
+    README): accepted for q8_0 and refused for q4_1, and its blocks within Q8_0's rounding of the source's
+    weights: one scale d per 32 values (the block's |max| / 127, stored as fp16, whose rounding moves the
+    largest value's step by up to 127 * 2**-11 d), so each value within 0.5 d + 0.062 d."""
+    from gguf import GGMLQuantizationType
+
+    from tools.requantize_gguf import requantize
+
+    dest = tmp_path / "twin.q8_0.gguf"
+    assert requantize(require_bundled(BUNDLED), dest, GGMLQuantizationType.Q8_0) == {"requantized": 210, "kept": 62}
+    assert quantization_refusal(str(dest), "q8_0") is None
+    assert "are q8_0, not all q4_1" in str(quantization_refusal(str(dest), "q4_1"))
+    linears = read_gguf_linears(dest, "q8_0", num_heads=9, num_kv_heads=3, tied=True)
+    assert {b.kind for b in linears.weights.values()} == {"q8_0"} and len(linears.weights) == 30 * 7
+    (weights_file,) = smollm2_dir.glob("*.safetensors")
+    with safe_open(str(weights_file), "pt") as f:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+            source = f.get_tensor(name).numpy().reshape(-1, 32)
+            error = np.abs(linears.weights[name].dequantize().reshape(-1, 32) - source)
+            d = np.abs(source).max(axis=1, keepdims=True) / 127
+            assert (error <= 0.563 * d + 1e-7).all() and error.max() > 0, name
 
 
 def _config(tmp_path: Path, model: str = BUNDLED, **engine: object) -> ServeConfig:
