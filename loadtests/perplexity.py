@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=0, help="feed each window N tokens a step, over the KV cache (0: whole)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = p.parse_args(argv)
+    if args.chunk < 0:
+        p.error("--chunk must be 0 (whole windows) or a positive number of tokens")
 
     model_path = resolve_model(args.model, args.cache_dir).path
     tokenizer = Tokenizer.from_folder(model_path)

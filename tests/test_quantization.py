@@ -13,6 +13,7 @@ import torch
 
 from service.config import EngineConfig
 from service.engine.modeling.attention import SeqLayout
+from service.engine.modeling.forward_path import ForwardPath
 from service.engine.runner import ModelRunner
 from service.tokenizer import Tokenizer
 from tests.cli_process import cli_server, free_port
@@ -73,12 +74,14 @@ def test_int8_greedy_agreement_with_float32_on_the_bundled_model(smollm2_dir: Pa
     """Measured, not asserted equal: the share of greedy tokens that int8 gives as float32 does, before
     the first difference and overall (printed with -s); the first 4 tokens of each prompt must agree."""
     tokenizer = Tokenizer.from_folder(smollm2_dir)
-    runner = ModelRunner(smollm2_dir, EngineConfig(dtype="float32", num_kv_blocks=8, cache_dir=cache_dir))
+    config = dict(dtype="float32", num_kv_blocks=8, cache_dir=cache_dir)
     num_tokens, same, prefix = 10, 0, 0
     prompt_ids = [tokenizer.encode(prompt) for prompt in PROMPTS]
+    runner = ModelRunner(smollm2_dir, EngineConfig(**config))
     f32 = [greedy(runner, ids, num_tokens) for ids in prompt_ids]
-    # The same loaded model, its projections quantized in place as the runner does with --quantization int8.
-    assert runner.model.prepack_weights("int8").startswith("int8, qgemm.c")
+    # What the server runs with --quantization int8: its decode steps in the decoder stack, over a bf16 cache.
+    runner = ModelRunner(smollm2_dir, EngineConfig(quantization="int8", **config))
+    assert runner.forward_path is ForwardPath.DECODER_STACK and runner.kv_caches.dtype == torch.bfloat16
     int8 = [greedy(runner, ids, num_tokens) for ids in prompt_ids]
     for prompt, a_ids, b_ids in zip(PROMPTS, f32, int8):
         same += sum(a == b for a, b in zip(a_ids, b_ids))

@@ -55,6 +55,7 @@ def test_q4_1_server_answers_greedy_completions(q4_1_server: QuantizedServer) ->
     log = q4_1_server.log_path.read_text()
     (loaded,) = [line for line in log.splitlines() if "model loaded" in line]
     assert "GGUF q4_1 blocks (head q8_0), qgemm_gguf.c" in loaded
+    assert "MiB, bfloat16)" in loaded  # the KV pool: bf16 under float32 activations (kv_cache_dtype)
     (first,) = _greedy(q4_1_server.base_url, ["The capital of France is"])
     assert "Paris" in first
     assert _greedy(q4_1_server.base_url, ["The capital of France is"]) == [first]  # greedy: the same again

@@ -107,3 +107,19 @@ LONG_LAYOUT = [
 @DTYPES
 def test_kernel_long_contexts_and_groups(dtypes: tuple, head_dim: int, group: int) -> None:
     check_paged_attention(LONG_LAYOUT, 2 * group, 2, head_dim, 16, 32, dtypes, use_kernel=True)
+
+
+# Twelve decodes of 100-250 keys (blocks shuffled over the pool): enough work that paged_attention_kernel
+# splits it over every thread (native_kernels._threads_for), so the items' dynamic chunks and the next-item
+# prefetch run as a many-sequence decode step does.
+MANY_DECODES = [SeqLayout(i, 1, 99 + 13 * i, []) for i in range(12)]
+
+
+@pytest.mark.usefixtures("kernels")
+@DTYPES
+def test_kernel_many_sequences_on_every_thread(dtypes: tuple) -> None:
+    gen = torch.Generator().manual_seed(3)
+    blocks = torch.randperm(12 * 16, generator=gen).tolist()
+    layout = [SeqLayout(s.start_row, 1, s.num_computed_tokens, blocks[16 * i : 16 * i + 16]) for i, s in enumerate(MANY_DECODES)]
+    assert native_kernels._threads_for(12 * 6 * 250) == torch.get_num_threads()
+    check_paged_attention(layout, 6, 2, 64, 16, 12 * 16, dtypes, use_kernel=True)

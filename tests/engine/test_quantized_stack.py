@@ -73,6 +73,19 @@ def tiny_llama_biased_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir:
     return _build_tiny(tmp_path_factory.mktemp("tiny_llama_biased"), config, smollm2_dir)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_hd64_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """Heads of 64 in groups of 3, as SmolLM2's: the float32-over-bf16 attention's AVX2 tiles, not its
+    portable loops (the other tiny models' heads are 16 wide)."""
+    from transformers import LlamaConfig
+
+    from tests.conftest import _TINY_DIMS, _build_tiny
+
+    dims = {**_TINY_DIMS, "hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1}
+    config = LlamaConfig(num_hidden_layers=2, tie_word_embeddings=False, **dims)
+    return _build_tiny(tmp_path_factory.mktemp("tiny_llama_hd64"), config, smollm2_dir)
+
+
 def _quantized_runner(model_dir: Path, kind: str, cache_dir: Path) -> ModelRunner:
     """A float32 runner whose projections are int8 (quantized at load) or GGUF blocks of its own weights."""
     config = dict(dtype="float32", num_kv_blocks=8, block_size=16, cache_dir=cache_dir)
@@ -86,8 +99,10 @@ def _quantized_runner(model_dir: Path, kind: str, cache_dir: Path) -> ModelRunne
 
 
 @_needs_kernels
-@pytest.mark.parametrize("kind", ["int8", "q4_1", "q8_0"])
-@pytest.mark.parametrize("which", ["tiny_llama_biased", "tiny_qwen2"])
+@pytest.mark.parametrize(
+    ("kind", "which"),
+    [(k, w) for k in ("int8", "q4_1", "q8_0") for w in ("tiny_llama_biased", "tiny_qwen2")] + [("int8", "tiny_llama_hd64")],
+)
 def test_quantized_stack_matches_the_layer_by_layer_path(
     kind: str, which: str, cache_dir: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:

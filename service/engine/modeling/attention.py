@@ -179,6 +179,11 @@ def paged_attention(
         flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
 
     out = torch.empty_like(q)
+    if meta.fresh_prefills and kv_cache.dtype != q.dtype:
+        # The quantized path's bf16 cache under float32 q: a fresh prefill attends the K and V that later steps
+        # read back, so a prompt's result does not depend on whether it was prefilled whole, in chunks or
+        # from the prefix cache.
+        k, v = k.to(kv_cache.dtype).to(q.dtype), v.to(kv_cache.dtype).to(q.dtype)
     for start, end in meta.fresh_prefills:
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1)[None],  # [1, num_heads, len, head_dim]

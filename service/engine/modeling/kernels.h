@@ -52,14 +52,15 @@ static inline size_t attention_scratch_floats(int64_t group, int64_t head_dim, i
     return (size_t)(group * (2 * head_dim + max_ctx) + 8 * head_dim);
 }
 
-/* paged_attention.c: the portable attention's body as team work, float32 (decoder.c's quantized stack) and
- * bf16; buf: this thread's attention_scratch_floats. */
+/* paged_attention.c: the portable attention's body as team work, float32 and bf16; buf: this thread's
+ * attention_scratch_floats. */
 void attention_f32_team(const float *q, const float *k_cache, const float *v_cache, float *out,
                         const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                         const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                         int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t max_ctx,
                         float scale, float *buf);
-/* paged_attention.c: float32 queries over a bf16 KV cache (the quantized-weight path). */
+/* paged_attention.c: float32 queries over a bf16 KV cache (the quantized-weight path: decoder.c's
+ * decoder_stack_f32q and paged_attention_f32_bf16kv); buf: this thread's attention_scratch_floats. */
 void attention_f32_bf16kv_team(const float *q, const bf16 *k_cache, const bf16 *v_cache, float *out,
                                const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                                const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
