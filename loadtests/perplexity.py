@@ -9,8 +9,8 @@ path the server would pick, the LM head's logits for every position): perplexity
 likelihood of each token after the first of its window; with --second-half, of the second half of each
 whole window, llama.cpp's llama-perplexity method, for a figure comparable with its own). With --chunk N each
 window is fed N tokens a step instead, so that all but its first N tokens attend over the KV cache as
-decodes and later prompt chunks do (a fresh prefill's attention takes its own float K and V, never the
-cache's: the quantized modes' cache is bf16). Prints one line per mode and each mode's ratio to
+decodes and later prompt chunks do (through the C attention kernel over the cache, where a fresh prefill
+takes torch's attention). Prints one line per mode and each mode's ratio to
 the first mode's perplexity; --max-ratio makes the exit status 1 when a ratio exceeds it (the quality guard:
 int8 within 2% of float32).
 """
