@@ -141,6 +141,15 @@ def _planes(kv_cache: torch.Tensor) -> tuple[int, int]:
     return k, k + kv_cache.stride(0) * kv_cache.element_size()
 
 
+# paged_attention.c's kernel for (q's dtype, the cache's): float32 over float32 (the kernel held to transformers),
+# bf16 over bf16, float32 over bf16 (the quantized-weight path's cache, kv_cache_dtype).
+_ATTENTION_KERNELS = {
+    (torch.float32, torch.float32): "paged_attention_f32",
+    (torch.bfloat16, torch.bfloat16): "paged_attention_bf16",
+    (torch.float32, torch.bfloat16): "paged_attention_f32_bf16kv",
+}
+
+
 def paged_attention_kernel(
     q: torch.Tensor,  # [num_rows, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_dim]
@@ -152,17 +161,11 @@ def paged_attention_kernel(
     max_ctx: int,
     scale: float,
 ) -> None:
-    """q over the cache: float32 q over a float32 cache (the kernel held to transformers), bf16 over bf16, or
-    float32 over bf16 (the quantized-weight path's cache, kv_cache_dtype)."""
-    lib = _loaded()
-    kernels = {
-        (torch.float32, torch.float32): lib.paged_attention_f32,
-        (torch.bfloat16, torch.bfloat16): lib.paged_attention_bf16,
-        (torch.float32, torch.bfloat16): lib.paged_attention_f32_bf16kv,
-    }
-    fn = kernels.get((q.dtype, kv_cache.dtype))
-    if fn is None or out.dtype != q.dtype:
+    """q over the cache, by the kernel of _ATTENTION_KERNELS for their two dtypes."""
+    name = _ATTENTION_KERNELS.get((q.dtype, kv_cache.dtype))
+    if name is None or out.dtype != q.dtype:
         raise ValueError(f"paged_attention_kernel: no kernel for {q.dtype} queries over a {kv_cache.dtype} cache")
+    fn = getattr(_loaded(), name)
     for t in (q, out, kv_cache, block_table, seq_of_query, ctx_lens, q_rows):
         if not t.is_contiguous():
             raise ValueError("paged_attention_kernel: every tensor must be contiguous")

@@ -93,6 +93,19 @@ static inline __attribute__((always_inline)) void axpy_fast(float *y, float a, c
 #define ATTN_AXPY axpy_fast
 #include "paged_attention_generic.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* Prefetch n bf16 values from p (a block's rows), a cache line at a time: into L2 (the AVX-512 BF16 heads,
+ * and attend_f32_bf16kv for the next item), or into L1 (attend_f32_bf16kv's next block). */
+static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
+}
+static inline __attribute__((always_inline)) void prefetch_rows_l1(const uint16_t *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
 /* bf16 with head_dim 64 or 128, the common sizes, on CPUs with AVX-512 BF16. Scores by vdpbf16ps straight
@@ -133,10 +146,6 @@ typedef struct {
     int64_t len;
 } kv_item;
 
-/* Prefetch n bf16 values from p (a block's rows) into L2, a cache line at a time. */
-static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
-}
 
 /* q . k for one key: P zmm of bf16 pairs each, 16 partial sums left in the lanes. The one expression
  * macro left: written as an always_inline function it compiles to different (longer) code for the heads
@@ -282,7 +291,6 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint1
 #include "paged_attention_generic.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 
 /* AVX2 with head_dim a multiple of 64: keys and values eight at a time, each tile of eight rows converted
  * to float32 once into scratch (L1) for all `group` query heads. Scores: a head's eight dot products
@@ -309,14 +317,6 @@ static inline void tile_rows(float *tile, const uint16_t *rows, int64_t n, int64
     for (int64_t i = n * head_dim; i < TILE * head_dim; i += 8) _mm256_storeu_ps(tile + i, _mm256_setzero_ps());
 }
 
-/* n bf16 values, a cache line at a time: into L2 (T1), or L1 (T0) */
-static inline void prefetch_bf16_rows(const uint16_t *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
-}
-static inline void prefetch_bf16_rows_l1(const uint16_t *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
-}
-
 /* One work item: the group's query heads q[group][head_dim] over len keys; out likewise. scores: group * len
  * floats; acc: group * head_dim; tile: TILE * head_dim. */
 static void attend_f32_bf16kv(const float *q, const uint16_t *k_plane, const uint16_t *v_plane, float *out,
@@ -328,11 +328,11 @@ static void attend_f32_bf16kv(const float *q, const uint16_t *k_plane, const uin
     for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {
         const uint16_t *kb = k_plane + blocks[b] * row;
         const int64_t count = len - first < block_size ? len - first : block_size;
-        prefetch_bf16_rows(v_plane + blocks[b] * row, count * head_dim);
-        if (first + block_size < len) prefetch_bf16_rows_l1(k_plane + blocks[b + 1] * row, row);
+        prefetch_rows(v_plane + blocks[b] * row, count * head_dim);
+        if (first + block_size < len) prefetch_rows_l1(k_plane + blocks[b + 1] * row, row);
         if (next_k != NULL && first < next_len) {
-            prefetch_bf16_rows(next_k + next_blocks[b] * row, row);
-            prefetch_bf16_rows(next_v + next_blocks[b] * row, row);
+            prefetch_rows(next_k + next_blocks[b] * row, row);
+            prefetch_rows(next_v + next_blocks[b] * row, row);
         }
         for (int64_t o = 0; o < count; o += TILE) {
             const int64_t n = count - o < TILE ? count - o : TILE;
@@ -379,7 +379,7 @@ static void attend_f32_bf16kv(const float *q, const uint16_t *k_plane, const uin
     for (int64_t first = 0, b = 0; first < len; first += block_size, b++) {
         const uint16_t *vb = v_plane + blocks[b] * row;
         const int64_t count = len - first < block_size ? len - first : block_size;
-        if (first + block_size < len) prefetch_bf16_rows_l1(v_plane + blocks[b + 1] * row, row);
+        if (first + block_size < len) prefetch_rows_l1(v_plane + blocks[b + 1] * row, row);
         for (int64_t o = 0; o < count; o += TILE) {
             const int64_t n = count - o < TILE ? count - o : TILE;
             tile_rows(tile, vb + o * head_dim, n, head_dim);
