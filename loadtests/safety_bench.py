@@ -7,8 +7,9 @@ streaming output guard per delta, each against a peer measured in the same run.
   (prose with some numbers and code, and one email in ten). Peer: the SmolLM2 tokenizer's `encode` of
   the same prompt, which every generation request pays anyway.
 - Output: a 4,000-character answer streamed in the tokenizer's own tokens (about 4 characters each),
-  `guard.feed` per delta, p50 and p99, and per whole answer; with the default policy (sentences held
-  for the classifier) and with span patterns only. Peer: `json.dumps` of the OpenAI chunk the HTTP layer
+  `guard.feed` per delta, p50 and p99, and per whole answer; with the default policy (`stream: word`:
+  the classifiers score the sentence so far at every word), with `stream: hold` (whole sentences), and
+  with span patterns only. Peer: `json.dumps` of the OpenAI chunk the HTTP layer
   serialises for every delta.
 - Classifier: one sentence through ToxicityModel against alt-profanity-check's own `predict_prob`.
 Bounded: fixed counts, one warm-up pass. Figures drift with the machine's load; compare the ratios.
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.safety import SafetyFilter  # noqa: E402
-from service.safety.policy import parse_policy  # noqa: E402
+from service.safety.policy import default_policy_text, parse_policy  # noqa: E402
 
 WORDS = (
     "the model serves requests from many clients while the scheduler batches prefill and decode steps "
@@ -183,7 +184,11 @@ def main() -> None:
         deltas = [answer[i : i + 4] for i in range(0, len(answer), 4)]
     print("\noutput guard per delta (a 4,000-character answer)")
     print(f"{'policy':<24} {'feed p50':>9} {'p99':>9} {'per answer':>10} {'json p50':>11} {'feed/json':>10}")
-    bench_output("default (sentence hold)", safety, deltas, args.outputs)
+    hold = SafetyFilter(
+        parse_policy(default_policy_text().replace("stream: word", "stream: hold"), "hold"), safety.toxicity
+    )
+    bench_output("default (word)", safety, deltas, args.outputs)
+    bench_output("default, stream: hold", hold, deltas, args.outputs)
     bench_output("span patterns only", spans_only, deltas, args.outputs)
     bench_classifier(safety)
 

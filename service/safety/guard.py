@@ -4,9 +4,15 @@ Text is released as soon as nothing can change it any more, and held back only w
 - a span pattern's match might still be forming at the end of what has arrived (the `regex` module's
   partial matching, or the pattern's anchor and tail rule, says where; for most patterns that is the
   last word or number, for a private key block everything from BEGIN to its END line), or
-- the sentence classifiers (toxicity; injection where on) have not judged the current segment yet: up to
-  a sentence boundary, a newline, or MAX_SEGMENT_LEN characters.
-
+- the sentence classifiers (toxicity; injection where on) have not judged it yet. They decide on whole
+  segments (up to a sentence boundary, a newline, or MAX_SEGMENT_LEN characters); what differs is what a
+  stream holds meanwhile. Under the policy's `stream: hold` each segment is held until it ends. Under
+  `stream: word` (the default) the classifiers that block also score the segment so far at every word
+  boundary: while that running score is below the threshold, every completed word is released; from the
+  word where it crosses, words are held until it falls back below (the next words made it harmless:
+  "Dick" became "Dick Van Dyke", "He will die" became "He will die of old age") or the segment ends above
+  it, which blocks. So a stream holds only the word being written in ordinary text, and no word from a
+  blocking crossing on is ever released.
 Every pattern resumes where it left off, so a delta costs work in proportion to the held text, not the
 whole output. The released text of a stream equals the whole-text check of its concatenation, however
 it was split (tests feed every split point), so a redacted secret never leaks a character.
@@ -15,6 +21,7 @@ it was split (tests feed every split point), so a redacted secret never leaks a 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import replace
 
 from service.safety.decisions import Decision, GuardStep
@@ -25,6 +32,9 @@ from service.safety.unicode import find_hidden
 
 # Released characters kept for the patterns' lookbehinds (the longest, in pii.EMAIL, reads 70).
 CONTEXT_LEN = 80
+# A word boundary: the end of a run of word characters (the classifier's tokens are words), known once
+# the next character has arrived.
+_WORD_END = re.compile(r"\w(?=\W)")
 
 
 class OutputGuard:
@@ -36,7 +46,12 @@ class OutputGuard:
         self._context = ""  # the last CONTEXT_LEN released characters, raw
         self._settled = [0] * len(scanners.spans.patterns)  # per pattern: buffer index to resume from
         self._hits: list[Hit] = []  # settled matches in the buffer, not yet released (buffer positions)
-        self._judged = 0  # buffer index up to which the sentence classifiers have judged
+        self._judged = 0  # buffer index up to which the sentence classifiers let text out
+        self._seg_start = 0  # buffer index where the current segment begins
+        self._seg_head = ""  # the current segment's text already released (before the buffer's start)
+        self._word_pos = 0  # buffer index from which word boundaries are still to be judged
+        self._held_from: int | None = None  # buffer index of the word where a running score crossed
+        self._running = scanners.toxicity_model.running()  # the current segment's toxicity, word by word
         self._last_char = ""  # the last character kept, for the ZWJ rule
         self._hasher = hashlib.sha256()  # the raw output so far
         self._fired: set[tuple[str, str]] = set()
@@ -134,16 +149,45 @@ class OutputGuard:
         return max(self._settled[i], tails[tail])
 
     def _judge_sentences(self, final: bool, decisions: list[Decision]) -> Decision | None:
-        if not self._scanners.has_sentence_judges:
+        scanners = self._scanners
+        if not scanners.has_sentence_judges:
             self._judged = len(self._buffer)
             return None
-        while (end := segment_end(self._buffer, self._judged, final)) is not None:
-            for verdict in self._scanners.judge_sentence(self._buffer[self._judged : end]):
+        while True:
+            # The current segment from its start; view position + shift = buffer position.
+            view = self._seg_head + self._buffer[self._seg_start :]
+            shift = self._seg_start - len(self._seg_head)
+            end = segment_end(view, 0, final)
+            if scanners.word_blockers:
+                limit = len(view) if end is None else end
+                for match in _WORD_END.finditer(view, self._word_pos - shift, limit):
+                    self._judge_words(view[: match.end()], shift)
+                    self._word_pos = match.end() + shift
+            if end is None:
+                break
+            for verdict in scanners.judge(view[:end], scanners.hold_judges + scanners.word_judges):
                 decision = self._decide(verdict.category, verdict.action, verdict.score, verdict.kinds, decisions)
                 if verdict.action == "block":
                     return decision
-            self._judged = end
+            self._seg_start = self._word_pos = end + shift
+            self._seg_head = ""
+            self._held_from = None
+            self._running = scanners.toxicity_model.running()
+        if scanners.hold_judges:
+            self._judged = self._seg_start
+        elif self._held_from is not None:
+            self._judged = self._held_from
+        else:  # everything up to the word being written
+            self._judged = _word_start(self._buffer, len(self._buffer))
         return None
+
+    def _judge_words(self, text: str, shift: int) -> None:
+        """The blocking word-mode classifiers over `text`, the current segment up to a word boundary:
+        hold from the word where the running score crosses, release when it falls back."""
+        if not self._scanners.judge(text, self._scanners.word_blockers, self._running):
+            self._held_from = None
+        elif self._held_from is None:
+            self._held_from = _word_start(text, len(text)) + shift
 
     def _release(self, final: bool, decisions: list[Decision]) -> str:
         cut = len(self._buffer) if final else min([self._judged, *self._settled])
@@ -167,9 +211,16 @@ class OutputGuard:
                     redactions.append(finding)
         text = apply_redactions(self._buffer[:cut], redactions)
         self._context = (self._context + self._buffer[:cut])[-CONTEXT_LEN:]
+        if cut > self._seg_start:  # the segment's released part, for the word-mode classifiers
+            self._seg_head += self._buffer[self._seg_start : cut]
+            self._seg_start = cut
         self._buffer = self._buffer[cut:]
         self._settled = [s - cut for s in self._settled]
         self._judged -= cut
+        self._seg_start -= cut
+        self._word_pos -= cut
+        if self._held_from is not None:
+            self._held_from -= cut
         return text
 
     def _decide(
@@ -186,6 +237,14 @@ class OutputGuard:
         self._buffer = ""
         self._hits = []
         return GuardStep("", decisions, decision)
+
+
+def _word_start(text: str, end: int) -> int:
+    """Where the run of word characters that ends at `end` begins (`end` itself when there is none)."""
+    start = end
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        start -= 1
+    return start
 
 
 def _shift(hit: Hit, by: int) -> Hit:

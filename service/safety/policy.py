@@ -5,11 +5,15 @@
       injection: {input: block, output: off, threshold: 0.5}
       secrets:   {input: block, output: redact}
       pii:       {input: flag, output: redact, kinds: [email, phone], phone_regions: [US, GB]}
-      toxicity:  {input: flag, output: block, threshold: 0.9}
+      toxicity:  {input: flag, output: block, threshold: 0.9, stream: word}
       unicode:   {input: strip, output: strip}
       blocklist: {input: block, output: block, terms: ["project nightingale"], patterns: ['\\bINC-\\d{6}\\b']}
 
-A category left out, or a direction left out of a category, is `off` there. Every problem is a
+A category left out, or a direction left out of a category, is `off` there. `stream` (the sentence
+classifiers, injection and toxicity, on output) says how much streamed text a classifier holds back:
+`word` (the default) judges the sentence so far at every word boundary and holds only the word being
+written (a few words while a crossing of the threshold is pending); `hold` judges whole sentences and
+holds each until it ends. Every problem is a
 `PolicyError` whose message is one line naming the file and the key, for the CLI's `error: ...`.
 """
 
@@ -46,8 +50,17 @@ DEFAULT_THRESHOLDS = {
     "blocklist": 0.5,
 }
 DEFAULT_PHONE_REGIONS = ("US", "GB")
+# How a sentence classifier reads a stream (see the module docstring); only these categories have one.
+STREAM_MODES = ("word", "hold")
+CLASSIFIER_CATEGORIES = ("injection", "toxicity")
+DEFAULT_STREAM_MODE = "word"
 _CATEGORY_KEYS = {"input", "output", "threshold"}
-_EXTRA_KEYS = {"pii": {"kinds", "phone_regions"}, "blocklist": {"terms", "patterns"}}
+_EXTRA_KEYS = {
+    "pii": {"kinds", "phone_regions"},
+    "blocklist": {"terms", "patterns"},
+    "injection": {"stream"},
+    "toxicity": {"stream"},
+}
 DEFAULT_POLICY_NAME = "default_policy.yaml"
 
 
@@ -60,6 +73,7 @@ class CategoryPolicy:
     input: str  # an action from ALLOWED_ACTIONS[category]
     output: str
     threshold: float  # a finding counts when its score is at least this (0..1)
+    stream: str = DEFAULT_STREAM_MODE  # word | hold: the sentence classifiers' hold-back on streamed output
 
     def action(self, direction: str) -> str:
         return self.input if direction == "input" else self.output
@@ -79,6 +93,9 @@ class Policy:
 
     def threshold(self, category: str) -> float:
         return self.categories[category].threshold
+
+    def stream_mode(self, category: str) -> str:
+        return self.categories[category].stream
 
 
 def default_policy_text() -> str:
@@ -162,7 +179,10 @@ class _Validator:
             raise self.error(f"{key}.{_first(unknown)}", f"unknown key (expected: {', '.join(sorted(allowed_keys))})")
         actions = [self.action(name, f"{key}.{d}", settings.get(d, "off")) for d in DIRECTIONS]
         threshold = self.threshold(f"{key}.threshold", settings.get("threshold", DEFAULT_THRESHOLDS[name]))
-        return CategoryPolicy(actions[0], actions[1], threshold)
+        stream = settings.get("stream", DEFAULT_STREAM_MODE)
+        if stream not in STREAM_MODES:
+            raise self.error(f"{key}.stream", f"bad stream mode {stream!r} (one of: {', '.join(STREAM_MODES)})")
+        return CategoryPolicy(actions[0], actions[1], threshold, stream)
 
     def action(self, category: str, key: str, value: Any) -> str:
         # YAML 1.1 reads a bare `off` as false; accept it as the word the file means.

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from service.safety import blocklist, pii, secrets, unicode
 from service.safety.injection import score_injection
-from service.safety.policy import CATEGORIES, Policy
+from service.safety.policy import CATEGORIES, CLASSIFIER_CATEGORIES, Policy
 from service.safety.spans import Finding, Hit, SpanPattern, SpanSet
-from service.safety.toxicity import ToxicityModel
+from service.safety.toxicity import RunningToxicity, ToxicityModel
 
 # Overlapping redactions take the placeholder of the earlier category here.
 _REDACTION_PRIORITY = {"secrets": 0, "pii": 1, "blocklist": 2, "unicode": 3}
@@ -53,7 +53,13 @@ class Scanners:
         if self.actions["unicode"] != "off":
             patterns += unicode.confusable_patterns()
         self.spans = SpanSet(patterns)
-        self.has_sentence_judges = self.actions["toxicity"] != "off" or self.actions["injection"] != "off"
+        # The sentence classifiers that are on, by how they read a stream (policy `stream`).
+        on = [name for name in CLASSIFIER_CATEGORIES if self.actions[name] != "off"]
+        self.word_judges = tuple(name for name in on if policy.stream_mode(name) == "word")
+        self.hold_judges = tuple(name for name in on if policy.stream_mode(name) == "hold")
+        # Those a stream scores at every word boundary (a flag needs no hold-back: judged at segment ends).
+        self.word_blockers = tuple(name for name in self.word_judges if self.actions[name] == "block")
+        self.has_sentence_judges = bool(on)
 
     def action_for(self, finding: Finding) -> str:
         action = self.actions[finding.category]
@@ -76,17 +82,21 @@ class Scanners:
                 findings += kept.findings
         return findings
 
-    def judge_sentence(self, text: str) -> list[Judgement]:
-        """The sentence classifiers (toxicity, and injection where on) over one output segment."""
+    def judge(
+        self, text: str, categories: tuple[str, ...], running: RunningToxicity | None = None
+    ) -> list[Judgement]:
+        """The verdicts at or above threshold of the named sentence classifiers over `text` (one output
+        segment, or the part of one written so far; `running` scores toxicity for a segment that grows)."""
         verdicts: list[Judgement] = []
-        if self.actions["injection"] != "off":
-            result = score_injection(text)
-            if result.score >= self.thresholds["injection"]:
-                verdicts.append(Judgement("injection", self.actions["injection"], result.score, result.kinds))
-        if self.actions["toxicity"] != "off":
-            score = self.toxicity_model.score(text)
-            if score >= self.thresholds["toxicity"]:
-                verdicts.append(Judgement("toxicity", self.actions["toxicity"], score, ("classifier",)))
+        for category in categories:
+            if category == "injection":
+                result = score_injection(text)
+                score, kinds = result.score, result.kinds
+            else:
+                result = (running or self.toxicity_model).assess(text)
+                score, kinds = result.score, result.kinds
+            if score >= self.thresholds[category]:
+                verdicts.append(Judgement(category, self.actions[category], score, kinds))
         return verdicts
 
 

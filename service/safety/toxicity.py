@@ -6,63 +6,31 @@ l2-normalised tf-idf) and a CalibratedClassifierCV of five LinearSVCs with sigmo
 too slow for every streamed sentence, so `ToxicityModel` reads the fitted weights once and computes the
 same probability with a dict lookup per word (tests compare it with `predict_prob` to 1e-9).
 
-The classifier is a bag of words: "kill" alone scores 0.95 whether it is a threat or `kill -9`. Common
-figurative and technical uses ("killer recipe", "kill a process", "shoot me an email") are masked before
-scoring, so only the rest of the sentence counts.
+The classifier is a bag of words: "kill" alone scores 0.95 whether it is a threat or `kill -9`, "Dick"
+1.0 whether it is an insult or Dick Van Dyke. Benign senses (figurative and technical phrases, names,
+places and titles, clinical and other word senses) are masked before scoring (benign.py), so only the rest
+of the text counts. And it knows words, not what a sentence does to its reader: abuse aimed at a person
+("I will find you and hurt you", "Nobody would miss you") is found by its grammar (abuse.py). A text's
+toxicity is the higher of the two.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
-import regex
+from service.safety.abuse import score_abuse
+from service.safety.benign import mask_benign_tokens, may_mask
 
 # The vectorizer's token_pattern after its lowercasing, compiled as scikit-learn does (stdlib `re`).
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
-# Figurative and technical phrases whose violent or profane-looking words are not abuse. Each is
-# replaced by a space before scoring. Kept to phrases, not single words, so "I will kill you" still counts.
-_TECH_OBJECTS = (
-    r"process(?:es)?|pids?|jobs?|tasks?|threads?|daemons?|servers?|sessions?|containers?|pods?|"
-    r"signals?|commands?|apps?|applications?|programs?|tabs?|windows?|quer(?:y|ies)|connections?|"
-    r"workers?|services?|instances?|builds?|scripts?|loops?|shells?|terminals?|browsers?|engines?|"
-    r"lights?|power|switch(?:es)?|features?|bills?|time|the\s+mood|the\s+vibe|bugs?|(?:the\s+)?messenger"
-)
-FIGURATIVE = regex.compile(
-    r"\b(?:"
-    # kill / killing / killed + an object that is a thing, not a person (optional flags, determiner, adjective)
-    rf"(?:p?kill(?:s|ed|ing)?|killall)(?:\s+-{{1,2}}\w+)*"
-    r"(?:\s+(?:the|a|an|this|that|my|your|all|any|its|every|some|those|these|\d+))?"
-    rf"(?:\s+\w+)?\s+(?:{_TECH_OBJECTS})(?!\s+(?:admins?|administrators?|guys?|owners?|people|staff|managers?|person))"
-    r"|(?:p?kill|killall)\s+-{1,2}\w+"  # kill -9 1234, pkill -f name
-    r"|sigkill|oom[\s-]?killer|kill[\s-]?switch(?:es)?"
-    # killer + a thing ("killer recipe", "killer app")
-    r"|killer\s+(?:recipes?|apps?|features?|deals?|views?|looks?|workouts?|songs?|tracks?|performances?|"
-    r"ideas?|sales?|prices?|combos?|instincts?|lineups?|designs?|demos?|products?|tips?|questions?|"
-    r"playlists?|outfits?|smiles?|sauces?|dishes?|cakes?|burgers?|features?|use\s+cases?|robots?|whales?|bees?|heels?)"
-    r"|(?:killing|killed|kills|kill)\s+it\b"  # "you killed it on stage"
-    r"|(?:is|are|was|were)\s+killing\s+me|dressed\s+to\s+kill|kill(?:ing)?\s+two\s+birds|to\s+die\s+for"
-    r"|drop[\s-]dead\s+gorgeous|shoot\s+(?:me\s+)?(?:a|an)\s+(?:email|message|text|note|line|dm|photo|video)"
-    r"|shoot\s+for\s+the\s+(?:stars|moon)|(?:bombed|bomb)\s+(?:the|my|an?)\s+(?:test|exam|interview|audition)"
-    r"|break\s+a\s+leg|murder(?:ed|s)?\s+(?:the|that)\s+(?:song|performance|stage|track|set)"
-    r"|(?:die|died|dies|dying|dead)\s+(?:process|thread|worker|daemon|link|code|battery|pixel)s?"
-    r"|(?:process|thread|worker|daemon|battery|server|phone|laptop)s?\s+(?:died|dies|is\s+dead|was\s+killed)"
-    r")\b"
-)
 
-
-# Every figurative phrase contains one of these; most text contains none, and `in` is far cheaper than
-# the phrase expression.
-_FIGURATIVE_STEMS = ("kill", "shoot", "die", "dying", "dead", "bomb", "murder", "leg")
-
-
-def mask_figurative(text: str) -> str:
-    """`text` lowercased with figurative phrases blanked out (what the classifier scores)."""
-    lowered = text.lower()
-    if any(stem in lowered for stem in _FIGURATIVE_STEMS):
-        return FIGURATIVE.sub(" ", lowered)
-    return lowered
+@dataclass(frozen=True)
+class ToxicityResult:
+    score: float  # 0..1
+    kinds: tuple[str, ...]  # ("classifier",), or the abuse kinds found (abuse.SCORES) where they score higher
 
 
 class ToxicityModel:
@@ -102,17 +70,35 @@ class ToxicityModel:
 
     def raw_score(self, text: str) -> float:
         """Exactly the wheel's `predict_prob([text])[0]` (no figurative masking)."""
-        return self._score(text.lower())
+        return self._score(_TOKEN.findall(text.lower()))
+
+    def assess(self, text: str) -> ToxicityResult:
+        """The toxicity of `text`: the classifier over it with benign senses masked, or the abuse forms
+        found in it, whichever scores higher."""
+        masked, tokens = mask_benign_tokens(text)
+        classifier = self._score(tokens)
+        abuse = score_abuse(masked, set(tokens))
+        if abuse.score > classifier:
+            return ToxicityResult(abuse.score, abuse.kinds)
+        return ToxicityResult(classifier, ("classifier",))
 
     def score(self, text: str) -> float:
-        """The toxicity probability of `text` with figurative phrases masked."""
-        return self._score(mask_figurative(text))
+        return self.assess(text).score
 
-    def _score(self, lowered: str) -> float:
+    def running(self) -> RunningToxicity:
+        """A scorer for one text that grows (a streamed segment), judged at each of its word boundaries."""
+        return RunningToxicity(self)
+
+    def _score(self, tokens: list[str]) -> float:
+        """The wheel's probability for a text split into its tokens (lowercased)."""
         counts: dict[str, int] = {}
-        for token in _TOKEN.findall(lowered):
+        for token in tokens:
             if token in self._words:
                 counts[token] = counts.get(token, 0) + 1
+        return self._score_counts(counts)
+
+    def _score_counts(self, counts: dict[str, int]) -> float:
+        """The same from the vocabulary tokens' counts, in the order they first occur."""
         if not counts:
             decisions = self._intercepts
         else:
@@ -130,6 +116,43 @@ class ToxicityModel:
             _expit(-(a * f + b)) for f, a, b in zip(decisions, self._sigmoid_a, self._sigmoid_b, strict=True)
         )
         return total / len(decisions)
+
+
+class RunningToxicity:
+    """ToxicityModel.assess of a text that grows between calls, each call passing the whole text so far,
+    cut at word boundaries. While no benign mask can apply (most text), only the new part is tokenized
+    and no mask runs; the counts are built in the same order as a whole-text call, so the result is the
+    same to the bit. Once a mask could apply, every call is a whole-text assess."""
+
+    def __init__(self, model: ToxicityModel) -> None:
+        self._model = model
+        self._len = 0  # characters taken in
+        self._lowered = ""
+        self._tokens: set[str] = set()
+        self._counts: dict[str, int] = {}
+        self._is_masked = False
+
+    def assess(self, text: str) -> ToxicityResult:
+        if self._is_masked:
+            return self._model.assess(text)
+        piece = text[self._len :]
+        lowered = piece.lower()
+        new_tokens = _TOKEN.findall(lowered)
+        if may_mask(piece, lowered, set(new_tokens)):
+            self._is_masked = True
+            return self._model.assess(text)
+        self._len = len(text)
+        self._lowered += lowered
+        self._tokens.update(new_tokens)
+        words = self._model._words
+        for token in new_tokens:
+            if token in words:
+                self._counts[token] = self._counts.get(token, 0) + 1
+        classifier = self._model._score_counts(self._counts)
+        abuse = score_abuse(self._lowered, self._tokens)
+        if abuse.score > classifier:
+            return ToxicityResult(abuse.score, abuse.kinds)
+        return ToxicityResult(classifier, ("classifier",))
 
 
 def _expit(x: float) -> float:

@@ -194,3 +194,57 @@ def test_moderations_over_both_transports(server: LiveServer, http: httpx.Client
     assert out.results[0].categories["injection"]
     empty = http.post("/v1/moderations", json={"input": []})
     assert empty.status_code == 400
+
+
+# -- output: streamed word by word --------------------------------------------------------------------------
+
+
+def _chat_stream(client: httpx.Client, content: str, max_tokens: int, **extra: object) -> tuple[list[str], str | None]:
+    body = {
+        "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,
+        "stream": True, **extra,
+    }
+    texts: list[str] = []
+    finish = None
+    with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["delta"].get("content"):
+                    texts.append(choice["delta"]["content"])
+                finish = choice["finish_reason"] or finish
+    return texts, finish
+
+
+def test_streamed_chat_comes_a_word_at_a_time_under_the_default_policy(http: httpx.Client) -> None:
+    prompt = "Describe a walk in the park in a few sentences."
+    texts, finish = _chat_stream(http, prompt, 96, ignore_eos=True)
+    assert finish == "length"
+    whole = "".join(texts)
+    words = whole.split()
+    assert len(words) >= 40 and whole.count(". ") >= 2, whole  # several sentences
+    # Each chunk is the word just completed (with its spaces and punctuation), never a sentence.
+    assert len(texts) >= 0.8 * len(words), texts
+    assert max(len(t.split()) for t in texts) <= 2, texts
+    unfiltered = http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 96, "temperature": 0,
+              "ignore_eos": True},
+    ).json()["choices"][0]["message"]["content"]
+    assert unfiltered == whole
+
+
+def test_names_and_titles_are_not_toxic_in_chat_or_moderation(http: httpx.Client) -> None:
+    # The false alarm: this chat came back empty with finish_reason content_filter.
+    texts, finish = _chat_stream(http, "Say: Moby Dick is a whale.", 24)
+    assert finish in ("stop", "length")
+    assert "Moby Dick" in "".join(texts)
+    clean = [
+        "Please summarize the plot of Moby Dick.", "Dick Van Dyke starred in Mary Poppins.",
+        "We stopped in Scunthorpe on the way to Sussex.", "Kill the process with kill -9.",
+        "Breast cancer screening saves lives.", "Shoot the photo at dusk.", "Execute the order at noon.",
+    ]
+    toxic = ["You are a worthless idiot.", "I will find you and hurt you.", "Nobody would miss you if you disappeared."]
+    results = http.post("/v1/moderations", json={"input": clean + toxic}).json()["results"]
+    assert [r["categories"]["toxicity"] for r in results] == [False] * len(clean) + [True] * len(toxic)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.safety import SafetyFilter
-from service.safety.policy import parse_policy
+from service.safety.policy import default_policy_text, parse_policy
 from service.safety.toxicity import ToxicityModel
 from tests.safety.labelled_set import EVAL_POLICY
 
@@ -38,3 +38,11 @@ def spans_only_filter(toxicity_model: ToxicityModel) -> SafetyFilter:
         "spans-only",
     )
     return SafetyFilter(policy, toxicity_model)
+
+
+@pytest.fixture(scope="session")
+def hold_filter(toxicity_model: ToxicityModel) -> SafetyFilter:
+    """The default policy with the sentence classifiers holding whole sentences (`stream: hold`)."""
+    text = default_policy_text().replace("stream: word", "stream: hold")
+    assert "stream: hold" in text
+    return SafetyFilter(parse_policy(text, "hold"), toxicity_model)

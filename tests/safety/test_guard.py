@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -148,22 +149,42 @@ def test_a_cut_off_private_key_is_redacted_at_the_end(spans_only_filter: SafetyF
     assert blocked is None and history[-1] == "x [SECRET]"
 
 
-def test_sentences_are_held_for_the_classifier(default_filter: SafetyFilter) -> None:
-    guard = default_filter.output_guard()
+def test_sentences_are_held_for_the_classifier_under_hold(hold_filter: SafetyFilter) -> None:
+    guard = hold_filter.output_guard()
     assert guard.feed("Hello there. How").text == "Hello there. "
     assert guard.feed(" are you").text == ""
     assert guard.feed("? Fine").text == "How are you? "
     assert guard.finish().text == "Fine"
 
 
-# -- blocking ----------------------------------------------------------------------------------------------------
+def test_words_are_released_as_they_complete_under_word(default_filter: SafetyFilter) -> None:
+    guard = default_filter.output_guard()
+    assert guard.feed("Hello there. How").text == "Hello there. "
+    assert guard.feed(" are you").text == "How are "
+    assert guard.feed("? Fine").text == "you? "
+    assert guard.finish().text == "Fine"
+
+
+def test_a_crossing_is_held_until_the_next_words_undo_it(default_filter: SafetyFilter) -> None:
+    # "Dick" alone scores 1.0; inside the name it is masked, and the held word goes out with the next one.
+    guard = default_filter.output_guard()
+    assert guard.feed("Yes, Dick").text == "Yes, "
+    assert guard.feed(" Van").text == ""  # "Dick" crossed: held
+    assert guard.feed(" Dyke starred").text == "Dick Van Dyke "
+    assert guard.finish().text == "starred"
+    # A word whose running score crosses and then falls back within the sentence.
+    history, blocked = stream(default_filter, ["He", " will", " die", " of", " old", " age", " one", " day", "."])
+    assert blocked is None
+    assert history[2:6] == ["He will "] * 4  # "die" crossed at its boundary; "of old" kept it above
+    assert history[6] == "He will die of old age "
+    assert history[-1] == "He will die of old age one day."
 
 
 def test_toxic_output_blocks_at_its_sentence_end(default_filter: SafetyFilter) -> None:
     guard = default_filter.output_guard()
     assert guard.feed("Sure thing. ").text == "Sure thing. "
     step = guard.feed("You are a fuck")
-    assert step.text == "" and step.blocked is None
+    assert step.text == "You are a " and step.blocked is None
     step = guard.feed("ing idiot. And")
     assert step.text == ""
     assert step.blocked is not None
@@ -176,23 +197,31 @@ def test_toxic_output_blocks_at_its_sentence_end(default_filter: SafetyFilter) -
         guard.finish()
 
 
-def test_figurative_output_is_released(default_filter: SafetyFilter) -> None:
-    history, blocked = stream(default_filter, ["That's a kil", "ler recipe, and kill -", "9 stops it."])
-    assert blocked is None and history[-1] == "That's a killer recipe, and kill -9 stops it."
-
-
-def test_block_list_blocks_output(eval_filter: SafetyFilter) -> None:
-    history, blocked = stream(eval_filter, ["All good. ", "Project Night", "ingale launches Monday."])
+@pytest.mark.parametrize("chunking", ["characters", "tokens", "words"])
+def test_no_word_from_the_crossing_on_is_released_before_a_block(
+    default_filter: SafetyFilter, toxicity_model: ToxicityModel, chunking: str
+) -> None:
+    sentence = "Honestly, you are a worthless idiot and a total loser. "
+    text = "Thanks for the question. " + sentence + "Bye."
+    # The word where the sentence's running score first crosses the threshold: "idiot".
+    ends = [m.end() for m in re.finditer(r"\w+", sentence)]
+    crossing_end = next(end for end in ends if toxicity_model.score(sentence[:end]) >= 0.9)
+    crossing = text.index(sentence) + sentence.rindex(" ", 0, crossing_end) + 1
+    assert text[crossing:].startswith("idiot")
+    if chunking == "characters":
+        chunks = list(text)
+    elif chunking == "tokens":
+        chunks = [text[i : i + 3] for i in range(0, len(text), 3)]
+    else:
+        chunks = [piece + " " for piece in text.split(" ")]
+    history, blocked = stream(default_filter, chunks)
     assert blocked is not None and blocked.blocked is not None
-    assert blocked.blocked.category == "blocklist"
-    assert history[-1] == "All good. "  # nothing of the term or its sentence went out
-
-
-def test_output_secret_blocks_when_the_policy_says_so(toxicity_model: ToxicityModel) -> None:
-    safety = SafetyFilter(parse_policy("categories:\n  secrets: {output: block}\n"), toxicity_model)
-    history, blocked = stream(safety, ["ok ", "AKIAQ3EGRX7Z", "4NV2KLPM and more"])
-    assert blocked is not None and blocked.blocked is not None and blocked.blocked.category == "secrets"
-    assert all("AKIA" not in released for released in history)
+    assert (blocked.blocked.category, blocked.blocked.action) == ("toxicity", "block")
+    for released in history:
+        assert text.startswith(released)
+        assert len(released) <= crossing  # nothing of the crossing word or after it
+    # Everything before the crossing word went out before the block, however the text came.
+    assert history[-1] == text[:crossing]
 
 
 # -- decisions --------------------------------------------------------------------------------------------------
@@ -236,13 +265,50 @@ FRAGMENTS = [
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
 )
 def test_any_split_of_any_text_streams_as_the_whole(
-    spans_only_filter: SafetyFilter, default_filter: SafetyFilter, pieces: list[str], cuts: list[int]
+    spans_only_filter: SafetyFilter, default_filter: SafetyFilter, hold_filter: SafetyFilter,
+    pieces: list[str], cuts: list[int],
 ) -> None:
     text = "".join(pieces)
     points = sorted({c % (len(text) + 1) for c in cuts})
     chunks = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
-    for safety in (spans_only_filter, default_filter):
+    for safety in (spans_only_filter, default_filter, hold_filter):
         whole = safety.check_output(text)
         if whole.blocked is not None:
             continue
         assert_streams_exactly(safety, chunks, whole.text)
+
+
+# Words the classifier reads as abuse, benign in context or not, for the sentence classifiers' hold-back.
+TOXIC_FRAGMENTS = [
+    "Hello", " ", "world", ". ", "\n", ", ", "Dick", " Van Dyke", "Moby", " dick", "He will die", " of old age",
+    "kill", " the process", "kill -9 ", "idiot", "you", " are a", " fucking", "hell", "'s Kitchen", "breast",
+    " cancer screening", "Sussex", "?", "!", "jo.doe@acme.io", "sex", " of the fish", "I hate", " Mondays", "x" * 30,
+]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    pieces=st.lists(st.sampled_from(TOXIC_FRAGMENTS), min_size=1, max_size=14),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_any_split_decides_as_the_whole_under_both_stream_modes(
+    default_filter: SafetyFilter, hold_filter: SafetyFilter, pieces: list[str], cuts: list[int]
+) -> None:
+    text = "".join(pieces)
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    chunks = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
+    wholes = [safety.check_output(text) for safety in (default_filter, hold_filter)]
+    # The two modes decide alike; they differ only in what a stream holds meanwhile.
+    assert (wholes[0].blocked is None) == (wholes[1].blocked is None)
+    if wholes[0].blocked is None:
+        assert wholes[0].text == wholes[1].text
+    for safety, whole in zip((default_filter, hold_filter), wholes, strict=True):
+        if whole.blocked is None:
+            assert_streams_exactly(safety, chunks, whole.text)
+            continue
+        history, blocked = stream(safety, chunks)
+        assert blocked is not None and blocked.blocked is not None
+        assert blocked.blocked.category == whole.blocked.category
+        finest, _ = stream(safety, list(text))  # one character at a time releases the most
+        for released in history:
+            assert finest[-1].startswith(released)

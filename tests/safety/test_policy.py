@@ -108,3 +108,25 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
 def test_every_category_allows_off_and_block() -> None:
     for name in CATEGORIES:
         assert "off" in ALLOWED_ACTIONS[name] and "block" in ALLOWED_ACTIONS[name]
+
+
+def test_stream_mode_per_classifier_defaults_to_word() -> None:
+    policy = load_policy(None)
+    assert policy.stream_mode("toxicity") == "word" and policy.stream_mode("injection") == "word"
+    custom = parse_policy("categories:\n  toxicity: {output: block, stream: hold}\n  injection: {output: flag}\n")
+    assert custom.stream_mode("toxicity") == "hold"
+    assert custom.stream_mode("injection") == "word"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("categories:\n  toxicity: {stream: sentence}\n", "categories.toxicity.stream: bad stream mode 'sentence' (one of: word, hold)"),
+        ("categories:\n  pii: {stream: word}\n", "categories.pii.stream: unknown key"),
+    ],
+)
+def test_stream_mode_errors(text: str, message: str) -> None:
+    with pytest.raises(PolicyError) as excinfo:
+        parse_policy(text, "p.yaml")
+    assert message in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)

@@ -9,7 +9,8 @@ from service.safety.injection import normalize, score_injection
 from service.safety.policy import PII_KINDS
 from service.safety.segments import MAX_SEGMENT_LEN, split_segments
 from service.safety.spans import SpanSet
-from service.safety.toxicity import ToxicityModel, mask_figurative
+from service.safety.benign import mask_benign
+from service.safety.toxicity import ToxicityModel
 from service.safety.unicode import confusable_patterns, find_hidden, fold
 
 ALL_PII = pii.pii_patterns(PII_KINDS, ("US", "GB"))
@@ -159,7 +160,7 @@ def test_toxicity_model_is_the_wheel_s_classifier(toxicity_model: ToxicityModel)
 
 
 def test_figurative_phrases_are_masked(toxicity_model: ToxicityModel) -> None:
-    assert "kill" not in mask_figurative("Run kill -9 1234 now")
+    assert "kill" not in mask_benign("Run kill -9 1234 now")
     for text in ("That's a killer recipe.", "How do I kill a process?", "Run kill -9 1234.", "Shoot me an email."):
         assert toxicity_model.score(text) < 0.5, text
     assert toxicity_model.raw_score("kill -9 the daemon") > 0.9  # what masking prevents
