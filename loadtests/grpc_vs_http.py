@@ -3,8 +3,7 @@
     .venv/bin/python loadtests/grpc_vs_http.py [--concurrency 1 16 64] [--rounds 2]
 
 Starts `lmserve serve` (bundled model, its default dtype, no embeddings, `--no-safety`: the filter's own
-cost is loadtests/safety_throughput.py's, and its sentence hold would turn TTFT into whole-answer latency on
-random prompts) on loopback with both transports,
+cost is loadtests/safety_stream.py's) on loopback with both transports,
 then, in this client process, runs the same load over each transport back to back, alternating which
 goes first each round: random prompts of --input-len token ids, --output-len tokens each (ignore_eos),
 `--requests-per-user` requests per concurrent user. Prints output tokens/s, median TTFT and TPOT for each

@@ -121,6 +121,10 @@ async def run_load(port: int, concurrency: int, requests: int, max_tokens: int) 
         return Load(time.perf_counter() - start, streams)
 
 
+def _label(mode: str) -> str:
+    return mode if mode in ("default", "off") else Path(mode).stem[:9]
+
+
 def start(mode: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = [sys.executable, "-m", "service", "serve", "--embedding-model", "none", "--port", str(port),
@@ -158,7 +162,7 @@ def main() -> None:
                     load = asyncio.run(run_load(servers[mode][1], concurrency, requests, args.max_tokens))
                     runs.setdefault((mode, concurrency), []).append(load)
                     print(
-                        f"round {round_index} {Path(mode).name:9s} c={concurrency:<3d} first text "
+                        f"round {round_index} {_label(mode):9s} c={concurrency:<3d} first text "
                         f"{load.first_text_ms:7.1f} ms, {load.chars_per_chunk:5.1f} chars/chunk, "
                         f"{load.tokens_per_s:6.1f} tok/s, {load.num_filtered} filtered of {len(load.streams)}",
                         flush=True,
@@ -171,14 +175,14 @@ def main() -> None:
         for mode in modes:
             loads = runs[(mode, concurrency)]
             print(
-                f"{concurrency:>3} {Path(mode).name:<9} {statistics.median(x.first_text_ms for x in loads):>13.1f} "
+                f"{concurrency:>3} {_label(mode):<9} {statistics.median(x.first_text_ms for x in loads):>13.1f} "
                 f"{statistics.median(x.chars_per_chunk for x in loads):>11.1f} "
                 f"{statistics.median(x.tokens_per_s for x in loads):>7.1f}"
             )
         for mode in modes[:1] + modes[2:]:
             pairs = list(zip(runs[(mode, concurrency)], runs[("off", concurrency)], strict=True))
             print(
-                f"{concurrency:>3} {Path(mode).name + '/off':<9} "
+                f"{concurrency:>3} {_label(mode) + '/off':<13} "
                 f"{statistics.median(a.first_text_ms / b.first_text_ms for a, b in pairs):>12.2f}x "
                 f"{statistics.median(a.chars_per_chunk / b.chars_per_chunk for a, b in pairs):>10.2f}x "
                 f"{statistics.median(a.tokens_per_s / b.tokens_per_s for a, b in pairs):>6.3f}x  (median of round ratios)"

@@ -49,7 +49,8 @@ _WEAK_NOUNS = _words(
     "psycho psychos slob slobs pig pigs rat rats worm worms maggot maggots vermin cockroach cockroaches "
     "parasite parasites leech leeches snake snakes coward cowards liar liars hack hacks joke failure "
     "disgrace embarrassment snowflake snowflakes troll trolls oaf oafs dumbo git gits degenerate "
-    "degenerates nobody nonentity hag baby babies brat brats fraud frauds swine donkey clod buffoon"
+    "degenerates nobody nonentity hag baby babies brat brats fraud frauds swine donkey clod buffoon lump "
+    "mess"
 )
 _ADJECTIVES = _words(
     "worthless pathetic useless stupid dumb dumbest stupidest brainless clueless ignorant incompetent "
@@ -59,7 +60,7 @@ _ADJECTIVES = _words(
     "damn goddamn bloody little complete total utter absolute big fat old pompous arrogant worthless "
     "talentless witless gormless spoiled entitled deluded delusional pea-brained lonely weak annoying "
     "obnoxious gross nasty wretched dim-witted half-witted small-minded feeble-minded simple-minded "
-    "thick-headed empty-headed pig-headed"
+    "thick-headed empty-headed pig-headed brain-damaged tedious"
 )
 # Adjectives that insult on their own, said of the reader.
 _STRONG_ADJECTIVES = _words(
@@ -67,7 +68,7 @@ _STRONG_ADJECTIVES = _words(
     "repulsive ugly hideous thick dense braindead brain-dead moronic idiotic retarded spineless gutless vile "
     "despicable insufferable talentless witless gormless pea-brained annoying obnoxious pathetic "
     "dim-witted half-witted feeble-minded thick-headed empty-headed worthless trash garbage scum filth "
-    "rubbish vermin"
+    "rubbish vermin brain-damaged"
 )
 _ADJ_RUN = rf"(?:(?:{_ADJECTIVES})(?:\s*,\s*|\s+(?:and\s+)?))*"
 _PHRASES = (
@@ -101,7 +102,7 @@ _HARM = (
 _WILL = (
     r"\b(?:i|we)(?:'ll|’ll|'d|’d|\s+will|\s+would|\s+shall|\s+am\s+going\s+to|'m\s+going\s+to|’m\s+going\s+to|"
     r"'m\s+gonna|’m\s+gonna|\s+am\s+gonna|\s+swear\s+i'll|\s+swear\s+i\s+will|'re\s+going\s+to|\s+are\s+going\s+to|"
-    r"\s+want\s+to|\s+wanna|\s+would\s+love\s+to|'d\s+love\s+to|’d\s+love\s+to|'d\s+like\s+to|\s+could\s+easily)"
+    r"\s+want\s+to|\s+wanna|\s+would\s+love\s+to|'d\s+love\s+to|’d\s+love\s+to|'d\s+like\s+to|\s+could)"
 )
 
 # (kind, trigger words, pattern): a rule runs only on a text with one of its trigger words (tokens as the
@@ -123,6 +124,13 @@ _RULES: tuple[tuple[str, str, str], ...] = (
     ("insult", "@NOUN", rf"\bwhat\s+an?\s+{_INSULT}"),
     ("insult", "@NOUN", rf"{_YOU_ARE}\s+nothing\s+(?:but|more\s+than)\s+an?\s+{_INSULT}"),
     ("insult", "so", r"\b(?:is|are)\s+(?:\w+\s+){0,2}and\s+so\s+are\s+you\b"),
+    ("insult", "so", r"\b(?:disaster|garbage|trash|mess|joke|failure|pathetic|useless|worthless|stupid|awful|terrible|"
+     r"crap|shit|rubbish|embarrassment|disgrace|ugly)\b[^.!?]{0,40}\bso\s+(?:are|were)\s+you\b|\bso\s+is\s+your\s+(?:face|mother|mom|mum|brain)\b"),
+    ("insult", "whoever", r"\bwhoever\s+(?:raised|taught|hired|made|trained)\s+you\b"),
+    ("insult", "face mother", r"\ba\s+face\s+only\s+a\s+mother\s+could\s+love\b"),
+    ("insult", "ashamed", r"\bashamed\s+to\s+(?:even\s+)?(?:exist|be\s+alive|be\s+seen)\b"),
+    ("insult", "disgust repulse sicken nauseate", r"\byou\s+(?:disgust|repulse|sicken|nauseate)\s+(?:me|everyone|everybody|us|people|all)\b"),
+    ("insult", "@NOUN", rf",\s*{_ADJ_RUN}(?:{_WEAK_NOUNS})\s*(?:[.!?]|$)"),
     ("insult", "weight burden beneath worth", r"\b(?:you're|you’re|you\s+are)\s+(?:a\s+)?(?:dead\s+weight|a\s+burden|beneath\s+me|not\s+worth\s+(?:the|my))\b"),
     ("insult", "@NOUN", rf"\b(?:raising|raised|married\s+to|dating|stuck\s+with)\s+(?:such\s+)?an?\s+{_INSULT}"),
     ("insult", "brains brain iq intelligence personality charm", r"\byou\s+have\s+the\s+(?:brains?|iq|intelligence|personality|charm)\s+of\s+an?\b"),
@@ -138,7 +146,7 @@ _RULES: tuple[tuple[str, str, str], ...] = (
     ("insult", "sick puke vomit throw gag stink suck disgust repulse sicken", r"\b(?:you|your\s+\w+|like\s+you)\s+(?:\w+\s+)?makes?\s+me\s+(?:sick|want\s+to\s+(?:puke|vomit|throw\s+up|gag))\b|\byou\s+(?:stink|suck|disgust\s+me|repulse\s+me|sicken\s+me)\b"),
     ("insult", "brain iq head skull", r"\byour\s+(?:brain|iq|head|skull)\s+(?:\w+\s+){0,3}?(?:the\s+size\s+of\s+an?|smaller\s+than|is\s+empty|is\s+hollow)\b"),
     ("insult", "@NOUN", rf"\b(?:hey|hi|yo|oi|listen|look)\s*,?\s+{_ADJ_RUN}(?:{_NOUNS})\b"),
-    ("insult", "@NOUN", rf"\b(?:stop|quit)\s+being\s+(?:such\s+)?an?\s+{_CALLED}|\bsuch\s+an?\s+{_ADJ_RUN}(?:{_NOUNS})\b"),
+    ("insult", "@NOUN", rf"\b(?:stop|quit)\s+being\s+(?:such\s+)?an?\s+{_CALLED}|\bsuch\s+an?\s+{_ADJ_RUN}(?:{_NOUNS})\b|\b(?:be|being)\s+such\s+an?\s+{_CALLED}"),
     ("insult", "existence birth life", r"\byour\s+(?:existence|birth|life|very\s+existence)\s+is\s+(?:a\s+)?(?:mistake|pointless|worthless|meaningless|waste|joke)\b"),
     ("insult", "cancer", r"\b(?:a|the)\s+cancer\s+on\s+(?:this|the|our)\b"),
     ("insult", "laughs laugh", r"\b(?:everyone|everybody|people)\s+laughs?\s+at\s+you\b"),
@@ -158,23 +166,27 @@ _RULES: tuple[tuple[str, str, str], ...] = (
     ("threat", "watch", r"\bwatch\s+your\s+back\b"),
     ("threat", "stabbed shot killed hurt beaten smashed murdered coming", r"\byou(?:'re|’re|\s+are)\s+(?:going\s+to\s+get|gonna\s+get|getting)\s+(?:stabbed|shot|killed|hurt|beaten|smashed|murdered|what's\s+coming)\b"),
     ("threat", "regret sorry", r"\byou(?:'ll|’ll|\s+will)\s+(?:regret\s+it\b|be\s+sorry\b(?!\s+to))"),
+    ("threat", "show happens outside", r"\b(?:i'll|i’ll|i\s+will)\s+show\s+you\s+what\s+happens\b|\bstep\s+outside\s+and\s+(?:i'll|i\s+will|we'll|see)\b"),
+    ("threat", "better", r"\byou(?:'d|’d|\s+had)\s+better\s+(?:watch|sleep|run|hide|pray|be\s+careful|lock)\b"),
+    ("threat", "deserve", r"\byou(?:'ll|’ll|\s+will)\s+get\s+what\s+you\s+deserve\b"),
     ("threat", "warning", r"\b(?:i'm|i’m|i\s+am)\s+warning\s+you\b|\bthis\s+is\s+your\s+(?:last|final)\s+warning\b"),
     ("threat", "@HARM", rf"\b(?:people|friends|guys|someone|somebody)\s+who\s+(?:can|could|will|would)\s+{_HARM}\w*\s+you\b"),
     ("threat", "someone somebody", rf"\b(?:someone|somebody)\s+should\s+(?:shut|{_HARM})\w*\s+you\b"),
-    ("threat", "shut* @HARM", rf"\bbefore\s+i\s+(?:shut|{_HARM})\w*\s+(?:it|you)\b"),
+    ("threat", "shut* find catch get @HARM", rf"\bbefore\s+i\s+(?:(?:shut|{_HARM})\w*\s+(?:it|you)|(?:find|catch|get)\s+you)\b"),
     ("threat", "feed", r"\bfeed\s+(?:it|you|them)\s+to\s+the\s+(?:dogs|pigs|sharks)\b"),
     ("threat", "coming suffer pay regret bleed die beg cry scream lose never", r"\bwhat's\s+coming\s+to\s+you\b|\bmake\s+sure\s+you\s+(?:suffer|pay|regret|bleed|die|lose|never)\b|\b(?:make|watch|see)\s+you\s+(?:suffer|bleed|die|beg|cry|scream)\b"),
     ("threat", "find", r"\b(?:you'll|you’ll|you\s+will)\s+(?:\w+\s+){0,5}?find\s+your\s+(?:\w+\s+){1,2}?(?:slashed|burned|burnt|smashed|dead|broken|on\s+fire)\b"),
     ("threat", "put", r"\bput\s+you\s+(?:in|into|six\s+feet)\s+(?:the\s+|a\s+)?(?:hospital|grave|ground|morgue|wheelchair|coffin|under)\b"),
     ("threat", "post publish leak share", r"\b(?:post|publish|leak|share)\s+your\s+(?:address|photos|pictures|nudes|number)\b"),
     # -- harm_wish ------------------------------------------------------------------------------------------
-    ("harm_wish", "hope", r"\bi\s+hope\s+(?:you|your\s+\w+|someone|somebody)\s+(?:\w+\s+){0,3}?(?:die|dies|rot|rots|choke|chokes|suffer|suffers|burn|drown|get\s+hit|gets\s+hit|get\s+cancer|get\s+hurt|get\s+fired|get\s+sick|get\s+what\s+you\s+deserve|despise|hate|never\s+wake|lose|loses|fail|fails|starve|end\s+up\s+alone|crash|bleed|puts?\s+you\s+in\s+your\s+place|hurts?\s+you|beats?\s+you)\b"),
+    ("harm_wish", "hope", r"\bi\s+hope\s+(?:you|your\s+\w+|someone|somebody)\s+(?:\w+\s+){0,3}?(?:(?:die|rot|choke|suffer|burn|drown|despise|hate|lose|fail|starve|crash|bleed|sink|explode)\w*|get\s+hit|gets\s+hit|get\s+cancer|get\s+hurt|get\s+fired|get\s+sick|get\s+what\s+you\s+deserve|never\s+wake|end\s+up\s+alone|puts?\s+you\s+in\s+your\s+place|hurts?\s+you|beats?\s+you)\b"),
     ("harm_wish", "go", r"\b(?:go\s+|just\s+go\s+)(?:and\s+)?(?:kill|drown|hang|choke|burn|shoot|stab|die|crawl|rot|jump)\b"),
     ("harm_wish", "yourself kys die dead", r"\b(?:kill|drown|hang|shoot)\s+yourself\b|\bkys\b|\bdie\s+in\s+a\s+(?:fire|ditch|hole)\b|\bdrop\s+dead\b"),
     ("harm_wish", "nobody one", r"\b(?:nobody|no\s+one|no-one)\s+would\s+(?:miss|care\s+about|notice)\s+(?:you|if\s+you)\b|\bnobody\s+would\s+care\b"),
     ("harm_wish", "without alive deserve", r"\bbetter\s+off\s+without\s+you\b|\bwhy\s+are\s+you\s+(?:even\s+|still\s+)?alive\b|\byou\s+(?:don't|do\s+not)\s+deserve\s+to\s+(?:live|exist)\b"),
     ("harm_wish", "thrown drowned aborted born never had", r"\bshould\s+have\s+(?:thrown\s+you|drowned\s+you|aborted\s+you|been\s+aborted|never\s+had\s+you)\b|\bnever\s+have\s+been\s+born\b"),
     ("harm_wish", "should deserve ought", r"\byou\s+(?:should|deserve\s+to|ought\s+to)\s+(?:be\s+)?(?:die|beaten|shot|killed|hurt|locked\s+up|punished|hanged|hung|burned|tortured|stabbed|punched|slapped|kicked|smacked|hit|whipped|beaten\s+up)\b"),
+    ("harm_wish", "traffic", r"\b(?:play|walk|run)\s+(?:in|into)\s+traffic\b"),
     ("harm_wish", "breathing wiped", r"\bstop\s+breathing\b|\bwiped\s+off\s+the\s+face\s+of\s+the\s+earth\b"),
     ("harm_wish", "rot", r"\brot\s+in\s+(?:a\s+cell|jail|prison|hell)\b"),
     ("harm_wish", "wish jump traffic favor favour", r"\bi\s+wish\s+you\s+(?:were|was)\s+(?:dead|never\s+born|gone)\b|\b(?:jump\s+off\s+a\s+(?:bridge|cliff|roof)|walk\s+into\s+traffic|do\s+(?:us\s+all|us|everyone|everybody|the\s+world|humanity|society)\s+a\s+favou?r)\b"),
@@ -184,6 +196,7 @@ _RULES: tuple[tuple[str, str, str], ...] = (
     ("harassment", "shirt dress skirt top clothes lap face", r"\bwhat's\s+under\s+(?:that|your)\s+(?:shirt|dress|skirt|top|clothes)\b|\bsit\s+on\s+my\s+(?:lap|face)\b"),
     ("harassment", "real want pretending", r"\b(?:show\s+you\s+what\s+a\s+real\s+man|you\s+know\s+you\s+want\s+it|pretending\s+you\s+don't\s+want\s+it)\b"),
     ("harassment", "naked take", r"\b(?:i\s+want\s+to\s+see\s+you\s+naked|take\s+(?:it|that|your\s+\w+)\s+off\s+for\s+me)\b"),
+    ("harassment", "alone", r"\bget\s+you\s+alone\b"),
     ("harassment", "cheeks skin", r"\bsweet\s+cheeks\b|\bshow\s+(?:me\s+)?some\s+skin\b"),
     ("harassment", "nudes show wearing touch grab lick", r"\bsend\s+(?:me\s+)?nudes\b|\bshow\s+me\s+your\s+(?:tits|boobs|body|ass|breasts|dick|cock|pussy)\b|\bwhat\s+are\s+you\s+wearing\b|\bi\s+want\s+to\s+(?:touch|grab|lick)\s+(?:you|your)\b"),
     # -- contempt -------------------------------------------------------------------------------------------

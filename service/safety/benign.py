@@ -53,10 +53,10 @@ FIGURATIVE = regex.compile(
     r")\b"
 )
 # A denial ("you're not stupid for asking", "your question isn't stupid"): the negation and the word it
-# denies are blanked.
+# denies are blanked; not "not being such a ...", which is no denial.
 NEGATED = regex.compile(
     r"\b(?:not|never|isn't|isn’t|aren't|aren’t|wasn't|wasn’t|weren't|weren’t|(?:doesn't|doesn’t|won't|won’t)\s+make\s+you)\s+"
-    r"(?:(?:a|an|the|so|that|too|at\s+all|really|just|even|being)\s+)?\w+"
+    r"(?!(?:be|being)\b)(?:(?:a|an|the|so|that|too|at\s+all|really|just|even)\s+)?\w+"
 )
 # A word in quotes is mentioned, not used ("the word 'idiot' comes from Greek").
 MENTIONED = re.compile(r"(?<![\w'’])['\"“‘]\w[\w-]*['\"”’](?![\w'’])")

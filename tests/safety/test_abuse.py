@@ -90,6 +90,15 @@ WITNESSES = (
     "I have friends who will break you.",
     "Come here, sweet cheeks.",
     "Get your sorry carcass out of here.",
+    "Whoever hired you should be fired.",
+    "You have a face only a mother could love.",
+    "You should be ashamed to be seen in public.",
+    "You sicken everyone you meet.",
+    "Come back here and I'll show you what happens.",
+    "You had better run.",
+    "Don't worry, you'll get what you deserve.",
+    "Why don't you walk into traffic?",
+    "Wait till I get you alone.",
 )
 # Look-alikes that must stay clean: the forms negated, or with a benign object.
 LOOKALIKES = (
