@@ -253,7 +253,11 @@ _RULES_BY_WORD: dict[str, list[int]] = {}
 for _i, _r in enumerate(RULES):
     for _word in _r.words:
         _RULES_BY_WORD.setdefault(_word, []).append(_i)
-_PREFIX_RULES = [(r.prefixes, i) for i, r in enumerate(RULES) if r.prefixes]
+# a prefix's first two letters -> (prefix, rule) for the rules it runs (every prefix has two or more)
+_RULES_BY_PREFIX_HEAD: dict[str, list[tuple[str, int]]] = {}
+for _i, _r in enumerate(RULES):
+    for _prefix in _r.prefixes:
+        _RULES_BY_PREFIX_HEAD.setdefault(_prefix[:2], []).append((_prefix, _i))
 
 
 @dataclass(frozen=True)
@@ -270,12 +274,10 @@ def score_abuse(lowered: str, tokens: set[str] | None = None, gated: bool = True
         if tokens is None:
             tokens = set(_TOKEN.findall(lowered))
         candidates = {i for token in tokens for i in _RULES_BY_WORD.get(token, ())}
-        has_prefix: dict[tuple[str, ...], bool] = {}
-        for prefixes, i in _PREFIX_RULES:
-            if prefixes not in has_prefix:
-                has_prefix[prefixes] = any(token.startswith(prefixes) for token in tokens)
-            if has_prefix[prefixes]:
-                candidates.add(i)
+        for token in tokens:
+            for prefix, i in _RULES_BY_PREFIX_HEAD.get(token[:2], ()):
+                if token.startswith(prefix):
+                    candidates.add(i)
         rules = [RULES[i] for i in sorted(candidates)]
     else:
         rules = list(RULES)

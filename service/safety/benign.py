@@ -257,6 +257,8 @@ def mask_benign_tokens(text: str) -> tuple[str, list[str]]:
     lowered = text.lower()
     words = _WORD.findall(lowered)
     present = set(words)
+    if not may_mask(text, lowered, present):  # most text: one set test and a few substring tests
+        return lowered, words
     spans: list[tuple[int, int]] = []
     if any(stem in lowered for stem in _FIGURATIVE_STEMS):
         spans += [m.span() for m in FIGURATIVE.finditer(lowered)]

@@ -219,17 +219,17 @@ def _chat_stream(client: httpx.Client, content: str, max_tokens: int, **extra: o
 
 def test_streamed_chat_comes_a_word_at_a_time_under_the_default_policy(http: httpx.Client) -> None:
     prompt = "Describe a walk in the park in a few sentences."
-    texts, finish = _chat_stream(http, prompt, 96, ignore_eos=True)
+    texts, finish = _chat_stream(http, prompt, 64, ignore_eos=True)
     assert finish == "length"
     whole = "".join(texts)
     words = whole.split()
-    assert len(words) >= 40 and whole.count(". ") >= 2, whole  # several sentences
+    assert len(words) >= 30 and ". " in whole, whole  # more than a sentence
     # Each chunk is the word just completed (with its spaces and punctuation), never a sentence.
     assert len(texts) >= 0.8 * len(words), texts
     assert max(len(t.split()) for t in texts) <= 2, texts
     unfiltered = http.post(
         "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 96, "temperature": 0,
+        json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 64, "temperature": 0,
               "ignore_eos": True},
     ).json()["choices"][0]["message"]["content"]
     assert unfiltered == whole
