@@ -93,12 +93,30 @@ _BODY = (
     r"(?:face|head|skull|teeth|throat|neck|legs?|arms?|bones?|nose|jaw|eyes?|fingers?|guts|house|home|car|"
     r"family|kids|children|wife|husband|mother|mom|mum|dog|life|office)"
 )
-_HARM = (
-    r"(?:hurt|kill|beat|stab|shoot|burn|break|rip|smash|strangle|choke|murder|punch|slap|kick|cut|bury|"
-    r"destroy|ruin|crush|gut|skin|torture|rape|drown|hang|end|wreck|maim|cripple|bash|slit|snap|gouge|smother|"
-    r"poison|behead|dismember|mutilate|batter|thrash|whip|knife|pound|hospitali[sz]e|lynch|execute|castrate|"
-    r"knock|bust|tear|blow|twist|cave|wring|throttle)"
-)
+_HARM_VERBS = (
+    "hurt kill beat stab shoot burn break rip smash strangle choke murder punch slap kick cut bury destroy ruin "
+    "crush gut skin torture rape drown hang end wreck maim cripple bash slit snap gouge smother poison behead "
+    "dismember mutilate batter thrash whip knife pound hospitalise hospitalize lynch execute castrate knock bust "
+    "tear blow twist cave wring throttle"
+).split()
+_IRREGULAR = "beaten broke broken shot burnt hung tore torn blew blown wrung knives"
+
+
+def _inflections(verb: str) -> set[str]:
+    """A verb's forms, generously (a nonsense form costs nothing): -s, -es, -ed, -d, -ing, -er, a doubled
+    final consonant, a dropped final e, -ied and -ies."""
+    forms = {verb, verb + "s", verb + "es", verb + "ed", verb + "d", verb + "ing", verb + "er", verb + "ers"}
+    forms |= {verb + verb[-1] + "ed", verb + verb[-1] + "ing", verb + verb[-1] + "er"}
+    if verb.endswith("e"):
+        forms |= {verb[:-1] + "ing", verb[:-1] + "er"}
+    if verb.endswith("y"):
+        forms |= {verb[:-1] + "ied", verb[:-1] + "ies"}
+    return forms
+
+
+# A harm verb in any form, as a whole word: the rules match these words and the gate looks them up.
+_HARM_FORMS = frozenset({form for verb in _HARM_VERBS for form in _inflections(verb)} | set(_IRREGULAR.split()))
+_HARM = "(?:" + "|".join(sorted(_HARM_FORMS, key=len, reverse=True)) + r")\b"
 _WILL = (
     r"\b(?:i|we)(?:'ll|’ll|'d|’d|\s+will|\s+would|\s+shall|\s+am\s+going\s+to|'m\s+going\s+to|’m\s+going\s+to|"
     r"'m\s+gonna|’m\s+gonna|\s+am\s+gonna|\s+swear\s+i'll|\s+swear\s+i\s+will|'re\s+going\s+to|\s+are\s+going\s+to|"
@@ -107,7 +125,7 @@ _WILL = (
 
 # (kind, trigger words, pattern): a rule runs only on a text with one of its trigger words (tokens as the
 # classifier splits them; @NOUN: the insulting nouns, @STRONG: the insulting adjectives, @HARM: the
-# harm verbs as prefixes; word*: a prefix), so ordinary text costs a set intersection per rule. Every match of a rule
+# harm verbs' forms), so ordinary text costs one set intersection for all the rules. Every match of a rule
 # holds one of its trigger words (tests check each rule against the labelled examples with and without).
 _RULES: tuple[tuple[str, str, str], ...] = (
     # -- insult ---------------------------------------------------------------------------------------------
@@ -124,7 +142,8 @@ _RULES: tuple[tuple[str, str, str], ...] = (
     ("insult", "@NOUN", rf"\bwhat\s+an?\s+{_INSULT}"),
     ("insult", "@NOUN", rf"{_YOU_ARE}\s+nothing\s+(?:but|more\s+than)\s+an?\s+{_INSULT}"),
     ("insult", "so", r"\b(?:is|are)\s+(?:\w+\s+){0,2}and\s+so\s+are\s+you\b"),
-    ("insult", "so", r"\b(?:disaster|garbage|trash|mess|joke|failure|pathetic|useless|worthless|stupid|awful|terrible|"
+    ("insult", "disaster garbage trash mess joke failure pathetic useless worthless stupid awful terrible crap shit "
+     "rubbish embarrassment disgrace ugly face mother mom mum brain", r"\b(?:disaster|garbage|trash|mess|joke|failure|pathetic|useless|worthless|stupid|awful|terrible|"
      r"crap|shit|rubbish|embarrassment|disgrace|ugly)\b[^.!?]{0,40}\bso\s+(?:are|were)\s+you\b|\bso\s+is\s+your\s+(?:face|mother|mom|mum|brain)\b"),
     ("insult", "whoever", r"\bwhoever\s+(?:raised|taught|hired|made|trained)\s+you\b"),
     ("insult", "face mother", r"\ba\s+face\s+only\s+a\s+mother\s+could\s+love\b"),
@@ -156,13 +175,13 @@ _RULES: tuple[tuple[str, str, str], ...] = (
     ("insult", "crawl adults grow rock brick", r"\b(?:you\s+make\s+my\s+skin\s+crawl|let\s+the\s+adults\s+talk|grow\s+a\s+(?:spine|brain|pair)|crawl\s+back\s+under\s+your\s+rock|thick\s+as\s+a\s+brick)\b"),
     ("insult", "blind illegal mirrors", r"\b(?:must\s+be\s+blind|so\s+bad\s+it\s+should\s+be\s+illegal|mirrors\s+crack)\b"),
     # -- threat ---------------------------------------------------------------------------------------------
-    ("threat", "@HARM", rf"{_WILL}\b[^.!?\n]{{0,60}}?\b{_HARM}\w*\s+(?:\w+\s+){{0,3}}?(?:you|yours?|yourself)\b"),
-    ("threat", "@HARM", rf"{_WILL}\b[^.!?\n]{{0,40}}?\b{_HARM}\w*\s+(?:\w+\s+){{0,3}}?your\s+{_BODY}"),
+    ("threat", "@HARM", rf"{_WILL}\b[^.!?\n]{{0,60}}?\b{_HARM}\s+(?:\w+\s+){{0,3}}?(?:you|yours?|yourself)\b"),
+    ("threat", "@HARM", rf"{_WILL}\b[^.!?\n]{{0,40}}?\b{_HARM}\s+(?:\w+\s+){{0,3}}?your\s+{_BODY}"),
     ("threat", "suffer pay bleed regret disappear hell miserable ruin hunt track come find get end sure", rf"{_WILL}\s+(?:\w+\s+){{0,2}}?(?:make\s+(?:you|them|your\s+\w+)\s+(?:suffer|pay|bleed|regret|disappear)|make\s+your\s+life\s+(?:a\s+(?:living\s+)?hell|miserable|hell)|ruin\s+your\s+(?:life|career)|hunt\s+(?:you|your\s+\w+)\s+down|hunt\s+down\s+(?:you|your)|track\s+(?:you|your\s+\w+)\s+down|track\s+down\s+(?:you|your)|come\s+(?:for|after)\s+you|find\s+you\s+and|get\s+you\s+for\s+this|end\s+you\b|make\s+sure\s+you\s+never)"),
     ("threat", "dead pay eye numbered days", r"\byou(?:'re|’re|\s+are)\s+(?:a\s+)?dead\s+(?:man|woman|meat)\b|\byou(?:'ll|’ll|\s+will)\s+pay\s+for\s+(?:this|that)\b|\b(?:sleep\s+with\s+one\s+eye\s+open|your\s+days\s+are\s+numbered|count\s+your\s+days)\b"),
     ("threat", "coming", r"\b(?:i'm|i’m|i\s+am|we're|we\s+are)\s+coming\s+for\s+you\b"),
     ("threat", "where", r"\bi(?:'ll|’ll|\s+will|\s+know|\s+found\s+out|\s+can\s+find)\s+(?:\w+\s+){0,2}?where\s+you\s+(?:live|work|sleep)\b"),
-    ("threat", "@HARM", rf"\bor\s+(?:else\s+)?(?:i|we)(?:'ll|’ll|\s+will)\s+(?:\w+\s+)?{_HARM}\w*\b"),
+    ("threat", "@HARM", rf"\bor\s+(?:else\s+)?(?:i|we)(?:'ll|’ll|\s+will)\s+(?:\w+\s+)?{_HARM}\b"),
     ("threat", "watch", r"\bwatch\s+your\s+back\b"),
     ("threat", "stabbed shot killed hurt beaten smashed murdered coming", r"\byou(?:'re|’re|\s+are)\s+(?:going\s+to\s+get|gonna\s+get|getting)\s+(?:stabbed|shot|killed|hurt|beaten|smashed|murdered|what's\s+coming)\b"),
     ("threat", "regret sorry", r"\byou(?:'ll|’ll|\s+will)\s+(?:regret\s+it\b|be\s+sorry\b(?!\s+to))"),
@@ -170,9 +189,9 @@ _RULES: tuple[tuple[str, str, str], ...] = (
     ("threat", "better", r"\byou(?:'d|’d|\s+had)\s+better\s+(?:watch|sleep|run|hide|pray|be\s+careful|lock)\b"),
     ("threat", "deserve", r"\byou(?:'ll|’ll|\s+will)\s+get\s+what\s+you\s+deserve\b"),
     ("threat", "warning", r"\b(?:i'm|i’m|i\s+am)\s+warning\s+you\b|\bthis\s+is\s+your\s+(?:last|final)\s+warning\b"),
-    ("threat", "@HARM", rf"\b(?:people|friends|guys|someone|somebody)\s+who\s+(?:can|could|will|would)\s+{_HARM}\w*\s+you\b"),
-    ("threat", "someone somebody", rf"\b(?:someone|somebody)\s+should\s+(?:shut|{_HARM})\w*\s+you\b"),
-    ("threat", "shut* find catch get @HARM", rf"\bbefore\s+i\s+(?:(?:shut|{_HARM})\w*\s+(?:it|you)|(?:find|catch|get)\s+you)\b"),
+    ("threat", "@HARM", rf"\b(?:people|friends|guys|someone|somebody)\s+who\s+(?:can|could|will|would)\s+{_HARM}\s+you\b"),
+    ("threat", "someone somebody", rf"\b(?:someone|somebody)\s+should\s+(?:shut\b|{_HARM})\s+you\b"),
+    ("threat", "shut find catch get @HARM", rf"\bbefore\s+i\s+(?:(?:shut\b|{_HARM})\s+(?:it|you)|(?:find|catch|get)\s+you)\b"),
     ("threat", "feed", r"\bfeed\s+(?:it|you|them)\s+to\s+the\s+(?:dogs|pigs|sharks)\b"),
     ("threat", "coming suffer pay regret bleed die beg cry scream lose never", r"\bwhat's\s+coming\s+to\s+you\b|\bmake\s+sure\s+you\s+(?:suffer|pay|regret|bleed|die|lose|never)\b|\b(?:make|watch|see)\s+you\s+(?:suffer|bleed|die|beg|cry|scream)\b"),
     ("threat", "find", r"\b(?:you'll|you’ll|you\s+will)\s+(?:\w+\s+){0,5}?find\s+your\s+(?:\w+\s+){1,2}?(?:slashed|burned|burnt|smashed|dead|broken|on\s+fire)\b"),
@@ -214,50 +233,37 @@ def _tokens(words: str) -> frozenset[str]:
     return frozenset(_TOKEN.findall(regex.sub(r"\\.", " ", words.replace("|", " "))))
 
 
-_HARM_PREFIXES = tuple(_HARM.strip("(?:)").replace("hospitali[sz]e", "hospitali").split("|"))
 _TRIGGER_SETS = {
     "@NOUN": _tokens(f"{_NOUNS}|{_WEAK_NOUNS}|waste|sack|piece|excuse"),
     "@STRONG": _tokens(_STRONG_ADJECTIVES),
+    "@HARM": _HARM_FORMS,
 }
 
 
 @dataclass(frozen=True)
 class _Rule:
     kind: str
-    words: frozenset[str]  # runs when the text has one of these tokens
-    prefixes: tuple[str, ...]  # ... or a token starting with one of these
+    words: frozenset[str]  # runs only when the text has one of these tokens
     pattern: regex.Pattern[str]
 
     def may_match(self, tokens: set[str]) -> bool:
-        if not self.words.isdisjoint(tokens):
-            return True
-        return bool(self.prefixes) and any(token.startswith(self.prefixes) for token in tokens)
+        return not self.words.isdisjoint(tokens)
 
 
 def _rule(kind: str, triggers: str, source: str) -> _Rule:
     words: set[str] = set()
-    prefixes: tuple[str, ...] = ()
     for trigger in triggers.split():
-        if trigger == "@HARM":
-            prefixes += _HARM_PREFIXES
-        elif trigger.endswith("*"):
-            prefixes += (trigger[:-1],)
-        else:
-            words |= _TRIGGER_SETS.get(trigger, {trigger})
-    return _Rule(kind, frozenset(words), prefixes, regex.compile(source))
+        words |= _TRIGGER_SETS.get(trigger, {trigger})
+    return _Rule(kind, frozenset(words), regex.compile(source))
 
 
 RULES = tuple(_rule(*rule) for rule in _RULES)
-# trigger word -> the rules it runs; the rules a harm verb runs
+# trigger word -> the rules it runs
 _RULES_BY_WORD: dict[str, list[int]] = {}
 for _i, _r in enumerate(RULES):
     for _word in _r.words:
         _RULES_BY_WORD.setdefault(_word, []).append(_i)
-# a prefix's first two letters -> (prefix, rule) for the rules it runs (every prefix has two or more)
-_RULES_BY_PREFIX_HEAD: dict[str, list[tuple[str, int]]] = {}
-for _i, _r in enumerate(RULES):
-    for _prefix in _r.prefixes:
-        _RULES_BY_PREFIX_HEAD.setdefault(_prefix[:2], []).append((_prefix, _i))
+_TRIGGERS = frozenset(_RULES_BY_WORD)
 
 
 @dataclass(frozen=True)
@@ -273,12 +279,10 @@ def score_abuse(lowered: str, tokens: set[str] | None = None, gated: bool = True
     if gated:
         if tokens is None:
             tokens = set(_TOKEN.findall(lowered))
-        candidates = {i for token in tokens for i in _RULES_BY_WORD.get(token, ())}
-        for token in tokens:
-            for prefix, i in _RULES_BY_PREFIX_HEAD.get(token[:2], ()):
-                if token.startswith(prefix):
-                    candidates.add(i)
-        rules = [RULES[i] for i in sorted(candidates)]
+        hits = _TRIGGERS.intersection(tokens)
+        if not hits:
+            return AbuseResult(0.0, ())
+        rules = [RULES[i] for i in sorted({i for word in hits for i in _RULES_BY_WORD[word]})]
     else:
         rules = list(RULES)
     found = {rule.kind for rule in rules if rule.pattern.search(lowered) is not None}

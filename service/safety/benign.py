@@ -235,16 +235,13 @@ _QUOTES = ("'", '"', "“", "‘")
 
 
 _MASK_WORDS = _NEGATIONS | _NAME_WORDS | frozenset(_SENSE_CONTEXT)
+_STEM_OR_QUOTE = re.compile("|".join((*_FIGURATIVE_STEMS, *_QUOTES)))  # quotes are the same lowercased
 
 
 def may_mask(text: str, lowered: str, tokens: set[str]) -> bool:
     """Whether any rule of mask_benign could blank something in a text that has this piece (`text`,
     lowered, and its tokens): the conditions under which mask_benign looks at all."""
-    return (
-        not tokens.isdisjoint(_MASK_WORDS)
-        or any(stem in lowered for stem in _FIGURATIVE_STEMS)
-        or any(quote in text for quote in _QUOTES)
-    )
+    return not tokens.isdisjoint(_MASK_WORDS) or _STEM_OR_QUOTE.search(lowered) is not None
 
 
 def mask_benign(text: str) -> str:
