@@ -107,7 +107,7 @@ _SENSES: tuple[tuple[str, str], ...] = (
         "pheasants weathercock robin sparrow bird birds",
     ),
     (
-        "ass asses",
+        "ass asses jackass jackasses",
         "donkey donkeys mule mules bible biblical balaam saddled saddle burden foal beast beasts ox oxen "
         "colt jesus jerusalem prophet wild zebra equine onager",
     ),

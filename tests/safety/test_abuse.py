@@ -109,6 +109,8 @@ LOOKALIKES = (
     "This chess engine will destroy you in blitz.",
     "I'll help you kill your zombie processes.",
     "The shopkeeper shut up shop early.",
+    "The beach house stays shut up until May.",
+    "Our neighbour's jackass brays at the other donkeys.",
     "You're a fast learner, and it shows.",
     "If you're a Git user, rebase first.",
     "You can shoot the video in 4K.",

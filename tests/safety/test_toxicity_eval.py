@@ -1,6 +1,6 @@
 """The toxicity classifier on the labelled evaluation (toxicity_eval.py): clean texts dense in words that
 look profane out of context, and toxic ones, in a development half and a held-back half. The figures are
-in docs/safety.md; `python -m tests.safety.test_toxicity_eval` prints them."""
+in the README (Toxicity evaluation); `python -m tests.safety.test_toxicity_eval` prints them."""
 
 from __future__ import annotations
 
@@ -61,7 +61,16 @@ def test_the_issue_s_false_alarms_pass_at_the_default_threshold(default_filter: 
 
 @pytest.mark.parametrize(
     ("name", "clean", "toxic"),
-    [("development", DEV_CLEAN, DEV_TOXIC), ("held-back", HELDOUT_CLEAN, HELDOUT_TOXIC)],
+    [
+        ("development", DEV_CLEAN, DEV_TOXIC),
+        # Looked at once (2026-12-07, README "Toxicity evaluation"): 2 of 230 clean texts blocked, recall
+        # 0.644. The half is spent: rules tuned after that look do not count, and meeting the bar needs a
+        # fresh held-back half written apart from the rules. Strict, so a pass here is noticed.
+        pytest.param(
+            "held-back", HELDOUT_CLEAN, HELDOUT_TOXIC,
+            marks=pytest.mark.xfail(strict=True, reason="held-back recall 0.644 < 0.9 at its one look (issue 30)"),
+        ),
+    ],
 )
 def test_no_clean_text_blocked_and_recall_at_least_0_9(
     default_filter: SafetyFilter, name: str, clean: tuple[str, ...], toxic: tuple[str, ...]
