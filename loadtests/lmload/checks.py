@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lmload.options import LoadSettings
+from lmload.outcome import Ending
 
-def check_completion(data: Any, expected_tokens: int | None) -> str | None:
+
+def check_completion(data: Any) -> str | None:
+    """The body's form only; how it ended (finish_reason, token count) is outcome.judge_ending's question."""
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or len(choices) != 1:
         return f"expected one choice, got {choices!r:.80}"
@@ -18,9 +22,12 @@ def check_completion(data: Any, expected_tokens: int | None) -> str | None:
     usage = data.get("usage")
     if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
         return f"no usage: {usage!r:.80}"
-    if expected_tokens is not None and usage["completion_tokens"] != expected_tokens:
-        return f"{usage['completion_tokens']} completion tokens, expected {expected_tokens}"
     return None
+
+
+def completion_ending(data: Any, settings: LoadSettings) -> Ending:
+    """How a completion body that passed check_completion (JSON, gRPC as a dict) ended."""
+    return settings.ending(data["choices"][0]["finish_reason"], data["usage"]["completion_tokens"])
 
 
 def check_embeddings(data: Any, num_inputs: int) -> str | None:

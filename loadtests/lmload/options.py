@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmload.outcome import Ending, judge_ending
+
 
 @dataclass(frozen=True)
 class OverloadSettings:
@@ -77,10 +79,9 @@ class LoadSettings:
             body["temperature"] = self.temperature
         return body
 
-    @property
-    def expected_tokens(self) -> int | None:
-        """Completion tokens every response must have (only known with ignore_eos)."""
-        return self.output_tokens if self.ignore_eos else None
+    def ending(self, finish_reason: str, completion_tokens: int | None) -> Ending:
+        """How a served generation of this run ended, judged against its max_tokens and ignore_eos."""
+        return judge_ending(finish_reason, completion_tokens, max_tokens=self.output_tokens, ignore_eos=self.ignore_eos)
 
 
 def add_arguments(parser: Any) -> None:
@@ -95,7 +96,8 @@ def add_arguments(parser: Any) -> None:
                         help="prompt length in tokens (in words without --tokenizer)")
     parser.add_argument("--output-tokens", type=int, default=d.output_tokens, help="max_tokens of each generation request")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=d.ignore_eos,
-                        help="generate exactly --output-tokens tokens (and check that every response has them)")
+                        help="generate exactly --output-tokens tokens (a response with fewer fails, unless the "
+                             "safety filter ended it: content_filter)")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default: the server's)")
     parser.add_argument("--tokenizer", default="", help="a model folder with tokenizer.json, for exact prompt lengths")
     parser.add_argument("--embedding-inputs", type=int, default=d.embedding_inputs, help="inputs in each embeddings request")
@@ -105,7 +107,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--api-key", default="", env_var="LMSERVE_API_KEY", is_secret=True,
                         help="sent as Authorization: Bearer KEY (HTTP) and authorization metadata (gRPC)")
     parser.add_argument("--grpc-target", default="", env_var="LMSERVE_GRPC_TARGET",
-                        help="host:port of lmserve's gRPC API; the gRPC user is skipped without it")
+                        help="host:port of lmserve's gRPC API; GrpcUser is not spawned without it")
     parser.add_argument("--overload-peak-users", type=int, default=o.peak_users, help="OverloadShape: users at the top")
     parser.add_argument("--overload-step-users", type=int, default=o.step_users, help="OverloadShape: users added a step")
     parser.add_argument("--overload-step-seconds", type=float, default=o.step_s, help="OverloadShape: seconds a step")

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from lmload.checks import check_completion, check_detokenize, check_embeddings, check_tokenize
+from lmload.checks import check_completion, check_detokenize, check_embeddings, check_tokenize, completion_ending
+from lmload.options import LoadSettings
+from lmload.outcome import Ending
 
 
 def test_completion() -> None:
     good = {"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}], "usage": {"completion_tokens": 8}}
-    assert check_completion(good, 8) is None and check_completion(good, None) is None
-    assert "7 completion tokens, expected 8" in (check_completion({**good, "usage": {"completion_tokens": 7}}, 8) or "")
-    assert "without finish_reason" in (check_completion({**good, "choices": [{"text": "hi"}]}, None) or "")
-    assert "one choice" in (check_completion({"choices": []}, None) or "")
+    assert check_completion(good) is None
+    assert "without finish_reason" in (check_completion({**good, "choices": [{"text": "hi"}]}) or "")
+    assert "one choice" in (check_completion({"choices": []}) or "")
+    assert "no usage" in (check_completion({**good, "usage": None}) or "")
+
+
+def test_completion_ending() -> None:
+    settings = LoadSettings(output_tokens=8)
+    body = {"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}], "usage": {"completion_tokens": 8}}
+    assert completion_ending(body, settings) == Ending("length")
+    body = {"choices": [{"index": 0, "text": "", "finish_reason": "content_filter"}], "usage": {"completion_tokens": 3}}
+    assert completion_ending(body, settings).entry("completion") == "completion [content_filter]"
+    body = {"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}], "usage": {"completion_tokens": 7}}
+    assert completion_ending(body, settings).problem == "truncated: 7 completion tokens, expected 8"
 
 
 def test_embeddings() -> None:

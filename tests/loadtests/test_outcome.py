@@ -1,4 +1,5 @@
-"""Which responses a load test counts as served, expected rejections, or failures."""
+"""Which responses a load test counts as served, expected rejections, or failures, and how a served
+generation's ending is reported."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import email.utils
 
 import pytest
 
-from lmload.outcome import MAX_BACKOFF_S, Outcome, classify_grpc, classify_status, parse_retry_after
+from lmload.outcome import (
+    MAX_BACKOFF_S,
+    Ending,
+    Outcome,
+    classify_grpc,
+    classify_status,
+    judge_ending,
+    parse_retry_after,
+)
 
 
 def test_200_is_served() -> None:
@@ -49,3 +58,40 @@ def test_grpc_statuses() -> None:
     # RESOURCE_EXHAUSTED also means "message too large": without retry-after it is a failure
     assert classify_grpc("RESOURCE_EXHAUSTED", {}, "too large").outcome is Outcome.FAILED
     assert classify_grpc("INTERNAL", {"retry-after": "1"}, "bug").outcome is Outcome.FAILED
+
+
+def test_a_generation_that_ran_to_max_tokens_keeps_the_plain_name() -> None:
+    for ignore_eos in (True, False):
+        ending = judge_ending("length", 8, max_tokens=8, ignore_eos=ignore_eos)
+        assert ending == Ending("length") and ending.entry("chat stream") == "chat stream"
+    assert judge_ending("length", None, max_tokens=8, ignore_eos=True).problem is None  # no usage: unchecked
+
+
+def test_the_safety_filter_ending_is_counted_apart_not_failed() -> None:
+    # The issue's case: 47 of 128 tokens, then the toxicity filter ended the output.
+    ending = judge_ending("content_filter", 47, max_tokens=128, ignore_eos=True)
+    assert ending.problem is None and ending.filtered
+    assert ending.entry("chat stream") == "chat stream [content_filter]"
+    assert judge_ending("content_filter", 0, max_tokens=128, ignore_eos=False).entry("Complete") == "Complete [content_filter]"
+
+
+def test_stop_is_its_own_outcome_without_ignore_eos_and_a_truncation_with_it() -> None:
+    ending = judge_ending("stop", 5, max_tokens=8, ignore_eos=False)
+    assert ending.problem is None and ending.entry("completion") == "completion [stop]" and not ending.filtered
+    ending = judge_ending("stop", 5, max_tokens=8, ignore_eos=True)
+    assert ending.problem is not None and "stop after 5 completion tokens of 8 although ignore_eos" in ending.problem
+    assert ending.entry("completion") == "completion"  # a failure is reported under the plain name
+
+
+@pytest.mark.parametrize(
+    ("finish", "tokens", "message"),
+    [
+        ("length", 47, "truncated: 47 completion tokens, expected 128"),
+        ("content_filter", 130, "130 completion tokens, more than max_tokens 128"),
+        ("abort", 3, "finish_reason 'abort'"),
+        ("timeout", 3, "finish_reason 'timeout'"),
+    ],
+)
+def test_real_truncations_and_other_endings_fail(finish: str, tokens: int, message: str) -> None:
+    for ignore_eos in (True, False):
+        assert judge_ending(finish, tokens, max_tokens=128, ignore_eos=ignore_eos).problem == message
