@@ -72,6 +72,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cache": {"type": "persistentVolumeClaim", "size": "40Gi", "storageClassName": "fast"},
         "modelVolume": {"enabled": True, "existingClaim": "models"},
         "model": "/models/Qwen2.5-0.5B-Instruct",
+        "servedModelName": ["qwen-chat", "gpt-4o-mini"],
+        "servedEmbeddingModelName": ["text-embedding-3-small"],
     },
 }
 

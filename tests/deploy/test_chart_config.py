@@ -170,6 +170,13 @@ def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, R
     assert not set(SET_OTHERWISE) & set_by_chart
 
 
+def test_served_names_reach_the_server(rendered: dict[str, Rendered]) -> None:
+    config = config_of(rendered["persistent-cache"])
+    assert config.served_model_names == ("qwen-chat", "gpt-4o-mini")
+    assert config.served_embedding_model_names == ("text-embedding-3-small",)
+    assert config_of(rendered["default"]).served_model_names == ()
+
+
 def test_grpc_tls_files_reach_the_server(rendered: dict[str, Rendered], helm: Helm) -> None:
     r = rendered["grpc-tls"]
     config = config_of(r)

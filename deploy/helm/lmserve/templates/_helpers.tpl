@@ -135,3 +135,52 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail "autoscaling.minReplicas exceeds autoscaling.maxReplicas" }}
 {{- end }}
 {{- end }}
+
+{{/* A Kubernetes quantity as a number of its base unit (cores, bytes, GPUs), printed as a float64, for
+     comparisons: "1.5", "1500m", "2" or 2, "512Mi", "3Gi", "3G", "3072M", "1e9" (1e+09 as YAML's float
+     prints), "100k", ".5", "+1". Helm has no quantity type: a regex splits the number from its suffix
+     (Kubernetes' grammar: a decimal suffix n u m k M G T P E, a binary one Ki..Ei, or an exponent e/E<n>)
+     and mulf scales it; sprig computes mulf in decimal, so "1500m" and "1.5", or "1Gi" and
+     "1073741824", give the same float. .value: the quantity; .name: its values key, for the error. */}}
+{{- define "lmserve.quantity" -}}
+{{- $q := toString .value }}
+{{- $re := "^([+-]?(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+))([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$" }}
+{{- if not (regexMatch $re $q) }}
+{{- fail (printf "%s (%s) is not a Kubernetes quantity (e.g. 1.5, 1500m, 512Mi, 3Gi, 1e9)" .name $q) }}
+{{- end }}
+{{- $suffix := regexReplaceAll $re $q "${2}" }}
+{{- $factors := dict "" "1" "n" "1e-9" "u" "1e-6" "m" "1e-3" "k" "1e3" "M" "1e6" "G" "1e9" "T" "1e12" "P" "1e15" "E" "1e18" "Ki" "1024" "Mi" "1048576" "Gi" "1073741824" "Ti" "1099511627776" "Pi" "1125899906842624" "Ei" "1152921504606846976" }}
+{{- /* an exponent suffix "e3" / "E-2" is its own factor: "1e3" */}}
+{{- $factor := ternary (get $factors $suffix) (printf "1%s" $suffix) (hasKey $factors $suffix) }}
+{{- mulf (float64 (regexReplaceAll $re $q "${1}")) (float64 $factor) }}
+{{- end }}
+
+{{/* Kubernetes refuses a container whose limit is below its request, and for a resource it cannot
+     overcommit (an extended resource such as nvidia.com/gpu, or hugepages-*) any limit but the request;
+     values.schema.json cannot compare two values, so the chart fails first (helm template and install
+     refuse; helm lint only logs a template's fail, as "[INFO] Fail: ...").
+     Every resource named in both requests and limits is compared. .resources: the container's resources
+     as rendered; .path: their values key (resources, inferencePool.endpointPicker.resources). */}}
+{{- define "lmserve.checkResources" -}}
+{{- $path := .path }}
+{{- $requests := get (.resources | default dict) "requests" | default dict }}
+{{- $limits := get (.resources | default dict) "limits" | default dict }}
+{{- range $name, $limit := $limits }}
+{{- $request := get $requests $name }}
+{{- if and (hasKey $requests $name) (not (kindIs "invalid" $limit)) (not (kindIs "invalid" $request)) }}
+{{- $key := replace "." "\\." $name }}{{- /* --set's escape for the dots of nvidia.com/gpu */}}
+{{- $limitKey := printf "%s.limits.%s" $path $key }}
+{{- $requestKey := printf "%s.requests.%s" $path $key }}
+{{- $l := include "lmserve.quantity" (dict "value" $limit "name" $limitKey) | float64 }}
+{{- $r := include "lmserve.quantity" (dict "value" $request "name" $requestKey) | float64 }}
+{{- $hint := printf "--set %s=%v --set %s=%v" $requestKey (toString $limit) $limitKey (toString $limit) }}
+{{- if lt $l $r }}
+{{- fail (printf "%s (%v) is below %s (%v): set both together, e.g. %s" $limitKey (toString $limit) $requestKey (toString $request) $hint) }}
+{{- end }}
+{{- $native := or (not (contains "/" $name)) (contains "kubernetes.io/" $name) }}
+{{- if and (ne $l $r) (or (not $native) (hasPrefix "hugepages-" $name)) }}
+{{- fail (printf "%s (%v) differs from %s (%v): Kubernetes needs %s requested and limited alike, e.g. %s" $limitKey (toString $limit) $requestKey (toString $request) $name $hint) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
