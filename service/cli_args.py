@@ -80,6 +80,21 @@ def switch(text: str) -> bool:
 PORT = int_at_least(0, 65535)
 
 
+def served_name(text: str) -> str:
+    """A model id clients send as `model`: not empty, no surrounding spaces, no comma (the variable's
+    separator), at most 256 characters."""
+    if not text or text != text.strip() or "," in text or len(text) > 256:
+        raise argparse.ArgumentTypeError(
+            f"a served model name is 1-256 characters with no surrounding spaces and no comma, got {text!r}"
+        )
+    return text
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """Comma-separated served names (an LMSERVE_* variable's form of a repeated flag)."""
+    return tuple(served_name(part.strip()) for part in text.split(","))
+
+
 # ---- help ----------------------------------------------------------------------------------------------
 
 
@@ -124,6 +139,13 @@ class Flags:
             flag, type=parse, default=self.env_default(var, parse, default), help=help + suffix, **kw
         )
 
+    def names(self, flag: str, var: str, help: str) -> None:
+        """One or more names after the flag; the variable holds them comma-separated."""
+        self.parser.add_argument(
+            flag, nargs="+", type=served_name, default=self.env_default(var, name_list, ()), metavar="NAME",
+            help=f"{help} [env {var}, comma-separated]",
+        )
+
     def switch(self, flag: str, var: str | None, help: str) -> None:
         suffix = f" [env {var}]" if var else ""
         self.parser.add_argument(
@@ -131,4 +153,7 @@ class Flags:
         )
 
 
-__all__ = ["PORT", "EnvError", "Flags", "HelpFormatter", "device_name", "float_in", "int_at_least", "one_of", "switch"]
+__all__ = [
+    "PORT", "EnvError", "Flags", "HelpFormatter", "device_name", "float_in", "int_at_least", "name_list", "one_of",
+    "served_name", "switch",
+]

@@ -124,6 +124,10 @@ class LimitsConfig:
 class ServeConfig:
     model: str = DEFAULT_MODEL
     embedding_model: str | None = DEFAULT_EMBEDDING_MODEL
+    # The ids clients use (--served-model-name): the first is listed and echoed, all are accepted; empty:
+    # the model's own name (and the reference it was loaded from).
+    served_model_names: tuple[str, ...] = ()
+    served_embedding_model_names: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051  # 0: no gRPC
@@ -170,6 +174,11 @@ class ServeConfig:
                 raise ValueError(
                     "--num-threads is not used with --engine vllm (its CPU build reads VLLM_CPU_OMP_THREADS_BIND)"
                 )
+        shared = set(self.served_model_names) & set(self.served_embedding_model_names)
+        if shared:
+            raise ValueError(f"a served model name names both models: {', '.join(sorted(shared))}")
+        if self.served_embedding_model_names and not self.embedding_model:
+            raise ValueError("--served-embedding-model-name needs an embedding model (not --embedding-model none)")
         if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
             raise ValueError("gRPC TLS needs both a certificate and a key (--grpc-tls-cert and --grpc-tls-key)")
         if self.grpc_tls_client_ca is not None and self.grpc_tls_cert is None:

@@ -74,6 +74,9 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
 
+QUIET_PATHS = frozenset({"/livez", "/readyz", "/health", "/metrics"})
+
+
 def log_access(
     record: AccessRecord, method: str, path: str, status: int, finished: float, grpc_status: str | None = None
 ) -> None:
@@ -106,7 +109,10 @@ def log_access(
     if record.log_prompts:
         fields["prompt"] = record.prompt
         fields["outputs"] = record.outputs
-    access_log.info("%s %s %d", method, path, status, extra=fields)
+    # Probes and scrapes (every few seconds, from machines) that succeed are DEBUG; they are still counted
+    # in the request metrics.
+    level = logging.DEBUG if path in QUIET_PATHS and status == 200 else logging.INFO
+    access_log.log(level, "%s %s %d", method, path, status, extra=fields)
 
 
 # -- formatting ------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ BAD_FLAGS = [
     (["serve", "--device", "gpu"], "--device"),
     (["serve", "--dtype", "fp8"], "--dtype"),
     (["serve", "--log-level", "loud"], "--log-level"),
+    (["serve", "--served-model-name", "a,b"], "--served-model-name"),
+    (["serve", "--served-embedding-model-name", " padded"], "--served-embedding-model-name"),
     (["cache", "shrink"], "action"),
 ]
 
@@ -70,6 +72,7 @@ BAD_VARIABLES = [
     ({"LMSERVE_MAX_TOKENS_CAP": "lots"}, "LMSERVE_MAX_TOKENS_CAP"),
     ({"LMSERVE_DRAIN_TIMEOUT_S": "-1"}, "LMSERVE_DRAIN_TIMEOUT_S"),
     ({"LMSERVE_METRICS_OPEN": "perhaps"}, "LMSERVE_METRICS_OPEN"),
+    ({"LMSERVE_SERVED_MODEL_NAME": "a,,b"}, "LMSERVE_SERVED_MODEL_NAME"),
 ]
 
 

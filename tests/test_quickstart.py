@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -27,7 +28,8 @@ from service.api.proto import lmserve_pb2_grpc as rpc
 from service.cli import build_parser, serve_config_from_args
 from service.preflight import check_files
 from tests.api.conftest import metric_value
-from tests.cli_process import REPO_ROOT, cli_command, cli_env, free_port
+from tests.cli_process import REPO_ROOT, cli_env, free_port
+from tests.doc_commands import code_blocks, fresh_clone, shell_commands
 
 README_HOST = "127.0.0.1:8000"
 MODEL_IDS = {"smollm2-135m-instruct", "all-minilm-l6-v2"}
@@ -64,22 +66,31 @@ class CliServer:
 
 
 @pytest.fixture(scope="module")
-def cli_server(smollm2_dir: Path, minilm_dir: Path, cache_dir: Path, tmp_path_factory) -> Iterator[CliServer]:
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fresh_clone(tmp_path_factory.mktemp("clone"))
+
+
+@pytest.fixture(scope="module")
+def cli_server(clone: Path, smollm2_dir: Path, minilm_dir: Path, cache_dir: Path, tmp_path_factory) -> Iterator[CliServer]:
+    """The quick start's first command (`make serve`) as written, in a fresh clone, in a session of its own
+    (a terminal's foreground job: Ctrl-C reaches make and the server); the ports, the cache and a small KV
+    pool through LMSERVE_* variables."""
+    first = shell_commands(code_blocks(quick_start(), "sh")[0])[0]
+    assert first == "make serve"
     port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("quickstart") / "server.log"
-    command = cli_command(
-        "serve", "--port", str(port), "--grpc-port", str(grpc_port), "--cache-dir", str(cache_dir),
-        "--kv-cache-memory", "0.25",
-    )
+    env = cli_env({"LMSERVE_PORT": str(port), "LMSERVE_GRPC_PORT": str(grpc_port), "LMSERVE_CACHE_DIR": str(cache_dir),
+                   "LMSERVE_KV_CACHE_GIB": "0.25"})
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(), stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(["bash", "-c", first], cwd=clone, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     server = CliServer(proc, port, grpc_port, log_path)
     try:
         server.wait_for(r"^ready in ", timeout_s=240)
         yield server
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -100,8 +111,18 @@ def test_startup_says_what_it_does_then_ready_with_both_urls(cli_server: CliServ
     assert (ready["http_url"], ready["grpc_target"]) == (base, f"127.0.0.1:{cli_server.grpc_port}")
     assert lines.index(ready) > max(lines.index(line) for line in lines if line["logger"] == "lmserve.progress")
     assert not any(line["msg"].startswith("serving") for line in lines)
-    # The URLs it names answer.
+    # One line says the safety filter is on and with which policy.
+    (safety,) = [line for line in lines if line["msg"].startswith("safety filter ")]
+    assert safety["msg"].startswith("safety filter on: policy the packaged default; input/output: injection block/")
+    assert safety["safety_policy"] == "default" and lines.index(safety) < lines.index(ready)
+    # The URLs it names answer; probes that succeed are not logged at INFO, other requests are.
     assert httpx.get(f"{cli_server.base_url}/readyz", timeout=10).status_code == 200
+    assert httpx.get(f"{cli_server.base_url}/livez", timeout=10).status_code == 200
+    assert httpx.get(f"{cli_server.base_url}/v1/models", timeout=10).status_code == 200
+    access = cli_server.wait_for(r"^GET /v1/models 200", timeout_s=10)
+    assert access["logger"] == "lmserve.access"
+    assert not [line for line in cli_server.log() if line.get("path") in ("/readyz", "/livez")]
+    assert "/readyz" in httpx.get(f"{cli_server.base_url}/metrics", timeout=10).text  # still counted
     with grpc.insecure_channel(f"127.0.0.1:{cli_server.grpc_port}") as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
@@ -114,23 +135,6 @@ def quick_start() -> str:
     text = (REPO_ROOT / "README.md").read_text()
     start = text.index("\n## Quick start\n")
     return text[start : text.index("\n## ", start + 1)]
-
-
-def code_blocks(section: str, language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
-
-
-def shell_commands(block: str) -> list[str]:
-    """Logical commands of a shell block: continuations joined, trailing comments dropped."""
-    commands, current = [], ""
-    for line in block.splitlines():
-        current += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
-        if not line.endswith("\\"):
-            command = re.sub(r"\s+#[^'\"]*$", "", current).strip()
-            if command:
-                commands.append(command)
-            current = ""
-    return commands
 
 
 def _served_ids_in_readme(section: str) -> set[str]:
@@ -162,34 +166,51 @@ def check_answer(command: str, stdout: str) -> None:
         raise AssertionError(f"the test does not know what {url} should answer: {command}")
 
 
-def test_readme_quick_start_commands_run_and_answer_as_documented(cli_server: CliServer, tmp_path: Path) -> None:
+def test_readme_quick_start_commands_run_and_answer_as_documented(cli_server: CliServer, clone: Path) -> None:
+    """Every command of the quick start, in order, in the fresh clone (a shell's `source` kept for the
+    commands after it); the servers it starts are the fixture's (`make serve`) or checked as far as they
+    go before loading a model."""
     section = quick_start()
     assert _served_ids_in_readme(section) == MODEL_IDS
     host = f"127.0.0.1:{cli_server.port}"
+    prelude: list[str] = []
     ran = []
     for block in code_blocks(section, "sh"):
         for command in shell_commands(block):
+            if command.startswith("source "):
+                prelude.append(command)
+                ran.append(command)
+                continue
             if command.startswith(("make serve", "lmserve serve")):
-                # Starting the server is what the fixture did; the flags it names must parse and pass pre-flight.
+                # Starting the server is what the fixture did; the flags it names must parse and pass
+                # pre-flight, and after the `source` the README asks for, `lmserve` is on the PATH.
                 args = command.split()[command.split().index("serve") :]
                 config = serve_config_from_args(build_parser({}).parse_args(args), {})
                 if config.api_key_file:  # written by the block's earlier command, in its folder
-                    config = replace(config, api_key_file=str(tmp_path / config.api_key_file))
+                    config = replace(config, api_key_file=str(clone / config.api_key_file))
                 check_files(config)
+                if command.startswith("lmserve "):
+                    found = subprocess.run(["bash", "-c", "; ".join([*prelude, "command -v lmserve"])], cwd=clone,
+                                           env=cli_env(), capture_output=True, text=True, timeout=30)
+                    assert Path(found.stdout.strip()).samefile(clone / ".venv" / "bin" / "lmserve"), found
                 ran.append(command)
                 continue
             assert command.startswith(("curl ", "printf ")), f"a quick-start command the test cannot run: {command}"
             assert command.count(README_HOST) <= 1
-            result = subprocess.run(["bash", "-c", command.replace(README_HOST, host)], cwd=tmp_path,
-                                    capture_output=True, text=True, timeout=120)
+            script = "; ".join([*prelude, command.replace(README_HOST, host)])
+            result = subprocess.run(["bash", "-c", script], cwd=clone, env=cli_env(), capture_output=True, text=True,
+                                    timeout=120)
             assert result.returncode == 0, f"{command}\n{result.stderr}"
             if command.startswith("curl "):
                 check_answer(command, result.stdout)
             ran.append(command)
     assert sum(c.startswith("curl ") for c in ran) >= 5 and any(c.startswith("printf ") for c in ran)
+    assert any(c.startswith("source ") for c in ran)
     # The key file the README writes has the documented format: two keys, the comment skipped.
-    keys = KeyStore.from_sources((), str(tmp_path / "keys.txt"))
+    keys = KeyStore.from_sources((), str(clone / "keys.txt"))
     assert len(keys.digests) == 2 and keys.authenticate("Bearer sk-second-key").startswith("key-")
+    # make said where lmserve is.
+    assert "`source .venv/bin/activate` puts it on the PATH" in cli_server.log_path.read_text()
 
 
 def test_readme_openai_snippet_runs(cli_server: CliServer, tmp_path: Path) -> None:
@@ -253,28 +274,27 @@ def test_ctrl_c_drains_then_a_second_stops_at_once(cli_server: CliServer) -> Non
         reader.start()
     assert http_started.wait(120) and grpc_started.wait(120)
 
-    cli_server.proc.send_signal(signal.SIGINT)
+    os.killpg(cli_server.proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: make and the server get it
     first = cli_server.wait_for(r"^draining ", timeout_s=5)
     assert first["msg"] == "draining 2 requests (up to 30 s); Ctrl-C again to stop now"
     refused = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "service_unavailable"
     assert httpx.get(f"{base}/readyz", timeout=10).status_code == 503
-    # Still generating: draining, not stopping. The engine's step counter, not the streams, shows it: the
-    # safety filter releases text a sentence (or 400 characters) at a time, which a busy machine may not
-    # reach within the wait.
+    # Still generating: draining, not stopping. The engine's step counter shows it (a stream's next text
+    # may wait on the safety filter's word hold or a busy machine).
     steps = _engine_steps(base)
     deadline = time.monotonic() + 10
     while _engine_steps(base) == steps and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _engine_steps(base) > steps and cli_server.proc.poll() is None
 
-    cli_server.proc.send_signal(signal.SIGINT)
+    os.killpg(cli_server.proc.pid, signal.SIGINT)
     stopped_at = time.monotonic()
-    code = cli_server.proc.wait(timeout=30)
+    code = cli_server.proc.wait(timeout=30)  # make: it waits for the server, then ends as Ctrl-C'd
     took = time.monotonic() - stopped_at
     for reader in readers:
         reader.join(30)
-    assert code == 0
+    assert code == -signal.SIGINT and "Traceback" not in cli_server.log_path.read_text()
     assert took < 3.0, f"a second Ctrl-C took {took:.1f} s to stop the server"
     assert any(line["msg"] == "stopping now: ending 2 open requests" for line in cli_server.log())
 

@@ -97,6 +97,14 @@ class Policy:
     def stream_mode(self, category: str) -> str:
         return self.categories[category].stream
 
+    def summary(self) -> str:
+        """One line for the log: where the policy came from and each category's input/output action."""
+        origin = "the packaged default" if self.source == "default" else self.source
+        actions = ", ".join(f"{name} {c.input}/{c.output}" for name, c in self.categories.items())
+        held = [name for name, c in self.categories.items() if name in CLASSIFIER_CATEGORIES and c.stream == "hold"]
+        streaming = f"; streamed output held by the sentence for {', '.join(held)}" if held else ""
+        return f"policy {origin}; input/output: {actions}{streaming}"
+
 
 def default_policy_text() -> str:
     return resources.files("service.safety").joinpath(DEFAULT_POLICY_NAME).read_text(encoding="utf-8")

@@ -46,6 +46,9 @@ HEADERS_KEY = "test-key-headers"
 GRPC_RATE_KEY = "test-key-grpc-rate"
 GRPC_QUEUE_KEY = "test-key-grpc-queue"
 GUARDED_KEY = "test-key-guarded"
+NAMED_KEY = "test-key-named"
+SERVED_NAMES = ("my-assistant", "gpt-4o-mini")  # --served-model-name on the "named" server
+SERVED_EMBEDDING_NAMES = ("my-embedder",)
 # The default policy, but for an output block list: the bundled model answers "The capital of France is"
 # with " Paris." (greedy, float32), which this policy must stop before any of it leaves.
 GUARDED_POLICY = """
@@ -112,6 +115,7 @@ class Servers:
     limited: LiveServer
     fuzz: LiveServer
     guarded: LiveServer  # the safety filter under GUARDED_POLICY, which blocks "Paris" in output
+    named: LiveServer  # the models under SERVED_NAMES and SERVED_EMBEDDING_NAMES
 
 
 def _bind() -> socket.socket:
@@ -221,7 +225,16 @@ def servers(
     policy = tmp_path_factory.mktemp("policy") / "guarded.yaml"
     policy.write_text(GUARDED_POLICY)
     guarded.safety = SafetyFilter.from_policy(policy)
-    thread = ServerThread(base, {"main": base, "limited": limited, "fuzz": fuzz, "guarded": guarded})
+    named = with_config(
+        base,
+        replace(
+            serve_config,
+            api_keys=(NAMED_KEY,),
+            served_model_names=SERVED_NAMES,
+            served_embedding_model_names=SERVED_EMBEDDING_NAMES,
+        ),
+    )
+    thread = ServerThread(base, {"main": base, "limited": limited, "fuzz": fuzz, "guarded": guarded, "named": named})
     thread.start()
     try:
         yield Servers(
@@ -231,6 +244,7 @@ def servers(
             guarded=LiveServer(
                 "guarded", thread.port("guarded"), guarded, GUARDED_KEY, thread.grpc_port("guarded"), thread.loop
             ),
+            named=LiveServer("named", thread.port("named"), named, NAMED_KEY, thread.grpc_port("named"), thread.loop),
         )
     finally:
         thread.stop()
