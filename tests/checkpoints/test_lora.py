@@ -88,10 +88,13 @@ def test_adapter_with_unresolvable_base(adapter_dir: Path, tmp_path: Path) -> No
 
 
 def test_clones_share_one_merge_announced_once_and_prune_drops_it_when_gone(
-    tiny_llama_dir: Path, adapter_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_llama_dir: Path, adapter_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two clones holding the same adapter and base (the base named relative to the adapter) merge once:
     the cache is keyed by content, not by where the folders lie."""
+    # A relative base is taken from the working directory first: run where "../base" is nothing.
+    monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
     cache = tmp_path / "cache"
     clones = [tmp_path / "clone-a", tmp_path / "clone-b"]
