@@ -3,11 +3,13 @@
     .venv/bin/python loadtests/grpc_vs_http.py [--concurrency 1 16 64] [--rounds 2]
 
 Starts `lmserve serve` (bundled model, its default dtype, no embeddings, `--no-safety`: the filter's own
-cost is loadtests/safety_stream.py's) on loopback with both transports,
-then, in this client process, runs the same load over each transport back to back, alternating which
-goes first each round: random prompts of --input-len token ids, --output-len tokens each (ignore_eos),
-`--requests-per-user` requests per concurrent user. Prints output tokens/s, median TTFT and TPOT for each
-transport and concurrency, then Tokenize calls per second at --tokenize-concurrency, and the ratios.
+cost is loadtests/safety_stream.py's) on loopback with both transports, then, in this client process,
+runs the same load over each transport back to back, alternating which goes first each round: random
+prompts of --input-len token ids (fresh ones per run, so no run finds another's in the prefix cache),
+--output-len tokens each (ignore_eos), `--requests-per-user` requests per concurrent user, after an
+untimed warm-up pass over each transport at the highest concurrency. HTTP goes through aiohttp, as
+`vllm bench serve` does. Prints output tokens/s, median TTFT and TPOT for each transport and
+concurrency, then Tokenize calls per second at --tokenize-concurrency, and the ratios.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loadtests"))
@@ -73,24 +75,33 @@ def _sample(start: float, first: float | None, last: float | None, num_tokens: i
     return Sample(first - start, tpot, num_tokens)
 
 
-async def http_stream(client: httpx.AsyncClient, prompt: list[int], output_len: int) -> Sample:
+async def http_stream(client: aiohttp.ClientSession, prompt: list[int], output_len: int) -> Sample:
     body = {"prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = None
     num_tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
+    async with client.post("/v1/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
+        async for raw in resp.content:  # one line at a time
+            if not raw.startswith(b"data: {"):
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(raw[6:])
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 last = time.perf_counter()
                 first = first or last
             if chunk.get("usage"):
                 num_tokens = chunk["usage"]["completion_tokens"]
     return _sample(start, first, last, num_tokens)
+
+
+def http_session(port: int, concurrency: int) -> aiohttp.ClientSession:
+    """aiohttp, as `vllm bench serve` uses: its C parser costs the client about what grpc's C core does;
+    httpx's pure-Python one cost this client more CPU than the server spent per call, which made the
+    HTTP figures the client's (2026-12-07, README "gRPC against HTTP")."""
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
+    return aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector,
+                                 timeout=aiohttp.ClientTimeout(total=600))
 
 
 async def grpc_stream(stub: rpc.GenerationStub, prompt: list[int], output_len: int) -> Sample:
@@ -112,9 +123,7 @@ async def grpc_stream(stub: rpc.GenerationStub, prompt: list[int], output_len: i
 async def run_streams(transport: str, port: int, concurrency: int, prompts: list[list[int]], output_len: int) -> Result:
     queue = list(prompts)
     samples: list[Sample] = []
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client, grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}"
-    ) as channel:
+    async with http_session(port, concurrency) as client, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rpc.GenerationStub(channel)
 
         async def user() -> None:
@@ -134,16 +143,16 @@ async def tokenize_rate(transport: str, port: int, concurrency: int, duration_s:
     text = "The quick brown fox jumps over the lazy dog. " * 4
     count = 0
     deadline = time.perf_counter() + duration_s
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client, grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}"
-    ) as channel:
+    async with http_session(port, concurrency) as client, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rpc.TokenizationStub(channel)
 
         async def user() -> None:
             nonlocal count
             while time.perf_counter() < deadline:
                 if transport == "http":
-                    (await client.post("/tokenize", json={"prompt": text})).raise_for_status()
+                    async with client.post("/tokenize", json={"prompt": text}) as resp:
+                        resp.raise_for_status()
+                        await resp.read()
                 else:
                     await stub.Tokenize(pb.TokenizeRequest(prompt=text))
                 count += 1
@@ -164,12 +173,21 @@ def start_server(http_port: int, grpc_port: int, extra: list[str]) -> subprocess
 async def main_async(args: argparse.Namespace, http_port: int, grpc_port: int) -> None:
     ports = {"http": http_port, "grpc": grpc_port}
     results: dict[tuple[str, int], list[Result]] = {}
-    await run_streams("http", http_port, 2, _prompts(2, args.input_len, 99), 8)  # warm-up
+    # Warm-up, untimed: one pass at the highest concurrency over each transport. The server's first batches
+    # of a size (allocator growth, thread pools, first kernels at that shape) cost far more than later
+    # ones, and without this the transport measured first pays it: with --rounds 1 that was always HTTP,
+    # which alone made HTTP look 0.7x of gRPC at 64 (2026-12-07, README "gRPC against HTTP").
+    top = max(args.concurrency)
+    for transport in ("http", "grpc"):
+        await run_streams(transport, ports[transport], top, _prompts(top, args.input_len, 99), args.output_len)
     for round_index in range(args.rounds):
         order = ("http", "grpc") if round_index % 2 == 0 else ("grpc", "http")
         for concurrency in args.concurrency:
-            prompts = _prompts(concurrency * args.requests_per_user, args.input_len, seed=concurrency)
             for transport in order:
+                # Prompts of their own per run: the same prompts again would be prefix-cache hits for
+                # whichever transport goes second (the cache outlives a run), and cut its TTFT 3-4x.
+                seed = 1000 * concurrency + 2 * round_index + (transport == "grpc")
+                prompts = _prompts(concurrency * args.requests_per_user, args.input_len, seed=seed)
                 result = await run_streams(transport, ports[transport], concurrency, prompts, args.output_len)
                 results.setdefault((transport, concurrency), []).append(result)
                 print(
@@ -210,7 +228,7 @@ def main() -> None:
     parser.add_argument("--requests-per-user", type=int, default=2)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds alternate which transport goes first")
     parser.add_argument("--tokenize-concurrency", type=int, default=16)
     parser.add_argument("--tokenize-seconds", type=float, default=5.0)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `lmserve serve` flag (repeatable)")
