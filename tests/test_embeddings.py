@@ -247,7 +247,7 @@ def test_input_errors(embedder: Embedder) -> None:
         assert e.value.param == "dimensions"
     with pytest.raises(EmbeddingInputError, match=r"input\[1\] must be a string"):
         embedder.tokenize(["a", 3])  # type: ignore[list-item]
-    assert embedder.num_queued == 0  # nothing was queued
+    assert len(embedder._queue) == 0  # nothing was queued
 
 
 def test_not_running(model_dir: Path) -> None:

@@ -32,9 +32,8 @@ ERRORS: dict[str, ErrorKind] = {
     "unsupported_value": _INVALID,
     "context_length_exceeded": _INVALID,
     "content_filter": _INVALID,
-    # 401 / 403
+    # 401
     "invalid_api_key": ErrorKind(401, "UNAUTHENTICATED", "authentication_error"),
-    "permission_denied": ErrorKind(403, "PERMISSION_DENIED", "permission_error"),
     # 404 / 405 / 413
     "model_not_found": ErrorKind(404, "NOT_FOUND", "invalid_request_error"),
     "not_found": ErrorKind(404, "NOT_FOUND", "invalid_request_error"),

@@ -72,20 +72,6 @@ class SequenceOutput:
             timing=timing,
         )
 
-    def final_delta(self, request: Request) -> GenerationDelta:
-        """An empty closing delta for a request ended outside a step (abort, engine error)."""
-        return GenerationDelta(
-            request_id=self.external_id,
-            text="",
-            token_ids=[],
-            finish_reason=request.finish_reason or FinishReason.ABORT,
-            stop_reason=request.stop_reason,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_output_tokens=request.num_output_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-            timing=request.timing(time.monotonic()),
-        )
-
     def _logprob(self, sampled: SampledToken) -> TokenLogprob:
         ids = [sampled.token_id] + [tid for tid, _ in sampled.top_logprobs]
         strs = self.tokenizer.convert_ids_to_tokens(ids)

@@ -83,4 +83,6 @@ def test_q4_1_greedy_agreement_with_float32_is_reported(
     )
     record_property("q4_1_greedy_agreement", report)
     print(report)
-    assert len(matching) == len(PROMPTS)
+    # A floor, not the figure (it is reported): 4-bit weights may part from float32 late, never at once.
+    # Measured 2026-12-07 (AVX-512): [16, 9, 16, 16, 10], 3 of 5 identical.
+    assert min(matching) >= 4 and identical >= 1, report

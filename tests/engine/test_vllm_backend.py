@@ -390,7 +390,7 @@ def test_usage_cached_tokens_and_metric_deltas(servers: Pair) -> None:
     # The engine's RequestTiming reached the histograms (queue, prefill, decode: one observation each).
     for name in ("queue", "prefill", "decode"):
         assert _delta(before, middle, f"lmserve_request_{name}_time_seconds_count") == 1
-        assert _delta(before, middle, f"lmserve_request_{name}_time_seconds_sum") >= 0
+        assert _delta(before, middle, f"lmserve_request_{name}_time_seconds_sum") > 0
 
     assert _delta(middle, after, "lmserve_prefix_cache_query_tokens_total") == 300
     assert _delta(middle, after, "lmserve_prefix_cache_hit_tokens_total") == hits
@@ -432,8 +432,9 @@ def test_every_sampling_field_is_mapped() -> None:
         "logit_bias": {5: 2.0, 7: -2.0}, "seed": 123, "stop": ["x", "yz"], "stop_token_ids": [4, 6],
         "ignore_eos": True, "logprobs": 2, "skip_special_tokens": False, "include_stop_str_in_output": True,
     }  # fmt: skip
-    # A field added to our SamplingParams fails here until it is mapped.
-    assert set(expected) | {"structured"} == set(SamplingParams.__dataclass_fields__)
+    # A field added to our SamplingParams fails here until it is mapped (or refused: speculative_tokens is
+    # the native engine's prompt lookup, refused by the vLLM engine, tested with the other refusals).
+    assert set(expected) | {"structured", "speculative_tokens"} == set(SamplingParams.__dataclass_fields__)
     assert {name: getattr(theirs, name) for name in expected} == expected
     assert theirs.structured_outputs.regex == "[a-z]+"
     constraints = [
@@ -448,7 +449,11 @@ def test_every_sampling_field_is_mapped() -> None:
     assert to_vllm_sampling(SamplingParams(), VLLMSamplingParams, RequestOutputKind.DELTA).structured_outputs is None
     assert theirs.n == 1 and theirs.output_kind == RequestOutputKind.DELTA
 
-    for bad, param in [(SamplingParams(temperature=0.001), "temperature"), (SamplingParams(seed=-1), "seed")]:
+    for bad, param in [
+        (SamplingParams(temperature=0.001), "temperature"),
+        (SamplingParams(seed=-1), "seed"),
+        (SamplingParams(speculative_tokens=4), "speculative_tokens"),
+    ]:
         with pytest.raises(RequestRejected) as info:
             to_vllm_sampling(bad, VLLMSamplingParams, RequestOutputKind.DELTA)
         assert info.value.field == param

@@ -34,10 +34,6 @@ class ForwardPath(str, Enum):
     def uses_attention_kernel(self) -> bool:
         return self is not ForwardPath.TORCH
 
-    @property
-    def uses_fused_ops(self) -> bool:
-        return self in (ForwardPath.FUSED_OPS, ForwardPath.DECODER_STACK)
-
 
 def choose_forward_path(
     attention: str, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device
