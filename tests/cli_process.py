@@ -41,6 +41,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_ready(proc: subprocess.Popen[bytes], base: str, log_path: Path, timeout_s: float = 120.0) -> None:
+    """Until GET {base}/readyz answers 200; fails with the server's log if it exits first or the time passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{base} not ready in {timeout_s} s:\n{log_path.read_text()}"
+        time.sleep(0.2)
+
+
 @contextmanager
 def cli_server(args: list[str], port: int, log_path: Path, timeout_s: float = 120.0) -> Iterator[str]:
     """`lmserve` with `args` (which serve HTTP on `port`) in a subprocess, its output in `log_path`; yields its
@@ -49,16 +63,7 @@ def cli_server(args: list[str], port: int, log_path: Path, timeout_s: float = 12
         proc = subprocess.Popen(cli_command(*args), cwd=REPO_ROOT, env=cli_env(), stdout=log_file, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the server ({' '.join(args[:3])} ...) did not become ready"
-            time.sleep(0.2)
+        wait_ready(proc, base, log_path, timeout_s)
         yield base
     finally:
         proc.terminate()

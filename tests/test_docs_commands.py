@@ -7,27 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-from tests.cli_process import REPO_ROOT, cli_env, free_port
+from tests.cli_process import REPO_ROOT, cli_env, free_port, wait_ready
 from tests.doc_commands import code_blocks, fresh_clone, is_server, localize, ports_named, shell_commands
 
 PAGE = REPO_ROOT / "docs" / "serve-your-model.md"
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"not ready in {timeout_s} s:\n{log.read_text()}")
 
 
 def test_serve_your_model_page_runs_as_written(smollm2_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -55,7 +40,7 @@ def test_serve_your_model_page_runs_as_written(smollm2_dir: Path, cache_dir: Pat
                     server = subprocess.Popen(["bash", "-c", script], cwd=clone, env=env, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True)
                 port = int(command.split("--port ")[1].split()[0])
-                _wait_ready(server, port, log)
+                wait_ready(server, f"http://127.0.0.1:{port}", log, timeout_s=240)
                 continue
             result = subprocess.run(["bash", "-c", "; ".join([*prelude, command])], cwd=clone, env=env, capture_output=True, text=True,
                                     timeout=300)

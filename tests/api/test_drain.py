@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.proto import lmserve_pb2 as pb
 from service.api.proto import lmserve_pb2_grpc as rpc
+from tests.cli_process import wait_ready
 
 MAX_TOKENS = 32
 STREAM_TIMEOUT_S = 240  # generous: float32 on a loaded 2-core machine
@@ -57,16 +58,7 @@ def test_sigterm_drains_in_flight_then_exits(cache_dir: Path, smollm2_dir: Path,
         )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        wait_ready(proc, base, log_path)
 
         events: list[str] = []
         first_chunk = threading.Event()
