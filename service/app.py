@@ -97,12 +97,14 @@ def build_state(config: ServeConfig) -> AppState:
             max_batch_tokens=config.limits.embedding_max_batch_tokens,
         )
         embedding_model = _served(emb_resolved.name, config.embedding_model, config.served_embedding_model_names)
-    state = state_from_models(config, engine, tokenizer, _served(resolved.name, config.model, config.served_model_names), embedder, embedding_model)
+    generation_model = _served(resolved.name, config.model, config.served_model_names)
+    state = state_from_models(config, engine, tokenizer, generation_model, embedder, embedding_model)
     if config.safety:
         from service.safety import SafetyFilter
 
         state.safety = SafetyFilter.from_policy(config.safety_policy)
-        log.info("safety filter on: %s", state.safety.policy.summary(), extra={"safety_policy": state.safety.policy.source})
+        policy = state.safety.policy
+        log.info("safety filter on: %s", policy.summary(), extra={"safety_policy": policy.source})
     else:
         log.warning("safety filter off (--no-safety): prompts and outputs are not checked")
     # Per-step and per-batch histograms come from hooks on the models' threads, one subscriber each:

@@ -294,15 +294,10 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         cache_dir=args.cache_dir,
         engine=engine_config_from_args(args),
         vllm=vllm_config_from_args(args),
-        **serve_overrides_from_env(env),
+        **serve_config_from_env(dict(env)),  # the ServeConfig fields read from LMSERVE_* only (no flag)
     )
-    # A flag over the env-only limits (serve_overrides_from_env replaces the whole LimitsConfig).
+    # A flag over the env-only limits (serve_config_from_env replaces the whole LimitsConfig).
     return replace(config, limits=replace(config.limits, queue_timeout_s=args.queue_timeout))
-
-
-def serve_overrides_from_env(env: Mapping[str, str]) -> dict:
-    """ServeConfig fields read from LMSERVE_* only (no flag of their own)."""
-    return serve_config_from_env(dict(env))
 
 
 # ---- commands ------------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
 
-QUIET_PATHS = frozenset({"/livez", "/readyz", "/health", "/metrics"})
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/health"})  # answered without a key, on HTTP
+QUIET_PATHS = PROBE_PATHS | {"/metrics"}  # logged at DEBUG when they succeed
 
 
 def log_access(

@@ -48,6 +48,14 @@ def shell_commands(block: str) -> list[str]:
     return commands
 
 
+def run_in_shell(
+    prelude: list[str], command: str, cwd: Path, env: dict[str, str], timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """`command` in bash after `prelude` (the `source` lines a shell keeps from earlier commands)."""
+    script = "; ".join([*prelude, command])
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
 def ports_named(text: str) -> set[int]:
     """The ports a doc names: in URLs on loopback and after --port / --grpc-port, and the defaults."""
     found = re.findall(r"127\.0\.0\.1:(\d+)|--(?:grpc-)?port[ =](\d+)", text)
@@ -65,4 +73,4 @@ def is_server(command: str) -> bool:
     return bool(re.match(r"(make serve|(\.venv/bin/)?lmserve serve)\b", command))
 
 
-__all__ = ["code_blocks", "fresh_clone", "is_server", "localize", "ports_named", "shell_commands"]
+__all__ = ["code_blocks", "fresh_clone", "is_server", "localize", "ports_named", "run_in_shell", "shell_commands"]

@@ -10,7 +10,9 @@ import subprocess
 from pathlib import Path
 
 from tests.cli_process import REPO_ROOT, cli_env, free_port, wait_ready
-from tests.doc_commands import code_blocks, fresh_clone, is_server, localize, ports_named, shell_commands
+from tests.doc_commands import (
+    code_blocks, fresh_clone, is_server, localize, ports_named, run_in_shell, shell_commands,
+)
 
 PAGE = REPO_ROOT / "docs" / "serve-your-model.md"
 
@@ -42,8 +44,7 @@ def test_serve_your_model_page_runs_as_written(smollm2_dir: Path, cache_dir: Pat
                 port = int(command.split("--port ")[1].split()[0])
                 wait_ready(server, f"http://127.0.0.1:{port}", log, timeout_s=240)
                 continue
-            result = subprocess.run(["bash", "-c", "; ".join([*prelude, command])], cwd=clone, env=env, capture_output=True, text=True,
-                                    timeout=300)
+            result = run_in_shell(prelude, command, clone, env, timeout_s=300)
             assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
             outputs.append((command, result.stdout))
         assert server is not None

@@ -29,7 +29,7 @@ from service.cli import build_parser, serve_config_from_args
 from service.preflight import check_files
 from tests.api.conftest import metric_value
 from tests.cli_process import REPO_ROOT, cli_env, free_port
-from tests.doc_commands import code_blocks, fresh_clone, shell_commands
+from tests.doc_commands import code_blocks, fresh_clone, run_in_shell, shell_commands
 
 README_HOST = "127.0.0.1:8000"
 MODEL_IDS = {"smollm2-135m-instruct", "all-minilm-l6-v2"}
@@ -190,16 +190,13 @@ def test_readme_quick_start_commands_run_and_answer_as_documented(cli_server: Cl
                     config = replace(config, api_key_file=str(clone / config.api_key_file))
                 check_files(config)
                 if command.startswith("lmserve "):
-                    found = subprocess.run(["bash", "-c", "; ".join([*prelude, "command -v lmserve"])], cwd=clone,
-                                           env=cli_env(), capture_output=True, text=True, timeout=30)
+                    found = run_in_shell(prelude, "command -v lmserve", clone, cli_env(), timeout_s=30)
                     assert Path(found.stdout.strip()).samefile(clone / ".venv" / "bin" / "lmserve"), found
                 ran.append(command)
                 continue
             assert command.startswith(("curl ", "printf ")), f"a quick-start command the test cannot run: {command}"
             assert command.count(README_HOST) <= 1
-            script = "; ".join([*prelude, command.replace(README_HOST, host)])
-            result = subprocess.run(["bash", "-c", script], cwd=clone, env=cli_env(), capture_output=True, text=True,
-                                    timeout=120)
+            result = run_in_shell(prelude, command.replace(README_HOST, host), clone, cli_env(), timeout_s=120)
             assert result.returncode == 0, f"{command}\n{result.stderr}"
             if command.startswith("curl "):
                 check_answer(command, result.stdout)

@@ -65,6 +65,7 @@ from service.api.middleware import (
     JsonBodyMiddleware,
     access_record,
 )
+from service.logs import PROBE_PATHS
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.state import readiness
 
@@ -75,7 +76,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROBE_PATHS = frozenset({"/livez", "/readyz", "/health"})
 _IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image", "image_file"})
 
 _ERROR = {"model": schemas.ErrorResponse}

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from service.engine.request import Request
 from service.engine.sampler import SampledToken
 from service.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from service.types import FinishReason, GenerationDelta, TokenLogprob, TopLogprob
+from service.types import GenerationDelta, TokenLogprob, TopLogprob
 
 
 class SequenceOutput:
