@@ -371,6 +371,22 @@ def _where(path: Path | None) -> str:
     return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
+def _family(m) -> str:
+    """A listed model's family and how it would be served (its folder's config.json; "-" before a GGUF is
+    converted). Generation models as `lmserve serve` would serve them; embedding models run on transformers."""
+    from service.checkpoints import CheckpointError, generation_architecture, read_config
+
+    folder = m.converted or m.path
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return "-"
+    try:
+        if m.kind == "embedding":
+            return f"{read_config(folder).get('model_type', '?')} (transformers)"
+        return generation_architecture(folder).family
+    except CheckpointError:
+        return "not servable"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from service.checkpoints import BUNDLED_MODELS, list_models
     from service.progress import size_text
@@ -390,8 +406,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         else:
             cached = "yes"
             where = f"{_where(m.path)} ({m.source}, {m.detail})"
-        rows.append((m.name, m.kind or "?", size, cached, where))
-    print(format_table(("ID", "KIND", "SIZE", "CACHED", "WHERE"), rows))
+        rows.append((m.name, m.kind or "?", _family(m), size, cached, where))
+    print(format_table(("ID", "KIND", "FAMILY", "SIZE", "CACHED", "WHERE"), rows))
     print(f"\ndefaults: --model {DEFAULT_MODEL} --embedding-model {DEFAULT_EMBEDDING_MODEL}; "
           f"cache: {_where(Path(args.cache_dir).expanduser())} (lmserve cache)")
     return 0

@@ -241,6 +241,7 @@ class Embedder:
         self.device = torch.device(device)
         self.max_batch_tokens = max_batch_tokens
         self.max_input_tokens = pooling.max_seq_length
+        self.family = f"{getattr(getattr(model, 'config', None), 'model_type', 'unknown')} (transformers)"
         self.pad_token_id = pad_token_id
         self.dimensions = int(model.config.hidden_size)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)

@@ -15,6 +15,9 @@ Checked:
   cannot take a socket: its port is held by a socket closed just before grpc binds it.
 - the safety filter's policy file (--safety-policy, or the packaged default): loaded and validated;
 - with --engine vllm, that vLLM is installed;
+- for the native engine, that a --model folder's architecture can be served (checkpoints/architectures.py:
+  natively, or by transformers' class over the paged cache; an encoder-decoder, a state-space model or
+  custom code is refused here, naming the folder, its model_type and why);
 - with --quantization int8 | q4_1 | q8_0, that it can run: a CPU device, float32 activations (--dtype float32,
   or auto where auto is float32), and the C kernels built or a C compiler to build them; for q4_1 | q8_0
   also a GGUF model whose decoder linears are all of that type (read from its header).
@@ -166,6 +169,23 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
+def check_architecture(model: str | None) -> None:
+    """A --model that is a Hugging Face folder: its config.json names an architecture that can be served.
+    Bundled ids, GGUF files and LoRA adapters are checked when they are resolved."""
+    if not model:
+        return
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+        return
+    from service.checkpoints.architectures import generation_architecture
+    from service.checkpoints.errors import CheckpointError
+
+    try:
+        generation_architecture(folder)
+    except CheckpointError as exc:
+        raise PreflightError(str(exc)) from None
+
+
 def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
     """--quantization int8 runs qgemm.c, q4_1 | q8_0 serve a GGUF file's own blocks by qgemm_gguf.c: refuse
     now, not after the weights are read, where they cannot (for the native engine; with --engine vllm,
@@ -210,10 +230,18 @@ def preflight(config: ServeConfig) -> PortReservation:
     check_files(config)
     if config.engine_kind == "native":
         check_quantization(config.engine, config.model)
-    return reserve_ports(config)
+    reservation = reserve_ports(config)
+    try:
+        if config.engine_kind == "native":
+            check_architecture(config.model)  # reads the folder's config.json: after the checks that read nothing of it
+    except PreflightError:
+        reservation.close()
+        raise
+    return reservation
 
 
 __all__ = [
-    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_engine", "check_files", "check_quantization",
+    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_architecture", "check_engine",
+    "check_files", "check_quantization",
     "preflight", "reserve_ports",
 ]

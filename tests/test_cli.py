@@ -227,7 +227,7 @@ def _shown(path: Path) -> str:
     return f"~/{path.relative_to(Path.home())}" if path.is_relative_to(Path.home()) else str(path)
 
 
-MODEL_COLUMNS = ("ID", "KIND", "SIZE", "CACHED", "WHERE")
+MODEL_COLUMNS = ("ID", "KIND", "FAMILY", "SIZE", "CACHED", "WHERE")
 CACHE_COLUMNS = ("NAME", "KIND", "SIZE", "USED", "USED BY / BUILT FROM")
 
 
@@ -236,17 +236,19 @@ def test_models_is_a_table(smollm2_dir: Path, cache_dir: Path, tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     by_id = {row[0]: row for row in _table(result.stdout, MODEL_COLUMNS)}
     smol, minilm = by_id["smollm2-135m-instruct"], by_id["all-minilm-l6-v2"]
-    assert smol[1:4] == ["generation", "93.8 MiB", f"yes: {_shown(smollm2_dir)}"]
-    assert smol[4].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert minilm[1] == "embedding" and minilm[3] == "not needed (a folder)" and minilm[2].endswith("MiB")
+    assert smol[1:5] == ["generation", "llama (native)", "93.8 MiB", f"yes: {_shown(smollm2_dir)}"]
+    assert smol[5].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert minilm[1:3] == ["embedding", "bert (transformers)"]
+    assert minilm[4] == "not needed (a folder)" and minilm[3].endswith("MiB")
     converted = by_id[smollm2_dir.name]
-    assert (converted[1], converted[3]) == ("generation", "yes") and converted[4].startswith(_shown(smollm2_dir))
+    assert (converted[1], converted[2], converted[4]) == ("generation", "llama (native)", "yes")
+    assert converted[5].startswith(_shown(smollm2_dir))
     assert "defaults: --model smollm2-135m-instruct --embedding-model all-minilm-l6-v2" in result.stdout
 
     fresh = run_cli("models", "--cache-dir", str(tmp_path / "empty"))
     rows = _table(fresh.stdout, MODEL_COLUMNS)
     assert [row[0] for row in rows] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
-    assert rows[0][3] == "no: converted at first use (about 20 s)"
+    assert rows[0][2:5:2] == ["-", "no: converted at first use (about 20 s)"]  # no family before conversion
     assert not (tmp_path / "empty").exists()  # listing creates no cache
 
 

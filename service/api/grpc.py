@@ -460,7 +460,8 @@ async def list_models(state: AppState, caller: Caller, req: pb.ListModelsRequest
     return pb.ListModelsResponse(
         data=[
             pb.Model(
-                id=m.served.name, created=m.served.created, owned_by="lmserve", max_model_len=m.max_model_len, kind=m.kind
+                id=m.served.name, created=m.served.created, owned_by="lmserve", max_model_len=m.max_model_len, kind=m.kind,
+                family=m.family,
             )
             for m in served_models(state)
         ]

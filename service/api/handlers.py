@@ -493,12 +493,14 @@ class ModelInfo:
     served: ServedModel
     max_model_len: int
     kind: str  # generation | embedding
+    family: str  # e.g. "qwen2 (native)", "cohere (transformers)", "bert (transformers)"
 
 
 def served_models(state: AppState) -> list[ModelInfo]:
-    models = [ModelInfo(state.generation_model, state.engine.max_model_len, "generation")]
+    models = [ModelInfo(state.generation_model, state.engine.max_model_len, "generation", state.engine.family)]
     if state.embedding_model is not None and state.embedder is not None:
-        models.append(ModelInfo(state.embedding_model, state.embedder.max_input_tokens, "embedding"))
+        embedder = state.embedder
+        models.append(ModelInfo(state.embedding_model, embedder.max_input_tokens, "embedding", embedder.family))
     return models
 
 

@@ -742,7 +742,9 @@ def handle_detokenize(state: AppState, body: schemas.DetokenizeRequest) -> Respo
 
 def model_cards(state: AppState) -> list[schemas.ModelCard]:
     return [
-        schemas.ModelCard(id=m.served.name, created=m.served.created, max_model_len=m.max_model_len, root=m.served.name)
+        schemas.ModelCard(
+            id=m.served.name, created=m.served.created, max_model_len=m.max_model_len, root=m.served.name, family=m.family
+        )
         for m in served_models(state)
     ]
 

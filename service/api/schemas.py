@@ -365,6 +365,9 @@ class ModelCard(BaseModel):
     owned_by: str = "lmserve"
     max_model_len: int | None = None
     root: str | None = None
+    family: str | None = Field(
+        None, description="The model's family and how it is served: native, transformers (the generic path) or vllm."
+    )
 
 
 class ModelList(BaseModel):

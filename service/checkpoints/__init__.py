@@ -1,13 +1,11 @@
 """Resolve model references to local Hugging Face folders; convert GGUF, merge LoRA, load weights safely."""
 
+from service.checkpoints.architectures import NATIVE_TYPES, Architecture, generation_architecture, read_config
 from service.checkpoints.bundled import BUNDLED_MODELS, BundledModel, bundled_location
 from service.checkpoints.errors import CheckpointError
 from service.checkpoints.export import ModelListing, export_model, list_models
 from service.checkpoints.resolve import (
-    SUPPORTED_GENERATION_TYPES,
     ResolvedModel,
-    check_generation_architecture,
-    read_config,
     resolve_model,
     validate_model_folder,
 )
@@ -15,13 +13,14 @@ from service.checkpoints.weights import load_weights, weight_files
 
 __all__ = [
     "BUNDLED_MODELS",
-    "SUPPORTED_GENERATION_TYPES",
+    "NATIVE_TYPES",
+    "Architecture",
     "BundledModel",
     "CheckpointError",
     "ModelListing",
     "ResolvedModel",
     "bundled_location",
-    "check_generation_architecture",
+    "generation_architecture",
     "export_model",
     "list_models",
     "load_weights",

@@ -9,16 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from service.checkpoints.architectures import read_config
 from service.checkpoints.bundled import BUNDLED_MODELS, require_bundled
 from service.checkpoints.errors import CheckpointError
 from service.checkpoints.gguf import convert_gguf
 from service.checkpoints.lora import ADAPTER_CONFIG, base_reference, merge_lora, read_adapter_config
-from service.checkpoints.weights import read_json_object, weight_files
+from service.checkpoints.weights import weight_files
 
-# config.model_type values the native generation engine implements.
-SUPPORTED_GENERATION_TYPES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
@@ -40,31 +38,12 @@ def _accepted() -> str:
     )
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} is not a model folder: config.json is missing")
-    return read_json_object(path)
-
-
 def validate_model_folder(folder: Path, allow_pickle: bool = False) -> None:
     """Cheap checks (JSON, headers, file presence) that a folder is a loadable HF checkpoint."""
     read_config(folder)
     weight_files(folder, allow_pickle)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{folder} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
-
-
-def check_generation_architecture(path: Path) -> None:
-    """Raise CheckpointError unless the folder's model_type is one the generation engine implements."""
-    config = read_config(path)
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_GENERATION_TYPES:
-        arch = ", ".join(config.get("architectures") or []) or "unknown"
-        raise CheckpointError(
-            f"{Path(path) / 'config.json'}: unsupported architecture model_type={model_type!r} ({arch}); "
-            f"the generation engine supports {', '.join(sorted(SUPPORTED_GENERATION_TYPES))}"
-        )
 
 
 def resolve_model(ref: str, cache_dir: Path, allow_pickle: bool = False) -> ResolvedModel:

@@ -119,6 +119,7 @@ class StepStats:
 
 class GenerationEngine(Protocol):
     model_name: str
+    family: str  # the model's family and how it is served, e.g. "qwen2 (native)", "cohere (transformers)"
     max_model_len: int
     vocab_size: int  # the ids the model embeds; a prompt's token ids must lie in [0, vocab_size)
     # Called from the engine's thread after every completed step; None (the default) costs nothing.

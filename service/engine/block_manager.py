@@ -9,6 +9,10 @@ with the same prefix reuses it (ref count + 1) instead of recomputing. Freed blo
 their hash while they sit in an LRU free queue, so they can be revived until a fresh
 allocation evicts them.
 
+With a sliding window on every layer (`sliding_window`), the blocks wholly before the window of a request's
+next query are released as the request advances: the KV memory a long request holds stays bounded by the
+window.
+
 The chained hash is SHA-256 rather than Python's `hash()`: `hash()` of a tuple of ints is
 deterministic and not collision resistant, so a crafted prompt could collide with another
 tenant's prefix and be served (or poison) its KV cache (cf. vLLM GHSA-rm76-4mrf-v9r8).
@@ -24,6 +28,9 @@ from collections.abc import Sequence
 from service.engine.request import Request
 
 BlockHash = bytes
+# A request's block_ids entry whose block left every sliding window and was released (release_outside_window):
+# the entry keeps its place so that index i still covers tokens [i * block_size, (i + 1) * block_size).
+RELEASED = -1
 
 
 def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
@@ -42,11 +49,14 @@ class BlockManager:
     raises for it; acting without asking first is a programming error and asserts.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
-        assert num_blocks >= 1 and block_size >= 1
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, sliding_window: int | None = None
+    ) -> None:
+        assert num_blocks >= 1 and block_size >= 1 and (sliding_window is None or sliding_window >= 1)
         self._num_blocks = num_blocks
         self._block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self._ref_counts: list[int] = [0] * num_blocks
         # Per-block registered hash (None: not in the prefix cache) and its inverse.
         self._block_hashes: list[BlockHash | None] = [None] * num_blocks
@@ -61,6 +71,8 @@ class BlockManager:
         self._request_hashes: dict[int, tuple[Request, list[BlockHash]]] = {}
         # How many of a request's leading blocks cache_computed_blocks has already handled.
         self._num_registered: dict[int, int] = {}
+        # How many of a request's leading blocks release_outside_window has released.
+        self._num_released: dict[int, int] = {}
         self.num_prefix_queries = 0  # tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # tokens served from it
 
@@ -160,7 +172,7 @@ class BlockManager:
         hashes = self._full_block_hashes(req, num_full)
         for index in range(num_done, num_full):
             block_id = req.block_ids[index]
-            if self._block_hashes[block_id] is not None:
+            if block_id == RELEASED or self._block_hashes[block_id] is not None:
                 continue  # a prefix hit: registered already
             block_hash = hashes[index]
             if block_hash in self._hash_to_block:
@@ -171,6 +183,27 @@ class BlockManager:
 
     # ---- release -----------------------------------------------------------------------
 
+    def release_outside_window(self, req: Request) -> None:
+        """With a sliding window: release the blocks no later query of `req` reads. Its next query sits at
+        position num_computed_tokens and sees keys from num_computed_tokens - window + 1 on; every later one
+        sees less. Called after cache_computed_blocks, so a released block keeps its prefix-cache entry
+        (unreferenced, in the LRU queue) like any freed block."""
+        if self.sliding_window is None or id(req) not in self._requests:
+            return
+        first_needed = max(req.num_computed_tokens - self.sliding_window + 1, 0)
+        done = self._num_released.get(id(req), 0)
+        upto = min(first_needed // self._block_size, len(req.block_ids))
+        for index in range(done, upto):
+            self._unref(req.block_ids[index])
+            req.block_ids[index] = RELEASED
+        self._num_released[id(req)] = max(done, upto)
+
+    def _unref(self, block_id: int) -> None:
+        self._ref_counts[block_id] -= 1
+        assert self._ref_counts[block_id] >= 0
+        if self._ref_counts[block_id] == 0:
+            self._free_queue[block_id] = None
+
     def free(self, req: Request) -> None:
         """Drop `req`'s references; unreferenced blocks go to the LRU queue keeping their hash.
 
@@ -178,14 +211,13 @@ class BlockManager:
         most likely to be shared. Idempotent.
         """
         for block_id in reversed(req.block_ids):
-            self._ref_counts[block_id] -= 1
-            assert self._ref_counts[block_id] >= 0
-            if self._ref_counts[block_id] == 0:
-                self._free_queue[block_id] = None
+            if block_id != RELEASED:
+                self._unref(block_id)
         req.block_ids = []
         self._requests.pop(id(req), None)
         self._request_hashes.pop(id(req), None)
         self._num_registered.pop(id(req), None)
+        self._num_released.pop(id(req), None)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (e.g. after a weights reload); refused while blocks are in use."""
@@ -202,8 +234,10 @@ class BlockManager:
         expected_refs = [0] * self._num_blocks
         for key, req in self._requests.items():
             assert id(req) == key
-            assert len(set(req.block_ids)) == len(req.block_ids), f"{req} lists a block twice"
-            for block_id in req.block_ids:
+            held = [b for b in req.block_ids if b != RELEASED]
+            assert len(set(held)) == len(held), f"{req} lists a block twice"
+            assert RELEASED not in req.block_ids[self._num_released.get(key, 0) :], f"{req}: a hole after the window"
+            for block_id in held:
                 expected_refs[block_id] += 1
         assert expected_refs == self._ref_counts, (expected_refs, self._ref_counts)
         for block_id in range(self._num_blocks):

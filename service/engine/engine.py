@@ -81,11 +81,12 @@ class NativeEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.family = runner.architecture.family
         self.config = config
         self.max_model_len = runner.max_model_len
         self.vocab_size = runner.vocab_size
         self.block_manager = BlockManager(
-            runner.kv_spec.num_blocks, runner.kv_spec.block_size, config.enable_prefix_caching
+            runner.kv_spec.num_blocks, runner.kv_spec.block_size, config.enable_prefix_caching, runner.kv_window
         )
         self.scheduler = Scheduler(
             self.block_manager,

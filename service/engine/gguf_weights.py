@@ -13,7 +13,7 @@ from service.checkpoints.gguf_blocks import GGUF_QUANTIZATIONS, WeightBlocks, ma
 from service.checkpoints.weights import read_marker
 from service.config import EngineConfig
 from service.engine.modeling import native_kernels
-from service.engine.modeling.llama import LlamaForCausalLM
+from service.engine.modeling.decoder import DecoderModel
 
 
 def runtime_refusal(quantization: str, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -44,7 +44,7 @@ def _torch_weight(blocks: WeightBlocks) -> native_kernels.GGUFWeight:
     return native_kernels.GGUFWeight(torch.from_numpy(blocks.blocks), blocks.kind, blocks.blocks.shape[0], blocks.in_features)
 
 
-def use_gguf_blocks(model: LlamaForCausalLM, model_path: Path, config: EngineConfig) -> str:
+def use_gguf_blocks(model: DecoderModel, model_path: Path, config: EngineConfig) -> str:
     """Swap the float projections that `model` has just loaded from `model_path` for the source GGUF's blocks.
     Layer 0's q, k and v blocks are first checked to dequantize to exactly the loaded float weights, which
     holds the name mapping and the q/k row order to the converter's. Returns the runner's log text."""

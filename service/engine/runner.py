@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from service.checkpoints import CheckpointError, check_generation_architecture, load_weights, weight_files
+from service.checkpoints import CheckpointError, generation_architecture, load_weights, weight_files
 from service.checkpoints.gguf_blocks import GGUF_QUANTIZATIONS
 from service.config import EngineConfig
 from service.engine.gguf_weights import use_gguf_blocks
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import AttentionMetadata, SeqLayout, build_metadata
 from service.engine.modeling.forward_path import choose_forward_path
-from service.engine.modeling.llama import LlamaForCausalLM
+from service.engine.modeling.generic import TransformersCausalLM
+from service.engine.modeling.decoder import DecoderModel
 from service.engine.scheduler import SchedulerOutput
 from service.progress import progress_step, size_text
 
@@ -105,7 +106,7 @@ class ModelRunner:
     fault_hook: FaultHook | None = None
 
     def __init__(self, model_path: Path, config: EngineConfig) -> None:
-        check_generation_architecture(model_path)
+        self.architecture = generation_architecture(model_path)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
@@ -116,31 +117,29 @@ class ModelRunner:
         self.hf_config = hf_config
         model_len = int(getattr(hf_config, "max_position_embeddings", 2048))
         self.max_model_len = min(model_len, config.max_model_len or model_len)
-
-        with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        # The rotary buffer must keep its float32 values (to_empty leaves it uninitialised).
-        model.rotary = model.rotary.__class__(hf_config).to(self.device)
         num_bytes = sum(f.stat().st_size for f in weight_files(model_path, config.allow_pickle))
-        dtype_name = str(self.dtype).removeprefix("torch.")
-        try:
-            with progress_step(f"loading the weights of {Path(model_path).name} ({size_text(num_bytes)}) as {dtype_name}"):
-                model.load_hf_weights(load_weights(model_path, allow_pickle=config.allow_pickle))
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{model_path}: weights do not fit the {hf_config.model_type} architecture: {exc}") from None
-        self.model = model.eval()
-        self.packed_weights = model.prepack_weights(config.quantization)
-
-        if config.quantization in GGUF_QUANTIZATIONS:  # the source GGUF's own Q4_1 / Q8_0 blocks (gguf_weights.py)
-            self.packed_weights = use_gguf_blocks(model, model_path, config)
-        attn = model.layers[0].self_attn
+        loading = f"loading the weights of {Path(model_path).name} ({size_text(num_bytes)}) as {str(self.dtype).removeprefix('torch.')}"
+        if self.architecture.path == "native":
+            model = self._load_native(model_path, hf_config, config, loading)
+            num_layers, attn = hf_config.num_hidden_layers, model.layers[0].self_attn
+            num_kv_heads, head_dim = attn.num_kv_heads, attn.head_dim
+        else:
+            if config.quantization != "none":
+                raise CheckpointError(
+                    f"{model_path}: --quantization {config.quantization} runs on lmserve's own modules, and "
+                    f"{hf_config.model_type} is served by transformers' {self.architecture.class_name}"
+                )
+            with progress_step(loading + f" into transformers' {self.architecture.class_name}"):
+                model = TransformersCausalLM.load(model_path, self.dtype, self.device, self.max_model_len)
+            self.packed_weights = None
+            num_layers, num_kv_heads, head_dim = model.num_cache_layers, model.num_kv_heads, model.head_dim
+        self.model = model
         spec = KVCacheSpec(
             num_blocks=0,
             block_size=config.block_size,
-            num_layers=hf_config.num_hidden_layers,
-            num_kv_heads=attn.num_kv_heads,
-            head_dim=attn.head_dim,
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
             dtype=model.kv_cache_dtype(),
         )
         num_blocks = config.num_kv_blocks or max(config.kv_cache_memory_bytes // spec.bytes_per_block, 1)
@@ -164,7 +163,8 @@ class ModelRunner:
         self._forward = model.forward_for(self.forward_path)
         log.info(
             "model loaded: %s %s on %s%s, forward: %s, KV pool %d blocks x %d tokens (%.1f MiB, %s)",
-            hf_config.model_type,
+            self.architecture.family if self.architecture.path == "native"
+            else f"{self.architecture.family}, {self.architecture.class_name}",
             str(self.dtype).removeprefix("torch."),
             self.device,
             f" (weights prepacked for {self.packed_weights})" if self.packed_weights else "",
@@ -175,6 +175,31 @@ class ModelRunner:
             str(self.kv_spec.dtype).removeprefix("torch."),
         )
 
+    def _load_native(
+        self, model_path: Path, hf_config: PretrainedConfig, config: EngineConfig, loading: str
+    ) -> DecoderModel:
+        with torch.device("meta"):
+            model = DecoderModel(hf_config, self.max_model_len)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.init_positions(self.device)  # float32 rotary tables, built after to_empty
+        try:
+            with progress_step(loading):
+                model.load_hf_weights(load_weights(model_path, allow_pickle=config.allow_pickle))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{model_path}: weights do not fit the {hf_config.model_type} architecture: {exc}") from None
+        model = model.eval()
+        self.packed_weights = model.prepack_weights(config.quantization)
+        if config.quantization in GGUF_QUANTIZATIONS:  # the source GGUF's own Q4_1 / Q8_0 blocks (gguf_weights.py)
+            self.packed_weights = use_gguf_blocks(model, model_path, config)
+        return model
+
+    @property
+    def kv_window(self) -> int | None:
+        """The sliding window every layer has (the smallest, where they differ), or None where some layer
+        attends over everything: then the block manager can release the blocks behind it."""
+        windows = self.model.layer_windows()
+        return None if not windows or None in windows else min(windows)
+
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
@@ -182,7 +207,8 @@ class ModelRunner:
     def attention_metadata(self, layouts: list[SeqLayout]) -> AttentionMetadata:
         """A step's attention plan, for this runner's forward path."""
         return build_metadata(
-            layouts, self.kv_spec.block_size, self.device, self.dtype, self.forward_path.uses_attention_kernel
+            layouts, self.kv_spec.block_size, self.device, self.dtype, self.forward_path.uses_attention_kernel,
+            seq_lengths=getattr(self.model, "needs_seq_lengths", False),
         )
 
     def forward(
@@ -206,7 +232,7 @@ class ModelRunner:
             req = item.request
             start = req.num_computed_tokens
             end = start + item.num_new_tokens
-            layouts.append(SeqLayout(len(input_ids), item.num_new_tokens, start, req.block_ids))
+            layouts.append(SeqLayout(len(input_ids), item.num_new_tokens, start, req.block_ids, req.num_prompt_tokens))
             input_ids.extend(req.token_ids[start:end])
             input_ids.extend(item.draft_token_ids)
             positions.extend(range(start, end))

@@ -221,6 +221,7 @@ class Scheduler:
             drafts = scheduled.draft_token_ids
             req.num_computed_tokens += scheduled.num_new_tokens - len(drafts)
             self.block_manager.cache_computed_blocks(req)
+            self.block_manager.release_outside_window(req)
             if not is_sampling:
                 continue
             tokens = sampled_token_ids[req.request_id]
@@ -242,6 +243,7 @@ class Scheduler:
             elif num_accepted:
                 req.num_computed_tokens += num_accepted  # the accepted drafts' KV was written this step
                 self.block_manager.cache_computed_blocks(req)
+                self.block_manager.release_outside_window(req)
         return received
 
     def finish_request(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:

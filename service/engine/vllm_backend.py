@@ -287,6 +287,7 @@ class VLLMEngine:
         self.vllm_config = vllm_config
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.family = f"{getattr(vllm_config.model_config.hf_config, 'model_type', 'unknown')} (vllm)"
         self.max_model_len: int = int(vllm_config.model_config.max_model_len)
         self.vocab_size: int = int(vllm_config.model_config.get_vocab_size())
         self._sampling_params_cls = VLLMSamplingParams

@@ -177,7 +177,9 @@ def test_embed_tokenize_detokenize_models(server: LiveServer) -> None:
             assert chat.count > out.count  # the template's markers
 
             models = await rpc.ModelsStub(channel).ListModels(pb.ListModelsRequest(), metadata=md)
-            assert [(m.id, m.kind) for m in models.data] == [(MODEL, "generation"), (EMBED_MODEL, "embedding")]
+            assert [(m.id, m.kind, m.family) for m in models.data] == [
+                (MODEL, "generation", "llama (native)"), (EMBED_MODEL, "embedding", "bert (transformers)")
+            ]
 
     run(go())
 

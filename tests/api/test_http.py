@@ -92,6 +92,7 @@ def test_models_and_version(http: httpx.Client) -> None:
     assert set(cards) == {MODEL, "all-minilm-l6-v2"}
     assert cards[MODEL]["object"] == "model" and cards[MODEL]["owned_by"] == "lmserve"
     assert cards[MODEL]["max_model_len"] == MAX_MODEL_LEN
+    assert (cards[MODEL]["family"], cards["all-minilm-l6-v2"]["family"]) == ("llama (native)", "bert (transformers)")
     assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     missing = http.get("/v1/models/nope")
     assert missing.status_code == 404 and _error(missing)["code"] == "model_not_found"

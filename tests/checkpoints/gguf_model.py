@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from service.engine.modeling import native_kernels
-from service.engine.modeling.llama import LlamaForCausalLM
+from service.engine.modeling.decoder import DecoderModel
 
 QTYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 
@@ -22,10 +22,10 @@ def _blocks_of(weight: torch.Tensor, kind: str) -> native_kernels.GGUFWeight:
 
 @torch.inference_mode()
 def gguf_blocks_of(
-    model: LlamaForCausalLM, kind: str
+    model: DecoderModel, kind: str
 ) -> tuple[dict[str, native_kernels.GGUFWeight], native_kernels.GGUFWeight]:
     """Every decoder projection's blocks by Hugging Face name, and the LM head's (the embedding's where tied),
-    as LlamaForCausalLM.use_gguf_weights takes them; the model's float weights now hold the blocks' values."""
+    as DecoderModel.use_gguf_weights takes them; the model's float weights now hold the blocks' values."""
     attn = model.layers[0].self_attn
     q_rows, kv_rows = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
     inter = model.layers[0].mlp.intermediate_size

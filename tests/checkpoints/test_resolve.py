@@ -11,9 +11,9 @@ import torch
 
 from service.checkpoints import (
     BUNDLED_MODELS,
-    SUPPORTED_GENERATION_TYPES,
+    NATIVE_TYPES,
     CheckpointError,
-    check_generation_architecture,
+    generation_architecture,
     list_models,
     load_weights,
     resolve_model,
@@ -45,14 +45,29 @@ def test_folder_resolves_in_place(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 def test_architecture_check(smollm2_dir: Path, tiny_llama_dir: Path, tiny_qwen2_dir: Path, minilm_dir: Path,
                             tmp_path: Path) -> None:
-    assert SUPPORTED_GENERATION_TYPES == {"llama", "mistral", "qwen2", "qwen3"}
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "mixtral"} <= NATIVE_TYPES
     for folder in (smollm2_dir, tiny_llama_dir, tiny_qwen2_dir):
-        check_generation_architecture(folder)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(CheckpointError, match="unsupported architecture.*gpt2"):
-        check_generation_architecture(tmp_path)
-    with pytest.raises(CheckpointError, match="unsupported architecture.*bert"):
-        check_generation_architecture(minilm_dir)
+        assert generation_architecture(folder).path == "native"
+
+    def arch(config: dict):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        return generation_architecture(tmp_path)
+
+    cohere = arch({"model_type": "cohere", "architectures": ["CohereForCausalLM"]})
+    assert (cohere.path, cohere.class_name, cohere.family) == ("transformers", "CohereForCausalLM", "cohere (transformers)")
+    refusals = {
+        "encoder-decoder": {"model_type": "t5", "is_encoder_decoder": True},
+        "keep a state": {"model_type": "lfm2", "layer_types": ["conv", "full_attention"]},
+        "attention interface": {"model_type": "mamba"},
+        "own Python code": {"model_type": "my_custom_lm", "auto_map": {"AutoModelForCausalLM": "modeling.MyLM"}},
+        "does not know": {"model_type": "no_such_family"},
+        "no model_type": {"architectures": ["X"]},
+    }
+    for phrase, config in refusals.items():
+        with pytest.raises(CheckpointError, match=f"cannot be served: .*{phrase}.*--engine vllm"):
+            arch(config)
+    with pytest.raises(CheckpointError, match="model_type='bert'.*encoder"):
+        generation_architecture(minilm_dir)
 
 
 @pytest.mark.parametrize(

@@ -22,21 +22,32 @@ LAYOUT = [
 NUM_TOKENS = 11
 
 
-def reference(q, k_all, v_all, seqs, head_dim):
-    """Plain causal SDPA over each sequence's whole history (cached + new), row by row."""
+def reference(q, k_all, v_all, seqs, head_dim, window=None, softcap=None):
+    """Plain causal attention over each sequence's whole history (cached + new), row by row: SDPA, or with a
+    sliding window (the last `window` keys) and soft-capped scores written out."""
     out = torch.empty_like(q)
     for s, (k_hist, v_hist) in zip(seqs, zip(k_all, v_all, strict=True), strict=True):
         for j in range(s.num_new_tokens):
             row, ctx = s.start_row + j, s.num_computed_tokens + j + 1
-            o = F.scaled_dot_product_attention(
-                q[row].float()[:, None], k_hist[:ctx].float().transpose(0, 1), v_hist[:ctx].float().transpose(0, 1),
-                scale=head_dim**-0.5, enable_gqa=True,
-            )  # fmt: skip
-            out[row] = o[:, 0].to(q.dtype)
+            first = max(ctx - window, 0) if window else 0
+            qr, kr, vr = q[row].float(), k_hist[first:ctx].float(), v_hist[first:ctx].float()
+            if window is None and softcap is None:
+                o = F.scaled_dot_product_attention(
+                    qr[:, None], kr.transpose(0, 1), vr.transpose(0, 1), scale=head_dim**-0.5, enable_gqa=True
+                )[:, 0]
+            else:
+                group = q.shape[1] // kr.shape[1]
+                scores = torch.einsum("hd,khd->hk", qr, kr.repeat_interleave(group, dim=1)) * head_dim**-0.5
+                if softcap:
+                    scores = torch.tanh(scores / softcap) * softcap
+                o = torch.einsum("hk,khd->hd", scores.softmax(-1), vr.repeat_interleave(group, dim=1))
+            out[row] = o.to(q.dtype)
     return out
 
 
-def check_paged_attention(layout, num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtypes, use_kernel):
+def check_paged_attention(
+    layout, num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtypes, use_kernel, window=None, softcap=None
+):
     """Fill each sequence's cached history into its blocks, run one step, compare with plain attention.
     dtypes: (q's, the cache's); K and V hold values both represent, so the reference sees what the cache does."""
     dtype, kv_dtype = dtypes
@@ -57,6 +68,8 @@ def check_paged_attention(layout, num_heads, num_kv_heads, head_dim, block_size,
         v_old = kv_values(s.num_computed_tokens, num_kv_heads, head_dim)
         for pos in range(s.num_computed_tokens):
             block, off = s.block_ids[pos // block_size], pos % block_size
+            if block < 0:
+                continue  # released behind the window: nothing of it is read
             cache[0, :, block, off] = k_old[pos].to(kv_dtype)
             cache[1, :, block, off] = v_old[pos].to(kv_dtype)
         rows = slice(s.start_row, s.start_row + s.num_new_tokens)
@@ -64,8 +77,9 @@ def check_paged_attention(layout, num_heads, num_kv_heads, head_dim, block_size,
         v_hist.append(torch.cat([v_old, v_new[rows]]))
     meta = build_metadata(layout, block_size, torch.device("cpu"), dtype, use_kernel)
     assert (meta.kernel is not None) == use_kernel
-    got = paged_attention(q, k_new, v_new, cache, meta, head_dim**-0.5).view(num_tokens, num_heads, head_dim)
-    want = reference(q, k_hist, v_hist, layout, head_dim)
+    got = paged_attention(q, k_new, v_new, cache, meta, head_dim**-0.5, window=window, softcap=softcap)
+    got = got.view(num_tokens, num_heads, head_dim)
+    want = reference(q, k_hist, v_hist, layout, head_dim, window, softcap)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     # The new tokens' K/V landed in their slots.
@@ -123,3 +137,26 @@ def test_kernel_many_sequences_on_every_thread(dtypes: tuple) -> None:
     layout = [SeqLayout(s.start_row, 1, s.num_computed_tokens, blocks[16 * i : 16 * i + 16]) for i, s in enumerate(MANY_DECODES)]
     assert native_kernels._threads_for(12 * 6 * 250) == torch.get_num_threads()
     check_paged_attention(layout, 6, 2, 64, 16, 12 * 16, dtypes, use_kernel=True)
+
+
+# A sliding window of 4 over blocks of 4: the decode's first block was released (-1) behind its window.
+WINDOW_LAYOUT = [
+    SeqLayout(0, 1, 9, [-1, 3, 40]),
+    SeqLayout(1, 5, 6, [11, 2, 30]),
+    SeqLayout(6, 3, 0, [5]),
+    SeqLayout(9, 2, 8, [44, 1, 19]),
+]
+
+
+@pytest.mark.parametrize("window, softcap", [(4, None), (None, 3.0), (5, 2.5)])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kernels", ["none", "native", "portable"], indirect=True)
+def test_sliding_window_and_softcap_match_attention_written_out(
+    dtypes: tuple, kernels: str, window: int | None, softcap: float | None
+) -> None:
+    """paged_attention.c's windowed kernels and the torch ops (a fresh prefill in transformers' eager order,
+    the groups with the window in their bias) against the window and the cap written out row by row."""
+    layout = WINDOW_LAYOUT if window is not None else LAYOUT
+    check_paged_attention(
+        layout, NUM_HEADS, NUM_KV_HEADS, 32, BLOCK_SIZE, NUM_BLOCKS, dtypes, kernels != "none", window, softcap
+    )

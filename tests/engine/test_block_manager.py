@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine.block_manager import BlockManager, hash_block_tokens
+from service.engine.block_manager import RELEASED, BlockManager, hash_block_tokens
 from service.engine.request import Request
 from service.types import SamplingParams
 
@@ -308,3 +308,42 @@ def test_state_is_per_request_object_not_per_request_id() -> None:
     bm.check_invariants()
     assert same_prefix.num_computed_tokens == 8 and same_prefix.block_ids[:2] == [0, 1]
     assert other.num_computed_tokens == 0
+
+
+def test_sliding_window_releases_the_blocks_behind_it() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, sliding_window=6)
+    req = make_request("a", list(range(10)), max_tokens=20)
+    bm.allocate(req)
+    req.num_computed_tokens = 10  # the prompt: the next query (position 10) sees keys 5..10
+    bm.cache_computed_blocks(req)
+    bm.release_outside_window(req)
+    bm.check_invariants()
+    assert req.block_ids[:1] == [RELEASED] and RELEASED not in req.block_ids[1:]  # block 0 (keys 0-3) only
+    for token in range(30, 40):  # decode: a block is released each time the window leaves it whole
+        req.append_token(token)
+        bm.append(req)
+        req.num_computed_tokens += 1
+        bm.cache_computed_blocks(req)
+        bm.release_outside_window(req)
+        bm.check_invariants()
+        held = [b for b in req.block_ids if b != RELEASED]
+        assert len(held) <= -(-(6 + 1) // 4) + 1, req  # the window's span, not the sequence's
+    assert req.block_ids[:3] == [RELEASED] * 3
+    released_block = 0
+    assert bm.num_free_blocks == 16 - len([b for b in req.block_ids if b != RELEASED])
+    bm.free(req)
+    bm.check_invariants()
+    assert bm.num_free_blocks == 16
+    # A released block keeps its prefix-cache entry, like any freed block: the same prompt hits it.
+    again = make_request("b", list(range(10)))
+    bm.allocate(again)
+    assert again.block_ids[0] == released_block and again.num_computed_tokens == 8
+
+
+def test_no_window_releases_nothing() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    req = make_request("a", list(range(30)))
+    bm.allocate(req)
+    compute_all(bm, req)
+    bm.release_outside_window(req)
+    assert RELEASED not in req.block_ids

@@ -12,7 +12,8 @@ from service.config import EngineConfig
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import SeqLayout, build_metadata
 from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
-from service.engine.modeling.llama import LlamaForCausalLM, rotate_half
+from service.engine.modeling.decoder import DecoderModel
+from service.engine.modeling.layers import rotate_half
 from service.engine.runner import ModelRunner
 from tests.engine.forward_steps import forward_steps
 
@@ -162,13 +163,13 @@ def test_kernels_are_loaded_before_the_weights_are_packed(
         pytest.skip("no C compiler: nothing to load")
     monkeypatch.setattr(native_kernels, "_process_library", [])
     loaded_at_packing: list[bool] = []
-    prepack = LlamaForCausalLM.prepack_weights
+    prepack = DecoderModel.prepack_weights
 
-    def spy(model: LlamaForCausalLM, quantization: str = "none") -> str | None:
+    def spy(model: DecoderModel, quantization: str = "none") -> str | None:
         loaded_at_packing.append(native_kernels.library() is not None)
         return prepack(model, quantization)
 
-    monkeypatch.setattr(LlamaForCausalLM, "prepack_weights", spy)
+    monkeypatch.setattr(DecoderModel, "prepack_weights", spy)
     ModelRunner(tiny_llama_dir, EngineConfig(dtype="float32", num_kv_blocks=4, cache_dir=cache_dir))
     assert loaded_at_packing == [True]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.engine.modeling import native_kernels
-from service.engine.modeling.llama import linear, prepack
+from service.engine.modeling.layers import linear, prepack
 
 BF16 = torch.bfloat16
 

@@ -1,4 +1,4 @@
-"""LlamaForCausalLM.use_gguf_weights, Q4_1 and Q8_0: a tiny random model (untied head, GQA) whose float
+"""DecoderModel.use_gguf_weights, Q4_1 and Q8_0: a tiny random model (untied head, GQA) whose float
 weights are replaced by GGUF blocks of themselves gives the logits of the same model with those blocks'
 dequantized values as float weights, within what the activations' 8-bit rounding allows (measured below); q/k/v and gate/up
 are fused, and the head taken, as the float weights are (a wrong order would be far off)."""

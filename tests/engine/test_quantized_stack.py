@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from service.config import EngineConfig
 from service.engine.modeling import native_kernels
 from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
-from service.engine.modeling.llama import rotate_half
+from service.engine.modeling.layers import rotate_half
 from service.engine.runner import ModelRunner
 from tests.checkpoints.gguf_model import gguf_blocks_of
 from tests.engine.forward_steps import forward_steps
@@ -51,7 +51,7 @@ def test_float32_rope_and_cache_gives_torchs_bits() -> None:
     slots = torch.tensor([9, 0, 30])
     q, k = native_kernels.rope_and_cache(qkv, cos, sin, cache, slots, heads)
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
-    expected = qk * cos + rotate_half(qk) * sin  # llama.py's expression: three roundings, as the kernel's
+    expected = qk * cos + rotate_half(qk) * sin  # decoder.py's expression: three roundings, as the kernel's
     assert q.dtype == k.dtype == F32
     assert torch.equal(q, expected[:, :heads]) and torch.equal(k, expected[:, heads:])
     flat = cache.view(2, kv_heads, 32, head_dim)

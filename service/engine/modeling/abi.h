@@ -64,6 +64,18 @@ int paged_attention_bf16(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache
                          const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                          int64_t max_ctx, float scale, int num_threads);
+/* With a sliding window (window > 0: each query sees its last `window` keys) and attention-logit soft-capping
+ * (softcap > 0), by the portable kernels, float32 and bf16. */
+int paged_attention_windowed_f32(const float *q, const float *k_cache, const float *v_cache, float *out,
+                                 const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                                 const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                                 int64_t max_ctx, float scale, int64_t window, float softcap, int num_threads);
+int paged_attention_windowed_bf16(const bf16 *q, const bf16 *k_cache, const bf16 *v_cache, bf16 *out,
+                                  const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
+                                  const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                                  int64_t max_ctx, float scale, int64_t window, float softcap, int num_threads);
 /* float32 q and out over a bf16 cache: the quantized-weight path's (--quantization). */
 int paged_attention_f32_bf16kv(const float *q, const bf16 *k_cache, const bf16 *v_cache, float *out,
                                const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,

@@ -18,7 +18,8 @@ import torch
 from service.engine.modeling import native_kernels
 
 if TYPE_CHECKING:
-    from service.engine.modeling.llama import LlamaForCausalLM
+    from service.engine.modeling.generic import TransformersCausalLM
+    from service.engine.modeling.decoder import DecoderModel
 
 ATTENTION_CHOICES = ("auto", "kernel", "torch")
 
@@ -36,7 +37,7 @@ class ForwardPath(str, Enum):
 
 
 def choose_forward_path(
-    attention: str, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device
+    attention: str, model: DecoderModel | TransformersCausalLM, dtype: torch.dtype, device: torch.device
 ) -> ForwardPath:
     """The fastest path this machine and model allow under `attention` (auto | kernel | torch).
 
@@ -49,9 +50,18 @@ def choose_forward_path(
     has_kernel = attention != "torch" and native_kernels.paged_attention_supported(dtype, device)
     if attention == "kernel" and not has_kernel:
         raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
+    if model.has_window_or_softcap() and model.quantized():
+        # A window or soft-cap over the quantized path's bf16 cache under float32 queries: no C kernel has both.
+        if attention == "kernel":
+            raise RuntimeError("attention=kernel, but no C kernel has a window or soft-cap over a quantized model's cache")
+        return ForwardPath.TORCH
     if not has_kernel:
         return ForwardPath.TORCH
-    if not native_kernels.fused_ops_supported(dtype, device) or (dtype == torch.float32 and not model.quantized()):
+    if (
+        not model.supports_fused_ops()
+        or not native_kernels.fused_ops_supported(dtype, device)
+        or (dtype == torch.float32 and not model.quantized())
+    ):
         return ForwardPath.ATTENTION_KERNEL
     if model.can_run_decoder_stack():
         return ForwardPath.DECODER_STACK

@@ -150,6 +150,13 @@ _ATTENTION_KERNELS = {
 }
 
 
+# The same with a sliding window and/or soft-capping (paged_attention.c's portable kernels).
+_WINDOWED_KERNELS = {
+    (torch.float32, torch.float32): "paged_attention_windowed_f32",
+    (torch.bfloat16, torch.bfloat16): "paged_attention_windowed_bf16",
+}
+
+
 def paged_attention_kernel(
     q: torch.Tensor,  # [num_rows, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_dim]
@@ -160,11 +167,16 @@ def paged_attention_kernel(
     q_rows: torch.Tensor,  # [num_queries] int64
     max_ctx: int,
     scale: float,
+    window: int | None = None,  # each query sees only its last `window` keys
+    softcap: float | None = None,  # scores -> softcap * tanh(score / softcap)
 ) -> None:
-    """q over the cache, by the kernel of _ATTENTION_KERNELS for their two dtypes."""
-    name = _ATTENTION_KERNELS.get((q.dtype, kv_cache.dtype))
+    """q over the cache, by the kernel of _ATTENTION_KERNELS (_WINDOWED_KERNELS with a window or soft-cap) for
+    their two dtypes."""
+    windowed = window is not None or softcap is not None
+    name = (_WINDOWED_KERNELS if windowed else _ATTENTION_KERNELS).get((q.dtype, kv_cache.dtype))
     if name is None or out.dtype != q.dtype:
-        raise ValueError(f"paged_attention_kernel: no kernel for {q.dtype} queries over a {kv_cache.dtype} cache")
+        what = " with a window or soft-cap" if windowed else ""
+        raise ValueError(f"paged_attention_kernel: no kernel{what} for {q.dtype} queries over a {kv_cache.dtype} cache")
     fn = getattr(_loaded(), name)
     for t in (q, out, kv_cache, block_table, seq_of_query, ctx_lens, q_rows):
         if not t.is_contiguous():
@@ -176,7 +188,8 @@ def paged_attention_kernel(
         q.data_ptr(), k_plane, v_plane, out.data_ptr(), block_table.data_ptr(),
         seq_of_query.data_ptr(), ctx_lens.data_ptr(), q_rows.data_ptr(),
         num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, block_table.shape[1],
-        max_ctx, scale, _threads_for(num_queries * num_heads * max_ctx),
+        max_ctx, scale, *((window or 0, softcap or 0.0) if windowed else ()),
+        _threads_for(num_queries * num_heads * max_ctx),
     )  # fmt: skip
     if failed:
         raise MemoryError("paged attention kernel could not allocate its scratch buffers")

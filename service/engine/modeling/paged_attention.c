@@ -62,6 +62,24 @@ static inline void row_bf16(float *dst, const uint16_t *src, int64_t n) {
 #define ATTN_AXPY axpy_f32
 #include "paged_attention_generic.h"
 
+/* The portable kernels again with a sliding window and soft-capping (window > 0, softcap > 0), for the layers
+ * of the families that have them (Mistral, Gemma 2/3, StarCoder2...): every query row is its own work item
+ * over its own keys, so results do not depend on what else is in the step. float32 here; bf16 below. */
+#define ATTN_WINDOWED
+#define ATTN_NAME paged_attention_windowed_f32
+#define ATTN_TEAM_NAME attention_windowed_f32_team
+#define ATTN_LINKAGE
+#define ATTN_TEAM_LINKAGE static
+#define ATTN_QT float
+#define ATTN_KVT float
+#define ATTN_LOAD load_f32
+#define ATTN_STORE store_f32
+#define ATTN_EXP expf
+#define ATTN_ROW row_f32
+#define ATTN_DOT dot_f32
+#define ATTN_AXPY axpy_f32
+#include "paged_attention_generic.h"
+
 #pragma GCC push_options
 #pragma GCC optimize("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast")
 #include "fast_exp.h" /* inside the reassociating region, so that it inlines and vectorises */
@@ -83,6 +101,21 @@ static inline __attribute__((always_inline)) void axpy_fast(float *y, float a, c
 #define ATTN_NAME paged_attention_bf16_generic
 #define ATTN_TEAM_NAME attention_bf16_generic_team
 #define ATTN_LINKAGE
+#define ATTN_QT uint16_t
+#define ATTN_KVT uint16_t
+#define ATTN_LOAD load_bf16
+#define ATTN_STORE store_bf16
+#define ATTN_EXP fast_expf
+#define ATTN_ROW row_bf16
+#define ATTN_DOT dot_fast
+#define ATTN_AXPY axpy_fast
+#include "paged_attention_generic.h"
+
+#define ATTN_WINDOWED
+#define ATTN_NAME paged_attention_windowed_bf16
+#define ATTN_TEAM_NAME attention_windowed_bf16_team
+#define ATTN_LINKAGE
+#define ATTN_TEAM_LINKAGE static
 #define ATTN_QT uint16_t
 #define ATTN_KVT uint16_t
 #define ATTN_LOAD load_bf16

@@ -9,17 +9,31 @@
  *   ATTN_LOAD, ATTN_STORE  element i of a q / out row <-> float
  *   ATTN_EXP      exp                            ATTN_ROW      a key/value row -> float32
  *   ATTN_DOT      dot product of float32 rows    ATTN_AXPY     y += a * x over float32 rows
+ *   ATTN_WINDOWED optional: the function takes `window` (> 0: a query sees only its last `window` keys, as a
+ *                 sliding-window layer) and `softcap` (> 0: scores -> softcap * tanh(score / softcap), before
+ *                 the softmax, as Gemma 2) after `scale`
  * One work item is (query row, KV head). Keys and values are walked block by block (no division per key),
  * and each key/value row is converted to float32 once for all `group` query heads. */
 #ifndef ATTN_TEAM_LINKAGE
 #define ATTN_TEAM_LINKAGE ATTN_LINKAGE
+#endif
+#ifdef ATTN_WINDOWED
+#define ATTN_WINDOW_PARAMS , int64_t window, float softcap
+#define ATTN_WINDOW_ARGS , window, softcap
+#define ATTN_FIRST_KEY(len) (window > 0 && (len) > window ? (len) - window : 0)
+#define ATTN_CAP(s) (softcap > 0.0f ? softcap * tanhf((s) / softcap) : (s))
+#else
+#define ATTN_WINDOW_PARAMS
+#define ATTN_WINDOW_ARGS
+#define ATTN_FIRST_KEY(len) 0
+#define ATTN_CAP(s) (s)
 #endif
 
 ATTN_TEAM_LINKAGE void ATTN_TEAM_NAME(const ATTN_QT *q, const ATTN_KVT *k_cache, const ATTN_KVT *v_cache, ATTN_QT *out,
                                 const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                                 const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
-                                int64_t max_ctx, float scale, float *buf) {
+                                int64_t max_ctx, float scale ATTN_WINDOW_PARAMS, float *buf) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t num_items = num_queries * num_kv_heads;
     float *qf = buf, *acc = buf + group * head_dim, *scores = acc + group * head_dim;
@@ -30,34 +44,35 @@ ATTN_TEAM_LINKAGE void ATTN_TEAM_NAME(const ATTN_QT *q, const ATTN_KVT *k_cache,
         const int64_t row = q_rows[n], len = ctx_lens[n];
         const int64_t *blocks = block_table + seq_of_query[n] * max_blocks;
         const int64_t used_blocks = (len + block_size - 1) / block_size;
+        const int64_t start = ATTN_FIRST_KEY(len); /* keys before it are outside the window */
         for (int64_t g = 0; g < group; g++) {
             const int64_t base = (row * num_heads + kh * group + g) * head_dim;
             for (int64_t d = 0; d < head_dim; d++) qf[g * head_dim + d] = ATTN_LOAD(q, base + d);
         }
-        for (int64_t b = 0; b < used_blocks; b++) {
+        for (int64_t b = start / block_size; b < used_blocks; b++) {
             const ATTN_KVT *kb = k_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;
             const int64_t first = b * block_size;
             const int64_t count = len - first < block_size ? len - first : block_size;
-            for (int64_t o = 0; o < count; o++) {
+            for (int64_t o = start > first ? start - first : 0; o < count; o++) {
                 ATTN_ROW(row_f, kb + o * head_dim, head_dim);
                 for (int64_t g = 0; g < group; g++)
-                    scores[g * max_ctx + first + o] = ATTN_DOT(qf + g * head_dim, row_f, head_dim) * scale;
+                    scores[g * max_ctx + first + o] = ATTN_CAP(ATTN_DOT(qf + g * head_dim, row_f, head_dim) * scale);
             }
         }
         for (int64_t g = 0; g < group; g++) {
             float *sg = scores + g * max_ctx, mx = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
+            for (int64_t j = start; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
 #pragma omp simd
-            for (int64_t j = 0; j < len; j++) sg[j] = ATTN_EXP(sg[j] - mx);
-            for (int64_t j = 0; j < len; j++) sum += sg[j];
-            for (int64_t j = 0; j < len; j++) sg[j] /= sum;
+            for (int64_t j = start; j < len; j++) sg[j] = ATTN_EXP(sg[j] - mx);
+            for (int64_t j = start; j < len; j++) sum += sg[j];
+            for (int64_t j = start; j < len; j++) sg[j] /= sum;
         }
         memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
-        for (int64_t b = 0; b < used_blocks; b++) {
+        for (int64_t b = start / block_size; b < used_blocks; b++) {
             const ATTN_KVT *vb = v_cache + (kh * num_blocks + blocks[b]) * block_size * head_dim;
             const int64_t first = b * block_size;
             const int64_t count = len - first < block_size ? len - first : block_size;
-            for (int64_t o = 0; o < count; o++) {
+            for (int64_t o = start > first ? start - first : 0; o < count; o++) {
                 ATTN_ROW(row_f, vb + o * head_dim, head_dim);
                 for (int64_t g = 0; g < group; g++)
                     ATTN_AXPY(acc + g * head_dim, scores[g * max_ctx + first + o], row_f, head_dim);
@@ -78,7 +93,7 @@ ATTN_LINKAGE int ATTN_NAME(const ATTN_QT *q, const ATTN_KVT *k_cache, const ATTN
                            const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                            const int64_t *q_rows, int64_t num_queries, int64_t num_heads, int64_t num_kv_heads,
                            int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
-                           int64_t max_ctx, float scale, int num_threads) {
+                           int64_t max_ctx, float scale ATTN_WINDOW_PARAMS, int num_threads) {
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -86,7 +101,7 @@ ATTN_LINKAGE int ATTN_NAME(const ATTN_QT *q, const ATTN_KVT *k_cache, const ATTN
                                   &failed);
         if (buf != NULL) /* every thread or none meets the worksharing loop */
             ATTN_WRAPS(q, k_cache, v_cache, out, block_table, seq_of_query, ctx_lens, q_rows, num_queries,
-                           num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, max_ctx, scale, buf);
+                           num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, max_ctx, scale ATTN_WINDOW_ARGS, buf);
         free(buf);
     }
     return failed;
@@ -105,3 +120,8 @@ ATTN_LINKAGE int ATTN_NAME(const ATTN_QT *q, const ATTN_KVT *k_cache, const ATTN
 #undef ATTN_ROW
 #undef ATTN_DOT
 #undef ATTN_AXPY
+#undef ATTN_WINDOWED
+#undef ATTN_WINDOW_PARAMS
+#undef ATTN_WINDOW_ARGS
+#undef ATTN_FIRST_KEY
+#undef ATTN_CAP
