@@ -1,6 +1,7 @@
 """Offline engine throughput (no HTTP) against plain transformers `generate`, one request at a time.
 
     .venv/bin/python loadtests/throughput.py --concurrency 1 16 64 --input-len 128 --output-len 128
+    .venv/bin/python loadtests/throughput.py --model-impl native transformers --hf-requests 0   # the two paths
 
 Random prompts of `input-len` tokens, exactly `output-len` new tokens each (ignore_eos), greedy.
 Prints output tokens/s for lmserve's engine at each concurrency and for HF `generate`, and the ratio.
@@ -77,19 +78,28 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=None, help="per point; default 2 x concurrency")
     p.add_argument("--hf-requests", type=int, default=3)
     p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens)
+    p.add_argument("--model-impl", nargs="+", default=["auto"], choices=["auto", "native", "transformers"],
+                   help="one run per implementation, in this order (docs/model-families.md)")
     args = p.parse_args()
 
     resolved = resolve_model(args.model, default_cache_dir())
-    config = EngineConfig(dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
-    engine = NativeEngine.load(resolved.path, resolved.name, config)
-    vocab = engine.runner.vocab_size
-    print(f"model {resolved.name} dtype {args.dtype} threads {torch.get_num_threads()} "
-          f"KV pool {engine.runner.kv_spec.num_blocks} blocks ({engine.runner.kv_spec.total_bytes / 2**20:.0f} MiB)")
+    vocab = None
+    hf = None
+    for model_impl in args.model_impl:
+        config = EngineConfig(dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens, model_impl=model_impl)
+        engine = NativeEngine.load(resolved.path, resolved.name, config)
+        vocab = engine.runner.vocab_size
+        print(f"model {resolved.name} ({engine.runner.architecture.family}, forward: {engine.runner.forward_path.value}) "
+              f"dtype {args.dtype} threads {torch.get_num_threads()} KV pool {engine.runner.kv_spec.num_blocks} blocks "
+              f"({engine.runner.kv_spec.total_bytes / 2**20:.0f} MiB)")
+        if hf is None and args.hf_requests:
+            hf = hf_run(resolved.path, random_prompts(args.hf_requests, args.input_len, vocab, 1), args.output_len,
+                        getattr(torch, args.dtype))
+            print(f"HF generate, one at a time: {hf['tok_s']:.1f} tok/s ({hf['tokens']} tokens in {hf['seconds']:.1f} s)")
+        run_points(engine, args, vocab, hf)
 
-    hf = hf_run(resolved.path, random_prompts(args.hf_requests, args.input_len, vocab, 1), args.output_len,
-                getattr(torch, args.dtype))
-    print(f"HF generate, one at a time: {hf['tok_s']:.1f} tok/s ({hf['tokens']} tokens in {hf['seconds']:.1f} s)")
 
+def run_points(engine: NativeEngine, args: argparse.Namespace, vocab: int, hf: dict | None) -> None:
     async def points() -> None:
         await engine.start()
         try:
@@ -98,9 +108,9 @@ def main() -> None:
                 n = args.num_requests or 2 * conc
                 r = await engine_run(engine, random_prompts(n, args.input_len, vocab, 3 + conc), conc, args.output_len)
                 rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                versus = f", {r['tok_s'] / hf['tok_s']:5.2f}x HF generate" if hf else ""
                 print(f"lmserve engine, concurrency {conc:3d}: {r['tok_s']:7.1f} tok/s, median TTFT "
-                      f"{r['ttft_median'] * 1000:6.0f} ms, {r['tok_s'] / hf['tok_s']:5.2f}x HF generate, "
-                      f"peak RSS {rss_mib:.0f} MiB")
+                      f"{r['ttft_median'] * 1000:6.0f} ms{versus}, peak RSS {rss_mib:.0f} MiB")
         finally:
             await engine.stop()
 

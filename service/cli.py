@@ -21,6 +21,7 @@ from service.cli_args import PORT, EnvError, Flags, HelpFormatter, device_name, 
 from service.config import (
     DEFAULT_EMBEDDING_MODEL,
     DEFAULT_MODEL,
+    MODEL_IMPLS,
     EngineConfig,
     LimitsConfig,
     ServeConfig,
@@ -81,6 +82,10 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
     f.value("--attention", "LMSERVE_ATTENTION", one_of(("auto", "kernel", "torch")), d.attention,
             "auto: the C kernels where a compiler builds them; kernel: require them; torch: torch ops only",
             choices=["auto", "kernel", "torch"])
+    f.value("--model-impl", "LMSERVE_MODEL_IMPL", one_of(MODEL_IMPLS), d.model_impl,
+            "auto: lmserve's own modules where the model's family has them, else transformers' model class over "
+            "the paged KV cache; native: require the former; transformers: the latter (any decoder family)",
+            choices=list(MODEL_IMPLS))
     f.value("--quantization", "LMSERVE_QUANTIZATION", one_of(("none", "int8", "q4_1", "q8_0")), d.quantization,
             "none: the weights in --dtype; int8: the decoder's projections and the LM head as int8 weights with "
             "per-channel scales times int8 activations (a scale per 32 values); q4_1 | q8_0: a GGUF model's linear "
@@ -129,6 +134,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         prompt_lookup_max=args.prompt_lookup_max,
         num_threads=args.num_threads,
         attention=args.attention,
+        model_impl=args.model_impl,
         quantization=args.quantization,
         allow_pickle=args.allow_pickle,
         cache_dir=args.cache_dir,  # the C kernels are built into the same cache as the converted models

@@ -25,6 +25,9 @@ def default_c_compiler(environ: dict[str, str] | None = None) -> str:
     return command.split()[0]
 
 
+MODEL_IMPLS = ("auto", "native", "transformers")  # --model-impl
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Knobs of the native generation engine."""
@@ -44,6 +47,9 @@ class EngineConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     attention: str = "auto"  # auto: the C paged-attention kernel where it builds, else torch ops | kernel | torch
+    # auto: lmserve's own modules where the family has a spec, else transformers' class over the paged cache;
+    # native: require the former; transformers: the latter for any family (checkpoints/architectures.py)
+    model_impl: str = "auto"
     # none | int8 | q4_1 | q8_0: int8: the decoder's projections and the LM head as int8 weights with per-channel
     # scales, times activations quantized per 32 values of a row (qgemm.c); q4_1 | q8_0: a GGUF checkpoint's
     # linear layers as the file's own blocks, times activations quantized per block (qgemm_gguf.c). CPU, float32
@@ -60,6 +66,8 @@ class EngineConfig:
             raise ValueError("--speculative-tokens must be 0 (off) or more")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("--prompt-lookup-min must be at least 1 and at most --prompt-lookup-max")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"--model-impl must be one of {', '.join(MODEL_IMPLS)}, not {self.model_impl!r}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,8 @@ class ServeConfig:
                 raise ValueError("--device is not used with --engine vllm (vLLM's build decides the device)")
             if self.engine.attention != "auto":
                 raise ValueError("--attention is not used with --engine vllm (vLLM runs its own attention)")
+            if self.engine.model_impl != "auto":
+                raise ValueError("--model-impl is the native engine's choice, not used with --engine vllm")
             if self.engine.speculative_tokens:
                 raise ValueError(
                     "--speculative-tokens is the native engine's prompt lookup, not used with --engine vllm "

@@ -169,7 +169,7 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
-def check_architecture(model: str | None) -> None:
+def check_architecture(model: str | None, model_impl: str = "auto") -> None:
     """A --model that is a Hugging Face folder: its config.json names an architecture that can be served.
     Bundled ids, GGUF files and LoRA adapters are checked when they are resolved."""
     if not model:
@@ -181,7 +181,7 @@ def check_architecture(model: str | None) -> None:
     from service.checkpoints.errors import CheckpointError
 
     try:
-        generation_architecture(folder)
+        generation_architecture(folder, model_impl)
     except CheckpointError as exc:
         raise PreflightError(str(exc)) from None
 
@@ -233,7 +233,7 @@ def preflight(config: ServeConfig) -> PortReservation:
     reservation = reserve_ports(config)
     try:
         if config.engine_kind == "native":
-            check_architecture(config.model)  # reads the folder's config.json: after the checks that read nothing of it
+            check_architecture(config.model, config.engine.model_impl)  # reads the folder's config.json: after the checks that read nothing of it
     except PreflightError:
         reservation.close()
         raise

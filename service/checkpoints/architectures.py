@@ -48,14 +48,20 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json_object(path)
 
 
-def generation_architecture(folder: Path) -> Architecture:
-    """How the folder's model is served for generation; CheckpointError naming the folder, its model_type
-    and why where it cannot be."""
+def generation_architecture(folder: Path, model_impl: str = "auto") -> Architecture:
+    """How the folder's model is served for generation (--model-impl auto | native | transformers);
+    CheckpointError naming the folder, its model_type and why where it cannot be."""
     config = read_config(folder)
     model_type = config.get("model_type")
     names = ", ".join(config.get("architectures") or []) or "no architectures listed"
-    if model_type in NATIVE_TYPES:
+    if model_type in NATIVE_TYPES and model_impl != "transformers":
         return Architecture(model_type, "native", names)
+    if model_impl == "native":
+        raise CheckpointError(
+            f"{Path(folder) / 'config.json'}: model_type={model_type!r} ({names}) has no native implementation "
+            f"(--model-impl native); they are {', '.join(sorted(NATIVE_TYPES))}; --model-impl auto serves it "
+            "through transformers' class"
+        )
     reason, class_name = _transformers_refusal(config)
     if reason is not None:
         raise CheckpointError(

@@ -106,7 +106,7 @@ class ModelRunner:
     fault_hook: FaultHook | None = None
 
     def __init__(self, model_path: Path, config: EngineConfig) -> None:
-        self.architecture = generation_architecture(model_path)
+        self.architecture = generation_architecture(model_path, config.model_impl)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":

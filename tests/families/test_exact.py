@@ -11,6 +11,7 @@ import pytest
 from service.config import EngineConfig
 from service.engine.engine import NativeEngine
 from service.engine.modeling import families
+from service.checkpoints import CheckpointError
 from service.checkpoints.architectures import NATIVE_TYPES
 from tests.engine.test_exactness import engine_greedy
 from tests.families.conftest import Family
@@ -49,3 +50,18 @@ def test_bf16_greedy_does_not_depend_on_the_batch(family: Family) -> None:
     _, batched = _run(family, concurrent=True, dtype="bfloat16", max_num_batched_tokens=32)
     for i, (a, b) in enumerate(zip(alone, batched, strict=True)):
         assert a == b, f"{family.name}: bf16 prompt {i} differs batched from alone"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3-moe"], indirect=True)
+def test_model_impl_transformers_serves_a_native_family_exactly(family: Family) -> None:
+    """--model-impl transformers: the generic path for a family that has a native spec (windows, soft-caps,
+    experts through transformers' own modules), exact too."""
+    engine, got = _run(family, concurrent=True, dtype="float32", max_num_batched_tokens=32, model_impl="transformers")
+    assert engine.runner.architecture.family == f"{engine.runner.hf_config.model_type} (transformers)"
+    assert got == family.expected
+
+
+@pytest.mark.parametrize("family", ["cohere"], indirect=True)
+def test_model_impl_native_refuses_a_family_without_a_spec(family: Family) -> None:
+    with pytest.raises(CheckpointError, match=r"model_type='cohere'.*has no native implementation \(--model-impl native\)"):
+        _run(family, concurrent=False, dtype="float32", model_impl="native")

@@ -165,6 +165,10 @@ class MoE(nn.Module):
         self.router = Linear(s.hidden_size, s.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(s, gated=True, intermediate_size=s.moe_intermediate_size) for _ in range(s.num_experts))
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path's call: each expert's own gated MLP (gemm.c applies SiLU where packed for it)."""
+        return self.forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = linear(x, self.router.weight if self.router.packed is None else self.router.packed)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -368,6 +372,8 @@ class DecoderModel(nn.Module):
         attn = self.layers[0].self_attn
         if not self.supports_fused_ops() or attn.has_qk_norm or self.has_window_or_softcap():
             return False  # decoder.c's attention has no window or soft-cap
+        if any(self.settings.moe_layers):
+            return False  # decoder.c's MLP is dense
         if native_kernels.library() is None:
             return False
         if self.quantized():

@@ -45,10 +45,11 @@ class FamilySpec:
 
     @property
     def llama_shaped(self) -> bool:
-        """Layers the fused C paths (fused_ops.c, decoder.c) compute: Llama's pre-norm RMSNorm, gated MLP,
-        rotary positions. Everything a config adds beyond that (settings) is checked apart."""
-        return (self.norm, self.norms, self.mlp, self.learned_positions) == (
-            "llama", ("attn_norm", "mlp_norm"), "gated", False
+        """Layers the fused C elementwise ops (fused_ops.c) compute: Llama's pre-norm RMSNorm, a gated MLP or
+        experts of one, rotary positions. Everything a config adds beyond that (settings) is checked apart;
+        decoder.c takes dense MLPs only."""
+        return (self.norm, self.norms, self.learned_positions) == ("llama", ("attn_norm", "mlp_norm"), False) and (
+            self.mlp in ("gated", "moe")
         )
 
 
@@ -89,7 +90,6 @@ class Settings:
         return (
             self.attn_softcap is None and self.final_softcap is None and self.embed_scale is None
             and self.residual_multiplier == 1.0 and self.logits_divisor == 1.0 and self.partial_rotary_factor == 1.0
-            and not any(self.moe_layers)
         )  # fmt: skip
 
 
