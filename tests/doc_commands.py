@@ -5,6 +5,7 @@ would track, with the checkout's `.venv` linked in, so `make` finds its install 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -28,6 +29,12 @@ def fresh_clone(dest: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)  # keeps mtimes: make sees the venv's install as newer than pyproject.toml
     (dest / ".venv").symlink_to(REPO_ROOT / ".venv")
+    stamp = REPO_ROOT / ".venv" / ".lmserve-installed"  # the Makefile's STAMP
+    if stamp.is_file():
+        # make must find the install done even where pyproject.toml changed after it: a reinstall from the clone
+        # would rewrite the shared venv's `lmserve` script to the clone's path, which is gone after the test.
+        installed = stamp.stat().st_mtime
+        os.utime(dest / "pyproject.toml", (installed - 1, installed - 1))
     return dest
 
 

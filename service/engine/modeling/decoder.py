@@ -177,20 +177,21 @@ class MoE(nn.Module):
             top_weights /= top_weights.sum(dim=-1, keepdim=True)
         if self.weights_in_dtype:
             top_weights = top_weights.to(logits.dtype)
-        out = torch.zeros_like(x)
         flat = top_experts.flatten()
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        tokens = order // self.top_k
+        routed = x[tokens]  # one gather: each expert's tokens are a contiguous run
+        ys = []
         start = 0
         for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
-            tokens = pairs // self.top_k
-            y = self.experts[expert](x[tokens]) * top_weights.view(-1)[pairs, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
-        return out
+            if count:
+                ys.append(self.experts[expert](routed[start : start + count]))
+                start += count
+        y = torch.cat(ys) * top_weights.view(-1)[order, None]
+        # One scatter-add, in the pairs' order: a token's contributions land in ascending expert order, as
+        # transformers adds them one expert at a time.
+        return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
