@@ -169,9 +169,10 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
-def check_architecture(model: str | None, model_impl: str = "auto") -> None:
-    """A --model that is a Hugging Face folder: its config.json names an architecture that can be served.
-    Bundled ids, GGUF files and LoRA adapters are checked when they are resolved."""
+def check_architecture(model: str | None, model_impl: str = "auto", quantization: str = "none") -> None:
+    """A --model that is a Hugging Face folder: its config.json names an architecture that can be served, and
+    served natively where --quantization asks for the C kernels. Bundled ids, GGUF files and LoRA adapters
+    are checked when they are resolved."""
     if not model:
         return
     folder = Path(model).expanduser()
@@ -181,9 +182,14 @@ def check_architecture(model: str | None, model_impl: str = "auto") -> None:
     from service.checkpoints.errors import CheckpointError
 
     try:
-        generation_architecture(folder, model_impl)
+        arch = generation_architecture(folder, model_impl)
     except CheckpointError as exc:
         raise PreflightError(str(exc)) from None
+    if quantization != "none" and arch.path != "native":
+        raise PreflightError(
+            f"--quantization {quantization} runs on lmserve's own modules, and {folder} ({arch.model_type}) is served "
+            f"by transformers' {arch.class_name} (docs/model-families.md)"
+        )
 
 
 def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
@@ -233,7 +239,8 @@ def preflight(config: ServeConfig) -> PortReservation:
     reservation = reserve_ports(config)
     try:
         if config.engine_kind == "native":
-            check_architecture(config.model, config.engine.model_impl)  # reads the folder's config.json: after the checks that read nothing of it
+            # Reads the folder's config.json: after the checks that read nothing of it.
+            check_architecture(config.model, config.engine.model_impl, config.engine.quantization)
     except PreflightError:
         reservation.close()
         raise

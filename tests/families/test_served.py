@@ -115,3 +115,18 @@ def test_unservable_architecture_exits_2_before_loading(unservable: tuple[Path, 
     ], result.stderr
     assert "Traceback" not in result.stderr
     assert watch.touched() <= {".", "config.json", "adapter_config.json"}, "weights were read before the error"
+
+
+def test_quantization_on_the_transformers_path_exits_2(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    family = family_checkpoint("cohere", tmp_path_factory, smollm2_dir)
+    result = run_cli(
+        "serve", "--model", str(family.folder), "--embedding-model", "none", "--quantization", "int8", "--dtype",
+        "float32", "--port", str(free_port()), "--grpc-port", "0", "--cache-dir", str(tmp_path / "cache"), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"error: --quantization int8 runs on lmserve's own modules, and {family.folder} (cohere) is served by "
+        "transformers' CohereForCausalLM" in result.stderr
+    )
