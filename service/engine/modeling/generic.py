@@ -207,6 +207,3 @@ class TransformersCausalLM:
 
     def kv_cache_dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
-
-    def eval(self) -> TransformersCausalLM:
-        return self
