@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from service.app import build_state
 from service.config import EngineConfig, ServeConfig
+from service.preflight import PreflightError, check_architecture
 from tests.api.conftest import ServerThread
 from tests.cli_process import cli_server, free_port, run_cli
 from tests.families.conftest import Family, family_checkpoint
@@ -117,16 +118,15 @@ def test_unservable_architecture_exits_2_before_loading(unservable: tuple[Path, 
     assert watch.touched() <= {".", "config.json", "adapter_config.json"}, "weights were read before the error"
 
 
-def test_quantization_on_the_transformers_path_exits_2(
-    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tmp_path: Path
+def test_quantization_on_the_transformers_path_is_refused_at_preflight(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path
 ) -> None:
+    """The same preflight `lmserve serve` runs (its exit 2 is test_unservable_architecture's path)."""
     family = family_checkpoint("cohere", tmp_path_factory, smollm2_dir)
-    result = run_cli(
-        "serve", "--model", str(family.folder), "--embedding-model", "none", "--quantization", "int8", "--dtype",
-        "float32", "--port", str(free_port()), "--grpc-port", "0", "--cache-dir", str(tmp_path / "cache"), timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert (
-        f"error: --quantization int8 runs on lmserve's own modules, and {family.folder} (cohere) is served by "
-        "transformers' CohereForCausalLM" in result.stderr
+    with pytest.raises(PreflightError) as refused:
+        check_architecture(str(family.folder), "auto", "int8")
+    assert str(refused.value) == (
+        f"--quantization int8 runs on lmserve's own modules, and {family.folder} (cohere) is served by "
+        "transformers' CohereForCausalLM (docs/model-families.md)"
     )
+    check_architecture(str(family.folder), "auto", "none")
