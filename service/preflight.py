@@ -185,11 +185,9 @@ def check_architecture(model: str | None, model_impl: str = "auto", quantization
         arch = generation_architecture(folder, model_impl)
     except CheckpointError as exc:
         raise PreflightError(str(exc)) from None
-    if quantization != "none" and arch.path != "native":
-        raise PreflightError(
-            f"--quantization {quantization} runs on lmserve's own modules, and {folder} ({arch.model_type}) is served "
-            f"by transformers' {arch.class_name} (docs/model-families.md)"
-        )
+    refusal = arch.quantization_refusal(quantization, folder)
+    if refusal is not None:
+        raise PreflightError(refusal)
 
 
 def check_quantization(engine: EngineConfig, model: str | None = None) -> None:

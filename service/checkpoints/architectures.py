@@ -40,6 +40,15 @@ class Architecture:
     def family(self) -> str:
         return f"{self.model_type} ({self.path})"
 
+    def quantization_refusal(self, quantization: str, folder: Path) -> str | None:
+        """Why --quantization cannot serve this architecture (its C kernels run on lmserve's own modules only)."""
+        if quantization == "none" or self.path == "native":
+            return None
+        return (
+            f"--quantization {quantization} runs on lmserve's own modules, and {folder} ({self.model_type}) is served "
+            f"by transformers' {self.class_name} (docs/model-families.md)"
+        )
+
 
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"

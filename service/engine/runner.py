@@ -124,11 +124,9 @@ class ModelRunner:
             num_layers, attn = hf_config.num_hidden_layers, model.layers[0].self_attn
             num_kv_heads, head_dim = attn.num_kv_heads, attn.head_dim
         else:
-            if config.quantization != "none":
-                raise CheckpointError(
-                    f"{model_path}: --quantization {config.quantization} runs on lmserve's own modules, and "
-                    f"{hf_config.model_type} is served by transformers' {self.architecture.class_name}"
-                )
+            refusal = self.architecture.quantization_refusal(config.quantization, model_path)
+            if refusal is not None:
+                raise CheckpointError(refusal)
             with progress_step(loading + f" into transformers' {self.architecture.class_name}"):
                 model = TransformersCausalLM.load(model_path, self.dtype, self.device, self.max_model_len)
             self.packed_weights = None
@@ -208,7 +206,7 @@ class ModelRunner:
         """A step's attention plan, for this runner's forward path."""
         return build_metadata(
             layouts, self.kv_spec.block_size, self.device, self.dtype, self.forward_path.uses_attention_kernel,
-            seq_lengths=getattr(self.model, "needs_seq_lengths", False),
+            seq_lengths=self.model.needs_seq_lengths,
         )
 
     def forward(

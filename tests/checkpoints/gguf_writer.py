@@ -395,7 +395,7 @@ def _phi3_longrope_attn_factor(writer: gguf.GGUFWriter, config: Config, rope: Co
     elif kind == "yarn":
         factor = 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
     else:
-        raise NotImplementedError(f"Phi-3 rope scaling {kind!r}")
+        raise ValueError(f"the writer writes Phi-3's longrope, su and yarn scalings, not {kind!r}")
     writer.add_rope_scaling_attn_factors(factor)
 
 

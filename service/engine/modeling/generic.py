@@ -195,7 +195,10 @@ class TransformersCausalLM:
     def forward_for(self, path: ForwardPath) -> Callable[..., torch.Tensor]:
         return self.forward
 
-    # The runner's questions of a model, answered for transformers' modules: plain weights, no fused paths.
+    # The runner's questions of a model, answered for transformers' modules: plain weights, no fused paths,
+    # positions as transformers computes them (no per-sequence lengths in the step's metadata).
+    needs_seq_lengths = False
+
     def quantized(self) -> bool:
         return False
 
