@@ -90,7 +90,8 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
             "none: the weights in --dtype; int8: the decoder's projections and the LM head as int8 weights with "
             "per-channel scales times int8 activations (a scale per 32 values); q4_1 | q8_0: a GGUF model's linear "
             "layers served as the file stores them, in its own Q4_1 / Q8_0 blocks (the file's linears must be that "
-            "type). C kernels; CPU with --dtype float32", choices=["none", "int8", "q4_1", "q8_0"])
+            "type). C kernels, on CPU: float32 activations (--dtype float32), or for int8 bf16 ones where the CPU has "
+            "AVX-512 VNNI and BF16 (there --dtype auto is bf16)", choices=["none", "int8", "q4_1", "q8_0"])
     f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
     add_cache_dir_flag(p, env)
 

@@ -51,9 +51,10 @@ class EngineConfig:
     # native: require the former; transformers: the latter for any family (checkpoints/architectures.py)
     model_impl: str = "auto"
     # none | int8 | q4_1 | q8_0: int8: the decoder's projections and the LM head as int8 weights with per-channel
-    # scales, times activations quantized per 32 values of a row (qgemm.c); q4_1 | q8_0: a GGUF checkpoint's
-    # linear layers as the file's own blocks, times activations quantized per block (qgemm_gguf.c). CPU, float32
-    # activations. none: the float paths, unchanged.
+    # scales, times activations quantized per 32 values of a row (qgemm.c under float32 activations, qgemm_vnni.c
+    # under bf16 ones where the CPU has AVX-512 VNNI and BF16); q4_1 | q8_0: a GGUF checkpoint's linear layers as
+    # the file's own blocks, times activations quantized per block (qgemm_gguf.c; float32 activations). CPU only.
+    # none: the float paths, unchanged.
     quantization: str = "none"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set

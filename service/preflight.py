@@ -19,7 +19,7 @@ Checked:
   natively, or by transformers' class over the paged cache; an encoder-decoder, a state-space model or
   custom code is refused here, naming the folder, its model_type and why);
 - with --quantization int8 | q4_1 | q8_0, that it can run: a CPU device, float32 activations (--dtype float32,
-  or auto where auto is float32), and the C kernels built or a C compiler to build them; for q4_1 | q8_0
+  or auto where auto is float32; for int8 bf16 too where the CPU has AVX-512 VNNI and BF16), and the C kernels built or a C compiler to build them; for q4_1 | q8_0
   also a GGUF model whose decoder linears are all of that type (read from its header).
 """
 
@@ -210,8 +210,16 @@ def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
     if dtype == "auto":  # runner.resolve_dtype on CPU: bf16 where the CPU computes it natively
         flags = kernel_cache.cpu_flags().split()
         dtype = "bfloat16" if b"avx512_bf16" in flags or b"amx_bf16" in flags else "float32"
-    if dtype != "float32":
+    # int8 under bf16: qgemm_vnni.c, compiled (-march=native) where the CPU has AVX-512 VNNI and BF16
+    int8_bf16 = engine.quantization == "int8" and all(
+        f in kernel_cache.cpu_flags().split() for f in (b"avx512_vnni", b"avx512_bf16", b"avx512bw", b"avx512vl")
+    )
+    if dtype != "float32" and not (dtype == "bfloat16" and int8_bf16):
         where = " (auto on this CPU)" if engine.dtype == "auto" else ""
+        if engine.quantization == "int8" and dtype == "bfloat16":
+            raise PreflightError(
+                f"{flag} with bfloat16 activations{where} needs a CPU with AVX-512 VNNI and BF16: add --dtype float32"
+            )
         raise PreflightError(f"{flag} computes with float32 activations, not {dtype}{where}: add --dtype float32")
     built = kernel_cache.library_path(engine.cache_dir, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)).exists()
     if not built and shutil.which(engine.c_compiler) is None:

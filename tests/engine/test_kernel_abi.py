@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.config import default_c_compiler
-from service.engine.modeling import kernel_abi, kernel_cache, native_kernels
+from service.engine.modeling import kernel_abi, kernel_cache, native_kernels, qgemm_vnni
 
 _INTERNAL_PROTOTYPE = re.compile(r"^(?:int|void)\s+(\w+)\s*\(", re.MULTILINE)
 
@@ -48,8 +48,10 @@ def test_abi_h_is_read_as_declared() -> None:
         "GEMM_GROUP_COLS": 64, "QGEMM_GROUP_COLS": 4, "QGEMM_K_ALIGN": 32, "LAYER_SLOTS": 14,
         # qgemm_gguf.c's block size and the ggml type ids it takes (GGMLQuantizationType's values)
         "GGUF_BLOCK": 32, "GGUF_Q4_1": 3, "GGUF_Q8_0": 8,
-        # decoder_stack_f32q's third weight kind, int8 (clear of the ggml type ids)
-        "WEIGHT_INT8": 1000,
+        # decoder_stack_f32q's third weight kind, int8 (clear of the ggml type ids); decoder_stack_bf16's two
+        "WEIGHT_INT8": 1000, "WEIGHT_BF16": 0,
+        # qgemm_vnni.c's column groups (two zmm of 16 int32 lanes)
+        "VNNI_GROUP_COLS": 32,
     }  # fmt: skip
     assert abi.layer_slots == (
         "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b", "input_norm", "post_norm",
@@ -74,7 +76,9 @@ def test_a_declaration_abi_h_cannot_carry_is_an_error() -> None:
 def test_the_portable_build_has_no_avx512_code(portable_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native_kernels, "library", lambda: portable_library)
     assert portable_library.lmserve_has_avx512_bf16() == 0
+    assert portable_library.lmserve_has_int8_bf16() == 0
     assert not native_kernels.gemm_bf16_available()
+    assert not qgemm_vnni.available()
 
 
 def test_a_warning_fails_the_build(tmp_path: Path) -> None:

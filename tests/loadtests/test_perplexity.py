@@ -30,10 +30,10 @@ def test_perplexity_matches_transformers_and_prints_the_int8_ratio(
             "--cache-dir", str(cache_dir)]  # fmt: skip
     assert perplexity.main(args) == 0
     out = capsys.readouterr().out
-    lines = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("quantization")}
-    ours = float(lines["quantization none "].split("perplexity ")[1].split()[0])
-    assert "ratio to none: 1.0000" in lines["quantization none "]
-    assert "quantization int8 " in lines
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("quantization")}
+    ours = float(lines["none:float32"].split("perplexity ")[1].split()[0])
+    assert "ratio to none:float32: 1.0000; greedy agreement 100.00%" in lines["none:float32"]
+    assert "int8:float32" in lines and "greedy agreement" in lines["int8:float32"]
 
     ids = Tokenizer.from_folder(tiny_llama_dir).encode(TEXT.read_text(encoding="utf-8"))[:150]
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()

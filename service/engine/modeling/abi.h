@@ -20,13 +20,18 @@
  * (native_kernels.quantize_weight). */
 #define LMSERVE_QGEMM_GROUP_COLS 4
 #define LMSERVE_QGEMM_K_ALIGN 32
+/* qgemm_vnni.c's packed int8 weights (bf16 activations): groups of this many output columns, K padded to
+ * LMSERVE_QGEMM_K_ALIGN (qgemm_vnni.py's pack_vnni). */
+#define LMSERVE_VNNI_GROUP_COLS 32
 /* qgemm_gguf.c: GGUF weight blocks of this many elements, and the two ggml types it computes with (their
  * GGMLQuantizationType values). */
 #define LMSERVE_GGUF_BLOCK 32
 #define LMSERVE_GGUF_Q4_1 3
 #define LMSERVE_GGUF_Q8_0 8
-/* decoder_stack_f32q's weight kinds: int8 (qgemm.c) or one of the two GGUF types above. */
+/* decoder_stack_f32q's weight kinds: int8 (qgemm.c) or one of the two GGUF types above; decoder_stack_bf16's:
+ * bf16 (gemm.c) or int8 (qgemm_vnni.c). */
 #define LMSERVE_WEIGHT_INT8 1000
+#define LMSERVE_WEIGHT_BF16 0
 
 /* The decoder stacks' layer table: one row of addresses per layer, in this order (0: none). The _S slots are
  * int8 weights' per-channel scales (decoder_stack_f32q with LMSERVE_WEIGHT_INT8 only). */
@@ -101,13 +106,15 @@ void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float 
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
                int64_t K, int silu_mul, int num_threads);
 
-/* decoder.c: every decoder layer of a bf16 step in one call (AVX-512 BF16 builds only). */
+/* decoder.c: every decoder layer of a bf16 step in one call (AVX-512 BF16 builds only): weight_kind
+ * LMSERVE_WEIGHT_BF16 (gemm.c's packed weights) or LMSERVE_WEIGHT_INT8 (qgemm_vnni.c's, with the _S slots'
+ * scales; builds with AVX-512 VNNI only). Returns 2 for a kind this build cannot run. */
 int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
                        const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
-                       int silu_gate_up, float eps, float scale, int num_threads);
+                       int weight_kind, int silu_gate_up, float eps, float scale, int num_threads);
 /* decoder.c: every decoder layer of a float32 step with quantized weights (--quantization) in one call, on any
  * CPU: weight_kind LMSERVE_WEIGHT_INT8, LMSERVE_GGUF_Q4_1 or LMSERVE_GGUF_Q8_0 for every projection. Returns
  * 2 for another kind. */
@@ -126,6 +133,16 @@ int lmserve_qgemm_isa(void);
 int quantize_rows_int8(const float *x, int8_t *xq, float *sx, int64_t M, int64_t K, int64_t Kp, int num_threads);
 int qgemm_int8(const float *x, const int8_t *packed, const float *scales, const float *bias, float *y, int64_t M,
                int64_t N, int64_t K, int num_threads);
+/* qgemm_vnni.c: int8 weights (per-output-channel scales, packed +128 as u8) times bf16 activations quantized
+ * in blocks of 32 along K (AVX-512 VNNI and BF16 builds only: lmserve_has_int8_bf16 says 1; elsewhere the
+ * other two return 2 and compute nothing). quantize_rows_bf16: xq [M, Kp], sx and cx [M, Kp / 32] as
+ * qgemm_vnni computes them (exported for the tests). qgemm_vnni: y[m, n] = bf16(sum_b (xq[m, b] . W_q[n, b]) *
+ * sx[m, b] * scales[n] (+ bias[n])), into y_f32 as float32 instead where that is not NULL, or with silu_mul
+ * y[M, N/2] = silu(gate) * up from a gate/up weight packed for it. */
+int lmserve_has_int8_bf16(void);
+int quantize_rows_bf16(const bf16 *x, int8_t *xq, float *sx, int32_t *cx, int64_t M, int64_t K, int num_threads);
+int qgemm_vnni(const bf16 *x, const uint8_t *packed, const float *scales, const bf16 *bias, bf16 *y, float *y_f32,
+               int64_t M, int64_t N, int64_t K, int silu_mul, int num_threads);
 /* qgemm_gguf.c: y[M, N] = x[M, K] . W^T (+ bias, where not NULL), W's N rows in the GGUF blocks of `type` (LMSERVE_GGUF_Q4_1 or
  * _Q8_0) as stored, x quantized per block of 32 inside the call (ggml's Q8_1 / Q8_0); returns 2 for a K not a
  * multiple of 32 or another type. lmserve_gguf_isa: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. gguf_quantize_rows:

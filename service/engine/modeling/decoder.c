@@ -30,27 +30,54 @@
 
 #define PTR(layer, i) ((const bf16 *)(intptr_t)(layer)[i])
 
+#if defined(__AVX512VNNI__)
+#define HAS_VNNI 1
+#else
+#define HAS_VNNI 0
+#endif
+
+/* y = x . W^T (+ bias) for the projection in slots (w, s, b) of a layer row: gemm.c's bf16 weights, or
+ * qgemm_vnni.c's int8 ones (scales in slot s), whose rows of x are quantized into the shared xq, sx, cx. */
+static inline void linear_team(const int64_t *layer, int w, int s, int b, int kind, const bf16 *x, bf16 *y, int64_t M,
+                               int64_t N, int64_t K, int silu, int8_t *xq, float *sx, int32_t *cx) {
+    if (kind == LMSERVE_WEIGHT_INT8)
+        qgemm_vnni_team(x, xq, sx, cx, (const uint8_t *)(intptr_t)layer[w], (const float *)(intptr_t)layer[s],
+                        PTR(layer, b), y, NULL, M, N, K, silu);
+    else
+        gemm_bf16_team(x, PTR(layer, w), PTR(layer, b), y, NULL, M, N, K, silu);
+}
+
 int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
                        const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
-                       int silu_gate_up, float eps, float scale, int num_threads) {
+                       int weight_kind, int silu_gate_up, float eps, float scale, int num_threads) {
+    if (weight_kind != LMSERVE_WEIGHT_BF16 && !(weight_kind == LMSERVE_WEIGHT_INT8 && HAS_VNNI)) return 2;
+    const int quantized = weight_kind == LMSERVE_WEIGHT_INT8;
     const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
     const int64_t qkv_width = q_width + 2 * kv_width;
     const int64_t plane = num_kv_heads * num_blocks * block_size * head_dim; /* one layer's K (or V) */
     const int64_t group = num_heads / num_kv_heads;
+    int64_t k_max = hidden > inter ? hidden : inter;
+    k_max = (k_max > q_width ? k_max : q_width) + LMSERVE_QGEMM_K_ALIGN; /* room for K rounded up to 32 */
+    const int64_t k_blocks = quantized ? k_max / LMSERVE_QGEMM_K_ALIGN : 0;
     /* Activations, reused by every layer: x (normed input), qkv, q, k, attention output, projection
      * output (o, then the MLP's), gate_up (only where silu_mul is a phase of its own), and the MLP's
-     * activation. */
+     * activation; for int8 weights the quantized rows' scales sx and corrections cx (4 bytes each, counted
+     * as two bf16), then the quantized rows xq (bytes, last). */
     const int64_t sizes[] = {T * hidden, T * qkv_width, T * q_width, T * kv_width, T * q_width, T * hidden,
-                             silu_gate_up ? 0 : T * 2 * inter, T * inter};
+                             silu_gate_up ? 0 : T * 2 * inter, T * inter, 2 * T * k_blocks, 2 * T * k_blocks};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += sizes[i];
-    bf16 *buf = malloc(sizeof(bf16) * (size_t)total);
+    bf16 *buf = malloc(sizeof(bf16) * (size_t)total + (size_t)(quantized ? T * k_max : 0));
     if (buf == NULL) return 1;
     bf16 *x = buf, *qkv = x + sizes[0], *q = qkv + sizes[1], *k = q + sizes[2], *attn = k + sizes[3];
     bf16 *proj = attn + sizes[4], *gate_up = proj + sizes[5], *act = gate_up + sizes[6];
+    float *sx = (float *)(act + sizes[7]);
+    int32_t *cx = (int32_t *)(sx + T * k_blocks);
+    int8_t *xq = (int8_t *)(cx + T * k_blocks);
+    const int kind = weight_kind;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -60,21 +87,25 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
             for (int64_t l = 0; l < num_layers; l++) {
                 const int64_t *w = layers + l * LMSERVE_LAYER_SLOTS;
                 bf16 *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
-                gemm_bf16_team(x, PTR(w, LMSERVE_QKV_W), PTR(w, LMSERVE_QKV_B), qkv, NULL, T, qkv_width, hidden, 0);
+                linear_team(w, LMSERVE_QKV_W, LMSERVE_QKV_S, LMSERVE_QKV_B, kind, x, qkv, T, qkv_width, hidden, 0, xq,
+                            sx, cx);
                 rope_cache_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
                                 num_blocks * block_size);
                 attention_bf16_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
                                     num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks,
                                     max_ctx, scale, sg);
-                gemm_bf16_team(attn, PTR(w, LMSERVE_O_W), PTR(w, LMSERVE_O_B), proj, NULL, T, hidden, q_width, 0);
+                linear_team(w, LMSERVE_O_W, LMSERVE_O_S, LMSERVE_O_B, kind, attn, proj, T, hidden, q_width, 0, xq, sx, cx);
                 add_rms_norm_team(proj, residual, PTR(w, LMSERVE_POST_NORM), x, T, hidden, eps);
                 if (silu_gate_up) {
-                    gemm_bf16_team(x, PTR(w, LMSERVE_GATE_UP_W), PTR(w, LMSERVE_GATE_UP_B), act, NULL, T, 2 * inter, hidden, 1);
+                    linear_team(w, LMSERVE_GATE_UP_W, LMSERVE_GATE_UP_S, LMSERVE_GATE_UP_B, kind, x, act, T, 2 * inter,
+                                hidden, 1, xq, sx, cx);
                 } else {
-                    gemm_bf16_team(x, PTR(w, LMSERVE_GATE_UP_W), PTR(w, LMSERVE_GATE_UP_B), gate_up, NULL, T, 2 * inter, hidden, 0);
+                    linear_team(w, LMSERVE_GATE_UP_W, LMSERVE_GATE_UP_S, LMSERVE_GATE_UP_B, kind, x, gate_up, T,
+                                2 * inter, hidden, 0, xq, sx, cx);
                     silu_mul_team(gate_up, act, T, inter);
                 }
-                gemm_bf16_team(act, PTR(w, LMSERVE_DOWN_W), PTR(w, LMSERVE_DOWN_B), proj, NULL, T, hidden, inter, 0);
+                linear_team(w, LMSERVE_DOWN_W, LMSERVE_DOWN_S, LMSERVE_DOWN_B, kind, act, proj, T, hidden, inter, 0, xq,
+                            sx, cx);
                 if (l + 1 < num_layers)
                     add_rms_norm_team(proj, residual, PTR(w + LMSERVE_LAYER_SLOTS, LMSERVE_INPUT_NORM), x, T, hidden, eps);
                 else
@@ -94,12 +125,12 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
-                       int silu_gate_up, float eps, float scale, int num_threads) {
-    (void)residual, (void)layers, (void)num_layers, (void)cos, (void)sin, (void)slots, (void)kv_cache;
+                       int weight_kind, int silu_gate_up, float eps, float scale, int num_threads) {
+    (void)weight_kind, (void)residual, (void)layers, (void)num_layers, (void)cos, (void)sin, (void)slots, (void)kv_cache;
     (void)num_blocks, (void)block_size, (void)block_table, (void)seq_of_query, (void)ctx_lens, (void)q_rows;
     (void)num_queries, (void)max_blocks, (void)max_ctx, (void)T, (void)hidden, (void)num_heads, (void)num_kv_heads;
     (void)head_dim, (void)inter, (void)silu_gate_up, (void)eps, (void)scale, (void)num_threads;
-    return 1; /* nothing computed; native_kernels never calls it here (gemm_bf16_available is false) */
+    return 2; /* nothing computed; native_kernels never calls it here (gemm_bf16_available is false) */
 }
 
 #endif

@@ -26,6 +26,7 @@ from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import AttentionMetadata, paged_attention
 from service.engine.modeling.families import SPECS, FamilySpec, Settings, Source, Transposed, settings
 from service.engine.modeling.forward_path import ForwardPath
+from service.engine.modeling.qgemm_vnni import VNNIWeight, pack_vnni, qgemm_vnni
 from service.engine.modeling.layers import (
     AnyWeight,
     GateUpLinear,
@@ -311,7 +312,7 @@ class DecoderModel(nn.Module):
     def forward_stack(
         self,
         stack_table: torch.Tensor,
-        weight_kind: int | None,
+        weight_kind: int,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: torch.Tensor,
@@ -356,20 +357,21 @@ class DecoderModel(nn.Module):
         )
 
     def quantized(self) -> bool:
-        """The decoder's projections are quantized (--quantization int8, q4_1 or q8_0): float32 activations
-        with qgemm.c's or qgemm_gguf.c's weights."""
+        """The decoder's projections are quantized (--quantization int8, q4_1 or q8_0): int8 under bf16
+        activations (qgemm_vnni.c), or float32 activations with qgemm.c's or qgemm_gguf.c's weights."""
         packed = self.layers[0].self_attn.qkv_proj.packed
-        return isinstance(packed, (native_kernels.QuantizedWeight, native_kernels.GGUFWeight))
+        return isinstance(packed, (native_kernels.QuantizedWeight, VNNIWeight, native_kernels.GGUFWeight))
 
     def kv_cache_dtype(self) -> torch.dtype:
-        """The KV cache's dtype: bf16 where the projections are quantized (float32 activations over a bf16
-        cache, half float32's bytes: paged_attention.c's attention_f32_bf16kv_team), else the model's."""
+        """The KV cache's dtype: bf16 where the projections are quantized (under float32 activations half
+        float32's bytes: paged_attention.c's attention_f32_bf16kv_team), else the model's."""
         return torch.bfloat16 if self.quantized() else self.embed_tokens.weight.dtype
 
     def can_run_decoder_stack(self) -> bool:
         """decoder.c takes this model: fused ops apply, no per-head q/k norm (Qwen3), and either every projection
-        packed for gemm.c with attention heads of 64 or 128 (its bf16 kernel's sizes), or every decoder
-        projection quantized, all of one kind (decoder_stack_f32q; any head size)."""
+        packed for gemm.c or quantized for qgemm_vnni.c (bf16 activations) with attention heads of 64 or 128
+        (its bf16 kernel's sizes), or every decoder projection quantized under float32 activations, all of one
+        kind (decoder_stack_f32q; any head size)."""
         attn = self.layers[0].self_attn
         if not self.supports_fused_ops() or attn.has_qk_norm or self.has_window_or_softcap():
             return False  # decoder.c's attention has no window or soft-cap
@@ -377,17 +379,16 @@ class DecoderModel(nn.Module):
             return False  # decoder.c's MLP is dense
         if native_kernels.library() is None:
             return False
-        if self.quantized():
-            try:
-                native_kernels.stack_weight_kind(self._stack_layers())
-            except ValueError:
-                return False
-            return True
-        projections = [m for m in self.modules() if isinstance(m, Linear)]
+        try:
+            kind = native_kernels.stack_weight_kind(self._stack_layers())
+        except ValueError:
+            return False
+        if self.embed_tokens.weight.dtype == torch.float32:
+            return kind != native_kernels.WEIGHT_BF16
         return (
             native_kernels.gemm_bf16_available()
             and attn.head_dim in (64, 128)
-            and all(isinstance(m.packed, native_kernels.PackedWeight) for m in projections)
+            and kind in (native_kernels.WEIGHT_BF16, native_kernels.WEIGHT_INT8)
         )
 
     def _stack_layers(self) -> list[native_kernels.LayerWeights]:
@@ -413,6 +414,8 @@ class DecoderModel(nn.Module):
             head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
         if isinstance(head, native_kernels.PackedWeight):
             logits = native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
+        elif isinstance(head, VNNIWeight):
+            logits = qgemm_vnni(hidden, head, out_dtype=torch.float32)
         else:
             logits = linear(hidden, head)
         s = self.settings
@@ -427,7 +430,7 @@ class DecoderModel(nn.Module):
         Returns what the weights were packed for ("gemm.c" or "oneDNN"), None when left plain.
 
         quantization "int8": every projection of the decoder and the LM head (a tied one as an int8 copy;
-        the embedding lookup stays float) quantized for qgemm.c instead; "q4_1" | "q8_0": nothing packed
+        the embedding lookup stays float) quantized for qgemm_vnni.c (bf16 weights) or qgemm.c instead; "q4_1" | "q8_0": nothing packed
         (use_gguf_weights follows). Raises ValueError where the mode cannot run (quantization_refusal; the
         server's preflight says so before the weights are read)."""
         weight = self.embed_tokens.weight
@@ -440,9 +443,12 @@ class DecoderModel(nn.Module):
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.quantize()
+            bf16 = weight.dtype == torch.bfloat16
             if self.tie_word_embeddings:
                 # The head is the largest single matrix (a fifth of SmolLM2-135M's bytes), read every step.
-                self.packed_head = native_kernels.quantize_weight(weight)
+                self.packed_head = pack_vnni(weight) if bf16 else native_kernels.quantize_weight(weight)
+            if bf16:
+                return "int8 with bf16 activations, qgemm_vnni.c AVX-512 VNNI"
             return f"int8, qgemm.c {native_kernels.qgemm_isa()}"
         if not can_prepack(weight.dtype, weight.device):
             return None

@@ -27,7 +27,7 @@ ATTENTION_CHOICES = ("auto", "kernel", "torch")
 class ForwardPath(str, Enum):
     TORCH = "torch ops"  # torch ops throughout, attention included (no C compiler, a GPU, attention=torch)
     ATTENTION_KERNEL = "C paged attention"  # torch ops, attention by the C kernel (float32 on CPU)
-    # bf16 on CPU, or float32 with quantized weights (--quantization), one layer at a time
+    # bf16 on CPU (int8 weights or not), or float32 with quantized weights (--quantization), one layer at a time
     FUSED_OPS = "C paged attention + fused C elementwise ops"
     DECODER_STACK = "one C call for the decoder stack"  # the fused ops, every layer in one call (decoder.c)
 
@@ -50,7 +50,7 @@ def choose_forward_path(
     has_kernel = attention != "torch" and native_kernels.paged_attention_supported(dtype, device)
     if attention == "kernel" and not has_kernel:
         raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
-    if model.has_window_or_softcap() and model.quantized():
+    if model.has_window_or_softcap() and model.quantized() and dtype == torch.float32:
         # A window or soft-cap over the quantized path's bf16 cache under float32 queries: no C kernel has both.
         if attention == "kernel":
             raise RuntimeError("attention=kernel, but no C kernel has a window or soft-cap over a quantized model's cache")

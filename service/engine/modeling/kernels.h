@@ -102,6 +102,10 @@ void quantize_row_int8(const float *x, int8_t *q, float *sx, int64_t K, int64_t 
 /* qgemm.c: qgemm_int8's body as team work, y = x . W^T (+ bias), x quantized into xq and sx first. */
 void qgemm_int8_team(const float *x, int8_t *xq, float *sx, const int8_t *packed, const float *scales,
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K);
+/* qgemm_vnni.c: qgemm_vnni's body as team work, x's rows quantized into xq, sx and cx first (scratch of
+ * [M, Kp], [M, Kp / 32] and [M, Kp / 32]). */
+void qgemm_vnni_team(const bf16 *x, int8_t *xq, float *sx, int32_t *cx, const uint8_t *packed, const float *scales,
+                     const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N, int64_t K, int silu_mul);
 /* qgemm_gguf.c: gguf_gemm's body as team work (K a multiple of 32, type Q4_1 or Q8_0, as gguf_gemm checks). */
 void gguf_gemm_team(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                     int type, int8_t *qx, float *dx, float *sx);

@@ -1,5 +1,6 @@
 """The building blocks of lmserve's decoder models: projections (plain, prepacked for gemm.c or oneDNN,
-int8 for qgemm.c, a GGUF file's blocks for qgemm_gguf.c), norms, rotary positions.
+int8 for qgemm.c (float32 activations) or qgemm_vnni.c (bf16 ones), a GGUF file's blocks for qgemm_gguf.c),
+norms, rotary positions.
 
 Each block mirrors its Hugging Face counterpart numerically (same formula, same order of casts), so that
 float32 greedy outputs match transformers' `generate` (tests/engine/test_exactness.py, tests/engine/test_families.py).
@@ -12,28 +13,33 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from service.engine.modeling import native_kernels
+from service.engine.modeling import native_kernels, qgemm_vnni
+from service.engine.modeling.qgemm_vnni import VNNIWeight
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # oneDNN refuses bf16 inner products on a CPU without native bf16 (AVX2 only, say): there bf16 takes F.linear.
 _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-# int8: quantized here at load (qgemm.c); q4_1 | q8_0: a GGUF file's own blocks, put in after loading by
+# int8: quantized here at load (qgemm.c, or qgemm_vnni.c under bf16 activations); q4_1 | q8_0: a GGUF file's own blocks, put in after loading by
 # engine/gguf_weights.py (qgemm_gguf.c).
 QUANTIZATIONS = ("none", "int8", "q4_1", "q8_0")
-AnyWeight = torch.Tensor | native_kernels.PackedWeight | native_kernels.QuantizedWeight | native_kernels.GGUFWeight
+AnyWeight = (
+    torch.Tensor | native_kernels.PackedWeight | native_kernels.QuantizedWeight | VNNIWeight | native_kernels.GGUFWeight
+)
 
 
 def linear(x: torch.Tensor, weight: AnyWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias. `weight` is plain, or `prepack`ed: for gemm.c (native_kernels.PackedWeight) or
-    in oneDNN's blocked layout, or quantized for qgemm.c (native_kernels.QuantizedWeight, --quantization
-    int8), or a GGUF file's blocks for qgemm_gguf.c (native_kernels.GGUFWeight, q4_1 | q8_0). On CPU a plain weight goes through oneDNN's matmul too, which on the small batches of a decode
+    in oneDNN's blocked layout, or quantized (--quantization int8) for qgemm.c (native_kernels.QuantizedWeight,
+    float32 x) or qgemm_vnni.c (VNNIWeight, bf16 x), or a GGUF file's blocks for qgemm_gguf.c (native_kernels.GGUFWeight, q4_1 | q8_0). On CPU a plain weight goes through oneDNN's matmul too, which on the small batches of a decode
     step runs 1.3-2x faster than the default BLAS path here; elsewhere F.linear."""
     if isinstance(weight, native_kernels.PackedWeight):
         return native_kernels.gemm_bf16(x, weight, bias)
     if isinstance(weight, native_kernels.QuantizedWeight):
         return native_kernels.qgemm_int8(x, weight, bias)
+    if isinstance(weight, VNNIWeight):
+        return qgemm_vnni.qgemm_vnni(x, weight, bias)
     if isinstance(weight, native_kernels.GGUFWeight):
         return native_kernels.gguf_gemm(x, weight, bias)
     if x.device.type == "cpu" and (
@@ -67,21 +73,29 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:
     return weight.detach()
 
 
+def int8_bf16_available() -> bool:
+    """--quantization int8 runs with bf16 activations here (qgemm_vnni.c: AVX-512 VNNI and BF16)."""
+    return qgemm_vnni.available()
+
+
 def quantization_refusal(quantization: str, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why `quantization` cannot run with these activations here (one line), or None when it can. int8:
-    qgemm.c, on CPU, with float32 activations, the kernels loaded."""
+    """Why `quantization` cannot run with these activations here (one line), or None when it can. On CPU, the
+    kernels loaded; float32 activations (qgemm.c, qgemm_gguf.c), or for int8 bf16 ones where the CPU has
+    AVX-512 VNNI and BF16 (qgemm_vnni.c)."""
     if quantization not in QUANTIZATIONS:
         return f"--quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}"
     if quantization == "none":
         return None
     if device.type != "cpu":
         return f"--quantization {quantization} runs on CPU only (its kernel is C), not on {device.type}"
-    if dtype != torch.float32:
-        name = str(dtype).removeprefix("torch.")
-        return f"--quantization {quantization} computes with float32 activations, not {name}: add --dtype float32"
     if not native_kernels.qgemm_available():
         return f"--quantization {quantization} needs the C kernels, which could not be built (a C compiler, --cache-dir)"
-    return None
+    if dtype == torch.float32 or (quantization == "int8" and dtype == torch.bfloat16 and int8_bf16_available()):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if quantization == "int8" and dtype == torch.bfloat16:
+        return "--quantization int8 with bfloat16 activations needs a CPU with AVX-512 VNNI and BF16: add --dtype float32"
+    return f"--quantization {quantization} computes with float32 activations, not {name}: add --dtype float32"
 
 
 class Linear(nn.Linear):
@@ -97,8 +111,12 @@ class Linear(nn.Linear):
         self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
 
     def quantize(self) -> None:
-        """int8 weights for qgemm.c in place of the float ones (--quantization int8)."""
-        self.packed = native_kernels.quantize_weight(self.weight)
+        """int8 weights in place of the float ones (--quantization int8): for qgemm_vnni.c where the weights
+        (the activations' dtype) are bf16, else for qgemm.c."""
+        if self.weight.dtype == torch.bfloat16:
+            self.packed = qgemm_vnni.pack_vnni(self.weight)
+        else:
+            self.packed = native_kernels.quantize_weight(self.weight)
         del self.weight
         self.weight = None
 
@@ -132,10 +150,19 @@ class GateUpLinear(Linear):
         del self.weight
         self.weight = None
 
+    def quantize(self) -> None:
+        """As Linear's, with qgemm_vnni.c's weights packed for SiLU-and-multiply where they can be."""
+        if not (self.silu and self.weight.dtype == torch.bfloat16 and qgemm_vnni.silu_mul_packable(self.weight)):
+            super().quantize()
+            return
+        self.packed = qgemm_vnni.pack_vnni(self.weight, silu_mul=True)  # the bias keeps its order
+        del self.weight
+        self.weight = None
+
     @property
     def applies_silu(self) -> bool:
         """forward returns silu(gate) * up, [..., intermediate], instead of gate and up."""
-        return isinstance(self.packed, native_kernels.PackedWeight) and self.packed.silu_mul
+        return isinstance(self.packed, (native_kernels.PackedWeight, VNNIWeight)) and self.packed.silu_mul
 
 
 def cat_rows(parts: list[native_kernels.GGUFWeight]) -> native_kernels.GGUFWeight:

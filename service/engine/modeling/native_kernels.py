@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from service.engine.modeling import kernel_abi, kernel_cache
+from service.engine.modeling.qgemm_vnni import VNNIWeight
 from service.progress import progress_step
 
 log = logging.getLogger(__name__)
@@ -462,16 +463,17 @@ def qgemm_int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | No
 class LayerWeights:
     """One decoder layer's tensors for decoder_stack, named as abi.h's layer slots (lmserve_layer_slot,
     which also fixes their order in the table); None: no such tensor (a projection without a bias). The
-    projections are all PackedWeight (bf16, gemm.c), all QuantizedWeight (int8, whose per-channel scales
-    fill the _s slots) or all GGUFWeight of one kind."""
+    projections are all PackedWeight (bf16, gemm.c), all VNNIWeight (int8 under bf16, qgemm_vnni.c), all
+    QuantizedWeight (int8 under float32, qgemm.c) or all GGUFWeight of one kind; int8 weights' per-channel
+    scales fill the _s slots."""
 
-    qkv_w: PackedWeight | QuantizedWeight | GGUFWeight
+    qkv_w: PackedWeight | QuantizedWeight | VNNIWeight | GGUFWeight
     qkv_b: torch.Tensor | None
-    o_w: PackedWeight | QuantizedWeight | GGUFWeight
+    o_w: PackedWeight | QuantizedWeight | VNNIWeight | GGUFWeight
     o_b: torch.Tensor | None
-    gate_up_w: PackedWeight | QuantizedWeight | GGUFWeight
+    gate_up_w: PackedWeight | QuantizedWeight | VNNIWeight | GGUFWeight
     gate_up_b: torch.Tensor | None
-    down_w: PackedWeight | QuantizedWeight | GGUFWeight
+    down_w: PackedWeight | QuantizedWeight | VNNIWeight | GGUFWeight
     down_b: torch.Tensor | None
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -484,7 +486,7 @@ class LayerWeights:
     def of(cls, qkv, o, gate_up, down, input_norm: torch.Tensor, post_norm: torch.Tensor) -> LayerWeights:
         """From the layer's four projections, each (weight, bias), and its two norms' weights."""
         scales = {
-            f"{name}_s": w.scales if isinstance(w, QuantizedWeight) else None
+            f"{name}_s": w.scales if isinstance(w, (QuantizedWeight, VNNIWeight)) else None
             for name, (w, _) in zip(("qkv", "o", "gate_up", "down"), (qkv, o, gate_up, down), strict=True)
         }
         return cls(
@@ -493,34 +495,47 @@ class LayerWeights:
         )  # fmt: skip
 
 
-def stack_weight_kind(layers: list[LayerWeights]) -> int | None:
-    """decoder_stack_f32q's weight_kind for these layers (abi.h: WEIGHT_INT8, GGUF_Q4_1 or GGUF_Q8_0), None for
-    bf16 (gemm.c) ones; raises ValueError where the projections are not all of one kind."""
+WEIGHT_BF16 = kernel_abi.read().constants["WEIGHT_BF16"]
+WEIGHT_INT8 = kernel_abi.read().constants["WEIGHT_INT8"]
+
+
+def stack_weight_kind(layers: list[LayerWeights]) -> int:
+    """decoder_stack's weight_kind for these layers (abi.h): WEIGHT_BF16 for gemm.c's, WEIGHT_INT8 for int8 ones
+    (VNNIWeight under bf16, QuantizedWeight under float32), GGUF_Q4_1 or GGUF_Q8_0; raises ValueError where the
+    projections are not all of one kind, or of a kind no stack takes (plain or oneDNN-packed tensors)."""
     projections = [w for layer in layers for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)]
     kinds = {w.kind if isinstance(w, GGUFWeight) else type(w).__name__ for w in projections}
     if len(kinds) != 1:
         raise ValueError(f"decoder_stack: the projections must be of one kind, not {sorted(kinds)}")
     weight = projections[0]
     if isinstance(weight, PackedWeight):
-        return None
-    if isinstance(weight, QuantizedWeight):
-        return kernel_abi.read().constants["WEIGHT_INT8"]
-    return GGUF_TYPES[weight.kind][0]
+        return WEIGHT_BF16
+    if isinstance(weight, (QuantizedWeight, VNNIWeight)):
+        return WEIGHT_INT8
+    if isinstance(weight, GGUFWeight):
+        return GGUF_TYPES[weight.kind][0]
+    raise ValueError(f"decoder_stack takes packed or quantized projections, not {type(weight).__name__}")
+
+
+def _stack_dtype(layers: list[LayerWeights]) -> torch.dtype:
+    """The activations' dtype of a stack of these layers: bf16 for gemm.c's and qgemm_vnni.c's weights."""
+    return torch.bfloat16 if isinstance(layers[0].qkv_w, (PackedWeight, VNNIWeight)) else torch.float32
 
 
 def layer_table(layers: list[LayerWeights]) -> torch.Tensor:
     """[num_layers, LAYER_SLOTS] int64 addresses for decoder_stack, in abi.h's slot order; None -> 0. The
     tensors must outlive the table (they are the model's own)."""
     slots = kernel_abi.read().layer_slots
-    dtype = torch.bfloat16 if stack_weight_kind(layers) is None else torch.float32
+    stack_weight_kind(layers)  # one kind throughout
+    dtype = _stack_dtype(layers)
     rows = []
     for layer in layers:
         row = []
         for slot in slots:
             t = getattr(layer, slot)
-            if isinstance(t, (PackedWeight, QuantizedWeight, GGUFWeight)):
+            if isinstance(t, (PackedWeight, QuantizedWeight, VNNIWeight, GGUFWeight)):
                 t = t.data
-            elif t is not None:
+            elif t is not None and not slot.endswith("_s"):
                 _check("decoder_stack", t, dtype=dtype)
             if t is not None and not t.is_contiguous():
                 raise ValueError(f"decoder_stack: the {slot} tensor is not contiguous")
@@ -532,7 +547,7 @@ def layer_table(layers: list[LayerWeights]) -> torch.Tensor:
 def decoder_stack(
     residual: torch.Tensor,  # [rows, hidden] bf16 or float32, updated in place
     table: torch.Tensor,  # layer_table(...)
-    weight_kind: int | None,  # stack_weight_kind(...) of the same layers
+    weight_kind: int,  # stack_weight_kind(...) of the same layers
     cos: torch.Tensor,  # [rows, 1, head_dim]
     sin: torch.Tensor,
     slot_mapping: torch.Tensor,  # [rows] int64
@@ -545,11 +560,13 @@ def decoder_stack(
     scale: float,
 ) -> None:
     """Every decoder layer of a step in one C call (see decoder.c): the same arithmetic as running add_rms_norm,
-    the projections, rope_and_cache, paged_attention_kernel and silu_mul layer by layer. bf16 with gemm.c's
-    packed weights (weight_kind None), or float32 with quantized ones."""
+    the projections, rope_and_cache, paged_attention_kernel and silu_mul layer by layer. bf16 (residual's
+    dtype) with gemm.c's packed weights or qgemm_vnni.c's int8 ones, or float32 with quantized ones."""
     num_layers, _, num_kv_heads, num_blocks, block_size, head_dim = kv_caches.shape
     rows, hidden = residual.shape
-    dtype = torch.bfloat16 if weight_kind is None else torch.float32
+    dtype = residual.dtype
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"decoder_stack runs bf16 or float32 activations, not {dtype}")
     _check("decoder_stack", residual, cos, sin, dtype=dtype)
     _check("decoder_stack", kv_caches)  # bf16 either way (kv_cache_dtype)
     for t in (slot_mapping, plan.block_table, plan.seq_of_query, plan.ctx_lens, plan.q_rows):
@@ -564,12 +581,12 @@ def decoder_stack(
         plan.ctx_lens.data_ptr(), plan.q_rows.data_ptr(), plan.q_rows.shape[0], plan.block_table.shape[1],
         plan.max_ctx, rows, hidden, num_heads, num_kv_heads, head_dim, intermediate_size,
     )  # fmt: skip
-    if weight_kind is None:
-        failed = lib.decoder_stack_bf16(*common, int(silu_gate_up), eps, scale, torch.get_num_threads())
+    if dtype == torch.bfloat16:
+        failed = lib.decoder_stack_bf16(*common, weight_kind, int(silu_gate_up), eps, scale, torch.get_num_threads())
     else:
         failed = lib.decoder_stack_f32q(*common, weight_kind, eps, scale, torch.get_num_threads())
     if failed == 2:
-        raise ValueError(f"decoder_stack: weight kind {weight_kind} or these sizes are not the quantized stack's")
+        raise ValueError(f"decoder_stack: weight kind {weight_kind} or these sizes are not the {dtype} stack's")
     if failed:
         raise MemoryError("decoder_stack could not allocate its scratch buffers")
 

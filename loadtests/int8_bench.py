@@ -1,0 +1,129 @@
+"""`--quantization int8` against the bf16 default, with vLLM's CPU build for reference, by `vllm bench serve`.
+
+Three servers of the same folder, started one after another and benchmarked one at a time, each point back
+to back (random 128-token prompts, 128 output tokens, ignore_eos, seed 0; 8 prompts at concurrency 1,
+4 x concurrency otherwise), the servers' order rotating from round to round so that a shared machine's
+drift falls on all alike:
+
+- bf16: `lmserve serve --model DIR --no-safety` (dtype auto: bf16 where the CPU computes it);
+- int8: the same with `--quantization int8` (dtype auto: bf16 activations with qgemm_vnni.c where the CPU
+  has AVX-512 VNNI and BF16, else float32 with qgemm.c);
+- vllm: vLLM's CPU build (`make vllm-venv`, run through the peer script, with PEER_VENV defaulting to that
+  venv), bf16, one core for its engine as it defaults (--vllm-both-cores: VLLM_CPU_OMP_THREADS_BIND=0-1).
+
+    .venv/bin/python loadtests/int8_bench.py --model DIR [--rounds 1] [--concurrency 1 16 64]
+        [--servers bf16 int8 vllm] [--json results.json]
+
+DIR: `lmserve export smollm2-135m-instruct DIR`. Prints each point as JSON, then a table with int8 / bf16
+and int8 / vLLM per concurrency (the mean of the rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
+from vllm_engine_bench import PEER_SCRIPT, START_TIMEOUT_S, Point, Running, bench  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVERS = ("bf16", "int8", "vllm")
+
+
+def _argv(server: str, model: Path, port: int) -> tuple[list[str], str]:
+    """The server's command line and the path that answers 200 once it serves."""
+    if server == "vllm":
+        return [str(PEER_SCRIPT), "serve", str(model), str(port)], "/health"
+    quantization = ["--quantization", "int8"] if server == "int8" else []
+    return [
+        sys.executable, "-m", "service", "serve", "--model", str(model), *quantization, "--embedding-model", "none",
+        "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
+    ], "/readyz"  # fmt: skip
+
+
+def start(server: str, model: Path, env: dict[str, str], log_dir: Path) -> Running:
+    port = free_port()
+    argv, ready_path = _argv(server, model, port)
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = log_dir / f"{server}.log"
+    log_path.unlink(missing_ok=True)
+    process = launch(argv, log_path, env=env, cwd=REPO_ROOT)
+    try:
+        wait_ready(process, base_url + ready_path, START_TIMEOUT_S, server, poll_s=2)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{exc}; see {log_path}") from None
+    model_id = str(httpx.get(base_url + "/v1/models", timeout=30).json()["data"][0]["id"])
+    return Running(server, process, base_url, model_id)
+
+
+def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> str:
+    def mean(server: str, concurrency: int, field: str) -> float:
+        values = [getattr(p, field) for p in points if p.server == server and p.concurrency == concurrency]
+        return statistics.fmean(values) if values else float("nan")
+
+    head = " | ".join(f"{s} tok/s" for s in servers)
+    ratios = [r for r in ("int8 / bf16", "int8 / vllm") if all(s in servers for s in r.split(" / "))]
+    rows = [
+        f"| concurrency | {head} | " + " | ".join(ratios) + " | median TPOT " + " / ".join(servers) + " |",
+        "|---|" + "---|" * (len(servers) + len(ratios) + 1),
+    ]
+    for c in concurrencies:
+        tok = {s: mean(s, c, "output_tok_s") for s in servers}
+        cells = [f"{tok[s]:.1f}" for s in servers]
+        cells += [f"{tok[a] / tok[b]:.2f}x" for a, b in (r.split(" / ") for r in ratios)]
+        tpot = " / ".join(f"{mean(s, c, 'median_tpot_ms'):.1f}" for s in servers)
+        rows.append(f"| {c} | " + " | ".join(cells) + f" | {tpot} ms |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    parser.add_argument("--vllm-both-cores", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/int8_bench"))
+    args = parser.parse_args()
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # unwind through finally: stop servers
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PEER_DTYPE="bfloat16", PEER_MAX_LEN="2048")
+    env.setdefault("PEER_VENV", str(REPO_ROOT / ".vllm-venv"))
+    env.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as vllm_engine_bench.py: torch.compile's own cache works
+    if args.vllm_both_cores:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
+    points: list[Point] = []
+    running: dict[str, Running] = {}
+    try:
+        for name in args.servers:  # one at a time: a server starting would slow another's benchmark
+            running[name] = start(name, args.model, env, args.log_dir)
+        for round_index in range(1, args.rounds + 1):
+            shift = (round_index - 1) % len(args.servers)
+            order = args.servers[shift:] + args.servers[:shift]
+            for concurrency in args.concurrency:
+                for name in order:
+                    num_prompts = 8 if concurrency == 1 else 4 * concurrency
+                    point = bench(running[name], args.model, concurrency, num_prompts, round_index, env, args.log_dir)
+                    print(json.dumps(asdict(point)), flush=True)
+                    points.append(point)
+    finally:
+        for r in running.values():
+            stop(r.process)
+    print(table(points, args.concurrency, args.servers))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
+    return 0 if all(p.num_failed == 0 and p.num_ok == p.num_prompts for p in points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
