@@ -145,9 +145,10 @@ $(VLLM_STAMP): pyproject.toml
 
 vllm-venv: $(VLLM_STAMP)
 
-# The vLLM backend's tests (skipped in `make test`, where vLLM is not installed); minutes: two vLLM servers start.
+# The vLLM backend's tests and the int8 bench's smoke run (skipped in `make test`, where vLLM is not installed);
+# minutes: two vLLM servers start.
 vllm-test: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q tests/engine/test_vllm_backend.py
+	$(VLLM_PY) -m pytest -q tests/engine/test_vllm_backend.py tests/loadtests/test_int8_bench.py
 
 clean:
 	rm -rf $(VENV) .tools $(VLLM_VENV)

@@ -8,14 +8,15 @@ drift falls on all alike:
 - bf16: `lmserve serve --model DIR --no-safety` (dtype auto: bf16 where the CPU computes it);
 - int8: the same with `--quantization int8` (dtype auto: bf16 activations with qgemm_vnni.c where the CPU
   has AVX-512 VNNI and BF16, else float32 with qgemm.c);
-- vllm: vLLM's CPU build (`make vllm-venv`, run through the peer script, with PEER_VENV defaulting to that
-  venv), bf16, one core for its engine as it defaults (--vllm-both-cores: VLLM_CPU_OMP_THREADS_BIND=0-1).
+- vllm: vLLM's CPU build (`make vllm-venv`), bf16, a 4 GiB KV space, one core for its engine as it defaults
+  (--vllm-both-cores: VLLM_CPU_OMP_THREADS_BIND=0-1).
 
     .venv/bin/python loadtests/int8_bench.py --model DIR [--rounds 1] [--concurrency 1 16 64]
-        [--servers bf16 int8 vllm] [--json results.json]
+        [--servers bf16 int8 vllm] [--vllm-venv .vllm-venv] [--json results.json]
 
-DIR: `lmserve export smollm2-135m-instruct DIR`. Prints each point as JSON, then a table with int8 / bf16
-and int8 / vLLM per concurrency (the mean of the rounds).
+DIR: `lmserve export smollm2-135m-instruct DIR`. The load generator is `vllm bench serve` from --vllm-venv
+(needed even without the vllm server). Prints each point as JSON, then a table with int8 / bf16 and
+int8 / vLLM per concurrency (the mean of the rounds).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -33,16 +36,19 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
-from vllm_engine_bench import PEER_SCRIPT, START_TIMEOUT_S, Point, Running, bench  # noqa: E402
+from vllm_engine_bench import _FIELDS, BENCH_TIMEOUT_S, START_TIMEOUT_S, Point, Running  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("bf16", "int8", "vllm")
 
 
-def _argv(server: str, model: Path, port: int) -> tuple[list[str], str]:
+def _argv(server: str, model: Path, port: int, vllm_venv: Path) -> tuple[list[str], str]:
     """The server's command line and the path that answers 200 once it serves."""
     if server == "vllm":
-        return [str(PEER_SCRIPT), "serve", str(model), str(port)], "/health"
+        return [
+            str(vllm_venv / "bin" / "vllm"), "serve", str(model), "--served-model-name", "peer", "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+        ], "/health"  # fmt: skip
     quantization = ["--quantization", "int8"] if server == "int8" else []
     return [
         sys.executable, "-m", "service", "serve", "--model", str(model), *quantization, "--embedding-model", "none",
@@ -50,9 +56,9 @@ def _argv(server: str, model: Path, port: int) -> tuple[list[str], str]:
     ], "/readyz"  # fmt: skip
 
 
-def start(server: str, model: Path, env: dict[str, str], log_dir: Path) -> Running:
+def start(server: str, model: Path, vllm_venv: Path, env: dict[str, str], log_dir: Path) -> Running:
     port = free_port()
-    argv, ready_path = _argv(server, model, port)
+    argv, ready_path = _argv(server, model, port, vllm_venv)
     base_url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"{server}.log"
     log_path.unlink(missing_ok=True)
@@ -63,6 +69,31 @@ def start(server: str, model: Path, env: dict[str, str], log_dir: Path) -> Runni
         raise RuntimeError(f"{exc}; see {log_path}") from None
     model_id = str(httpx.get(base_url + "/v1/models", timeout=30).json()["data"][0]["id"])
     return Running(server, process, base_url, model_id)
+
+
+def bench(
+    running: Running, model: Path, concurrency: int, num_prompts: int, round_index: int, vllm_venv: Path,
+    env: dict[str, str], log_dir: Path,
+) -> Point:
+    """One `vllm bench serve` run: random 128-token prompts, 128 tokens out, ignore_eos, seed 0."""
+    result = subprocess.run(
+        [
+            str(vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", running.base_url,
+            "--model", running.model, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "128",
+            "--random-output-len", "128", "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+            "--ignore-eos", "--seed", "0",
+        ],
+        env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+    )  # fmt: skip
+    (log_dir / f"{running.name}-round{round_index}-c{concurrency}.txt").write_text(result.stdout + result.stderr)
+    values: dict[str, float] = {}
+    for field, pattern in _FIELDS.items():
+        match = re.search(pattern, result.stdout)
+        values[field] = float(match.group(1)) if match else (0.0 if field == "num_failed" else float("nan"))
+    return Point(
+        running.name, round_index, concurrency, num_prompts, int(values["num_ok"]), int(values["num_failed"]),
+        values["output_tok_s"], values["median_ttft_ms"], values["median_tpot_ms"],
+    )  # fmt: skip
 
 
 def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> str:
@@ -92,13 +123,16 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--vllm-both-cores", action="store_true")
+    parser.add_argument("--vllm-venv", type=Path, default=REPO_ROOT / ".vllm-venv", help="`make vllm-venv`'s")
+    parser.add_argument("--prompts", type=int, default=0, help="prompts per point (0: 8 at concurrency 1, else 4 x it)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/int8_bench"))
     args = parser.parse_args()
     args.log_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # unwind through finally: stop servers
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PEER_DTYPE="bfloat16", PEER_MAX_LEN="2048")
-    env.setdefault("PEER_VENV", str(REPO_ROOT / ".vllm-venv"))
+    if not (args.vllm_venv / "bin" / "vllm").exists():
+        parser.error(f"no vLLM in {args.vllm_venv} (make vllm-venv): its `vllm bench serve` is the load generator")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as vllm_engine_bench.py: torch.compile's own cache works
     if args.vllm_both_cores:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
@@ -106,14 +140,16 @@ def main() -> int:
     running: dict[str, Running] = {}
     try:
         for name in args.servers:  # one at a time: a server starting would slow another's benchmark
-            running[name] = start(name, args.model, env, args.log_dir)
+            running[name] = start(name, args.model, args.vllm_venv, env, args.log_dir)
         for round_index in range(1, args.rounds + 1):
             shift = (round_index - 1) % len(args.servers)
             order = args.servers[shift:] + args.servers[:shift]
             for concurrency in args.concurrency:
                 for name in order:
-                    num_prompts = 8 if concurrency == 1 else 4 * concurrency
-                    point = bench(running[name], args.model, concurrency, num_prompts, round_index, env, args.log_dir)
+                    num_prompts = args.prompts or (8 if concurrency == 1 else 4 * concurrency)
+                    point = bench(
+                        running[name], args.model, concurrency, num_prompts, round_index, args.vllm_venv, env, args.log_dir
+                    )
                     print(json.dumps(asdict(point)), flush=True)
                     points.append(point)
     finally:
