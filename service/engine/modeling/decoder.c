@@ -10,14 +10,17 @@
  * separated by barriers only.
  *
  * layers: [L][LMSERVE_LAYER_SLOTS] addresses (0: none), in abi.h's lmserve_layer_slot order, of each layer's
- * qkv, o, gate_up and down weights packed by native_kernels.pack_weight, their biases, and the input and
+ * qkv, o, gate_up and down weights packed by native_kernels.pack_weight (weight_kind LMSERVE_WEIGHT_BF16) or
+ * as int8 by qgemm_vnni.py's pack_vnni (LMSERVE_WEIGHT_INT8, their scales in the _S slots: `--quantization
+ * int8` under bf16 activations, where the CPU has AVX-512 VNNI), their biases, and the input and
  * post-attention norms' weights (native_kernels.layer_table). silu_gate_up:
- * the gate/up weights are packed interleaved, so that gemm.c applies SiLU-and-multiply as it writes
- * (native_kernels.pack_weight's silu_mul); otherwise silu_mul runs as a phase of its own.
+ * the gate/up weights are packed so that gemm.c or qgemm_vnni.c applies SiLU-and-multiply as it writes
+ * (pack_weight's or pack_vnni's silu_mul); otherwise silu_mul runs as a phase of its own.
  * kv_cache: [L, 2, num_kv_heads, num_blocks, block_size, head_dim]. cos, sin: [T, head_dim].
  * slots: [T] cache slot of each row's K/V. The attention plan (block_table, seq_of_query, ctx_lens, q_rows)
  * is native_kernels.paged_attention_kernel's.
- * Returns 0, or 1 when scratch memory could not be had (nothing computed then).
+ * Returns 0, 1 when scratch memory could not be had, or 2 for a weight kind this build cannot run (nothing
+ * computed then).
  */
 #include <stdint.h>
 #include <stdlib.h>
