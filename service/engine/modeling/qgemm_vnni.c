@@ -46,9 +46,6 @@
 #define VCOLS LMSERVE_VNNI_GROUP_COLS /* 32 */
 #define VK LMSERVE_QGEMM_K_ALIGN       /* 32 */
 #define VROWS 6
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif
 
 int lmserve_has_int8_bf16(void) { return 1; }
 
@@ -84,7 +81,7 @@ static inline __attribute__((always_inline)) void block(const int rows, const in
 #pragma GCC unroll 6
         for (int m = 0; m < rows; m++) s[m][0] = s[m][1] = _mm512_set1_epi32(cx[m * nb + b]);
         const uint8_t *wb = w + b * VK * VCOLS;
-        for (int64_t i = 0; i < pf_per_block && pf_done < pf_lines; i++, pf_done++) _mm_prefetch(pf + 64 * pf_done, PF_HINT);
+        for (int64_t i = 0; i < pf_per_block && pf_done < pf_lines; i++, pf_done++) _mm_prefetch(pf + 64 * pf_done, _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int p = 0; p < VK / 4; p++) {
             const __m512i w0 = _mm512_loadu_si512(wb + p * 4 * VCOLS), w1 = _mm512_loadu_si512(wb + p * 4 * VCOLS + 64);
