@@ -211,9 +211,7 @@ def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
         flags = kernel_cache.cpu_flags().split()
         dtype = "bfloat16" if b"avx512_bf16" in flags or b"amx_bf16" in flags else "float32"
     # int8 under bf16: qgemm_vnni.c, compiled (-march=native) where the CPU has AVX-512 VNNI and BF16
-    int8_bf16 = engine.quantization == "int8" and all(
-        f in kernel_cache.cpu_flags().split() for f in (b"avx512_vnni", b"avx512_bf16", b"avx512bw", b"avx512vl")
-    )
+    int8_bf16 = engine.quantization == "int8" and kernel_cache.cpu_has_int8_bf16()
     if dtype != "float32" and not (dtype == "bfloat16" and int8_bf16):
         where = " (auto on this CPU)" if engine.dtype == "auto" else ""
         if engine.quantization == "int8" and dtype == "bfloat16":

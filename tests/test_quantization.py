@@ -20,7 +20,7 @@ from service.tokenizer import Tokenizer
 from tests.cli_process import cli_server, free_port
 from tests.test_cli import FileWatch, _serve_fails_before_loading
 
-CPU_HAS_VNNI_BF16 = all(f in kernel_cache.cpu_flags().split() for f in (b"avx512_vnni", b"avx512_bf16", b"avx512bw", b"avx512vl"))
+CPU_HAS_VNNI_BF16 = kernel_cache.cpu_has_int8_bf16()
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 

@@ -11,6 +11,14 @@ from service.engine.runner import ModelRunner
 
 Step = list[tuple[int, int, int, list[int]]]  # per sequence: (start_row, new tokens, cached tokens, blocks)
 
+# The decoder-stack tests' schedule over three sequences (fed ids[:60]): prefills, then a prompt's later chunk
+# beside two decodes, then decodes.
+MIXED_STEPS: list[Step] = [
+    [(0, 18, 0, [2, 3]), (18, 30, 0, [4, 5]), (48, 5, 0, [6])],  # prefills
+    [(0, 7, 18, [2, 3]), (7, 1, 30, [4, 5]), (8, 1, 5, [6])],  # a chunk, two decodes
+    [(0, 1, 25, [2, 3]), (1, 1, 31, [4, 5]), (2, 1, 6, [6])],  # decodes
+]
+
 
 def forward_steps(
     runner: ModelRunner, path: ForwardPath, steps: list[Step], ids: torch.Tensor

@@ -16,12 +16,11 @@ from service.config import EngineConfig
 from service.engine.modeling import kernel_cache, native_kernels, qgemm_vnni
 from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from service.engine.runner import ModelRunner
-from tests.engine.forward_steps import forward_steps
+from tests.engine.forward_steps import MIXED_STEPS, forward_steps
 
 BF16 = torch.bfloat16
 CPU = torch.device("cpu")
-VNNI_FLAGS = (b"avx512_vnni", b"avx512_bf16", b"avx512bw", b"avx512vl")
-CPU_HAS_VNNI_BF16 = all(f in kernel_cache.cpu_flags().split() for f in VNNI_FLAGS)
+CPU_HAS_VNNI_BF16 = kernel_cache.cpu_has_int8_bf16()
 needs_vnni = pytest.mark.skipif(
     not CPU_HAS_VNNI_BF16, reason="this CPU has no AVX-512 VNNI and BF16: int8 runs under float32 activations (qgemm.c)"
 )
@@ -140,11 +139,7 @@ def test_int8_bf16_stack_matches_the_layer_by_layer_path(
     decoder_stack = native_kernels.decoder_stack
     monkeypatch.setattr(native_kernels, "decoder_stack", lambda *a: stack_calls.append(1) or decoder_stack(*a))
     ids = torch.randint(100, 5000, (60,), generator=torch.Generator().manual_seed(5))
-    steps = [
-        [(0, 18, 0, [2, 3]), (18, 30, 0, [4, 5]), (48, 5, 0, [6])],  # prefills
-        [(0, 7, 18, [2, 3]), (7, 1, 30, [4, 5]), (8, 1, 5, [6])],  # a chunk, two decodes
-        [(0, 1, 25, [2, 3]), (1, 1, 31, [4, 5]), (2, 1, 6, [6])],  # decodes
-    ]
+    steps = MIXED_STEPS
     stacked, stacked_cache = forward_steps(runner, ForwardPath.DECODER_STACK, steps, ids)
     assert len(stack_calls) == 3  # bf16 prefills take the C attention kernel too
     per_op, per_op_cache = forward_steps(runner, ForwardPath.FUSED_OPS, steps, ids)

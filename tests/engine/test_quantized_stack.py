@@ -17,7 +17,7 @@ from service.engine.modeling.forward_path import ForwardPath, choose_forward_pat
 from service.engine.modeling.layers import rotate_half
 from service.engine.runner import ModelRunner
 from tests.checkpoints.gguf_model import gguf_blocks_of
-from tests.engine.forward_steps import forward_steps
+from tests.engine.forward_steps import MIXED_STEPS, forward_steps
 
 F32 = torch.float32
 CPU = torch.device("cpu")
@@ -118,12 +118,7 @@ def test_quantized_stack_matches_the_layer_by_layer_path(
     decoder_stack = native_kernels.decoder_stack
     monkeypatch.setattr(native_kernels, "decoder_stack", lambda *a: stack_calls.append(1) or decoder_stack(*a))
     ids = torch.randint(100, 5000, (60,), generator=torch.Generator().manual_seed(5))
-    # (start_row, new tokens, cached tokens, blocks) per sequence
-    steps = [
-        [(0, 18, 0, [2, 3]), (18, 30, 0, [4, 5]), (48, 5, 0, [6])],  # prefills
-        [(0, 7, 18, [2, 3]), (7, 1, 30, [4, 5]), (8, 1, 5, [6])],  # a chunk, two decodes
-        [(0, 1, 25, [2, 3]), (1, 1, 31, [4, 5]), (2, 1, 6, [6])],  # decodes
-    ]
+    steps = MIXED_STEPS
 
     stacked, stacked_cache = forward_steps(runner, ForwardPath.DECODER_STACK, steps, ids)
     assert len(stack_calls) == 2  # the two steps without a fresh prefill

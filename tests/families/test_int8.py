@@ -15,15 +15,17 @@ import pytest
 import torch
 
 from service.config import EngineConfig
+from service.engine.modeling import kernel_cache
 from service.engine.modeling.attention import SeqLayout
 from service.engine.runner import ModelRunner
 from tests.families.conftest import Family
-from tests.test_quantization import CPU_HAS_VNNI_BF16
 
 FAMILIES = ["gemma2", "qwen3", "gpt2", "mixtral", "mistral-window"]
 DTYPES = [
     "float32",
-    pytest.param("bfloat16", marks=pytest.mark.skipif(not CPU_HAS_VNNI_BF16, reason="no AVX-512 VNNI and BF16 here")),
+    pytest.param(
+        "bfloat16", marks=pytest.mark.skipif(not kernel_cache.cpu_has_int8_bf16(), reason="no AVX-512 VNNI and BF16 here")
+    ),
 ]
 
 

@@ -52,6 +52,16 @@ def cpu_flags() -> bytes:
         return b""
 
 
+# qgemm_vnni.c (int8 weights under bf16 activations) compiles to its real body (-march=native) where the CPU has these.
+INT8_BF16_FLAGS = (b"avx512_vnni", b"avx512_bf16", b"avx512bw", b"avx512vl")
+
+
+def cpu_has_int8_bf16() -> bool:
+    """This CPU runs qgemm_vnni.c: AVX-512 VNNI and BF16 (with BW and VL)."""
+    flags = cpu_flags().split()
+    return all(f in flags for f in INT8_BF16_FLAGS)
+
+
 def sources(source_dir: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     """(the .c files compiled into one library, the .h files they include), each sorted."""
     return tuple(sorted(source_dir.glob("*.c"))), tuple(sorted(source_dir.glob("*.h")))

@@ -73,11 +73,6 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:
     return weight.detach()
 
 
-def int8_bf16_available() -> bool:
-    """--quantization int8 runs with bf16 activations here (qgemm_vnni.c: AVX-512 VNNI and BF16)."""
-    return qgemm_vnni.available()
-
-
 def quantization_refusal(quantization: str, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why `quantization` cannot run with these activations here (one line), or None when it can. On CPU, the
     kernels loaded; float32 activations (qgemm.c, qgemm_gguf.c), or for int8 bf16 ones where the CPU has
@@ -90,7 +85,7 @@ def quantization_refusal(quantization: str, dtype: torch.dtype, device: torch.de
         return f"--quantization {quantization} runs on CPU only (its kernel is C), not on {device.type}"
     if not native_kernels.qgemm_available():
         return f"--quantization {quantization} needs the C kernels, which could not be built (a C compiler, --cache-dir)"
-    if dtype == torch.float32 or (quantization == "int8" and dtype == torch.bfloat16 and int8_bf16_available()):
+    if dtype == torch.float32 or (quantization == "int8" and dtype == torch.bfloat16 and qgemm_vnni.available()):
         return None
     name = str(dtype).removeprefix("torch.")
     if quantization == "int8" and dtype == torch.bfloat16:
