@@ -308,11 +308,11 @@ def silu_mul_packable(weight: torch.Tensor) -> bool:
     return gemm_bf16_fits(weight) and weight.shape[0] % _GROUP_COLS == 0
 
 
-def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
-    """[2 * intermediate, ...] gate rows then up rows -> 32 gate rows, the matching 32 up rows, and so on:
-    each of gemm.c's 64-column groups then holds both halves of 32 activations."""
-    half = _GROUP_COLS // 2
-    return t.reshape(2, t.shape[0] // _GROUP_COLS, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+def interleave_gate_up(t: torch.Tensor, group: int = _GROUP_COLS) -> torch.Tensor:
+    """[2 * intermediate, ...] gate rows then up rows -> group / 2 gate rows, the matching up rows, and so on:
+    each of gemm.c's 64-column groups (qgemm_vnni.c's 32) then holds both halves of group / 2 activations."""
+    half = group // 2
+    return t.reshape(2, t.shape[0] // group, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
 def pack_weight(weight: torch.Tensor, silu_mul: bool = False) -> PackedWeight:
@@ -336,21 +336,42 @@ def gemm_bf16(
     """x [..., in_features] @ weight.T (+ bias) -> [..., out_features] with float32 accumulation, rounded to
     bf16, or (out_dtype float32) the float32 sums as they are. A weight packed for silu_mul gives
     silu(gate) * up instead, [..., out_features / 2] in bf16 (the bias interleaved as the weight is)."""
+
+    def call(x_ptr: int, bias_ptr: int | None, y_ptr: int | None, y_f32_ptr: int | None, rows: int) -> int:
+        _loaded().gemm_bf16(
+            x_ptr, weight.data.data_ptr(), bias_ptr, y_ptr, y_f32_ptr, rows, weight.out_features, weight.in_features,
+            int(weight.silu_mul), torch.get_num_threads(),
+        )  # fmt: skip
+        return 0
+
+    return bf16_matmul("gemm_bf16", x, weight, bias, out_dtype, call)
+
+
+def bf16_matmul(
+    kind: str, x: torch.Tensor, weight, bias: torch.Tensor | None, out_dtype: torch.dtype, call
+) -> torch.Tensor:
+    """What gemm_bf16 and qgemm_vnni share: bf16 x [..., in_features] flattened to rows; out [rows, out_features]
+    in bf16 or float32 (bf16 only, [rows, out_features / 2], for a weight packed for silu_mul); `call(x_ptr,
+    bias_ptr or None, bf16 out_ptr or None, float32 out_ptr or None, rows)` (the kernel; 0, 1: no memory, 2: not
+    in this build) where there are rows; out shaped as x's leading dimensions."""
     if out_dtype not in (torch.bfloat16, torch.float32) or (weight.silu_mul and out_dtype != torch.bfloat16):
-        raise ValueError(f"gemm_bf16 writes bfloat16 or float32 (bfloat16 only for silu_mul), not {out_dtype}")
+        raise ValueError(f"{kind} writes bfloat16 or float32 (bfloat16 only for silu_mul), not {out_dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features).contiguous()
-    _check("gemm_bf16", x2, *(() if bias is None else (bias,)))
+    _check(kind, x2, *(() if bias is None else (bias,)))
     rows = x2.shape[0]
     width = weight.out_features // 2 if weight.silu_mul else weight.out_features
     out = torch.empty(rows, width, dtype=out_dtype)
     if rows:
         f32 = out_dtype == torch.float32
-        _loaded().gemm_bf16(
-            x2.data_ptr(), weight.data.data_ptr(), None if bias is None else bias.data_ptr(),
-            None if f32 else out.data_ptr(), out.data_ptr() if f32 else None,
-            rows, weight.out_features, weight.in_features, int(weight.silu_mul), torch.get_num_threads(),
+        failed = call(
+            x2.data_ptr(), None if bias is None else bias.data_ptr(), None if f32 else out.data_ptr(),
+            out.data_ptr() if f32 else None, rows,
         )  # fmt: skip
+        if failed == 2:
+            raise RuntimeError(f"{kind}: this build of the kernels does not have it (its CPU lacks the instructions)")
+        if failed:
+            raise MemoryError(f"{kind} could not allocate its activation buffer")
     return out.view(*lead, width)
 
 

@@ -47,13 +47,8 @@ class VNNIWeight:
         return self.int8_values().float() * scales[: self.out_features, None]
 
 
-def _interleave(t: torch.Tensor) -> torch.Tensor:
-    """[2 * inter, ...] gate rows then up rows -> per 16: gate rows 16g..16g+15, then the same up rows."""
-    half = _VCOLS // 2
-    return t.reshape(2, t.shape[0] // _VCOLS, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-
-
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """native_kernels.interleave_gate_up(t, 32) undone: gate rows, then up rows."""
     half = _VCOLS // 2
     return t.reshape(t.shape[0] // _VCOLS, 2, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
@@ -84,7 +79,9 @@ def pack_vnni(weight: torch.Tensor, silu_mul: bool = False) -> VNNIWeight:
     scales = w.abs().amax(dim=1) / 127.0
     q = torch.round(w / torch.where(scales > 0, scales, 1.0)[:, None]).clamp_(-127, 127).to(torch.int16)
     if silu_mul:
-        q, scales = _interleave(q), _interleave(scales)
+        from service.engine.modeling.native_kernels import interleave_gate_up
+
+        q, scales = interleave_gate_up(q, _VCOLS), interleave_gate_up(scales, _VCOLS)
     n_pad = -(-out_features // _VCOLS) * _VCOLS
     k_pad = -(-in_features // _QK) * _QK
     padded = torch.full((n_pad, k_pad), 128, dtype=torch.uint8)
@@ -121,23 +118,10 @@ def qgemm_vnni(
     the float32 sums as they are; a weight packed for silu_mul gives silu(gate) * up, [..., out / 2] bf16."""
     from service.engine.modeling import native_kernels
 
-    if out_dtype not in (torch.bfloat16, torch.float32) or (weight.silu_mul and out_dtype != torch.bfloat16):
-        raise ValueError(f"qgemm_vnni writes bfloat16 or float32 (bfloat16 only for silu_mul), not {out_dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, weight.in_features).contiguous()
-    native_kernels._check("qgemm_vnni", x2, *(() if bias is None else (bias,)))
-    rows = x2.shape[0]
-    width = weight.out_features // 2 if weight.silu_mul else weight.out_features
-    out = torch.empty(rows, width, dtype=out_dtype)
-    if rows:
-        f32 = out_dtype == torch.float32
-        failed = native_kernels._loaded().qgemm_vnni(
-            x2.data_ptr(), weight.data.data_ptr(), weight.scales.data_ptr(), None if bias is None else bias.data_ptr(),
-            None if f32 else out.data_ptr(), out.data_ptr() if f32 else None,
-            rows, weight.out_features, weight.in_features, int(weight.silu_mul), torch.get_num_threads(),
+    def call(x_ptr: int, bias_ptr: int | None, y_ptr: int | None, y_f32_ptr: int | None, rows: int) -> int:
+        return native_kernels._loaded().qgemm_vnni(
+            x_ptr, weight.data.data_ptr(), weight.scales.data_ptr(), bias_ptr, y_ptr, y_f32_ptr, rows,
+            weight.out_features, weight.in_features, int(weight.silu_mul), torch.get_num_threads(),
         )  # fmt: skip
-        if failed == 2:
-            raise RuntimeError("qgemm_vnni: this build of the kernels has no AVX-512 VNNI and BF16")
-        if failed:
-            raise MemoryError("qgemm_vnni could not allocate its activation buffer")
-    return out.view(*lead, width)
+
+    return native_kernels.bf16_matmul("qgemm_vnni", x, weight, bias, out_dtype, call)
