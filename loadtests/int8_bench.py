@@ -24,19 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
-from vllm_engine_bench import _FIELDS, BENCH_TIMEOUT_S, START_TIMEOUT_S, Point, Running  # noqa: E402
+from lmload.servers import stop  # noqa: E402
+from vllm_engine_bench import Point, Running, run_bench, start_server  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("bf16", "int8", "vllm")
@@ -57,18 +53,7 @@ def _argv(server: str, model: Path, port: int, vllm_venv: Path) -> tuple[list[st
 
 
 def start(server: str, model: Path, vllm_venv: Path, env: dict[str, str], log_dir: Path) -> Running:
-    port = free_port()
-    argv, ready_path = _argv(server, model, port, vllm_venv)
-    base_url = f"http://127.0.0.1:{port}"
-    log_path = log_dir / f"{server}.log"
-    log_path.unlink(missing_ok=True)
-    process = launch(argv, log_path, env=env, cwd=REPO_ROOT)
-    try:
-        wait_ready(process, base_url + ready_path, START_TIMEOUT_S, server, poll_s=2)
-    except (RuntimeError, TimeoutError) as exc:
-        raise RuntimeError(f"{exc}; see {log_path}") from None
-    model_id = str(httpx.get(base_url + "/v1/models", timeout=30).json()["data"][0]["id"])
-    return Running(server, process, base_url, model_id)
+    return start_server(server, lambda port: _argv(server, model, port, vllm_venv), env, log_dir)
 
 
 def bench(
@@ -76,24 +61,13 @@ def bench(
     env: dict[str, str], log_dir: Path,
 ) -> Point:
     """One `vllm bench serve` run: random 128-token prompts, 128 tokens out, ignore_eos, seed 0."""
-    result = subprocess.run(
-        [
-            str(vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", running.base_url,
-            "--model", running.model, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "128",
-            "--random-output-len", "128", "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-            "--ignore-eos", "--seed", "0",
-        ],
-        env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
-    )  # fmt: skip
-    (log_dir / f"{running.name}-round{round_index}-c{concurrency}.txt").write_text(result.stdout + result.stderr)
-    values: dict[str, float] = {}
-    for field, pattern in _FIELDS.items():
-        match = re.search(pattern, result.stdout)
-        values[field] = float(match.group(1)) if match else (0.0 if field == "num_failed" else float("nan"))
-    return Point(
-        running.name, round_index, concurrency, num_prompts, int(values["num_ok"]), int(values["num_failed"]),
-        values["output_tok_s"], values["median_ttft_ms"], values["median_tpot_ms"],
-    )  # fmt: skip
+    command = [
+        str(vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", running.base_url,
+        "--model", running.model, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "128",
+        "--random-output-len", "128", "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+        "--ignore-eos", "--seed", "0",
+    ]  # fmt: skip
+    return run_bench(command, running, concurrency, num_prompts, round_index, env, log_dir)
 
 
 def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> str:

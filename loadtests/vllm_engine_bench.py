@@ -81,8 +81,14 @@ def _argv(server: str, model: Path, port: int, kv_cache_gib: int, dtype: str) ->
 
 
 def start(server: str, model: Path, kv_cache_gib: int, dtype: str, env: dict[str, str], log_dir: Path) -> Running:
+    return start_server(server, lambda port: _argv(server, model, port, kv_cache_gib, dtype), env, log_dir)
+
+
+def start_server(server: str, argv_for, env: dict[str, str], log_dir: Path) -> Running:
+    """Launch `argv_for(port)` = (command line, readiness path) on a free port, its output in log_dir/SERVER.log;
+    wait until it serves, and take the model id it lists (int8_bench.py starts its servers here too)."""
     port = free_port()
-    argv, ready_path = _argv(server, model, port, kv_cache_gib, dtype)
+    argv, ready_path = argv_for(port)
     base_url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"{server}.log"
     log_path.unlink(missing_ok=True)
@@ -98,10 +104,18 @@ def start(server: str, model: Path, kv_cache_gib: int, dtype: str, env: dict[str
 def bench(
     running: Running, model: Path, concurrency: int, num_prompts: int, round_index: int, env: dict[str, str], log_dir: Path
 ) -> Point:
-    result = subprocess.run(
-        [str(PEER_SCRIPT), "bench", running.base_url, running.model, str(model), str(concurrency), str(num_prompts)],
-        env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
-    )  # fmt: skip
+    command = [
+        str(PEER_SCRIPT), "bench", running.base_url, running.model, str(model), str(concurrency), str(num_prompts),
+    ]  # fmt: skip
+    return run_bench(command, running, concurrency, num_prompts, round_index, env, log_dir)
+
+
+def run_bench(
+    command: list[str], running: Running, concurrency: int, num_prompts: int, round_index: int, env: dict[str, str],
+    log_dir: Path,
+) -> Point:
+    """Run a `vllm bench serve` command line against `running`, keep its output in log_dir, read its figures."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
     (log_dir / f"{running.name}-round{round_index}-c{concurrency}.txt").write_text(result.stdout + result.stderr)
     values: dict[str, float] = {}
     for field, pattern in _FIELDS.items():

@@ -44,21 +44,30 @@ static void finish(__m512 acc[ROWS][2]) {
     sink = s;
 }
 
-static void offset(int reps) {
+/* The zmm loop, with the unsigned offset (sign = 0: each block's sum starts at cx, the bare vpdpbusd) or the
+ * sign trick (sign = 1: |x| unsigned, the weights negated under x's sign mask per row and instruction). */
+static inline __attribute__((always_inline)) void zmm_loop(int reps, const int sign) {
     for (int r = 0; r < reps; r++) {
         __m512 acc[ROWS][2];
         for (int m = 0; m < ROWS; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
         for (int b = 0; b < NB; b++) {
             __m512i s[ROWS][2];
-            for (int m = 0; m < ROWS; m++) s[m][0] = s[m][1] = _mm512_set1_epi32(CX[m * NB + b]);
+            for (int m = 0; m < ROWS; m++) s[m][0] = s[m][1] = _mm512_set1_epi32(sign ? 0 : CX[m * NB + b]);
             for (int p = 0; p < 8; p++) {
                 const __m512i w0 = _mm512_loadu_si512(W + (b * 8 + p) * 128), w1 = _mm512_loadu_si512(W + (b * 8 + p) * 128 + 64);
                 for (int m = 0; m < ROWS; m++) {
                     int32_t q;
                     memcpy(&q, X + m * K + b * 32 + 4 * p, 4);
                     const __m512i xb = _mm512_set1_epi32(q);
-                    s[m][0] = _mm512_dpbusd_epi32(s[m][0], w0, xb);
-                    s[m][1] = _mm512_dpbusd_epi32(s[m][1], w1, xb);
+                    if (sign) {
+                        const __mmask64 neg = _mm512_movepi8_mask(xb);
+                        const __m512i ax = _mm512_abs_epi8(xb);
+                        s[m][0] = _mm512_dpbusd_epi32(s[m][0], ax, _mm512_mask_sub_epi8(w0, neg, _mm512_setzero_si512(), w0));
+                        s[m][1] = _mm512_dpbusd_epi32(s[m][1], ax, _mm512_mask_sub_epi8(w1, neg, _mm512_setzero_si512(), w1));
+                    } else {
+                        s[m][0] = _mm512_dpbusd_epi32(s[m][0], w0, xb);
+                        s[m][1] = _mm512_dpbusd_epi32(s[m][1], w1, xb);
+                    }
                 }
             }
             for (int m = 0; m < ROWS; m++) {
@@ -71,34 +80,8 @@ static void offset(int reps) {
     }
 }
 
-static void sign_zmm(int reps) {
-    for (int r = 0; r < reps; r++) {
-        __m512 acc[ROWS][2];
-        for (int m = 0; m < ROWS; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-        for (int b = 0; b < NB; b++) {
-            __m512i s[ROWS][2];
-            for (int m = 0; m < ROWS; m++) s[m][0] = s[m][1] = _mm512_setzero_si512();
-            for (int p = 0; p < 8; p++) {
-                const __m512i w0 = _mm512_loadu_si512(W + (b * 8 + p) * 128), w1 = _mm512_loadu_si512(W + (b * 8 + p) * 128 + 64);
-                for (int m = 0; m < ROWS; m++) {
-                    int32_t q;
-                    memcpy(&q, X + m * K + b * 32 + 4 * p, 4);
-                    const __m512i xb = _mm512_set1_epi32(q);
-                    const __mmask64 neg = _mm512_movepi8_mask(xb);
-                    const __m512i ax = _mm512_abs_epi8(xb);
-                    s[m][0] = _mm512_dpbusd_epi32(s[m][0], ax, _mm512_mask_sub_epi8(w0, neg, _mm512_setzero_si512(), w0));
-                    s[m][1] = _mm512_dpbusd_epi32(s[m][1], ax, _mm512_mask_sub_epi8(w1, neg, _mm512_setzero_si512(), w1));
-                }
-            }
-            for (int m = 0; m < ROWS; m++) {
-                const __m512 sc = _mm512_set1_ps(SX[m * NB + b]);
-                acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m][0]), sc, acc[m][0]);
-                acc[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m][1]), sc, acc[m][1]);
-            }
-        }
-        finish(acc);
-    }
-}
+static void offset(int reps) { zmm_loop(reps, 0); }
+static void sign_zmm(int reps) { zmm_loop(reps, 1); }
 
 static void sign_ymm(int reps) {
     for (int r = 0; r < reps; r++) {
