@@ -17,7 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from service.cli_args import PORT, EnvError, Flags, HelpFormatter, device_name, float_in, int_at_least, one_of
+from service.cli_args import (
+    PORT, EnvError, Flags, HelpFormatter, device_name, float_in, int_at_least, lora_module, lora_module_list, one_of,
+)
 from service.config import (
     DEFAULT_EMBEDDING_MODEL,
     DEFAULT_MODEL,
@@ -137,6 +139,12 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention=args.attention,
         model_impl=args.model_impl,
         quantization=args.quantization,
+        # Serve's flags only (`lmserve generate` runs the base).
+        lora_modules=tuple(getattr(args, "lora_modules", ())),
+        max_loras=getattr(args, "max_loras", d.max_loras),
+        max_lora_rank=getattr(args, "max_lora_rank", d.max_lora_rank),
+        max_cpu_loras=getattr(args, "max_cpu_loras", d.max_cpu_loras),
+        allow_runtime_lora=getattr(args, "allow_runtime_lora", False),
         allow_pickle=args.allow_pickle,
         cache_dir=args.cache_dir,  # the C kernels are built into the same cache as the converted models
     )
@@ -222,6 +230,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     f.value("--grpc-tls-key", "LMSERVE_GRPC_TLS_KEY", Path, None, "PEM private key of --grpc-tls-cert", metavar="PEM")
     f.value("--grpc-tls-client-ca", "LMSERVE_GRPC_TLS_CLIENT_CA", Path, None,
             "PEM CA: clients must present a certificate it signed (mutual TLS)", metavar="PEM")
+    e = EngineConfig()
+    serve.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH",
+                       default=f.env_default("LMSERVE_LORA_MODULES", lora_module_list, ()),
+                       help="PEFT LoRA adapter folders served beside the base model, each chosen per request by its "
+                       "NAME as `model` (vLLM's JSON form {\"name\": ..., \"path\": ...} is taken too) "
+                       "[env LMSERVE_LORA_MODULES, comma-separated]")
+    f.value("--max-loras", "LMSERVE_MAX_LORAS", int_at_least(1), e.max_loras,
+            "LoRA adapters one engine step can hold (slots); requests for more wait", metavar="N")
+    f.value("--max-lora-rank", "LMSERVE_MAX_LORA_RANK", int_at_least(1), e.max_lora_rank,
+            "the highest LoRA rank accepted (the slots are sized for it)", metavar="R")
+    f.value("--max-cpu-loras", "LMSERVE_MAX_CPU_LORAS", int_at_least(1), e.max_cpu_loras,
+            "adapters' factors kept in host memory, least recently used dropped (read again when needed); "
+            "unset: --max-loras", metavar="N")
+    f.switch("--allow-runtime-lora", "LMSERVE_ALLOW_RUNTIME_LORA",
+             "allow /v1/load_lora_adapter and /v1/unload_lora_adapter (and gRPC's LoadLoraAdapter) at run time")
     serve.add_argument("--engine", choices=["native", "vllm"], default=env.get("LMSERVE_ENGINE", "native"),
                        help="generation engine [env LMSERVE_ENGINE]")
     add_vllm_flags(serve, env)

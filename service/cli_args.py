@@ -6,9 +6,11 @@ variable checked with the flag's own type (the CLI passes the environment in; no
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from service.config import parse_bool
@@ -93,6 +95,26 @@ def served_name(text: str) -> str:
 def name_list(text: str) -> tuple[str, ...]:
     """Comma-separated served names (an LMSERVE_* variable's form of a repeated flag)."""
     return tuple(served_name(part.strip()) for part in text.split(","))
+
+
+def lora_module(text: str) -> tuple[str, Path]:
+    """One --lora-modules entry: NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            item = json.loads(text)
+            name, path = item["name"], item["path"]
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f'a LoRA module as JSON needs "name" and "path", got {text!r}') from None
+    else:
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise argparse.ArgumentTypeError(f"a LoRA module is NAME=PATH, got {text!r}")
+    return served_name(str(name)), Path(str(path))
+
+
+def lora_module_list(text: str) -> tuple[tuple[str, Path], ...]:
+    """Comma-separated NAME=PATH entries (LMSERVE_LORA_MODULES)."""
+    return tuple(lora_module(part.strip()) for part in text.split(",") if part.strip())
 
 
 # ---- help ----------------------------------------------------------------------------------------------

@@ -57,6 +57,14 @@ class EngineConfig:
     # none: the float paths, unchanged.
     quantization: str = "none"
     num_threads: int | None = None  # torch intra-op threads on CPU; None: every core
+    # LoRA adapters served beside the base, chosen per request by name (engine/modeling/lora.py): those
+    # registered at start, the slots for adapters in one step, the highest rank taken, the host-memory
+    # copies kept (None: max_loras), and whether /v1/load_lora_adapter may add more at run time.
+    lora_modules: tuple[tuple[str, Path], ...] = ()
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    allow_runtime_lora: bool = False
     allow_pickle: bool = False  # load .bin (pickle) checkpoints only when set
     # The C kernels are built into cache_dir/kernels (the same cache as ServeConfig.cache_dir) with c_compiler.
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -69,6 +77,19 @@ class EngineConfig:
             raise ValueError("--prompt-lookup-min must be at least 1 and at most --prompt-lookup-max")
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"--model-impl must be one of {', '.join(MODEL_IMPLS)}, not {self.model_impl!r}")
+        if self.max_loras < 1 or self.max_lora_rank < 1 or (self.max_cpu_loras is not None and self.max_cpu_loras < 1):
+            raise ValueError("--max-loras, --max-lora-rank and --max-cpu-loras must be at least 1")
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--lora-modules names the same adapter twice: {sorted(n for n in names if names.count(n) > 1)[0]}")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.lora_modules) or self.allow_runtime_lora
+
+    @property
+    def num_cpu_loras(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class AccessRecord:
     prompt: Any = None  # as the client sent it (text, token ids or chat messages)
     outputs: list[str] | None = None  # one text per choice
     response_id: str | None = None  # a completion's `id` ("cmpl-" / "chatcmpl-" + request_id)
+    lora: str | None = None  # the LoRA adapter a generation request ran with
 
 
 def _ms(seconds: float) -> float:
@@ -97,6 +98,8 @@ def log_access(
         fields["grpc_status"] = grpc_status
     if record.response_id is not None:
         fields["response_id"] = record.response_id
+    if record.lora is not None:
+        fields["lora_adapter"] = record.lora
     if record.error is not None:
         fields["error"] = record.error
     if record.prompt_tokens is not None:

@@ -18,6 +18,8 @@ Where the numbers come from:
 
 from __future__ import annotations
 
+import time
+
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -135,6 +137,41 @@ class Metrics:
             "Prompt tokens of finished sequences (a prompt with n choices counts n times).",
         )
         self.generation_tokens_total = gen.counter("lmserve_generation_tokens_total", "Output tokens generated.")
+        # -- LoRA adapters ------------------------------------------------------------------------------
+        self.lora_requests_total = Counter(
+            "lmserve_lora_requests_total", "Finished generation sequences run with a LoRA adapter, by adapter.",
+            ["model", "lora_adapter"], registry=r,
+        )  # fmt: skip
+        self.lora_prompt_tokens_total = Counter(
+            "lmserve_lora_prompt_tokens_total", "Prompt tokens of finished sequences run with a LoRA adapter.",
+            ["model", "lora_adapter"], registry=r,
+        )  # fmt: skip
+        self.lora_generation_tokens_total = Counter(
+            "lmserve_lora_generation_tokens_total", "Output tokens generated with a LoRA adapter.",
+            ["model", "lora_adapter"], registry=r,
+        )  # fmt: skip
+        self.lora_adapters_resident = gen.gauge(
+            "lmserve_lora_adapters_resident", "LoRA adapters in the engine's slots now (at most --max-loras)."
+        )
+        self.lora_adapters_loaded = gen.gauge(
+            "lmserve_lora_adapters_loaded", "LoRA adapters served by name (--lora-modules and run-time loads)."
+        )
+        self.lora_loads_total = gen.counter(
+            "lmserve_lora_loads_total", "LoRA adapters loaded at run time (/v1/load_lora_adapter, gRPC LoadLoraAdapter)."
+        )
+        self.lora_unloads_total = gen.counter("lmserve_lora_unloads_total", "LoRA adapters unloaded at run time.")
+        self.lora_reads_total = gen.counter(
+            "lmserve_lora_reads_total", "Adapter folders read into host memory (loads, and reads after --max-cpu-loras evictions)."
+        )
+        self.lora_evictions_total = gen.counter(
+            "lmserve_lora_evictions_total", "Adapters put out of a slot for another (--max-loras smaller than the adapters in use)."
+        )
+        self.lora_requests_info = Gauge(
+            "lmserve_lora_requests_info",
+            "vLLM's lora_requests_info: the adapters of the running and waiting requests (comma-separated), the "
+            "value the scrape time.",
+            ["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r,
+        )  # fmt: skip
         self.request_finished_total = Counter(
             "lmserve_request_finished_total",
             "Finished generation sequences by finish reason (abort: the client left or the request failed).",
@@ -233,6 +270,7 @@ class Metrics:
         num_output_tokens: int,
         finish_reason: str | None,
         timing: RequestTiming | None = None,
+        lora: str | None = None,
     ) -> None:
         """One generation sequence ended; `timing` is the engine's, absent when it ended before its
         finishing delta (client gone, engine error)."""
@@ -249,6 +287,10 @@ class Metrics:
         self.prompt_tokens_total.inc(num_prompt_tokens)
         self.generation_tokens_total.inc(num_output_tokens)
         self.request_finished_total.labels(model=self.model, finish_reason=finish_reason or "abort").inc()
+        if lora is not None:
+            self.lora_requests_total.labels(model=self.model, lora_adapter=lora).inc()
+            self.lora_prompt_tokens_total.labels(model=self.model, lora_adapter=lora).inc(num_prompt_tokens)
+            self.lora_generation_tokens_total.labels(model=self.model, lora_adapter=lora).inc(num_output_tokens)
 
     def observe_step(self, step: StepStats) -> None:
         """The engine's per-step hook (runs on the engine thread; prometheus-client is thread-safe)."""
@@ -287,6 +329,16 @@ class Metrics:
             self.spec_decode_accepted_tokens_total, stats.num_accepted_tokens_total, last.num_accepted_tokens_total
         )
         self.spec_decode_acceptance_ratio.set(stats.num_accepted_tokens_total / max(stats.num_draft_tokens_total, 1))
+        if stats.max_loras:
+            self.lora_adapters_resident.set(stats.num_loras_resident)
+            self.lora_adapters_loaded.set(stats.num_loras_loaded)
+            _advance(self.lora_reads_total, stats.num_lora_loads_total, last.num_lora_loads_total)
+            _advance(self.lora_evictions_total, stats.num_lora_evictions_total, last.num_lora_evictions_total)
+            self.lora_requests_info.clear()
+            self.lora_requests_info.labels(
+                model=self.model, running_lora_adapters=",".join(stats.running_loras),
+                waiting_lora_adapters=",".join(stats.waiting_loras), max_lora=str(stats.max_loras),
+            ).set(time.time())  # fmt: skip
         self._last_engine = stats
 
     def render(self) -> bytes:

@@ -35,6 +35,9 @@ class ServedModel:
     name: str  # the id clients send as `model`
     aliases: frozenset[str]  # name plus the checkpoint reference it was loaded from
     created: int
+    lora: str | None = None  # a LoRA adapter served on the generation model: its name (then `parent` is the base's)
+    parent: str | None = None
+    root: str | None = None  # where it was loaded from, as /v1/models shows it (an adapter's folder)
 
     def matches(self, model: str | None) -> bool:
         return model is None or model in self.aliases

@@ -113,6 +113,8 @@ def _request_attributes(record: AccessRecord, method: str, path: str, status: in
     }
     if record.error is not None:
         attributes["error.type"] = record.error
+    if record.lora is not None:
+        attributes["lmserve.lora_adapter"] = record.lora
     if record.prompt_tokens is not None:
         attributes["gen_ai.usage.input_tokens"] = record.prompt_tokens
     if record.completion_tokens is not None:

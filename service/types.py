@@ -163,3 +163,4 @@ class GenerationRequest:
     # Seconds from submission it may wait to be scheduled; still waiting then, it fails with
     # QueueTimeoutError. None: it waits as long as it takes.
     queue_timeout_s: float | None = None
+    lora: str | None = None  # the LoRA adapter to generate with, by name; None: the base model

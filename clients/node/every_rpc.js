@@ -92,6 +92,20 @@ async function main() {
   const text = await unary(tok, "Detokenize", { tokens: ids.tokens });
   show("Tokenization/Detokenize", JSON.stringify(text.prompt));
 
+  // LoRA adapters at run time: a server without --allow-runtime-lora answers NOT_FOUND (code 5).
+  const loraPath = process.env.LMSERVE_LORA_PATH || "/adapters/example";
+  for (const [method, request] of [
+    ["LoadLoraAdapter", { lora_name: "example", lora_path: loraPath }],
+    ["UnloadLoraAdapter", { lora_name: "example" }],
+  ]) {
+    try {
+      show(`Models/${method}`, (await unary(models, method, request)).message);
+    } catch (err) {
+      if (err.code !== grpc.status.NOT_FOUND && err.code !== grpc.status.INVALID_ARGUMENT) throw err;
+      show(`Models/${method}`, `${err.code === grpc.status.NOT_FOUND ? "NOT_FOUND" : "INVALID_ARGUMENT"}: ${err.details}`);
+    }
+  }
+
   const verdict = await unary(mod, "Moderate", { input: ["Have a nice day."] });
   show("Moderations/Moderate", `flagged=${verdict.results.map((r) => r.flagged).join(",")} id=${verdict.id}`);
 }

@@ -344,6 +344,7 @@ def plan_generation(
     limits: LimitsConfig,
     request_id: str,
     vocab_size: int | None = None,
+    lora: str | None = None,
 ) -> GenerationPlan:
     """Check the token ids and fan out: prompt i, choice j becomes engine request i*n + j with seed
     (seed + j). Call after `check_generation`, with the tokenized prompts.
@@ -377,6 +378,7 @@ def plan_generation(
                 request_id=f"{request_id}-{i * params.n + j}",
                 timeout_s=params.timeout_s,
                 queue_timeout_s=limits.queue_timeout_s or None,
+                lora=lora,
             )
             try:
                 engine.check_request(req)
@@ -416,6 +418,8 @@ def rejection_error(
             "context_length_exceeded",
             params.max_tokens_param,
         )
+    if exc.reason is RejectReason.UNKNOWN_ADAPTER:
+        return APIError(str(exc), "model_not_found", "model")
     if exc.reason is RejectReason.INVALID_CONSTRAINT:
         param = params.structured.param if params.structured is not None else "response_format"
         return APIError(f"Invalid {param}: {exc}", "invalid_value", param)
@@ -491,7 +495,8 @@ class GenerationAccount:
         self._observed.add(index)
         c = self.choices[index]
         metrics.observe_sequence(
-            c.ttft_s(self.submitted), c.tpot_s, c.num_prompt_tokens, c.num_output_tokens, c.finish_reason_str, c.timing
+            c.ttft_s(self.submitted), c.tpot_s, c.num_prompt_tokens, c.num_output_tokens, c.finish_reason_str, c.timing,
+            self.plan.requests[index].lora,
         )
 
     def finish(self, metrics: Metrics | None, record: AccessRecord | None) -> None:

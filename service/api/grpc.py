@@ -47,12 +47,14 @@ from service.api.handlers import (
     TokenizeInput,
     chat_logprobs,
     detokenize,
+    load_lora_adapter,
     moderate,
     prepare_chat,
     prepare_completion,
     prepare_embedding,
     served_models,
     tokenize,
+    unload_lora_adapter,
 )
 from service.api.proto import lmserve_pb2 as pb
 from service.state import readiness
@@ -461,7 +463,7 @@ async def list_models(state: AppState, caller: Caller, req: pb.ListModelsRequest
         data=[
             pb.Model(
                 id=m.served.name, created=m.served.created, owned_by="lmserve", max_model_len=m.max_model_len, kind=m.kind,
-                family=m.family,
+                family=m.family, parent=m.served.parent or "", root=m.served.root or "",
             )
             for m in served_models(state)
         ]
@@ -494,6 +496,23 @@ class Method:
         return f"/{PACKAGE}.{self.service}/{self.name}"
 
 
+async def load_lora_rpc(state: AppState, caller: Caller, req: pb.LoadLoraAdapterRequest) -> pb.LoraAdapterResponse:
+    _require(lora_name=req.lora_name, lora_path=req.lora_path)
+    return pb.LoraAdapterResponse(message=await load_lora_adapter(state, caller, req.lora_name, req.lora_path))
+
+
+async def unload_lora_rpc(state: AppState, caller: Caller, req: pb.UnloadLoraAdapterRequest) -> pb.LoraAdapterResponse:
+    _require(lora_name=req.lora_name)
+    return pb.LoraAdapterResponse(message=await unload_lora_adapter(state, caller, req.lora_name))
+
+
+def _require(**fields: str) -> None:
+    """proto3 strings have no "unset": an empty one is a missing field."""
+    for name, value in fields.items():
+        if not value:
+            raise APIError(f"{name} is required.", "missing_field", name)
+
+
 METHODS = (
     Method("Generation", "Complete", pb.CompletionRequest, pb.CompletionResponse, complete),
     Method("Generation", "CompleteStream", pb.CompletionRequest, pb.CompletionChunk, complete_stream, is_stream=True),
@@ -503,6 +522,8 @@ METHODS = (
     Method("Tokenization", "Tokenize", pb.TokenizeRequest, pb.TokenizeResponse, tokenize_rpc),
     Method("Tokenization", "Detokenize", pb.DetokenizeRequest, pb.DetokenizeResponse, detokenize_rpc),
     Method("Models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, list_models),
+    Method("Models", "LoadLoraAdapter", pb.LoadLoraAdapterRequest, pb.LoraAdapterResponse, load_lora_rpc),
+    Method("Models", "UnloadLoraAdapter", pb.UnloadLoraAdapterRequest, pb.LoraAdapterResponse, unload_lora_rpc),
     Method("Moderations", "Moderate", pb.ModerationRequest, pb.ModerationResponse, moderate_rpc),
 )
 

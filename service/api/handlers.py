@@ -42,9 +42,12 @@ from service.api.generation import (
     stream_choices,
 )
 
+from service.state import ServedModel
+
 if TYPE_CHECKING:
+    from service.engine.base import LoraAdapterInfo
     from service.safety import Decision
-    from service.state import AppState, ServedModel
+    from service.state import AppState
 
 # Keys the chat template fills itself; a client's chat_template_kwargs may not override them.
 CHAT_TEMPLATE_RESERVED = frozenset(
@@ -54,6 +57,24 @@ CHAT_TEMPLATE_RESERVED = frozenset(
 _INLINE_TOKENIZE_CHARS = 64_000
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+def generation_model(state: AppState, model: str | None) -> ServedModel:
+    """The generation model a request names: the base (by any of its served names), or a LoRA adapter
+    loaded on it (by the adapter's name, as vLLM serves them)."""
+    base = state.generation_model
+    if model is not None and not base.matches(model):
+        for adapter in state.engine.lora_adapters():
+            if adapter.name == model:
+                return _adapter_model(base, adapter)
+    return require_model(base, model, "generation")
+
+
+def _adapter_model(base: ServedModel, adapter: LoraAdapterInfo) -> ServedModel:
+    return ServedModel(
+        name=adapter.name, aliases=frozenset({adapter.name}), created=adapter.created, lora=adapter.name,
+        parent=base.name, root=adapter.path,
+    )  # fmt: skip
 
 
 def require_model(served: ServedModel | None, model: str | None, kind: str) -> ServedModel:
@@ -231,7 +252,10 @@ def _admit(
     state: AppState, caller: Caller, model: ServedModel, prompts: list[list[int]], params: GenerationParams, prefix: str
 ) -> GenerationCall:
     s = state
-    plan = plan_generation(s.engine, prompts, params, s.config.limits, caller.record.request_id, s.tokenizer.vocab_size)
+    caller.record.lora = model.lora
+    plan = plan_generation(
+        s.engine, prompts, params, s.config.limits, caller.record.request_id, s.tokenizer.vocab_size, model.lora
+    )
     # Queue slot and token reservation last: a request refused above holds neither.
     admitted = Admitted(s, caller, plan.max_total_tokens)
     # One id per request: the completion's id is the request id behind OpenAI's prefix, so a response
@@ -244,7 +268,7 @@ def _admit(
 def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) -> GenerationCall:
     check_request(state, caller)
     check_engine(state)
-    model = require_model(state.generation_model, inp.model, "generation")
+    model = generation_model(state, inp.model)
     items = _prompt_items(inp.prompt)
     check_generation(inp.params, len(items), state.config.limits)
     prompts = completion_prompts(state, caller, items)
@@ -295,7 +319,7 @@ def _chat_template(state: AppState) -> str | None:
 def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
     check_request(state, caller)
     check_engine(state)
-    model = require_model(state.generation_model, inp.model, "generation")
+    model = generation_model(state, inp.model)
     contents = [str(m.get("content") or "") for m in inp.messages]
     screened = screen_input(state, caller, contents, "messages")
     messages = [
@@ -488,6 +512,51 @@ def moderate(state: AppState, caller: Caller, model: str | None, texts: list[str
 # -- models -----------------------------------------------------------------------------------------------
 
 
+# -- LoRA adapters at run time ------------------------------------------------------------------------------
+
+_LORA_ERRORS = {"invalid": "invalid_value", "conflict": "invalid_value", "not_found": "not_found", "unsupported": "not_found"}
+
+
+def _check_runtime_lora(state: AppState, caller: Caller) -> None:
+    check_request(state, caller)
+    if not state.config.engine.allow_runtime_lora:
+        raise APIError(
+            "Loading and unloading LoRA adapters at run time is off: start the server with --allow-runtime-lora.",
+            "not_found",
+        )
+
+
+async def load_lora_adapter(state: AppState, caller: Caller, name: str, path: str, load_inplace: bool = False) -> str:
+    """Register the adapter folder `path` as `name` (read and checked first); a success line, as vLLM's."""
+    from service.engine.base import LoraAdapterError
+
+    _check_runtime_lora(state, caller)
+    if load_inplace:
+        raise APIError("load_inplace is not supported: unload the adapter, then load it again.", "unsupported_value", "load_inplace")
+    if state.generation_model.matches(name) or (state.embedding_model is not None and state.embedding_model.matches(name)):
+        raise APIError(f"'{name}' is the name of a model this server serves.", "invalid_value", "lora_name")
+    try:
+        await state.engine.load_lora_adapter(name, path)
+    except LoraAdapterError as exc:
+        raise APIError(f"The LoRA adapter '{name}' cannot be loaded: {exc}", _LORA_ERRORS[exc.kind],
+                       "lora_path" if exc.kind == "invalid" else "lora_name") from None  # fmt: skip
+    state.metrics.lora_loads_total.inc()
+    return f"Success: LoRA adapter '{name}' added successfully."
+
+
+async def unload_lora_adapter(state: AppState, caller: Caller, name: str) -> str:
+    """Forget the adapter `name`: new requests for it get 404; those in flight finish with it."""
+    from service.engine.base import LoraAdapterError
+
+    _check_runtime_lora(state, caller)
+    try:
+        await state.engine.unload_lora_adapter(name)
+    except LoraAdapterError as exc:
+        raise APIError(f"The LoRA adapter '{name}' cannot be unloaded: {exc}", _LORA_ERRORS[exc.kind], "lora_name") from None
+    state.metrics.lora_unloads_total.inc()
+    return f"Success: LoRA adapter '{name}' removed successfully."
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     served: ServedModel
@@ -497,7 +566,12 @@ class ModelInfo:
 
 
 def served_models(state: AppState) -> list[ModelInfo]:
-    models = [ModelInfo(state.generation_model, state.engine.max_model_len, "generation", state.engine.family)]
+    engine = state.engine
+    models = [ModelInfo(state.generation_model, engine.max_model_len, "generation", engine.family)]
+    models += [
+        ModelInfo(_adapter_model(state.generation_model, a), engine.max_model_len, "generation", engine.family)
+        for a in engine.lora_adapters()
+    ]
     if state.embedding_model is not None and state.embedder is not None:
         embedder = state.embedder
         models.append(ModelInfo(state.embedding_model, embedder.max_input_tokens, "embedding", embedder.family))
@@ -517,10 +591,12 @@ __all__ = [
     "chat_logprobs",
     "chat_prompt",
     "detokenize",
+    "load_lora_adapter",
     "prepare_chat",
     "prepare_completion",
     "prepare_embedding",
     "require_model",
     "served_models",
     "tokenize",
+    "unload_lora_adapter",
 ]

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -49,12 +49,14 @@ from service.api.handlers import (
     TokenizeInput,
     chat_logprobs,
     detokenize,
+    load_lora_adapter,
     moderate,
     prepare_chat,
     prepare_completion,
     prepare_embedding,
     served_models,
     tokenize,
+    unload_lora_adapter,
 )
 from service.api.middleware import (
     KEY_ID_SCOPE,
@@ -743,8 +745,9 @@ def handle_detokenize(state: AppState, body: schemas.DetokenizeRequest) -> Respo
 def model_cards(state: AppState) -> list[schemas.ModelCard]:
     return [
         schemas.ModelCard(
-            id=m.served.name, created=m.served.created, max_model_len=m.max_model_len, root=m.served.name, family=m.family
-        )
+            id=m.served.name, created=m.served.created, max_model_len=m.max_model_len,
+            root=m.served.root or m.served.name, parent=m.served.parent, family=m.family,
+        )  # fmt: skip
         for m in served_models(state)
     ]
 
@@ -855,6 +858,20 @@ def create_app(state: AppState) -> FastAPI:
             if model_id in info.served.aliases:
                 return _json(card, {})
         raise APIError(f"The model '{model_id}' does not exist.", "model_not_found", "model")
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_BODY_ERRORS, tags=["lora"])
+    async def load_lora(body: schemas.LoadLoraAdapterRequest, request: Request) -> Response:
+        """vLLM's: serve the PEFT adapter folder `lora_path` as the model `lora_name` (with --allow-runtime-lora)."""
+        who = caller(request)
+        text = await load_lora_adapter(state, who, body.lora_name, body.lora_path, body.load_inplace)
+        return PlainTextResponse(text, headers=who.response_headers)
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_BODY_ERRORS, tags=["lora"])
+    async def unload_lora(body: schemas.UnloadLoraAdapterRequest, request: Request) -> Response:
+        """vLLM's: stop serving `lora_name`; requests already running with it finish."""
+        who = caller(request)
+        text = await unload_lora_adapter(state, who, body.lora_name)
+        return PlainTextResponse(text, headers=who.response_headers)
 
     @app.post("/v1/moderations", response_model=schemas.ModerationResponse, responses=_BODY_ERRORS, tags=["openai"])
     async def create_moderation(body: schemas.ModerationRequest, request: Request) -> Response:

@@ -38,6 +38,8 @@ _KNOWN_ENDPOINTS = frozenset(
         "/v1/embeddings",
         "/v1/moderations",
         "/v1/models",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
         "/tokenize",
         "/detokenize",
         "/version",

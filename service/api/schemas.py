@@ -304,6 +304,19 @@ class EmbeddingResponse(BaseModel):
     usage: UsageInfo
 
 
+class LoadLoraAdapterRequest(_Request):
+    """vLLM's shape: a PEFT adapter folder on the server's disk, served as `lora_name` from now on."""
+
+    lora_name: NonEmptyStr
+    lora_path: NonEmptyStr
+    load_inplace: bool = Field(False, description="Not supported: unload the adapter first, then load it again.")
+
+
+class UnloadLoraAdapterRequest(_Request):
+    lora_name: NonEmptyStr
+    lora_int_id: int | None = Field(None, description="vLLM's id of the adapter; ignored (the name decides).")
+
+
 class ModerationRequest(_Request):
     input: str | Annotated[list[str], Field(min_length=1)] = Field(description="A string or a list of strings.")
     model: str | None = None
@@ -365,6 +378,7 @@ class ModelCard(BaseModel):
     owned_by: str = "lmserve"
     max_model_len: int | None = None
     root: str | None = None
+    parent: str | None = Field(None, description="For a LoRA adapter: the base model it runs on.")
     family: str | None = Field(
         None, description="The model's family and how it is served: native, transformers (the generic path) or vllm."
     )

@@ -27,6 +27,7 @@ class RejectReason(str, Enum):
     OUTPUT_TOO_LONG = "output_too_long"  # the prompt fits, but not with max_tokens more
     INVALID_CONSTRAINT = "invalid_constraint"  # the structured-output constraint does not compile
     UNSUPPORTED_VALUE = "unsupported_value"  # a sampling value this engine would change; `field` names it
+    UNKNOWN_ADAPTER = "unknown_adapter"  # no LoRA adapter of the request's name is loaded (unloaded meanwhile)
 
 
 class RequestRejected(ValueError):
@@ -44,6 +45,25 @@ class RequestRejected(ValueError):
         self.reason = reason
         self.field = field
         self.max_seq_len = max_seq_len
+
+
+class LoraAdapterError(ValueError):
+    """A LoRA adapter cannot be loaded or unloaded; `kind` says why in the API's terms: "invalid" (a bad
+    folder or one that does not fit the base: 400), "not_found" (no such adapter: 404), "conflict" (the
+    name is taken: 400), "unsupported" (this engine or server serves no adapters: 400)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class LoraAdapterInfo:
+    """A loaded adapter, as /v1/models lists it."""
+
+    name: str
+    path: str
+    created: int  # Unix seconds it was loaded
 
 
 class EngineUnavailableError(RuntimeError):
@@ -101,6 +121,15 @@ class EngineStats:
     # Speculative decoding: draft tokens verified, and of those accepted (their ratio is the acceptance rate).
     num_draft_tokens_total: int = 0
     num_accepted_tokens_total: int = 0
+    # LoRA: adapters in slots, slots in all, host-memory reads of adapters and slot evictions since start, and
+    # the adapters of the running and the waiting requests (vLLM's lora_requests_info).
+    num_loras_resident: int = 0
+    num_loras_loaded: int = 0
+    max_loras: int = 0
+    num_lora_loads_total: int = 0
+    num_lora_evictions_total: int = 0
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
 
     @property
     def kv_usage(self) -> float:
@@ -134,6 +163,12 @@ class GenerationEngine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
 
     def stats(self) -> EngineStats: ...
+
+    def lora_adapters(self) -> list[LoraAdapterInfo]: ...
+
+    async def load_lora_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_lora_adapter(self, name: str) -> None: ...
 
 
 def timeout_delta(request: GenerationRequest, num_output_tokens: int = 0) -> GenerationDelta:

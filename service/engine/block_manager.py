@@ -33,11 +33,16 @@ BlockHash = bytes
 RELEASED = -1
 
 
-def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
-    """The chained hash of one full block: SHA-256 over the parent's digest and the block's token ids."""
+def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int], salt: bytes = b"") -> BlockHash:
+    """The chained hash of one full block: SHA-256 over the parent's digest and the block's token ids. A
+    first block's `salt` (a LoRA adapter's id) keeps the KV of different weights apart: two adapters, or an
+    adapter and the base, never share a block."""
     hasher = hashlib.sha256()
     # The first block has no parent; a 1-byte tag keeps "no parent" distinct from any digest.
-    hasher.update(b"\x00" if parent_hash is None else b"\x01" + parent_hash)
+    if parent_hash is not None:
+        hasher.update(b"\x01" + parent_hash)
+    else:
+        hasher.update(b"\x02" + salt if salt else b"\x00")
     hasher.update(array("q", token_ids).tobytes())
     return hasher.digest()
 
@@ -299,5 +304,6 @@ class BlockManager:
         while len(hashes) < num_full_blocks:
             start = len(hashes) * size
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, req.token_ids[start : start + size]))
+            salt = b"" if hashes or req.lora is None else str(req.lora.id).encode()
+            hashes.append(hash_block_tokens(parent, req.token_ids[start : start + size], salt))
         return hashes[:num_full_blocks]

@@ -29,6 +29,8 @@ from service.engine.base import (
     EngineStats,
     EngineStepError,
     EngineStoppedError,
+    LoraAdapterError,
+    LoraAdapterInfo,
     QueueTimeoutError,
     RejectReason,
     RequestRejected,
@@ -36,6 +38,7 @@ from service.engine.base import (
     timeout_delta,
 )
 from service.engine.block_manager import BlockManager
+from service.checkpoints.errors import CheckpointError
 from service.engine.grammar import (
     GrammarCompiler,
     GrammarError,
@@ -44,6 +47,8 @@ from service.engine.grammar import (
     apply_bitmask,
     fill_bitmask,
 )
+from service.engine.lora_registry import LoraAdapter
+from service.engine.lora_slots import LoraSlots
 from service.engine.output import SequenceOutput
 from service.engine.prompt_lookup import PromptLookup
 from service.engine.request import Request
@@ -88,12 +93,15 @@ class NativeEngine:
         self.block_manager = BlockManager(
             runner.kv_spec.num_blocks, runner.kv_spec.block_size, config.enable_prefix_caching, runner.kv_window
         )
+        self.lora_registry = runner.lora_registry  # None unless LoRA is enabled
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
+            lora_slots=LoraSlots(config.max_loras) if runner.loras is not None else None,
         )
+        self._lora_created: dict[int, int] = {}  # adapter id -> Unix seconds it was loaded
         self.eos_token_ids = tokenizer.eos_token_ids
         self._ids = itertools.count()
         self._inbox: deque[_Stream] = deque()
@@ -126,7 +134,13 @@ class NativeEngine:
     def load(cls, model_path: Path, model_name: str, config: EngineConfig) -> NativeEngine:
         set_thread_count(config.num_threads)
         runner = ModelRunner(model_path, config)
-        return cls(runner, Tokenizer.from_folder(model_path), model_name, config)
+        engine = cls(runner, Tokenizer.from_folder(model_path), model_name, config)
+        for name, path in config.lora_modules:
+            try:
+                engine.add_lora_adapter(name, str(path))
+            except LoraAdapterError as exc:
+                raise CheckpointError(f"--lora-modules {name}: {exc}") from None
+        return engine
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -159,6 +173,18 @@ class NativeEngine:
         return self._is_alive and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
+        slots, registry = self.scheduler.lora_slots, self.lora_registry
+        lora = {}
+        if slots is not None and registry is not None:
+            lora = dict(
+                num_loras_resident=slots.num_resident,
+                num_loras_loaded=len(registry.adapters()),
+                max_loras=len(slots.adapter_ids),
+                num_lora_loads_total=registry.num_loads,
+                num_lora_evictions_total=slots.num_evictions,
+                running_loras=_lora_names(self.scheduler.running),
+                waiting_loras=_lora_names(self.scheduler.waiting),
+            )
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting + len(self._inbox) + len(self._compiling),
@@ -172,13 +198,58 @@ class NativeEngine:
             num_prefix_cache_hit_tokens_total=self.block_manager.num_prefix_hits,
             num_draft_tokens_total=self.scheduler.num_draft_tokens_total,
             num_accepted_tokens_total=self.scheduler.num_accepted_tokens_total,
+            **lora,
         )
+
+    # ---- LoRA adapters ---------------------------------------------------------------------
+
+    def lora_adapters(self) -> list[LoraAdapterInfo]:
+        if self.lora_registry is None:
+            return []
+        return [LoraAdapterInfo(a.name, str(a.path), self._lora_created.get(a.id, 0)) for a in self.lora_registry.adapters()]
+
+    def add_lora_adapter(self, name: str, path: str) -> None:
+        """Read, check and register an adapter (blocking: the server's start, or a worker thread)."""
+        if self.lora_registry is None:
+            raise LoraAdapterError("this server serves no LoRA adapters (start it with --lora-modules or --allow-runtime-lora)", "unsupported")
+        if name == self.model_name:
+            raise LoraAdapterError(f"{name!r} is the base model's name", "conflict")
+        if self.lora_registry.get(name) is not None:
+            raise LoraAdapterError(f"a LoRA adapter named {name!r} is already loaded", "conflict")
+        try:
+            adapter = self.lora_registry.add(name, Path(path))
+        except CheckpointError as exc:
+            raise LoraAdapterError(str(exc), "invalid") from None
+        except ValueError as exc:  # the name was taken meanwhile
+            raise LoraAdapterError(str(exc), "conflict") from None
+        self._lora_created[adapter.id] = int(time.time())
+        log.info("LoRA adapter %s loaded from %s (rank %d, %.1f MiB)", name, path, adapter.rank, adapter.num_bytes / 2**20)
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        await asyncio.to_thread(self.add_lora_adapter, name, path)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """New requests for `name` are refused from now on; those already submitted finish with it."""
+        adapter = None if self.lora_registry is None else self.lora_registry.remove(name)
+        if adapter is None:
+            raise LoraAdapterError(f"no LoRA adapter named {name!r} is loaded", "not_found")
+        self._lora_created.pop(adapter.id, None)
+        log.info("LoRA adapter %s unloaded", name)
+
+    def _lora(self, request: GenerationRequest) -> LoraAdapter | None:
+        if request.lora is None:
+            return None
+        adapter = None if self.lora_registry is None else self.lora_registry.get(request.lora)
+        if adapter is None:
+            raise RequestRejected(f"The model '{request.lora}' does not exist.", RejectReason.UNKNOWN_ADAPTER, field="model")
+        return adapter
 
     # ---- requests --------------------------------------------------------------------------
 
     def check_request(self, request: GenerationRequest) -> None:
         """This engine's own limits: the context and the KV pool, and whether the constraint compiles.
         Everything else about a request is validated once, before it gets here (api/generation.py)."""
+        self._lora(request)
         num_prompt_tokens = len(request.prompt_token_ids)
         message = self.scheduler.can_ever_fit(num_prompt_tokens, request.sampling.max_tokens)
         if message is not None:
@@ -198,7 +269,7 @@ class NativeEngine:
         if not self.is_alive:
             raise self._dead_error()
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
-        req = Request(internal_id, request.prompt_token_ids, request.sampling, self.eos_token_ids)
+        req = Request(internal_id, request.prompt_token_ids, request.sampling, self.eos_token_ids, lora=self._lora(request))
         num_speculative = request.sampling.speculative_tokens
         req.num_speculative_tokens = self.config.speculative_tokens if num_speculative is None else num_speculative
         if req.num_speculative_tokens > 0:
@@ -502,6 +573,10 @@ class NativeEngine:
             self._streams.pop(stream.request.request_id, None)
         if streams:
             self._deliver([(s.queue, error) for s in streams])
+
+
+def _lora_names(requests: tuple[Request, ...]) -> tuple[str, ...]:
+    return tuple(sorted({r.lora.name for r in requests if r.lora is not None}))
 
 
 def _grammar_rejected(message: str) -> RequestRejected:

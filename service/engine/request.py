@@ -10,6 +10,7 @@ from service.types import FinishReason, RequestTiming, SamplingParams
 
 if TYPE_CHECKING:
     from service.engine.grammar import GrammarMatcher
+    from service.engine.lora_registry import LoraAdapter
     from service.engine.prompt_lookup import PromptLookup
 
 
@@ -35,6 +36,7 @@ class Request:
         sampling: SamplingParams,
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_time: float | None = None,
+        lora: LoraAdapter | None = None,
     ) -> None:
         assert prompt_token_ids, "a request needs at least one prompt token"
         self.request_id = request_id
@@ -59,6 +61,9 @@ class Request:
         # Speculative decoding: up to this many draft tokens per step, proposed by `lookup` (None: off).
         self.lookup: PromptLookup | None = None
         self.num_speculative_tokens = 0
+        # The LoRA adapter it runs with (None: the base), and its slot while admitted (-1: none held).
+        self.lora = lora
+        self.lora_slot = -1
 
     @property
     def num_tokens(self) -> int:

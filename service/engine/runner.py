@@ -17,10 +17,12 @@ from service.config import EngineConfig
 from service.engine.gguf_weights import use_gguf_blocks
 from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import AttentionMetadata, SeqLayout, build_metadata
-from service.engine.modeling.forward_path import choose_forward_path
+from service.engine.lora_registry import LoraRegistry
+from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
+from service.engine.modeling.lora import ModelLoras
 from service.engine.modeling.generic import TransformersCausalLM
 from service.engine.modeling.decoder import DecoderModel
-from service.engine.scheduler import SchedulerOutput
+from service.engine.scheduler import ScheduledRequest, SchedulerOutput
 from service.progress import progress_step, size_text
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,9 @@ class ModelRunner:
     """
 
     fault_hook: FaultHook | None = None
+    # With LoRA enabled (EngineConfig.lora_enabled): the model's adapter slots and the adapters known by name.
+    loras: ModelLoras | None = None
+    lora_registry: LoraRegistry | None = None
 
     def __init__(self, model_path: Path, config: EngineConfig) -> None:
         self.architecture = generation_architecture(model_path, config.model_impl)
@@ -127,6 +132,11 @@ class ModelRunner:
             refusal = self.architecture.quantization_refusal(config.quantization, model_path)
             if refusal is not None:
                 raise CheckpointError(refusal)
+            if config.lora_enabled:
+                raise CheckpointError(
+                    f"LoRA adapters per request need lmserve's own modules, and {self.architecture.family} is served "
+                    "through transformers' class here (--model-impl native where the family has them)"
+                )
             with progress_step(loading + f" into transformers' {self.architecture.class_name}"):
                 model = TransformersCausalLM.load(model_path, self.dtype, self.device, self.max_model_len)
             self.packed_weights = None
@@ -159,6 +169,12 @@ class ModelRunner:
         # The one choice of how every step's forward runs; nothing below decides it again.
         self.forward_path = choose_forward_path(config.attention, model, self.dtype, self.device)
         self._forward = model.forward_for(self.forward_path)
+        # A step with adapter rows: decoder.c adds their updates where it runs gemm.c's LoRA kernel (bf16), else
+        # the layers run one by one, each projection adding its rows' updates (modeling/lora.py).
+        lora_path = self.forward_path
+        if lora_path is ForwardPath.DECODER_STACK and not (self.loras is not None and model.stack_runs_loras()):
+            lora_path = ForwardPath.FUSED_OPS
+        self._forward_lora = model.forward_for(lora_path)
         log.info(
             "model loaded: %s %s on %s%s, forward: %s, KV pool %d blocks x %d tokens (%.1f MiB, %s)",
             self.architecture.family if self.architecture.path == "native"
@@ -186,6 +202,10 @@ class ModelRunner:
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{model_path}: weights do not fit the {hf_config.model_type} architecture: {exc}") from None
         model = model.eval()
+        if config.lora_enabled:
+            self.loras = model.enable_lora(config.max_loras, config.max_lora_rank)
+            self.lora_registry = LoraRegistry(config.num_cpu_loras, config.max_lora_rank, self.loras.check)
+            self._slot_adapter_ids: list[int | None] = [None] * config.max_loras  # what each slot holds now
         self.packed_weights = model.prepack_weights(config.quantization)
         if config.quantization in GGUF_QUANTIZATIONS:  # the source GGUF's own Q4_1 / Q8_0 blocks (gguf_weights.py)
             self.packed_weights = use_gguf_blocks(model, model_path, config)
@@ -215,6 +235,26 @@ class ModelRunner:
         """Hidden states for a step laid out by `meta`, by this runner's forward path, over its KV cache."""
         return self._forward(input_ids, positions, self.kv_caches, meta)
 
+    def _forward_with_loras(
+        self, items: list[ScheduledRequest], ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The forward of a step with adapter rows: each slot in use loaded with its adapter if it holds
+        another, then every row's update added to its projections (modeling/lora.py)."""
+        assert self.loras is not None and self.lora_registry is not None
+        row_slots: list[tuple[int, int]] = []
+        for item in items:
+            req = item.request
+            slot = req.lora_slot
+            if slot >= 0 and req.lora is not None and self._slot_adapter_ids[slot] != req.lora.id:
+                self.loras.load_slot(slot, self.lora_registry.weights(req.lora))
+                self._slot_adapter_ids[slot] = req.lora.id
+            row_slots.append((slot, item.num_new_tokens))
+        self.loras.begin_step(row_slots, ids.shape[0])
+        try:
+            return self._forward_lora(ids, pos, self.kv_caches, meta)
+        finally:
+            self.loras.end_step()
+
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> torch.Tensor | None:
         """Run the forward for every scheduled token; return float32 logits for the sampling rows.
@@ -225,8 +265,12 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         layouts: list[SeqLayout] = []
-        sample_rows: list[int] = []
-        for item in scheduled.scheduled:
+        items = scheduled.scheduled
+        has_lora = self.loras is not None and any(item.request.lora_slot >= 0 for item in items)
+        if has_lora:  # rows of one adapter next to each other: each adapter's factors are read once (lora.py)
+            items = sorted(items, key=lambda item: item.request.lora_slot)
+        row_ends: dict[int, int] = {}  # by id(item): the end of its rows
+        for item in items:
             req = item.request
             start = req.num_computed_tokens
             end = start + item.num_new_tokens
@@ -234,9 +278,7 @@ class ModelRunner:
             input_ids.extend(req.token_ids[start:end])
             input_ids.extend(item.draft_token_ids)
             positions.extend(range(start, end))
-            num_rows = item.num_logit_rows
-            if num_rows:
-                sample_rows.extend(range(len(input_ids) - num_rows, len(input_ids)))
+            row_ends[id(item)] = len(input_ids)
         if not input_ids:
             return None
         if self.fault_hook is not None:
@@ -244,7 +286,15 @@ class ModelRunner:
         meta = self.attention_metadata(layouts)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self._forward(ids, pos, self.kv_caches, meta)
+        if has_lora:
+            hidden = self._forward_with_loras(items, ids, pos, meta)
+        else:
+            hidden = self._forward(ids, pos, self.kv_caches, meta)
+        sample_rows: list[int] = []  # in batch order, whatever order the rows were computed in
+        for item in scheduled.scheduled:
+            num_rows = item.num_logit_rows
+            if num_rows:
+                sample_rows.extend(range(row_ends[id(item)] - num_rows, row_ends[id(item)]))
         if not sample_rows:
             return None
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

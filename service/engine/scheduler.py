@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from service.engine.block_manager import BlockManager
+from service.engine.lora_slots import LoraSlots
 from service.engine.request import Request, RequestStatus
 from service.types import FinishReason
 
@@ -81,12 +82,15 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        lora_slots: LoraSlots | None = None,
     ) -> None:
         assert max_num_seqs >= 1 and max_num_batched_tokens >= 1 and max_model_len >= 1
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # With LoRA adapters: a request is admitted only with its adapter in a slot, pinned until it leaves.
+        self.lora_slots = lora_slots
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order; the last one is preempted first
         self.num_preemptions_total = 0
@@ -185,6 +189,11 @@ class Scheduler:
                 req = self._waiting[0]
                 if not self.block_manager.can_allocate(req):
                     break  # no skipping ahead: the head would starve behind smaller requests
+                if req.lora is not None:
+                    assert self.lora_slots is not None, "a LoRA request on a scheduler without slots"
+                    if not self.lora_slots.can_acquire(req.lora.id):
+                        break  # every slot is pinned by running requests of other adapters
+                    req.lora_slot = self.lora_slots.acquire(req.lora.id)
                 self._waiting.popleft()
                 self.block_manager.allocate(req)
                 req.status = RequestStatus.RUNNING
@@ -239,7 +248,7 @@ class Scheduler:
             received.append(req)
             if req.is_finished:
                 self._running.remove(req)
-                self.block_manager.free(req)
+                self._free(req)
             elif num_accepted:
                 req.num_computed_tokens += num_accepted  # the accepted drafts' KV was written this step
                 self.block_manager.cache_computed_blocks(req)
@@ -250,7 +259,7 @@ class Scheduler:
         """End a request from outside a step (abort, a failed step or grammar). Idempotent."""
         self._remove_from(self._running, req)
         self._remove_from(self._waiting, req)
-        self.block_manager.free(req)
+        self._free(req)
         req.finish(reason, stop_reason)
 
     # ---- internals ---------------------------------------------------------------------
@@ -272,12 +281,20 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         """Free `req`'s blocks and put it at the head of the waiting queue for recompute."""
-        self.block_manager.free(req)
+        self._free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self._waiting.appendleft(req)
+
+    def _free(self, req: Request) -> None:
+        """Its KV blocks and its adapter slot, if it holds them."""
+        self.block_manager.free(req)
+        if req.lora_slot >= 0:
+            assert self.lora_slots is not None
+            self.lora_slots.release(req.lora_slot)
+            req.lora_slot = -1
 
     @staticmethod
     def _remove_from(queue: list[Request] | deque[Request], req: Request) -> None:

@@ -34,11 +34,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from service.checkpoints.errors import CheckpointError
+from service.checkpoints.lora_adapter import read_lora_adapter
 from service.config import EngineConfig, VLLMConfig
 from service.engine.base import (
     EngineDeadError,
     EngineStats,
     EngineUnavailableError,
+    LoraAdapterError,
+    LoraAdapterInfo,
     RejectReason,
     RequestRejected,
     StepStats,
@@ -127,6 +131,9 @@ def vllm_engine_kwargs(model_path: Path, model_name: str, engine: EngineConfig, 
         "max_num_batched_tokens": settings.max_num_batched_tokens,
     }
     kwargs.update({name: value for name, value in optional.items() if value is not None})
+    if engine.lora_enabled:  # vLLM's own LoRA support: adapters per request, batched (Punica kernels)
+        kwargs.update(enable_lora=True, max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank,
+                      max_cpu_loras=max(engine.num_cpu_loras, engine.max_loras))  # fmt: skip
     return kwargs
 
 
@@ -295,6 +302,11 @@ class VLLMEngine:
         self._stats = VLLMStatsCollector()
         self._ids = itertools.count()
         self._llm: Any = None
+        # LoRA adapters by name: vLLM's LoRARequest for each, and when it was loaded.
+        self._loras: dict[str, tuple[Any, int]] = {}
+        self._lora_ids = itertools.count(1)
+        self._lora_modules: tuple[tuple[str, Path], ...] = ()
+        self._max_lora_rank = 0
 
     @classmethod
     def load(cls, model_path: Path, model_name: str, engine: EngineConfig, settings: VLLMConfig) -> VLLMEngine:
@@ -306,7 +318,12 @@ class VLLMEngine:
         args = AsyncEngineArgs(**vllm_engine_kwargs(model_path, model_name, engine, settings))
         # The API server's context gives the defaults `vllm serve` has (e.g. the per-step token budget).
         vllm_config = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-        return cls(vllm_config, Tokenizer.from_folder(model_path), model_name)
+        backend = cls(vllm_config, Tokenizer.from_folder(model_path), model_name)
+        backend._lora_modules, backend._max_lora_rank = engine.lora_modules, engine.max_lora_rank
+        if engine.lora_enabled:
+            for name, path in engine.lora_modules:  # checked now, registered with vLLM once it runs (start)
+                read_lora_adapter(path, engine.max_lora_rank)
+        return backend
 
     @property
     def on_step(self) -> Callable[[StepStats], None] | None:
@@ -330,6 +347,8 @@ class VLLMEngine:
             stat_loggers=[self._stats.logger_factory()],
             disable_log_stats=True,
         )
+        for name, path in self._lora_modules:
+            await self.load_lora_adapter(name, str(path))
 
     async def stop(self) -> None:
         llm, self._llm = self._llm, None
@@ -356,9 +375,50 @@ class VLLMEngine:
             num_prefix_cache_hit_tokens_total=self._stats.num_prefix_hit_tokens,
         )
 
+    # ---- LoRA adapters ---------------------------------------------------------------------
+
+    def lora_adapters(self) -> list[LoraAdapterInfo]:
+        return [LoraAdapterInfo(name, str(req.lora_path), created) for name, (req, created) in self._loras.items()]
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Check the folder as the native engine does (config, safetensors, rank, finite values), then hand it
+        to vLLM, whose own load checks it against the model."""
+        from vllm.lora.request import LoRARequest
+
+        if self.vllm_config.lora_config is None:
+            raise LoraAdapterError("this server serves no LoRA adapters (start it with --lora-modules or --allow-runtime-lora)", "unsupported")
+        if name in self._loras or name == self.model_name:
+            raise LoraAdapterError(f"a LoRA adapter or model named {name!r} is already served", "conflict")
+        try:
+            await asyncio.to_thread(read_lora_adapter, Path(path), self._max_lora_rank or self.vllm_config.lora_config.max_lora_rank)
+        except CheckpointError as exc:
+            raise LoraAdapterError(str(exc), "invalid") from None
+        request = LoRARequest(name, next(self._lora_ids), str(path))
+        try:
+            await self._llm.add_lora(request)
+        except Exception as exc:  # vLLM's own checks against the model (shapes, target modules)
+            raise LoraAdapterError(f"vLLM cannot load it: {exc}", "invalid") from None
+        self._loras[name] = (request, int(time.time()))
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        entry = self._loras.pop(name, None)
+        if entry is None:
+            raise LoraAdapterError(f"no LoRA adapter named {name!r} is loaded", "not_found")
+        # vLLM keeps it for the requests already running with it; new ones are refused above it (check_request).
+        await self._llm.remove_lora(entry[0].lora_int_id)
+
+    def _lora_request(self, request: GenerationRequest) -> Any:
+        if request.lora is None:
+            return None
+        entry = self._loras.get(request.lora)
+        if entry is None:
+            raise RequestRejected(f"The model '{request.lora}' does not exist.", RejectReason.UNKNOWN_ADAPTER, field="model")
+        return entry[0]
+
     # ---- requests --------------------------------------------------------------------------
 
     def check_request(self, request: GenerationRequest) -> None:
+        self._lora_request(request)
         self._sampling_params(request)
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
@@ -398,7 +458,8 @@ class VLLMEngine:
         num_prompt_tokens = len(request.prompt_token_ids)
         num_logprobs = request.sampling.logprobs
         num_output_tokens = 0
-        outputs = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, internal_id)
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        outputs = self._llm.generate(prompt, params, internal_id, lora_request=self._lora_request(request))
         # The request's own deadline (timeout_s): each output is awaited for the time left; at the deadline
         # wait_for cancels the wait inside vLLM's generator, which aborts the request as a disconnect does.
         deadline = None if request.timeout_s is None else arrival + request.timeout_s

@@ -50,6 +50,8 @@ def test_abi_h_is_read_as_declared() -> None:
         "GGUF_BLOCK": 32, "GGUF_Q4_1": 3, "GGUF_Q8_0": 8,
         # decoder_stack_f32q's third weight kind, int8 (clear of the ggml type ids); decoder_stack_bf16's two
         "WEIGHT_INT8": 1000, "WEIGHT_BF16": 0,
+        # decoder_stack_bf16's LoRA table: qkv, o, gate/up, down per layer
+        "LORA_PROJECTIONS": 4,
         # qgemm_vnni.c's column groups (two zmm of 16 int32 lanes)
         "VNNI_GROUP_COLS": 32,
     }  # fmt: skip
@@ -62,6 +64,8 @@ def test_abi_h_is_read_as_declared() -> None:
     gemm = abi.functions["gemm_bf16"]
     assert [p.c_type for p in gemm.params] == ["pointer"] * 5 + ["int64_t"] * 3 + ["int", "int"]
     assert abi.functions["lmserve_has_avx512_bf16"].params == ()
+    lora = abi.functions["lora_bf16"]
+    assert [p.c_type for p in lora.params] == ["pointer"] * 5 + ["int64_t"] + ["pointer"] * 2 + ["int64_t"] * 3 + ["int"]
     qgemm = abi.functions["qgemm_int8"]
     assert [p.c_type for p in qgemm.params] == ["pointer"] * 5 + ["int64_t"] * 3 + ["int"]
     assert abi.functions["apply_token_bitmask_f32"].returns == "void"

@@ -122,3 +122,19 @@ def test_without_vllm_the_engine_exits_2_with_one_error_line(smollm2_dir: Path) 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: --engine vllm needs vLLM 0.32.0"), result.stderr
     assert "make vllm-venv" in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_lora_flags_reach_vllms_lora_arguments(tmp_path: Path) -> None:
+    config = _config(
+        "--engine", "vllm", "--lora-modules", f"sql={tmp_path / 'sql'}", '{"name": "chat", "path": "/a/chat"}',
+        "--max-loras", "3", "--max-lora-rank", "32", "--max-cpu-loras", "6",
+    )  # fmt: skip
+    assert config.engine.lora_modules == (("sql", tmp_path / "sql"), ("chat", Path("/a/chat")))
+    kwargs = vllm_engine_kwargs(Path("/m"), "m", config.engine, config.vllm)
+    assert {k: kwargs[k] for k in ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras")} == {
+        "enable_lora": True, "max_loras": 3, "max_lora_rank": 32, "max_cpu_loras": 6,
+    }  # fmt: skip
+    runtime = _config("--engine", "vllm", "--allow-runtime-lora", env={"LMSERVE_MAX_LORAS": "2"})
+    assert vllm_engine_kwargs(Path("/m"), "m", runtime.engine, runtime.vllm)["max_cpu_loras"] == 2
+    env = _config(env={"LMSERVE_LORA_MODULES": "a=/x/a, b=/x/b"})
+    assert env.engine.lora_modules == (("a", Path("/x/a")), ("b", Path("/x/b"))) and env.engine.lora_enabled

@@ -152,6 +152,23 @@ def run_all(channel: grpc.Channel, md: list[tuple[str, str]]) -> None:
     text = tok.Detokenize(pb.DetokenizeRequest(tokens=resp.tokens), metadata=md, timeout=10).prompt
     show("lmserve.v1.Tokenization/Detokenize", repr(text))
 
+    # Models/LoadLoraAdapter and UnloadLoraAdapter: a PEFT adapter folder on the server's disk served by name
+    # (LMSERVE_LORA_PATH); a server started without --allow-runtime-lora answers NOT_FOUND.
+    stub = rpc.ModelsStub(channel)
+    lora_path = os.environ.get("LMSERVE_LORA_PATH", "/adapters/example")
+    for method, call in (
+        ("LoadLoraAdapter", lambda: stub.LoadLoraAdapter(
+            pb.LoadLoraAdapterRequest(lora_name="example", lora_path=lora_path), metadata=md, timeout=60)),
+        ("UnloadLoraAdapter", lambda: stub.UnloadLoraAdapter(
+            pb.UnloadLoraAdapterRequest(lora_name="example"), metadata=md, timeout=10)),
+    ):  # fmt: skip
+        try:
+            show(f"lmserve.v1.Models/{method}", call().message)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            show(f"lmserve.v1.Models/{method}", f"{err.code().name}: {err.details()}")
+
     # Moderations/Moderate: the safety filter's scanners as a classifier, one result per input.
     try:
         resp = rpc.ModerationsStub(channel).Moderate(

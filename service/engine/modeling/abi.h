@@ -32,6 +32,8 @@
  * bf16 (gemm.c) or int8 (qgemm_vnni.c). */
 #define LMSERVE_WEIGHT_INT8 1000
 #define LMSERVE_WEIGHT_BF16 0
+/* decoder_stack_bf16's LoRA table: per layer, the qkv, o, gate/up and down projections' entries. */
+#define LMSERVE_LORA_PROJECTIONS 4
 
 /* The decoder stacks' layer table: one row of addresses per layer, in this order (0: none). The _S slots are
  * int8 weights' per-channel scales (decoder_stack_f32q with LMSERVE_WEIGHT_INT8 only). */
@@ -105,16 +107,23 @@ void rope_cache_f32(const float *qkv, const float *cos, const float *sin, float 
 /* gemm.c: the bf16 projections (AVX-512 BF16 builds only). */
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
                int64_t K, int silu_mul, int num_threads);
+/* gemm.c: LoRA updates added to y [M, N] for runs of rows (first, end, slot) x num_runs, each by its slot's
+ * factors packed as weights (a_packed: slots x A [W, K]; b_packed: slots x B [N, W]); t: [M, W] scratch. */
+void lora_bf16(const bf16 *x, bf16 *y, bf16 *t, const int64_t *runs, const float *scales, int64_t num_runs,
+               const bf16 *a_packed, const bf16 *b_packed, int64_t N, int64_t K, int64_t W, int num_threads);
 
 /* decoder.c: every decoder layer of a bf16 step in one call (AVX-512 BF16 builds only): weight_kind
  * LMSERVE_WEIGHT_BF16 (gemm.c's packed weights) or LMSERVE_WEIGHT_INT8 (qgemm_vnni.c's, with the _S slots'
- * scales; builds with AVX-512 VNNI only). Returns 2 for a kind this build cannot run. */
+ * scales; builds with AVX-512 VNNI only). Returns 2 for a kind this build cannot run. lora (NULL: none):
+ * per-request LoRA updates, [num_layers][LMSERVE_LORA_PROJECTIONS] x (A, B, width) as lora_bf16 takes them
+ * (width 0: none on that projection), over lora_num_runs runs of rows (gate/up then not packed for silu_mul). */
 int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
                        const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
-                       int weight_kind, int silu_gate_up, float eps, float scale, int num_threads);
+                       int weight_kind, int silu_gate_up, float eps, float scale, const int64_t *lora,
+                       const int64_t *lora_runs, const float *lora_scales, int64_t lora_num_runs, int num_threads);
 /* decoder.c: every decoder layer of a float32 step with quantized weights (--quantization) in one call, on any
  * CPU: weight_kind LMSERVE_WEIGHT_INT8, LMSERVE_GGUF_Q4_1 or LMSERVE_GGUF_Q8_0 for every projection. Returns
  * 2 for another kind. */

@@ -50,12 +50,23 @@ static inline void linear_team(const int64_t *layer, int w, int s, int b, int ki
         gemm_bf16_team(x, PTR(layer, w), PTR(layer, b), y, NULL, M, N, K, silu);
 }
 
+/* Layer l's LoRA updates on projection p (0 qkv, 1 o, 2 gate/up, 3 down; lora: [layers][4] x (A, B, width),
+ * width 0 for none), added to the projection's output y of input x (gemm.c's lora_bf16_team). */
+#define LORA(p, x_in, y_out, N, K)                                                                              \
+    do {                                                                                                       \
+        const int64_t *e = lora == NULL ? NULL : lora + 3 * (l * LMSERVE_LORA_PROJECTIONS + (p));              \
+        if (e != NULL && e[2] != 0)                                                                            \
+            lora_bf16_team(x_in, y_out, lora_t, lora_runs, lora_scales, lora_num_runs, PTR(e, 0), PTR(e, 1), N, \
+                           K, e[2]);                                                                           \
+    } while (0)
+
 int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers, const bf16 *cos, const bf16 *sin,
                        const int64_t *slots, bf16 *kv_cache, int64_t num_blocks, int64_t block_size,
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
-                       int weight_kind, int silu_gate_up, float eps, float scale, int num_threads) {
+                       int weight_kind, int silu_gate_up, float eps, float scale, const int64_t *lora,
+                       const int64_t *lora_runs, const float *lora_scales, int64_t lora_num_runs, int num_threads) {
     if (weight_kind != LMSERVE_WEIGHT_BF16 && !(weight_kind == LMSERVE_WEIGHT_INT8 && HAS_VNNI)) return 2;
     const int quantized = weight_kind == LMSERVE_WEIGHT_INT8;
     const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
@@ -65,19 +76,23 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
     int64_t k_max = hidden > inter ? hidden : inter;
     k_max = (k_max > q_width ? k_max : q_width) + LMSERVE_QGEMM_K_ALIGN; /* room for K rounded up to 32 */
     const int64_t k_blocks = quantized ? k_max / LMSERVE_QGEMM_K_ALIGN : 0;
+    int64_t lora_width = 0; /* the widest LoRA slot block: its rows' shrunk activations go in lora_t */
+    for (int64_t i = 0; lora != NULL && i < num_layers * LMSERVE_LORA_PROJECTIONS; i++)
+        lora_width = lora[3 * i + 2] > lora_width ? lora[3 * i + 2] : lora_width;
     /* Activations, reused by every layer: x (normed input), qkv, q, k, attention output, projection
      * output (o, then the MLP's), gate_up (only where silu_mul is a phase of its own), and the MLP's
      * activation; for int8 weights the quantized rows' scales sx and corrections cx (4 bytes each, counted
      * as two bf16), then the quantized rows xq (bytes, last). */
     const int64_t sizes[] = {T * hidden, T * qkv_width, T * q_width, T * kv_width, T * q_width, T * hidden,
-                             silu_gate_up ? 0 : T * 2 * inter, T * inter, 2 * T * k_blocks, 2 * T * k_blocks};
+                             silu_gate_up ? 0 : T * 2 * inter, T * inter, T * lora_width, 2 * T * k_blocks,
+                             2 * T * k_blocks};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += sizes[i];
     bf16 *buf = malloc(sizeof(bf16) * (size_t)total + (size_t)(quantized ? T * k_max : 0));
     if (buf == NULL) return 1;
     bf16 *x = buf, *qkv = x + sizes[0], *q = qkv + sizes[1], *k = q + sizes[2], *attn = k + sizes[3];
-    bf16 *proj = attn + sizes[4], *gate_up = proj + sizes[5], *act = gate_up + sizes[6];
-    float *sx = (float *)(act + sizes[7]);
+    bf16 *proj = attn + sizes[4], *gate_up = proj + sizes[5], *act = gate_up + sizes[6], *lora_t = act + sizes[7];
+    float *sx = (float *)(lora_t + sizes[8]);
     int32_t *cx = (int32_t *)(sx + T * k_blocks);
     int8_t *xq = (int8_t *)(cx + T * k_blocks);
     const int kind = weight_kind;
@@ -92,12 +107,14 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                 bf16 *k_plane = kv_cache + l * 2 * plane, *v_plane = k_plane + plane;
                 linear_team(w, LMSERVE_QKV_W, LMSERVE_QKV_S, LMSERVE_QKV_B, kind, x, qkv, T, qkv_width, hidden, 0, xq,
                             sx, cx);
+                LORA(0, x, qkv, qkv_width, hidden);
                 rope_cache_team(qkv, cos, sin, q, k, k_plane, v_plane, slots, T, num_heads, num_kv_heads, head_dim,
                                 num_blocks * block_size);
                 attention_bf16_team(q, k_plane, v_plane, attn, block_table, seq_of_query, ctx_lens, q_rows,
                                     num_queries, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks,
                                     max_ctx, scale, sg);
                 linear_team(w, LMSERVE_O_W, LMSERVE_O_S, LMSERVE_O_B, kind, attn, proj, T, hidden, q_width, 0, xq, sx, cx);
+                LORA(1, attn, proj, hidden, q_width);
                 add_rms_norm_team(proj, residual, PTR(w, LMSERVE_POST_NORM), x, T, hidden, eps);
                 if (silu_gate_up) {
                     linear_team(w, LMSERVE_GATE_UP_W, LMSERVE_GATE_UP_S, LMSERVE_GATE_UP_B, kind, x, act, T, 2 * inter,
@@ -105,10 +122,12 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                 } else {
                     linear_team(w, LMSERVE_GATE_UP_W, LMSERVE_GATE_UP_S, LMSERVE_GATE_UP_B, kind, x, gate_up, T,
                                 2 * inter, hidden, 0, xq, sx, cx);
+                    LORA(2, x, gate_up, 2 * inter, hidden);
                     silu_mul_team(gate_up, act, T, inter);
                 }
                 linear_team(w, LMSERVE_DOWN_W, LMSERVE_DOWN_S, LMSERVE_DOWN_B, kind, act, proj, T, hidden, inter, 0, xq,
                             sx, cx);
+                LORA(3, act, proj, hidden, inter);
                 if (l + 1 < num_layers)
                     add_rms_norm_team(proj, residual, PTR(w + LMSERVE_LAYER_SLOTS, LMSERVE_INPUT_NORM), x, T, hidden, eps);
                 else
@@ -128,7 +147,9 @@ int decoder_stack_bf16(bf16 *residual, const int64_t *layers, int64_t num_layers
                        const int64_t *block_table, const int64_t *seq_of_query, const int64_t *ctx_lens,
                        const int64_t *q_rows, int64_t num_queries, int64_t max_blocks, int64_t max_ctx, int64_t T,
                        int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t inter,
-                       int weight_kind, int silu_gate_up, float eps, float scale, int num_threads) {
+                       int weight_kind, int silu_gate_up, float eps, float scale, const int64_t *lora,
+                       const int64_t *lora_runs, const float *lora_scales, int64_t lora_num_runs, int num_threads) {
+    (void)lora, (void)lora_runs, (void)lora_scales, (void)lora_num_runs;
     (void)weight_kind, (void)residual, (void)layers, (void)num_layers, (void)cos, (void)sin, (void)slots, (void)kv_cache;
     (void)num_blocks, (void)block_size, (void)block_table, (void)seq_of_query, (void)ctx_lens, (void)q_rows;
     (void)num_queries, (void)max_blocks, (void)max_ctx, (void)T, (void)hidden, (void)num_heads, (void)num_kv_heads;

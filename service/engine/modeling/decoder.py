@@ -26,6 +26,7 @@ from service.engine.modeling import native_kernels
 from service.engine.modeling.attention import AttentionMetadata, paged_attention
 from service.engine.modeling.families import SPECS, FamilySpec, Settings, Source, Transposed, settings
 from service.engine.modeling.forward_path import ForwardPath
+from service.engine.modeling.lora import LoraTarget, ModelLoras
 from service.engine.modeling.qgemm_vnni import VNNIWeight, pack_vnni, qgemm_vnni
 from service.engine.modeling.layers import (
     AnyWeight,
@@ -133,7 +134,7 @@ class MLP(nn.Module):
         self.act = ACT2FN[s.activation]
         if gated:
             self.gate_up_proj = GateUpLinear(s.hidden_size, 2 * self.intermediate_size, bias=s.mlp_bias)
-            self.gate_up_proj.silu = s.activation in ("silu", "swish")
+            self.gate_up_proj.fuse_silu = s.activation in ("silu", "swish")
         else:
             self.up_proj = Linear(s.hidden_size, self.intermediate_size, bias=s.mlp_bias)
         self.down_proj = Linear(self.intermediate_size, s.hidden_size, bias=s.mlp_bias)
@@ -240,6 +241,7 @@ class DecoderModel(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = Linear(s.hidden_size, config.vocab_size, bias=False)
         self.rotaries: dict[str | None, RotaryEmbedding] = {}  # by layer type; init_positions builds them
+        self.loras: ModelLoras | None = None  # per-request LoRA adapters (enable_lora)
         self.max_len = max_model_len or int(config.max_position_embeddings)
 
     def init_positions(self, device: torch.device) -> None:
@@ -325,12 +327,20 @@ class DecoderModel(nn.Module):
         if meta.kernel is None or meta.fresh_prefills or meta.groups:
             return self._layers_fused(hidden, cos, sin, kv_caches, meta)
         attn = self.layers[0].self_attn
+        lora = None if self.loras is None else self.loras.stack_args(self._lora_projections())
         native_kernels.decoder_stack(
             hidden, stack_table, weight_kind, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
             self.layers[0].mlp.intermediate_size, self.layers[0].mlp.gate_up_proj.applies_silu, self.settings.norm_eps,
-            attn.scale,
+            attn.scale, lora,
         )  # fmt: skip
         return hidden
+
+    def _lora_projections(self) -> list[tuple[nn.Module, ...]]:
+        """Per layer, the projections decoder.c's LoRA table covers, in its order."""
+        return [
+            (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            for layer in self.layers
+        ]
 
     def forward_for(self, path: ForwardPath) -> Callable[..., torch.Tensor]:
         """The forward that runs `path`: (input_ids, positions, kv_caches, meta) -> hidden states."""
@@ -366,6 +376,10 @@ class DecoderModel(nn.Module):
         """The KV cache's dtype: bf16 where the projections are quantized (under float32 activations half
         float32's bytes: paged_attention.c's attention_f32_bf16kv_team), else the model's."""
         return torch.bfloat16 if self.quantized() else self.embed_tokens.weight.dtype
+
+    def stack_runs_loras(self) -> bool:
+        """decoder.c adds the adapters' updates itself (bf16 with gemm.c's LoRA kernel)."""
+        return self.loras is not None and self.loras.ctx.use_kernel
 
     def can_run_decoder_stack(self) -> bool:
         """decoder.c takes this model: fused ops apply, no per-head q/k norm (Qwen3), and either every projection
@@ -424,6 +438,42 @@ class DecoderModel(nn.Module):
         if s.final_softcap is not None:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return logits
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> ModelLoras:
+        """Adapter slots for per-request LoRA (lora.py); call before prepack_weights. Gate/up is then packed
+        without SiLU-and-multiply in its pass, since an update must be added to gate and up before it."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, MLP) and layer.mlp.gated:
+                layer.mlp.gate_up_proj.fuse_silu = False
+        weight = self.embed_tokens.weight
+        self.loras = ModelLoras(self._lora_targets(), num_slots, max_rank, weight.dtype, weight.device)
+        return self.loras
+
+    def _lora_targets(self) -> dict[str, LoraTarget]:
+        """Each Hugging Face projection an adapter may target (q/k/v/o, gate/up/down, or the family's own
+        names), by its module name in the checkpoint: where in our fused projections its update lands.
+        Experts and routers are not targets."""
+        modules = dict(self.named_modules())
+        targets: dict[str, LoraTarget] = {}
+        for own, source in self.spec.weights.items():
+            if "{i}" not in own or "{e}" in own or not own.endswith(".weight") or isinstance(source, Transposed):
+                continue
+            for i, layer in enumerate(self.layers):
+                module = modules.get(own.format(i=i).removesuffix(".weight"))
+                if not isinstance(module, Linear) or (isinstance(layer.mlp, MoE) and ".mlp." in own):
+                    continue
+                names = source if isinstance(source, tuple) else (source,)
+                if len(names) == 1:
+                    sizes: tuple[int, ...] = (module.out_features,)
+                elif module is layer.self_attn.qkv_proj:
+                    attn = layer.self_attn
+                    sizes = (attn.q_size, attn.kv_size, attn.kv_size)
+                else:
+                    sizes = (module.out_features // len(names),) * len(names)  # gate, up
+                for part, name in enumerate(names):
+                    hf_module = name.format(i=i).removesuffix(".weight")
+                    targets[hf_module] = LoraTarget(module, part, sizes, module.in_features)
+        return targets
 
     def prepack_weights(self, quantization: str = "none") -> str | None:
         """Reorder every projection for the fast matmul where that pays (`can_prepack`); after loading.

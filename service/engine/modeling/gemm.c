@@ -50,29 +50,29 @@ static inline __attribute__((always_inline)) void prefetch_some(prefetch_cursor 
 static inline __attribute__((always_inline)) void block(const int rows, const bf16 *x, const int64_t K,
                                                         const bf16 *w, const bf16 *bias, bf16 *y, float *yf,
                                                         const int64_t ldy, const int64_t ncols, const int silu,
-                                                        prefetch_cursor *wpf) {
+                                                        prefetch_cursor *wpf, const float scale,
+                                                        const int accumulate, const int zmms) {
+    /* zmms: 16-column vectors per group, 4 (a weight's 64-column groups) or 1 (LoRA's A factors, whose
+     * few columns would be mostly padding in groups of 64); every caller passes a constant. */
     __m512 acc[BLOCK_ROWS][4];
 #pragma GCC unroll 6
     for (int m = 0; m < rows; m++)
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+        for (int j = 0; j < zmms; j++) acc[m][j] = _mm512_setzero_ps();
     const int64_t pairs = K / 2;
     for (int64_t p = 0; p < pairs; p++) {
         if ((p & 7) == 0 && wpf != NULL) prefetch_some(wpf);
-        const bf16 *wp = w + p * (2 * GROUP_COLS);
-        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
-        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
-        const __m512bh w2 = (__m512bh)_mm512_loadu_si512(wp + 64);
-        const __m512bh w3 = (__m512bh)_mm512_loadu_si512(wp + 96);
+        const bf16 *wp = w + p * (2 * 16 * zmms);
+        __m512bh wv[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < zmms; j++) wv[j] = (__m512bh)_mm512_loadu_si512(wp + 32 * j);
 #pragma GCC unroll 6
         for (int m = 0; m < rows; m++) {
             int32_t pair;
             __builtin_memcpy(&pair, x + m * K + 2 * p, sizeof pair);
             const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, w0);
-            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, w1);
-            acc[m][2] = _mm512_dpbf16_ps(acc[m][2], a, w2);
-            acc[m][3] = _mm512_dpbf16_ps(acc[m][3], a, w3);
+#pragma GCC unroll 4
+            for (int j = 0; j < zmms; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], a, wv[j]);
         }
     }
     if (silu) { /* a full group: lanes 0-31 gate, 32-63 up; y gets 32 activations per row */
@@ -90,14 +90,16 @@ static inline __attribute__((always_inline)) void block(const int rows, const bf
         return;
     }
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < zmms; j++) {
         const int64_t c0 = j * 16;
         if (c0 >= ncols) break;
         const __mmask16 mask = mask16(ncols - c0);
         const __m512 b = bias == NULL ? _mm512_setzero_ps() : load16_bf16(bias + c0, mask);
 #pragma GCC unroll 6
         for (int m = 0; m < rows; m++) {
-            const __m512 r = _mm512_add_ps(acc[m][j], b);
+            __m512 r = _mm512_add_ps(acc[m][j], b);
+            if (scale != 1.0f) r = _mm512_mul_ps(r, _mm512_set1_ps(scale));
+            if (accumulate) r = _mm512_add_ps(r, load16_bf16(y + m * ldy + c0, mask)); /* y += (LoRA) */
             if (yf != NULL)
                 _mm512_mask_storeu_ps(yf + m * ldy + c0, mask, r);
             else
@@ -138,12 +140,12 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
             wpf = last > first ? &wcursor : NULL;
         }
         switch (M - m0 < BLOCK_ROWS ? M - m0 : BLOCK_ROWS) { /* constant row counts: fully unrolled blocks */
-        case 6: block(6, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
-        case 5: block(5, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
-        case 4: block(4, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
-        case 3: block(3, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
-        case 2: block(2, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
-        default: block(1, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf); break;
+        case 6: block(6, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf, 1.0f, 0, 4); break;
+        case 5: block(5, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf, 1.0f, 0, 4); break;
+        case 4: block(4, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf, 1.0f, 0, 4); break;
+        case 3: block(3, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf, 1.0f, 0, 4); break;
+        case 2: block(2, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf, 1.0f, 0, 4); break;
+        default: block(1, xr, K, w, b, yr, yfr, ldy, ncols, silu_mul, wpf, 1.0f, 0, 4); break;
         }
     }
 }
@@ -155,6 +157,72 @@ void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, flo
     if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
     gemm_bf16_team(x, packed, bias, y, y_f32, M, N, K, silu_mul);
+}
+
+
+/* LoRA updates for runs of rows, each run with its own adapter slot (modeling/lora.py), in two phases:
+ *   t[r, 0:W] = bf16(scale * x[r] @ A_s^T)      A_s: slot s's stacked lora_A factors [W, K] in 16-column
+ *                                               groups, [W/16][K/2][16][2] (native_kernels.pack_lora_a)
+ *   y[r] = bf16(y[r] + t[r] @ B_s^T)            B_s: its lora_B factors [N, W], packed as a weight
+ * runs: num_runs x (first row, end row, slot); scales: each run's scaling. Every run reads only its own
+ * slot's factors (Punica's segmented SGMV), so a step of many adapters reads each adapter's bytes once. */
+static inline __attribute__((always_inline)) void lora_block(int rows, const bf16 *x, int64_t K, const bf16 *w,
+                                                             bf16 *y, int64_t ldy, int64_t ncols, float scale,
+                                                             int expand) {
+#define LORA_BLOCK(R)                                                                    \
+    if (expand)                                                                         \
+        block(R, x, K, w, NULL, y, NULL, ldy, ncols, 0, NULL, 1.0f, 1, 4);              \
+    else                                                                                \
+        block(R, x, K, w, NULL, y, NULL, ldy, ncols, 0, NULL, scale, 0, 1);
+    switch (rows) {
+    case 6: LORA_BLOCK(6) break;
+    case 5: LORA_BLOCK(5) break;
+    case 4: LORA_BLOCK(4) break;
+    case 3: LORA_BLOCK(3) break;
+    case 2: LORA_BLOCK(2) break;
+    default: LORA_BLOCK(1) break;
+    }
+#undef LORA_BLOCK
+}
+
+void lora_bf16_team(const bf16 *x, bf16 *y, bf16 *t, const int64_t *runs, const float *scales, int64_t num_runs,
+                    const bf16 *a_packed, const bf16 *b_packed, int64_t N, int64_t K, int64_t W) {
+    const int64_t a_groups = W / 16, b_groups = (N + GROUP_COLS - 1) / GROUP_COLS;
+    const int64_t a_slot = W * K, b_slot = b_groups * GROUP_COLS * W; /* packed sizes */
+    int64_t blocks = 0; /* row blocks over all runs */
+    for (int64_t i = 0; i < num_runs; i++) blocks += (runs[3 * i + 1] - runs[3 * i] + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    for (int phase = 0; phase < 2; phase++) {
+        const int64_t groups = phase == 0 ? a_groups : b_groups;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < groups * blocks; item++) {
+            /* Row block major: a thread walks one slot's factors from start to end, as the prefetcher likes. */
+            const int64_t g = item % groups;
+            int64_t b = item / groups, run = 0, m0 = 0;
+            for (;; run++) { /* the run holding row block b, and the block's first row */
+                const int64_t n = (runs[3 * run + 1] - runs[3 * run] + BLOCK_ROWS - 1) / BLOCK_ROWS;
+                if (b < n) {
+                    m0 = runs[3 * run] + b * BLOCK_ROWS;
+                    break;
+                }
+                b -= n;
+            }
+            const int64_t end = runs[3 * run + 1], slot = runs[3 * run + 2];
+            const int rows = (int)(end - m0 < BLOCK_ROWS ? end - m0 : BLOCK_ROWS);
+            if (phase == 0)
+                lora_block(rows, x + m0 * K, K, a_packed + slot * a_slot + g * K * 16, t + m0 * W + g * 16, W, 16,
+                           scales[run], 0);
+            else
+                lora_block(rows, t + m0 * W, W, b_packed + slot * b_slot + g * W * GROUP_COLS,
+                           y + m0 * N + g * GROUP_COLS, N, N - g * GROUP_COLS < GROUP_COLS ? N - g * GROUP_COLS : GROUP_COLS,
+                           1.0f, 1);
+        }
+    }
+}
+
+void lora_bf16(const bf16 *x, bf16 *y, bf16 *t, const int64_t *runs, const float *scales, int64_t num_runs,
+               const bf16 *a_packed, const bf16 *b_packed, int64_t N, int64_t K, int64_t W, int num_threads) {
+#pragma omp parallel num_threads(num_threads < 1 ? 1 : num_threads)
+    lora_bf16_team(x, y, t, runs, scales, num_runs, a_packed, b_packed, N, K, W);
 }
 
 #else /* no AVX-512 BF16 on the machine that built this: native_kernels keeps oneDNN */
@@ -169,6 +237,18 @@ void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y
 void gemm_bf16(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M, int64_t N,
                int64_t K, int silu_mul, int num_threads) {
     (void)x, (void)packed, (void)bias, (void)y, (void)y_f32, (void)M, (void)N, (void)K, (void)silu_mul, (void)num_threads;
+}
+
+void lora_bf16_team(const bf16 *x, bf16 *y, bf16 *t, const int64_t *runs, const float *scales, int64_t num_runs,
+                    const bf16 *a_packed, const bf16 *b_packed, int64_t N, int64_t K, int64_t W) {
+    (void)x, (void)y, (void)t, (void)runs, (void)scales, (void)num_runs, (void)a_packed, (void)b_packed, (void)N,
+        (void)K, (void)W;
+}
+
+void lora_bf16(const bf16 *x, bf16 *y, bf16 *t, const int64_t *runs, const float *scales, int64_t num_runs,
+               const bf16 *a_packed, const bf16 *b_packed, int64_t N, int64_t K, int64_t W, int num_threads) {
+    (void)x, (void)y, (void)t, (void)runs, (void)scales, (void)num_runs, (void)a_packed, (void)b_packed, (void)N,
+        (void)K, (void)W, (void)num_threads;
 }
 
 #endif

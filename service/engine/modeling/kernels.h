@@ -36,6 +36,9 @@ static inline void *team_scratch(size_t bytes, int *failed) {
  * weight packed interleaved. */
 void gemm_bf16_team(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16 *y, float *y_f32, int64_t M,
                     int64_t N, int64_t K, int silu_mul);
+/* gemm.c: LoRA updates of runs of rows (lora_bf16's work), an orphaned worksharing phase pair. */
+void lora_bf16_team(const bf16 *x, bf16 *y, bf16 *t, const int64_t *runs, const float *scales, int64_t num_runs,
+                    const bf16 *a_packed, const bf16 *b_packed, int64_t N, int64_t K, int64_t W);
 
 /* fused_ops.c */
 void add_rms_norm_team(const bf16 *x, bf16 *residual, const bf16 *weight, bf16 *out, int64_t rows, int64_t dim,

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from service.engine.modeling import native_kernels, qgemm_vnni
+from service.engine.modeling.lora import LoraLinear
 from service.engine.modeling.qgemm_vnni import VNNIWeight
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -96,9 +97,13 @@ def quantization_refusal(quantization: str, dtype: torch.dtype, device: torch.de
 class Linear(nn.Linear):
     # Set by DecoderModel.prepack_weights, which drops .weight.
     packed: AnyWeight | None = None
+    # Set by ModelLoras when a resident LoRA adapter targets this projection (lora.py): each row's update is
+    # added to the base output.
+    lora: LoraLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight if self.packed is None else self.packed, self.bias)
+        y = linear(x, self.weight if self.packed is None else self.packed, self.bias)
+        return y if self.lora is None else self.lora.add_to(y, x)
 
     def pack(self) -> None:
         self.packed = prepack(self.weight)
@@ -132,10 +137,12 @@ class GateUpLinear(Linear):
     width allows (native_kernels.silu_mul_packable), with its halves interleaved so that gemm.c computes
     silu(gate) * up in the same pass (applies_silu); the bias, if any, is then interleaved the same way."""
 
-    silu = True  # the MLP's activation is SiLU (set False otherwise: gemm.c's fused pass applies SiLU only)
+    # gemm.c / qgemm_vnni.c may apply SiLU-and-multiply in their pass: the MLP's activation is SiLU, and no
+    # LoRA update has to be added to gate/up before it (False otherwise).
+    fuse_silu = True
 
     def pack(self) -> None:
-        if not self.silu or not native_kernels.silu_mul_packable(self.weight):
+        if not self.fuse_silu or not native_kernels.silu_mul_packable(self.weight):
             super().pack()
             return
         self.packed = native_kernels.pack_weight(self.weight, silu_mul=True)
@@ -147,7 +154,7 @@ class GateUpLinear(Linear):
 
     def quantize(self) -> None:
         """As Linear's, with qgemm_vnni.c's weights packed for SiLU-and-multiply where they can be."""
-        if not (self.silu and self.weight.dtype == torch.bfloat16 and qgemm_vnni.silu_mul_packable(self.weight)):
+        if not (self.fuse_silu and self.weight.dtype == torch.bfloat16 and qgemm_vnni.silu_mul_packable(self.weight)):
             super().quantize()
             return
         self.packed = qgemm_vnni.pack_vnni(self.weight, silu_mul=True)  # the bias keeps its order

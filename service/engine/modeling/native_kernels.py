@@ -347,6 +347,29 @@ def gemm_bf16(
     return bf16_matmul("gemm_bf16", x, weight, bias, out_dtype, call)
 
 
+def pack_lora_a(a: torch.Tensor) -> torch.Tensor:
+    """LoRA A factors [width, in] (width a multiple of 16) for lora_bf16: 16-column groups [width / 16, in / 2,
+    16, 2], flat (a weight's 64-column groups would be mostly padding at LoRA's ranks)."""
+    width, in_features = a.shape
+    return a.detach().reshape(width // 16, 16, in_features // 2, 2).permute(0, 2, 1, 3).contiguous().flatten()
+
+
+def lora_bf16(
+    x: torch.Tensor, y: torch.Tensor, runs: torch.Tensor, scales: torch.Tensor, a_packed: torch.Tensor,
+    b_packed: torch.Tensor, width: int,
+) -> None:  # fmt: skip
+    """y [rows, out] += each run's LoRA update of x [rows, in], in place (gemm.c's lora_bf16; modeling/lora.py):
+    runs [num_runs, 3] int64 (first row, end row, slot), scales [num_runs] float32, a_packed / b_packed each
+    slot's A [width, in] (pack_lora_a) / B [out, width] (pack_weight), one slot per row."""
+    _check("lora_bf16", x, y)
+    rows, out_features = y.shape
+    scratch = torch.empty(rows, width, dtype=torch.bfloat16)
+    _loaded().lora_bf16(
+        x.data_ptr(), y.data_ptr(), scratch.data_ptr(), runs.data_ptr(), scales.data_ptr(), runs.shape[0],
+        a_packed.data_ptr(), b_packed.data_ptr(), out_features, x.shape[1], width, torch.get_num_threads(),
+    )  # fmt: skip
+
+
 def bf16_matmul(
     kind: str, x: torch.Tensor, weight, bias: torch.Tensor | None, out_dtype: torch.dtype, call
 ) -> torch.Tensor:
@@ -517,6 +540,7 @@ class LayerWeights:
 
 
 WEIGHT_BF16 = kernel_abi.read().constants["WEIGHT_BF16"]
+LORA_PROJECTIONS = kernel_abi.read().constants["LORA_PROJECTIONS"]
 WEIGHT_INT8 = kernel_abi.read().constants["WEIGHT_INT8"]
 
 
@@ -579,6 +603,7 @@ def decoder_stack(
     silu_gate_up: bool,  # the table's gate/up weights are packed for silu_mul (bf16 only)
     eps: float,
     scale: float,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # bf16: (table, runs, scales), lora.py's
 ) -> None:
     """Every decoder layer of a step in one C call (see decoder.c): the same arithmetic as running add_rms_norm,
     the projections, rope_and_cache, paged_attention_kernel and silu_mul layer by layer. bf16 (residual's
@@ -603,7 +628,15 @@ def decoder_stack(
         plan.max_ctx, rows, hidden, num_heads, num_kv_heads, head_dim, intermediate_size,
     )  # fmt: skip
     if dtype == torch.bfloat16:
-        failed = lib.decoder_stack_bf16(*common, weight_kind, int(silu_gate_up), eps, scale, torch.get_num_threads())
+        lora_args: tuple = (None, None, None, 0)
+        if lora is not None:
+            lora_table, runs, scales = lora
+            if silu_gate_up or lora_table.shape != (num_layers, LORA_PROJECTIONS, 3):
+                raise ValueError("decoder_stack: a LoRA table needs one row per layer and gate/up without silu_mul")
+            lora_args = (lora_table.data_ptr(), runs.data_ptr(), scales.data_ptr(), runs.shape[0])
+        failed = lib.decoder_stack_bf16(
+            *common, weight_kind, int(silu_gate_up), eps, scale, *lora_args, torch.get_num_threads()
+        )
     else:
         failed = lib.decoder_stack_f32q(*common, weight_kind, eps, scale, torch.get_num_threads())
     if failed == 2:

@@ -441,6 +441,16 @@ class ModelsStub:
                 request_serializer=lmserve_dot_v1_dot_lmserve__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/lmserve.v1.Models/LoadLoraAdapter',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.LoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/lmserve.v1.Models/UnloadLoraAdapter',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.LoraAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -453,6 +463,21 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """LoRA adapters at run time (the server started with --allow-runtime-lora; else NOT_FOUND), as HTTP's
+        /v1/load_lora_adapter and /v1/unload_lora_adapter: a bad folder or a taken name is INVALID_ARGUMENT,
+        unloading an unknown name NOT_FOUND. Requests running with an unloaded adapter finish with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -460,6 +485,16 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.ListModelsRequest.FromString,
                     response_serializer=lmserve_dot_v1_dot_lmserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.LoraAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.LoraAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +525,60 @@ class Models:
             '/lmserve.v1.Models/ListModels',
             lmserve_dot_v1_dot_lmserve__pb2.ListModelsRequest.SerializeToString,
             lmserve_dot_v1_dot_lmserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Models/LoadLoraAdapter',
+            lmserve_dot_v1_dot_lmserve__pb2.LoadLoraAdapterRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.LoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Models/UnloadLoraAdapter',
+            lmserve_dot_v1_dot_lmserve__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.LoraAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,159 @@
+"""Many LoRA adapters on one base, against the base alone, with vLLM's CPU build doing the same, by
+`vllm bench serve` (random 128-token prompts, 128 output tokens, ignore_eos, seed 0; 4 x concurrency
+prompts per point, each sent to the next of the adapters in turn: --lora-assignment round-robin).
+
+Servers, started one after another and benchmarked one at a time, their order rotating by round:
+- base:       `lmserve serve --model DIR --no-safety` (dtype auto), requests to the base;
+- lora:       the same with `--lora-modules` of N random rank-R adapters (`--max-loras N`), requests spread
+              over the adapters;
+- vllm-base:  vLLM's CPU build (`make vllm-venv`), bf16, requests to the base;
+- vllm-lora:  vLLM with `--enable-lora --lora-modules ... --max-loras N --max-lora-rank R`, the same spread.
+
+    .venv/bin/python loadtests/lora_bench.py --model DIR [--adapters 8] [--rank 16] [--targets all-linear]
+        [--concurrency 16 64] [--rounds 1] [--servers base lora vllm-base vllm-lora] [--json out.json]
+
+DIR: `lmserve export smollm2-135m-instruct DIR`. The adapters are random PEFT adapters of DIR (B not zero),
+written once to --adapters-dir. Prints each point as JSON, then a table: tokens/s per server and the
+ratios lora / base and vllm-lora / vllm-base (each engine's cost of serving adapters) and lora / vllm-lora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lmload.servers import stop  # noqa: E402
+from vllm_engine_bench import Point, Running, run_bench, start_server  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVERS = ("base", "lora", "vllm-base", "vllm-lora")
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(model: Path, dest: Path, count: int, rank: int, targets: list[str]) -> dict[str, Path]:
+    """`count` random PEFT adapters of `model` (rank `rank`, alpha 2 x rank), made once into `dest`."""
+    adapters = {f"lora{i}": dest / f"lora{i}" for i in range(count)}
+    if all((p / "adapter_model.safetensors").exists() for p in adapters.values()):
+        return adapters
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    for i, path in enumerate(adapters.values()):
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:  # PEFT starts B at zero; a trained adapter's is not
+                    param.normal_(0.0, 0.01)
+        peft_model.save_pretrained(str(path))
+    return adapters
+
+
+def _argv(server: str, model: Path, port: int, adapters: dict[str, Path], rank: int, vllm_venv: Path) -> tuple[list[str], str]:
+    modules = [f"{name}={path}" for name, path in adapters.items()]
+    if server.startswith("vllm"):
+        lora = []
+        if server == "vllm-lora":
+            lora = ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank), "--lora-modules", *modules]
+        return [
+            str(vllm_venv / "bin" / "vllm"), "serve", str(model), "--served-model-name", "peer", "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048", *lora,
+        ], "/health"  # fmt: skip
+    lora = ["--lora-modules", *modules, "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank)] if server == "lora" else []
+    return [
+        sys.executable, "-m", "service", "serve", "--model", str(model), "--embedding-model", "none", "--no-safety",
+        "--port", str(port), "--grpc-port", "0", "--log-level", "warning", *lora,
+    ], "/readyz"  # fmt: skip
+
+
+def bench(
+    running: Running, model: Path, concurrency: int, adapters: list[str], round_index: int, vllm_venv: Path,
+    env: dict[str, str], log_dir: Path,
+) -> Point:  # fmt: skip
+    num_prompts = 4 * concurrency
+    spread = ["--lora-modules", *adapters, "--lora-assignment", "round-robin"] if running.name.endswith("lora") else []
+    command = [
+        str(vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", running.base_url,
+        "--model", running.model, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "128",
+        "--random-output-len", "128", "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+        "--ignore-eos", "--seed", "0", *spread,
+    ]  # fmt: skip
+    return run_bench(command, running, concurrency, num_prompts, round_index, env, log_dir)
+
+
+def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> str:
+    def mean(server: str, concurrency: int) -> float:
+        values = [p.output_tok_s for p in points if p.server == server and p.concurrency == concurrency]
+        return statistics.fmean(values) if values else float("nan")
+
+    pairs = [p for p in (("lora", "base"), ("vllm-lora", "vllm-base"), ("lora", "vllm-lora")) if set(p) <= set(servers)]
+    rows = [
+        "| concurrency | " + " | ".join(f"{s} tok/s" for s in servers) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",
+        "|---|" + "---|" * (len(servers) + len(pairs)),
+    ]
+    for c in concurrencies:
+        tok = {s: mean(s, c) for s in servers}
+        cells = [f"{tok[s]:.1f}" for s in servers] + [f"{tok[a] / tok[b]:.2f}x" for a, b in pairs]
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="all-linear", help="all-linear, or comma-separated module names (q_proj,v_proj)")
+    parser.add_argument("--adapters-dir", type=Path, default=Path("/tmp/lora_bench/adapters"))
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    parser.add_argument("--vllm-venv", type=Path, default=REPO_ROOT / ".vllm-venv", help="`make vllm-venv`'s")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/lora_bench"))
+    args = parser.parse_args()
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # unwind through finally: stop servers
+    if not (args.vllm_venv / "bin" / "vllm").exists():
+        parser.error(f"no vLLM in {args.vllm_venv} (make vllm-venv): its `vllm bench serve` is the load generator")
+    targets = ALL_LINEAR if args.targets == "all-linear" else args.targets.split(",")
+    folder = args.adapters_dir / f"r{args.rank}-{'-'.join(targets)}"
+    adapters = make_adapters(args.model, folder, args.adapters, args.rank, targets)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
+    env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    points: list[Point] = []
+    running: dict[str, Running] = {}
+    try:
+        for name in args.servers:  # one at a time: a server starting would slow another's benchmark
+            running[name] = start_server(
+                name, lambda port, n=name: _argv(n, args.model, port, adapters, args.rank, args.vllm_venv), env, args.log_dir
+            )
+        for round_index in range(1, args.rounds + 1):
+            shift = (round_index - 1) % len(args.servers)
+            order = args.servers[shift:] + args.servers[:shift]
+            for concurrency in args.concurrency:
+                for name in order:
+                    point = bench(running[name], args.model, concurrency, list(adapters), round_index, args.vllm_venv, env, args.log_dir)
+                    print(json.dumps(asdict(point)), flush=True)
+                    points.append(point)
+    finally:
+        for r in running.values():
+            stop(r.process)
+    print(f"{len(adapters)} adapters of rank {args.rank} on {', '.join(targets)}")
+    print(table(points, args.concurrency, args.servers))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
+    return 0 if all(p.num_failed == 0 and p.num_ok == p.num_prompts for p in points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
