@@ -1,6 +1,7 @@
 """Many LoRA adapters on one base, against the base alone, with vLLM's CPU build doing the same, by
-`vllm bench serve` (random 128-token prompts, 128 output tokens, ignore_eos, seed 0; 4 x concurrency
-prompts per point, each sent to the next of the adapters in turn: --lora-assignment round-robin).
+`vllm bench serve` (random 128-token prompts, 128 output tokens, ignore_eos, seed 0; --prompts-factor
+(4) x concurrency prompts per point, each sent to the next of the adapters in turn: --lora-assignment
+round-robin).
 
 Servers, started one after another and benchmarked one at a time, their order rotating by round:
 - base:       `lmserve serve --model DIR --no-safety` (dtype auto), requests to the base;
@@ -10,7 +11,8 @@ Servers, started one after another and benchmarked one at a time, their order ro
 - vllm-lora:  vLLM with `--enable-lora --lora-modules ... --max-loras N --max-lora-rank R`, the same spread.
 
     .venv/bin/python loadtests/lora_bench.py --model DIR [--adapters 8] [--rank 16] [--targets all-linear]
-        [--concurrency 16 64] [--rounds 1] [--servers base lora vllm-base vllm-lora] [--json out.json]
+        [--concurrency 16 64] [--rounds 1] [--servers base lora vllm-base vllm-lora] [--prompts-factor 4]
+        [--json out.json]
 
 DIR: `lmserve export smollm2-135m-instruct DIR`. The adapters are random PEFT adapters of DIR (B not zero),
 written once to --adapters-dir. Prints each point as JSON, then a table: tokens/s per server and the
@@ -76,10 +78,9 @@ def _argv(server: str, model: Path, port: int, adapters: dict[str, Path], rank: 
 
 
 def bench(
-    running: Running, model: Path, concurrency: int, adapters: list[str], round_index: int, vllm_venv: Path,
-    env: dict[str, str], log_dir: Path,
+    running: Running, model: Path, concurrency: int, num_prompts: int, adapters: list[str], round_index: int,
+    vllm_venv: Path, env: dict[str, str], log_dir: Path,
 ) -> Point:  # fmt: skip
-    num_prompts = 4 * concurrency
     spread = ["--lora-modules", *adapters, "--lora-assignment", "round-robin"] if running.name.endswith("lora") else []
     command = [
         str(vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", running.base_url,
@@ -118,6 +119,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--vllm-venv", type=Path, default=REPO_ROOT / ".vllm-venv", help="`make vllm-venv`'s")
+    parser.add_argument("--prompts-factor", type=int, default=4, help="prompts per point: this x the concurrency")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/lora_bench"))
     args = parser.parse_args()
@@ -142,7 +144,9 @@ def main() -> int:
             order = args.servers[shift:] + args.servers[:shift]
             for concurrency in args.concurrency:
                 for name in order:
-                    point = bench(running[name], args.model, concurrency, list(adapters), round_index, args.vllm_venv, env, args.log_dir)
+                    num_prompts = args.prompts_factor * concurrency
+                    point = bench(running[name], args.model, concurrency, num_prompts, list(adapters), round_index,
+                                  args.vllm_venv, env, args.log_dir)  # fmt: skip
                     print(json.dumps(asdict(point)), flush=True)
                     points.append(point)
     finally:

@@ -108,6 +108,23 @@ def check_files(config: ServeConfig) -> None:
             load_policy(config.safety_policy)  # the packaged default too: parsed, never assumed
         except PolicyError as exc:
             raise PreflightError(str(exc)) from None
+    check_lora_modules(config.engine)
+
+
+def check_lora_modules(engine: EngineConfig) -> None:
+    """Each --lora-modules folder's config (rank, what it asks for) and weights file, before the base loads;
+    its factors are read and fitted to the base when the engine loads."""
+    from service.checkpoints.errors import CheckpointError
+    from service.checkpoints.lora import ADAPTER_SAFETENSORS
+    from service.checkpoints.lora_adapter import read_lora_config
+
+    for name, path in engine.lora_modules:
+        try:
+            read_lora_config(path, engine.max_lora_rank)
+        except CheckpointError as exc:
+            raise PreflightError(f"--lora-modules {name}: {exc}") from None
+        if not (path / ADAPTER_SAFETENSORS).is_file():
+            raise PreflightError(f"--lora-modules {name}: {path} has no {ADAPTER_SAFETENSORS} (a pickle adapter_model.bin is not loaded)")
 
 
 def bind_port(host: str, port: int, what: str) -> list[socket.socket]:
@@ -253,6 +270,6 @@ def preflight(config: ServeConfig) -> PortReservation:
 
 __all__ = [
     "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_architecture", "check_engine",
-    "check_files", "check_quantization",
+    "check_files", "check_lora_modules", "check_quantization",
     "preflight", "reserve_ports",
 ]

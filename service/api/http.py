@@ -94,6 +94,8 @@ _GENERATION_ERRORS = {
     **_BODY_ERRORS,
     504: {**_ERROR, "description": "The request's own timeout (x-request-timeout, timeout) passed before a token."},
 }
+# vLLM's LoRA endpoints answer success as a line of text (errors as everywhere else: JSON).
+_PLAIN_TEXT_200 = {200: {"description": "A line saying what was done.", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 # OpenAPI 3.1 reads an event stream's `schema` as the schema of one event.
 _SSE_EVENT = {
     "type": "object",
@@ -859,14 +861,14 @@ def create_app(state: AppState) -> FastAPI:
                 return _json(card, {})
         raise APIError(f"The model '{model_id}' does not exist.", "model_not_found", "model")
 
-    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_BODY_ERRORS, tags=["lora"])
+    @app.post("/v1/load_lora_adapter", responses={**_BODY_ERRORS, **_PLAIN_TEXT_200}, tags=["lora"])
     async def load_lora(body: schemas.LoadLoraAdapterRequest, request: Request) -> Response:
         """vLLM's: serve the PEFT adapter folder `lora_path` as the model `lora_name` (with --allow-runtime-lora)."""
         who = caller(request)
         text = await load_lora_adapter(state, who, body.lora_name, body.lora_path, body.load_inplace)
         return PlainTextResponse(text, headers=who.response_headers)
 
-    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_BODY_ERRORS, tags=["lora"])
+    @app.post("/v1/unload_lora_adapter", responses={**_BODY_ERRORS, **_PLAIN_TEXT_200}, tags=["lora"])
     async def unload_lora(body: schemas.UnloadLoraAdapterRequest, request: Request) -> Response:
         """vLLM's: stop serving `lora_name`; requests already running with it finish."""
         who = caller(request)

@@ -421,6 +421,15 @@ class NativeEngine:
             self._wake.wait(timeout=0.001)
             self._wake.clear()
             return
+        unreadable = self.runner.load_loras(scheduled)
+        if unreadable:  # those requests fail alone; the step goes on without them
+            for req, exc in unreadable:
+                log.error("request %s: its LoRA adapter cannot be read: %s", req.request_id, exc)
+                self.scheduler.finish_request(req, FinishReason.ABORT)
+                self._fail([self._streams[req.request_id]], EngineStepError(f"its LoRA adapter cannot be read: {exc}"))
+            scheduled.scheduled = [s for s in scheduled.scheduled if not s.request.is_finished]
+            if scheduled.is_empty:
+                return
         sampling = [s for s in scheduled.scheduled if s.is_sampling]
         sampling_reqs = [s.request for s in sampling]
         constrained = [i for i, r in enumerate(sampling_reqs) if r.grammar is not None]

@@ -45,10 +45,3 @@ class LoraSlots:
     def release(self, slot: int) -> None:
         assert self._pins[slot] > 0
         self._pins[slot] -= 1
-
-    def forget(self, adapter_id: int) -> None:
-        """Empty the unpinned slot holding `adapter_id` (it was unloaded), so it is the next one given out."""
-        if adapter_id in self.adapter_ids:
-            slot = self.adapter_ids.index(adapter_id)
-            if self._pins[slot] == 0:
-                self.adapter_ids[slot] = None

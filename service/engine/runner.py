@@ -22,6 +22,7 @@ from service.engine.modeling.forward_path import ForwardPath, choose_forward_pat
 from service.engine.modeling.lora import ModelLoras
 from service.engine.modeling.generic import TransformersCausalLM
 from service.engine.modeling.decoder import DecoderModel
+from service.engine.request import Request
 from service.engine.scheduler import ScheduledRequest, SchedulerOutput
 from service.progress import progress_step, size_text
 
@@ -235,20 +236,34 @@ class ModelRunner:
         """Hidden states for a step laid out by `meta`, by this runner's forward path, over its KV cache."""
         return self._forward(input_ids, positions, self.kv_caches, meta)
 
+    def load_loras(self, scheduled: SchedulerOutput) -> list[tuple[Request, CheckpointError]]:
+        """Put each scheduled request's adapter in its slot where the slot holds another (before execute).
+        Returns the requests whose adapter could not be read again from its folder (changed or gone since
+        it was loaded, its host copy dropped): they fail alone, the step goes on without them."""
+        failed: list[tuple[Request, CheckpointError]] = []
+        if self.loras is None or self.lora_registry is None:
+            return failed
+        for item in scheduled.scheduled:
+            req = item.request
+            slot = req.lora_slot
+            if slot < 0 or req.lora is None or self._slot_adapter_ids[slot] == req.lora.id:
+                continue
+            try:
+                weights = self.lora_registry.weights(req.lora)
+            except CheckpointError as exc:
+                failed.append((req, exc))
+                continue
+            self.loras.load_slot(slot, weights)
+            self._slot_adapter_ids[slot] = req.lora.id
+        return failed
+
     def _forward_with_loras(
         self, items: list[ScheduledRequest], ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """The forward of a step with adapter rows: each slot in use loaded with its adapter if it holds
-        another, then every row's update added to its projections (modeling/lora.py)."""
-        assert self.loras is not None and self.lora_registry is not None
-        row_slots: list[tuple[int, int]] = []
-        for item in items:
-            req = item.request
-            slot = req.lora_slot
-            if slot >= 0 and req.lora is not None and self._slot_adapter_ids[slot] != req.lora.id:
-                self.loras.load_slot(slot, self.lora_registry.weights(req.lora))
-                self._slot_adapter_ids[slot] = req.lora.id
-            row_slots.append((slot, item.num_new_tokens))
+        """The forward of a step with adapter rows (their slots loaded: load_loras): every row's update added
+        to its projections (modeling/lora.py)."""
+        assert self.loras is not None
+        row_slots = [(item.request.lora_slot, item.num_new_tokens) for item in items]
         self.loras.begin_step(row_slots, ids.shape[0])
         try:
             return self._forward_lora(ids, pos, self.kv_caches, meta)

@@ -395,9 +395,11 @@ class VLLMEngine:
             raise LoraAdapterError(str(exc), "invalid") from None
         request = LoRARequest(name, next(self._lora_ids), str(path))
         try:
-            await self._llm.add_lora(request)
+            added = await self._llm.add_lora(request)
         except Exception as exc:  # vLLM's own checks against the model (shapes, target modules)
             raise LoraAdapterError(f"vLLM cannot load it: {exc}", "invalid") from None
+        if added is False:
+            raise LoraAdapterError("vLLM did not load it (see the server's log)", "invalid")
         self._loras[name] = (request, int(time.time()))
 
     async def unload_lora_adapter(self, name: str) -> None:

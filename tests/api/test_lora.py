@@ -32,7 +32,7 @@ from service.api.proto import lmserve_pb2 as pb
 from service.api.proto import lmserve_pb2_grpc as rpc
 from tests.api.conftest import metric_value
 from tests.checkpoints.lora_adapters import save_random_lora
-from tests.cli_process import cli_server, free_port
+from tests.cli_process import cli_server, free_port, run_cli
 
 MAX_TOKENS = 12
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -299,3 +299,40 @@ def test_runtime_loading_is_off_without_its_flag(server) -> None:
 
     error = asyncio.run(grpc_load())
     assert error.code() == grpc.StatusCode.NOT_FOUND and "--allow-runtime-lora" in error.details()
+
+
+def test_an_adapter_whose_folder_went_away_fails_its_own_requests_alone(lora_server: LoraServer, tmp_path: Path) -> None:
+    """Two slots and two host copies: once `fragile` is out of both, its next request must read the folder
+    again; the folder is gone, so that request fails (with the reason) and the others are served."""
+    folder = tmp_path / "fragile"
+    shutil.copytree(lora_server.adapters["mlp"], folder)
+
+    async def run() -> None:
+        async with _client(lora_server) as client, httpx.AsyncClient(base_url=lora_server.base_url, timeout=120.0) as http:
+            load = await http.post("/v1/load_lora_adapter", json={"lora_name": "fragile", "lora_path": str(folder)})
+            assert load.status_code == 200, load.text
+            assert await _complete(client, "fragile", 0) == (lora_server.text("mlp", 0), len(lora_server.expected[("mlp", 0)]))
+            for name in ("qv", "all", "qv", "all"):  # fragile leaves the slots and the host copies
+                await _complete(client, name, 1)
+            shutil.rmtree(folder)
+            with pytest.raises(openai.InternalServerError) as failed:
+                await _complete(client, "fragile", 0)
+            assert "cannot be read" in failed.value.message
+            assert await _complete(client, "qv", 0) == (lora_server.text("qv", 0), len(lora_server.expected[("qv", 0)]))
+
+    asyncio.run(run())
+
+
+def test_a_bad_adapter_at_start_is_one_error_line_before_the_base_loads(lora_server: LoraServer, tmp_path: Path) -> None:
+    folder = tmp_path / "too-big"
+    shutil.copytree(lora_server.adapters["qv"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 32}))
+    result = run_cli(
+        "serve", "--model", str(tmp_path / "no-such-base-is-read"), "--embedding-model", "none",
+        "--port", str(free_port()), "--grpc-port", "0", "--lora-modules", f"big={folder}", timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --lora-modules big: {folder / 'adapter_config.json'}: rank 32 is above --max-lora-rank 16"]
+    assert "Traceback" not in result.stderr

@@ -160,6 +160,7 @@ def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, R
                    "maxEmbeddingInputs": 2, "maxRequestBodyBytes": 999},
         "vllm": {"tensorParallelSize": 1, "pipelineParallelSize": 1, "gpuMemoryUtilization": 0.5,
                  "distributedExecutorBackend": "mp"},
+        "lora": {"modules": [{"name": "a", "path": "/a"}], "maxCpuLoras": 8},
         "server": {"numKvBlocks": 9, "kvCacheMemoryGiB": 2, "blockSize": 32, "otlpEndpoint": "http://x:4318", "corsOrigins": ["https://a.example"],
                    "maxNumSeqs": 2, "maxNumBatchedTokens": 64, "maxModelLen": 128, "promptLookupMin": 1,
                    "promptLookupMax": 3},
@@ -168,6 +169,16 @@ def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, R
     missing = read - set_by_chart - set(SET_OTHERWISE)
     assert not missing, f"no chart value sets {sorted(missing)}"
     assert not set(SET_OTHERWISE) & set_by_chart
+
+
+def test_lora_values_reach_the_server(helm: Helm) -> None:
+    values = {"lora": {"modules": [{"name": "sql", "path": "/models/adapters/sql"}, {"name": "chat", "path": "/a/chat"}],
+                       "maxLoras": 6, "maxLoraRank": 32, "maxCpuLoras": 12, "allowRuntime": True}}  # fmt: skip
+    engine = config_of(helm.template(values)).engine
+    assert engine.lora_modules == (("sql", Path("/models/adapters/sql")), ("chat", Path("/a/chat")))
+    assert (engine.max_loras, engine.max_lora_rank, engine.max_cpu_loras, engine.allow_runtime_lora) == (6, 32, 12, True)
+    error = helm.template_error({"lora": {"modules": [{"name": "a,b", "path": "/x"}]}})
+    assert "lora" in error and "modules" in error
 
 
 def test_served_names_reach_the_server(rendered: dict[str, Rendered]) -> None:

@@ -1,23 +1,28 @@
 """LoRA adapters applied per token row inside the batched forward, many adapters and the base in one step.
 
 Each projection some resident adapter targets gets a `LoraLinear` beside its (packed, quantized or plain)
-base weight: every slot's low-rank factors stacked into two matrices, so one step's update for all its rows
-is two matmuls whatever the mix of adapters (Punica's BGMV idea, done densely with a mask):
+base weight, which stays as it is: the update is added to the base projection's output. The LoraLinear
+holds every slot's low-rank factors stacked:
 
-    a:  [num_slots * width, in_features]    slot s's factors in rows [s * width, (s + 1) * width)
-    bt: [num_slots * width, out_features]   the same rows of B transposed
-    width = parts * max_rank                q/k/v (3 parts), gate/up (2) or one projection, rounded up to a
-                                            multiple of 16; a factor of rank r < max_rank fills its first r
-                                            rows, the rest stay zero
-    y += ((x @ a.T) * mask) @ bt            mask [num_tokens, num_slots * width]: each row's own slot's
-                                            block holds its adapter's scaling, every other entry 0
+    a:  [num_slots * width, in_features]    slot s's A factors in rows [s * width, (s + 1) * width)
+    bt: [num_slots * width, out_features]   the same rows of B, transposed
+    width = parts * max_rank, rounded up    q/k/v (3 parts), gate/up (2) or one projection; a factor of rank
+            to a multiple of 16             r < max_rank fills its part's first r rows, the rest stay zero
 
-A step of long runs (prefill chunks) takes each run's own slot block instead (`LoraStep.runs`): the dense
-form would multiply every row by every slot. In bf16 where gemm.c runs, every step goes by runs through
-gemm.c's lora_bf16 (Punica's SGMV: each run of rows multiplied by its own slot's factors only, packed as
-gemm.c weights), which reads each adapter's bytes once and computes no other slot's products. The base
-weights and their kernels are untouched (gemm.c, qgemm_vnni.c, oneDNN): the update is added to their output. Slot contents are loaded by the runner
-(`ModelLoras.load_slot`) when the scheduler hands a slot to another adapter.
+The runner orders a step's rows by slot, so each adapter's rows form one run, and the update is, per run
+of slot s with scaling c (Punica's SGMV):
+
+    y[run] += (c * x[run] @ A_s^T) @ B_s^T
+
+- bf16 where gemm.c runs (`use_kernel`): gemm.c's lora_bf16 over all runs at once, each slot's factors
+  packed for it (`packed`), reading each adapter's bytes once; decoder.c calls it inside its one call.
+- elsewhere (float32, held token-exact to transformers + PEFT): for steps of short runs (decodes) two
+  matmuls over every slot, `((x @ a^T) * mask) @ bt` with each row's scaling in its slot's columns of the
+  mask and 0 elsewhere (BGMV computed densely); for steps of long runs (prefill chunks), each run by its
+  own slot's block.
+
+Slot contents are loaded by the runner (`ModelLoras.load_slot`) when the scheduler hands a slot to
+another adapter.
 """
 
 from __future__ import annotations
