@@ -1,7 +1,8 @@
 """gemm.c's lora_bf16 (runs of rows, each by its own slot's LoRA factors) against torch, and decoder.c adding
 the updates inside its one call: the same tokens as the layer-by-layer path, on a bf16 model whose head size
-the stack takes. Skipped, with gemm.c's reason, on CPUs without AVX-512 BF16 (there bf16 LoRA runs as torch
-ops, and float32's exactness is tests/api/test_lora.py's)."""
+the stack takes, with bf16 weights and with int8 ones. Those are skipped, with gemm.c's or qgemm_vnni.c's
+reason, on CPUs without AVX-512 BF16 (VNNI); there bf16 LoRA runs as torch ops, and float32's exactness is
+tests/api/test_lora.py's. Adapters over float32 activations with int8 weights run everywhere."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from service.config import EngineConfig
 from service.engine.engine import NativeEngine
 from service.engine.modeling import native_kernels
+from service.engine.modeling.kernel_cache import cpu_has_int8_bf16
 from service.engine.modeling.forward_path import ForwardPath
 from service.types import GenerationRequest, SamplingParams
 from tests.checkpoints.lora_adapters import save_random_lora
@@ -98,3 +100,30 @@ def test_decoder_stack_adds_the_updates_as_the_layers_do(gemm_kernels, stack_mod
     layered = _generate(engine, loras)
     assert stacked == layered
     assert stacked[2] != _generate(engine, [None, None, None])[2], "the adapter changed nothing"
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float32",  # int8 weights under float32 activations (qgemm.c): adapter steps run layer by layer
+        pytest.param(
+            "bfloat16", marks=pytest.mark.skipif(not cpu_has_int8_bf16(), reason="no AVX-512 VNNI and BF16 here")
+        ),  # qgemm_vnni.c's int8 weights in decoder.c's stack, the adapters' updates added inside it
+    ],
+)
+def test_adapters_over_int8_weights(stack_model, tmp_path: Path, dtype: str) -> None:
+    """--quantization int8 with adapters: the base projections stay int8 (their kernels), the updates are
+    added to their output; in the bf16 stack the same tokens as layer by layer, and the adapters matter."""
+    base, adapters = stack_model
+    config = EngineConfig(dtype=dtype, device="cpu", quantization="int8", num_kv_blocks=64, cache_dir=tmp_path,
+                          lora_modules=tuple(adapters.items()), max_loras=2)  # fmt: skip
+    engine = NativeEngine.load(base, "base", config)
+    runner = engine.runner
+    assert runner.model.quantized() and runner.forward_path is ForwardPath.DECODER_STACK
+    loras = [None, "s0", "s1", "s2", "s1", None]
+    outputs = _generate(engine, loras)
+    if dtype == "bfloat16":
+        assert runner.model.stack_runs_loras()
+        runner._forward_lora = runner.model.forward_fused
+        assert _generate(engine, loras) == outputs
+    assert outputs[2] != _generate(engine, [None, None, None])[2], "the adapter changed nothing"
