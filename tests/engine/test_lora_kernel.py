@@ -119,11 +119,11 @@ def test_adapters_over_int8_weights(stack_model, tmp_path: Path, dtype: str) -> 
                           lora_modules=tuple(adapters.items()), max_loras=2)  # fmt: skip
     engine = NativeEngine.load(base, "base", config)
     runner = engine.runner
-    assert runner.model.quantized() and runner.forward_path is ForwardPath.DECODER_STACK
+    assert runner.model.quantized()
     loras = [None, "s0", "s1", "s2", "s1", None]
     outputs = _generate(engine, loras)
     if dtype == "bfloat16":
-        assert runner.model.stack_runs_loras()
+        assert runner.forward_path is ForwardPath.DECODER_STACK and runner.model.stack_runs_loras()
         runner._forward_lora = runner.model.forward_fused
         assert _generate(engine, loras) == outputs
     assert outputs[2] != _generate(engine, [None, None, None])[2], "the adapter changed nothing"
