@@ -115,16 +115,13 @@ def check_lora_modules(engine: EngineConfig) -> None:
     """Each --lora-modules folder's config (rank, what it asks for) and weights file, before the base loads;
     its factors are read and fitted to the base when the engine loads."""
     from service.checkpoints.errors import CheckpointError
-    from service.checkpoints.lora import ADAPTER_SAFETENSORS
-    from service.checkpoints.lora_adapter import read_lora_config
+    from service.checkpoints.lora_adapter import check_lora_folder
 
     for name, path in engine.lora_modules:
         try:
-            read_lora_config(path, engine.max_lora_rank)
+            check_lora_folder(path, engine.max_lora_rank)
         except CheckpointError as exc:
             raise PreflightError(f"--lora-modules {name}: {exc}") from None
-        if not (path / ADAPTER_SAFETENSORS).is_file():
-            raise PreflightError(f"--lora-modules {name}: {path} has no {ADAPTER_SAFETENSORS} (a pickle adapter_model.bin is not loaded)")
 
 
 def bind_port(host: str, port: int, what: str) -> list[socket.socket]:

@@ -39,7 +39,6 @@ class LoraAdapterWeights:
     rank: int
     scaling: float  # lora_alpha / rank (rsLoRA: lora_alpha / sqrt(rank))
     factors: dict[str, LoraFactors]  # by the base's module name, "model.layers.0.self_attn.q_proj"
-    base_model: str  # the config's base_model_name_or_path, for messages
 
     @property
     def num_bytes(self) -> int:
@@ -79,9 +78,9 @@ def read_lora_config(adapter_dir: Path, max_rank: int) -> dict[str, Any]:
     return config
 
 
-def read_lora_adapter(adapter_dir: Path, max_rank: int) -> LoraAdapterWeights:
-    """Read and check a PEFT LoRA folder (float32 factors; the engine casts them to the model's dtype)."""
-    adapter_dir = Path(adapter_dir)
+def check_lora_folder(adapter_dir: Path, max_rank: int) -> tuple[dict[str, Any], Path]:
+    """The adapter's checked config and its safetensors file, without reading the weights (preflight
+    stops here; read_lora_adapter goes on)."""
     config = read_lora_config(adapter_dir, max_rank)
     weights_path = adapter_dir / ADAPTER_SAFETENSORS
     if not weights_path.is_file():
@@ -91,6 +90,13 @@ def read_lora_adapter(adapter_dir: Path, max_rank: int) -> LoraAdapterWeights:
                 f"{ADAPTER_SAFETENSORS} (save_pretrained(..., safe_serialization=True))"
             )
         raise CheckpointError(f"{adapter_dir} has no adapter weights: expected {ADAPTER_SAFETENSORS}")
+    return config, weights_path
+
+
+def read_lora_adapter(adapter_dir: Path, max_rank: int) -> LoraAdapterWeights:
+    """Read and check a PEFT LoRA folder (float32 factors; the engine casts them to the model's dtype)."""
+    adapter_dir = Path(adapter_dir)
+    config, weights_path = check_lora_folder(adapter_dir, max_rank)
     check_safetensors_header(weights_path)
     from safetensors.torch import load_file
 
@@ -128,4 +134,4 @@ def read_lora_adapter(adapter_dir: Path, max_rank: int) -> LoraAdapterWeights:
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise CheckpointError(f"{weights_path}: {module} holds NaN or infinite values")
         factors[module] = LoraFactors(a, b)
-    return LoraAdapterWeights(adapter_dir, rank, scaling, factors, str(config.get("base_model_name_or_path") or ""))
+    return LoraAdapterWeights(adapter_dir, rank, scaling, factors)

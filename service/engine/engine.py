@@ -101,7 +101,6 @@ class NativeEngine:
             max_model_len=self.max_model_len,
             lora_slots=LoraSlots(config.max_loras) if runner.loras is not None else None,
         )
-        self._lora_created: dict[int, int] = {}  # adapter id -> Unix seconds it was loaded
         self.eos_token_ids = tokenizer.eos_token_ids
         self._ids = itertools.count()
         self._inbox: deque[_Stream] = deque()
@@ -206,7 +205,7 @@ class NativeEngine:
     def lora_adapters(self) -> list[LoraAdapterInfo]:
         if self.lora_registry is None:
             return []
-        return [LoraAdapterInfo(a.name, str(a.path), self._lora_created.get(a.id, 0)) for a in self.lora_registry.adapters()]
+        return [LoraAdapterInfo(a.name, str(a.path), a.created) for a in self.lora_registry.adapters()]
 
     def add_lora_adapter(self, name: str, path: str) -> None:
         """Read, check and register an adapter (blocking: the server's start, or a worker thread)."""
@@ -222,7 +221,6 @@ class NativeEngine:
             raise LoraAdapterError(str(exc), "invalid") from None
         except ValueError as exc:  # the name was taken meanwhile
             raise LoraAdapterError(str(exc), "conflict") from None
-        self._lora_created[adapter.id] = int(time.time())
         log.info("LoRA adapter %s loaded from %s (rank %d, %.1f MiB)", name, path, adapter.rank, adapter.num_bytes / 2**20)
 
     async def load_lora_adapter(self, name: str, path: str) -> None:
@@ -233,7 +231,6 @@ class NativeEngine:
         adapter = None if self.lora_registry is None else self.lora_registry.remove(name)
         if adapter is None:
             raise LoraAdapterError(f"no LoRA adapter named {name!r} is loaded", "not_found")
-        self._lora_created.pop(adapter.id, None)
         log.info("LoRA adapter %s unloaded", name)
 
     def _lora(self, request: GenerationRequest) -> LoraAdapter | None:

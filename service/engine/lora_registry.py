@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class LoraAdapter:
     path: Path
     rank: int
     num_bytes: int
+    created: int  # Unix seconds it was loaded
 
 
 class LoraRegistry:
@@ -47,7 +49,6 @@ class LoraRegistry:
         self._by_name: dict[str, LoraAdapter] = {}
         self._host: OrderedDict[int, LoraAdapterWeights] = OrderedDict()  # by adapter id, least recent first
         self.num_loads = 0  # adapters read from their folders (registrations and re-reads after eviction)
-        self.num_evictions = 0  # host copies dropped to stay within max_cpu_loras
 
     def read(self, path: Path) -> LoraAdapterWeights:
         """Read and check an adapter folder against the base (CheckpointError, one line). No lock: slow I/O."""
@@ -58,13 +59,13 @@ class LoraRegistry:
             raise CheckpointError(f"{path}: {exc}") from None
         return weights
 
-    def add(self, name: str, path: Path, weights: LoraAdapterWeights | None = None) -> LoraAdapter:
-        """Register `name` (ValueError if taken), reading `path` unless its weights are given."""
-        weights = self.read(path) if weights is None else weights
+    def add(self, name: str, path: Path) -> LoraAdapter:
+        """Register `name` (ValueError if taken), reading `path` first (CheckpointError if bad)."""
+        weights = self.read(path)
         with self._lock:
             if name in self._by_name:
                 raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
-            adapter = LoraAdapter(next(self._ids), name, Path(path), weights.rank, weights.num_bytes)
+            adapter = LoraAdapter(next(self._ids), name, Path(path), weights.rank, weights.num_bytes, int(time.time()))
             self._by_name[name] = adapter
             self.num_loads += 1
             self._keep(adapter.id, weights)
@@ -106,4 +107,3 @@ class LoraRegistry:
         self._host.move_to_end(adapter_id)
         while len(self._host) > self.max_cpu_loras:
             self._host.popitem(last=False)
-            self.num_evictions += 1

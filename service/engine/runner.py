@@ -206,7 +206,6 @@ class ModelRunner:
         if config.lora_enabled:
             self.loras = model.enable_lora(config.max_loras, config.max_lora_rank)
             self.lora_registry = LoraRegistry(config.num_cpu_loras, config.max_lora_rank, self.loras.check)
-            self._slot_adapter_ids: list[int | None] = [None] * config.max_loras  # what each slot holds now
         self.packed_weights = model.prepack_weights(config.quantization)
         if config.quantization in GGUF_QUANTIZATIONS:  # the source GGUF's own Q4_1 / Q8_0 blocks (gguf_weights.py)
             self.packed_weights = use_gguf_blocks(model, model_path, config)
@@ -246,15 +245,14 @@ class ModelRunner:
         for item in scheduled.scheduled:
             req = item.request
             slot = req.lora_slot
-            if slot < 0 or req.lora is None or self._slot_adapter_ids[slot] == req.lora.id:
+            if slot < 0 or req.lora is None or self.loras.holds(slot, req.lora.id):
                 continue
             try:
                 weights = self.lora_registry.weights(req.lora)
             except CheckpointError as exc:
                 failed.append((req, exc))
                 continue
-            self.loras.load_slot(slot, weights)
-            self._slot_adapter_ids[slot] = req.lora.id
+            self.loras.load_slot(slot, req.lora.id, weights)
         return failed
 
     def _forward_with_loras(

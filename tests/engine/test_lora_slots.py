@@ -14,7 +14,7 @@ from service.types import FinishReason, SamplingParams
 
 
 def _adapter(adapter_id: int) -> LoraAdapter:
-    return LoraAdapter(adapter_id, f"a{adapter_id}", Path(f"/adapters/a{adapter_id}"), rank=8, num_bytes=0)
+    return LoraAdapter(adapter_id, f"a{adapter_id}", Path(f"/adapters/a{adapter_id}"), rank=8, num_bytes=0, created=0)
 
 
 def _request(name: str, tokens: list[int], adapter: LoraAdapter | None, max_tokens: int = 4) -> Request:

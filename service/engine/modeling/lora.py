@@ -106,10 +106,10 @@ class LoraLinear:
             self.packed = (a.new_zeros(ctx.num_slots, a.numel()), b.new_zeros(ctx.num_slots, b.numel()))
 
     def clear(self, slot: int) -> None:
+        """Zero one slot's factors (pack_slot then refreshes gemm.c's copy)."""
         block = slice(slot * self.width, (slot + 1) * self.width)
         self.a[block].zero_()
         self.bt[block].zero_()
-        self.pack_slot(slot)
 
     def pack_slot(self, slot: int) -> None:
         """Refresh gemm.c's copy of one slot's factors after they changed."""
@@ -168,6 +168,7 @@ class ModelLoras:
         self.dtype = dtype
         self.device = device
         self.scalings: dict[int, float] = {}
+        self.slot_adapter_ids: list[int | None] = [None] * num_slots  # what each slot holds now
         self._linears: list[LoraLinear] = []
         self._table: tuple[int, torch.Tensor] | None = None  # decoder.c's table, and how many LoraLinears it has
 
@@ -192,8 +193,11 @@ class ModelLoras:
     def widths_in_use(self) -> set[int]:
         return {lin.width for lin in self._linears}
 
-    def load_slot(self, slot: int, adapter: LoraAdapterWeights) -> None:
-        """Put `adapter` in `slot` (checked already), replacing what the slot held."""
+    def holds(self, slot: int, adapter_id: int) -> bool:
+        return self.slot_adapter_ids[slot] == adapter_id
+
+    def load_slot(self, slot: int, adapter_id: int, adapter: LoraAdapterWeights) -> None:
+        """Put `adapter` (the registry's adapter_id, checked already) in `slot`, replacing what it held."""
         for lin in self._linears:
             lin.clear(slot)
         for name, factors in adapter.factors.items():
@@ -207,6 +211,7 @@ class ModelLoras:
         for lin in self._linears:
             lin.pack_slot(slot)
         self.scalings[slot] = adapter.scaling
+        self.slot_adapter_ids[slot] = adapter_id
 
     def stack_table(self, projections: list[tuple[torch.nn.Module, ...]]) -> torch.Tensor:
         """decoder.c's LoRA table for `projections` (per layer: qkv, o, gate/up, down): [layers, 4, 3] int64 of
