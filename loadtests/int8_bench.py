@@ -22,17 +22,14 @@ int8 / vLLM per concurrency (the mean of the rounds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lmload.servers import stop  # noqa: E402
-from vllm_engine_bench import Point, Running, run_bench, start_server  # noqa: E402
+from vllm_engine_bench import Point, Running, report, run_bench, run_rounds, start_server  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("bf16", "int8", "vllm")
@@ -110,29 +107,16 @@ def main() -> int:
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as vllm_engine_bench.py: torch.compile's own cache works
     if args.vllm_both_cores:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
-    points: list[Point] = []
-    running: dict[str, Running] = {}
-    try:
-        for name in args.servers:  # one at a time: a server starting would slow another's benchmark
-            running[name] = start(name, args.model, args.vllm_venv, env, args.log_dir)
-        for round_index in range(1, args.rounds + 1):
-            shift = (round_index - 1) % len(args.servers)
-            order = args.servers[shift:] + args.servers[:shift]
-            for concurrency in args.concurrency:
-                for name in order:
-                    num_prompts = args.prompts or (8 if concurrency == 1 else 4 * concurrency)
-                    point = bench(
-                        running[name], args.model, concurrency, num_prompts, round_index, args.vllm_venv, env, args.log_dir
-                    )
-                    print(json.dumps(asdict(point)), flush=True)
-                    points.append(point)
-    finally:
-        for r in running.values():
-            stop(r.process)
-    print(table(points, args.concurrency, args.servers))
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
-    return 0 if all(p.num_failed == 0 and p.num_ok == p.num_prompts for p in points) else 1
+
+    def point(running: Running, concurrency: int, round_index: int) -> Point:
+        num_prompts = args.prompts or (8 if concurrency == 1 else 4 * concurrency)
+        return bench(running, args.model, concurrency, num_prompts, round_index, args.vllm_venv, env, args.log_dir)
+
+    def start_one(name: str) -> Running:
+        return start(name, args.model, args.vllm_venv, env, args.log_dir)
+
+    points = run_rounds(args.servers, start_one, point, args.rounds, args.concurrency)
+    return report(points, table(points, args.concurrency, args.servers), args.json)
 
 
 if __name__ == "__main__":

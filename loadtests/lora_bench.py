@@ -22,17 +22,14 @@ ratios lora / base and vllm-lora / vllm-base (each engine's cost of serving adap
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lmload.servers import stop  # noqa: E402
-from vllm_engine_bench import Point, Running, run_bench, start_server  # noqa: E402
+from vllm_engine_bench import Point, Running, report, run_bench, run_rounds, start_server  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("base", "lora", "vllm-base", "vllm-lora")
@@ -132,31 +129,17 @@ def main() -> int:
     adapters = make_adapters(args.model, folder, args.adapters, args.rank, targets)
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
-    points: list[Point] = []
-    running: dict[str, Running] = {}
-    try:
-        for name in args.servers:  # one at a time: a server starting would slow another's benchmark
-            running[name] = start_server(
-                name, lambda port, n=name: _argv(n, args.model, port, adapters, args.rank, args.vllm_venv), env, args.log_dir
-            )
-        for round_index in range(1, args.rounds + 1):
-            shift = (round_index - 1) % len(args.servers)
-            order = args.servers[shift:] + args.servers[:shift]
-            for concurrency in args.concurrency:
-                for name in order:
-                    num_prompts = args.prompts_factor * concurrency
-                    point = bench(running[name], args.model, concurrency, num_prompts, list(adapters), round_index,
-                                  args.vllm_venv, env, args.log_dir)  # fmt: skip
-                    print(json.dumps(asdict(point)), flush=True)
-                    points.append(point)
-    finally:
-        for r in running.values():
-            stop(r.process)
+
+    def start_one(name: str) -> Running:
+        return start_server(name, lambda port: _argv(name, args.model, port, adapters, args.rank, args.vllm_venv), env, args.log_dir)
+
+    def point(running: Running, concurrency: int, round_index: int) -> Point:
+        num_prompts = args.prompts_factor * concurrency
+        return bench(running, args.model, concurrency, num_prompts, list(adapters), round_index, args.vllm_venv, env, args.log_dir)
+
+    points = run_rounds(args.servers, start_one, point, args.rounds, args.concurrency)
     print(f"{len(adapters)} adapters of rank {args.rank} on {', '.join(targets)}")
-    print(table(points, args.concurrency, args.servers))
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
-    return 0 if all(p.num_failed == 0 and p.num_ok == p.num_prompts for p in points) else 1
+    return report(points, table(points, args.concurrency, args.servers), args.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,6 +128,40 @@ def run_bench(
     )  # fmt: skip
 
 
+def run_rounds(
+    names: list[str], start: Callable[[str], Running], point: Callable[[Running, int, int], Point], rounds: int,
+    concurrencies: list[int],
+) -> list[Point]:  # fmt: skip
+    """What every side-by-side benchmark here does: start the servers one at a time (one starting would slow
+    another's benchmark), then per round and concurrency one `point(server, concurrency, round)` from each,
+    back to back, their order rotated by one each round so that a shared machine's drift falls on all alike;
+    each point printed as a JSON line as it comes. The servers are stopped however this ends."""
+    points: list[Point] = []
+    running: dict[str, Running] = {}
+    try:
+        for name in names:
+            running[name] = start(name)
+        for round_index in range(1, rounds + 1):
+            shift = (round_index - 1) % len(names)
+            for concurrency in concurrencies:
+                for name in names[shift:] + names[:shift]:
+                    result = point(running[name], concurrency, round_index)
+                    print(json.dumps(asdict(result)), flush=True)
+                    points.append(result)
+    finally:
+        for r in running.values():
+            stop(r.process)
+    return points
+
+
+def report(points: list[Point], table_text: str, json_path: Path | None) -> int:
+    """Print the table, write the points as JSON where asked; the exit status: 0 when every request succeeded."""
+    print(table_text)
+    if json_path is not None:
+        json_path.write_text(json.dumps([asdict(p) for p in points], indent=1))
+    return 0 if all(p.num_failed == 0 and p.num_ok == p.num_prompts for p in points) else 1
+
+
 def table(points: list[Point], concurrencies: list[int]) -> str:
     rows = [
         "| round | concurrency | lmserve --engine vllm tok/s | vllm serve tok/s | ratio | median TTFT lmserve / vLLM | "
@@ -173,27 +208,16 @@ def main() -> int:
     if args.both_cores:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
     lmserve_env = {k: v for k, v in env.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    points: list[Point] = []
-    servers: dict[str, Running] = {}
-    try:
-        # One at a time: two engines compiling at once would only slow both.
-        servers["lmserve"] = start("lmserve", args.model, args.kv_cache_gib, args.dtype, lmserve_env, args.log_dir)
-        servers["vllm"] = start("vllm", args.model, args.kv_cache_gib, args.dtype, env, args.log_dir)
-        for round_index in range(1, args.rounds + 1):
-            order = SERVERS if round_index % 2 else SERVERS[::-1]
-            for concurrency in args.concurrency:
-                for name in order:
-                    num_prompts = 8 if concurrency == 1 else args.prompts_per_client * concurrency
-                    point = bench(servers[name], args.model, concurrency, num_prompts, round_index, env, args.log_dir)
-                    print(json.dumps(asdict(point)), flush=True)
-                    points.append(point)
-    finally:
-        for running in servers.values():
-            stop(running.process)
-    print(table(points, args.concurrency))
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
-    return 0 if all(p.num_failed == 0 and p.num_ok == p.num_prompts for p in points) else 1
+
+    def start_one(name: str) -> Running:
+        return start(name, args.model, args.kv_cache_gib, args.dtype, lmserve_env if name == "lmserve" else env, args.log_dir)
+
+    def point(running: Running, concurrency: int, round_index: int) -> Point:
+        num_prompts = 8 if concurrency == 1 else args.prompts_per_client * concurrency
+        return bench(running, args.model, concurrency, num_prompts, round_index, env, args.log_dir)
+
+    points = run_rounds(list(SERVERS), start_one, point, args.rounds, args.concurrency)
+    return report(points, table(points, args.concurrency), args.json)
 
 
 if __name__ == "__main__":
