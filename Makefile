@@ -56,10 +56,10 @@ test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q
 
 # The gRPC stubs from protos/lmserve/v1/lmserve.proto (grpcio-tools, no plugins): the server's in
-# service/api/proto/, and the client package's (clients/python, `lmserve-grpc`, protoc's layout) in
+# service/lmserve/api/proto/, and the client package's (clients/python, `lmserve-grpc`, protoc's layout) in
 # clients/python/lmserve/v1/. The tests fail when the committed stubs and the proto disagree.
 protos: $(STAMP)
-	$(PY) protos/generate.py service/api/proto
+	$(PY) protos/generate.py service/lmserve/api/proto
 	$(PY) protos/generate.py clients/python/lmserve/v1 --package lmserve.v1
 
 bench: $(STAMP)

@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests.throughput import engine_run, random_prompts  # noqa: E402
-from service.config import EngineConfig  # noqa: E402
-from service.engine.engine import NativeEngine  # noqa: E402
-from service.types import GenerationRequest, SamplingParams  # noqa: E402
+from lmserve.config import EngineConfig  # noqa: E402
+from lmserve.engine.engine import NativeEngine  # noqa: E402
+from lmserve.types import GenerationRequest, SamplingParams  # noqa: E402
 
 VOCAB = 49152  # SmolLM2's tokenizer
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,

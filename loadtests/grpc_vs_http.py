@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loadtests"))
 
 from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
-from service.api.proto import lmserve_pb2 as pb  # noqa: E402
-from service.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
+from lmserve.api.proto import lmserve_pb2 as pb  # noqa: E402
+from lmserve.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
 
 
 @dataclass
@@ -163,7 +163,7 @@ async def tokenize_rate(transport: str, port: int, concurrency: int, duration_s:
 
 
 def start_server(http_port: int, grpc_port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "service", "serve", "--embedding-model", "none", "--port", str(http_port),
+    cmd = [sys.executable, "-m", "lmserve", "serve", "--embedding-model", "none", "--port", str(http_port),
            "--grpc-port", str(grpc_port), "--log-level", "warning", "--no-safety", *extra]
     proc = launch(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
     wait_ready(proc, f"http://127.0.0.1:{http_port}/readyz", 300, "the server")

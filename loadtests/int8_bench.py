@@ -44,7 +44,7 @@ def _argv(server: str, model: Path, port: int, vllm_venv: Path) -> tuple[list[st
         ], "/health"  # fmt: skip
     quantization = ["--quantization", "int8"] if server == "int8" else []
     return [
-        sys.executable, "-m", "service", "serve", "--model", str(model), *quantization, "--embedding-model", "none",
+        sys.executable, "-m", "lmserve", "serve", "--model", str(model), *quantization, "--embedding-model", "none",
         "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
     ], "/readyz"  # fmt: skip
 

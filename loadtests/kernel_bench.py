@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from service.config import default_c_compiler, default_cache_dir
-from service.engine.modeling import native_kernels
-from service.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
-from service.engine.runner import advise_huge_pages
-from service.process import prepare_to_serve
+from lmserve.config import default_c_compiler, default_cache_dir
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
+from lmserve.engine.runner import advise_huge_pages
+from lmserve.process import prepare_to_serve
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}

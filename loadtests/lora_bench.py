@@ -69,7 +69,7 @@ def _argv(server: str, model: Path, port: int, adapters: dict[str, Path], rank: 
         ], "/health"  # fmt: skip
     lora = ["--lora-modules", *modules, "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank)] if server == "lora" else []
     return [
-        sys.executable, "-m", "service", "serve", "--model", str(model), "--embedding-model", "none", "--no-safety",
+        sys.executable, "-m", "lmserve", "serve", "--model", str(model), "--embedding-model", "none", "--no-safety",
         "--port", str(port), "--grpc-port", "0", "--log-level", "warning", *lora,
     ], "/readyz"  # fmt: skip
 

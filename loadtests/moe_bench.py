@@ -21,9 +21,9 @@ import torch
 import transformers
 
 from loadtests.throughput import engine_run, random_prompts
-from service.checkpoints import resolve_model
-from service.config import EngineConfig, default_cache_dir
-from service.engine.engine import NativeEngine
+from lmserve.checkpoints import resolve_model
+from lmserve.config import EngineConfig, default_cache_dir
+from lmserve.engine.engine import NativeEngine
 
 
 def configs(args: argparse.Namespace) -> dict[str, transformers.PretrainedConfig]:

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from service.checkpoints import resolve_model
-from service.config import DEFAULT_MODEL, EngineConfig, default_cache_dir
-from service.engine.modeling.attention import SeqLayout
-from service.engine.runner import ModelRunner
-from service.tokenizer import Tokenizer
+from lmserve.checkpoints import resolve_model
+from lmserve.config import DEFAULT_MODEL, EngineConfig, default_cache_dir
+from lmserve.engine.modeling.attention import SeqLayout
+from lmserve.engine.runner import ModelRunner
+from lmserve.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO / "tests" / "data" / "perplexity" / "kjv_ruth_jonah.txt"

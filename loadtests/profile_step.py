@@ -17,14 +17,14 @@ import time
 
 import torch
 
-from service.checkpoints import resolve_model
-from service.config import EngineConfig, default_cache_dir
-from service.engine.engine import NativeEngine, _Stream
-from service.engine.output import SequenceOutput
-from service.engine.request import Request
-from service.process import prepare_to_serve
-from service.engine.sampler import sample
-from service.types import FinishReason, SamplingParams
+from lmserve.checkpoints import resolve_model
+from lmserve.config import EngineConfig, default_cache_dir
+from lmserve.engine.engine import NativeEngine, _Stream
+from lmserve.engine.output import SequenceOutput
+from lmserve.engine.request import Request
+from lmserve.process import prepare_to_serve
+from lmserve.engine.sampler import sample
+from lmserve.types import FinishReason, SamplingParams
 
 
 def fill(engine: NativeEngine, batch: int, context: int, seed: int, temperature: float = 0.0) -> None:

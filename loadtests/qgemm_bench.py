@@ -17,15 +17,15 @@ import argparse
 
 import torch
 
-from service.config import default_c_compiler, default_cache_dir
-from service.engine.modeling import native_kernels
+from lmserve.config import default_c_compiler, default_cache_dir
+from lmserve.engine.modeling import native_kernels
 
 from kernel_bench import HEAD, SHAPES, median_time  # the same shapes and timing as the bf16 kernels' bench
 
 
 def bf16_table(rows_list: list[int], layers: int, repeats: int) -> None:
     """qgemm_vnni (int8 weights, bf16 activations) against gemm_bf16 on the same bf16 weights."""
-    from service.engine.modeling import qgemm_vnni
+    from lmserve.engine.modeling import qgemm_vnni
 
     if not (qgemm_vnni.available() and native_kernels.gemm_bf16_available()):
         raise SystemExit("qgemm_vnni.c and gemm.c need a CPU with AVX-512 VNNI and BF16")

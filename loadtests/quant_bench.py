@@ -91,7 +91,7 @@ def measure(
     else:
         quantization, dtype, *threads = config.split(":")
         argv = [
-            sys.executable, "-m", "service", "serve", "--model", model, "--quantization", quantization, "--dtype", dtype,
+            sys.executable, "-m", "lmserve", "serve", "--model", model, "--quantization", quantization, "--dtype", dtype,
             "--embedding-model", "none", "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
             *(["--num-threads", threads[0]] if threads else []),
         ]  # fmt: skip
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = prompts(args.requests, args.input_len)
     gguf = args.gguf
     if "llamacpp" in args.configs and gguf is None:
-        from service.checkpoints.bundled import require_bundled
+        from lmserve.checkpoints.bundled import require_bundled
 
         gguf = require_bundled(args.model)
     points: list[Point] = []

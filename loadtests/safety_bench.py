@@ -31,8 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.safety import SafetyFilter  # noqa: E402
-from service.safety.policy import default_policy_text, parse_policy  # noqa: E402
+from lmserve.safety import SafetyFilter  # noqa: E402
+from lmserve.safety.policy import default_policy_text, parse_policy  # noqa: E402
 
 WORDS = (
     "the model serves requests from many clients while the scheduler batches prefill and decode steps "
@@ -79,8 +79,8 @@ def load_tokenizer():  # -> tokenizers.Tokenizer | None
     try:
         from tokenizers import Tokenizer
 
-        from service.checkpoints import resolve_model
-        from service.config import default_cache_dir
+        from lmserve.checkpoints import resolve_model
+        from lmserve.config import default_cache_dir
 
         path = resolve_model("smollm2-135m-instruct", default_cache_dir()).path
         return Tokenizer.from_file(str(Path(path) / "tokenizer.json"))

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.safety import SafetyFilter  # noqa: E402
+from lmserve.safety import SafetyFilter  # noqa: E402
 from tests.safety.evaluation import evaluate, score  # noqa: E402
 from tests.safety.labelled_set import EVAL_POLICY, EXAMPLES  # noqa: E402
 

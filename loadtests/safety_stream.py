@@ -127,7 +127,7 @@ def _label(mode: str) -> str:
 
 def start(mode: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "service", "serve", "--embedding-model", "none", "--port", str(port),
+    cmd = [sys.executable, "-m", "lmserve", "serve", "--embedding-model", "none", "--port", str(port),
            "--grpc-port", "0", "--log-level", "warning"]
     if mode == "off":
         cmd.append("--no-safety")

@@ -36,12 +36,12 @@ import grpc
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the stubs in service/api/proto, when run as a script from anywhere
+sys.path.insert(0, str(ROOT))  # the stubs in service/lmserve/api/proto, when run as a script from anywhere
 sys.path.insert(0, str(ROOT / "loadtests"))
 
 from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
-from service.api.proto import lmserve_pb2 as pb  # noqa: E402
-from service.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
+from lmserve.api.proto import lmserve_pb2 as pb  # noqa: E402
+from lmserve.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
 
 REQUEST_TIMEOUT_S = 120.0
 TOPICS = ["the sea", "a red bicycle", "winter in Oslo", "compilers", "bread", "a lost key", "jazz", "the moon"]
@@ -297,7 +297,7 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
 
 
 def start_server(http_port: int, grpc_port: int, extra: list[str], api_key: str | None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(http_port),
+    cmd = [sys.executable, "-m", "lmserve", "serve", "--host", "127.0.0.1", "--port", str(http_port),
            "--grpc-port", str(grpc_port), "--log-level", "warning", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"LMSERVE_API_KEYS": api_key} if api_key else {})}
     proc = launch(cmd, env=env, cwd=ROOT)

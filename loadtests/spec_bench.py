@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.checkpoints import resolve_model
-from service.config import EngineConfig, default_cache_dir
-from service.engine.engine import NativeEngine
-from service.types import GenerationRequest, SamplingParams
+from lmserve.checkpoints import resolve_model
+from lmserve.config import EngineConfig, default_cache_dir
+from lmserve.engine.engine import NativeEngine
+from lmserve.types import GenerationRequest, SamplingParams
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -26,11 +26,11 @@ import random
 import statistics
 import time
 
-from service.checkpoints import resolve_model
-from service.config import EngineConfig, default_cache_dir
-from service.engine.engine import NativeEngine
-from service.engine.grammar import GrammarCompiler, allocate_bitmask, fill_bitmask
-from service.types import ConstraintKind, GenerationRequest, SamplingParams, StructuredOutput
+from lmserve.checkpoints import resolve_model
+from lmserve.config import EngineConfig, default_cache_dir
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.grammar import GrammarCompiler, allocate_bitmask, fill_bitmask
+from lmserve.types import ConstraintKind, GenerationRequest, SamplingParams, StructuredOutput
 
 MID_SCHEMA = {
     "type": "object",

@@ -18,10 +18,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from service.checkpoints import resolve_model
-from service.config import EngineConfig, default_cache_dir
-from service.engine.engine import NativeEngine
-from service.types import GenerationRequest, SamplingParams
+from lmserve.checkpoints import resolve_model
+from lmserve.config import EngineConfig, default_cache_dir
+from lmserve.engine.engine import NativeEngine
+from lmserve.types import GenerationRequest, SamplingParams
 
 
 def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -75,7 +75,7 @@ def _argv(server: str, model: Path, port: int, kv_cache_gib: int, dtype: str) ->
     if server == "vllm":
         return [str(PEER_SCRIPT), "serve", str(model), str(port)], "/health"  # KV size: VLLM_CPU_KVCACHE_SPACE
     return [
-        sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(model), "--dtype", dtype,
+        sys.executable, "-m", "lmserve", "serve", "--engine", "vllm", "--model", str(model), "--dtype", dtype,
         "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(kv_cache_gib), "--embedding-model", "none",
         "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
     ], "/readyz"  # fmt: skip

@@ -1,14 +1,14 @@
 """Generate the Python stubs for protos/lmserve/v1/lmserve.proto into a package folder.
 
-    python protos/generate.py service/api/proto      # the server's stubs (`make protos` runs both lines)
+    python protos/generate.py service/lmserve/api/proto      # the server's stubs (`make protos` runs both lines)
     python protos/generate.py clients/python/lmserve/v1 --package lmserve.v1   # the client package's
-    python protos/generate.py /tmp/x --check service/api/proto   # exit 1 if the committed stubs differ
+    python protos/generate.py /tmp/x --check service/lmserve/api/proto   # exit 1 if the committed stubs differ
     python protos/generate.py /tmp/y --package lmserve.v1 --check clients/python/lmserve/v1
 
 grpcio-tools writes `from lmserve.v1 import lmserve_pb2` into the service module, which only imports
 when `lmserve/v1` is a top-level package. That is the client package's layout (clients/python, installed
 as `lmserve-grpc`), so its stubs are protoc's output unchanged. For the server the import is rewritten to
-the package the stubs live in (`--package`, default service.api.proto), so they can sit inside `service/`.
+the package the stubs live in (`--package`, default lmserve.api.proto), so they can sit inside `service/`.
 Plain protoc with no plugins compiles the same file:
 
     python -m grpc_tools.protoc -I protos --python_out=OUT --grpc_python_out=OUT --pyi_out=OUT \\
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 PROTO = "lmserve/v1/lmserve.proto"
-PACKAGE = "service.api.proto"
+PACKAGE = "lmserve.api.proto"
 NATURAL_PACKAGE = "lmserve.v1"  # where protoc's own imports point
 OUTPUTS = ("lmserve_pb2.py", "lmserve_pb2.pyi", "lmserve_pb2_grpc.py")
 

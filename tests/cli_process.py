@@ -1,5 +1,5 @@
-"""Running the real `lmserve` command line in a subprocess, as a user does (`python -m service` is the same
-entry point as the `lmserve` script, and finds this checkout's `service/` first)."""
+"""Running the real `lmserve` command line in a subprocess, as a user does (`python -m lmserve` is the same
+entry point as the `lmserve` script, and finds this checkout's `service/lmserve` through the editable install)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "service", *args]
+    return [sys.executable, "-m", "lmserve", *args]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from service.checkpoints import resolve_model  # noqa: E402
+from lmserve.checkpoints import resolve_model  # noqa: E402
 
 # Tiny models share the SmolLM2 tokenizer, so their vocab must match it.
 SMOLLM2_VOCAB_SIZE = 49152

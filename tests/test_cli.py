@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from service.checkpoints.fingerprint import file_sha256, record_path
-from service.checkpoints.gguf import gguf_key_of_digest
-from service.checkpoints.weights import CACHE_MARKER
-from service.engine.modeling import kernel_cache
+from lmserve.checkpoints.fingerprint import file_sha256, record_path
+from lmserve.checkpoints.gguf import gguf_key_of_digest
+from lmserve.checkpoints.weights import CACHE_MARKER
+from lmserve.engine.modeling import kernel_cache
 from tests.cli_process import free_port, run_cli
 
 

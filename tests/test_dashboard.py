@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.metrics import Metrics
+from lmserve.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "lmserve-dashboard.json"
 METRIC_NAME = re.compile(r"\blmserve_[a-z0-9_]+")

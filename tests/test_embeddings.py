@@ -1,4 +1,4 @@
-"""service/embeddings.py against plain transformers on the bundled all-MiniLM-L6-v2 (CPU, ~10 s)."""
+"""service/lmserve/embeddings.py against plain transformers on the bundled all-MiniLM-L6-v2 (CPU, ~10 s)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from service.embeddings import (  # noqa: E402
+from lmserve.embeddings import (  # noqa: E402
     Embedder,
     EmbedderNotRunning,
     EmbeddingInputError,

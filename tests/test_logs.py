@@ -1,4 +1,4 @@
-"""service/logs.py without a server: request ids, both formats, the root setup, and the CLI/env settings."""
+"""service/lmserve/logs.py without a server: request ids, both formats, the root setup, and the CLI/env settings."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from service.cli import build_parser, serve_config_from_args
-from service.logs import REQUEST_ID, configure_logging, make_handler, resolve_request_id
+from lmserve.cli import build_parser, serve_config_from_args
+from lmserve.logs import REQUEST_ID, configure_logging, make_handler, resolve_request_id
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -101,7 +101,7 @@ def test_configure_logging_owns_the_root_logger_and_uvicorn_goes_through_it() ->
         handler = configure_logging("json", "WARNING", stream)
         assert root.handlers == [handler] and root.level == logging.WARNING
         logging.getLogger("uvicorn.error").warning("port in use")
-        logging.getLogger("service.test").info("below the level")
+        logging.getLogger("lmserve.test").info("below the level")
         with pytest.raises(ValueError, match="log level"):
             configure_logging("json", "loud", stream)
     finally:

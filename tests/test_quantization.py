@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import EngineConfig
-from service.engine.modeling import kernel_cache
-from service.engine.modeling.attention import SeqLayout
-from service.engine.modeling.forward_path import ForwardPath
-from service.engine.runner import ModelRunner
-from service.tokenizer import Tokenizer
+from lmserve.config import EngineConfig
+from lmserve.engine.modeling import kernel_cache
+from lmserve.engine.modeling.attention import SeqLayout
+from lmserve.engine.modeling.forward_path import ForwardPath
+from lmserve.engine.runner import ModelRunner
+from lmserve.tokenizer import Tokenizer
 from tests.cli_process import cli_server, free_port
 from tests.test_cli import FileWatch, _serve_fails_before_loading
 
@@ -147,7 +147,7 @@ def test_int8_takes_bf16_activations_where_the_cpu_has_vnni_and_bf16(
 ) -> None:
     """preflight's answer for --quantization int8 by the CPU's flags: bf16 activations (qgemm_vnni.c) where AVX-512
     VNNI and BF16 are, else float32 only, the refusal naming the flag that helps."""
-    from service import preflight
+    from lmserve import preflight
 
     monkeypatch.setattr(kernel_cache, "cpu_flags", lambda: b"flags\t: " + flags)
     engine = EngineConfig(dtype=dtype, device="cpu", quantization="int8")

@@ -22,11 +22,11 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.auth import KeyStore
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
-from service.cli import build_parser, serve_config_from_args
-from service.preflight import check_files
+from lmserve.api.auth import KeyStore
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.cli import build_parser, serve_config_from_args
+from lmserve.preflight import check_files
 from tests.api.conftest import metric_value
 from tests.cli_process import REPO_ROOT, cli_env, free_port
 from tests.doc_commands import code_blocks, fresh_clone, run_in_shell, shell_commands

@@ -13,8 +13,8 @@ from tests.cli_process import REPO_ROOT, run_cli
 
 README = REPO_ROOT / "README.md"
 DOCS = [README, REPO_ROOT / "docs" / "design.md"]
-# The only readers of LMSERVE_* variables (service/cli_args.py gets the environment passed in).
-CONFIG_LAYER = [REPO_ROOT / "service" / "cli.py", REPO_ROOT / "service" / "config.py"]
+# The only readers of LMSERVE_* variables (service/lmserve/cli_args.py gets the environment passed in).
+CONFIG_LAYER = [REPO_ROOT / "service" / "lmserve" / "cli.py", REPO_ROOT / "service" / "lmserve" / "config.py"]
 # Top-level folders of this repository: a backticked path starting with one of them must exist.
 REPO_DIRS = ("service", "tests", "loadtests", "deploy", "protos", "docs")
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.tokenizer import (
+from lmserve.tokenizer import (
     IncrementalDetokenizer,
     StopResult,
     StopStringMatcher,

@@ -1,13 +1,13 @@
-"""service/tracing.py without a server: phases from a record, the OTLP URL, span export, and no cost when off."""
+"""service/lmserve/tracing.py without a server: phases from a record, the OTLP URL, span export, and no cost when off."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from service.logs import AccessRecord
-from service.tracing import Phase, build_tracer, request_phases, traces_url
-from service.types import RequestTiming
+from lmserve.logs import AccessRecord
+from lmserve.tracing import Phase, build_tracer, request_phases, traces_url
+from lmserve.types import RequestTiming
 
 
 def test_phases_of_a_generation_request() -> None:
@@ -74,8 +74,8 @@ def test_export_converts_monotonic_times_with_one_offset() -> None:
 def test_tracing_off_imports_no_opentelemetry_sdk() -> None:
     code = (
         "import sys\n"
-        "import service.app, service.api.http\n"
-        "from service.tracing import build_tracer\n"
+        "import lmserve.app, lmserve.api.http\n"
+        "from lmserve.tracing import build_tracer\n"
         "assert build_tracer(None) is None\n"
         "loaded = [m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter'))]\n"
         "assert not loaded, loaded\n"

@@ -5,7 +5,7 @@ contributor, CI), but it can be compiled for one. This compiles each kernel sour
 library's optimisation flags, -march=TARGET) and writes one file per target: every function's
 instructions, with addresses and jump offsets removed, so that two checkouts' listings diff line by line.
 
-    python tools/kernel_disasm.py --sources OLD/service/engine/modeling --march cooperlake --out old.txt
+    python tools/kernel_disasm.py --sources OLD/service/lmserve/engine/modeling --march cooperlake --out old.txt
     python tools/kernel_disasm.py --march cooperlake --out new.txt
     diff old.txt new.txt   # empty: the same instruction stream
 
@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.engine.modeling import kernel_cache  # noqa: E402  (torch-free)
+from lmserve.engine.modeling import kernel_cache  # noqa: E402  (torch-free)
 
 # objdump's "  4005d6:\tmov ..." -> "mov ..."; "jmp 4005e0 <f+0x1a>" -> "jmp <f+0x1a>"
 _ADDRESS = re.compile(r"^\s*[0-9a-f]+:\s*")

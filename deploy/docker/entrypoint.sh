@@ -1,5 +1,5 @@
 #!/bin/sh
-# The images' entry point: `entrypoint.sh serve [flags]` runs `python -m service serve [flags]`.
+# The images' entry point: `entrypoint.sh serve [flags]` runs `python -m lmserve serve [flags]`.
 #
 # The root filesystem may be read-only, so LMSERVE_CACHE_DIR is a volume (emptyDir or PVC), which starts
 # empty. The C kernels baked into the image (BAKED_CACHE_DIR/kernels/*.so) are linked into it first:
@@ -19,4 +19,4 @@ if [ -d "$baked_kernels" ] && [ "$baked_kernels" != "$cache_dir/kernels" ]; then
     done
 fi
 
-exec python -m service "$@"
+exec python -m lmserve "$@"

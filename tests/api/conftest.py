@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.api.grpc import GrpcServer
-from service.app import (
+from lmserve.api.grpc import GrpcServer
+from lmserve.app import (
     AppState,
     DrainingServer,
     build_state,
@@ -36,7 +36,7 @@ from service.app import (
     stop_models,
     with_config,
 )
-from service.config import EngineConfig, LimitsConfig, ServeConfig
+from lmserve.config import EngineConfig, LimitsConfig, ServeConfig
 
 API_KEY = "test-key-main"
 OTHER_KEY = "test-key-other"
@@ -200,7 +200,7 @@ def serve_config(cache_dir: Path) -> ServeConfig:
 def servers(
     serve_config: ServeConfig, smollm2_dir: Path, minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Servers]:
-    from service.safety import SafetyFilter
+    from lmserve.safety import SafetyFilter
 
     base = build_state(serve_config)
     limited = with_config(

@@ -16,8 +16,8 @@ import grpc
 import httpx
 import pytest
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.api.conftest import MAX_BODY_BYTES, LiveServer
 
 MODEL = "smollm2-135m-instruct"

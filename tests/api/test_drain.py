@@ -1,7 +1,7 @@
 """SIGTERM drains: readyz and gRPC health turn not-ready at once, new requests are refused (503 /
 UNAVAILABLE) on both transports, the streams in flight over HTTP and gRPC finish, the process exits 0.
 
-Runs `service.app.run` in a subprocess (signals need a main thread of their own), generation model only.
+Runs `lmserve.app.run` in a subprocess (signals need a main thread of their own), generation model only.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.cli_process import wait_ready
 
 MAX_TOKENS = 32
@@ -41,8 +41,8 @@ def test_sigterm_drains_in_flight_then_exits(cache_dir: Path, smollm2_dir: Path,
     script = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
         "from pathlib import Path\n"
-        "from service.app import run\n"
-        "from service.config import EngineConfig, ServeConfig\n"
+        "from lmserve.app import run\n"
+        "from lmserve.config import EngineConfig, ServeConfig\n"
         f"run(ServeConfig(model='smollm2-135m-instruct', embedding_model=None, cache_dir=Path({str(cache_dir)!r}),"
         f" port={port}, grpc_port={grpc_port}, drain_timeout_s={STREAM_TIMEOUT_S}, safety=False,"
         " engine=EngineConfig(dtype='float32', device='cpu', max_model_len=256, num_kv_blocks=64)))\n"

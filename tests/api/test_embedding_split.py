@@ -10,8 +10,8 @@ import grpc
 import httpx
 import numpy as np
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.api.conftest import EMBEDDING_BATCH_TOKENS, LIMITS, LiveServer
 
 EMBED_MODEL = "all-minilm-l6-v2"

@@ -1,4 +1,4 @@
-"""The transport-neutral generation layer (service/api/generation.py), without a transport.
+"""The transport-neutral generation layer (service/lmserve/api/generation.py), without a transport.
 
 Validation (check_generation, then plan_generation's token and engine checks), the mapping of the
 engine's refusals to the client's parameter names, and the one per-choice account both the streaming and
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.api.errors import APIError
-from service.api.generation import (
+from lmserve.api.errors import APIError
+from lmserve.api.generation import (
     GenerationAccount,
     GenerationParams,
     GenerationPlan,
@@ -28,12 +28,12 @@ from service.api.generation import (
     resolve_max_tokens,
     stream_choices,
 )
-from service.config import EngineConfig, LimitsConfig
-from service.engine.base import RejectReason, RequestRejected
-from service.engine.engine import NativeEngine
-from service.logs import AccessRecord
-from service.metrics import Metrics
-from service.types import (
+from lmserve.config import EngineConfig, LimitsConfig
+from lmserve.engine.base import RejectReason, RequestRejected
+from lmserve.engine.engine import NativeEngine
+from lmserve.logs import AccessRecord
+from lmserve.metrics import Metrics
+from lmserve.types import (
     ConstraintKind,
     FinishReason,
     GenerationDelta,

@@ -22,10 +22,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from service.api.errors import ERRORS
-from service.api.grpc import METHODS
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.api.errors import ERRORS
+from lmserve.api.grpc import METHODS
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.api.conftest import (
     GRPC_QUEUE_KEY,
     GRPC_RATE_KEY,
@@ -600,7 +600,7 @@ def _on_server_loop(server: LiveServer, coro_fn: Callable[[], Awaitable[T]]) -> 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 def test_tls_and_mutual_tls(server: LiveServer, tmp_path: Path, mutual: bool) -> None:
-    from service.api.grpc import GrpcTLS, start_grpc
+    from lmserve.api.grpc import GrpcTLS, start_grpc
 
     certs = _certificates(tmp_path)
     tls = GrpcTLS(certs["server_cert"], certs["server_key"], certs["ca"] if mutual else None)
@@ -640,7 +640,7 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
 
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
-        [sys.executable, str(root / "protos" / "generate.py"), str(tmp_path), "--check", str(root / "service/api/proto")],
+        [sys.executable, str(root / "protos" / "generate.py"), str(tmp_path), "--check", str(root / "service/lmserve/api/proto")],
         capture_output=True,
         text=True,
     )

@@ -2,7 +2,7 @@
 
 The package is pip-installed from a copy into a temp folder, and clients/python/examples/every_rpc.py runs
 in a subprocess whose sys.path has that folder and the venv's site-packages, not the repository: every RPC
-of the proto (and grpc.health.v1) answers, and neither `service` nor `torch` is imported there. The Node
+of the proto (and grpc.health.v1) answers, and neither the server package (`lmserve` beyond the stubs' `lmserve.v1`) nor `torch` is imported there. The Node
 example runs too where node and npm are, with its packages cached outside the repository.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from service.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2 as pb
 from tests.api.conftest import LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +126,8 @@ def test_every_rpc_example_without_the_server(server: LiveServer, installed_clie
 
     seen = json.loads(report.read_text())
     imported = {m.split(".")[0] for m in seen["modules"]}
-    assert "service" not in imported and "torch" not in imported
+    server_modules = [m for m in seen["modules"] if m.startswith("lmserve.") and not m.startswith("lmserve.v1")]
+    assert "torch" not in imported and server_modules == []
     assert Path(seen["pb2"]).is_relative_to(installed_client)
     assert str(ROOT) not in seen["path"] and "" not in seen["path"]
 

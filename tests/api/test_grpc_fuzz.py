@@ -21,8 +21,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from service.api.grpc import METHODS, Method
-from service.api.proto import lmserve_pb2 as pb
+from lmserve.api.grpc import METHODS, Method
+from lmserve.api.proto import lmserve_pb2 as pb
 from tests.api.conftest import LiveServer, Servers
 
 MAX_EXAMPLES = {"Generation": 12, "Embeddings": 15, "Tokenization": 20, "Models": 3, "Moderations": 12}

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from service.api.auth import KeyStore, parse_bearer
-from service.api.errors import ERRORS, APIError
-from service.api.limits import AdmissionControl, RateLimiter, format_duration
-from service.config import LimitsConfig, serve_config_from_env
+from lmserve.api.auth import KeyStore, parse_bearer
+from lmserve.api.errors import ERRORS, APIError
+from lmserve.api.limits import AdmissionControl, RateLimiter, format_duration
+from lmserve.config import LimitsConfig, serve_config_from_env
 
 
 class FakeClock:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.logs import ACCESS_LOGGER, make_handler
+from lmserve.logs import ACCESS_LOGGER, make_handler
 from tests.api.conftest import MAX_BODY_BYTES, LiveServer, Servers
 
 MODEL = "smollm2-135m-instruct"
@@ -70,7 +70,7 @@ def _wait_idle(servers: Servers) -> None:
 def capture_logs(servers: Servers, log_format: str) -> Iterator[LogCapture]:
     _wait_idle(servers)
     capture = LogCapture(log_format)
-    loggers = [logging.getLogger("service"), logging.getLogger("lmserve")]
+    loggers = [logging.getLogger("lmserve")]
     saved_levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.DEBUG)  # the debug lines too: they must carry the id as well
@@ -168,8 +168,8 @@ def test_one_id_per_request_on_both_transports(server: LiveServer, http: httpx.C
 
     import grpc
 
-    from service.api.proto import lmserve_pb2 as pb
-    from service.api.proto import lmserve_pb2_grpc as rpc
+    from lmserve.api.proto import lmserve_pb2 as pb
+    from lmserve.api.proto import lmserve_pb2_grpc as rpc
 
     given = _new_id()
     resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, headers={"x-request-id": given})
@@ -280,9 +280,9 @@ def test_every_line_of_a_request_carries_its_id(http: httpx.Client, logs: LogCap
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3}
     assert http.post("/v1/completions", json=body, headers={"x-request-id": request_id}).status_code == 200
     logs.access(request_id)
-    ours = [e for e in logs.entries() if e["logger"].startswith(("service.", "lmserve."))]
+    ours = [e for e in logs.entries() if e["logger"].startswith("lmserve.")]
     names = {e["logger"] for e in ours}
-    assert {"service.api.generation", ACCESS_LOGGER} <= names  # the debug lines of the request and its access line
+    assert {"lmserve.api.generation", ACCESS_LOGGER} <= names  # the debug lines of the request and its access line
     assert len(ours) >= 3
     assert [e for e in ours if e.get("request_id") != request_id] == []
 

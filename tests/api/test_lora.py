@@ -28,8 +28,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.api.conftest import metric_value
 from tests.checkpoints.lora_adapters import save_random_lora
 from tests.cli_process import cli_server, free_port, run_cli

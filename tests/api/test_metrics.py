@@ -16,9 +16,9 @@ from dataclasses import replace
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.api.http import create_app
-from service.app import with_config
-from service.metrics import Metrics
+from lmserve.api.http import create_app
+from lmserve.app import with_config
+from lmserve.metrics import Metrics
 from tests.api.conftest import LiveServer
 
 MODEL = "smollm2-135m-instruct"

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
-from service.cli import build_parser, serve_config_from_args
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.cli import build_parser, serve_config_from_args
 from tests.api.conftest import SERVED_EMBEDDING_NAMES, SERVED_NAMES, LiveServer
 
 MODEL = "smollm2-135m-instruct"

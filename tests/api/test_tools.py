@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.api.errors import APIError
-from service.api.tools import ToolPlan, ToolStreamParser, parse_output, plan_tools
-from service.engine.grammar import GrammarCompiler, grammar_text
-from service.types import ConstraintKind
+from lmserve.api.errors import APIError
+from lmserve.api.tools import ToolPlan, ToolStreamParser, parse_output, plan_tools
+from lmserve.engine.grammar import GrammarCompiler, grammar_text
+from lmserve.types import ConstraintKind
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [
@@ -114,7 +114,7 @@ def test_bad_tools_name_the_field(tools: list | None, choice: object, param: str
 
 
 def test_required_constraint_accepts_exactly_the_format(smollm2_dir) -> None:  # type: ignore[no-untyped-def]
-    from service.tokenizer import Tokenizer
+    from lmserve.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_folder(smollm2_dir)
     compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size)

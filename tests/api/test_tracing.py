@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from service.tracing import build_tracer
+from lmserve.tracing import build_tracer
 from tests.api.conftest import LiveServer
 
 MODEL = "smollm2-135m-instruct"

@@ -7,8 +7,8 @@ import gguf
 import numpy as np
 import torch
 
-from service.engine.modeling import native_kernels
-from service.engine.modeling.decoder import DecoderModel
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.decoder import DecoderModel
 
 QTYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 

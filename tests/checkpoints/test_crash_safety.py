@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cache import list_cache, prune_cache
-from service.checkpoints import integrity, load_weights, resolve_model
-from service.checkpoints.gguf import gguf_cache_path
-from service.checkpoints.weights import CACHE_MARKER
+from lmserve.cache import list_cache, prune_cache
+from lmserve.checkpoints import integrity, load_weights, resolve_model
+from lmserve.checkpoints.gguf import gguf_cache_path
+from lmserve.checkpoints.weights import CACHE_MARKER
 from tests.checkpoints.lora_adapters import save_random_lora
 from tests.cli_process import REPO_ROOT, cli_env
 
@@ -35,8 +35,8 @@ PAUSED = "PAUSED-AFTER-SAVE"
 CHILD = """
 import sys, time
 from pathlib import Path
-from service.checkpoints import resolve_model
-import service.checkpoints.{module} as target
+from lmserve.checkpoints import resolve_model
+import lmserve.checkpoints.{module} as target
 
 real_save = target.save_plain_model
 def save_then_stop(model, dest):

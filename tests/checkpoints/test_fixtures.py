@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.checkpoints import generation_architecture, load_weights
+from lmserve.checkpoints import generation_architecture, load_weights
 
 PROMPTS = ["Hello, how are you?", "The capital of France is", "1 2 3 4", "def f(x):"]
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 import transformers
 
-from service.checkpoints import CheckpointError, bundled_location, load_weights, resolve_model
-from service.checkpoints import fingerprint
-from service.checkpoints import gguf as gguf_mod
-from service.progress import PROGRESS_LOGGER
+from lmserve.checkpoints import CheckpointError, bundled_location, load_weights, resolve_model
+from lmserve.checkpoints import fingerprint
+from lmserve.checkpoints import gguf as gguf_mod
+from lmserve.progress import PROGRESS_LOGGER
 
 
 def _refuse(*args, **kwargs):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from service.checkpoints.bundled import require_bundled
-from service.checkpoints.gguf_blocks import gguf_file_of, quantization_refusal, read_gguf_linears, read_tensor_table
-from service.config import EngineConfig, ServeConfig
-from service.preflight import PreflightError, check_quantization
+from lmserve.checkpoints.bundled import require_bundled
+from lmserve.checkpoints.gguf_blocks import gguf_file_of, quantization_refusal, read_gguf_linears, read_tensor_table
+from lmserve.config import EngineConfig, ServeConfig
+from lmserve.preflight import PreflightError, check_quantization
 
 BUNDLED = "smollm2-135m-instruct"
 
@@ -125,7 +125,7 @@ def test_none_is_never_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
 
 def test_biases_are_not_linears() -> None:
     """Qwen2's q/k/v biases (f32) sit beside Q4_1 weights: only the weights decide the type."""
-    from service.checkpoints.gguf_blocks import TensorInfo, TensorTable, _linear_types
+    from lmserve.checkpoints.gguf_blocks import TensorInfo, TensorTable, _linear_types
 
     tensors = {
         "blk.0.attn_q.weight": TensorInfo("blk.0.attn_q.weight", "q4_1", (64, 64), 0),

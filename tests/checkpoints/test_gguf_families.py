@@ -34,10 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict, read_gguf_metadata
 
-from service.checkpoints import CheckpointError, bundled_location, load_weights, resolve_model
-from service.checkpoints.gguf import dropped_config
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
+from lmserve.checkpoints import CheckpointError, bundled_location, load_weights, resolve_model
+from lmserve.checkpoints.gguf import dropped_config
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
 from tests.checkpoints.gguf_writer import to_interleaved_rotary, write_gguf
 from tests.conftest import _TINY_DIMS, _build_tiny
 from tests.engine.test_exactness import MAX_NEW_TOKENS, QUESTIONS, build_prompts, engine_greedy, hf_greedy

@@ -12,9 +12,9 @@ import torch
 import transformers
 from peft import PeftModel
 
-from service.cache import list_cache, prune_cache
-from service.checkpoints import CheckpointError, export_model, load_weights, resolve_model, validate_model_folder
-from service.progress import PROGRESS_LOGGER
+from lmserve.cache import list_cache, prune_cache
+from lmserve.checkpoints import CheckpointError, export_model, load_weights, resolve_model, validate_model_folder
+from lmserve.progress import PROGRESS_LOGGER
 from tests.checkpoints.lora_adapters import save_random_lora
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.checkpoints import (
+from lmserve.checkpoints import (
     BUNDLED_MODELS,
     NATIVE_TYPES,
     CheckpointError,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from service.checkpoints import CheckpointError, load_weights, resolve_model
+from lmserve.checkpoints import CheckpointError, load_weights, resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -202,9 +202,9 @@ def image_bake_command(baked_root: Path, conversion_cache: Path) -> list[str]:
 
 
 def worktree_env(**extra: str) -> dict[str, str]:
-    """The environment for a child process: this checkout's `service` package first on the path."""
+    """The environment for a child process: this checkout's `lmserve` package (service/lmserve) first on the path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "service"), *filter(None, [env.get("PYTHONPATH")])])
     env.update(extra)
     return env
 

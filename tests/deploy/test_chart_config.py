@@ -1,5 +1,5 @@
 """The chart's settings reach the server as intended: the rendered ConfigMap and args, given to the real
-command line (service/cli.py), build exactly the expected ServeConfig; the chart's defaults are the
+command line (service/lmserve/cli.py), build exactly the expected ServeConfig; the chart's defaults are the
 server's; every variable the chart sets is one the server reads.
 """
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, serve_config_from_args
-from service.config import DEFAULT_MODEL, EngineConfig, LimitsConfig, ServeConfig, VLLMConfig
+from lmserve.cli import build_parser, serve_config_from_args
+from lmserve.config import DEFAULT_MODEL, EngineConfig, LimitsConfig, ServeConfig, VLLMConfig
 from tests.deploy.conftest import REPO, VARIANTS, Helm, Rendered
 
-CONFIG_LAYER = (REPO / "service" / "config.py", REPO / "service" / "cli.py")
+CONFIG_LAYER = (REPO / "service" / "lmserve" / "config.py", REPO / "service" / "lmserve" / "cli.py")
 
 
 def serve_subparser(env: dict[str, str]) -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import DEFAULT_MODEL
+from lmserve.config import DEFAULT_MODEL
 from tests.deploy.conftest import REPO, Baked, worktree_env
 from tests.deploy.dockerfile import Dockerfile, Instruction
 
@@ -271,7 +271,7 @@ def test_entrypoint_links_the_baked_kernels_into_the_cache_volume(baked: Baked, 
     for _ in range(2):  # a restarted container finds its links in place
         result = run_entrypoint(env, "--help")
         assert result.returncode == 0, result.stderr
-        assert "usage: lmserve" in result.stdout  # exec'd `python -m service`
+        assert "usage: lmserve" in result.stdout  # exec'd `python -m lmserve`
     (library,) = baked.cache_dir.joinpath("kernels").glob("*.so")
     link = volume / "kernels" / library.name
     assert link.is_symlink() and link.resolve() == library.resolve()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import default_c_compiler
-from service.engine.modeling import kernel_cache, native_kernels
+from lmserve.config import default_c_compiler
+from lmserve.engine.modeling import kernel_cache, native_kernels
 
 
 def cpu_runs_gemm_bf16() -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.modeling.attention import SeqLayout, build_metadata
-from service.engine.modeling.forward_path import ForwardPath
-from service.engine.runner import ModelRunner
+from lmserve.engine.modeling.attention import SeqLayout, build_metadata
+from lmserve.engine.modeling.forward_path import ForwardPath
+from lmserve.engine.runner import ModelRunner
 
 Step = list[tuple[int, int, int, list[int]]]  # per sequence: (start_row, new tokens, cached tokens, blocks)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.engine.modeling import native_kernels
-from service.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
 
 NUM_KV_HEADS, NUM_HEADS, NUM_BLOCKS, BLOCK_SIZE = 2, 6, 48, 4
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine.block_manager import RELEASED, BlockManager, hash_block_tokens
-from service.engine.request import Request
-from service.types import SamplingParams
+from lmserve.engine.block_manager import RELEASED, BlockManager, hash_block_tokens
+from lmserve.engine.request import Request
+from lmserve.types import SamplingParams
 
 
 def make_request(request_id: str, token_ids: list[int], max_tokens: int = 16) -> Request:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from service.engine.block_manager import BlockManager
-from service.engine.request import Request, RequestStatus
-from service.engine.scheduler import Scheduler
-from service.types import FinishReason, SamplingParams
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.request import Request, RequestStatus
+from lmserve.engine.scheduler import Scheduler
+from lmserve.types import FinishReason, SamplingParams
 
 PROMPT_ALPHABET = (1, 2)
 EOS = 3

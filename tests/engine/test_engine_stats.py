@@ -11,11 +11,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
-from service.engine.scheduler import SchedulerOutput
-from service.metrics import Metrics
-from service.types import GenerationDelta, GenerationRequest, SamplingParams
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.scheduler import SchedulerOutput
+from lmserve.metrics import Metrics
+from lmserve.types import GenerationDelta, GenerationRequest, SamplingParams
 
 BLOCK_SIZE = 16
 PROMPT_LEN = 16

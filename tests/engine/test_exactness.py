@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
-from service.engine.modeling.forward_path import ForwardPath
-from service.types import GenerationRequest, SamplingParams
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.modeling.forward_path import ForwardPath
+from lmserve.types import GenerationRequest, SamplingParams
 
 SYSTEM = (
     "You are a careful assistant for a team that serves language models. Answer briefly and plainly, "

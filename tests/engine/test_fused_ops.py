@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.config import EngineConfig
-from service.engine.modeling import native_kernels
-from service.engine.modeling.attention import SeqLayout, build_metadata
-from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
-from service.engine.modeling.decoder import DecoderModel
-from service.engine.modeling.layers import rotate_half
-from service.engine.runner import ModelRunner
+from lmserve.config import EngineConfig
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.attention import SeqLayout, build_metadata
+from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
+from lmserve.engine.modeling.decoder import DecoderModel
+from lmserve.engine.modeling.layers import rotate_half
+from lmserve.engine.runner import ModelRunner
 from tests.engine.forward_steps import forward_steps
 
 BF16 = torch.bfloat16
@@ -134,7 +134,7 @@ def test_fused_layers_match_unfused_forward(smollm2_dir: Path, monkeypatch: pyte
 
 
 def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
-    from service.cli import build_parser, serve_config_from_args
+    from lmserve.cli import build_parser, serve_config_from_args
 
     env = {"LMSERVE_ATTENTION": "torch"}
     config = serve_config_from_args(build_parser(env).parse_args(["serve"]), env)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.modeling import native_kernels
-from service.engine.modeling.layers import linear, prepack
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.layers import linear, prepack
 
 BF16 = torch.bfloat16
 

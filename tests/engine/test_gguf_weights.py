@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import EngineConfig
-from service.engine.modeling import native_kernels
-from service.engine.modeling.attention import SeqLayout
-from service.engine.runner import ModelRunner
+from lmserve.config import EngineConfig
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.attention import SeqLayout
+from lmserve.engine.runner import ModelRunner
 from tests.checkpoints.gguf_model import gguf_blocks_of
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import default_c_compiler
-from service.engine.modeling import kernel_abi, kernel_cache, native_kernels, qgemm_vnni
+from lmserve.config import default_c_compiler
+from lmserve.engine.modeling import kernel_abi, kernel_cache, native_kernels, qgemm_vnni
 
 _INTERNAL_PROTOTYPE = re.compile(r"^(?:int|void)\s+(\w+)\s*\(", re.MULTILINE)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.modeling import kernel_cache, native_kernels
-from service.progress import PROGRESS_LOGGER
+from lmserve.engine.modeling import kernel_cache, native_kernels
+from lmserve.progress import PROGRESS_LOGGER
 
 
 def test_a_build_writes_one_progress_line_first(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

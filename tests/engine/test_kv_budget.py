@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
-from service.engine.scheduler import SchedulerOutput
-from service.types import GenerationRequest, SamplingParams
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.scheduler import SchedulerOutput
+from lmserve.types import GenerationRequest, SamplingParams
 
 BLOCK_SIZE = 16
 NUM_BLOCKS_BUDGETED = 10

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
-from service.engine.modeling import native_kernels
-from service.engine.modeling.kernel_cache import cpu_has_int8_bf16
-from service.engine.modeling.forward_path import ForwardPath
-from service.types import GenerationRequest, SamplingParams
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.kernel_cache import cpu_has_int8_bf16
+from lmserve.engine.modeling.forward_path import ForwardPath
+from lmserve.types import GenerationRequest, SamplingParams
 from tests.checkpoints.lora_adapters import save_random_lora
 from tests.conftest import SMOLLM2_VOCAB_SIZE, _build_tiny
 

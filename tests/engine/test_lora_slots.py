@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.engine.block_manager import BlockManager
-from service.engine.lora_registry import LoraAdapter
-from service.engine.lora_slots import LoraSlots
-from service.engine.request import Request
-from service.engine.scheduler import Scheduler
-from service.types import FinishReason, SamplingParams
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.lora_registry import LoraAdapter
+from lmserve.engine.lora_slots import LoraSlots
+from lmserve.engine.request import Request
+from lmserve.engine.scheduler import Scheduler
+from lmserve.types import FinishReason, SamplingParams
 
 
 def _adapter(adapter_id: int) -> LoraAdapter:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.block_manager import BlockManager
-from service.engine.output import SequenceOutput
-from service.engine.request import Request
-from service.engine.sampler import SampledToken
-from service.engine.scheduler import Scheduler
-from service.tokenizer import Tokenizer
-from service.types import FinishReason, SamplingParams
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.output import SequenceOutput
+from lmserve.engine.request import Request
+from lmserve.engine.sampler import SampledToken
+from lmserve.engine.scheduler import Scheduler
+from lmserve.tokenizer import Tokenizer
+from lmserve.types import FinishReason, SamplingParams
 
 
 @pytest.fixture(scope="module")

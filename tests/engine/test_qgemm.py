@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import default_c_compiler
-from service.engine.modeling import kernel_cache, native_kernels
+from lmserve.config import default_c_compiler
+from lmserve.engine.modeling import kernel_cache, native_kernels
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49, 33), (3, 7), (6, 100)]  # (out, in): odd N and K tails
 ROWS = [1, 2, 3, 7, 64, 67]  # one row (decode), the 2-row pairs and their remainder, several 64-row blocks

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.checkpoints.bundled import require_bundled
-from service.checkpoints.gguf_blocks import _read_blocks, read_tensor_table
-from service.config import default_c_compiler
-from service.engine.modeling import kernel_abi, kernel_cache, native_kernels
+from lmserve.checkpoints.bundled import require_bundled
+from lmserve.checkpoints.gguf_blocks import _read_blocks, read_tensor_table
+from lmserve.config import default_c_compiler
+from lmserve.engine.modeling import kernel_abi, kernel_cache, native_kernels
 
 QTYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 SHAPES = [(1, 576, 576), (1, 1536, 576), (1, 577, 1536), (1, 3, 64), (7, 33, 576), (7, 192, 64), (4, 5, 32), (9, 101, 96)]

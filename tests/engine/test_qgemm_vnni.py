@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import EngineConfig
-from service.engine.modeling import kernel_cache, native_kernels, qgemm_vnni
-from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
-from service.engine.runner import ModelRunner
+from lmserve.config import EngineConfig
+from lmserve.engine.modeling import kernel_cache, native_kernels, qgemm_vnni
+from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
+from lmserve.engine.runner import ModelRunner
 from tests.engine.forward_steps import MIXED_STEPS, forward_steps
 
 BF16 = torch.bfloat16
@@ -175,7 +175,7 @@ def test_the_inner_loop_bench_builds_and_measures_where_it_can(tmp_path: Path) -
     import shutil
     import subprocess
 
-    from service.config import default_c_compiler
+    from lmserve.config import default_c_compiler
 
     compiler = default_c_compiler()
     if shutil.which(compiler) is None:

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.config import EngineConfig
-from service.engine.modeling import native_kernels
-from service.engine.modeling.forward_path import ForwardPath, choose_forward_path
-from service.engine.modeling.layers import rotate_half
-from service.engine.runner import ModelRunner
+from lmserve.config import EngineConfig
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
+from lmserve.engine.modeling.layers import rotate_half
+from lmserve.engine.runner import ModelRunner
 from tests.checkpoints.gguf_model import gguf_blocks_of
 from tests.engine.forward_steps import MIXED_STEPS, forward_steps
 

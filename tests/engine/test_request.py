@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine.request import Request
-from service.types import FinishReason, SamplingParams
+from lmserve.engine.request import Request
+from lmserve.types import FinishReason, SamplingParams
 
 EOS = 2
 

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from service.engine.modeling import native_kernels
-from service.engine.request import Request
-from service.engine.sampler import (
+from lmserve.engine.modeling import native_kernels
+from lmserve.engine.request import Request
+from lmserve.engine.sampler import (
     SampledToken,
     _apply_presence_frequency,
     _apply_repetition_penalty,
     sample,
 )
-from service.types import SamplingParams
+from lmserve.types import SamplingParams
 
 EOS = 2
 
@@ -323,9 +323,9 @@ def test_mixed_filters_in_one_batch(with_top_p: bool) -> None:
 
 def test_extreme_temperature_and_penalty_fall_back_to_argmax_not_error() -> None:
     """A denormal temperature or repetition penalty must not raise and fail the other rows of the batch."""
-    from service.engine.request import Request as _Request
-    from service.engine.sampler import sample as _sample
-    from service.types import SamplingParams as _SP
+    from lmserve.engine.request import Request as _Request
+    from lmserve.engine.sampler import sample as _sample
+    from lmserve.types import SamplingParams as _SP
 
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 4.0], [2.0, 1.0, 0.0]])
     reqs = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine.block_manager import BlockManager
-from service.engine.request import Request, RequestStatus
-from service.engine.scheduler import Scheduler, SchedulerOutput
-from service.types import FinishReason, SamplingParams
+from lmserve.engine.block_manager import BlockManager
+from lmserve.engine.request import Request, RequestStatus
+from lmserve.engine.scheduler import Scheduler, SchedulerOutput
+from lmserve.types import FinishReason, SamplingParams
 
 EOS = 999
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
-from service.engine.prompt_lookup import PromptLookup
-from service.engine.request import Request
-from service.engine.speculative import reject_sample, verify
-from service.types import ConstraintKind, GenerationRequest, SamplingParams, StructuredOutput
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.prompt_lookup import PromptLookup
+from lmserve.engine.request import Request
+from lmserve.engine.speculative import reject_sample, verify
+from lmserve.types import ConstraintKind, GenerationRequest, SamplingParams, StructuredOutput
 
 
 def test_lookup_proposes_what_followed_the_latest_earlier_match() -> None:

@@ -18,11 +18,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from service.config import EngineConfig
-from service.engine.base import RejectReason, RequestRejected
-from service.engine.engine import NativeEngine
-from service.engine.grammar import GrammarCompiler, GrammarError
-from service.types import (
+from lmserve.config import EngineConfig
+from lmserve.engine.base import RejectReason, RequestRejected
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.grammar import GrammarCompiler, GrammarError
+from lmserve.types import (
     ConstraintKind,
     FinishReason,
     GenerationDelta,

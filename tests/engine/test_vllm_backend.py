@@ -34,11 +34,11 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from service.api.proto import lmserve_pb2 as pb  # noqa: E402
-from service.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
-from service.engine.base import RequestRejected  # noqa: E402
-from service.engine.vllm_backend import VLLMStatsCollector, to_vllm_sampling  # noqa: E402
-from service.types import ConstraintKind, SamplingParams, StructuredOutput  # noqa: E402
+from lmserve.api.proto import lmserve_pb2 as pb  # noqa: E402
+from lmserve.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
+from lmserve.engine.base import RequestRejected  # noqa: E402
+from lmserve.engine.vllm_backend import VLLMStatsCollector, to_vllm_sampling  # noqa: E402
+from lmserve.types import ConstraintKind, SamplingParams, StructuredOutput  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
 from lmload.servers import free_port, launch, stop  # noqa: E402
@@ -103,7 +103,7 @@ def servers(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     http_port, grpc_port, peer_port = free_port(), free_port(), free_port()
     lmserve = _start(
         "lmserve --engine vllm",
-        [sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(smollm2_dir),
+        [sys.executable, "-m", "lmserve", "serve", "--engine", "vllm", "--model", str(smollm2_dir),
          "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(KV_CACHE_GIB),
          "--block-size", str(BLOCK_SIZE), "--embedding-model", "none", "--host", "127.0.0.1",
          "--port", str(http_port), "--grpc-port", str(grpc_port), "--log-format", "json"],

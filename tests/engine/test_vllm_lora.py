@@ -46,7 +46,7 @@ def lora_servers(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     common = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--max-loras", "2", "--max-lora-rank", "16"]
     lmserve = _start(
         "lmserve --engine vllm --lora-modules",
-        [sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(smollm2_dir), *common,
+        [sys.executable, "-m", "lmserve", "serve", "--engine", "vllm", "--model", str(smollm2_dir), *common,
          "--kv-cache-memory", str(KV_CACHE_GIB), "--embedding-model", "none", "--no-safety", "--host", "127.0.0.1",
          "--port", str(http_port), "--grpc-port", "0", "--lora-modules", f"qv={adapters['qv']}", "--allow-runtime-lora"],
         root / "lmserve.log", f"http://127.0.0.1:{http_port}", "/readyz",

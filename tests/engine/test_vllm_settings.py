@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, main, serve_config_from_args
-from service.config import EngineConfig, ServeConfig, VLLMConfig
-from service.engine.vllm_backend import vllm_engine_kwargs
+from lmserve.cli import build_parser, main, serve_config_from_args
+from lmserve.config import EngineConfig, ServeConfig, VLLMConfig
+from lmserve.engine.vllm_backend import vllm_engine_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,7 +114,7 @@ def test_without_vllm_the_engine_exits_2_with_one_error_line(smollm2_dir: Path) 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--engine", "vllm", "--model", str(smollm2_dir),
+        [sys.executable, "-m", "lmserve", "serve", "--engine", "vllm", "--model", str(smollm2_dir),
          "--embedding-model", "none", "--port", str(port), "--grpc-port", "0"],
         cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
     )  # fmt: skip

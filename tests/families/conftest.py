@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
 from tests.conftest import _build_tiny
 from tests.engine.test_exactness import build_prompts, hf_greedy
 from tests.families.variants import GENERIC, NATIVE

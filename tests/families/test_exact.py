@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
-from service.engine.modeling import families
-from service.checkpoints import CheckpointError
-from service.checkpoints.architectures import NATIVE_TYPES
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.modeling import families
+from lmserve.checkpoints import CheckpointError
+from lmserve.checkpoints.architectures import NATIVE_TYPES
 from tests.engine.test_exactness import engine_greedy
 from tests.families.conftest import Family
 from tests.families.variants import GENERIC, NATIVE

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import EngineConfig
-from service.engine.modeling import kernel_cache
-from service.engine.modeling.attention import SeqLayout
-from service.engine.runner import ModelRunner
+from lmserve.config import EngineConfig
+from lmserve.engine.modeling import kernel_cache
+from lmserve.engine.modeling.attention import SeqLayout
+from lmserve.engine.runner import ModelRunner
 from tests.families.conftest import Family
 
 FAMILIES = ["gemma2", "qwen3", "gpt2", "mixtral", "mistral-window"]

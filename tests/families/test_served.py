@@ -14,9 +14,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from service.app import build_state
-from service.config import EngineConfig, ServeConfig
-from service.preflight import PreflightError, check_architecture
+from lmserve.app import build_state
+from lmserve.config import EngineConfig, ServeConfig
+from lmserve.preflight import PreflightError, check_architecture
 from tests.api.conftest import ServerThread
 from tests.cli_process import cli_server, free_port, run_cli
 from tests.families.conftest import Family, family_checkpoint

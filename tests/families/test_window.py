@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from service.config import EngineConfig
-from service.engine.engine import NativeEngine
-from service.engine.scheduler import SchedulerOutput
-from service.types import GenerationRequest, SamplingParams
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import NativeEngine
+from lmserve.engine.scheduler import SchedulerOutput
+from lmserve.types import GenerationRequest, SamplingParams
 from tests.families.conftest import family_checkpoint
 from tests.families.variants import WINDOW
 

@@ -2,7 +2,7 @@
 transformers config can express: GQA ratios, head_dim apart from hidden/heads, biases, tied and untied
 heads, rope scaling, sliding windows shorter than the prompts, soft-capping, multipliers, experts.
 
-NATIVE: families with a spec (service/engine/modeling/families.py), served by lmserve's own modules.
+NATIVE: families with a spec (service/lmserve/engine/modeling/families.py), served by lmserve's own modules.
 GENERIC: families without one, served by transformers' own class over the paged cache (generic.py).
 """
 

@@ -1,7 +1,7 @@
 """The load tests' fixtures: loadtests/ on sys.path, and real lmserve server processes on loopback.
 
 Locust monkey-patches the process it is imported into (gevent), so nothing here imports it: the
-scenarios and the sweep run as subprocesses, exactly as a user runs them, against `python -m service
+scenarios and the sweep run as subprocesses, exactly as a user runs them, against `python -m lmserve
 serve` started with small limits (max_queue 8, so that the overload shape meets 503s quickly). Three
 servers, each started once for the session and only when a test asks for it: `lmserve_process` with
 `--no-safety` (the engine's own figures: every scenario, the overload shape, the sweep),
@@ -76,7 +76,7 @@ def _launch(cache_dir: Path, tokenizer_dir: Path, log_dir: Path, *safety_args: s
         "HF_HUB_OFFLINE": "1",
     }
     argv = [
-        sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "lmserve", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--grpc-port", str(grpc_port), "--cache-dir", str(cache_dir), "--kv-cache-memory", "0.125",
         "--max-model-len", "512", "--log-level", "warning",
         # One engine thread: Locust shares the 2 cores, and OpenMP threads that wait on a busy core crawl.

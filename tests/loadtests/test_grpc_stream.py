@@ -8,7 +8,7 @@ import pytest
 
 from lmload.grpc_stream import read_grpc_stream
 from lmload.sse import StreamError
-from service.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2 as pb
 
 
 def _clock(*times: float):

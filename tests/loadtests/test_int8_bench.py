@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.modeling import kernel_cache
+from lmserve.engine.modeling import kernel_cache
 
 pytest.importorskip(
     "vllm", reason="vLLM is not installed in this environment; `make vllm-test` runs this (vllm bench serve loads it)"

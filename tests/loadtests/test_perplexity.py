@@ -24,7 +24,7 @@ def test_perplexity_matches_transformers_and_prints_the_int8_ratio(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from service.tokenizer import Tokenizer
+    from lmserve.tokenizer import Tokenizer
 
     args = ["--model", str(tiny_llama_dir), "--text", str(TEXT), "--window", "48", "--max-tokens", "150",
             "--cache-dir", str(cache_dir)]  # fmt: skip

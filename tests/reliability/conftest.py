@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from service.app import AppState, build_state
-from service.config import EngineConfig, LimitsConfig, ServeConfig
-from service.engine.engine import NativeEngine
+from lmserve.app import AppState, build_state
+from lmserve.config import EngineConfig, LimitsConfig, ServeConfig
+from lmserve.engine.engine import NativeEngine
 from tests.api.conftest import LiveServer, ServerThread
 
 API_KEY = "test-key-reliability"

@@ -1,7 +1,7 @@
 """`lmserve` with a failing forward on demand: `python fault_launcher.py TRIGGER serve ...`.
 
-Sets the model runner's test-only `fault_hook` (service/engine/runner.py) to raise once the file TRIGGER
-exists, then runs the real CLI (service.cli.main) with the remaining arguments, so that the process's
+Sets the model runner's test-only `fault_hook` (service/lmserve/engine/runner.py) to raise once the file TRIGGER
+exists, then runs the real CLI (lmserve.cli.main) with the remaining arguments, so that the process's
 own exit status is what the test reads.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from service import cli
-from service.engine.runner import ModelRunner
-from service.engine.scheduler import SchedulerOutput
+from lmserve import cli
+from lmserve.engine.runner import ModelRunner
+from lmserve.engine.scheduler import SchedulerOutput
 
 
 def main() -> int:

@@ -16,9 +16,9 @@ import grpc
 import httpx
 import pytest
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
-from service.config import LimitsConfig
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.config import LimitsConfig
 from tests.api.conftest import LiveServer
 from tests.reliability.conftest import MAX_MODEL_LEN, live_server, native, tiny_config, wait_idle
 

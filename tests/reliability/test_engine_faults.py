@@ -23,11 +23,11 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.proto import lmserve_pb2 as pb
-from service.api.proto import lmserve_pb2_grpc as rpc
-from service.config import LimitsConfig
-from service.engine import engine as engine_module
-from service.engine.scheduler import SchedulerOutput
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.config import LimitsConfig
+from lmserve.engine import engine as engine_module
+from lmserve.engine.scheduler import SchedulerOutput
 from tests.api.conftest import LiveServer
 from tests.reliability.conftest import live_server, native, tiny_config, wait_until
 
@@ -236,7 +236,7 @@ def _free_port() -> int:
 
 
 def test_the_process_exits_non_zero_when_its_engine_fails(tiny_llama_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
-    """`lmserve serve` (service.cli.main, in a process of its own) with a fault that fires once a trigger
+    """`lmserve serve` (lmserve.cli.main, in a process of its own) with a fault that fires once a trigger
     file exists: the open stream gets its error event and [DONE], then the process exits 1."""
     trigger = tmp_path / "fail-now"
     port, grpc_port = _free_port(), _free_port()
@@ -246,7 +246,7 @@ def test_the_process_exits_non_zero_when_its_engine_fails(tiny_llama_dir: Path, 
         "512", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), "--cache-dir",
         str(cache_dir), "--log-format", "text",
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "service")}
     env.pop("LMSERVE_API_KEYS", None)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

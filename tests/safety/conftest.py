@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.safety import SafetyFilter
-from service.safety.policy import default_policy_text, parse_policy
-from service.safety.toxicity import ToxicityModel
+from lmserve.safety import SafetyFilter
+from lmserve.safety.policy import default_policy_text, parse_policy
+from lmserve.safety.toxicity import ToxicityModel
 from tests.safety.labelled_set import EVAL_POLICY
 
 

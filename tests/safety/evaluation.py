@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.safety import CATEGORIES, Decision, SafetyFilter
+from lmserve.safety import CATEGORIES, Decision, SafetyFilter
 from tests.safety.labelled_set import EXAMPLES, Example
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.safety.abuse import RULES, score_abuse
-from service.safety.benign import mask_benign
-from service.safety.toxicity import ToxicityModel
+from lmserve.safety.abuse import RULES, score_abuse
+from lmserve.safety.benign import mask_benign
+from lmserve.safety.toxicity import ToxicityModel
 from tests.safety.toxicity_eval import DEV_CLEAN, DEV_TOXIC
 
 # One or more examples per rule, written for these tests (not taken from the evaluation set).
@@ -172,7 +172,7 @@ def test_a_rule_s_triggers_are_in_every_text_it_matches(index: int) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from service.safety.abuse import _TOKEN
+    from lmserve.safety.abuse import _TOKEN
 
     rule = RULES[index]
 

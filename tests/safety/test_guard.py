@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.safety import GuardStep, SafetyFilter
-from service.safety.policy import parse_policy
-from service.safety.toxicity import ToxicityModel
+from lmserve.safety import GuardStep, SafetyFilter
+from lmserve.safety.policy import parse_policy
+from lmserve.safety.toxicity import ToxicityModel
 from tests.safety.labelled_set import RSA_KEY
 
 SECRET_TEXTS = {

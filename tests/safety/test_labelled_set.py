@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.safety import SafetyFilter
+from lmserve.safety import SafetyFilter
 from tests.safety.evaluation import evaluate, score
 from tests.safety.labelled_set import EXAMPLES, Example
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.safety.policy import (
+from lmserve.safety.policy import (
     ALLOWED_ACTIONS,
     CATEGORIES,
     PII_KINDS,
@@ -35,11 +35,11 @@ def test_default_policy_is_the_issue_s_defaults() -> None:
 
 
 def test_default_policy_ships_as_package_data() -> None:
-    import service.safety
+    import lmserve.safety
 
-    assert (Path(service.safety.__file__).parent / "default_policy.yaml").is_file()
+    assert (Path(lmserve.safety.__file__).parent / "default_policy.yaml").is_file()
     pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
-    assert '"service.safety" = ["default_policy.yaml"]' in pyproject
+    assert '"lmserve.safety" = ["default_policy.yaml"]' in pyproject
 
 
 def test_custom_policy_file(tmp_path: Path) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from service.safety import pii, secrets
-from service.safety.injection import normalize, score_injection
-from service.safety.policy import PII_KINDS
-from service.safety.segments import MAX_SEGMENT_LEN, split_segments
-from service.safety.spans import SpanSet
-from service.safety.benign import mask_benign
-from service.safety.toxicity import ToxicityModel
-from service.safety.unicode import confusable_patterns, find_hidden, fold
+from lmserve.safety import pii, secrets
+from lmserve.safety.injection import normalize, score_injection
+from lmserve.safety.policy import PII_KINDS
+from lmserve.safety.segments import MAX_SEGMENT_LEN, split_segments
+from lmserve.safety.spans import SpanSet
+from lmserve.safety.benign import mask_benign
+from lmserve.safety.toxicity import ToxicityModel
+from lmserve.safety.unicode import confusable_patterns, find_hidden, fold
 
 ALL_PII = pii.pii_patterns(PII_KINDS, ("US", "GB"))
 

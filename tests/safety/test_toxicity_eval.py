@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from service.safety import SafetyFilter
+from lmserve.safety import SafetyFilter
 from tests.safety.toxicity_eval import DEV_CLEAN, DEV_TOXIC, HELDOUT_CLEAN, HELDOUT_TOXIC
 
 # The words the issue named as false alarms, each in a sentence.
