@@ -58,9 +58,9 @@ def test_without_the_unpermutation_q_would_not_match(smollm2_dir: Path) -> None:
 
 def test_a_q8_0_twin_from_the_requantize_tool_reads_back(tmp_path: Path, smollm2_dir: Path) -> None:
     """tools/requantize_gguf.py's Q8_0 copy of the bundled file (the one `--quantization q8_0` was measured on:
-    README): accepted for q8_0 and refused for q4_1, and its blocks within Q8_0's rounding of the source's
-    weights: one scale d per 32 values (the block's |max| / 127, stored as fp16, whose rounding moves the
-    largest value's step by up to 127 * 2**-11 d), so each value within 0.5 d + 0.062 d."""
+    docs/benchmarks/quantization.md): accepted for q8_0 and refused for q4_1, and its blocks within Q8_0's
+    rounding of the source's weights: one scale d per 32 values (the block's |max| / 127, stored as fp16, whose
+    rounding moves the largest value's step by up to 127 * 2**-11 d), so each value within 0.5 d + 0.062 d."""
     from gguf import GGMLQuantizationType
 
     from tools.requantize_gguf import requantize

@@ -1,6 +1,7 @@
 """The toxicity classifier on the labelled evaluation (toxicity_eval.py): clean texts dense in words that
 look profane out of context, and toxic ones, in a development half and a held-back half. The figures are
-in the README (Toxicity evaluation); `python -m tests.safety.test_toxicity_eval` prints them."""
+in docs/benchmarks/safety.md ("Toxicity, evaluated apart from its rules"); `python -m
+tests.safety.test_toxicity_eval` prints them."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_the_issue_s_false_alarms_pass_at_the_default_threshold(default_filter: 
     ("name", "clean", "toxic"),
     [
         ("development", DEV_CLEAN, DEV_TOXIC),
-        # Looked at once (2026-12-07, README "Toxicity evaluation"): 2 of 230 clean texts blocked, recall
+        # Looked at once (2026-12-07, docs/benchmarks/safety.md): 2 of 230 clean texts blocked, recall
         # 0.644. The half is spent: rules tuned after that look do not count, and meeting the bar needs a
         # fresh held-back half written apart from the rules. Strict, so a pass here is noticed.
         pytest.param(
