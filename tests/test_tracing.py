@@ -74,7 +74,7 @@ def test_export_converts_monotonic_times_with_one_offset() -> None:
 def test_tracing_off_imports_no_opentelemetry_sdk() -> None:
     code = (
         "import sys\n"
-        "import lmserve.app, lmserve.api.http\n"
+        "import lmserve.app, lmserve.api.http.app\n"
         "from lmserve.tracing import build_tracer\n"
         "assert build_tracer(None) is None\n"
         "loaded = [m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter'))]\n"

@@ -45,7 +45,7 @@ from lmserve.state import AppState, Lifecycle, ServedModel
 from lmserve.tracing import build_tracer
 
 if TYPE_CHECKING:
-    from lmserve.api.grpc import GrpcServer, GrpcTLS
+    from lmserve.api.grpc.server import GrpcServer, GrpcTLS
     from lmserve.embeddings import Embedder
     from lmserve.engine.base import GenerationEngine
     from lmserve.tokenizer import Tokenizer
@@ -258,7 +258,7 @@ HTTP_KEEP_ALIVE_S = 75  # longer than clients' and load balancers' idle timeouts
 
 
 def make_server(state: AppState, host: str | None = None, port: int | None = None) -> DrainingServer:
-    from lmserve.api.http import create_app
+    from lmserve.api.http.app import create_app
 
     uv_config = uvicorn.Config(
         create_app(state),
@@ -278,7 +278,7 @@ def make_server(state: AppState, host: str | None = None, port: int | None = Non
 
 
 def grpc_tls(config: ServeConfig) -> GrpcTLS | None:
-    from lmserve.api.grpc import GrpcTLS
+    from lmserve.api.grpc.server import GrpcTLS
 
     if config.grpc_tls_cert is None:
         return None
@@ -287,7 +287,7 @@ def grpc_tls(config: ServeConfig) -> GrpcTLS | None:
 
 
 async def start_grpc_server(state: AppState, host: str | None = None, port: int | None = None) -> GrpcServer:
-    from lmserve.api.grpc import start_grpc
+    from lmserve.api.grpc.server import start_grpc
 
     return await start_grpc(
         state, host or state.config.host, state.config.grpc_port if port is None else port, grpc_tls(state.config)

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lmserve.api.grpc import GrpcServer
+from lmserve.api.grpc.server import GrpcServer
 from lmserve.app import (
     AppState,
     DrainingServer,

@@ -16,18 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmserve.api.errors import APIError
-from lmserve.api.generation import (
-    GenerationAccount,
-    GenerationParams,
-    GenerationPlan,
-    check_generation,
-    collect_choices,
-    engine_error,
-    plan_generation,
-    rejection_error,
-    resolve_max_tokens,
-    stream_choices,
-)
+from lmserve.api.account import GenerationAccount
+from lmserve.api.plan import GenerationParams, GenerationPlan, check_generation, plan_generation, rejection_error, resolve_max_tokens
+from lmserve.api.stream import collect_choices, engine_error, stream_choices
 from lmserve.config import EngineConfig, LimitsConfig
 from lmserve.engine.base import RejectReason, RequestRejected
 from lmserve.engine.engine import NativeEngine
@@ -150,7 +141,9 @@ def test_plan_checks_token_ids_against_tokenizer_and_model(engine: NativeEngine)
     empty = error_of(lambda: plan_generation(engine, [[1], []], GenerationParams(), LIMITS, "r"))
     assert (empty.message, empty.param) == ("The prompt must not be empty.", "prompt")
     outside = error_of(lambda: plan_generation(engine, [[1, vocab]], GenerationParams(**CHAT), LIMITS, "r"))
-    assert (outside.message, outside.param) == ("Prompt token ids must be in the model's vocabulary.", "messages")
+    assert (outside.message, outside.param) == (
+        f"The prompt holds token id {vocab}, which is not in the model's vocabulary (0..{vocab - 1}).", "messages"
+    )
     # The smaller of the tokenizer's and the model's vocabularies bounds the ids and the logit bias keys.
     plan_generation(engine, [[vocab - 1]], GenerationParams(), LIMITS, "r")
     error_of(lambda: plan_generation(engine, [[vocab - 1]], GenerationParams(), LIMITS, "r", vocab_size=vocab - 1))
@@ -262,7 +255,7 @@ def test_account_adds_up_usage_finish_reasons_and_timings() -> None:
     assert (first.text, first.token_ids, first.finish_reason, first.stop_reason) == ("hello", [7, 9, 10], FinishReason.STOP, "\n")
     assert first.ttft_s(account.submitted) == 0.5 and first.tpot_s == 0.5  # 1.0 s over the 2 tokens after the first
     assert account.choices[1].tpot_s is None  # one output token: no time per token after it
-    assert [c.finish_reason_str for c in account.choices] == ["stop", "length", "length", "abort"]
+    assert [c.outcome for c in account.choices] == ["stop", "length", "length", "abort"]
     assert (record.submitted, record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (100.0, 5, 7, 2)
     assert record.finish_reasons == ["stop", "length", "length", "abort"]
     assert record.first_token == 100.5

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from lmserve.api.errors import ERRORS
-from lmserve.api.grpc import METHODS
+from lmserve.api.grpc.rpcs import METHODS
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.api.conftest import (
@@ -600,7 +600,7 @@ def _on_server_loop(server: LiveServer, coro_fn: Callable[[], Awaitable[T]]) -> 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 def test_tls_and_mutual_tls(server: LiveServer, tmp_path: Path, mutual: bool) -> None:
-    from lmserve.api.grpc import GrpcTLS, start_grpc
+    from lmserve.api.grpc.server import GrpcTLS, start_grpc
 
     certs = _certificates(tmp_path)
     tls = GrpcTLS(certs["server_cert"], certs["server_key"], certs["ca"] if mutual else None)

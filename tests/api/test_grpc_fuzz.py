@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from lmserve.api.grpc import METHODS, Method
+from lmserve.api.grpc.rpcs import METHODS, Method
 from lmserve.api.proto import lmserve_pb2 as pb
 from tests.api.conftest import LiveServer, Servers
 

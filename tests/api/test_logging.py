@@ -282,7 +282,7 @@ def test_every_line_of_a_request_carries_its_id(http: httpx.Client, logs: LogCap
     logs.access(request_id)
     ours = [e for e in logs.entries() if e["logger"].startswith("lmserve.")]
     names = {e["logger"] for e in ours}
-    assert {"lmserve.api.generation", ACCESS_LOGGER} <= names  # the debug lines of the request and its access line
+    assert {"lmserve.api.stream", ACCESS_LOGGER} <= names  # the debug lines of the request and its access line
     assert len(ours) >= 3
     assert [e for e in ours if e.get("request_id") != request_id] == []
 

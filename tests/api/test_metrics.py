@@ -16,7 +16,7 @@ from dataclasses import replace
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmserve.api.http import create_app
+from lmserve.api.http.app import create_app
 from lmserve.app import with_config
 from lmserve.metrics import Metrics
 from tests.api.conftest import LiveServer

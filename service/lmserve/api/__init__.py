@@ -1,5 +1,8 @@
-"""The API layer: everything that knows HTTP (and, later, gRPC). Nothing below it does.
+"""The API layer: everything that knows HTTP or gRPC lives here, and nothing below it does.
 
-errors.py (one error table), auth.py, limits.py, generation.py (transport-neutral generation flow),
-schemas.py + openai_format.py (OpenAI shapes), middleware.py and http.py (the FastAPI app).
+The transport-neutral core: admission.py (key, limits, queue), accounting.py (request id, access record),
+plan.py (the one validation step -> GenerationPlan), stream.py + account.py (running a plan),
+presentation.py (the one presentation step), generation_call.py / embedding_call.py / tokens.py /
+models.py / moderation.py (each endpoint's call), errors.py (one table: error -> HTTP status and gRPC code).
+The two transports only parse and serialize: http/ and grpc/.
 """

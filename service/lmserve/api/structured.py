@@ -42,15 +42,20 @@ class StructuredOutputsInput:
     json_object: bool | None = None
 
 
-def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
-    if isinstance(schema, str):
+def json_object(value: dict[str, Any] | str, param: str) -> dict[str, Any]:
+    """A JSON object (a schema, a tool's parameters) given as one or as JSON text."""
+    if isinstance(value, str):
         try:
-            schema = json.loads(schema)
+            value = json.loads(value)
         except ValueError as exc:
             raise APIError(f"{param} is not valid JSON: {exc}.", "invalid_value", param) from None
-    if not isinstance(schema, dict):
-        raise APIError(f"{param} must be a JSON object (a JSON schema).", "invalid_value", param)
-    return json.dumps(schema, separators=(",", ":"))
+    if not isinstance(value, dict):
+        raise APIError(f"{param} must be a JSON object.", "invalid_value", param)
+    return value
+
+
+def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
+    return json.dumps(json_object(schema, param), separators=(",", ":"))
 
 
 def from_response_format(fmt: ResponseFormatInput | None) -> StructuredOutput | None:

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmserve.api.accounting import RequestOutcome, close_request, observe_error, open_request
 from lmserve.api.admission import authenticate
 from lmserve.api.errors import APIError
-from lmserve.api.json_body import check_json_body
+from lmserve.api.http.json_body import check_json_body
 from lmserve.logs import AccessRecord
 
 if TYPE_CHECKING:

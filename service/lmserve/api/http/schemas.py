@@ -12,17 +12,28 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from lmserve.api.plan import BOUNDS
+
 
 def limit(**limits: str) -> dict[str, Any]:
     """Mark a JSON-schema node with server limits, e.g. limit(maximum="max_n").
 
-    http.py replaces each marker with the running server's value when it serves /openapi.json, so the
+    http/openapi.py replaces each marker with the running server's value when it serves /openapi.json, so the
     schema documents this server's real caps (and schema-driven clients generate valid requests).
     """
     return {"x-limit": limits}
 
 
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+def bounds(name: str, **limits: str) -> dict[str, Any]:
+    """A sampling parameter's range for the schema, from the one table that api/plan.py enforces (so the
+    error for a value outside it reads the same on HTTP and gRPC); `limits` adds server limits."""
+    return {**BOUNDS[name].json_schema(), **(limit(**limits) if limits else {})}
+
+
+def at_least(low: int, **limits: str) -> dict[str, Any]:
+    """A lower bound the schema documents and api/plan.py enforces (with a server limit above it)."""
+    return {"minimum": low, **(limit(**limits) if limits else {})}
+
 
 TokenId = Annotated[int, Field(ge=0, json_schema_extra=limit(maximum="vocab_max"))]
 EmbeddingTokenId = Annotated[int, Field(ge=0, json_schema_extra=limit(maximum="embedding_vocab_max"))]
@@ -71,6 +82,14 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens whose KV came from the prefix cache.")
+
+
+class GenerationUsage(UsageInfo):
+    prompt_tokens_details: PromptTokensDetails
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -115,22 +134,22 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="The served model's name (or its checkpoint reference).")
-    n: int = Field(1, ge=1, description="Choices per prompt.", json_schema_extra=limit(maximum="max_n"))
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Below 1e-5 is greedy. Default 1.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, description="Choices per prompt.", json_schema_extra=at_least(1, maximum="max_n"))
+    temperature: float | None = Field(None, description="Below 1e-5 is greedy. Default 1.", json_schema_extra=bounds("temperature"))
+    top_p: float | None = Field(None, json_schema_extra=bounds("top_p"))
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Choice j of a prompt uses seed + j.")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, description="Choice j of a prompt uses seed + j.", json_schema_extra=bounds("seed"))
+    presence_penalty: float | None = Field(None, json_schema_extra=bounds("presence_penalty"))
+    frequency_penalty: float | None = Field(None, json_schema_extra=bounds("frequency_penalty"))
     logit_bias: LogitBias | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = Field(None, ge=-1, description="0 or -1: off.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=2.0)
-    min_tokens: int = Field(0, ge=0)
+    top_k: int | None = Field(None, description="0 or -1: off.", json_schema_extra=bounds("top_k"))
+    min_p: float | None = Field(None, json_schema_extra=bounds("min_p"))
+    repetition_penalty: float | None = Field(None, json_schema_extra=bounds("repetition_penalty"))
+    min_tokens: int = Field(0, json_schema_extra=bounds("min_tokens"))
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
@@ -141,14 +160,14 @@ class _SamplingFields(_Request):
     )
     timeout: float | None = Field(
         None,
-        gt=0,
+        json_schema_extra=bounds("timeout"),
         description="Seconds this request may take, from arrival (also the x-request-timeout header; the "
         "smaller wins). Past it the request ends: finish_reason \"timeout\" once tokens have been generated, "
         "else a 504 error (code request_timeout).",
     )
     speculative_tokens: int | None = Field(
         None,
-        ge=0,
+        json_schema_extra=bounds("speculative_tokens"),
         description="Speculative decoding by prompt lookup: at most this many draft tokens per step, taken from "
         "earlier in the prompt and output and verified by the model in one forward (the output is the same; "
         "extractive answers come faster). 0: off. Unset: the server's --speculative-tokens.",
@@ -161,9 +180,9 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     prompt: Prompt = Field(description="A string, a list of strings, a token array or a list of token arrays.")
     max_tokens: int | None = Field(
-        16, ge=1, description="Default 16 (capped by the server).", json_schema_extra=limit(maximum="max_tokens_cap")
+        16, description="Default 16 (capped by the server).", json_schema_extra=at_least(1, maximum="max_tokens_cap")
     )
-    logprobs: int | None = Field(None, ge=0, le=5, description="Top alternatives per token (0-5).")
+    logprobs: int | None = Field(None, description="Top alternatives per token (0-5).", json_schema_extra={"minimum": 0, "maximum": 5})
     echo: bool = Field(
         False,
         description="Prepend the prompt to the text. With logprobs, the prompt's tokens are listed with "
@@ -194,7 +213,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
+    usage: GenerationUsage | None = None
     system_fingerprint: str | None = None
 
 
@@ -223,13 +242,12 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(
         None,
-        ge=1,
         description="Deprecated by OpenAI; max_completion_tokens wins. Default: the room left in the context.",
-        json_schema_extra=limit(maximum="max_tokens_cap"),
+        json_schema_extra=at_least(1, maximum="max_tokens_cap"),
     )
-    max_completion_tokens: int | None = Field(None, ge=1, json_schema_extra=limit(maximum="max_tokens_cap"))
+    max_completion_tokens: int | None = Field(None, json_schema_extra=at_least(1, maximum="max_tokens_cap"))
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 20})
     tools: list[dict[str, Any]] | None = Field(
         None, description="Functions the model may call; calls come back in message.tool_calls."
     )
@@ -274,7 +292,7 @@ class ChatCompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: UsageInfo
+    usage: GenerationUsage
     system_fingerprint: str | None = None
 
 

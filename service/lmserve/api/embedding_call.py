@@ -1,0 +1,103 @@
+"""/v1/embeddings and Embed, transport-neutral: an embeddings request from its parsed input to its vectors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lmserve.api.admission import Admitted, Caller, check_request
+from lmserve.api.errors import APIError
+from lmserve.api.models import require_model
+from lmserve.api.screening import screen_input, screen_token_inputs
+from lmserve.state import ServedModel
+
+if TYPE_CHECKING:
+    from lmserve.state import AppState
+
+# Tokenizing this much text on the event loop would stall every other request; above it, a thread does it.
+_INLINE_TOKENIZE_CHARS = 64_000
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    model: str | None
+    inputs: list[str] | list[list[int]]  # texts or token arrays
+    dimensions: int | None = None
+    logged_input: Any = None  # what the client sent, for an access line with --log-prompts
+
+
+@dataclass(frozen=True)
+class EmbedOutput:
+    model: ServedModel
+    vectors: list[list[float]]
+    total_tokens: int
+
+
+@dataclass
+class EmbeddingCall:
+    """An admitted embedding request; `run()` once."""
+
+    state: AppState
+    caller: Caller
+    model: ServedModel
+    ids: list[list[int]]
+    dimensions: int | None
+    admitted: Admitted
+
+    async def run(self) -> EmbedOutput:
+        from lmserve.embeddings import EmbedderNotRunning, EmbeddingInputError
+
+        embedder = self.state.embedder
+        assert embedder is not None
+        self.caller.record.submitted = time.monotonic()
+        result = None
+        try:
+            result = await embedder.embed(self.ids, self.dimensions)
+        except EmbeddingInputError as exc:
+            raise APIError(str(exc), exc.code, exc.param) from None
+        except EmbedderNotRunning as exc:
+            raise APIError(str(exc), "service_unavailable") from None
+        finally:
+            self.admitted.release(result.total_tokens if result is not None else 0)
+        self.state.metrics.embedding_tokens_total.inc(result.total_tokens)
+        self.caller.record.prompt_tokens = result.total_tokens
+        return EmbedOutput(self.model, result.vectors, result.total_tokens)
+
+
+async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) -> EmbeddingCall:
+    """The same steps as generation: rate limit, model, the request's shape, the safety screen of texts,
+    token ids (the embedder's checks: length, vocabulary, dimensions), token arrays screened as text, the
+    queue slot."""
+    from lmserve.embeddings import EmbeddingInputError
+
+    check_request(state, caller)
+    model = require_model(state.embedding_model, inp.model, "embedding")
+    if caller.record.log_prompts:
+        caller.record.prompt = inp.logged_input if inp.logged_input is not None else inp.inputs
+    embedder = state.embedder
+    assert embedder is not None
+    limit = state.config.limits.max_embedding_inputs
+    if not inp.inputs:
+        raise APIError("input must not be empty.", "invalid_value", "input")
+    if len(inp.inputs) > limit:
+        raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
+    inputs = inp.inputs
+    is_text = isinstance(inputs[0], str)
+    if is_text:
+        if any(isinstance(x, str) and not x.strip() for x in inputs):
+            raise APIError("input strings must contain text other than whitespace.", "invalid_value", "input")
+        inputs = screen_input(state, caller, list(inputs), "input")  # type: ignore[arg-type]
+    try:
+        if sum(len(x) for x in inputs if isinstance(x, str)) > _INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(embedder.tokenize, inputs)
+        else:
+            ids = embedder.tokenize(inputs)
+        embedder.validate(ids, inp.dimensions)
+    except EmbeddingInputError as exc:
+        raise APIError(str(exc), exc.code, exc.param) from None
+    if not is_text:  # token arrays: screened as their text once the embedder has checked the ids
+        screen_token_inputs(state, caller, ids, embedder.tokenizer.decode, "input")
+    admitted = Admitted(state, caller, sum(len(x) for x in ids))
+    return EmbeddingCall(state, caller, model, ids, inp.dimensions, admitted)

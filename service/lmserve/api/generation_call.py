@@ -1,0 +1,213 @@
+"""Completions and chat, transport-neutral: what a generation request does once a transport has parsed it.
+
+A request's life, the same over HTTP (api/http/) and gRPC (api/grpc/):
+
+    record = open_request(state, transport, x_request_id)          # accounting.py: id, in-flight, metrics
+    key_id = authenticate(state, authorization, client_address)    # admission.py: 401 / UNAUTHENTICATED
+    call = prepare_chat(state, Caller(record, key_id), ChatInput(...))
+    async for choice in call.stream(): ...                         # PresentedChoice pieces; or `await call.collect()`
+    close_request(state, record, RequestOutcome(...))              # one access line, request metric, trace
+
+`prepare_completion` and `prepare_chat` take the same steps in the same order: draining and rate limit,
+the model, the parameters (plan.check_generation), the safety screen of the input, the prompt's token ids,
+the plan (plan.plan_generation: ids, fan-out, the engine's capacity), the queue slot. Every failure is an
+APIError raised before the engine sees anything, or out of the stream. What the client gets is presented
+once (presentation.py); the transports only serialize it. Closing a stream, or cancelling the task
+awaiting `collect()` (an HTTP disconnect, a gRPC cancel or deadline), aborts the engine requests and frees
+their KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from lmserve.api.account import GenerationAccount, Usage
+from lmserve.api.admission import Admitted, Caller, check_engine, check_request
+from lmserve.api.errors import APIError
+from lmserve.api.models import generation_model
+from lmserve.api.plan import GenerationParams, GenerationPlan, check_generation, plan_generation
+from lmserve.api.presentation import PresentedChoice, Presenter
+from lmserve.api.prompts import (
+    Prompt,
+    chat_prompt,
+    chat_template,
+    completion_prompts,
+    echo_texts,
+    prompt_items,
+    screened_messages,
+)
+from lmserve.api.screening import report_decisions, screen_token_inputs
+from lmserve.api.stream import collect_choices, stream_choices
+from lmserve.api.tools import ToolPlan, plan_tools
+from lmserve.state import ServedModel
+
+if TYPE_CHECKING:
+    from lmserve.safety import Decision
+    from lmserve.safety.screen import ScreenedChoice
+    from lmserve.state import AppState
+
+
+@dataclass(frozen=True)
+class CompletionInput:
+    model: str | None
+    prompt: Prompt  # a string, strings, a token array or token arrays
+    params: GenerationParams
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    model: str | None
+    messages: list[dict[str, Any]]  # {"role", "content" (a string), ...}, as the chat template takes them
+    params: GenerationParams
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
+
+
+@dataclass(frozen=True)
+class PresentedResult:
+    choices: list[PresentedChoice]
+    usage: Usage
+
+
+@dataclass
+class GenerationCall:
+    """An admitted generation request. Run it once, with `stream()` or `collect()`; either one releases
+    its admission with the tokens it used, and `close()` releases it if neither ever ran."""
+
+    state: AppState
+    caller: Caller
+    plan: GenerationPlan
+    admitted: Admitted
+    model: ServedModel
+    response_id: str
+    created: int
+    echo_texts: list[str] | None = None  # completions with echo: each prompt's text
+    tool_plan: ToolPlan | None = None  # chat with tools: how to prompt for and parse tool calls
+    account: GenerationAccount | None = None  # the streamed choices' accounting, once `stream()` runs
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.plan.requests)
+
+    def presenter(self) -> Presenter:
+        echo_tokens = None
+        if self.echo_texts is not None and self.plan.params.logprobs is not None:
+            echo_tokens = [self.state.tokenizer.convert_ids_to_tokens(p) for p in self.plan.prompts]
+        return Presenter(self.num_choices, self.plan.n, self.echo_texts, echo_tokens, self.tool_plan)
+
+    def _screens(self) -> list[ScreenedChoice] | None:
+        safety = self.state.safety
+        if safety is None:
+            return None
+        from lmserve.safety.screen import ScreenedChoice
+
+        return [ScreenedChoice(safety.output_guard(), self._report) for _ in range(self.num_choices)]
+
+    def _report(self, decisions: list[Decision]) -> None:
+        report_decisions(self.state, self.caller, decisions)
+
+    async def stream(self) -> AsyncIterator[PresentedChoice]:
+        s = self.state
+        record = self.caller.record
+        self.account = GenerationAccount.start(self.plan, keep_text=record.log_prompts)
+        presenter = self.presenter()
+        try:
+            stream = stream_choices(s.engine, self.plan, s.metrics, record, self._screens(), self.account)
+            async with aclosing(stream) as choices:
+                async for item in choices:
+                    presented = presenter.delta(item)
+                    if presented is not None:
+                        yield presented
+        finally:
+            self.admitted.release(self.usage.total_tokens)
+
+    async def collect(self) -> PresentedResult:
+        s = self.state
+        result = None
+        try:
+            result = await collect_choices(s.engine, self.plan, s.metrics, self.caller.record, self._screens())
+        finally:
+            self.admitted.release(result.usage.total_tokens if result else 0)
+        presenter = self.presenter()
+        return PresentedResult([presenter.choice(c) for c in result.choices], result.usage)
+
+    @property
+    def usage(self) -> Usage:
+        """What the stream used so far (all of it once the stream has ended)."""
+        if self.account is None:
+            return Usage(self.plan.num_prompt_tokens, 0)
+        return self.account.usage
+
+    def close(self) -> None:
+        self.admitted.release(0)
+
+
+def _plan(state: AppState, caller: Caller, model: ServedModel, prompts: list[list[int]], params: GenerationParams) -> GenerationPlan:
+    caller.record.lora = model.lora
+    return plan_generation(
+        state.engine, prompts, params, state.config.limits, caller.record.request_id, state.tokenizer.vocab_size, model.lora
+    )
+
+
+def _admit(state: AppState, caller: Caller, model: ServedModel, plan: GenerationPlan, prefix: str) -> GenerationCall:
+    # Queue slot and token reservation last: a request refused above holds neither.
+    admitted = Admitted(state, caller, plan.max_total_tokens)
+    # One id per request: the completion's id is the request id behind OpenAI's prefix, so a response
+    # alone finds its access line (and x-request-id header / trailer).
+    response_id = f"{prefix}-{caller.record.request_id}"
+    caller.record.response_id = response_id
+    return GenerationCall(state, caller, plan, admitted, model, response_id, int(time.time()))
+
+
+def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) -> GenerationCall:
+    check_request(state, caller)
+    check_engine(state)
+    model = generation_model(state, inp.model)
+    items = prompt_items(inp.prompt)
+    check_generation(inp.params, len(items), state.config.limits)
+    prompts = completion_prompts(state, caller, items)  # texts screened and tokenized
+    plan = _plan(state, caller, model, prompts, inp.params)
+    if items and not isinstance(items[0], str):  # token arrays: screened once the plan has checked the ids
+        screen_token_inputs(state, caller, prompts, state.tokenizer.decode, "prompt")
+    if caller.record.log_prompts:
+        caller.record.prompt = inp.prompt  # once screened: a blocked prompt is never logged
+    call = _admit(state, caller, model, plan, "cmpl")
+    if inp.echo:
+        call.echo_texts = echo_texts(state, inp.prompt, prompts)
+    return call
+
+
+def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
+    check_request(state, caller)
+    check_engine(state)
+    model = generation_model(state, inp.model)
+    tool_plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, chat_template(state))
+    params = inp.params
+    if tool_plan is not None and tool_plan.constraint is not None:
+        if params.structured is not None:
+            raise APIError(
+                "A required or named tool_choice cannot be combined with a response format.", "invalid_value", "tool_choice"
+            )
+        params = replace(params, structured=tool_plan.constraint)
+    check_generation(params, 1, state.config.limits)
+    messages, tools = screened_messages(state, caller, inp.messages), inp.tools
+    if tool_plan is not None:
+        messages, tools = tool_plan.prompt(messages)
+    if caller.record.log_prompts:
+        caller.record.prompt = inp.messages  # once screened: a blocked prompt is never logged
+    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
+    plan = _plan(state, caller, model, [prompt], params)
+    call = _admit(state, caller, model, plan, "chatcmpl")
+    call.tool_plan = tool_plan
+    return call
+
+
+__all__ = ["ChatInput", "CompletionInput", "GenerationCall", "PresentedResult", "prepare_chat", "prepare_completion"]
