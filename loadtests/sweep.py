@@ -5,7 +5,7 @@ OpenAI-compatible servers, back to back; figures as JSON and a PNG chart.
         --server lmserve=http://127.0.0.1:8001 --start 'lmserve=.venv/bin/lmserve serve --port 8001' \\
         --server vllm=http://127.0.0.1:8100 --start 'vllm=../shared/peers/vllm-cpu.sh serve MODEL_DIR 8100' \\
         --concurrency 1 16 64 --input-len 128 --output-len 128 --slo-ttft-ms 1000 --slo-tpot-ms 100 \\
-        --json loadtests/sweep.json --png loadtests/sweep.png [--vllm-bench ../shared/peers/vllm-cpu.sh]
+        --json docs/benchmarks/results/sweep.json --png docs/benchmarks/results/sweep.png [--vllm-bench ../shared/peers/vllm-cpu.sh]
 
 Each point sends N = max(--min-requests, --requests-per-user x concurrency) streamed completions of
 random --input-len-token prompts (the same prompts to every server) with exactly --output-len output

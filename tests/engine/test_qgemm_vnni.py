@@ -170,7 +170,7 @@ def test_int8_under_bf16_is_refused_by_the_portable_build(
 
 
 def test_the_inner_loop_bench_builds_and_measures_where_it_can(tmp_path: Path) -> None:
-    """loadtests/vnni_ops_bench.c compiles warning-free anywhere; on a VNNI and BF16 CPU it prints each variant's
+    """benchmarks/c/vnni_ops_bench.c compiles warning-free anywhere; on a VNNI and BF16 CPU it prints each variant's
     rate twice, elsewhere it says why and exits 2."""
     import shutil
     import subprocess
@@ -180,7 +180,7 @@ def test_the_inner_loop_bench_builds_and_measures_where_it_can(tmp_path: Path) -
     compiler = default_c_compiler()
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler})")
-    source = Path(__file__).resolve().parents[2] / "loadtests" / "vnni_ops_bench.c"
+    source = Path(__file__).resolve().parents[2] / "benchmarks" / "c" / "vnni_ops_bench.c"
     binary = tmp_path / "vnni_ops_bench"
     subprocess.run([compiler, "-O3", "-march=native", "-Wall", "-Werror", str(source), "-o", str(binary)], check=True)
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""loadtests/grpc_vs_http.py run whole at a tiny size, so the benchmark behind the README's transport
+"""benchmarks/grpc_vs_http.py run whole at a tiny size, so the benchmark behind the README's transport
 figures keeps working: its server, the warm-up, both transports' streams and Tokenize, the table."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.cli_process import REPO_ROOT, cli_env
 
 def test_grpc_vs_http_runs_and_prints_both_transports(smollm2_dir: Path, cache_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "loadtests/grpc_vs_http.py", "--concurrency", "1", "2", "--requests-per-user", "1",
+        [sys.executable, "benchmarks/grpc_vs_http.py", "--concurrency", "1", "2", "--requests-per-user", "1",
          "--input-len", "16", "--output-len", "4", "--rounds", "2", "--tokenize-concurrency", "2",
          "--tokenize-seconds", "0.5", f"--server-arg=--cache-dir={cache_dir}", "--server-arg=--kv-cache-memory=0.25"],
         cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,

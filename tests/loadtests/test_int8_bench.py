@@ -1,4 +1,4 @@
-"""loadtests/int8_bench.py runs end to end: the bf16 default and `--quantization int8` of a tiny checkpoint,
+"""benchmarks/int8_bench.py runs end to end: the bf16 default and `--quantization int8` of a tiny checkpoint,
 each a real `lmserve serve`, loaded by vLLM's own `vllm bench serve`, and the table says int8 / bf16.
 Runs where vLLM is importable (`make vllm-test`, in vLLM's CPU build's venv); skipped elsewhere."""
 
@@ -23,7 +23,7 @@ def test_int8_bench_loads_both_servers_and_prints_the_ratio(tiny_llama_dir: Path
     if b"avx512_bf16" in kernel_cache.cpu_flags().split() and not kernel_cache.cpu_has_int8_bf16():
         pytest.skip("dtype auto is bf16 here and int8 under bf16 needs AVX-512 VNNI: the int8 server is refused")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "loadtests" / "int8_bench.py"), "--model", str(tiny_llama_dir), "--servers", "bf16",
+        [sys.executable, str(ROOT / "benchmarks" / "int8_bench.py"), "--model", str(tiny_llama_dir), "--servers", "bf16",
          "int8", "--concurrency", "1", "--prompts", "2", "--vllm-venv", sys.prefix, "--log-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""loadtests/moe_bench.py run whole at a tiny size, so the benchmark behind the README's mixture-of-experts
+"""benchmarks/moe_bench.py run whole at a tiny size, so the benchmark behind the README's mixture-of-experts
 figures keeps working: the three checkpoints, their engines, the ratios."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.cli_process import REPO_ROOT, cli_env
 
 def test_moe_bench_runs_every_model_and_prints_the_ratios(smollm2_dir: Path, cache_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "loadtests.moe_bench", "--concurrency", "2", "--num-requests", "2", "--input-len", "8",
+        [sys.executable, "benchmarks/moe_bench.py", "--concurrency", "2", "--num-requests", "2", "--input-len", "8",
          "--output-len", "4", "--hidden", "64", "--layers", "1", "--heads", "4", "--experts", "4", "--expert-size", "32",
          "--dtype", "float32"],
         cwd=REPO_ROOT, env=cli_env({"LMSERVE_CACHE_DIR": str(cache_dir)}), capture_output=True, text=True, timeout=300,

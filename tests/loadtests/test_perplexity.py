@@ -1,4 +1,4 @@
-"""loadtests/perplexity.py measures what transformers measures: on a tiny random checkpoint in float32, its
+"""benchmarks/perplexity.py measures what transformers measures: on a tiny random checkpoint in float32, its
 perplexity through the engine's forward (quantization none) equals the one from transformers' own model
 over the same windows, and the int8 figure is printed beside it with its ratio."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "loadtests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import perplexity  # noqa: E402
 

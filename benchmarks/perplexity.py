@@ -1,6 +1,6 @@
 """Perplexity of a model over a fixed text, for each --quantization mode, through the engine's own forward.
 
-    .venv/bin/python loadtests/perplexity.py [--model smollm2-135m-instruct] [--dtype float32]
+    .venv/bin/python benchmarks/perplexity.py [--model smollm2-135m-instruct] [--dtype float32]
         [--text tests/data/perplexity/kjv_ruth_jonah.txt] [--window 512] [--modes none int8 q4_1] [--chunk 16]
 
 A mode may name its own activations' dtype, MODE:DTYPE (`--modes none int8:bfloat16 none:bfloat16`: int8
@@ -30,14 +30,15 @@ from pathlib import Path
 
 import torch
 
+from benchkit.cli import add_dtype, add_model
+from benchkit.repo import REPO_ROOT
 from lmserve.checkpoints import resolve_model
-from lmserve.config import DEFAULT_MODEL, EngineConfig, default_cache_dir
+from lmserve.config import EngineConfig, default_cache_dir
 from lmserve.engine.modeling.attention import SeqLayout
 from lmserve.engine.runner import ModelRunner
 from lmserve.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_TEXT = REPO / "tests" / "data" / "perplexity" / "kjv_ruth_jonah.txt"
+DEFAULT_TEXT = REPO_ROOT / "tests" / "data" / "perplexity" / "kjv_ruth_jonah.txt"
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model(p)
+    add_dtype(p, "float32", allow_auto=False)
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")

@@ -1,7 +1,7 @@
 """Offline engine throughput (no HTTP) against plain transformers `generate`, one request at a time.
 
-    .venv/bin/python loadtests/throughput.py --concurrency 1 16 64 --input-len 128 --output-len 128
-    .venv/bin/python loadtests/throughput.py --model-impl native transformers --hf-requests 0   # the two paths
+    .venv/bin/python benchmarks/throughput.py --concurrency 1 16 64 --input-len 128 --output-len 128
+    .venv/bin/python benchmarks/throughput.py --model-impl native transformers --hf-requests 0   # the two paths
 
 Random prompts of `input-len` tokens, exactly `output-len` new tokens each (ignore_eos), greedy.
 Prints output tokens/s for lmserve's engine at each concurrency and for HF `generate`, and the ratio.
@@ -18,40 +18,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchkit.cli import add_concurrency, add_dtype, add_lengths, add_model
+from benchkit.engine_load import engine_run, random_prompts
 from lmserve.checkpoints import resolve_model
 from lmserve.config import EngineConfig, default_cache_dir
 from lmserve.engine.engine import NativeEngine
-from lmserve.types import GenerationRequest, SamplingParams
-
-
-def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    # Skip the low ids, where the special tokens live.
-    return torch.randint(100, vocab, (num, length), generator=gen).tolist()
-
-
-async def engine_run(engine: NativeEngine, prompts: list[list[int]], concurrency: int, output_len: int) -> dict:
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    sem = asyncio.Semaphore(concurrency)
-    ttfts: list[float] = []
-    num_tokens = 0
-
-    async def one(i: int, prompt: list[int]) -> None:
-        nonlocal num_tokens
-        async with sem:
-            start = time.perf_counter()
-            first = True
-            async for delta in engine.generate(GenerationRequest(prompt, params, f"b{i}")):
-                if first:
-                    ttfts.append(time.perf_counter() - start)
-                    first = False
-                num_tokens += len(delta.token_ids)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-    elapsed = time.perf_counter() - start
-    ttfts.sort()
-    return {"tokens": num_tokens, "seconds": elapsed, "tok_s": num_tokens / elapsed, "ttft_median": ttfts[len(ttfts) // 2]}
 
 
 def hf_run(model_dir, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict:
@@ -70,11 +41,10 @@ def hf_run(model_dir, prompts: list[list[int]], output_len: int, dtype: torch.dt
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    add_model(p)
+    add_dtype(p, "bfloat16", allow_auto=False)
+    add_concurrency(p, [1, 16, 64])
+    add_lengths(p)
     p.add_argument("--num-requests", type=int, default=None, help="per point; default 2 x concurrency")
     p.add_argument("--hf-requests", type=int, default=3)
     p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens)

@@ -1,6 +1,6 @@
 """The bf16 C kernels alone, on SmolLM2-135M's shapes: gemm.c against oneDNN, paged attention's read rate.
 
-    .venv/bin/python loadtests/kernel_bench.py [--rows 1 16 64 512] [--seqs 16 64] [--context 200]
+    .venv/bin/python benchmarks/kernel_bench.py [--rows 1 16 64 512] [--seqs 16 64] [--context 200]
 
 Runs on a second thread after prepare_to_serve(), as the engine does. For each row count: every projection
 of one layer (qkv, o, gate_up with gemm.c's SiLU epilogue, down) and the LM head, median time of gemm.c and
@@ -15,12 +15,11 @@ asks for) and on 4 KiB pages.
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
-import time
 
 import torch
 
+from benchkit.kernel_timing import HEAD, SHAPES, median_time
 from lmserve.config import default_c_compiler, default_cache_dir
 from lmserve.engine.modeling import native_kernels
 from lmserve.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
@@ -28,18 +27,6 @@ from lmserve.engine.runner import advise_huge_pages
 from lmserve.process import prepare_to_serve
 
 LAYERS = 30
-SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
-HEAD = (49152, 576)
-
-
-def median_time(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_gemm(rows: list[int]) -> None:

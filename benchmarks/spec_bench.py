@@ -1,7 +1,7 @@
 """Prompt-lookup speculative decoding on an extractive workload: the same engine with and without it, in
 the same run.
 
-    .venv/bin/python loadtests/spec_bench.py --concurrency 1 16 --num-requests 16 --rounds 2
+    .venv/bin/python benchmarks/spec_bench.py --concurrency 1 16 --num-requests 16 --rounds 2
 
 Workload: chat requests "Repeat this paragraph, changing the word X to Y" over paragraphs of this
 repository's README (prose of 40 to 110 words, so the answer repeats most of the prompt; `--num-requests`
@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchkit.cli import add_concurrency, add_dtype, add_model, add_rounds
 from lmserve.checkpoints import resolve_model
 from lmserve.config import EngineConfig, default_cache_dir
 from lmserve.engine.engine import NativeEngine
@@ -106,11 +107,11 @@ async def run_mode(engine: NativeEngine, prompts: list[list[int]], concurrency: 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    add_model(parser)
+    add_dtype(parser, "auto")
+    add_concurrency(parser, [1, 16])
     parser.add_argument("--num-requests", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    add_rounds(parser, 2)
     parser.add_argument("--speculative-tokens", type=int, default=4)
     args = parser.parse_args()
 

@@ -1,7 +1,7 @@
 """What the safety filter adds to a request: input checks on 100- and 4,000-character prompts, and the
 streaming output guard per delta, each against a peer measured in the same run.
 
-    .venv/bin/python loadtests/safety_bench.py [--requests 300] [--policy FILE]
+    .venv/bin/python benchmarks/safety_bench.py [--requests 300] [--policy FILE]
 
 - Input: `check_input([prompt])` per request, p50 and p99 over `--requests` prompts of each length
   (prose with some numbers and code, and one email in ten). Peer: the SmolLM2 tokenizer's `encode` of
@@ -22,14 +22,11 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lmserve.safety import SafetyFilter  # noqa: E402
 from lmserve.safety.policy import default_policy_text, parse_policy  # noqa: E402

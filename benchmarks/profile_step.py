@@ -1,6 +1,6 @@
 """Where a decode step's time goes, at a given batch size (no HTTP, no engine thread).
 
-    .venv/bin/python loadtests/profile_step.py --batch 1 16 64 --context 192 [--torch-profile]
+    .venv/bin/python benchmarks/profile_step.py --batch 1 16 64 --context 192 [--torch-profile]
 
 Fills the batch with random prompts of `--context` tokens, prefills them, then times decode steps
 phase by phase: schedule, runner (metadata + forward + logits), sample, update + detokenize.
@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from benchkit.cli import add_dtype, add_model
 from lmserve.checkpoints import resolve_model
 from lmserve.config import EngineConfig, default_cache_dir
 from lmserve.engine.engine import NativeEngine, _Stream
@@ -54,8 +55,8 @@ def timed_step(engine: NativeEngine) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="auto")
+    add_model(parser)
+    add_dtype(parser, "auto")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "q4_1", "q8_0"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, default=192)

@@ -1,6 +1,6 @@
 """On a CUDA GPU: greedy exactness against transformers, then engine throughput against plain transformers.
 
-    python3 loadtests/gpu_bench.py --tokenizer DIR [--out DIR]
+    python3 benchmarks/gpu_bench.py --tokenizer DIR [--out DIR]
 
 No weights travel to the GPU machine: the script saves seeded random-weight checkpoints as real folders
 (the SmolLM2 tokenizer from --tokenizer beside them) and loads them the way `lmserve serve` does.
@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -32,8 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadtests.throughput import engine_run, random_prompts  # noqa: E402
+from benchkit.cli import add_concurrency, add_lengths  # noqa: E402
+from benchkit.engine_load import engine_run, random_prompts  # noqa: E402
 from lmserve.config import EngineConfig  # noqa: E402
 from lmserve.engine.engine import NativeEngine  # noqa: E402
 from lmserve.types import GenerationRequest, SamplingParams  # noqa: E402
@@ -184,9 +183,8 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, required=True, help="a folder holding the SmolLM2 tokenizer")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    add_concurrency(p, [1, 16, 64, 256])
+    add_lengths(p)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--kv-cache-gib", type=float, default=8.0)
     p.add_argument("--exact-prompts", type=int, default=24)

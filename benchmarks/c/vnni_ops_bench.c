@@ -2,7 +2,7 @@
  * one register block of 6 rows x 32 columns over K = 576 (18 blocks of 32), weights and activations from L1,
  * one thread. Each line: multiply-adds per second, and nanoseconds per block pass.
  *
- *     gcc -O3 -march=native loadtests/vnni_ops_bench.c -o /tmp/vnni_ops_bench && /tmp/vnni_ops_bench
+ *     make bench-c, or: gcc -O3 -march=native benchmarks/c/vnni_ops_bench.c -o /tmp/vnni_ops_bench && /tmp/vnni_ops_bench
  *
  * - offset (qgemm_vnni.c): weights stored +128 as u8, activations signed; vpdpbusd straight from the
  *   broadcast activations, each block's sum started at -128 * sum(x) (cx), then vcvtdq2ps + vfmadd.

@@ -1,9 +1,9 @@
 """gRPC against HTTP on one lmserve server: streamed completions and unary Tokenize calls.
 
-    .venv/bin/python loadtests/grpc_vs_http.py [--concurrency 1 16 64] [--rounds 2]
+    .venv/bin/python benchmarks/grpc_vs_http.py [--concurrency 1 16 64] [--rounds 2]
 
 Starts `lmserve serve` (bundled model, its default dtype, no embeddings, `--no-safety`: the filter's own
-cost is loadtests/safety_stream.py's) on loopback with both transports, then, in this client process,
+cost is benchmarks/safety_stream.py's) on loopback with both transports, then, in this client process,
 runs the same load over each transport back to back, alternating which goes first each round: random
 prompts of --input-len token ids (fresh ones per run, so no run finds another's in the prefix cache),
 --output-len tokens each (ignore_eos), `--requests-per-user` requests per concurrent user, after an
@@ -20,21 +20,16 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "loadtests"))
-
-from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
-from lmserve.api.proto import lmserve_pb2 as pb  # noqa: E402
-from lmserve.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
+from benchkit.cli import add_concurrency, add_lengths, add_rounds
+from benchkit.server import ServerCommand, exit_on_sigterm, free_port, lmserve_command, serving
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
 
 
 @dataclass
@@ -162,14 +157,6 @@ async def tokenize_rate(transport: str, port: int, concurrency: int, duration_s:
         return count / (time.perf_counter() - start)
 
 
-def start_server(http_port: int, grpc_port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "lmserve", "serve", "--embedding-model", "none", "--port", str(http_port),
-           "--grpc-port", str(grpc_port), "--log-level", "warning", "--no-safety", *extra]
-    proc = launch(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
-    wait_ready(proc, f"http://127.0.0.1:{http_port}/readyz", 300, "the server")
-    return proc
-
-
 async def main_async(args: argparse.Namespace, http_port: int, grpc_port: int) -> None:
     ports = {"http": http_port, "grpc": grpc_port}
     results: dict[tuple[str, int], list[Result]] = {}
@@ -224,21 +211,23 @@ async def main_async(args: argparse.Namespace, http_port: int, grpc_port: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_concurrency(parser, [1, 16, 64])
     parser.add_argument("--requests-per-user", type=int, default=2)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds alternate which transport goes first")
+    add_lengths(parser)
+    add_rounds(parser, 2, help="rounds alternate which transport goes first")
     parser.add_argument("--tokenize-concurrency", type=int, default=16)
     parser.add_argument("--tokenize-seconds", type=float, default=5.0)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `lmserve serve` flag (repeatable)")
     args = parser.parse_args()
-    http_port, grpc_port = free_port(), free_port()
-    proc = start_server(http_port, grpc_port, args.server_arg)
-    try:
-        asyncio.run(main_async(args, http_port, grpc_port))
-    finally:
-        stop(proc, grace_s=30)
+    exit_on_sigterm()
+    grpc_port = free_port()
+
+    def command(port: int) -> ServerCommand:
+        return lmserve_command(port, "--no-safety", *args.server_arg, grpc_port=grpc_port)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with serving("the server", command, env=env, grace_s=30) as server:
+        asyncio.run(main_async(args, server.port, grpc_port))
 
 
 if __name__ == "__main__":

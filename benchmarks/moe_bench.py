@@ -1,6 +1,6 @@
 """Mixture-of-experts throughput against a dense model of the same active parameter count, on the engine.
 
-    .venv/bin/python loadtests/moe_bench.py --concurrency 16 --dtype bfloat16
+    .venv/bin/python benchmarks/moe_bench.py --concurrency 16 --dtype bfloat16
 
 Builds three random-weight checkpoints of one shape (hidden, layers, heads, vocabulary): Mixtral and
 Qwen3-MoE with `--experts` experts of `--expert-size` intermediate width, `--top-k` of them per token, and
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from loadtests.throughput import engine_run, random_prompts
+from benchkit.cli import add_concurrency, add_dtype, add_lengths
+from benchkit.engine_load import engine_run, random_prompts
 from lmserve.checkpoints import resolve_model
 from lmserve.config import EngineConfig, default_cache_dir
 from lmserve.engine.engine import NativeEngine
@@ -67,17 +68,16 @@ def active_params(config: transformers.PretrainedConfig) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, default=16)
+    add_concurrency(parser, 16)
     parser.add_argument("--num-requests", type=int, default=0)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
+    add_lengths(parser, output_len=64)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--expert-size", type=int, default=1024)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    add_dtype(parser, "bfloat16", allow_auto=False)
     args = parser.parse_args()
     num_requests = args.num_requests or 2 * args.concurrency
     tokenizer_dir = resolve_model("smollm2-135m-instruct", default_cache_dir()).path

@@ -1,6 +1,6 @@
 """Streamed chat with the default safety policy against `--no-safety`, in one run on one machine.
 
-    .venv/bin/python loadtests/safety_stream.py [--concurrency 1 16] [--rounds 2] [--max-tokens 128]
+    .venv/bin/python benchmarks/safety_stream.py [--concurrency 1 16] [--rounds 2] [--max-tokens 128]
 
 Starts `lmserve serve` on the bundled model twice (the default policy and `--no-safety`; `--policy` adds a
 third), keeps them up together, and in each round streams the same chat questions through each in turn
@@ -19,18 +19,14 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "loadtests"))
-
-from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
+from benchkit.cli import add_concurrency, add_rounds
+from benchkit.server import Server, exit_on_sigterm, lmserve_command, start_server
 
 QUESTIONS = (
     "Explain how a rainbow forms.", "What makes bread rise?", "Describe a walk in the park.",
@@ -125,30 +121,31 @@ def _label(mode: str) -> str:
     return mode if mode in ("default", "off") else Path(mode).stem[:9]
 
 
-def start(mode: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "lmserve", "serve", "--embedding-model", "none", "--port", str(port),
-           "--grpc-port", "0", "--log-level", "warning"]
+def start(mode: str) -> Server:
+    """A server with the default policy, without the filter (`off`), or with the policy file `mode`; warmed up."""
+    flags: list[str] = []
     if mode == "off":
-        cmd.append("--no-safety")
+        flags.append("--no-safety")
     elif mode != "default":
-        cmd += ["--safety-policy", mode]
-    proc = launch(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
-    wait_ready(proc, f"http://127.0.0.1:{port}/readyz", 300, f"the server ({mode})")
-    asyncio.run(run_load(port, 2, 2, 8))  # warm-up
-    return proc, port
+        flags += ["--safety-policy", mode]
+    server = start_server(
+        f"the server ({mode})", lambda port: lmserve_command(port, *flags), env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    asyncio.run(run_load(server.port, 2, 2, 8))  # warm-up
+    return server
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    add_concurrency(parser, [1, 16])
     parser.add_argument("--requests", type=int, default=12, help="streams per load (at least 2 per user)")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=4)
+    add_rounds(parser, 4)
     parser.add_argument("--policy", type=Path, default=None, help="a third server with this policy file")
     args = parser.parse_args()
+    exit_on_sigterm()
     modes = ["default", "off"] + ([str(args.policy)] if args.policy is not None else [])
-    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    servers: dict[str, Server] = {}
     runs: dict[tuple[str, int], list[Load]] = {}
     try:
         for mode in modes:
@@ -159,7 +156,7 @@ def main() -> None:
                 order = modes if round_index % 2 == 0 else modes[::-1]
                 for mode in order:
                     requests = max(args.requests, concurrency * 2)
-                    load = asyncio.run(run_load(servers[mode][1], concurrency, requests, args.max_tokens))
+                    load = asyncio.run(run_load(servers[mode].port, concurrency, requests, args.max_tokens))
                     runs.setdefault((mode, concurrency), []).append(load)
                     print(
                         f"round {round_index} {_label(mode):9s} c={concurrency:<3d} first text "
@@ -168,8 +165,8 @@ def main() -> None:
                         flush=True,
                     )
     finally:
-        for proc, _ in servers.values():
-            stop(proc)
+        for server in servers.values():
+            server.stop()
     print(f"\n{'c':>3} {'policy':<9} {'first text ms':>13} {'chars/chunk':>11} {'tok/s':>7}  (medians over rounds)")
     for concurrency in args.concurrency:
         for mode in modes:

@@ -2,7 +2,7 @@
  * blocks of 32 values, from L1, one thread, with parts of the loop left out. Each line: nanoseconds per
  * (row, column, block), i.e. per 32 multiply-adds, and the multiply-adds per second that rate gives.
  *
- *     gcc -O3 -march=native loadtests/int8_ops_bench.c -o /tmp/int8_ops_bench && /tmp/int8_ops_bench
+ *     make bench-c, or: gcc -O3 -march=native benchmarks/c/int8_ops_bench.c -o /tmp/int8_ops_bench && /tmp/int8_ops_bench
  *
  * full: vpsignb + vpmaddubsw + vpmaddwd + vcvtdq2ps + vfmadd, as qgemm.c; the others drop the sign, the
  * float scaling, or keep the multiplies alone. On the 2-core Zen 3 VM (2.45 GHz as it reports) the full loop

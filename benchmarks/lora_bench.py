@@ -10,7 +10,7 @@ Servers, started one after another and benchmarked one at a time, their order ro
 - vllm-base:  vLLM's CPU build (`make vllm-venv`), bf16, requests to the base;
 - vllm-lora:  vLLM with `--enable-lora --lora-modules ... --max-loras N --max-lora-rank R`, the same spread.
 
-    .venv/bin/python loadtests/lora_bench.py --model DIR [--adapters 8] [--rank 16] [--targets all-linear]
+    .venv/bin/python benchmarks/lora_bench.py --model DIR [--adapters 8] [--rank 16] [--targets all-linear]
         [--concurrency 16 64] [--rounds 1] [--servers base lora vllm-base vllm-lora] [--prompts-factor 4]
         [--json out.json]
 
@@ -22,16 +22,16 @@ ratios lora / base and vllm-lora / vllm-base (each engine's cost of serving adap
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_engine_bench import Point, Running, report, run_bench, run_rounds, start_server  # noqa: E402
+from benchkit.cli import add_concurrency, add_json_output, add_log_dir, add_model_folder, add_rounds
+from benchkit.server import Server, ServerCommand, exit_on_sigterm, lmserve_command
+from benchkit.side_by_side import (
+    Point, add_vllm_venv, report, require_vllm, run_bench, run_rounds, start, vllm_bench_command, vllm_cpu_env,
+)  # fmt: skip
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("base", "lora", "vllm-base", "vllm-lora")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -57,35 +57,20 @@ def make_adapters(model: Path, dest: Path, count: int, rank: int, targets: list[
     return adapters
 
 
-def _argv(server: str, model: Path, port: int, adapters: dict[str, Path], rank: int, vllm_venv: Path) -> tuple[list[str], str]:
+def command(
+    server: str, model: Path, port: int, adapters: dict[str, Path], rank: int, vllm_venv: Path
+) -> ServerCommand:
     modules = [f"{name}={path}" for name, path in adapters.items()]
     if server.startswith("vllm"):
         lora = []
         if server == "vllm-lora":
             lora = ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank), "--lora-modules", *modules]
-        return [
+        return ServerCommand([
             str(vllm_venv / "bin" / "vllm"), "serve", str(model), "--served-model-name", "peer", "--host", "127.0.0.1",
             "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048", *lora,
-        ], "/health"  # fmt: skip
+        ], "/health")  # fmt: skip
     lora = ["--lora-modules", *modules, "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank)] if server == "lora" else []
-    return [
-        sys.executable, "-m", "lmserve", "serve", "--model", str(model), "--embedding-model", "none", "--no-safety",
-        "--port", str(port), "--grpc-port", "0", "--log-level", "warning", *lora,
-    ], "/readyz"  # fmt: skip
-
-
-def bench(
-    running: Running, model: Path, concurrency: int, num_prompts: int, adapters: list[str], round_index: int,
-    vllm_venv: Path, env: dict[str, str], log_dir: Path,
-) -> Point:  # fmt: skip
-    spread = ["--lora-modules", *adapters, "--lora-assignment", "round-robin"] if running.name.endswith("lora") else []
-    command = [
-        str(vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", running.base_url,
-        "--model", running.model, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "128",
-        "--random-output-len", "128", "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-        "--ignore-eos", "--seed", "0", *spread,
-    ]  # fmt: skip
-    return run_bench(command, running, concurrency, num_prompts, round_index, env, log_dir)
+    return lmserve_command(port, "--model", str(model), "--no-safety", *lora)
 
 
 def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> str:
@@ -107,35 +92,39 @@ def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
+    add_model_folder(parser)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="all-linear", help="all-linear, or comma-separated module names (q_proj,v_proj)")
     parser.add_argument("--adapters-dir", type=Path, default=Path("/tmp/lora_bench/adapters"))
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    add_rounds(parser, 1)
+    add_concurrency(parser, [16, 64])
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
-    parser.add_argument("--vllm-venv", type=Path, default=REPO_ROOT / ".vllm-venv", help="`make vllm-venv`'s")
+    add_vllm_venv(parser)
     parser.add_argument("--prompts-factor", type=int, default=4, help="prompts per point: this x the concurrency")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/lora_bench"))
+    add_json_output(parser)
+    add_log_dir(parser, Path("/tmp/lora_bench"))
     args = parser.parse_args()
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # unwind through finally: stop servers
-    if not (args.vllm_venv / "bin" / "vllm").exists():
-        parser.error(f"no vLLM in {args.vllm_venv} (make vllm-venv): its `vllm bench serve` is the load generator")
+    exit_on_sigterm()
+    require_vllm(parser, args.vllm_venv)
     targets = ALL_LINEAR if args.targets == "all-linear" else args.targets.split(",")
     folder = args.adapters_dir / f"r{args.rank}-{'-'.join(targets)}"
     adapters = make_adapters(args.model, folder, args.adapters, args.rank, targets)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
-    env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    env = vllm_cpu_env()
 
-    def start_one(name: str) -> Running:
-        return start_server(name, lambda port: _argv(name, args.model, port, adapters, args.rank, args.vllm_venv), env, args.log_dir)
+    def start_one(name: str) -> Server:
+        return start(
+            name, lambda port: command(name, args.model, port, adapters, args.rank, args.vllm_venv), env, args.log_dir
+        )
 
-    def point(running: Running, concurrency: int, round_index: int) -> Point:
+    def point(server: Server, concurrency: int, round_index: int) -> Point:
         num_prompts = args.prompts_factor * concurrency
-        return bench(running, args.model, concurrency, num_prompts, list(adapters), round_index, args.vllm_venv, env, args.log_dir)
+        spread = []  # on the servers with adapters, the requests go to each adapter in turn
+        if server.name.endswith("lora"):
+            spread = ["--lora-modules", *adapters, "--lora-assignment", "round-robin"]
+        argv = vllm_bench_command(args.vllm_venv, server, args.model, concurrency, num_prompts, *spread)
+        return run_bench(argv, server, concurrency, num_prompts, round_index, env, args.log_dir)
 
     points = run_rounds(args.servers, start_one, point, args.rounds, args.concurrency)
     print(f"{len(adapters)} adapters of rank {args.rank} on {', '.join(targets)}")

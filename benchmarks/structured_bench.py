@@ -1,7 +1,7 @@
 """Structured outputs: engine throughput with every request constrained by a JSON schema, against the same
 engine unconstrained in the same run; and per-schema compile time.
 
-    .venv/bin/python loadtests/structured_bench.py --concurrency 16 --num-requests 32 --rounds 2
+    .venv/bin/python benchmarks/structured_bench.py --concurrency 16 --num-requests 32 --rounds 2
 
 Throughput: `--num-requests` chat requests ("Describe a customer as JSON."), `--concurrency` in flight
 (closed loop), temperature 1, the same seeds every round. Constrained requests follow MID_SCHEMA (a
@@ -26,6 +26,7 @@ import random
 import statistics
 import time
 
+from benchkit.cli import add_concurrency, add_dtype, add_model, add_rounds
 from lmserve.checkpoints import resolve_model
 from lmserve.config import EngineConfig, default_cache_dir
 from lmserve.engine.engine import NativeEngine
@@ -165,11 +166,11 @@ def compile_times(compiler: GrammarCompiler, num_schemas: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--concurrency", type=int, default=16)
+    add_model(p)
+    add_dtype(p, "auto")
+    add_concurrency(p, 16)
     p.add_argument("--num-requests", type=int, default=48, help="per mode and round")
-    p.add_argument("--rounds", type=int, default=2)
+    add_rounds(p, 2)
     p.add_argument("--max-tokens", type=int, default=400, help="constrained requests' cap (the schema bounds them)")
     p.add_argument("--num-schemas", type=int, default=200)
     args = p.parse_args()

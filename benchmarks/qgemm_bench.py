@@ -1,7 +1,7 @@
 """qgemm.c (`--quantization int8`) alone against oneDNN's float32 matmul, on SmolLM2-135M's projection shapes;
 with --bf16, qgemm_vnni.c (int8 under bf16 activations, AVX-512 VNNI and BF16 CPUs) against gemm.c's bf16.
 
-    PYTHONPATH=. .venv/bin/python loadtests/qgemm_bench.py [--rows 1 16 64] [--layers 30] [--repeats 5] [--bf16]
+    .venv/bin/python benchmarks/qgemm_bench.py [--rows 1 16 64] [--layers 30] [--repeats 5] [--bf16]
 
 For each row count and shape (qkv, o, gate_up, down): the median time of one pass over --layers distinct
 weights (so that the weights come from memory, as in a decode step, not from the cache) with
@@ -17,10 +17,9 @@ import argparse
 
 import torch
 
+from benchkit.kernel_timing import HEAD, SHAPES, median_time  # the same shapes and timing as kernel_bench.py's
 from lmserve.config import default_c_compiler, default_cache_dir
 from lmserve.engine.modeling import native_kernels
-
-from kernel_bench import HEAD, SHAPES, median_time  # the same shapes and timing as the bf16 kernels' bench
 
 
 def bf16_table(rows_list: list[int], layers: int, repeats: int) -> None:

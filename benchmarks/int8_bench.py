@@ -11,7 +11,7 @@ drift falls on all alike:
 - vllm: vLLM's CPU build (`make vllm-venv`), bf16, a 4 GiB KV space, one core for its engine as it defaults
   (--vllm-both-cores: VLLM_CPU_OMP_THREADS_BIND=0-1).
 
-    .venv/bin/python loadtests/int8_bench.py --model DIR [--rounds 1] [--concurrency 1 16 64]
+    .venv/bin/python benchmarks/int8_bench.py --model DIR [--rounds 1] [--concurrency 1 16 64]
         [--servers bf16 int8 vllm] [--vllm-venv .vllm-venv] [--json results.json]
 
 DIR: `lmserve export smollm2-135m-instruct DIR`. The load generator is `vllm bench serve` from --vllm-venv
@@ -22,49 +22,27 @@ int8 / vLLM per concurrency (the mean of the rounds).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_engine_bench import Point, Running, report, run_bench, run_rounds, start_server  # noqa: E402
+from benchkit.cli import add_concurrency, add_json_output, add_log_dir, add_model_folder, add_rounds
+from benchkit.server import Server, ServerCommand, exit_on_sigterm, lmserve_command
+from benchkit.side_by_side import (
+    Point, add_vllm_venv, report, require_vllm, run_bench, run_rounds, start, vllm_bench_command, vllm_cpu_env,
+)  # fmt: skip
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("bf16", "int8", "vllm")
 
 
-def _argv(server: str, model: Path, port: int, vllm_venv: Path) -> tuple[list[str], str]:
-    """The server's command line and the path that answers 200 once it serves."""
+def command(server: str, model: Path, port: int, vllm_venv: Path) -> ServerCommand:
     if server == "vllm":
-        return [
+        return ServerCommand([
             str(vllm_venv / "bin" / "vllm"), "serve", str(model), "--served-model-name", "peer", "--host", "127.0.0.1",
             "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
-        ], "/health"  # fmt: skip
+        ], "/health")  # fmt: skip
     quantization = ["--quantization", "int8"] if server == "int8" else []
-    return [
-        sys.executable, "-m", "lmserve", "serve", "--model", str(model), *quantization, "--embedding-model", "none",
-        "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
-    ], "/readyz"  # fmt: skip
-
-
-def start(server: str, model: Path, vllm_venv: Path, env: dict[str, str], log_dir: Path) -> Running:
-    return start_server(server, lambda port: _argv(server, model, port, vllm_venv), env, log_dir)
-
-
-def bench(
-    running: Running, model: Path, concurrency: int, num_prompts: int, round_index: int, vllm_venv: Path,
-    env: dict[str, str], log_dir: Path,
-) -> Point:
-    """One `vllm bench serve` run: random 128-token prompts, 128 tokens out, ignore_eos, seed 0."""
-    command = [
-        str(vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", running.base_url,
-        "--model", running.model, "--tokenizer", str(model), "--dataset-name", "random", "--random-input-len", "128",
-        "--random-output-len", "128", "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-        "--ignore-eos", "--seed", "0",
-    ]  # fmt: skip
-    return run_bench(command, running, concurrency, num_prompts, round_index, env, log_dir)
+    return lmserve_command(port, "--model", str(model), *quantization, "--no-safety")
 
 
 def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> str:
@@ -89,31 +67,30 @@ def table(points: list[Point], concurrencies: list[int], servers: list[str]) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    add_model_folder(parser)
+    add_rounds(parser, 1)
+    add_concurrency(parser, [1, 16, 64])
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--vllm-both-cores", action="store_true")
-    parser.add_argument("--vllm-venv", type=Path, default=REPO_ROOT / ".vllm-venv", help="`make vllm-venv`'s")
+    add_vllm_venv(parser)
     parser.add_argument("--prompts", type=int, default=0, help="prompts per point (0: 8 at concurrency 1, else 4 x it)")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/int8_bench"))
+    add_json_output(parser)
+    add_log_dir(parser, Path("/tmp/int8_bench"))
     args = parser.parse_args()
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # unwind through finally: stop servers
-    if not (args.vllm_venv / "bin" / "vllm").exists():
-        parser.error(f"no vLLM in {args.vllm_venv} (make vllm-venv): its `vllm bench serve` is the load generator")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
-    env.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as vllm_engine_bench.py: torch.compile's own cache works
+    exit_on_sigterm()
+    require_vllm(parser, args.vllm_venv)
+    env = vllm_cpu_env()
     if args.vllm_both_cores:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
 
-    def point(running: Running, concurrency: int, round_index: int) -> Point:
+    def point(server: Server, concurrency: int, round_index: int) -> Point:
         num_prompts = args.prompts or (8 if concurrency == 1 else 4 * concurrency)
-        return bench(running, args.model, concurrency, num_prompts, round_index, args.vllm_venv, env, args.log_dir)
+        argv = vllm_bench_command(args.vllm_venv, server, args.model, concurrency, num_prompts)
+        return run_bench(argv, server, concurrency, num_prompts, round_index, env, args.log_dir)
 
-    def start_one(name: str) -> Running:
-        return start(name, args.model, args.vllm_venv, env, args.log_dir)
+    def start_one(name: str) -> Server:
+        return start(name, lambda port: command(name, args.model, port, args.vllm_venv), env, args.log_dir)
 
     points = run_rounds(args.servers, start_one, point, args.rounds, args.concurrency)
     return report(points, table(points, args.concurrency, args.servers), args.json)

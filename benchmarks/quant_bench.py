@@ -1,6 +1,6 @@
 """Time per output token of `lmserve serve --quantization int8` against the float paths, in one run.
 
-    .venv/bin/python loadtests/quant_bench.py [--model smollm2-135m-instruct] [--requests 8] [--rounds 2]
+    .venv/bin/python benchmarks/quant_bench.py [--model smollm2-135m-instruct] [--requests 8] [--rounds 2]
         [--input-len 128] [--output-len 128] [--configs none:auto none:float32 int8:float32] [--json out.json]
 
 Each configuration (QUANTIZATION:DTYPE[:ENGINE_THREADS], or `llamacpp`: llama.cpp's llama-server on the same model's GGUF file
@@ -28,10 +28,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lmload.servers import free_port, launch, stop, wait_ready  # noqa: E402
+from benchkit.cli import add_json_output, add_lengths, add_model, add_rounds
+from benchkit.server import ServerCommand, exit_on_sigterm, lmserve_command, serving
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 600.0
 REQUEST_TIMEOUT_S = 600.0
 
@@ -78,52 +77,47 @@ def one_request(client: httpx.Client, model: str, prompt: list[int], output_len:
     return first - start, (last - first) / max(num_tokens - 1, 1)
 
 
+def command(config: str, model: str, port: int, llama_server: Path | None) -> ServerCommand:
+    if config == "llamacpp":  # llama.cpp's own server on the GGUF file, at its own precision (one slot)
+        assert llama_server is not None, "--llama-server is needed for the llamacpp configuration"
+        return ServerCommand([
+            str(llama_server), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(os.cpu_count() or 1),
+            "-np", "1", "-c", "4096",
+        ], "/health")  # fmt: skip
+    quantization, dtype, *threads = config.split(":")
+    return lmserve_command(
+        port, "--model", model, "--quantization", quantization, "--dtype", dtype, "--no-safety",
+        *(["--num-threads", threads[0]] if threads else []),
+    )  # fmt: skip
+
+
 def measure(
     config: str, model: str, requests: list[list[int]], output_len: int, round_index: int, log_dir: Path,
     llama_server: Path | None = None,
 ) -> Point:
-    port = free_port()
-    if config == "llamacpp":  # llama.cpp's own server on the GGUF file, at its own precision (one slot)
-        assert llama_server is not None, "--llama-server is needed for the llamacpp configuration"
-        argv = [str(llama_server), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(os.cpu_count() or 1),
-                "-np", "1", "-c", "4096"]  # fmt: skip
-        ready = "/health"
-    else:
-        quantization, dtype, *threads = config.split(":")
-        argv = [
-            sys.executable, "-m", "lmserve", "serve", "--model", model, "--quantization", quantization, "--dtype", dtype,
-            "--embedding-model", "none", "--no-safety", "--port", str(port), "--grpc-port", "0", "--log-level", "warning",
-            *(["--num-threads", threads[0]] if threads else []),
-        ]  # fmt: skip
-        ready = "/readyz"
-    process = launch(argv, log_dir / f"{config.replace(':', '-')}.log", cwd=REPO_ROOT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(process, base + ready, START_TIMEOUT_S, config)
-        with httpx.Client(base_url=base) as client:
-            model_id = client.get("/v1/models").json()["data"][0]["id"]
-            one_request(client, model_id, requests[0][:8], 4)  # warm-up, not counted
-            times = [one_request(client, model_id, p, output_len) for p in requests]
-    finally:
-        stop(process)
+    log_path = log_dir / f"{config.replace(':', '-')}.log"
+    with serving(config, lambda port: command(config, model, port, llama_server), log_path=log_path,
+                 timeout_s=START_TIMEOUT_S) as server, httpx.Client(base_url=server.base_url) as client:  # fmt: skip
+        one_request(client, server.model, requests[0][:8], 4)  # warm-up, not counted
+        times = [one_request(client, server.model, p, output_len) for p in requests]
     ttfts, tpots = zip(*times)
     return Point(config, round_index, len(times), 1000 * statistics.median(ttfts), 1000 * statistics.median(tpots))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    add_model(p)
     p.add_argument("--requests", type=int, default=8, help="measured requests per configuration and round")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    add_rounds(p, 2)
+    add_lengths(p)
     p.add_argument("--configs", nargs="+", default=["none:auto", "none:float32", "int8:float32"])
-    p.add_argument("--json", type=Path, default=None)
+    add_json_output(p)
     p.add_argument("--llama-server", type=Path, default=None,
                    help="llama.cpp's llama-server (../shared/peers/llamacpp.sh setup); with the configuration "
                    "`llamacpp`, it serves --gguf")  # fmt: skip
     p.add_argument("--gguf", type=Path, default=None, help="the GGUF file llama-server serves (default: the bundled model's)")
     args = p.parse_args(argv)
+    exit_on_sigterm()
     if args.output_len < 2:
         p.error("--output-len must be at least 2 (TPOT is measured between tokens)")
 

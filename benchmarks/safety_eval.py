@@ -1,6 +1,6 @@
 """Precision and recall of the safety filter per category on the labelled set (tests/safety/labelled_set.py).
 
-    .venv/bin/python loadtests/safety_eval.py [--policy tests/safety/eval_policy.yaml] [--show-errors]
+    .venv/bin/python benchmarks/safety_eval.py [--policy tests/safety/eval_policy.yaml] [--show-errors]
 
 Each input example goes through `check_input`, each output example through an output guard (in its
 chunks, when it has them); a category counts as found when the filter made any decision in it (block,
@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchkit.repo import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))  # the labelled set and its scoring live in tests/safety
 
 from lmserve.safety import SafetyFilter  # noqa: E402
 from tests.safety.evaluation import evaluate, score  # noqa: E402

@@ -1,6 +1,6 @@
 """Embedder throughput vs plain transformers batches of 32, on this machine.
 
-    .venv/bin/python loadtests/embeddings_bench.py [--sentences 512] [--max-batch-tokens 8192] [--model-dir DIR]
+    .venv/bin/python benchmarks/embeddings_bench.py [--sentences 512] [--max-batch-tokens 8192] [--model-dir DIR]
 
 Each of N sentences is sent as its own concurrent `embed` call (many clients, one sentence each);
 the baseline embeds the same sentences in arrival order, 32 at a time, padded to the longest of
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
