@@ -93,7 +93,7 @@ async def http_stream(client: aiohttp.ClientSession, prompt: list[int], output_l
 def http_session(port: int, concurrency: int) -> aiohttp.ClientSession:
     """aiohttp, as `vllm bench serve` uses: its C parser costs the client about what grpc's C core does;
     httpx's pure-Python one cost this client more CPU than the server spent per call, which made the
-    HTTP figures the client's (2026-12-07, README "gRPC against HTTP")."""
+    HTTP figures the client's (2026-12-07, docs/benchmarks/transports.md)."""
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
     return aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector,
                                  timeout=aiohttp.ClientTimeout(total=600))
@@ -163,7 +163,7 @@ async def main_async(args: argparse.Namespace, http_port: int, grpc_port: int) -
     # Warm-up, untimed: one pass at the highest concurrency over each transport. The server's first batches
     # of a size (allocator growth, thread pools, first kernels at that shape) cost far more than later
     # ones, and without this the transport measured first pays it: with --rounds 1 that was always HTTP,
-    # which alone made HTTP look 0.7x of gRPC at 64 (2026-12-07, README "gRPC against HTTP").
+    # which alone made HTTP look 0.7x of gRPC at 64 (2026-12-07, docs/benchmarks/transports.md).
     top = max(args.concurrency)
     for transport in ("http", "grpc"):
         await run_streams(transport, ports[transport], top, _prompts(top, args.input_len, 99), args.output_len)

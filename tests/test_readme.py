@@ -19,7 +19,7 @@ MAX_README_LINES = 300
 # The only readers of LMSERVE_* variables (service/lmserve/cli_args.py gets the environment passed in).
 CONFIG_LAYER = [REPO_ROOT / "service" / "lmserve" / "cli.py", REPO_ROOT / "service" / "lmserve" / "config.py"]
 # Top-level folders of this repository: a backticked path starting with one of them must exist.
-REPO_DIRS = ("service", "tests", "loadtests", "deploy", "protos", "docs")
+REPO_DIRS = ("service", "tests", "loadtests", "benchmarks", "deploy", "protos", "docs")
 
 
 def help_flags(command: str) -> list[str]:
@@ -50,7 +50,7 @@ def test_every_variable_the_config_reads_is_in_the_configuration_page() -> None:
 def test_docs_name_no_variable_that_nothing_reads(doc: Path) -> None:
     documented = set(re.findall(r"`(LMSERVE_[A-Z0-9_]+)`", doc.read_text()))
     readers = "\n".join(p.read_text() for p in (REPO_ROOT / "service").rglob("*.py"))
-    readers += "\n".join(p.read_text() for p in (REPO_ROOT / "loadtests").rglob("*.py"))
+    readers += "\n".join(p.read_text() for d in ("loadtests", "benchmarks") for p in (REPO_ROOT / d).rglob("*.py"))
     unread = sorted(var for var in documented if var not in readers)
     assert not unread, f"{doc.name} documents variables no code reads: {unread}"
 

@@ -5,7 +5,7 @@ nothing else sets them. Applied in two named steps at fixed times, because their
 - `set_thread_count`, before loading: loading (conversion, packing the weights) already runs on torch's
   threads, and a container's CPU limit is not what torch sees (it counts the node's cores).
 - `prepare_to_serve`, after loading and before the engine thread's first step (NativeEngine.start;
-  loadtests/profile_step.py): the tuning that the step loop needs and that must not see the loading.
+  benchmarks/profile_step.py): the tuning that the step loop needs and that must not see the loading.
 
 The environment variables that libraries read at import (Hugging Face's offline mode and progress bars,
 vLLM's usage report) are set by the CLI, the edge, before anything imports them (service/lmserve/cli.py).
@@ -40,7 +40,7 @@ def keep_freed_memory() -> None:
     than hand it back to the system. Each decode step frees and reallocates the same large buffers
     (logits in bf16 and float32, the sampler's probabilities and their cumulative sums); by default each
     comes from a fresh mmap, and its first-touch page faults cost more than the arithmetic on it
-    (sampling 16 rows: 21 -> 2 ms a step, loadtests/profile_step.py). A no-op off glibc."""
+    (sampling 16 rows: 21 -> 2 ms a step, benchmarks/profile_step.py). A no-op off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum on 64-bit)
@@ -52,7 +52,7 @@ def keep_freed_memory() -> None:
 def prepare_to_serve() -> None:
     """Once, after loading and before the engine thread's first step (NativeEngine.start; profile_step)."""
     # Loading ran on this thread and left it an OpenMP thread pool; while that pool exists, every parallel
-    # region the engine thread opens costs 2-4x more (libgomp, measured with loadtests/profile_step.py
+    # region the engine thread opens costs 2-4x more (libgomp, measured with benchmarks/profile_step.py
     # --thread). Release it: the engine thread then owns the only pool.
     release_openmp_pool()
     keep_freed_memory()

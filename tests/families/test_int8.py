@@ -5,7 +5,7 @@ whichever forward path the family takes, and its last hidden state stays correla
 runner's. Loosely: these tiny random models attend almost one-hot, so int8's ~1% per projection can grow to
 tens of percent after two layers (the same for Llama's shape, and for qgemm.c), where a wrong layout, scale or
 path gives an unrelated state (a relative error near 1.4). Quantization's quality is measured on the bundled
-model (loadtests/perplexity.py, tests/test_quantization.py)."""
+model (benchmarks/perplexity.py, tests/test_quantization.py)."""
 
 from __future__ import annotations
 

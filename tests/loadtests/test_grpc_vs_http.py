@@ -1,4 +1,4 @@
-"""benchmarks/grpc_vs_http.py run whole at a tiny size, so the benchmark behind the README's transport
+"""benchmarks/grpc_vs_http.py run whole at a tiny size, so the benchmark behind docs/benchmarks/transports.md's transport
 figures keeps working: its server, the warm-up, both transports' streams and Tokenize, the table."""
 
 from __future__ import annotations

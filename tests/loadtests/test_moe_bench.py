@@ -1,4 +1,4 @@
-"""benchmarks/moe_bench.py run whole at a tiny size, so the benchmark behind the README's mixture-of-experts
+"""benchmarks/moe_bench.py run whole at a tiny size, so the benchmark behind docs/benchmarks/families.md's mixture-of-experts
 figures keeps working: the three checkpoints, their engines, the ratios."""
 
 from __future__ import annotations

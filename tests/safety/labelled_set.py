@@ -1,6 +1,6 @@
 """The labelled set: harmful and clean examples per category, with the hard cases (numbers failing Luhn,
 an email inside code, patterns split across stream chunks, figurative violence, security questions that
-are not attacks). Evaluated under eval_policy.yaml by test_labelled_set.py and loadtests/safety_eval.py.
+are not attacks). Evaluated under eval_policy.yaml by test_labelled_set.py and benchmarks/safety_eval.py.
 
 `expected` is the set of categories the filter should decide on (any action); empty means clean.
 Output examples with `chunks` are fed to an output guard in exactly those pieces.

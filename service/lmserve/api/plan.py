@@ -111,6 +111,14 @@ class GenerationParams:
     timeout_param: str = "timeout"
 
 
+# GenerationParams fields that both wires carry under the same name, optional, and pass on as sent
+# (HTTP: the body's attribute; gRPC: the message's `optional` field, None when unset).
+CLIENT_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+    "speculative_tokens",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class GenerationPlan:
     """What one API request submits: len(prompts) * n engine requests; requests[i] is choice i."""

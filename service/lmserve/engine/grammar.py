@@ -7,7 +7,7 @@
     apply_bitmask(logits, rows, bitmask)         # disallowed tokens' logits -> -inf, only in `rows`
     matcher.accept(token_id)               # advance; matcher.is_finished once nothing but EOS may follow
 
-Why llguidance (measured on SmolLM2's 49k vocabulary, this repo's 2-core machine; see the README): a
+Why llguidance (measured on SmolLM2's 49k vocabulary, this repo's 2-core machine; docs/benchmarks/structured-outputs.md): a
 mid-sized schema with bounded strings compiles in ~8 ms (xgrammar 0.2.8: ~6.5 s, as it unrolls every
 maxLength), its masks take tens of microseconds a token, it has no dependencies, it drops the GIL (so masks
 are computed while the forward runs), and it refuses the JSON-schema keywords it cannot enforce (a clear

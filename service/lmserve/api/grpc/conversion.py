@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 from lmserve.api.account import Usage
 from lmserve.api.errors import APIError
 from lmserve.api.generation_call import ChatInput, CompletionInput
-from lmserve.api.plan import GenerationParams, chat_logprobs
+from lmserve.api.plan import CLIENT_FIELDS, GenerationParams, chat_logprobs
 from lmserve.api.presentation import PresentedChoice
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.structured import ResponseFormatInput, StructuredOutputsInput, json_object, resolve_structured
@@ -39,17 +39,10 @@ def _generation_params(
     n = opt(req, "n")
     skip_special = opt(req, "skip_special_tokens")
     return GenerationParams(
+        **{name: opt(req, name) for name in CLIENT_FIELDS},
         max_tokens=opt(req, "max_tokens"),
         n=1 if n is None else n,
-        temperature=opt(req, "temperature"),
-        top_p=opt(req, "top_p"),
-        top_k=opt(req, "top_k"),
-        min_p=opt(req, "min_p"),
-        repetition_penalty=opt(req, "repetition_penalty"),
-        presence_penalty=opt(req, "presence_penalty"),
-        frequency_penalty=opt(req, "frequency_penalty"),
         logit_bias={str(k): v for k, v in req.logit_bias.items()} or None,
-        seed=opt(req, "seed"),
         stop=tuple(req.stop),
         stop_token_ids=tuple(req.stop_token_ids),
         min_tokens=req.min_tokens,
@@ -57,7 +50,6 @@ def _generation_params(
         logprobs=logprobs,
         skip_special_tokens=True if skip_special is None else skip_special,
         include_stop_str_in_output=req.include_stop_str_in_output,
-        speculative_tokens=opt(req, "speculative_tokens"),
         structured=_structured(req),
         default_max_tokens=default_max_tokens,
         max_logprobs=max_logprobs,

@@ -128,6 +128,27 @@ class _Call:
         self.grpc_status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         self.http_status = _HTTP_STATUS[self.grpc_status]
 
+    @contextlib.asynccontextmanager
+    async def scope(self, raw: bytes) -> AsyncIterator[tuple[Caller, Message]]:
+        """The RPC from its raw message to its end, whatever ends it: authenticated and parsed on entry;
+        on the way out its status set (OK, the error's, or the cancel's) and its access line written."""
+        try:
+            try:
+                caller, request = self.caller_and_request(raw)
+                _cancel_on_termination(self.context)
+                yield caller, request
+            except (asyncio.CancelledError, GeneratorExit):
+                # A cancel lands either in an await (CancelledError) or, when grpc was sending a stream's
+                # message, as the stream's generator being closed (GeneratorExit).
+                self.cancelled()
+                raise
+            except Exception as exc:
+                await self.fail(self.as_error(exc))
+                raise AssertionError("unreachable: abort raises") from exc
+            self.succeed(caller)
+        finally:
+            self.close()
+
     def close(self) -> None:
         outcome = RequestOutcome(
             "POST", self.method.path, self.method.path, self.http_status, self.grpc_status, self.metadata.get("traceparent")
@@ -175,47 +196,19 @@ def _cancel_on_termination(context: grpc.aio.ServicerContext) -> None:
 
 def _unary(state: AppState, method: Method) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
     async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        rpc = _Call(state, method, context)
-        try:
-            try:
-                caller, request = rpc.caller_and_request(raw)
-                _cancel_on_termination(context)
-                response = await method.handler(state, caller, request)
-            except asyncio.CancelledError:
-                rpc.cancelled()
-                raise
-            except Exception as exc:
-                await rpc.fail(rpc.as_error(exc))
-                raise AssertionError("unreachable: abort raises") from exc
-            rpc.succeed(caller)
-            return response
-        finally:
-            rpc.close()
+        async with _Call(state, method, context).scope(raw) as (caller, request):
+            return await method.handler(state, caller, request)
+        raise AssertionError("unreachable: the scope re-raises or returns")
 
     return behavior
 
 
 def _stream(state: AppState, method: Method) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Message]]:
     async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
-        rpc = _Call(state, method, context)
-        try:
-            try:
-                caller, request = rpc.caller_and_request(raw)
-                _cancel_on_termination(context)
-                async with contextlib.aclosing(method.handler(state, caller, request)) as messages:
-                    async for message in messages:
-                        yield message
-            except (asyncio.CancelledError, GeneratorExit):
-                # A cancel lands either in this generator's await (CancelledError) or, when grpc was
-                # sending, as the generator being closed (GeneratorExit).
-                rpc.cancelled()
-                raise
-            except Exception as exc:
-                await rpc.fail(rpc.as_error(exc))
-                raise AssertionError("unreachable: abort raises") from exc
-            rpc.succeed(caller)
-        finally:
-            rpc.close()
+        async with _Call(state, method, context).scope(raw) as (caller, request):
+            async with contextlib.aclosing(method.handler(state, caller, request)) as messages:
+                async for message in messages:
+                    yield message
 
     return behavior
 

@@ -199,22 +199,30 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class _ChoiceEnd(BaseModel):
+    """What every choice says of its end (None while it goes on)."""
+
     index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
 
-class CompletionResponse(BaseModel):
+class _ResponseHead(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(_ChoiceEnd):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(_ResponseHead):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: GenerationUsage | None = None
-    system_fingerprint: str | None = None
 
 
 # -- /v1/chat/completions -------------------------------------------------------------------------------
@@ -278,22 +286,15 @@ class ChatResponseMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_ChoiceEnd):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: GenerationUsage
-    system_fingerprint: str | None = None
 
 
 # -- /v1/embeddings ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from lmserve.api.errors import APIError
 from lmserve.api.http import schemas
 from lmserve.api.http.middleware import KEY_ID_SCOPE, access_record
 from lmserve.api.generation_call import ChatInput, CompletionInput
-from lmserve.api.plan import GenerationParams, chat_logprobs
+from lmserve.api.plan import CLIENT_FIELDS, GenerationParams, chat_logprobs
 from lmserve.api.structured import ResponseFormatInput, StructuredOutputsInput, resolve_structured
 
 _IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image", "image_file"})
@@ -45,17 +45,10 @@ def _generation_params(
 ) -> GenerationParams:
     timeout_s, timeout_param = _request_timeout(body, request)
     return GenerationParams(
+        **{name: getattr(body, name) for name in CLIENT_FIELDS},
         max_tokens=max_tokens,
         n=body.n,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
         logit_bias=body.logit_bias,
-        seed=body.seed,
         stop=_stop_tuple(body.stop),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         min_tokens=body.min_tokens,
@@ -63,7 +56,6 @@ def _generation_params(
         logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
-        speculative_tokens=body.speculative_tokens,
         structured=resolve_structured(_response_format(body.response_format), _structured_outputs(body.structured_outputs)),
         default_max_tokens=default_max_tokens,
         max_logprobs=max_logprobs,

@@ -9,7 +9,7 @@
  * With few rows the weights' bytes set the pace, and oneDNN's bf16 path streamed them here at about
  * half the rate the memory allows (16 of ~30 GB/s); with more rows the arithmetic does, and this
  * kernel keeps vdpbf16ps busy (~400 of the core pair's ~440 GFLOP/s from 16 rows up, oneDNN 250-370).
- * loadtests/kernel_bench.py measures both on this machine's shapes.
+ * benchmarks/kernel_bench.py measures both on this machine's shapes.
  *
  * W is packed once, at load (native_kernels.pack_weight): groups of 64 output columns, each group
  * [K/2][64][2], so one k-pair of a group is 256 contiguous bytes: four zmm loads whose 16 lanes each

@@ -8,7 +8,7 @@
  * |x|max / 127; round to nearest even), as llama.cpp's Q8_0 activations. Why blocks and not one scale per
  * row: a row's outliers (the residual stream's, after RMSNorm) set a per-row scale so coarse that the rest
  * of the row loses most of its bits; on SmolLM2-135M per-row scales raised perplexity 4.7%, blocks of 32
- * 0.5-0.9% (loadtests/perplexity.py; the int8 weights alone 0.3%). Within a block the products sum exactly in
+ * 0.5-0.9% (benchmarks/perplexity.py; the int8 weights alone 0.3%). Within a block the products sum exactly in
  * int32, then converted to float and accumulated with the block's scale; sw[n] multiplies the total, and
  * the bias, where there is one, is added to that (as torch's `y += bias` would).
  *

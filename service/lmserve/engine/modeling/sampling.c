@@ -10,7 +10,7 @@
  * and only its tokens are looked at. A token whose mass underflows float32, or a -inf logit (a banned
  * token), has none and is never chosen. A row whose mass is not a positive finite number (NaN logits, or a
  * temperature so extreme that it overflows) takes its most likely token, as sampler._random_probs does.
- * The sampler's step at 64 rows of a 49,152-token vocabulary: 6 -> 2.9 ms (loadtests/profile_step.py).
+ * The sampler's step at 64 rows of a 49,152-token vocabulary: 6 -> 2.9 ms (benchmarks/profile_step.py).
  */
 #include <math.h>
 #include <omp.h>
