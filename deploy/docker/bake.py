@@ -33,7 +33,7 @@ def kernel_dir() -> Path:
 
 
 def bake_kernels() -> Path:
-    from lmserve.engine.modeling.native_kernels import open_library
+    from lmserve.engine.modeling.kernel_loader import open_library
 
     lib = open_library(default_cache_dir(), default_c_compiler())
     if lib is None:
@@ -52,7 +52,7 @@ def verify_kernels() -> Path:
     baked = set(kernel_dir().glob("*.so"))
     if not baked:
         raise SystemExit(f"bake verify: no kernels in {kernel_dir()}")
-    from lmserve.engine.modeling.native_kernels import open_library
+    from lmserve.engine.modeling.kernel_loader import open_library
 
     lib = open_library(default_cache_dir(), default_c_compiler())
     if lib is None:

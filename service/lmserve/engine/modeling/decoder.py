@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import fused_ops, gemm, kernel_loader, layer_stack, qgemm, qgemm_gguf
 from lmserve.engine.modeling.attention import AttentionMetadata, paged_attention
 from lmserve.engine.modeling.families import SPECS, FamilySpec, Settings, Source, Transposed, settings
 from lmserve.engine.modeling.forward_path import ForwardPath
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             return self._attend(qkv, v, cos, sin, kv_cache, meta)
-        q, k = native_kernels.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
+        q, k = fused_ops.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
         out = paged_attention(
             q, k, v, kv_cache, meta, self.scale, cache_written=True, window=self.window, softcap=self.softcap
         )
@@ -151,7 +151,7 @@ class MLP(nn.Module):
         """The same, SiLU-and-multiply by the C kernel where gate/up's gemm does not apply it (SiLU only)."""
         if self.gate_up_proj.applies_silu:
             return self.down_proj.forward(self.gate_up_proj.forward(x))
-        return self.down_proj.forward(native_kernels.silu_mul(self.gate_up_proj.forward(x)))
+        return self.down_proj.forward(fused_ops.silu_mul(self.gate_up_proj.forward(x)))
 
 
 class MoE(nn.Module):
@@ -300,13 +300,13 @@ class DecoderModel(nn.Module):
     def _layers_fused(self, residual, cos, sin, kv_caches, meta) -> torch.Tensor:
         layers = self.layers
         eps = self.settings.norm_eps
-        x = native_kernels.add_rms_norm(None, residual, layers[0].attn_norm.weight, eps)
+        x = fused_ops.add_rms_norm(None, residual, layers[0].attn_norm.weight, eps)
         for i, layer in enumerate(layers):
             attn = layer.self_attn.forward_fused(x, cos, sin, kv_caches[i], meta)
-            x = native_kernels.add_rms_norm(attn, residual, layer.mlp_norm.weight, eps)
+            x = fused_ops.add_rms_norm(attn, residual, layer.mlp_norm.weight, eps)
             mlp = layer.mlp.forward_fused(x)
             if i + 1 < len(layers):
-                x = native_kernels.add_rms_norm(mlp, residual, layers[i + 1].attn_norm.weight, eps)
+                x = fused_ops.add_rms_norm(mlp, residual, layers[i + 1].attn_norm.weight, eps)
             else:
                 residual += mlp
         return residual
@@ -328,7 +328,7 @@ class DecoderModel(nn.Module):
             return self._layers_fused(hidden, cos, sin, kv_caches, meta)
         attn = self.layers[0].self_attn
         lora = None if self.loras is None else self.loras.stack_args(self._lora_projections())
-        native_kernels.decoder_stack(
+        layer_stack.decoder_stack(
             hidden, stack_table, weight_kind, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
             self.layers[0].mlp.intermediate_size, self.layers[0].mlp.gate_up_proj.applies_silu, self.settings.norm_eps,
             attn.scale, lora,
@@ -346,7 +346,7 @@ class DecoderModel(nn.Module):
         """The forward that runs `path`: (input_ids, positions, kv_caches, meta) -> hidden states."""
         if path is ForwardPath.DECODER_STACK:
             layers = self._stack_layers()
-            table, kind = native_kernels.layer_table(layers), native_kernels.stack_weight_kind(layers)
+            table, kind = layer_stack.layer_table(layers), layer_stack.stack_weight_kind(layers)
             return functools.partial(self.forward_stack, table, kind)
         if path is ForwardPath.FUSED_OPS:
             return self.forward_fused
@@ -370,7 +370,7 @@ class DecoderModel(nn.Module):
         """The decoder's projections are quantized (--quantization int8, q4_1 or q8_0): int8 under bf16
         activations (qgemm_vnni.c), or float32 activations with qgemm.c's or qgemm_gguf.c's weights."""
         packed = self.layers[0].self_attn.qkv_proj.packed
-        return isinstance(packed, (native_kernels.QuantizedWeight, VNNIWeight, native_kernels.GGUFWeight))
+        return isinstance(packed, (qgemm.QuantizedWeight, VNNIWeight, qgemm_gguf.GGUFWeight))
 
     def kv_cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype: bf16 where the projections are quantized (under float32 activations half
@@ -391,24 +391,24 @@ class DecoderModel(nn.Module):
             return False  # decoder.c's attention has no window or soft-cap
         if any(self.settings.moe_layers):
             return False  # decoder.c's MLP is dense
-        if native_kernels.library() is None:
+        if kernel_loader.library() is None:
             return False
         try:
-            kind = native_kernels.stack_weight_kind(self._stack_layers())
+            kind = layer_stack.stack_weight_kind(self._stack_layers())
         except ValueError:
             return False
         if self.embed_tokens.weight.dtype == torch.float32:
-            return kind != native_kernels.WEIGHT_BF16
+            return kind != layer_stack.WEIGHT_BF16
         return (
-            native_kernels.gemm_bf16_available()
+            gemm.gemm_bf16_available()
             and attn.head_dim in (64, 128)
-            and kind in (native_kernels.WEIGHT_BF16, native_kernels.WEIGHT_INT8)
+            and kind in (layer_stack.WEIGHT_BF16, layer_stack.WEIGHT_INT8)
         )
 
-    def _stack_layers(self) -> list[native_kernels.LayerWeights]:
-        """Each layer's tensors for native_kernels.layer_table (the packed or quantized weights)."""
+    def _stack_layers(self) -> list[layer_stack.LayerWeights]:
+        """Each layer's tensors for layer_stack.layer_table (the packed or quantized weights)."""
         return [
-            native_kernels.LayerWeights.of(
+            layer_stack.LayerWeights.of(
                 qkv=(layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias),
                 o=(layer.self_attn.o_proj.packed, layer.self_attn.o_proj.bias),
                 gate_up=(layer.mlp.gate_up_proj.packed, layer.mlp.gate_up_proj.bias),
@@ -426,8 +426,8 @@ class DecoderModel(nn.Module):
             head = self.lm_head.weight if self.lm_head.packed is None else self.lm_head.packed
         else:
             head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
-        if isinstance(head, native_kernels.PackedWeight):
-            logits = native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
+        if isinstance(head, gemm.PackedWeight):
+            logits = gemm.gemm_bf16(hidden, head, out_dtype=torch.float32)
         elif isinstance(head, VNNIWeight):
             logits = qgemm_vnni(hidden, head, out_dtype=torch.float32)
         else:
@@ -496,10 +496,10 @@ class DecoderModel(nn.Module):
             bf16 = weight.dtype == torch.bfloat16
             if self.tie_word_embeddings:
                 # The head is the largest single matrix (a fifth of SmolLM2-135M's bytes), read every step.
-                self.packed_head = pack_vnni(weight) if bf16 else native_kernels.quantize_weight(weight)
+                self.packed_head = pack_vnni(weight) if bf16 else qgemm.quantize_weight(weight)
             if bf16:
                 return "int8 with bf16 activations, qgemm_vnni.c AVX-512 VNNI"
-            return f"int8, qgemm.c {native_kernels.qgemm_isa()}"
+            return f"int8, qgemm.c {qgemm.qgemm_isa()}"
         if not can_prepack(weight.dtype, weight.device):
             return None
         for module in self.modules():
@@ -507,10 +507,10 @@ class DecoderModel(nn.Module):
                 module.pack()
         if self.tie_word_embeddings:
             self.packed_head = prepack(weight)
-        return "gemm.c" if native_kernels.gemm_bf16_fits(weight) else "oneDNN"
+        return "gemm.c" if gemm.gemm_bf16_fits(weight) else "oneDNN"
 
     def use_gguf_weights(
-        self, weights: dict[str, native_kernels.GGUFWeight], head: native_kernels.GGUFWeight | None
+        self, weights: dict[str, qgemm_gguf.GGUFWeight], head: qgemm_gguf.GGUFWeight | None
     ) -> str:
         """--quantization q4_1 | q8_0, after load_hf_weights: every projection of the decoder as a GGUF file's
         blocks (`weights`, by Hugging Face name, fused here as load_hf_weights fuses the float ones), and the
@@ -531,7 +531,7 @@ class DecoderModel(nn.Module):
             else:
                 self.lm_head.use_gguf(head)
         head_text = f"head {head.kind}" if head is not None else "head float"
-        return f"GGUF {weights[next(iter(weights))].kind} blocks ({head_text}), qgemm_gguf.c {native_kernels.gguf_isa()}"
+        return f"GGUF {weights[next(iter(weights))].kind} blocks ({head_text}), qgemm_gguf.c {qgemm_gguf.gguf_isa()}"
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy a checkpoint's state dict in by the family's weight table (families.py): fusing q/k/v and

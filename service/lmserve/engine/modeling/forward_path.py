@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import fused_ops, paged_attention
 
 if TYPE_CHECKING:
     from lmserve.engine.modeling.generic import TransformersCausalLM
@@ -47,7 +47,7 @@ def choose_forward_path(
     """
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be auto, kernel or torch, not {attention!r}")
-    has_kernel = attention != "torch" and native_kernels.paged_attention_supported(dtype, device)
+    has_kernel = attention != "torch" and paged_attention.paged_attention_supported(dtype, device)
     if attention == "kernel" and not has_kernel:
         raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
     if model.has_window_or_softcap() and model.quantized() and dtype == torch.float32:
@@ -59,7 +59,7 @@ def choose_forward_path(
         return ForwardPath.TORCH
     if (
         not model.supports_fused_ops()
-        or not native_kernels.fused_ops_supported(dtype, device)
+        or not fused_ops.fused_ops_supported(dtype, device)
         or (dtype == torch.float32 and not model.quantized())
     ):
         return ForwardPath.ATTENTION_KERNEL
