@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lmserve.embeddings import Embedder  # noqa: E402
+from lmserve.embeddings.embedder import Embedder  # noqa: E402
 
 WORDS = (
     "the model serves embeddings for search clustering and retrieval across many documents while "
