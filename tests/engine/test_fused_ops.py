@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.config import EngineConfig
-from lmserve.engine.modeling import fused_ops, gemm, kernel_loader, paged_attention
+from lmserve.engine.modeling import attention_kernel, fused_ops, gemm, kernel_loader
 from lmserve.engine.modeling.attention import SeqLayout, build_metadata
 from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from lmserve.engine.modeling.decoder import DecoderModel
@@ -144,7 +144,7 @@ def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
     runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=4, attention="torch"))
     assert runner.forward_path is ForwardPath.TORCH
     assert choose_forward_path("torch", runner.model, BF16, CPU) is ForwardPath.TORCH
-    has_kernel = paged_attention.paged_attention_supported(torch.float32, CPU)
+    has_kernel = attention_kernel.paged_attention_supported(torch.float32, CPU)
     float32_path = ForwardPath.ATTENTION_KERNEL if has_kernel else ForwardPath.TORCH
     assert choose_forward_path("auto", runner.model, torch.float32, CPU) is float32_path
     assert choose_forward_path("auto", runner.model, BF16, torch.device("meta")) is ForwardPath.TORCH

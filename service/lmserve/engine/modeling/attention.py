@@ -5,7 +5,7 @@ Two kinds of sequences need different attention:
 - a fresh prefill (nothing cached before its first token) attends only over its own new tokens:
   plain causal SDPA, which is also exactly what transformers does for a single prompt;
 - everything else (decodes, later prefill chunks, prefix-cache hits) attends over its cached context,
-  read in place by the C kernel (paged_attention.py) where it is available (in bf16, fresh prefills too:
+  read in place by the C kernel (attention_kernel.py) where it is available (in bf16, fresh prefills too:
   their K/V are in the cache before attention runs); otherwise
   one batched matmul-softmax-matmul per group over blocks gathered from the head-major cache, with a
   padding/causal bias; each KV head serves all its query heads in one matmul (no GQA expansion).
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lmserve.engine.modeling.paged_attention import paged_attention_kernel
+from lmserve.engine.modeling.attention_kernel import paged_attention_kernel
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from lmserve.engine.modeling import fused_ops, paged_attention
+from lmserve.engine.modeling import attention_kernel, fused_ops
 
 ATTENTION_CHOICES = ("auto", "kernel", "torch")
 
@@ -54,7 +54,7 @@ def choose_forward_path(attention: str, model: PathModel, dtype: torch.dtype, de
     """
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be auto, kernel or torch, not {attention!r}")
-    has_kernel = attention != "torch" and paged_attention.paged_attention_supported(dtype, device)
+    has_kernel = attention != "torch" and attention_kernel.paged_attention_supported(dtype, device)
     if attention == "kernel" and not has_kernel:
         raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
     if model.has_window_or_softcap() and model.quantized() and dtype == torch.float32:

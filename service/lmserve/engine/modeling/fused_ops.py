@@ -8,7 +8,7 @@ import ctypes
 import torch
 
 from lmserve.engine.modeling import kernel_loader
-from lmserve.engine.modeling.paged_attention import cache_planes
+from lmserve.engine.modeling.attention_kernel import cache_planes
 
 
 def fused_ops_supported(dtype: torch.dtype, device: torch.device) -> bool:

@@ -1,5 +1,5 @@
 """The C kernels' shared library: built once per machine, opened, and given its ctypes types. The kernel
-families' wrappers (paged_attention, fused_ops, gemm, qgemm, qgemm_vnni, qgemm_gguf, layer_stack, sampling,
+families' wrappers (attention_kernel, fused_ops, gemm, qgemm, qgemm_vnni, qgemm_gguf, layer_stack, sampling,
 token_mask) call the library this module opened.
 
 The ABI is declared once, in abi.h: kernel_abi reads it, and `open_library` gives each exported function
