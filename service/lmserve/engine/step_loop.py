@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.engine.base import EngineFaultError, EngineStepError, EngineStoppedError, RejectReason, RequestRejected, StepStats
+from lmserve.engine.base import (
+    EngineFaultError,
+    EngineStepError,
+    EngineStoppedError,
+    RejectReason,
+    RequestRejected,
+    StepStats,
+)
 from lmserve.engine.grammar import (
     GrammarCompiler,
     GrammarError,

@@ -43,7 +43,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gate_up.shape
     kernel_loader.check_tensors("silu_mul", gate_up, dtype=gate_up.dtype)
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-    _fused(kernel_loader.loaded_library(), "silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    kernel = _fused(kernel_loader.loaded_library(), "silu_mul", gate_up.dtype)
+    kernel(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
     return out
 
 

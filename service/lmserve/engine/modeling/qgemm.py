@@ -72,7 +72,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xq = torch.empty(rows, k_pad, dtype=torch.int8)
     sx = torch.empty(rows, k_pad // _QK, dtype=torch.float32)
     if rows:
-        kernel_loader.loaded_library().quantize_rows_int8(x2.data_ptr(), xq.data_ptr(), sx.data_ptr(), rows, k, k_pad, torch.get_num_threads())
+        kernel_loader.loaded_library().quantize_rows_int8(
+            x2.data_ptr(), xq.data_ptr(), sx.data_ptr(), rows, k, k_pad, torch.get_num_threads()
+        )
     return xq, sx
 
 

@@ -60,7 +60,9 @@ def gguf_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     qx = torch.empty(rows, k, dtype=torch.int8)
     dx = torch.empty(rows, k // GGUF_BLOCK, dtype=torch.float32)
     sx = torch.empty_like(dx)
-    kernel_loader.loaded_library().gguf_quantize_rows(x2.data_ptr(), qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), rows, k, torch.get_num_threads())
+    kernel_loader.loaded_library().gguf_quantize_rows(
+        x2.data_ptr(), qx.data_ptr(), dx.data_ptr(), sx.data_ptr(), rows, k, torch.get_num_threads()
+    )
     return qx, dx, sx
 
 
