@@ -80,7 +80,7 @@ class NativeEngine:
         self._open_queues: set[asyncio.Queue] = set()  # event loop only: the queues generate() is reading
         self._thread: threading.Thread | None = None
         self.grammars = GrammarCompiler(tokenizer, runner.vocab_size)
-        self.steps = StepLoop(runner, self.scheduler, self.grammars, self._fail_open_queues)
+        self.steps = StepLoop(runner, self.scheduler, self.grammars, self._open_queues)
 
     @classmethod
     def load(cls, model_path: Path, model_name: str, config: EngineConfig) -> NativeEngine:
@@ -289,10 +289,6 @@ class NativeEngine:
             return EngineDeadError(f"the engine failed and takes no new work: {self.fault}")
         return EngineDeadError("the engine is not running")
 
-    def _fail_open_queues(self, error: BaseException) -> None:
-        """Event loop: end every stream being read, the ones still in the inbox or compiling included."""
-        for queue in self._open_queues:
-            queue.put_nowait(error)
 
 
 def _lora_names(requests: tuple[Request, ...]) -> tuple[str, ...]:

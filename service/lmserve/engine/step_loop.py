@@ -65,13 +65,15 @@ class StepLoop:
         runner: ModelRunner,
         scheduler: Scheduler,
         grammars: GrammarCompiler,
-        fail_open_queues: Callable[[BaseException], None],
+        open_queues: set[asyncio.Queue],
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.grammars = grammars
-        # Called on the event loop when this loop dies, to end the streams it never took (still in the inbox).
-        self.fail_open_queues = fail_open_queues
+        # The front's queues that generate() is reading (event loop only): when this loop dies, each hears of it,
+        # those of the requests it never took (still in the inbox or compiling) included. The set, not the front:
+        # a reference back to the engine would make a cycle that keeps its KV cache alive until a gc pass.
+        self._open_queues = open_queues
         self._inbox: deque[Stream] = deque()
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
@@ -140,7 +142,7 @@ class StepLoop:
             self.is_running = False
             error = exc if isinstance(exc, EngineFaultError) else EngineFaultError(f"the engine loop died: {exc}")
             self._fail(list(self._streams.values()), error)
-            self._deliver_call(self.fail_open_queues, error)
+            self._deliver_call(_fail_queues, self._open_queues, error)
         finally:
             self.is_running = False
             self._fail(list(self._streams.values()), EngineStoppedError("the engine stopped"))
@@ -381,3 +383,9 @@ def grammar_rejected(message: str) -> RequestRejected:
 def _put_all(deliveries: list[tuple[asyncio.Queue, GenerationDelta | BaseException]]) -> None:
     for queue, item in deliveries:
         queue.put_nowait(item)
+
+
+def _fail_queues(queues: set[asyncio.Queue], error: BaseException) -> None:
+    """On the event loop: every queue being read then hears of the error."""
+    for queue in queues:
+        queue.put_nowait(error)
