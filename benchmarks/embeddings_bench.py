@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lmserve.embeddings import Embedder  # noqa: E402
+from lmserve.embeddings.embedder import Embedder  # noqa: E402
 
 WORDS = (
     "the model serves embeddings for search clustering and retrieval across many documents while "

@@ -21,7 +21,7 @@ import torch
 
 from benchkit.kernel_timing import HEAD, SHAPES, median_time
 from lmserve.config import default_c_compiler, default_cache_dir
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import gemm, kernel_loader
 from lmserve.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
 from lmserve.engine.runner import advise_huge_pages
 from lmserve.process import prepare_to_serve
@@ -31,7 +31,7 @@ LAYERS = 30
 
 def bench_gemm(rows: list[int]) -> None:
     onednn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
-    ours = native_kernels.gemm_bf16
+    ours = gemm.gemm_bf16
     print(f"{'rows':>5} {'matmul':>8} {'gemm.c ms':>10} {'GFLOP/s':>8} {'oneDNN ms':>10} {'GFLOP/s':>8} {'ratio':>6}")
     for m in rows:
         total = {"gemm.c": 0.0, "oneDNN": 0.0}
@@ -39,7 +39,7 @@ def bench_gemm(rows: list[int]) -> None:
             count = 1 if name == "lm_head" else LAYERS
             weights = [torch.randn(n, k).mul(0.05).bfloat16() for _ in range(count)]
             # gate/up as the model runs it: SiLU-and-multiply in gemm.c's epilogue (oneDNN: the matmul only).
-            packed = {"gemm.c": [native_kernels.pack_weight(w, silu_mul=name == "gate_up") for w in weights],
+            packed = {"gemm.c": [gemm.pack_weight(w, silu_mul=name == "gate_up") for w in weights],
                       "oneDNN": [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]}
             x = torch.randn(m, k).bfloat16()
             t = {}
@@ -80,8 +80,8 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[16, 64])
     p.add_argument("--context", type=int, default=200)
     args = p.parse_args()
-    native_kernels.load_kernels(default_cache_dir(), default_c_compiler())
-    if not native_kernels.gemm_bf16_available():
+    kernel_loader.load_kernels(default_cache_dir(), default_c_compiler())
+    if not gemm.gemm_bf16_available():
         raise SystemExit("gemm.c does not run here (no C compiler, no AVX-512 BF16, or AMX present)")
     num_threads = torch.get_num_threads()
     prepare_to_serve()

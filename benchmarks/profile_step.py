@@ -20,11 +20,12 @@ import torch
 from benchkit.cli import add_dtype, add_model
 from lmserve.checkpoints import resolve_model
 from lmserve.config import EngineConfig, default_cache_dir
-from lmserve.engine.engine import NativeEngine, _Stream
+from lmserve.engine.engine import NativeEngine
 from lmserve.engine.output import SequenceOutput
 from lmserve.engine.request import Request
 from lmserve.process import prepare_to_serve
 from lmserve.engine.sampler import sample
+from lmserve.engine.step_loop import Stream
 from lmserve.types import FinishReason, SamplingParams
 
 
@@ -33,8 +34,8 @@ def fill(engine: NativeEngine, batch: int, context: int, seed: int, temperature:
     params = SamplingParams(max_tokens=1024, temperature=temperature, ignore_eos=True)
     for i, prompt in enumerate(torch.randint(100, engine.runner.vocab_size, (batch, context), generator=gen).tolist()):
         req = Request(f"p{seed}-{i}", prompt, params, engine.eos_token_ids)
-        stream = _Stream(req, SequenceOutput(engine.tokenizer, req, req.request_id), asyncio.Queue(), None)
-        engine._streams[req.request_id] = stream
+        stream = Stream(req, SequenceOutput(engine.tokenizer, req, req.request_id), asyncio.Queue(), None)
+        engine.steps._streams[req.request_id] = stream
         engine.scheduler.add_request(req)
 
 
@@ -48,7 +49,7 @@ def timed_step(engine: NativeEngine) -> dict[str, float]:
     sampled = sample(logits, reqs, [None] * len(reqs))
     t3 = time.perf_counter()
     # The engine's own loop: detokenize, update, deltas.
-    engine._apply_sampled(scheduled, [(req, [tok]) for req, tok in zip(reqs, sampled, strict=True)])
+    engine.steps._apply_sampled(scheduled, [(req, [tok]) for req, tok in zip(reqs, sampled, strict=True)])
     t4 = time.perf_counter()
     return {"schedule": t1 - t0, "runner": t2 - t1, "sample": t3 - t2, "update+detok": t4 - t3, "total": t4 - t0}
 
@@ -95,7 +96,7 @@ def measure(engine: NativeEngine, args: argparse.Namespace) -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         for req in list(engine.scheduler._running) + list(engine.scheduler._waiting):
             engine.scheduler.finish_request(req, FinishReason.ABORT)
-        engine._streams.clear()
+        engine.steps._streams.clear()
 
 
 if __name__ == "__main__":

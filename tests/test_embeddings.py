@@ -1,4 +1,4 @@
-"""service/lmserve/embeddings.py against plain transformers on the bundled all-MiniLM-L6-v2 (CPU, ~10 s)."""
+"""service/lmserve/embeddings/ against plain transformers on the bundled all-MiniLM-L6-v2 (CPU, ~10 s)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lmserve.embeddings import (  # noqa: E402
-    Embedder,
-    EmbedderNotRunning,
-    EmbeddingInputError,
-    EmbeddingResult,
-    PoolingConfig,
-    _Item,
-    _Request,
-)
+from lmserve.embeddings import EmbedderNotRunning, EmbeddingInputError  # noqa: E402
+from lmserve.embeddings.batching import EmbeddingResult, EmbedItem, EmbedRequest, select_batch  # noqa: E402
+from lmserve.embeddings.embedder import Embedder  # noqa: E402
+from lmserve.embeddings.pooling import PoolingConfig  # noqa: E402
 
 SENTENCES = [
     "Hi.",
@@ -297,16 +292,14 @@ def test_cancelled_request_does_not_break_the_worker(embedder: Embedder) -> None
 
 
 def test_batch_selection_respects_padded_budget() -> None:
-    emb = Embedder.__new__(Embedder)  # only the queue logic, no model
-    emb.max_batch_tokens = 64
-    req = _Request(
+    req = EmbedRequest(
         loop=None, future=None, dimensions=None, num_tokens=[], vectors=[], remaining=0  # type: ignore[arg-type]
     )
     lengths = [10, 40, 12, 30, 5, 11, 20, 9]
-    emb._queue = deque(_Item(req, i, [1] * n) for i, n in enumerate(lengths))
+    queue = deque(EmbedItem(req, i, [1] * n) for i, n in enumerate(lengths))
     batches = []
-    while emb._queue:
-        batches.append([len(item.ids) for item in emb._take_batch()])
+    while queue:
+        batches.append([len(item.ids) for item in select_batch(queue, 64)])
     # the oldest first, grown by least added padding within the padded budget; the 5 and the 40
     # are too unlike their neighbours (or too long) to share a batch
     assert batches == [[10, 9, 11, 12], [40], [30, 20], [5]]

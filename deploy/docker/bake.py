@@ -4,7 +4,7 @@
     LMSERVE_CACHE_DIR=/tmp/conversion    python bake.py models --dest /opt/lmserve/models
     LMSERVE_CACHE_DIR=/opt/lmserve/cache python bake.py verify [--kernels] [--models /opt/lmserve/models]
 
-kernels: compiles the C kernels (service/lmserve/engine/modeling/native_kernels.py) into LMSERVE_CACHE_DIR/kernels,
+kernels: compiles the C kernels (service/lmserve/engine/modeling/kernel_loader.py) into LMSERVE_CACHE_DIR/kernels,
          where the server looks for them, so the image needs no compiler at run time.
 models:  writes the default generation model as a plain Hugging Face folder, DEST/<model id>. A folder
          is served as it is; the bundled GGUF would instead be converted at every start on a fresh cache
@@ -33,7 +33,7 @@ def kernel_dir() -> Path:
 
 
 def bake_kernels() -> Path:
-    from lmserve.engine.modeling.native_kernels import open_library
+    from lmserve.engine.modeling.kernel_loader import open_library
 
     lib = open_library(default_cache_dir(), default_c_compiler())
     if lib is None:
@@ -52,7 +52,7 @@ def verify_kernels() -> Path:
     baked = set(kernel_dir().glob("*.so"))
     if not baked:
         raise SystemExit(f"bake verify: no kernels in {kernel_dir()}")
-    from lmserve.engine.modeling.native_kernels import open_library
+    from lmserve.engine.modeling.kernel_loader import open_library
 
     lib = open_library(default_cache_dir(), default_c_compiler())
     if lib is None:

@@ -46,7 +46,7 @@ from lmserve.tracing import build_tracer
 
 if TYPE_CHECKING:
     from lmserve.api.grpc.server import GrpcServer, GrpcTLS
-    from lmserve.embeddings import Embedder
+    from lmserve.embeddings.embedder import Embedder
     from lmserve.engine.base import GenerationEngine
     from lmserve.tokenizer import Tokenizer
 
@@ -86,7 +86,7 @@ def build_state(config: ServeConfig) -> AppState:
     embedder = None
     embedding_model = None
     if config.embedding_model:
-        from lmserve.embeddings import Embedder
+        from lmserve.embeddings.embedder import Embedder
 
         emb_resolved = resolve_model(config.embedding_model, config.cache_dir, allow_pickle=config.engine.allow_pickle)
         embedder = Embedder.load(

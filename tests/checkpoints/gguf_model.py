@@ -7,29 +7,29 @@ import gguf
 import numpy as np
 import torch
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import qgemm_gguf
 from lmserve.engine.modeling.decoder import DecoderModel
 
 QTYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 
 
-def _blocks_of(weight: torch.Tensor, kind: str) -> native_kernels.GGUFWeight:
+def _blocks_of(weight: torch.Tensor, kind: str) -> qgemm_gguf.GGUFWeight:
     """Blocks of `weight`, and `weight` overwritten with their dequantized values (the float reference)."""
     blocks = gguf.quants.quantize(weight.numpy(), QTYPES[kind])
     weight.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, QTYPES[kind])))
-    return native_kernels.GGUFWeight(torch.from_numpy(np.ascontiguousarray(blocks)), kind, *weight.shape)
+    return qgemm_gguf.GGUFWeight(torch.from_numpy(np.ascontiguousarray(blocks)), kind, *weight.shape)
 
 
 @torch.inference_mode()
 def gguf_blocks_of(
     model: DecoderModel, kind: str
-) -> tuple[dict[str, native_kernels.GGUFWeight], native_kernels.GGUFWeight]:
+) -> tuple[dict[str, qgemm_gguf.GGUFWeight], qgemm_gguf.GGUFWeight]:
     """Every decoder projection's blocks by Hugging Face name, and the LM head's (the embedding's where tied),
     as DecoderModel.use_gguf_weights takes them; the model's float weights now hold the blocks' values."""
     attn = model.layers[0].self_attn
     q_rows, kv_rows = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
     inter = model.layers[0].mlp.intermediate_size
-    weights: dict[str, native_kernels.GGUFWeight] = {}
+    weights: dict[str, qgemm_gguf.GGUFWeight] = {}
     for i, layer in enumerate(model.layers):
         q, k, v = layer.self_attn.qkv_proj.weight.split([q_rows, kv_rows, kv_rows])
         gate, up = layer.mlp.gate_up_proj.weight.split([inter, inter])

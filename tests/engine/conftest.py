@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmserve.config import default_c_compiler
-from lmserve.engine.modeling import kernel_cache, native_kernels
+from lmserve.engine.modeling import gemm, kernel_cache, kernel_loader
 
 
 def cpu_runs_gemm_bf16() -> bool:
@@ -27,7 +27,7 @@ def _open(cache_dir: Path, variant: str, sanitized: bool) -> ctypes.CDLL:
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}): the kernels cannot be built here")
     variant = f"{variant}-asan" if sanitized else variant
-    lib = native_kernels.open_library(cache_dir, compiler, variant)
+    lib = kernel_loader.open_library(cache_dir, compiler, variant)
     assert lib is not None, f"the {variant} C kernels failed to build with {compiler} (see the warning logged)"
     return lib
 
@@ -53,10 +53,10 @@ def portable_library(cache_dir: Path, sanitized: bool) -> ctypes.CDLL:
 
 @pytest.fixture(params=["native", "portable"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The wrappers of native_kernels call this build for the test's duration: "native" or "portable";
+    """The kernel wrappers (kernel_loader.library) call this build for the test's duration: "native" or "portable";
     "none" (by indirect parametrisation): no library, torch ops."""
     lib = None if request.param == "none" else request.getfixturevalue(f"{request.param}_library")
-    monkeypatch.setattr(native_kernels, "library", lambda: lib)
+    monkeypatch.setattr(kernel_loader, "library", lambda: lib)
     return request.param
 
 
@@ -65,5 +65,5 @@ def gemm_kernels(native_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -
     """gemm.c's (and decoder.c's) tests: run where the CPU should run it, and then it must; skipped elsewhere."""
     if not cpu_runs_gemm_bf16():
         pytest.skip("gemm.c needs AVX-512 BF16 and no AMX; this CPU runs the portable paths only")
-    monkeypatch.setattr(native_kernels, "library", lambda: native_library)
-    assert native_kernels.gemm_bf16_available(), "this CPU has AVX-512 BF16 and no AMX: gemm.c must build and run"
+    monkeypatch.setattr(kernel_loader, "library", lambda: native_library)
+    assert gemm.gemm_bf16_available(), "this CPU has AVX-512 BF16 and no AMX: gemm.c must build and run"

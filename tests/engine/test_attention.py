@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import attention_kernel
 from lmserve.engine.modeling.attention import SeqLayout, build_metadata, paged_attention
 
 NUM_KV_HEADS, NUM_HEADS, NUM_BLOCKS, BLOCK_SIZE = 2, 6, 48, 4
@@ -101,7 +101,7 @@ DTYPES = pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (F32, BF16
 @pytest.mark.parametrize("kernels", ["none", "native", "portable"], indirect=True)  # none: torch ops
 def test_paged_attention_matches_causal_attention(dtypes: tuple, kernels: str, head_dim: int) -> None:
     use_kernel = kernels != "none"
-    assert native_kernels.paged_attention_supported(dtypes[0], torch.device("cpu")) == use_kernel
+    assert attention_kernel.paged_attention_supported(dtypes[0], torch.device("cpu")) == use_kernel
     check_paged_attention(LAYOUT, NUM_HEADS, NUM_KV_HEADS, head_dim, BLOCK_SIZE, NUM_BLOCKS, dtypes, use_kernel)
 
 
@@ -124,7 +124,7 @@ def test_kernel_long_contexts_and_groups(dtypes: tuple, head_dim: int, group: in
 
 
 # Twelve decodes of 100-250 keys (blocks shuffled over the pool): enough work that paged_attention_kernel
-# splits it over every thread (native_kernels._threads_for), so the items' dynamic chunks and the next-item
+# splits it over every thread (attention_kernel._threads_for), so the items' dynamic chunks and the next-item
 # prefetch run as a many-sequence decode step does.
 MANY_DECODES = [SeqLayout(i, 1, 99 + 13 * i, []) for i in range(12)]
 
@@ -135,7 +135,7 @@ def test_kernel_many_sequences_on_every_thread(dtypes: tuple) -> None:
     gen = torch.Generator().manual_seed(3)
     blocks = torch.randperm(12 * 16, generator=gen).tolist()
     layout = [SeqLayout(s.start_row, 1, s.num_computed_tokens, blocks[16 * i : 16 * i + 16]) for i, s in enumerate(MANY_DECODES)]
-    assert native_kernels._threads_for(12 * 6 * 250) == torch.get_num_threads()
+    assert attention_kernel._threads_for(12 * 6 * 250) == torch.get_num_threads()
     check_paged_attention(layout, 6, 2, 64, 16, 12 * 16, dtypes, use_kernel=True)
 
 

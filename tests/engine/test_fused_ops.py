@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.config import EngineConfig
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import attention_kernel, fused_ops, gemm, kernel_loader
 from lmserve.engine.modeling.attention import SeqLayout, build_metadata
 from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from lmserve.engine.modeling.decoder import DecoderModel
@@ -31,14 +31,14 @@ def test_add_rms_norm_matches_torch() -> None:
     weight = torch.randn(576, generator=gen).to(BF16)
     expected_residual = residual + x
     expected = weight * F.rms_norm(expected_residual.float(), (576,), eps=1e-5).to(BF16)
-    got = native_kernels.add_rms_norm(x, residual, weight, 1e-5)
+    got = fused_ops.add_rms_norm(x, residual, weight, 1e-5)
     assert torch.equal(residual, expected_residual)  # updated in place, rounded as torch rounds
     # Only the order of the sum of squares differs from torch: at most one bf16 step, rarely.
     assert (got != expected).float().mean() < 0.01
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
     # Without x: a plain norm, residual untouched.
     before = residual.clone()
-    plain = native_kernels.add_rms_norm(None, residual, weight, 1e-5)
+    plain = fused_ops.add_rms_norm(None, residual, weight, 1e-5)
     assert torch.equal(residual, before)
     torch.testing.assert_close(plain, weight * F.rms_norm(before.float(), (576,), eps=1e-5).to(BF16))
 
@@ -48,7 +48,7 @@ def test_silu_mul_matches_torch() -> None:
     gate_up = torch.randn(9, 2 * 1536, generator=torch.Generator().manual_seed(1)).mul(3).to(BF16)
     gate, up = gate_up.split(1536, dim=-1)
     expected = F.silu(gate) * up
-    got = native_kernels.silu_mul(gate_up)
+    got = fused_ops.silu_mul(gate_up)
     assert got.shape == (9, 1536)
     assert (got != expected).float().mean() < 0.01
     torch.testing.assert_close(got, expected)
@@ -62,10 +62,10 @@ def test_fused_ops_on_widths_not_a_multiple_of_16(width: int) -> None:
     x, residual = (torch.randn(5, width, generator=gen).mul(4).to(BF16) for _ in range(2))
     weight = torch.randn(width, generator=gen).to(BF16)
     expected = weight * F.rms_norm((residual + x).float(), (width,), eps=1e-5).to(BF16)
-    torch.testing.assert_close(native_kernels.add_rms_norm(x, residual, weight, 1e-5), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fused_ops.add_rms_norm(x, residual, weight, 1e-5), expected, rtol=1e-2, atol=1e-2)
     gate_up = torch.randn(5, 2 * width, generator=gen).mul(3).to(BF16)
     gate, up = gate_up.split(width, dim=-1)
-    torch.testing.assert_close(native_kernels.silu_mul(gate_up), F.silu(gate) * up)
+    torch.testing.assert_close(fused_ops.silu_mul(gate_up), F.silu(gate) * up)
 
 
 @_needs_kernels
@@ -84,7 +84,7 @@ def test_rope_and_cache_matches_torch_and_fills_slots(head_dim: int) -> None:
     cache = torch.zeros(2, kv_heads, num_blocks, block_size, head_dim, dtype=BF16)
     slots = torch.tensor([3, 17, 4, 39, 0, 22, 8])
 
-    q, k = native_kernels.rope_and_cache(qkv, cos, sin, cache, slots, heads)
+    q, k = fused_ops.rope_and_cache(qkv, cos, sin, cache, slots, heads)
 
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
     expected = qk * cos + rotate_half(qk) * sin
@@ -106,10 +106,10 @@ def test_fused_layers_match_unfused_forward(smollm2_dir: Path, monkeypatch: pyte
     unfused (torch ops on a gate/up weight packed plainly, torch's SiLU), over a prefill and a decode step."""
     config = EngineConfig(dtype="bfloat16", num_kv_blocks=8, block_size=16)
     fused_runner = ModelRunner(smollm2_dir, config)
-    expected = ForwardPath.DECODER_STACK if native_kernels.gemm_bf16_available() else ForwardPath.FUSED_OPS
+    expected = ForwardPath.DECODER_STACK if gemm.gemm_bf16_available() else ForwardPath.FUSED_OPS
     assert fused_runner.forward_path is expected
-    assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == native_kernels.gemm_bf16_available()
-    monkeypatch.setattr(native_kernels, "silu_mul_packable", lambda weight: False)
+    assert fused_runner.model.layers[0].mlp.gate_up_proj.applies_silu == gemm.gemm_bf16_available()
+    monkeypatch.setattr(gemm, "silu_mul_packable", lambda weight: False)
     plain_runner = ModelRunner(smollm2_dir, config)
     assert not any(layer.mlp.gate_up_proj.applies_silu for layer in plain_runner.model.layers)
 
@@ -144,7 +144,7 @@ def test_attention_flag_and_env_choose_the_path(smollm2_dir: Path) -> None:
     runner = ModelRunner(smollm2_dir, EngineConfig(dtype="bfloat16", num_kv_blocks=4, attention="torch"))
     assert runner.forward_path is ForwardPath.TORCH
     assert choose_forward_path("torch", runner.model, BF16, CPU) is ForwardPath.TORCH
-    has_kernel = native_kernels.paged_attention_supported(torch.float32, CPU)
+    has_kernel = attention_kernel.paged_attention_supported(torch.float32, CPU)
     float32_path = ForwardPath.ATTENTION_KERNEL if has_kernel else ForwardPath.TORCH
     assert choose_forward_path("auto", runner.model, torch.float32, CPU) is float32_path
     assert choose_forward_path("auto", runner.model, BF16, torch.device("meta")) is ForwardPath.TORCH
@@ -159,14 +159,14 @@ def test_kernels_are_loaded_before_the_weights_are_packed(
 ) -> None:
     """Packing asks which kernels there are (gemm.c's layout where it runs, else oneDNN's): the runner
     must have loaded them by then, in a process that has not loaded them before."""
-    if native_kernels.open_library(cache_dir, EngineConfig().c_compiler) is None:
+    if kernel_loader.open_library(cache_dir, EngineConfig().c_compiler) is None:
         pytest.skip("no C compiler: nothing to load")
-    monkeypatch.setattr(native_kernels, "_process_library", [])
+    monkeypatch.setattr(kernel_loader, "_process_library", [])
     loaded_at_packing: list[bool] = []
     prepack = DecoderModel.prepack_weights
 
     def spy(model: DecoderModel, quantization: str = "none") -> str | None:
-        loaded_at_packing.append(native_kernels.library() is not None)
+        loaded_at_packing.append(kernel_loader.library() is not None)
         return prepack(model, quantization)
 
     monkeypatch.setattr(DecoderModel, "prepack_weights", spy)

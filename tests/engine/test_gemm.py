@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import fused_ops, gemm
 from lmserve.engine.modeling.layers import linear, prepack
 
 BF16 = torch.bfloat16
@@ -25,14 +25,14 @@ def test_gemm_matches_float32_matmul(rows: int, out_features: int, in_features: 
     x = torch.randn(rows, in_features, generator=gen).to(BF16)
     bias = torch.randn(out_features, generator=gen).to(BF16) if with_bias else None
     packed = prepack(weight)
-    assert isinstance(packed, native_kernels.PackedWeight)
+    assert isinstance(packed, gemm.PackedWeight)
     got = linear(x, packed, bias)
     want = x.float() @ weight.float().T + (0 if bias is None else bias.float())
     assert got.dtype == BF16 and got.shape == (rows, out_features)
     # float32 sums in another order, then one rounding to bf16: within a bf16 step of the exact value.
     torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-3 * want.abs().max().item())
     # The float32 output (the LM head's logits) is those very sums, unrounded.
-    sums = native_kernels.gemm_bf16(x, packed, bias, out_dtype=torch.float32)
+    sums = gemm.gemm_bf16(x, packed, bias, out_dtype=torch.float32)
     assert sums.dtype == torch.float32 and torch.equal(sums.to(BF16), got)
     torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
@@ -47,37 +47,37 @@ def test_gemm_silu_mul_is_the_gemm_then_silu_mul(rows: int, inter: int, in_featu
     weight = torch.randn(2 * inter, in_features, generator=gen).to(BF16)
     x = torch.randn(rows, in_features, generator=gen).to(BF16)
     bias = torch.randn(2 * inter, generator=gen).to(BF16) if with_bias else None
-    assert native_kernels.silu_mul_packable(weight)
-    packed = native_kernels.pack_weight(weight, silu_mul=True)
-    got = native_kernels.gemm_bf16(x, packed, None if bias is None else native_kernels.interleave_gate_up(bias))
-    gate_up = native_kernels.gemm_bf16(x, native_kernels.pack_weight(weight), bias)
+    assert gemm.silu_mul_packable(weight)
+    packed = gemm.pack_weight(weight, silu_mul=True)
+    got = gemm.gemm_bf16(x, packed, None if bias is None else gemm.interleave_gate_up(bias))
+    gate_up = gemm.gemm_bf16(x, gemm.pack_weight(weight), bias)
     assert got.shape == (rows, inter) and got.dtype == BF16
-    assert torch.equal(got, native_kernels.silu_mul(gate_up))
+    assert torch.equal(got, fused_ops.silu_mul(gate_up))
     gate, up = gate_up.float().split(inter, dim=-1)
     torch.testing.assert_close(got.float(), torch.nn.functional.silu(gate) * up, rtol=2**-7, atol=1e-2)
 
 
 def test_silu_mul_packing_needs_whole_groups() -> None:
-    assert not native_kernels.silu_mul_packable(torch.empty(2 * 40, 64, dtype=BF16))  # 40 is not a multiple of 32
+    assert not gemm.silu_mul_packable(torch.empty(2 * 40, 64, dtype=BF16))  # 40 is not a multiple of 32
     with pytest.raises(ValueError, match="silu_mul"):
-        native_kernels.pack_weight(torch.empty(2 * 40, 64, dtype=BF16), silu_mul=True)
+        gemm.pack_weight(torch.empty(2 * 40, 64, dtype=BF16), silu_mul=True)
     with pytest.raises(ValueError, match="bfloat16 only for silu_mul"):
-        packed = native_kernels.pack_weight(torch.zeros(64, 64, dtype=BF16), silu_mul=True)
-        native_kernels.gemm_bf16(torch.zeros(1, 64, dtype=BF16), packed, out_dtype=torch.float32)
+        packed = gemm.pack_weight(torch.zeros(64, 64, dtype=BF16), silu_mul=True)
+        gemm.gemm_bf16(torch.zeros(1, 64, dtype=BF16), packed, out_dtype=torch.float32)
 
 
 def test_gemm_keeps_leading_dims_and_takes_strided_input() -> None:
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(128, 64, generator=gen).to(BF16)
     x = torch.randn(3, 4, 128, generator=gen).to(BF16)[..., ::2]  # [3, 4, 64], not contiguous
-    got = native_kernels.gemm_bf16(x, native_kernels.pack_weight(weight))
+    got = gemm.gemm_bf16(x, gemm.pack_weight(weight))
     assert got.shape == (3, 4, 128)
     torch.testing.assert_close(got.float(), (x.float() @ weight.float().T), rtol=2**-8, atol=0.05)
-    assert native_kernels.gemm_bf16(torch.empty(0, 64, dtype=BF16), native_kernels.pack_weight(weight)).shape == (0, 128)
+    assert gemm.gemm_bf16(torch.empty(0, 64, dtype=BF16), gemm.pack_weight(weight)).shape == (0, 128)
 
 
 def test_gemm_refuses_what_it_cannot_run() -> None:
-    assert not native_kernels.gemm_bf16_fits(torch.empty(4, 3, dtype=BF16))  # odd in_features: no k pairs
-    assert not native_kernels.gemm_bf16_fits(torch.empty(4, 2, dtype=torch.float32))
+    assert not gemm.gemm_bf16_fits(torch.empty(4, 3, dtype=BF16))  # odd in_features: no k pairs
+    assert not gemm.gemm_bf16_fits(torch.empty(4, 2, dtype=torch.float32))
     with pytest.raises(ValueError, match="bfloat16"):
-        native_kernels.gemm_bf16(torch.ones(2, 64), native_kernels.pack_weight(torch.ones(8, 64, dtype=BF16)))
+        gemm.gemm_bf16(torch.ones(2, 64), gemm.pack_weight(torch.ones(8, 64, dtype=BF16)))

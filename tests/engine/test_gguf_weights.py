@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmserve.config import EngineConfig
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import qgemm_gguf
 from lmserve.engine.modeling.attention import SeqLayout
 from lmserve.engine.runner import ModelRunner
 from tests.checkpoints.gguf_model import gguf_blocks_of
@@ -27,7 +27,7 @@ def _logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
 @torch.inference_mode()
 def test_gguf_weights_give_the_dequantized_models_logits(kind: str, tiny_llama_dir: Path, cache_dir: Path) -> None:
     runner = ModelRunner(tiny_llama_dir, EngineConfig(dtype="float32", device="cpu", num_kv_blocks=4, cache_dir=cache_dir))
-    assert native_kernels.gguf_gemm_available()
+    assert qgemm_gguf.gguf_gemm_available()
     model = runner.model
     weights, head = gguf_blocks_of(model, kind)
 
@@ -35,7 +35,7 @@ def test_gguf_weights_give_the_dequantized_models_logits(kind: str, tiny_llama_d
     reference = _logits(runner, ids)  # float weights holding the blocks' values
     described = model.use_gguf_weights(weights, head)
     assert described.startswith(f"GGUF {kind} blocks (head {kind}), qgemm_gguf.c")
-    assert isinstance(model.layers[1].self_attn.qkv_proj.packed, native_kernels.GGUFWeight)
+    assert isinstance(model.layers[1].self_attn.qkv_proj.packed, qgemm_gguf.GGUFWeight)
     got = _logits(runner, ids)
     relative = ((got - reference).norm(dim=1) / reference.norm(dim=1)).max().item()
     # 8-bit activations: about 0.5% per matmul, compounded over this random model's 9 (3.4% for Q8_0, 4.1% for

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmserve.config import default_c_compiler
-from lmserve.engine.modeling import kernel_abi, kernel_cache, native_kernels, qgemm_vnni
+from lmserve.engine.modeling import gemm, kernel_abi, kernel_cache, kernel_loader, layer_stack, qgemm_vnni
 
 _INTERNAL_PROTOTYPE = re.compile(r"^(?:int|void)\s+(\w+)\s*\(", re.MULTILINE)
 
@@ -60,7 +60,7 @@ def test_abi_h_is_read_as_declared() -> None:
         "qkv_s", "o_s", "gate_up_s", "down_s",
     )  # fmt: skip
     # LayerWeights names the same slots, in the same order.
-    assert tuple(f.name for f in dataclasses.fields(native_kernels.LayerWeights)) == abi.layer_slots
+    assert tuple(f.name for f in dataclasses.fields(layer_stack.LayerWeights)) == abi.layer_slots
     gemm = abi.functions["gemm_bf16"]
     assert [p.c_type for p in gemm.params] == ["pointer"] * 5 + ["int64_t"] * 3 + ["int", "int"]
     assert abi.functions["lmserve_has_avx512_bf16"].params == ()
@@ -78,10 +78,10 @@ def test_a_declaration_abi_h_cannot_carry_is_an_error() -> None:
 
 
 def test_the_portable_build_has_no_avx512_code(portable_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native_kernels, "library", lambda: portable_library)
+    monkeypatch.setattr(kernel_loader, "library", lambda: portable_library)
     assert portable_library.lmserve_has_avx512_bf16() == 0
     assert portable_library.lmserve_has_int8_bf16() == 0
-    assert not native_kernels.gemm_bf16_available()
+    assert not gemm.gemm_bf16_available()
     assert not qgemm_vnni.available()
 
 
@@ -94,7 +94,7 @@ def test_a_warning_fails_the_build(tmp_path: Path) -> None:
     with (tmp_path / "token_mask.c").open("a") as f:
         f.write("\nint lmserve_undeclared(void);\nint lmserve_undeclared(void) { int unused; return 0; }\n")
     with pytest.raises(subprocess.CalledProcessError) as failed:
-        native_kernels._build((tmp_path / "token_mask.c",), tmp_path / "out.so", compiler)
+        kernel_loader._build((tmp_path / "token_mask.c",), tmp_path / "out.so", compiler)
     assert "unused variable 'unused'" in failed.value.stderr.replace("‘", "'").replace("’", "'")
     assert not (tmp_path / "out.so").exists()
 
@@ -109,14 +109,14 @@ def test_a_read_only_cache_with_the_build_is_only_read(tmp_path: Path) -> None:
     target.write_bytes(b"\x7fELF")
     kernel_cache.remember_user(target, kernel_cache.SOURCE_DIR)
     before = sorted(p.name for p in target.parent.iterdir())
-    assert native_kernels._ensure_built(tmp_path, "false", "native") == target  # "false": no build is tried
+    assert kernel_loader._ensure_built(tmp_path, "false", "native") == target  # "false": no build is tried
     assert sorted(p.name for p in target.parent.iterdir()) == before  # no .lock, no new record
     kernel_cache.users_path(target).unlink()
     target.parent.chmod(0o555)
     try:
         if not _is_read_only(target.parent):
             pytest.skip("running as root: a read-only folder is writable")
-        assert native_kernels._ensure_built(tmp_path, "false", "native") == target
+        assert kernel_loader._ensure_built(tmp_path, "false", "native") == target
         assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
     finally:
         target.parent.chmod(0o755)

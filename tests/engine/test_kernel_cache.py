@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmserve.engine.modeling import kernel_cache, native_kernels
+from lmserve.engine.modeling import kernel_cache, kernel_loader
 from lmserve.progress import PROGRESS_LOGGER
 
 
@@ -17,7 +17,7 @@ def test_a_build_writes_one_progress_line_first(tmp_path: Path, caplog: pytest.L
     target = tmp_path / "kernels" / "lmserve-kernels-test.so"
     target.parent.mkdir()
     with pytest.raises(subprocess.CalledProcessError):  # a "compiler" that fails at once: the line comes first
-        native_kernels._build(kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], target, "false")
+        kernel_loader._build(kernel_cache.sources(kernel_cache.SOURCE_DIR)[0], target, "false")
     (line,) = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
     assert line.startswith(f"building the C kernels with false into {target.parent} (once per machine")
     assert not target.exists()

@@ -14,7 +14,7 @@ import torch
 
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import NativeEngine
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import gemm
 from lmserve.engine.modeling.kernel_cache import cpu_has_int8_bf16
 from lmserve.engine.modeling.forward_path import ForwardPath
 from lmserve.types import GenerationRequest, SamplingParams
@@ -28,9 +28,9 @@ def test_lora_bf16_adds_each_runs_own_update(gemm_kernels, width: int, in_featur
     num_slots = 3
     a = (torch.randn(num_slots * width, in_features) * 0.1).bfloat16()
     b = (torch.randn(num_slots * width, out_features) * 0.1).bfloat16()  # B transposed, [width, out] per slot
-    a_packed = torch.stack([native_kernels.pack_lora_a(a[s * width : (s + 1) * width]) for s in range(num_slots)])
+    a_packed = torch.stack([gemm.pack_lora_a(a[s * width : (s + 1) * width]) for s in range(num_slots)])
     b_packed = torch.stack(
-        [native_kernels.pack_weight(b[s * width : (s + 1) * width].t().contiguous()).data.flatten() for s in range(num_slots)]
+        [gemm.pack_weight(b[s * width : (s + 1) * width].t().contiguous()).data.flatten() for s in range(num_slots)]
     )
     x = torch.randn(rows, in_features).bfloat16()
     y = torch.randn(rows, out_features).bfloat16()
@@ -43,7 +43,7 @@ def test_lora_bf16_adds_each_runs_own_update(gemm_kernels, width: int, in_featur
         block = slice(slot * width, (slot + 1) * width)
         shrunk = (x[first:end].float() @ a[block].float().t() * scale).bfloat16().float()
         expected[first:end] += shrunk @ b[block].float()
-    native_kernels.lora_bf16(
+    gemm.lora_bf16(
         x, y, torch.tensor(runs, dtype=torch.int64), torch.tensor(scales), a_packed, b_packed, width
     )
     untouched = [3, rows - 1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmserve.config import default_c_compiler
-from lmserve.engine.modeling import kernel_cache, native_kernels
+from lmserve.engine.modeling import kernel_abi, kernel_cache, kernel_loader, qgemm
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49, 33), (3, 7), (6, 100)]  # (out, in): odd N and K tails
 ROWS = [1, 2, 3, 7, 64, 67]  # one row (decode), the 2-row pairs and their remainder, several 64-row blocks
@@ -26,13 +26,13 @@ def _data(rows: int, out_features: int, in_features: int) -> tuple[torch.Tensor,
     return x, weight
 
 
-def _int_weight(packed: native_kernels.QuantizedWeight) -> torch.Tensor:
+def _int_weight(packed: qgemm.QuantizedWeight) -> torch.Tensor:
     """The int8 values [out, Kp] of a packed weight, as float64."""
     groups, steps = packed.data.shape[:2]
     return packed.data.permute(0, 2, 1, 3).reshape(groups * 4, steps * 32)[: packed.out_features].double()
 
 
-def _reference(xq: torch.Tensor, sx: torch.Tensor, packed: native_kernels.QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(xq: torch.Tensor, sx: torch.Tensor, packed: qgemm.QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_b (xq_b . wq_b) * sx_b * sw in float64 (exact up to float64 rounding), and the same sum of
     absolute values (the scale of float32's rounding error in the kernel's accumulation)."""
     xd = (xq.double().view(xq.shape[0], -1, 32) * sx.double()[:, :, None]).view(xq.shape)
@@ -45,7 +45,7 @@ def test_quantize_rows_is_symmetric_absmax_per_block_of_32(kernels: str) -> None
     x, _ = _data(5, 1, 77)
     x[3] = 0.0  # an all-zero row: scales 0, values 0
     x[1, 32:64] = 0.0  # an all-zero block
-    xq, sx = native_kernels.quantize_rows(x)
+    xq, sx = qgemm.quantize_rows(x)
     assert xq.shape == (5, 96) and sx.shape == (5, 3) and torch.all(xq[:, 77:] == 0)
     padded = torch.nn.functional.pad(x, (0, 96 - 77)).view(5, 3, 32)
     amax = padded.abs().amax(dim=2)
@@ -61,13 +61,13 @@ def test_quantize_rows_is_symmetric_absmax_per_block_of_32(kernels: str) -> None
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 def test_qgemm_matches_float_references(kernels: str, rows: int, out_features: int, in_features: int) -> None:
     x, weight = _data(rows, out_features, in_features)
-    packed = native_kernels.quantize_weight(weight)
-    got = native_kernels.qgemm_int8(x, packed)
+    packed = qgemm.quantize_weight(weight)
+    got = qgemm.qgemm_int8(x, packed)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
     # 1. The kernel's own arithmetic: a block's int32 sum is exact; the float32 accumulation of the Kp / 32
     #    scaled block sums (in up to 8 lanes, then across them) and the final scaling add a rounding each,
     #    so the error stays below (Kp / 32 + 8) * 2^-24 times the sum of the terms' absolute values.
-    xq, sx = native_kernels.quantize_rows(x)
+    xq, sx = qgemm.quantize_rows(x)
     exact, magnitude = _reference(xq, sx, packed)
     assert torch.all((got.double() - exact).abs() <= (sx.shape[1] + 8) * 2**-24 * magnitude + 1e-30)
     # 2. Against the float matmul it stands for: each factor is off by at most half its scale, so
@@ -89,18 +89,18 @@ def test_qgemm_matches_float_references(kernels: str, rows: int, out_features: i
 def test_qgemm_bias_and_leading_dims(kernels: str) -> None:
     x, weight = _data(6, 40, 64)
     bias = torch.randn(40)
-    packed = native_kernels.quantize_weight(weight)
-    got = native_kernels.qgemm_int8(x.view(2, 3, 64), packed, bias)
+    packed = qgemm.quantize_weight(weight)
+    got = qgemm.qgemm_int8(x.view(2, 3, 64), packed, bias)
     assert got.shape == (2, 3, 40)
-    assert torch.equal(got.view(6, 40), native_kernels.qgemm_int8(x, packed) + bias)
-    assert native_kernels.qgemm_int8(x[:0], packed).shape == (0, 40)
+    assert torch.equal(got.view(6, 40), qgemm.qgemm_int8(x, packed) + bias)
+    assert qgemm.qgemm_int8(x[:0], packed).shape == (0, 40)
     with pytest.raises(ValueError, match="float32"):
-        native_kernels.qgemm_int8(x.to(torch.bfloat16), packed)
+        qgemm.qgemm_int8(x.to(torch.bfloat16), packed)
 
 
 def test_quantized_weight_round_trips_within_half_a_step() -> None:
     _, weight = _data(1, 49, 33)
-    packed = native_kernels.quantize_weight(weight)
+    packed = qgemm.quantize_weight(weight)
     assert packed.data.dtype == torch.int8 and packed.data.shape == (13, 2, 4, 32)
     error = (packed.dequantize() - weight).abs()
     assert torch.all(error <= packed.scales[:49, None] / 2 + 1e-7)
@@ -138,16 +138,16 @@ def test_every_inner_loop_compiles_and_where_the_cpu_runs_it_agrees(
             disassembly = subprocess.run(["objdump", "-d", lib._name], capture_output=True, check=True).stdout
             assert b"vpdpbusd" in disassembly
         pytest.skip("compiled only: this CPU has no AVX-512 VNNI")
-    native_kernels._declare(lib, native_kernels.kernel_abi.Abi(
-        {n: f for n, f in native_kernels.kernel_abi.read().functions.items() if n in (
+    kernel_loader._declare(lib, kernel_abi.Abi(
+        {n: f for n, f in kernel_abi.read().functions.items() if n in (
             "qgemm_int8", "quantize_rows_int8", "lmserve_qgemm_isa")}, {}, ()))  # fmt: skip
-    assert native_kernels.QGEMM_ISAS[lib.lmserve_qgemm_isa()] == isa
+    assert qgemm.QGEMM_ISAS[lib.lmserve_qgemm_isa()] == isa
     for rows, (out_features, in_features) in [(1, (49, 33)), (5, (576, 576)), (67, (6, 100))]:
         x, weight = _data(rows, out_features, in_features)
-        packed = native_kernels.quantize_weight(weight)
-        monkeypatch.setattr(native_kernels, "library", lambda: lib)
-        got, (xq, sx) = native_kernels.qgemm_int8(x, packed), native_kernels.quantize_rows(x)
-        monkeypatch.setattr(native_kernels, "library", lambda: native_library)
-        assert all(map(torch.equal, (xq, sx), native_kernels.quantize_rows(x)))  # the same rounding
+        packed = qgemm.quantize_weight(weight)
+        monkeypatch.setattr(kernel_loader, "library", lambda: lib)
+        got, (xq, sx) = qgemm.qgemm_int8(x, packed), qgemm.quantize_rows(x)
+        monkeypatch.setattr(kernel_loader, "library", lambda: native_library)
+        assert all(map(torch.equal, (xq, sx), qgemm.quantize_rows(x)))  # the same rounding
         exact, magnitude = _reference(xq, sx, packed)  # the sums within float32 accumulation's error
         assert torch.all((got.double() - exact).abs() <= (sx.shape[1] + 8) * 2**-24 * magnitude + 1e-30)

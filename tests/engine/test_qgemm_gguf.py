@@ -23,7 +23,7 @@ import torch
 from lmserve.checkpoints.bundled import require_bundled
 from lmserve.checkpoints.gguf_blocks import _read_blocks, read_tensor_table
 from lmserve.config import default_c_compiler
-from lmserve.engine.modeling import kernel_abi, kernel_cache, native_kernels
+from lmserve.engine.modeling import kernel_abi, kernel_cache, kernel_loader, qgemm_gguf
 
 QTYPES = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 SHAPES = [(1, 576, 576), (1, 1536, 576), (1, 577, 1536), (1, 3, 64), (7, 33, 576), (7, 192, 64), (4, 5, 32), (9, 101, 96)]
@@ -50,8 +50,8 @@ def plain_c_library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     abi = kernel_abi.read()
     for name in ("lmserve_gguf_isa", "gguf_quantize_rows", "gguf_gemm"):
         fn = getattr(lib, name)
-        fn.argtypes = [native_kernels._CTYPES[p.c_type] for p in abi.functions[name].params]
-        fn.restype = native_kernels._RESTYPES[abi.functions[name].returns]
+        fn.argtypes = [kernel_loader._CTYPES[p.c_type] for p in abi.functions[name].params]
+        fn.restype = kernel_loader._RESTYPES[abi.functions[name].returns]
     assert lib.lmserve_gguf_isa() == 0
     return lib
 
@@ -59,15 +59,15 @@ def plain_c_library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 @pytest.fixture(params=["native", "plain"])
 def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     lib = request.getfixturevalue("native_library" if request.param == "native" else "plain_c_library")
-    monkeypatch.setattr(native_kernels, "library", lambda: lib)
+    monkeypatch.setattr(kernel_loader, "library", lambda: lib)
     return request.param
 
 
-def _weight(kind: str, w: np.ndarray) -> tuple[native_kernels.GGUFWeight, torch.Tensor]:
+def _weight(kind: str, w: np.ndarray) -> tuple[qgemm_gguf.GGUFWeight, torch.Tensor]:
     """w [N, K] float32 as GGUF blocks of `kind`, and the float64 weights those blocks stand for."""
     blocks = gguf.quants.quantize(w, QTYPES[kind])
     dequantized = torch.from_numpy(gguf.quants.dequantize(blocks, QTYPES[kind])).double()
-    return native_kernels.GGUFWeight(torch.from_numpy(blocks), kind, *w.shape), dequantized
+    return qgemm_gguf.GGUFWeight(torch.from_numpy(blocks), kind, *w.shape), dequantized
 
 
 def _data(m: int, n: int, k: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -79,10 +79,10 @@ def _data(m: int, n: int, k: int) -> tuple[np.ndarray, torch.Tensor]:
     return w, x
 
 
-def _exact(kind: str, weight: native_kernels.GGUFWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact(kind: str, weight: qgemm_gguf.GGUFWeight, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's arithmetic in float64 from its own quantized activations, and sum |terms| (for the
     float32 rounding bound)."""
-    qx, dx, sx = native_kernels.gguf_quantize_rows(x)
+    qx, dx, sx = qgemm_gguf.gguf_quantize_rows(x)
     n, k = weight.out_features, weight.in_features
     nb = k // 32
     raw = weight.data.numpy().reshape(n, nb, -1)
@@ -100,10 +100,10 @@ def _exact(kind: str, weight: native_kernels.GGUFWeight, x: torch.Tensor) -> tup
 
 
 def test_quantize_rows_is_blockwise_absmax(native_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native_kernels, "library", lambda: native_library)
+    monkeypatch.setattr(kernel_loader, "library", lambda: native_library)
     _, x = _data(3, 1, 96)
     x[1, 32:64] = 0.0  # an all-zero block: scale 0, values 0
-    qx, dx, sx = native_kernels.gguf_quantize_rows(x)
+    qx, dx, sx = qgemm_gguf.gguf_quantize_rows(x)
     blocks = x.view(3, 3, 32)
     amax = blocks.abs().amax(dim=2)
     assert torch.equal(dx, amax / 127)
@@ -118,7 +118,7 @@ def test_quantize_rows_is_blockwise_absmax(native_library: ctypes.CDLL, monkeypa
 def test_gguf_gemm_matches_float_references(build: str, kind: str, m: int, n: int, k: int) -> None:
     w, x = _data(m, n, k)
     weight, w_float = _weight(kind, w)
-    got = native_kernels.gguf_gemm(x, weight)
+    got = qgemm_gguf.gguf_gemm(x, weight)
     assert got.shape == (m, n) and got.dtype == torch.float32
     exact, magnitude = _exact(kind, weight, x)
     assert torch.all((got.double() - exact).abs() <= FLOAT_SLACK * magnitude + 1e-6)
@@ -132,16 +132,16 @@ def test_gguf_gemm_matches_float_references(build: str, kind: str, m: int, n: in
 
 def test_gguf_gemm_on_the_bundled_models_blocks(native_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real blocks: layer 0's ffn_down (Q4_1, K = 1536) and the first 999 rows of token_embd (Q8_0)."""
-    monkeypatch.setattr(native_kernels, "library", lambda: native_library)
+    monkeypatch.setattr(kernel_loader, "library", lambda: native_library)
     table = read_tensor_table(require_bundled("smollm2-135m-instruct"))
     for name, kind, rows in (("blk.0.ffn_down.weight", "q4_1", None), ("token_embd.weight", "q8_0", 999)):
         t = table.tensors[name]
         assert t.kind == kind
         blocks = np.ascontiguousarray(_read_blocks(require_bundled("smollm2-135m-instruct"), t).blocks[:rows])
         w_float = torch.from_numpy(gguf.quants.dequantize(blocks, QTYPES[kind])).double()
-        weight = native_kernels.GGUFWeight(torch.from_numpy(blocks), kind, *w_float.shape)
+        weight = qgemm_gguf.GGUFWeight(torch.from_numpy(blocks), kind, *w_float.shape)
         x = torch.randn(3, weight.in_features, generator=torch.Generator().manual_seed(5))
-        got = native_kernels.gguf_gemm(x, weight).double()
+        got = qgemm_gguf.gguf_gemm(x, weight).double()
         exact, magnitude = _exact(kind, weight, x)
         assert torch.all((got - exact).abs() <= FLOAT_SLACK * magnitude + 1e-6)
         reference = x.double() @ w_float.T
@@ -150,9 +150,9 @@ def test_gguf_gemm_on_the_bundled_models_blocks(native_library: ctypes.CDLL, mon
 
 def test_gguf_weight_refuses_a_shape_its_blocks_do_not_fill() -> None:
     with pytest.raises(ValueError, match="needs uint8 blocks"):
-        native_kernels.GGUFWeight(torch.zeros(4, 41, dtype=torch.uint8), "q4_1", 4, 64)
+        qgemm_gguf.GGUFWeight(torch.zeros(4, 41, dtype=torch.uint8), "q4_1", 4, 64)
     with pytest.raises(ValueError, match="needs uint8 blocks"):
-        native_kernels.GGUFWeight(torch.zeros(4, 20, dtype=torch.uint8), "q4_1", 4, 40)  # K not a multiple of 32
+        qgemm_gguf.GGUFWeight(torch.zeros(4, 20, dtype=torch.uint8), "q4_1", 4, 40)  # K not a multiple of 32
 
 
 def test_vnni_path_compiles(tmp_path: Path) -> None:

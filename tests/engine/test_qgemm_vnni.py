@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmserve.config import EngineConfig
-from lmserve.engine.modeling import kernel_cache, native_kernels, qgemm_vnni
+from lmserve.engine.modeling import fused_ops, kernel_cache, kernel_loader, layer_stack, qgemm, qgemm_vnni
 from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from lmserve.engine.runner import ModelRunner
 from tests.engine.forward_steps import MIXED_STEPS, forward_steps
@@ -31,7 +31,7 @@ ROWS = [1, 2, 5, 6, 7, 13, 64, 67, 512]  # one row, each partial register block,
 
 @pytest.fixture
 def native(native_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
-    monkeypatch.setattr(native_kernels, "library", lambda: native_library)
+    monkeypatch.setattr(kernel_loader, "library", lambda: native_library)
     return native_library
 
 
@@ -61,7 +61,7 @@ def test_qgemm_vnni_sums_the_int8_products_exactly(native, rows: int, out_featur
     bf16 out: that float32 result rounded to nearest even, bit for bit."""
     x, weight, bias = _data(rows, out_features, in_features)
     packed = qgemm_vnni.pack_vnni(weight)
-    assert torch.equal(packed.dequantize(), native_kernels.quantize_weight(weight).dequantize())  # the same int8 weights
+    assert torch.equal(packed.dequantize(), qgemm.quantize_weight(weight).dequantize())  # the same int8 weights
     xq, sx, cx = qgemm_vnni.quantize_rows(x)
     xd = (xq.double().view(rows, -1, 32) * sx.double()[:, :, None]).view(rows, -1)[:, :in_features]
     wq = packed.int8_values().double()
@@ -99,7 +99,7 @@ def test_fused_silu_equals_the_separate_kernel(native, rows: int) -> None:
     x, weight, bias = _data(rows, 2 * 96, 64)  # 96 activations: three groups of 16 gate and 16 up columns
     plain, fused = qgemm_vnni.pack_vnni(weight), qgemm_vnni.pack_vnni(weight, silu_mul=True)
     assert fused.silu_mul and torch.equal(fused.dequantize(), plain.dequantize())
-    want = native_kernels.silu_mul(qgemm_vnni.qgemm_vnni(x, plain, bias))
+    want = fused_ops.silu_mul(qgemm_vnni.qgemm_vnni(x, plain, bias))
     assert torch.equal(qgemm_vnni.qgemm_vnni(x, fused, bias), want)
     assert not qgemm_vnni.silu_mul_packable(torch.zeros(2 * 40, 64))  # 40 is not a multiple of 16
     with pytest.raises(ValueError, match="silu_mul"):
@@ -136,8 +136,8 @@ def test_int8_bf16_stack_matches_the_layer_by_layer_path(
     assert runner.kv_caches.dtype == BF16
     assert choose_forward_path("auto", model, BF16, CPU) is ForwardPath.DECODER_STACK
     stack_calls = []
-    decoder_stack = native_kernels.decoder_stack
-    monkeypatch.setattr(native_kernels, "decoder_stack", lambda *a: stack_calls.append(1) or decoder_stack(*a))
+    decoder_stack = layer_stack.decoder_stack
+    monkeypatch.setattr(layer_stack, "decoder_stack", lambda *a: stack_calls.append(1) or decoder_stack(*a))
     ids = torch.randint(100, 5000, (60,), generator=torch.Generator().manual_seed(5))
     steps = MIXED_STEPS
     stacked, stacked_cache = forward_steps(runner, ForwardPath.DECODER_STACK, steps, ids)
@@ -163,7 +163,7 @@ def test_int8_under_bf16_is_refused_by_the_portable_build(
     portable_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path, cache_dir: Path
 ) -> None:
     """Where the kernels have no VNNI path, --quantization int8 with bf16 activations is refused with the way out."""
-    monkeypatch.setattr(native_kernels, "library", lambda: portable_library)
+    monkeypatch.setattr(kernel_loader, "library", lambda: portable_library)
     config = EngineConfig(dtype="bfloat16", quantization="int8", num_kv_blocks=8, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="needs a CPU with AVX-512 VNNI and BF16: add --dtype float32"):
         ModelRunner(tiny_llama_dir, config)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.config import EngineConfig
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import fused_ops, layer_stack, qgemm
 from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
 from lmserve.engine.modeling.layers import rotate_half
 from lmserve.engine.runner import ModelRunner
@@ -30,14 +30,14 @@ def test_float32_fused_ops_match_torch() -> None:
     x, residual = (torch.randn(7, 100, generator=gen).mul(4) for _ in range(2))  # 100: not a multiple of 8
     weight = torch.randn(100, generator=gen)
     expected_residual = residual + x
-    got = native_kernels.add_rms_norm(x, residual, weight, 1e-5)
+    got = fused_ops.add_rms_norm(x, residual, weight, 1e-5)
     assert torch.equal(residual, expected_residual)  # the add in place, as torch adds
     # the sum of squares in another order, 1 / sqrt for rsqrt: a few ulp
     torch.testing.assert_close(got, F.rms_norm(expected_residual, (100,), weight, 1e-5), rtol=1e-5, atol=1e-6)
 
     gate_up = torch.randn(5, 2 * 72, generator=gen).mul(3)
     gate, up = gate_up.split(72, dim=-1)
-    torch.testing.assert_close(native_kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_ops.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
 @_needs_kernels
@@ -49,7 +49,7 @@ def test_float32_rope_and_cache_gives_torchs_bits() -> None:
     cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
     cache = torch.zeros(2, kv_heads, 4, 8, head_dim, dtype=torch.bfloat16)  # the quantized path's cache
     slots = torch.tensor([9, 0, 30])
-    q, k = native_kernels.rope_and_cache(qkv, cos, sin, cache, slots, heads)
+    q, k = fused_ops.rope_and_cache(qkv, cos, sin, cache, slots, heads)
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
     expected = qk * cos + rotate_half(qk) * sin  # decoder.py's expression: three roundings, as the kernel's
     assert q.dtype == k.dtype == F32
@@ -59,7 +59,7 @@ def test_float32_rope_and_cache_gives_torchs_bits() -> None:
     for r, slot in enumerate(slots.tolist()):  # stored rounded to nearest even, as torch's .to(bfloat16)
         assert torch.equal(flat[0, :, slot], k[r].bfloat16()) and torch.equal(flat[1, :, slot], v[r].bfloat16())
     with pytest.raises(ValueError, match="bfloat16"):  # a float32 cache is not this kernel's
-        native_kernels.rope_and_cache(qkv, cos, sin, torch.zeros(2, kv_heads, 4, 8, head_dim), slots, heads)
+        fused_ops.rope_and_cache(qkv, cos, sin, torch.zeros(2, kv_heads, 4, 8, head_dim), slots, heads)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +115,8 @@ def test_quantized_stack_matches_the_layer_by_layer_path(
     assert runner.kv_caches.dtype == torch.bfloat16
     assert choose_forward_path("auto", model, F32, CPU) is ForwardPath.DECODER_STACK
     stack_calls = []
-    decoder_stack = native_kernels.decoder_stack
-    monkeypatch.setattr(native_kernels, "decoder_stack", lambda *a: stack_calls.append(1) or decoder_stack(*a))
+    decoder_stack = layer_stack.decoder_stack
+    monkeypatch.setattr(layer_stack, "decoder_stack", lambda *a: stack_calls.append(1) or decoder_stack(*a))
     ids = torch.randint(100, 5000, (60,), generator=torch.Generator().manual_seed(5))
     steps = MIXED_STEPS
 
@@ -142,7 +142,7 @@ def test_mixed_weight_kinds_do_not_take_the_stack(tiny_llama_dir: Path, cache_di
     model = runner.model
     assert choose_forward_path("auto", model, F32, CPU) is ForwardPath.DECODER_STACK
     down = model.layers[1].mlp.down_proj
-    down.packed = native_kernels.quantize_weight(torch.randn(down.out_features, down.in_features))
+    down.packed = qgemm.quantize_weight(torch.randn(down.out_features, down.in_features))
     assert not model.can_run_decoder_stack()
     assert choose_forward_path("auto", model, F32, CPU) is ForwardPath.FUSED_OPS
 

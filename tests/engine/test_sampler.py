@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import sampling
 from lmserve.engine.request import Request
 from lmserve.engine.sampler import (
     SampledToken,
@@ -349,7 +349,7 @@ def test_c_sampler_draws_from_softmax_over_a_real_vocab() -> None:
     row[:4] = torch.tensor([9.0, 8.5, 8.0, 7.0])  # a head with most of the mass, spread over chunks below
     n, temperature = 4000, 0.8
     probs = torch.softmax(row / temperature, -1)
-    got = native_kernels.sample_temperature(row.expand(n, -1), [temperature] * n, torch.rand(n, generator=gen))
+    got = sampling.sample_temperature(row.expand(n, -1), [temperature] * n, torch.rand(n, generator=gen))
     counts = torch.bincount(got, minlength=49152).double()
     for token in range(4):
         p = probs[token].item()
@@ -363,18 +363,18 @@ def test_c_sampler_edges() -> None:
     x = torch.tensor([[float("-inf"), 1.0, float("-inf"), 1.0, float("-inf")]] * 3)
     u = torch.tensor([0.0, 0.4999, 0.9999999])
     # u = 0: the first token with mass; u near 1: the last; a banned (-inf) token never, at any temperature.
-    assert native_kernels.sample_temperature(x, [1.0, 1.0, 50.0], u).tolist() == [1, 1, 3]
+    assert sampling.sample_temperature(x, [1.0, 1.0, 50.0], u).tolist() == [1, 1, 3]
     nan_row = torch.tensor([[0.0, float("nan"), 3.0, 1.0]])
-    assert native_kernels.sample_temperature(nan_row, [1.0], torch.tensor([0.5])).tolist() == [2]  # argmax
+    assert sampling.sample_temperature(nan_row, [1.0], torch.tensor([0.5])).tolist() == [2]  # argmax
     hot = torch.tensor([[0.0, 200.0, 1.0]])
-    assert native_kernels.sample_temperature(hot, [1e-30], torch.tensor([0.3])).tolist() == [1]  # overflow -> argmax
+    assert sampling.sample_temperature(hot, [1e-30], torch.tensor([0.3])).tolist() == [1]  # overflow -> argmax
     # A probability that underflows float32 is zero, as in torch's softmax: never drawn, even at u = 0.
-    assert native_kernels.sample_temperature(torch.tensor([[-200.0, 10.0]]), [1.0], torch.tensor([0.0])).tolist() == [1]
+    assert sampling.sample_temperature(torch.tensor([[-200.0, 10.0]]), [1.0], torch.tensor([0.0])).tolist() == [1]
     # u within rounding of 1 over a real vocabulary: the last token with mass, not a massless one after it.
     row = torch.randn(49152, generator=torch.Generator().manual_seed(1))
     row[-3:] = -300.0
     u = 1.0 - torch.arange(1, 65, dtype=torch.float64) * 2.0**-24
-    got = native_kernels.sample_temperature(row.expand(64, -1), [1.0] * 64, u.float())
+    got = sampling.sample_temperature(row.expand(64, -1), [1.0] * 64, u.float())
     assert int(got.max()) < 49149
 
 
@@ -382,8 +382,8 @@ def test_c_sampler_edges() -> None:
 def test_temperature_only_rows_go_through_the_c_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per row: plain-temperature rows to sampling.c, filtered rows to the torch path, in one batch."""
     seen: list[int] = []
-    real = native_kernels.sample_temperature
-    monkeypatch.setattr(native_kernels, "sample_temperature", lambda x, t, u: seen.append(x.shape[0]) or real(x, t, u))
+    real = sampling.sample_temperature
+    monkeypatch.setattr(sampling, "sample_temperature", lambda x, t, u: seen.append(x.shape[0]) or real(x, t, u))
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     reqs = [make_request(SamplingParams(temperature=0.7)), make_request(SamplingParams(temperature=1.0, top_k=5)),
             make_request(SamplingParams(temperature=1.3))]  # fmt: skip
@@ -397,8 +397,8 @@ def test_a_step_of_plain_temperature_rows_samples_the_logits_in_place(monkeypatc
     """Every row temperature-only: sampling.c reads the caller's logits (no copy of the batch) and leaves them
     as they were."""
     seen: list[int] = []
-    real = native_kernels.sample_temperature
-    monkeypatch.setattr(native_kernels, "sample_temperature", lambda x, t, u: seen.append(x.data_ptr()) or real(x, t, u))
+    real = sampling.sample_temperature
+    monkeypatch.setattr(sampling, "sample_temperature", lambda x, t, u: seen.append(x.data_ptr()) or real(x, t, u))
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
     before = logits.clone()
     out = sample(logits, [make_request(SamplingParams(temperature=t)) for t in (0.5, 0.7, 1.0, 1.5)], [None] * 4)

@@ -37,7 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from lmserve.api.proto import lmserve_pb2 as pb  # noqa: E402
 from lmserve.api.proto import lmserve_pb2_grpc as rpc  # noqa: E402
 from lmserve.engine.base import RequestRejected  # noqa: E402
-from lmserve.engine.vllm_backend import VLLMStatsCollector, to_vllm_sampling  # noqa: E402
+from lmserve.engine.vllm_params import to_vllm_sampling  # noqa: E402
+from lmserve.engine.vllm_stats import VLLMStatsCollector  # noqa: E402
 from lmserve.types import ConstraintKind, SamplingParams, StructuredOutput  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))

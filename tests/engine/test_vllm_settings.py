@@ -15,7 +15,7 @@ import pytest
 
 from lmserve.cli import build_parser, main, serve_config_from_args
 from lmserve.config import EngineConfig, ServeConfig, VLLMConfig
-from lmserve.engine.vllm_backend import vllm_engine_kwargs
+from lmserve.engine.vllm_params import vllm_engine_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from lmserve.config import LimitsConfig
-from lmserve.engine import engine as engine_module
+from lmserve.engine import step_loop
 from lmserve.engine.scheduler import SchedulerOutput
 from tests.api.conftest import LiveServer
 from tests.reliability.conftest import live_server, native, tiny_config, wait_until
@@ -163,7 +163,7 @@ def test_a_sampling_error_on_one_row_fails_that_request_alone(server: LiveServer
     the engine goes on serving."""
     engine = native(server.state)
     engine.runner.fault_hook = lambda _: time.sleep(0.01)  # slow steps: the bad ones surely join a busy batch
-    real_sample = engine_module.sample
+    real_sample = step_loop.sample
     mixed_batches = []
 
     def sample_failing_some_rows(logits, requests, generators):  # type: ignore[no-untyped-def]
@@ -173,7 +173,7 @@ def test_a_sampling_error_on_one_row_fails_that_request_alone(server: LiveServer
             raise RuntimeError("injected: sampling this row failed")
         return real_sample(logits, requests, generators)
 
-    monkeypatch.setattr(engine_module, "sample", sample_failing_some_rows)
+    monkeypatch.setattr(step_loop, "sample", sample_failing_some_rows)
     body = _body(False, 40)
 
     async def go() -> None:

@@ -12,7 +12,7 @@ from lmserve.checkpoints.fingerprint import file_sha256
 from lmserve.checkpoints.gguf_blocks import GGUF_QUANTIZATIONS, WeightBlocks, matches, read_gguf_linears
 from lmserve.checkpoints.weights import read_marker
 from lmserve.config import EngineConfig
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import qgemm_gguf
 from lmserve.engine.modeling.decoder import DecoderModel
 
 
@@ -23,7 +23,7 @@ def runtime_refusal(quantization: str, dtype: torch.dtype, device: torch.device)
         return f"{flag} runs on CPU only (its kernel is C), not on {device.type}"
     if dtype != torch.float32:
         return f"{flag} computes with float32 activations, not {str(dtype).removeprefix('torch.')}: add --dtype float32"
-    if not native_kernels.gguf_gemm_available():
+    if not qgemm_gguf.gguf_gemm_available():
         return f"{flag} needs the C kernels, which could not be built (a C compiler, --cache-dir)"
     return None
 
@@ -40,8 +40,8 @@ def source_gguf(model_path: Path, cache_dir: Path) -> Path:
     return path
 
 
-def _torch_weight(blocks: WeightBlocks) -> native_kernels.GGUFWeight:
-    return native_kernels.GGUFWeight(torch.from_numpy(blocks.blocks), blocks.kind, blocks.blocks.shape[0], blocks.in_features)
+def _torch_weight(blocks: WeightBlocks) -> qgemm_gguf.GGUFWeight:
+    return qgemm_gguf.GGUFWeight(torch.from_numpy(blocks.blocks), blocks.kind, blocks.blocks.shape[0], blocks.in_features)
 
 
 def use_gguf_blocks(model: DecoderModel, model_path: Path, config: EngineConfig) -> str:

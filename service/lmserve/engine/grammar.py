@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import llguidance as llg
 import torch
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import token_mask
 from lmserve.tokenizer import Tokenizer
 from lmserve.types import ConstraintKind, StructuredOutput
 
@@ -226,7 +226,7 @@ def apply_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tens
         return
     index = torch.tensor(list(rows), dtype=torch.long)
     mask = bitmask[: len(rows)]
-    if native_kernels.apply_token_bitmask(logits, index, mask):
+    if token_mask.apply_token_bitmask(logits, index, mask):
         return
     # Elsewhere (a GPU, no C compiler): unpack the bits with tensor ops on the logits' device.
     vocab = logits.shape[1]

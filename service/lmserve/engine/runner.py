@@ -15,7 +15,7 @@ from lmserve.checkpoints import CheckpointError, generation_architecture, load_w
 from lmserve.checkpoints.gguf_blocks import GGUF_QUANTIZATIONS
 from lmserve.config import EngineConfig
 from lmserve.engine.gguf_weights import use_gguf_blocks
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import kernel_loader
 from lmserve.engine.modeling.attention import AttentionMetadata, SeqLayout, build_metadata
 from lmserve.engine.lora_registry import LoraRegistry
 from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_path
@@ -118,7 +118,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             # Built now (once per machine), never on the engine thread's first step; and before the
             # weights are packed, which asks which kernels there are (gemm.c or oneDNN).
-            native_kernels.load_kernels(config.cache_dir, config.c_compiler)
+            kernel_loader.load_kernels(config.cache_dir, config.c_compiler)
         hf_config: PretrainedConfig = AutoConfig.from_pretrained(model_path)
         self.hf_config = hf_config
         model_len = int(getattr(hf_config, "max_position_embeddings", 2048))

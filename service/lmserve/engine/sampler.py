@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import sampling
 from lmserve.engine.request import Request
 from lmserve.types import SamplingParams
 
@@ -56,7 +56,7 @@ def sample(
         return [SampledToken(int(t), None) for t in logits.argmax(dim=-1).tolist()]
 
     vocab = logits.shape[1]
-    if native_kernels.sample_temperature_supported(logits) and all(
+    if sampling.sample_temperature_supported(logits) and all(
         not r.sampling.is_greedy and _unprocessed(r) and _temperature_only(r.sampling, vocab) for r in requests
     ):
         # The common sampled step (temperature only, as vllm bench serve's requests): sampling.c draws every
@@ -85,7 +85,7 @@ def sample(
     # Rows whose only processor left is a temperature are drawn by the C kernel on CPU (sampling.c: no
     # probabilities materialised; the same CDF inversion as _draw); the decision is per row, so a row's
     # draw does not depend on what else shares the batch.
-    in_c = native_kernels.sample_temperature_supported(x)
+    in_c = sampling.sample_temperature_supported(x)
     plain = [i for i in random_rows if in_c and _temperature_only(requests[i].sampling, vocab)]
     filtered = sorted(set(random_rows) - set(plain))
     for rows, draw in ((plain, _draw_plain), (filtered, _draw_filtered)):
@@ -299,7 +299,7 @@ def _temperature_only(p: SamplingParams, vocab: int) -> bool:
 
 
 def _draw_plain(x: torch.Tensor, params: Sequence[SamplingParams], generators: Generators) -> torch.Tensor:
-    return native_kernels.sample_temperature(x, [p.temperature for p in params], _uniforms(x, generators))
+    return sampling.sample_temperature(x, [p.temperature for p in params], _uniforms(x, generators))
 
 
 def _draw_filtered(x: torch.Tensor, params: Sequence[SamplingParams], generators: Generators) -> torch.Tensor:

@@ -11,9 +11,9 @@ more processes, or on other nodes through Ray.
     async for delta in engine.generate(request): ...                  # closing the stream aborts in vLLM
 
 Sampling parameters map one to one onto vLLM's (both follow vLLM's semantics); where vLLM would silently
-change a value, check_request refuses it with a 400 naming the parameter (see `to_vllm_sampling`).
+change a value, check_request refuses it with a 400 naming the parameter (vllm_params.to_vllm_sampling).
 EngineStats come from vLLM's own per-step SchedulerStats and IterationStats, through a stat logger that
-vLLM calls after every step.
+vLLM calls after every step (vllm_stats.py).
 
 vLLM is imported only here and only when this engine is loaded; without it, `load` raises
 EngineUnavailableError, which the CLI prints as one `error:` line.
@@ -25,7 +25,6 @@ import asyncio
 import importlib
 import importlib.util
 import itertools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -48,31 +47,16 @@ from lmserve.engine.base import (
     StepStats,
     timeout_delta,
 )
+from lmserve.engine.vllm_params import rejected, to_vllm_sampling, vllm_engine_kwargs
+from lmserve.engine.vllm_stats import VLLMStatsCollector
 from lmserve.tokenizer import Tokenizer
-from lmserve.types import (
-    ConstraintKind,
-    FinishReason,
-    GenerationDelta,
-    GenerationRequest,
-    RequestTiming,
-    SamplingParams,
-    StructuredOutput,
-    TokenLogprob,
-    TopLogprob,
-)
+from lmserve.types import FinishReason, GenerationDelta, GenerationRequest, RequestTiming, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32.0"  # the version this adapter is written and tested against (pyproject's `vllm` extra)
-# vLLM raises any temperature in (0, 0.01) to 0.01 with a warning (sampling_params._MAX_TEMP): such a
-# value cannot be passed through as asked, so it is refused.
-VLLM_MIN_TEMPERATURE = 1e-2
-# vLLM reads seed -1 as "no seed" (sampling_params.SamplingParams.__post_init__).
-VLLM_NO_SEED = -1
 
 _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
-# Our sampling fields, to name the parameter in a vLLM validation message that does not name it itself.
-_PARAM_NAMES = tuple(SamplingParams.__dataclass_fields__)
 
 
 class VLLMRequestError(RuntimeError):
@@ -103,185 +87,6 @@ def import_vllm() -> ModuleType:
     if not version.startswith(VLLM_VERSION.rsplit(".", 1)[0]):
         log.warning("vLLM %s found; lmserve's vLLM backend is written for %s", version, VLLM_VERSION)
     return vllm
-
-
-def vllm_engine_kwargs(model_path: Path, model_name: str, engine: EngineConfig, settings: VLLMConfig) -> dict[str, Any]:
-    """vLLM's AsyncEngineArgs for our configuration. Unset settings are left out, so vLLM's defaults apply."""
-    kwargs: dict[str, Any] = {
-        "model": str(model_path),
-        "tokenizer": str(model_path),
-        "served_model_name": model_name,
-        "dtype": engine.dtype,  # the same names; "auto" is vLLM's auto (the checkpoint's dtype, fp32 served as 16-bit)
-        "max_model_len": engine.max_model_len,
-        "enable_prefix_caching": engine.enable_prefix_caching,
-        "tensor_parallel_size": settings.tensor_parallel_size,
-        "pipeline_parallel_size": settings.pipeline_parallel_size,
-        # vLLM's logging stat logger stays off; ours (below) receives the same per-step statistics.
-        "disable_log_stats": True,
-        # Per-step batch sizes and durations, for on_step and the steps counter.
-        "enable_logging_iteration_details": True,
-    }
-    optional = {
-        "gpu_memory_utilization": settings.gpu_memory_utilization,
-        "distributed_executor_backend": settings.distributed_executor_backend,
-        "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
-        "block_size": settings.block_size,
-        "num_gpu_blocks_override": settings.num_kv_blocks,
-        "max_num_seqs": settings.max_num_seqs,
-        "max_num_batched_tokens": settings.max_num_batched_tokens,
-    }
-    kwargs.update({name: value for name, value in optional.items() if value is not None})
-    if engine.lora_enabled:  # vLLM's own LoRA support: adapters per request, batched (Punica kernels)
-        kwargs.update(enable_lora=True, max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank,
-                      max_cpu_loras=max(engine.num_cpu_loras, engine.max_loras))  # fmt: skip
-    return kwargs
-
-
-def to_vllm_sampling(params: SamplingParams, vllm_sampling_params: type, delta_kind: Any) -> Any:
-    """vLLM's SamplingParams for ours; RequestRejected (naming the parameter) for what vLLM would change.
-
-    Every field has the same meaning on both sides (the native sampler follows vLLM's order: logit bias,
-    min_tokens, penalties, then temperature, top-k/top-p/min-p; logprobs of the raw logits).
-    """
-    if 0.0 < params.temperature < VLLM_MIN_TEMPERATURE:
-        raise RequestRejected(
-            f"temperature {params.temperature} is below {VLLM_MIN_TEMPERATURE}, the smallest the vLLM engine samples "
-            f"at (it would raise it to {VLLM_MIN_TEMPERATURE}); use 0 for greedy decoding",
-            RejectReason.UNSUPPORTED_VALUE,
-            field="temperature",
-        )
-    if params.speculative_tokens:
-        raise RequestRejected(
-            "speculative_tokens (prompt-lookup speculative decoding) is a native-engine feature; the vLLM engine "
-            "does not speculate per request",
-            RejectReason.UNSUPPORTED_VALUE,
-            field="speculative_tokens",
-        )
-    if params.seed == VLLM_NO_SEED:
-        raise RequestRejected(
-            f"seed {VLLM_NO_SEED} means 'no seed' to the vLLM engine; choose another seed",
-            RejectReason.UNSUPPORTED_VALUE,
-            field="seed",
-        )
-    logit_bias: dict[int, float] = {}
-    for token_id, bias in params.logit_bias:  # a token listed twice gets both biases, as in the native sampler
-        logit_bias[token_id] = logit_bias.get(token_id, 0.0) + bias
-    return vllm_sampling_params(
-        n=1,  # the API fans n out into separate requests (seed + j each)
-        max_tokens=params.max_tokens,
-        min_tokens=params.min_tokens,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        min_p=params.min_p,
-        repetition_penalty=params.repetition_penalty,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        logit_bias=logit_bias or None,
-        seed=params.seed,
-        stop=list(params.stop),
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        logprobs=params.logprobs,
-        skip_special_tokens=params.skip_special_tokens,
-        include_stop_str_in_output=params.include_stop_str_in_output,
-        structured_outputs=_vllm_constraint(params.structured),
-        output_kind=delta_kind,
-    )
-
-
-def _vllm_constraint(structured: StructuredOutput | None) -> Any:
-    """vLLM's StructuredOutputsParams for our constraint (the same kinds, compiled by vLLM's backend)."""
-    if structured is None:
-        return None
-    from vllm.sampling_params import StructuredOutputsParams
-
-    kind, spec = structured.kind, structured.spec
-    if kind is ConstraintKind.JSON_SCHEMA:
-        return StructuredOutputsParams(json=spec)
-    if kind is ConstraintKind.JSON_OBJECT:
-        return StructuredOutputsParams(json_object=True)
-    if kind is ConstraintKind.REGEX:
-        return StructuredOutputsParams(regex=spec)
-    if kind is ConstraintKind.CHOICE:
-        return StructuredOutputsParams(choice=list(json.loads(spec)))
-    return StructuredOutputsParams(grammar=spec)
-
-
-def _param_in(message: str) -> str | None:
-    return next((name for name in _PARAM_NAMES if name in message), None)
-
-
-def _rejected(exc: Exception) -> RequestRejected:
-    """vLLM's refusal of a sampling value, naming the field where vLLM or its message does."""
-    field = getattr(exc, "parameter", None) or _param_in(str(exc))
-    if field is not None and field.startswith("structured"):
-        return RequestRejected(str(exc), RejectReason.INVALID_CONSTRAINT, field="structured")
-    return RequestRejected(str(exc), RejectReason.UNSUPPORTED_VALUE, field=field)
-
-
-class VLLMStatsCollector:
-    """vLLM's per-step statistics, kept the way EngineStats reports them.
-
-    vLLM calls `record` (through the stat logger `logger_factory` makes) from AsyncLLM's output handler,
-    on the event loop, once per engine step's outputs.
-    """
-
-    def __init__(self) -> None:
-        self.num_running = 0
-        self.num_waiting = 0
-        self.kv_cache_usage = 0.0
-        self.num_steps = 0
-        self.num_preemptions = 0
-        self.num_prefix_query_tokens = 0
-        self.num_prefix_hit_tokens = 0
-        self.on_step: Callable[[StepStats], None] | None = None
-
-    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
-        num_preempted = 0 if iteration_stats is None else int(iteration_stats.num_preempted_reqs)
-        self.num_preemptions += num_preempted
-        if scheduler_stats is None:
-            return
-        self.num_running = int(scheduler_stats.num_running_reqs)
-        self.num_waiting = int(scheduler_stats.num_waiting_reqs) + int(scheduler_stats.num_skipped_waiting_reqs)
-        self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
-        prefix = scheduler_stats.prefix_cache_stats
-        # New admissions and re-admissions after preemption alike, as the native engine counts them.
-        self.num_prefix_query_tokens += int(prefix.queries) + int(prefix.preempted_queries)
-        self.num_prefix_hit_tokens += int(prefix.hits) + int(prefix.preempted_hits)
-        details = scheduler_stats.iteration_details  # None for a step that computed nothing
-        if details is None or details.is_dummy:
-            return
-        self.num_steps += 1
-        if self.on_step is not None:
-            self.on_step(
-                StepStats(
-                    num_scheduled_seqs=int(details.num_ctx_requests + details.num_generation_requests),
-                    num_batched_tokens=int(details.num_ctx_tokens + details.num_generation_tokens),
-                    num_preempted=num_preempted,
-                    duration_s=float(details.elapsed_ms) / 1000.0,
-                )
-            )
-
-    def logger_factory(self) -> Callable[[Any, int], Any]:
-        """A per-engine stat logger class for AsyncLLM(stat_loggers=[...]) that forwards to this collector."""
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        collector = self
-
-        class _ForwardingStatLogger(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                self.engine_index = engine_index
-
-            def record(
-                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
-            ) -> None:
-                collector.record(scheduler_stats, iteration_stats)
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        return _ForwardingStatLogger
 
 
 class VLLMEngine:
@@ -443,7 +248,7 @@ class VLLMEngine:
             tokenizer = self._llm.tokenizer if self._llm is not None else None
             params.verify(config.model_config, config.speculative_config, config.structured_outputs_config, tokenizer)
         except (VLLMValidationError, ValueError) as exc:
-            raise _rejected(exc) from None
+            raise rejected(exc) from None
         return params
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
@@ -507,7 +312,7 @@ class VLLMEngine:
         except VLLMEngineDeadError as exc:
             raise EngineDeadError(f"the vLLM engine died: {exc}") from exc
         except VLLMValidationError as exc:  # check_request mirrors vLLM's checks; this is the backstop
-            raise _rejected(exc) from exc
+            raise rejected(exc) from exc
         except Exception as exc:
             if isinstance(exc, (RequestRejected, EngineDeadError, VLLMRequestError)):
                 raise

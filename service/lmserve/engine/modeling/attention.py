@@ -5,7 +5,7 @@ Two kinds of sequences need different attention:
 - a fresh prefill (nothing cached before its first token) attends only over its own new tokens:
   plain causal SDPA, which is also exactly what transformers does for a single prompt;
 - everything else (decodes, later prefill chunks, prefix-cache hits) attends over its cached context,
-  read in place by the C kernel (native_kernels.py) where it is available (in bf16, fresh prefills too:
+  read in place by the C kernel (attention_kernel.py) where it is available (in bf16, fresh prefills too:
   their K/V are in the cache before attention runs); otherwise
   one batched matmul-softmax-matmul per group over blocks gathered from the head-major cache, with a
   padding/causal bias; each KV head serves all its query heads in one matmul (no GQA expansion).
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lmserve.engine.modeling.native_kernels import paged_attention_kernel
+from lmserve.engine.modeling.attention_kernel import paged_attention_kernel
 
 
 @dataclass
@@ -206,7 +206,7 @@ def paged_attention(
     kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_dim]
     meta: AttentionMetadata,
     scale: float,
-    cache_written: bool = False,  # k and v already stored at meta.slot_mapping (native_kernels.rope_and_cache)
+    cache_written: bool = False,  # k and v already stored at meta.slot_mapping (fused_ops.rope_and_cache)
     window: int | None = None,  # sliding window: keys more than window - 1 positions back are not seen
     softcap: float | None = None,  # attention-logit soft-capping
 ) -> torch.Tensor:

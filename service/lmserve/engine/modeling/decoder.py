@@ -1,7 +1,7 @@
 """lmserve's own decoder model, for every family with a spec (families.py), written for the paged KV cache.
 
-One model definition: a layer is attention then an MLP (dense, or a mixture of experts), each with the
-norms its family's spec names around it, and the numbers its config sets (families.Settings). The model
+One model definition: a layer (decoder_layer.py) is attention then an MLP (dense, or a mixture of experts),
+each with the norms its family's spec names around it, and the numbers its config sets (families.Settings). The model
 mirrors the family's transformers module numerically (same norms, same RoPE formula, same projection
 order), so float32 greedy outputs match transformers' `generate`. Differences from transformers' layout:
 q/k/v and gate/up are fused into one matmul each, and every layer reads and writes the shared paged cache
@@ -20,17 +20,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
-from lmserve.engine.modeling import native_kernels
-from lmserve.engine.modeling.attention import AttentionMetadata, paged_attention
-from lmserve.engine.modeling.families import SPECS, FamilySpec, Settings, Source, Transposed, settings
+from lmserve.engine.modeling import fused_ops, gemm, kernel_loader, layer_stack, qgemm, qgemm_gguf
+from lmserve.engine.modeling.attention import AttentionMetadata
+from lmserve.engine.modeling.decoder_layer import MLP, DecoderLayer, MoE
+from lmserve.engine.modeling.families import SPECS, Source, Transposed, settings
 from lmserve.engine.modeling.forward_path import ForwardPath
 from lmserve.engine.modeling.lora import LoraTarget, ModelLoras
 from lmserve.engine.modeling.qgemm_vnni import VNNIWeight, pack_vnni, qgemm_vnni
 from lmserve.engine.modeling.layers import (
     AnyWeight,
-    GateUpLinear,
     Linear,
     RotaryEmbedding,
     can_prepack,
@@ -39,189 +38,7 @@ from lmserve.engine.modeling.layers import (
     make_norm,
     prepack,
     quantization_refusal,
-    rotate_half,
 )
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first cos.shape[-1] dims of each head (all of them unless the rotary factor is partial)."""
-    dim = cos.shape[-1]
-    if dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rot, keep = x[..., :dim], x[..., dim:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, s: Settings, spec: FamilySpec, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = s.attention_scales[layer_idx]
-        self.window = s.windows[layer_idx]
-        self.softcap = s.attn_softcap
-        self.qkv_proj = Linear(s.hidden_size, self.q_size + 2 * self.kv_size, bias=s.qkv_bias)
-        self.o_proj = Linear(self.q_size, s.hidden_size, bias=s.o_bias)
-        self.qk_norm = spec.qk_norm
-        self.has_qk_norm = spec.qk_norm is not None
-        if spec.qk_norm is not None:
-            per_head = spec.qk_norm == "head"
-            self.q_norm = make_norm(spec.norm, self.head_dim if per_head else self.q_size, s.norm_eps)
-            self.k_norm = make_norm(spec.norm, self.head_dim if per_head else self.kv_size, s.norm_eps)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,  # [num_tokens, hidden_size]
-        cos: torch.Tensor | None,  # [num_tokens, 1, rotary_dim]; None without rotary positions
-        sin: torch.Tensor | None,
-        kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_dim]
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj.forward(hidden)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        return self._attend(qkv, v, cos, sin, kv_cache, meta)
-
-    def forward_fused(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """The same, with RoPE and the cache write in one C call (not with a q/k norm)."""
-        num_tokens = hidden.shape[0]
-        # .forward, not __call__: the module-call machinery is a measurable share of a small step.
-        qkv = self.qkv_proj.forward(hidden)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:
-            return self._attend(qkv, v, cos, sin, kv_cache, meta)
-        q, k = native_kernels.rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
-        out = paged_attention(
-            q, k, v, kv_cache, meta, self.scale, cache_written=True, window=self.window, softcap=self.softcap
-        )
-        return self.o_proj.forward(out)
-
-    def _attend(
-        self, qkv: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-        kv_cache: torch.Tensor, meta: AttentionMetadata,
-    ) -> torch.Tensor:  # fmt: skip
-        num_tokens = qkv.shape[0]
-        if self.has_qk_norm:
-            q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
-            if self.qk_norm == "full":  # over all heads at once, before the split into heads (OLMo 2)
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-            k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-            if self.qk_norm == "head":
-                q, k = self.q_norm(q), self.k_norm(k)
-            qk = torch.cat([q, k], dim=1)
-        else:
-            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        if cos is not None:  # RoPE on q and k heads together: one set of elementwise kernels instead of two
-            qk = apply_rope(qk, cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        q = q.contiguous()  # [num_tokens, num_heads, head_dim]: the attention kernels read it flat
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap)
-        return self.o_proj(out)  # out: [num_tokens, num_heads * head_dim]
-
-
-class MLP(nn.Module):
-    """Gated (down(act(gate) * up), gate and up as one matmul) or plain (down(act(up)), GPT-2 and StarCoder2)."""
-
-    def __init__(self, s: Settings, gated: bool, intermediate_size: int | None = None) -> None:
-        super().__init__()
-        self.intermediate_size = intermediate_size or s.intermediate_size
-        self.gated = gated
-        self.act = ACT2FN[s.activation]
-        if gated:
-            self.gate_up_proj = GateUpLinear(s.hidden_size, 2 * self.intermediate_size, bias=s.mlp_bias)
-            self.gate_up_proj.fuse_silu = s.activation in ("silu", "swish")
-        else:
-            self.up_proj = Linear(s.hidden_size, self.intermediate_size, bias=s.mlp_bias)
-        self.down_proj = Linear(self.intermediate_size, s.hidden_size, bias=s.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.gated:
-            return self.down_proj(self.act(self.up_proj(x)))
-        if self.gate_up_proj.applies_silu:
-            return self.down_proj.forward(self.gate_up_proj.forward(x))
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
-
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The same, SiLU-and-multiply by the C kernel where gate/up's gemm does not apply it (SiLU only)."""
-        if self.gate_up_proj.applies_silu:
-            return self.down_proj.forward(self.gate_up_proj.forward(x))
-        return self.down_proj.forward(native_kernels.silu_mul(self.gate_up_proj.forward(x)))
-
-
-class MoE(nn.Module):
-    """A mixture of experts (Mixtral, Qwen3-MoE): a router picks each token's top-k experts; each expert runs
-    one matmul over all the tokens routed to it (grouped by a sort, not one matmul per token), and the
-    results are added back weighted by the router, in expert order as transformers adds them."""
-
-    def __init__(self, s: Settings, model_type: str) -> None:
-        super().__init__()
-        self.top_k = s.experts_per_token
-        self.normalize = s.normalize_top_k
-        self.weights_in_dtype = model_type != "mixtral"  # Qwen3-MoE casts the routing weights; Mixtral keeps float32
-        self.router = Linear(s.hidden_size, s.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(s, gated=True, intermediate_size=s.moe_intermediate_size) for _ in range(s.num_experts))
-
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused path's call: each expert's own gated MLP (gemm.c applies SiLU where packed for it)."""
-        return self.forward(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = linear(x, self.router.weight if self.router.packed is None else self.router.packed)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        top_weights, top_experts = torch.topk(probs, self.top_k, dim=-1)  # [num_tokens, top_k]
-        if self.normalize:
-            top_weights /= top_weights.sum(dim=-1, keepdim=True)
-        if self.weights_in_dtype:
-            top_weights = top_weights.to(logits.dtype)
-        flat = top_experts.flatten()
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        tokens = order // self.top_k
-        routed = x[tokens]  # one gather: each expert's tokens are a contiguous run
-        ys = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                ys.append(self.experts[expert](routed[start : start + count]))
-                start += count
-        y = torch.cat(ys) * top_weights.view(-1)[order, None]
-        # One scatter-add, in the pairs' order: a token's contributions land in ascending expert order, as
-        # transformers adds them one expert at a time.
-        return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, s: Settings, spec: FamilySpec, layer_idx: int, model_type: str) -> None:
-        super().__init__()
-        for name in spec.norms:
-            setattr(self, name, make_norm(spec.norm, s.hidden_size, s.norm_eps))
-        self.norm_names = spec.norms
-        self.self_attn = Attention(s, spec, layer_idx)
-        if s.moe_layers and s.moe_layers[layer_idx]:
-            self.mlp: nn.Module = MoE(s, model_type)
-        else:
-            self.mlp = MLP(s, gated=spec.mlp != "plain")
-        self.residual_multiplier = s.residual_multiplier
-        self.rotary_key = s.layer_types[layer_idx]
-
-    def forward(self, hidden, cos, sin, kv_cache, meta):
-        names = self.norm_names
-        x = self.attn_norm(hidden) if "attn_norm" in names else hidden
-        out = self.self_attn(x, cos, sin, kv_cache, meta)
-        if "attn_post_norm" in names:
-            out = self.attn_post_norm(out)
-        hidden = hidden + out if self.residual_multiplier == 1.0 else hidden + out * self.residual_multiplier
-        x = self.mlp_norm(hidden) if "mlp_norm" in names else hidden
-        out = self.mlp(x)
-        if "mlp_post_norm" in names:
-            out = self.mlp_post_norm(out)
-        return hidden + out if self.residual_multiplier == 1.0 else hidden + out * self.residual_multiplier
 
 
 class DecoderModel(nn.Module):
@@ -300,13 +117,13 @@ class DecoderModel(nn.Module):
     def _layers_fused(self, residual, cos, sin, kv_caches, meta) -> torch.Tensor:
         layers = self.layers
         eps = self.settings.norm_eps
-        x = native_kernels.add_rms_norm(None, residual, layers[0].attn_norm.weight, eps)
+        x = fused_ops.add_rms_norm(None, residual, layers[0].attn_norm.weight, eps)
         for i, layer in enumerate(layers):
             attn = layer.self_attn.forward_fused(x, cos, sin, kv_caches[i], meta)
-            x = native_kernels.add_rms_norm(attn, residual, layer.mlp_norm.weight, eps)
+            x = fused_ops.add_rms_norm(attn, residual, layer.mlp_norm.weight, eps)
             mlp = layer.mlp.forward_fused(x)
             if i + 1 < len(layers):
-                x = native_kernels.add_rms_norm(mlp, residual, layers[i + 1].attn_norm.weight, eps)
+                x = fused_ops.add_rms_norm(mlp, residual, layers[i + 1].attn_norm.weight, eps)
             else:
                 residual += mlp
         return residual
@@ -328,7 +145,7 @@ class DecoderModel(nn.Module):
             return self._layers_fused(hidden, cos, sin, kv_caches, meta)
         attn = self.layers[0].self_attn
         lora = None if self.loras is None else self.loras.stack_args(self._lora_projections())
-        native_kernels.decoder_stack(
+        layer_stack.decoder_stack(
             hidden, stack_table, weight_kind, cos, sin, meta.slot_mapping, kv_caches, meta.kernel, attn.num_heads,
             self.layers[0].mlp.intermediate_size, self.layers[0].mlp.gate_up_proj.applies_silu, self.settings.norm_eps,
             attn.scale, lora,
@@ -346,7 +163,7 @@ class DecoderModel(nn.Module):
         """The forward that runs `path`: (input_ids, positions, kv_caches, meta) -> hidden states."""
         if path is ForwardPath.DECODER_STACK:
             layers = self._stack_layers()
-            table, kind = native_kernels.layer_table(layers), native_kernels.stack_weight_kind(layers)
+            table, kind = layer_stack.layer_table(layers), layer_stack.stack_weight_kind(layers)
             return functools.partial(self.forward_stack, table, kind)
         if path is ForwardPath.FUSED_OPS:
             return self.forward_fused
@@ -370,7 +187,7 @@ class DecoderModel(nn.Module):
         """The decoder's projections are quantized (--quantization int8, q4_1 or q8_0): int8 under bf16
         activations (qgemm_vnni.c), or float32 activations with qgemm.c's or qgemm_gguf.c's weights."""
         packed = self.layers[0].self_attn.qkv_proj.packed
-        return isinstance(packed, (native_kernels.QuantizedWeight, VNNIWeight, native_kernels.GGUFWeight))
+        return isinstance(packed, (qgemm.QuantizedWeight, VNNIWeight, qgemm_gguf.GGUFWeight))
 
     def kv_cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype: bf16 where the projections are quantized (under float32 activations half
@@ -391,24 +208,24 @@ class DecoderModel(nn.Module):
             return False  # decoder.c's attention has no window or soft-cap
         if any(self.settings.moe_layers):
             return False  # decoder.c's MLP is dense
-        if native_kernels.library() is None:
+        if kernel_loader.library() is None:
             return False
         try:
-            kind = native_kernels.stack_weight_kind(self._stack_layers())
+            kind = layer_stack.stack_weight_kind(self._stack_layers())
         except ValueError:
             return False
         if self.embed_tokens.weight.dtype == torch.float32:
-            return kind != native_kernels.WEIGHT_BF16
+            return kind != layer_stack.WEIGHT_BF16
         return (
-            native_kernels.gemm_bf16_available()
+            gemm.gemm_bf16_available()
             and attn.head_dim in (64, 128)
-            and kind in (native_kernels.WEIGHT_BF16, native_kernels.WEIGHT_INT8)
+            and kind in (layer_stack.WEIGHT_BF16, layer_stack.WEIGHT_INT8)
         )
 
-    def _stack_layers(self) -> list[native_kernels.LayerWeights]:
-        """Each layer's tensors for native_kernels.layer_table (the packed or quantized weights)."""
+    def _stack_layers(self) -> list[layer_stack.LayerWeights]:
+        """Each layer's tensors for layer_stack.layer_table (the packed or quantized weights)."""
         return [
-            native_kernels.LayerWeights.of(
+            layer_stack.LayerWeights.of(
                 qkv=(layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias),
                 o=(layer.self_attn.o_proj.packed, layer.self_attn.o_proj.bias),
                 gate_up=(layer.mlp.gate_up_proj.packed, layer.mlp.gate_up_proj.bias),
@@ -426,8 +243,8 @@ class DecoderModel(nn.Module):
             head = self.lm_head.weight if self.lm_head.packed is None else self.lm_head.packed
         else:
             head = self.embed_tokens.weight if self.packed_head is None else self.packed_head
-        if isinstance(head, native_kernels.PackedWeight):
-            logits = native_kernels.gemm_bf16(hidden, head, out_dtype=torch.float32)
+        if isinstance(head, gemm.PackedWeight):
+            logits = gemm.gemm_bf16(hidden, head, out_dtype=torch.float32)
         elif isinstance(head, VNNIWeight):
             logits = qgemm_vnni(hidden, head, out_dtype=torch.float32)
         else:
@@ -496,10 +313,10 @@ class DecoderModel(nn.Module):
             bf16 = weight.dtype == torch.bfloat16
             if self.tie_word_embeddings:
                 # The head is the largest single matrix (a fifth of SmolLM2-135M's bytes), read every step.
-                self.packed_head = pack_vnni(weight) if bf16 else native_kernels.quantize_weight(weight)
+                self.packed_head = pack_vnni(weight) if bf16 else qgemm.quantize_weight(weight)
             if bf16:
                 return "int8 with bf16 activations, qgemm_vnni.c AVX-512 VNNI"
-            return f"int8, qgemm.c {native_kernels.qgemm_isa()}"
+            return f"int8, qgemm.c {qgemm.qgemm_isa()}"
         if not can_prepack(weight.dtype, weight.device):
             return None
         for module in self.modules():
@@ -507,10 +324,10 @@ class DecoderModel(nn.Module):
                 module.pack()
         if self.tie_word_embeddings:
             self.packed_head = prepack(weight)
-        return "gemm.c" if native_kernels.gemm_bf16_fits(weight) else "oneDNN"
+        return "gemm.c" if gemm.gemm_bf16_fits(weight) else "oneDNN"
 
     def use_gguf_weights(
-        self, weights: dict[str, native_kernels.GGUFWeight], head: native_kernels.GGUFWeight | None
+        self, weights: dict[str, qgemm_gguf.GGUFWeight], head: qgemm_gguf.GGUFWeight | None
     ) -> str:
         """--quantization q4_1 | q8_0, after load_hf_weights: every projection of the decoder as a GGUF file's
         blocks (`weights`, by Hugging Face name, fused here as load_hf_weights fuses the float ones), and the
@@ -531,7 +348,7 @@ class DecoderModel(nn.Module):
             else:
                 self.lm_head.use_gguf(head)
         head_text = f"head {head.kind}" if head is not None else "head float"
-        return f"GGUF {weights[next(iter(weights))].kind} blocks ({head_text}), qgemm_gguf.c {native_kernels.gguf_isa()}"
+        return f"GGUF {weights[next(iter(weights))].kind} blocks ({head_text}), qgemm_gguf.c {qgemm_gguf.gguf_isa()}"
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy a checkpoint's state dict in by the family's weight table (families.py): fusing q/k/v and

@@ -11,15 +11,11 @@ Each path is a superset of the one before it, and each one's arithmetic is teste
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from lmserve.engine.modeling import native_kernels
-
-if TYPE_CHECKING:
-    from lmserve.engine.modeling.generic import TransformersCausalLM
-    from lmserve.engine.modeling.decoder import DecoderModel
+from lmserve.engine.modeling import attention_kernel, fused_ops
 
 ATTENTION_CHOICES = ("auto", "kernel", "torch")
 
@@ -36,9 +32,20 @@ class ForwardPath(str, Enum):
         return self is not ForwardPath.TORCH
 
 
-def choose_forward_path(
-    attention: str, model: DecoderModel | TransformersCausalLM, dtype: torch.dtype, device: torch.device
-) -> ForwardPath:
+class PathModel(Protocol):
+    """What choosing a path asks of a model (decoder.DecoderModel, generic.TransformersCausalLM); a protocol,
+    since both models import ForwardPath from here."""
+
+    def has_window_or_softcap(self) -> bool: ...
+
+    def quantized(self) -> bool: ...
+
+    def supports_fused_ops(self) -> bool: ...
+
+    def can_run_decoder_stack(self) -> bool: ...
+
+
+def choose_forward_path(attention: str, model: PathModel, dtype: torch.dtype, device: torch.device) -> ForwardPath:
     """The fastest path this machine and model allow under `attention` (auto | kernel | torch).
 
     Call after the weights are packed or quantized: the decoder stack needs every projection packed for gemm.c,
@@ -47,7 +54,7 @@ def choose_forward_path(
     """
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be auto, kernel or torch, not {attention!r}")
-    has_kernel = attention != "torch" and native_kernels.paged_attention_supported(dtype, device)
+    has_kernel = attention != "torch" and attention_kernel.paged_attention_supported(dtype, device)
     if attention == "kernel" and not has_kernel:
         raise RuntimeError("attention=kernel, but the C paged-attention kernel is unavailable here")
     if model.has_window_or_softcap() and model.quantized() and dtype == torch.float32:
@@ -59,7 +66,7 @@ def choose_forward_path(
         return ForwardPath.TORCH
     if (
         not model.supports_fused_ops()
-        or not native_kernels.fused_ops_supported(dtype, device)
+        or not fused_ops.fused_ops_supported(dtype, device)
         or (dtype == torch.float32 and not model.quantized())
     ):
         return ForwardPath.ATTENTION_KERNEL

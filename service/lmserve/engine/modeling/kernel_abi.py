@@ -1,7 +1,7 @@
 """The kernels library's ABI as abi.h declares it: the one source of each exported function's signature and
 of the constants C and Python share (gemm.c's column group width, decoder.c's layer table layout).
 
-Torch-free and ctypes-free: it reads abi.h into plain data, which native_kernels turns into ctypes
+Torch-free and ctypes-free: it reads abi.h into plain data, which kernel_loader turns into ctypes
 argument types. abi.h is written in a small subset of C (see its opening comment) so that this reader can
 stay a few regular expressions; a declaration it cannot read is an error here, not a guess.
 """

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from lmserve.engine.modeling import native_kernels, qgemm_vnni
+from lmserve.engine.modeling import gemm, qgemm, qgemm_gguf, qgemm_vnni
 from lmserve.engine.modeling.lora import LoraLinear
 from lmserve.engine.modeling.qgemm_vnni import VNNIWeight
 
@@ -26,23 +26,23 @@ _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 # engine/gguf_weights.py (qgemm_gguf.c).
 QUANTIZATIONS = ("none", "int8", "q4_1", "q8_0")
 AnyWeight = (
-    torch.Tensor | native_kernels.PackedWeight | native_kernels.QuantizedWeight | VNNIWeight | native_kernels.GGUFWeight
+    torch.Tensor | gemm.PackedWeight | qgemm.QuantizedWeight | VNNIWeight | qgemm_gguf.GGUFWeight
 )
 
 
 def linear(x: torch.Tensor, weight: AnyWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. `weight` is plain, or `prepack`ed: for gemm.c (native_kernels.PackedWeight) or
-    in oneDNN's blocked layout, or quantized (--quantization int8) for qgemm.c (native_kernels.QuantizedWeight,
-    float32 x) or qgemm_vnni.c (VNNIWeight, bf16 x), or a GGUF file's blocks for qgemm_gguf.c (native_kernels.GGUFWeight, q4_1 | q8_0). On CPU a plain weight goes through oneDNN's matmul too, which on the small batches of a decode
+    """x @ weight.T + bias. `weight` is plain, or `prepack`ed: for gemm.c (gemm.PackedWeight) or
+    in oneDNN's blocked layout, or quantized (--quantization int8) for qgemm.c (qgemm.QuantizedWeight,
+    float32 x) or qgemm_vnni.c (VNNIWeight, bf16 x), or a GGUF file's blocks for qgemm_gguf.c (qgemm_gguf.GGUFWeight, q4_1 | q8_0). On CPU a plain weight goes through oneDNN's matmul too, which on the small batches of a decode
     step runs 1.3-2x faster than the default BLAS path here; elsewhere F.linear."""
-    if isinstance(weight, native_kernels.PackedWeight):
-        return native_kernels.gemm_bf16(x, weight, bias)
-    if isinstance(weight, native_kernels.QuantizedWeight):
-        return native_kernels.qgemm_int8(x, weight, bias)
+    if isinstance(weight, gemm.PackedWeight):
+        return gemm.gemm_bf16(x, weight, bias)
+    if isinstance(weight, qgemm.QuantizedWeight):
+        return qgemm.qgemm_int8(x, weight, bias)
     if isinstance(weight, VNNIWeight):
         return qgemm_vnni.qgemm_vnni(x, weight, bias)
-    if isinstance(weight, native_kernels.GGUFWeight):
-        return native_kernels.gguf_gemm(x, weight, bias)
+    if isinstance(weight, qgemm_gguf.GGUFWeight):
+        return qgemm_gguf.gguf_gemm(x, weight, bias)
     if x.device.type == "cpu" and (
         (_ONEDNN and x.dtype == torch.float32) or (_ONEDNN_BF16 and x.dtype == torch.bfloat16)
     ):
@@ -60,15 +60,15 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     weights: packing gains little there, and the plain path is the one held token-exact to transformers."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return False
-    return _onednn_bf16() or native_kernels.gemm_bf16_available()
+    return _onednn_bf16() or gemm.gemm_bf16_available()
 
 
-def prepack(weight: torch.Tensor) -> torch.Tensor | native_kernels.PackedWeight:
+def prepack(weight: torch.Tensor) -> torch.Tensor | gemm.PackedWeight:
     """A weight [out, in] reordered for `linear`: for gemm.c where it runs (AVX-512 BF16 without AMX),
     else in oneDNN's blocked layout (opaque; for `_linear_pointwise` only) where oneDNN computes bf16,
     else the plain weight (a shape gemm.c refuses, on a CPU without oneDNN bf16)."""
-    if native_kernels.gemm_bf16_fits(weight):
-        return native_kernels.pack_weight(weight)
+    if gemm.gemm_bf16_fits(weight):
+        return gemm.pack_weight(weight)
     if _onednn_bf16():
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
     return weight.detach()
@@ -84,7 +84,7 @@ def quantization_refusal(quantization: str, dtype: torch.dtype, device: torch.de
         return None
     if device.type != "cpu":
         return f"--quantization {quantization} runs on CPU only (its kernel is C), not on {device.type}"
-    if not native_kernels.qgemm_available():
+    if not qgemm.qgemm_available():
         return f"--quantization {quantization} needs the C kernels, which could not be built (a C compiler, --cache-dir)"
     if dtype == torch.float32 or (quantization == "int8" and dtype == torch.bfloat16 and qgemm_vnni.available()):
         return None
@@ -116,11 +116,11 @@ class Linear(nn.Linear):
         if self.weight.dtype == torch.bfloat16:
             self.packed = qgemm_vnni.pack_vnni(self.weight)
         else:
-            self.packed = native_kernels.quantize_weight(self.weight)
+            self.packed = qgemm.quantize_weight(self.weight)
         del self.weight
         self.weight = None
 
-    def use_gguf(self, weight: native_kernels.GGUFWeight) -> None:
+    def use_gguf(self, weight: qgemm_gguf.GGUFWeight) -> None:
         """A GGUF file's blocks of this weight (qgemm_gguf.c; --quantization q4_1 | q8_0) in place of the float one."""
         if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
             raise ValueError(
@@ -134,7 +134,7 @@ class Linear(nn.Linear):
 
 class GateUpLinear(Linear):
     """An MLP's gate and up projections as one [2 * intermediate, hidden] weight. Packed for gemm.c where its
-    width allows (native_kernels.silu_mul_packable), with its halves interleaved so that gemm.c computes
+    width allows (gemm.silu_mul_packable), with its halves interleaved so that gemm.c computes
     silu(gate) * up in the same pass (applies_silu); the bias, if any, is then interleaved the same way."""
 
     # gemm.c / qgemm_vnni.c may apply SiLU-and-multiply in their pass: the MLP's activation is SiLU, and no
@@ -142,13 +142,13 @@ class GateUpLinear(Linear):
     fuse_silu = True
 
     def pack(self) -> None:
-        if not self.fuse_silu or not native_kernels.silu_mul_packable(self.weight):
+        if not self.fuse_silu or not gemm.silu_mul_packable(self.weight):
             super().pack()
             return
-        self.packed = native_kernels.pack_weight(self.weight, silu_mul=True)
+        self.packed = gemm.pack_weight(self.weight, silu_mul=True)
         if self.bias is not None:
             with torch.no_grad():
-                self.bias.copy_(native_kernels.interleave_gate_up(self.bias))  # in the packed weight's order
+                self.bias.copy_(gemm.interleave_gate_up(self.bias))  # in the packed weight's order
         del self.weight
         self.weight = None
 
@@ -164,17 +164,17 @@ class GateUpLinear(Linear):
     @property
     def applies_silu(self) -> bool:
         """forward returns silu(gate) * up, [..., intermediate], instead of gate and up."""
-        return isinstance(self.packed, (native_kernels.PackedWeight, VNNIWeight)) and self.packed.silu_mul
+        return isinstance(self.packed, (gemm.PackedWeight, VNNIWeight)) and self.packed.silu_mul
 
 
-def cat_rows(parts: list[native_kernels.GGUFWeight]) -> native_kernels.GGUFWeight:
+def cat_rows(parts: list[qgemm_gguf.GGUFWeight]) -> qgemm_gguf.GGUFWeight:
     """GGUF weights of one type and width stacked by rows (q/k/v, gate/up): their blocks, concatenated."""
     kinds = {p.kind for p in parts}
     if len(kinds) != 1 or len({p.in_features for p in parts}) != 1:
         widths = sorted({p.in_features for p in parts})
         raise ValueError(f"cannot fuse GGUF weights of differing types or widths: {sorted(kinds)}, {widths}")
     data = torch.cat([p.data for p in parts], dim=0)
-    return native_kernels.GGUFWeight(data, parts[0].kind, sum(p.out_features for p in parts), parts[0].in_features)
+    return qgemm_gguf.GGUFWeight(data, parts[0].kind, sum(p.out_features for p in parts), parts[0].in_features)
 
 
 class RMSNorm(nn.Module):

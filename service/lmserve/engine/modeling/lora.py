@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.checkpoints.lora_adapter import LoraAdapterWeights
-from lmserve.engine.modeling import native_kernels
+from lmserve.engine.modeling import gemm
 
 
 @dataclass
@@ -101,8 +101,8 @@ class LoraLinear:
         # gemm.c's copies, per slot: A [width, in] and B [out, width] packed as weights (pack_slot).
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
         if ctx.use_kernel:
-            a = native_kernels.pack_lora_a(self.a[: self.width])
-            b = native_kernels.pack_weight(self.bt[: self.width].t().contiguous()).data
+            a = gemm.pack_lora_a(self.a[: self.width])
+            b = gemm.pack_weight(self.bt[: self.width].t().contiguous()).data
             self.packed = (a.new_zeros(ctx.num_slots, a.numel()), b.new_zeros(ctx.num_slots, b.numel()))
 
     def clear(self, slot: int) -> None:
@@ -115,8 +115,8 @@ class LoraLinear:
         """Refresh gemm.c's copy of one slot's factors after they changed."""
         if self.packed is not None:
             block = slice(slot * self.width, (slot + 1) * self.width)
-            self.packed[0][slot] = native_kernels.pack_lora_a(self.a[block])
-            self.packed[1][slot] = native_kernels.pack_weight(self.bt[block].t().contiguous()).data.flatten()
+            self.packed[0][slot] = gemm.pack_lora_a(self.a[block])
+            self.packed[1][slot] = gemm.pack_weight(self.bt[block].t().contiguous()).data.flatten()
 
     def load(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Slot `slot`'s factors for part `part`: a [rank, in], b [part_rows, rank]."""
@@ -133,7 +133,7 @@ class LoraLinear:
             return y
         if step.kernel_runs is not None and self.packed is not None:
             table, scales = step.kernel_runs
-            native_kernels.lora_bf16(x.contiguous(), y, table, scales, self.packed[0], self.packed[1], self.width)
+            gemm.lora_bf16(x.contiguous(), y, table, scales, self.packed[0], self.packed[1], self.width)
             return y
         if step.masks is not None:
             shrunk = F.linear(x, self.a)  # [num_tokens, num_slots * width]
@@ -163,7 +163,7 @@ class ModelLoras:
                  device: torch.device) -> None:  # fmt: skip
         self.targets = targets
         # gemm.c's lora_bf16 where gemm.c runs (every projection's in_features is even: gemm.c packs it).
-        use_kernel = dtype == torch.bfloat16 and device.type == "cpu" and native_kernels.gemm_bf16_available()
+        use_kernel = dtype == torch.bfloat16 and device.type == "cpu" and gemm.gemm_bf16_available()
         self.ctx = LoraContext(num_slots, max_rank, use_kernel)
         self.dtype = dtype
         self.device = device

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.engine.modeling import kernel_abi
+from lmserve.engine.modeling import kernel_abi, kernel_loader
+from lmserve.engine.modeling.gemm import bf16_matmul, interleave_gate_up
 
 _VCOLS = kernel_abi.read().constants["VNNI_GROUP_COLS"]
 _QK = kernel_abi.read().constants["QGEMM_K_ALIGN"]
@@ -21,7 +22,7 @@ _QK = kernel_abi.read().constants["QGEMM_K_ALIGN"]
 @dataclass(frozen=True)
 class VNNIWeight:
     """A weight [out_features, in_features] as symmetric int8 with one float32 scale per output channel
-    (|row|max / 127, as native_kernels.QuantizedWeight's), stored plus 128 as uint8 and packed for
+    (|row|max / 127, as qgemm.QuantizedWeight's), stored plus 128 as uint8 and packed for
     qgemm_vnni (see qgemm_vnni.c): data [ceil(out / 32), Kp / 4, 32, 4] uint8, Kp = in_features rounded up to
     32, padding 128 (weight 0); scales [out padded to 32] float32, padding zero. silu_mul: a gate/up weight
     whose group g holds gate columns 16g..16g+15 then the matching up columns (qgemm_vnni then writes
@@ -48,16 +49,14 @@ class VNNIWeight:
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
-    """native_kernels.interleave_gate_up(t, 32) undone: gate rows, then up rows."""
+    """gemm.interleave_gate_up(t, 32) undone: gate rows, then up rows."""
     half = _VCOLS // 2
     return t.reshape(t.shape[0] // _VCOLS, 2, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
 def available() -> bool:
     """qgemm_vnni runs here: the kernels are loaded and were built with AVX-512 VNNI and BF16."""
-    from lmserve.engine.modeling import native_kernels
-
-    lib = native_kernels.library()
+    lib = kernel_loader.library()
     return lib is not None and bool(lib.lmserve_has_int8_bf16())
 
 
@@ -69,7 +68,7 @@ def silu_mul_packable(weight: torch.Tensor) -> bool:
 
 def pack_vnni(weight: torch.Tensor, silu_mul: bool = False) -> VNNIWeight:
     """Quantize a float weight [out, in] per output channel (symmetric: scale = |row|max / 127, values
-    rounded to nearest even and clamped to [-127, 127], as native_kernels.quantize_weight) and pack it for
+    rounded to nearest even and clamped to [-127, 127], as qgemm.quantize_weight) and pack it for
     qgemm_vnni; silu_mul (a fused gate/up weight, silu_mul_packable): so that qgemm_vnni applies
     SiLU-and-multiply as it writes."""
     if silu_mul and not silu_mul_packable(weight):
@@ -79,8 +78,6 @@ def pack_vnni(weight: torch.Tensor, silu_mul: bool = False) -> VNNIWeight:
     scales = w.abs().amax(dim=1) / 127.0
     q = torch.round(w / torch.where(scales > 0, scales, 1.0)[:, None]).clamp_(-127, 127).to(torch.int16)
     if silu_mul:
-        from lmserve.engine.modeling.native_kernels import interleave_gate_up
-
         q, scales = interleave_gate_up(q, _VCOLS), interleave_gate_up(scales, _VCOLS)
     n_pad = -(-out_features // _VCOLS) * _VCOLS
     k_pad = -(-in_features // _QK) * _QK
@@ -96,17 +93,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """The activation quantization qgemm_vnni applies: bf16 [M, K] -> (int8 [M, Kp] with zero padding, float32
     scales [M, Kp / 32], int32 corrections -128 * sum(q) [M, Kp / 32]). For the tests; qgemm_vnni does it
     inside its own call."""
-    from lmserve.engine.modeling import native_kernels
-
     x2 = x.contiguous()
-    native_kernels._check("quantize_rows", x2)
+    kernel_loader.check_tensors("quantize_rows", x2)
     rows, k = x2.shape
     k_pad = -(-k // _QK) * _QK
     xq = torch.empty(rows, k_pad, dtype=torch.int8)
     sx = torch.empty(rows, k_pad // _QK, dtype=torch.float32)
     cx = torch.empty(rows, k_pad // _QK, dtype=torch.int32)
     if rows:
-        lib = native_kernels._loaded()
+        lib = kernel_loader.loaded_library()
         lib.quantize_rows_bf16(x2.data_ptr(), xq.data_ptr(), sx.data_ptr(), cx.data_ptr(), rows, k, torch.get_num_threads())
     return xq, sx, cx
 
@@ -116,12 +111,10 @@ def qgemm_vnni(
 ) -> torch.Tensor:
     """x [..., in_features] bf16 @ weight.T (+ bias, bf16) -> [..., out_features] bf16, or (out_dtype float32)
     the float32 sums as they are; a weight packed for silu_mul gives silu(gate) * up, [..., out / 2] bf16."""
-    from lmserve.engine.modeling import native_kernels
-
     def call(x_ptr: int, bias_ptr: int | None, y_ptr: int | None, y_f32_ptr: int | None, rows: int) -> int:
-        return native_kernels._loaded().qgemm_vnni(
+        return kernel_loader.loaded_library().qgemm_vnni(
             x_ptr, weight.data.data_ptr(), weight.scales.data_ptr(), bias_ptr, y_ptr, y_f32_ptr, rows,
             weight.out_features, weight.in_features, int(weight.silu_mul), torch.get_num_threads(),
         )  # fmt: skip
 
-    return native_kernels.bf16_matmul("qgemm_vnni", x, weight, bias, out_dtype, call)
+    return bf16_matmul("qgemm_vnni", x, weight, bias, out_dtype, call)

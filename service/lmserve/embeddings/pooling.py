@@ -1,0 +1,135 @@
+"""How a sentence-transformers checkpoint pools its token vectors into one (mean, CLS, last token or max)
+and whether it normalizes: read from the folder (PoolingConfig.from_folder), applied by `pool`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+PoolingMode = Literal["mean", "cls", "lasttoken", "max"]
+_POOLING_MODES = ("mean", "cls", "lasttoken", "max")
+
+# sentence-transformers 1_Pooling/config.json keys -> our modes
+_POOLING_FLAGS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_max_tokens": "max",
+}
+_UNSUPPORTED_POOLING_FLAGS = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, (dict, list)):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data  # type: ignore[return-value]
+
+
+def _model_max_positions(config: dict[str, Any]) -> int | None:
+    """The longest sequence the checkpoint's position table allows, from its config.json."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            if key == "max_position_embeddings" and "roberta" in str(config.get("model_type", "")):
+                # RoBERTa-family position ids start after padding_idx: 514 positions -> 512 tokens.
+                pad = config.get("pad_token_id")
+                value -= (pad if isinstance(pad, int) else 1) + 1
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    mode: PoolingMode = "mean"
+    normalize: bool = False
+    max_seq_length: int = 512
+
+    def __post_init__(self) -> None:
+        if self.mode not in _POOLING_MODES:
+            raise ValueError(f"pooling mode must be one of {_POOLING_MODES}, not {self.mode!r}")
+        if self.max_seq_length < 1:
+            raise ValueError("max_seq_length must be positive")
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> PoolingConfig:
+        """Read a sentence-transformers folder (a plain transformers folder works too).
+
+        modules.json names the Pooling module's folder and whether a Normalize module follows;
+        without it `1_Pooling/` is tried. Defaults: mean pooling, no normalization,
+        max_seq_length = min(model max positions, sentence_bert_config.json max_seq_length).
+        """
+        path = Path(path)
+        pooling_dir: Path | None = None
+        normalize = False
+        modules_file = path / "modules.json"
+        if modules_file.is_file():
+            modules = _read_json(modules_file)
+            if not isinstance(modules, list):
+                raise ValueError(f"{modules_file}: expected a JSON list of modules")
+            for module in modules:
+                kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+                if kind == "Pooling":
+                    pooling_dir = path / str(module.get("path", ""))
+                elif kind == "Normalize":
+                    normalize = True
+        elif (path / "1_Pooling").is_dir():
+            pooling_dir = path / "1_Pooling"
+
+        mode: str = "mean"
+        if pooling_dir is not None and (pooling_dir / "config.json").is_file():
+            mode = cls._mode_from_pooling_config(_read_json(pooling_dir / "config.json"), pooling_dir)
+
+        lengths = []
+        if (path / "config.json").is_file():
+            positions = _model_max_positions(_read_json(path / "config.json"))
+            if positions is not None:
+                lengths.append(positions)
+        sbert = path / "sentence_bert_config.json"
+        if sbert.is_file():
+            value = _read_json(sbert).get("max_seq_length")
+            if isinstance(value, int) and value > 0:
+                lengths.append(value)
+        max_seq_length = min(lengths) if lengths else 512
+        return cls(mode=mode, normalize=normalize, max_seq_length=max_seq_length)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _mode_from_pooling_config(cfg: dict[str, Any], where: Path) -> str:
+        if isinstance(cfg.get("pooling_mode"), str):  # newer single-key form
+            mode = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(
+                cfg["pooling_mode"], cfg["pooling_mode"]
+            )
+            if mode not in _POOLING_MODES:
+                raise ValueError(f"{where}: unsupported pooling mode {cfg['pooling_mode']!r}")
+            return mode
+        unsupported = [k for k in _UNSUPPORTED_POOLING_FLAGS if cfg.get(k)]
+        if unsupported:
+            raise ValueError(f"{where}: unsupported pooling {unsupported}")
+        modes = [mode for key, mode in _POOLING_FLAGS.items() if cfg.get(key)]
+        if len(modes) > 1:
+            raise ValueError(f"{where}: concatenated pooling modes {modes} are not supported")
+        return modes[0] if modes else "mean"
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, config: PoolingConfig) -> torch.Tensor:
+    """One vector per row of hidden [rows, seq, dim] (in float32), by config's mode over the positions the
+    mask keeps (lengths: how many per row), L2-normalized where the checkpoint has a Normalize module."""
+    hidden = hidden.float()
+    mode = config.mode
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    elif mode == "cls":
+        pooled = hidden[:, 0]
+    elif mode == "lasttoken":
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    else:  # max
+        pooled = hidden.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
+    if config.normalize:
+        pooled = F.normalize(pooled, p=2, dim=-1)
+    return pooled
