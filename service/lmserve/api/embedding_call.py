@@ -14,6 +14,7 @@ from lmserve.api.screening import screen_input, screen_token_inputs
 from lmserve.state import ServedModel
 
 if TYPE_CHECKING:
+    from lmserve.embeddings.batching import CheckedInputs
     from lmserve.state import AppState
 
 # Tokenizing this much text on the event loop would stall every other request; above it, a thread does it.
@@ -42,21 +43,18 @@ class EmbeddingCall:
     state: AppState
     caller: Caller
     model: ServedModel
-    ids: list[list[int]]
-    dimensions: int | None
+    checked: CheckedInputs  # the embedder's validation, once
     admitted: Admitted
 
     async def run(self) -> EmbedOutput:
-        from lmserve.embeddings import EmbedderNotRunning, EmbeddingInputError
+        from lmserve.embeddings import EmbedderNotRunning
 
         embedder = self.state.embedder
         assert embedder is not None
         self.caller.record.submitted = time.monotonic()
         result = None
         try:
-            result = await embedder.embed(self.ids, self.dimensions)
-        except EmbeddingInputError as exc:
-            raise APIError(str(exc), exc.code, exc.param) from None
+            result = await embedder.submit(self.checked)
         except EmbedderNotRunning as exc:
             raise APIError(str(exc), "service_unavailable") from None
         finally:
@@ -94,10 +92,10 @@ async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) ->
             ids = await asyncio.to_thread(embedder.tokenize, inputs)
         else:
             ids = embedder.tokenize(inputs)
-        embedder.validate(ids, inp.dimensions)
+        checked = embedder.validate(ids, inp.dimensions)
     except EmbeddingInputError as exc:
         raise APIError(str(exc), exc.code, exc.param) from None
     if not is_text:  # token arrays: screened as their text once the embedder has checked the ids
         screen_token_inputs(state, caller, ids, embedder.tokenizer.decode, "input")
     admitted = Admitted(state, caller, sum(len(x) for x in ids))
-    return EmbeddingCall(state, caller, model, ids, inp.dimensions, admitted)
+    return EmbeddingCall(state, caller, model, checked, admitted)

@@ -74,7 +74,7 @@ async def _merged(
     """Interleave several engine streams as their deltas arrive; closing this closes them all. A choice
     whose index the consumer puts in `ended` is closed (its engine request aborted) at its next delta."""
     if len(requests) == 1:
-        async with aclosing(engine.generate(requests[0])) as stream:
+        async with aclosing(engine.generate(requests[0], checked=True)) as stream:
             async for delta in stream:
                 yield ChoiceDelta(0, delta)
                 if ended:
@@ -85,7 +85,7 @@ async def _merged(
 
     async def pump(index: int, request: GenerationRequest) -> None:
         try:
-            async with aclosing(engine.generate(request)) as stream:
+            async with aclosing(engine.generate(request, checked=True)) as stream:
                 async for delta in stream:
                     if index in ended:
                         break

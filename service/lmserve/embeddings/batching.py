@@ -13,6 +13,14 @@ _SCAN_LIMIT = 4096
 
 
 @dataclass(frozen=True)
+class CheckedInputs:
+    """Token-id inputs and dimensions that Embedder.validate accepted: what Embedder.submit takes."""
+
+    inputs: list[list[int]]
+    dimensions: int | None = None
+
+
+@dataclass(frozen=True)
 class EmbeddingResult:
     vectors: list[list[float]]  # one per input, in input order
     num_tokens: list[int]  # tokens each input used (its prompt_tokens share)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lmserve.embeddings import EmbedderNotRunning, EmbeddingInputError
 from lmserve.embeddings.batching import (
+    CheckedInputs,
     EmbeddingBatchStats,
     EmbeddingResult,
     EmbedItem,
@@ -180,8 +181,9 @@ class Embedder:
 
     # ----------------------------------------------------------------- validation
 
-    def validate(self, inputs: list[list[int]], dimensions: int | None = None) -> None:
-        """Raise EmbeddingInputError for anything `embed` would reject."""
+    def validate(self, inputs: list[list[int]], dimensions: int | None = None) -> CheckedInputs:
+        """The inputs as `submit` takes them, or EmbeddingInputError for anything this model cannot embed.
+        The API calls it once per request (before its queue slot and safety screen); `embed` does both."""
         if dimensions is not None:
             if isinstance(dimensions, bool) or not isinstance(dimensions, int):
                 raise EmbeddingInputError("dimensions must be an integer", param="dimensions")
@@ -212,6 +214,7 @@ class Embedder:
                     f"input[{i}] contains {bad!r}, which is not a token id of model "
                     f"{self.model_name!r} (integers 0..{vocab - 1})"
                 )
+        return CheckedInputs([list(ids) for ids in inputs], dimensions)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -244,12 +247,16 @@ class Embedder:
     # ----------------------------------------------------------------- requests
 
     async def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> EmbeddingResult:
-        """Vectors for token-id inputs (from `tokenize`), in input order.
+        """Vectors for token-id inputs (from `tokenize`), in input order: `validate`, then `submit`.
 
         Raises EmbeddingInputError before queueing, EmbedderNotRunning when not started.
         `dimensions`: keep the first `dimensions` components and L2-normalize them.
         """
-        self.validate(inputs, dimensions)
+        return await self.submit(self.validate(inputs, dimensions))
+
+    async def submit(self, checked: CheckedInputs) -> EmbeddingResult:
+        """Vectors for inputs `validate` accepted, in input order; EmbedderNotRunning when not started."""
+        inputs, dimensions = checked.inputs, checked.dimensions
         if not self.is_running:
             raise EmbedderNotRunning("the embedding model is not running")
         loop = asyncio.get_running_loop()
@@ -261,7 +268,7 @@ class Embedder:
             vectors=[None] * len(inputs),
             remaining=len(inputs),
         )
-        items = [EmbedItem(request, i, list(ids)) for i, ids in enumerate(inputs)]
+        items = [EmbedItem(request, i, ids) for i, ids in enumerate(inputs)]
         with self._cond:
             if self._stopping:
                 raise EmbedderNotRunning("the embedding model is shutting down")

@@ -3,7 +3,7 @@
 Usage from a transport:
 
     engine.check_request(req)               # capacity and constraints: RequestRejected before anything is queued
-    async for delta in engine.generate(req):  # deltas until one has finish_reason set
+    async for delta in engine.generate(req, checked=True):  # deltas until one has finish_reason set
         ...
     # Leaving the loop early (break, exception, client disconnect -> aclose()) aborts the request
     # and frees its KV blocks at once.
@@ -160,7 +160,10 @@ class GenerationEngine(Protocol):
 
     def check_request(self, request: GenerationRequest) -> None: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
+    def generate(self, request: GenerationRequest, *, checked: bool = False) -> AsyncIterator[GenerationDelta]:
+        """The request's deltas. `checked`: the caller has had `check_request` accept this very request
+        (the API's plan does, once per request), so it is not checked again; otherwise generate checks it."""
+        ...
 
     def stats(self) -> EngineStats: ...
 

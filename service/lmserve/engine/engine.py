@@ -215,7 +215,7 @@ class NativeEngine:
 
     def check_request(self, request: GenerationRequest) -> None:
         """This engine's own limits: the context and the KV pool, and whether the constraint compiles.
-        Everything else about a request is validated once, before it gets here (api/generation.py)."""
+        Everything else about a request is validated once, before it gets here (api/plan.py)."""
         self._lora(request)
         num_prompt_tokens = len(request.prompt_token_ids)
         message = self.scheduler.can_ever_fit(num_prompt_tokens, request.sampling.max_tokens)
@@ -231,8 +231,9 @@ class NativeEngine:
             except GrammarError as exc:
                 raise grammar_rejected(str(exc)) from None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        self.check_request(request)
+    async def generate(self, request: GenerationRequest, *, checked: bool = False) -> AsyncIterator[GenerationDelta]:
+        if not checked:
+            self.check_request(request)
         if not self.is_alive:
             raise self._dead_error()
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"

@@ -251,12 +251,16 @@ class VLLMEngine:
             raise rejected(exc) from None
         return params
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, request: GenerationRequest, *, checked: bool = False) -> AsyncIterator[GenerationDelta]:
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
-        params = self._sampling_params(request)
+        if not checked:
+            self.check_request(request)
+        # Checked once (check_request, vLLM's own checks included): here only built; vLLM's add_request
+        # checks again on its side, which the VLLMValidationError handler below answers.
+        params = to_vllm_sampling(request.sampling, self._sampling_params_cls, self._delta_kind)
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         arrival = time.monotonic()
