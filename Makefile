@@ -161,7 +161,7 @@ vllm-venv: $(VLLM_STAMP)
 # The vLLM backend's tests and the int8 bench's smoke run (skipped in `make test`, where vLLM is not installed);
 # minutes: two vLLM servers start.
 vllm-test: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q tests/engine/test_vllm_backend.py tests/engine/test_vllm_lora.py tests/loadtests/test_int8_bench.py
+	$(VLLM_PY) -m pytest -q tests/engine/test_vllm_backend.py tests/engine/test_vllm_lora.py tests/loadtests/test_int8_bench.py tests/loadtests/test_vllm_bench_embeddings.py
 
 clean:
 	rm -rf $(VENV) .tools $(VLLM_VENV)

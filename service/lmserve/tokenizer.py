@@ -98,6 +98,12 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encode / decode
 
+    @property
+    def truncation_side(self) -> str:
+        """The side the checkpoint's tokenizer truncates ("right" unless its config says "left")."""
+        side = getattr(self._hf, "truncation_side", "right")
+        return side if side in ("left", "right") else "right"
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
@@ -155,15 +161,17 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        add_special_tokens: bool = False,
         **template_kwargs: Any,
     ) -> list[int]:
         """Token ids of the rendered conversation.
 
-        Rendered to text and then encoded without adding special tokens, because the
-        template already writes them (BOS included when the model wants one).
+        Rendered to text and then encoded without adding special tokens, because the template already
+        writes them (BOS included when the model wants one); `add_special_tokens` adds them anyway (vLLM's
+        chat field of that name).
         """
         text = self.render_chat(messages, add_generation_prompt, tools, **template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _generation_config_eos_ids(folder: Path) -> list[int]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from lmserve.api.admission import Admitted, Caller, check_request
 from lmserve.api.errors import APIError
 from lmserve.api.models import require_model
+from lmserve.api.plan import check_bound, check_truncation_side, truncated
 from lmserve.api.screening import screen_input, screen_token_inputs
 from lmserve.state import ServedModel
 
@@ -27,6 +28,8 @@ class EmbedInput:
     inputs: list[str] | list[list[int]]  # texts or token arrays
     dimensions: int | None = None
     logged_input: Any = None  # what the client sent, for an access line with --log-prompts
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep this many tokens of each input (-1: the limit)
+    truncation_side: str | None = None  # "left" keeps the last tokens, "right" the first; None: the tokenizer's
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) ->
         raise APIError("input must not be empty.", "invalid_value", "input")
     if len(inp.inputs) > limit:
         raise APIError(f"At most {limit} inputs per request.", "invalid_value", "input")
+    check_bound("truncate_prompt_tokens", inp.truncate_prompt_tokens)
+    check_truncation_side(inp.truncation_side)
     inputs = inp.inputs
     is_text = isinstance(inputs[0], str)
     if is_text:
@@ -92,6 +97,9 @@ async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) ->
             ids = await asyncio.to_thread(embedder.tokenize, inputs)
         else:
             ids = embedder.tokenize(inputs)
+        if inp.truncate_prompt_tokens is not None:
+            side = inp.truncation_side or getattr(embedder.tokenizer, "truncation_side", "right")
+            ids = [truncated(x, inp.truncate_prompt_tokens, side, embedder.max_input_tokens) for x in ids]
         checked = embedder.validate(ids, inp.dimensions)
     except EmbeddingInputError as exc:
         raise APIError(str(exc), exc.code, exc.param) from None

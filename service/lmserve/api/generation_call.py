@@ -57,6 +57,7 @@ class CompletionInput:
     prompt: Prompt  # a string, strings, a token array or token arrays
     params: GenerationParams
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS etc. on text prompts
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class ChatInput:
     template_kwargs: dict[str, Any] | None = None
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     parallel_tool_calls: bool | None = None
+    add_special_tokens: bool = False  # vLLM's: special tokens on top of what the template writes
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ class GenerationCall:
 
 def _plan(state: AppState, caller: Caller, model: ServedModel, prompts: list[list[int]], params: GenerationParams) -> GenerationPlan:
     caller.record.lora = model.lora
+    if params.truncation_side is None:
+        params = replace(params, truncation_side=state.tokenizer.truncation_side)
     return plan_generation(
         state.engine, prompts, params, state.config.limits, caller.record.request_id, state.tokenizer.vocab_size, model.lora
     )
@@ -173,15 +177,16 @@ def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) ->
     model = generation_model(state, inp.model)
     items = prompt_items(inp.prompt)
     check_generation(inp.params, len(items), state.config.limits)
-    prompts = completion_prompts(state, caller, items)  # texts screened and tokenized
+    prompts = completion_prompts(state, caller, items, inp.add_special_tokens)  # texts screened and tokenized
     plan = _plan(state, caller, model, prompts, inp.params)
     if items and not isinstance(items[0], str):  # token arrays: screened once the plan has checked the ids
-        screen_token_inputs(state, caller, prompts, state.tokenizer.decode, "prompt")
+        screen_token_inputs(state, caller, plan.prompts, state.tokenizer.decode, "prompt")
     if caller.record.log_prompts:
         caller.record.prompt = inp.prompt  # once screened: a blocked prompt is never logged
     call = _admit(state, caller, model, plan, "cmpl")
-    if inp.echo:
-        call.echo_texts = echo_texts(state, inp.prompt, prompts)
+    if inp.echo:  # a truncated prompt is echoed as the model saw it
+        prompt = inp.prompt if inp.params.truncate_prompt_tokens is None else plan.prompts
+        call.echo_texts = echo_texts(state, prompt, plan.prompts)
     return call
 
 
@@ -203,7 +208,7 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
         messages, tools = tool_plan.prompt(messages)
     if caller.record.log_prompts:
         caller.record.prompt = inp.messages  # once screened: a blocked prompt is never logged
-    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)
+    prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs, inp.add_special_tokens)
     plan = _plan(state, caller, model, [prompt], params)
     call = _admit(state, caller, model, plan, "chatcmpl")
     call.tool_plan = tool_plan

@@ -71,7 +71,9 @@ BOUNDS = {
     "min_tokens": Bound(0),
     "speculative_tokens": Bound(0, MAX_SPECULATIVE_TOKENS),  # 0: off
     "timeout": Bound(0, low_open=True),
+    "truncate_prompt_tokens": Bound(-1),  # -1: as many as fit
 }
+TRUNCATION_SIDES = ("left", "right")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class GenerationParams:
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # response_format / structured_outputs / forced tool calls
     speculative_tokens: int | None = None  # prompt-lookup drafts per step; None: the server's default
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep this many prompt tokens (-1: as many as fit)
+    truncation_side: str | None = None  # "left" keeps the last, "right" the first; None: the tokenizer's
+    priority: int = 0  # vLLM's; only 0 is served (first come, first served)
     # How max_tokens defaults when absent: completions use a fixed 16 (OpenAI), chat fills the context.
     default_max_tokens: int | None = 16
     max_logprobs: int = 20
@@ -115,7 +120,7 @@ class GenerationParams:
 # (HTTP: the body's attribute; gRPC: the message's `optional` field, None when unset).
 CLIENT_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
-    "speculative_tokens",
+    "speculative_tokens", "truncate_prompt_tokens", "truncation_side",
 )  # fmt: skip
 
 
@@ -144,7 +149,7 @@ class GenerationPlan:
 # -- validation and planning ---------------------------------------------------------------------------
 
 
-def _check_bound(name: str, value: float | None, param: str | None = None) -> None:
+def check_bound(name: str, value: float | None, param: str | None = None) -> None:
     bound = BOUNDS[name]
     if value is not None and not bound.holds(value):
         raise APIError(f"{param or name} must be {bound.describe()}, got {value}.", "invalid_value", param or name)
@@ -159,7 +164,7 @@ def check_generation(params: GenerationParams, num_prompts: int, limits: LimitsC
         raise APIError("At least one prompt is required.", "missing_field", params.prompt_param)
     if num_prompts > limits.max_prompts:
         raise APIError(f"At most {limits.max_prompts} prompts per request.", "invalid_value", params.prompt_param)
-    _check_bound("timeout", params.timeout_s, params.timeout_param)
+    check_bound("timeout", params.timeout_s, params.timeout_param)
     if not 1 <= params.n <= limits.max_n:
         raise APIError(f"n must be between 1 and {limits.max_n}, got {params.n}.", "invalid_value", "n")
     if params.max_tokens is not None:
@@ -173,9 +178,16 @@ def check_generation(params: GenerationParams, num_prompts: int, limits: LimitsC
             )
     for name in (
         "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "seed",
-        "min_tokens", "speculative_tokens",
+        "min_tokens", "speculative_tokens", "truncate_prompt_tokens",
     ):  # fmt: skip
-        _check_bound(name, getattr(params, name))
+        check_bound(name, getattr(params, name))
+    check_truncation_side(params.truncation_side)
+    if params.priority != 0:
+        raise APIError(
+            "priority is not supported: this server schedules requests first come, first served (send 0 or leave it out).",
+            "unsupported_value",
+            "priority",
+        )
     if params.max_tokens is not None and params.min_tokens > params.max_tokens:
         raise APIError("min_tokens must not exceed max_tokens.", "invalid_value", "min_tokens")
     if params.logprobs is not None and not 0 <= params.logprobs <= params.max_logprobs:
@@ -284,6 +296,8 @@ def plan_generation(
             "stop_token_ids",
         )
     requests: list[GenerationRequest] = []
+    # A prompt of the whole context leaves no room for output: truncation keeps at most one token less.
+    prompts = [truncated(p, params.truncate_prompt_tokens, params.truncation_side, engine.max_model_len - 1) for p in prompts]
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise APIError("The prompt must not be empty.", "invalid_value", params.prompt_param)
@@ -355,6 +369,28 @@ def rejection_error(
     return APIError(str(exc), "invalid_value", param)
 
 
+
+
+def check_truncation_side(side: str | None) -> None:
+    if side is not None and side not in TRUNCATION_SIDES:
+        raise APIError(f"truncation_side must be 'left' or 'right', got {side!r}.", "invalid_value", "truncation_side")
+
+
+def truncated(ids: Sequence[int], keep: int | None, side: str | None, max_keep: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's first `keep` tokens (side "right", the default) or its
+    last (side "left"); -1 keeps as many as the model takes (`max_keep`); None leaves it whole."""
+    if keep is None:
+        return list(ids)
+    if keep > max_keep:
+        raise APIError(
+            f"truncate_prompt_tokens is {keep}; this model takes at most {max_keep} prompt tokens.",
+            "invalid_value",
+            "truncate_prompt_tokens",
+        )
+    n = max_keep if keep < 0 else keep
+    if n >= len(ids):
+        return list(ids)
+    return list(ids[len(ids) - n :]) if side == "left" else list(ids[:n])
 
 
 def chat_logprobs(logprobs: bool, top_logprobs: int | None) -> int | None:

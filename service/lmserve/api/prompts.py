@@ -27,13 +27,16 @@ def prompt_items(prompt: Prompt) -> list[str] | list[list[int]]:
     return prompt  # type: ignore[return-value]
 
 
-def completion_prompts(state: AppState, caller: Caller, items: list[str] | list[list[int]]) -> list[list[int]]:
+def completion_prompts(
+    state: AppState, caller: Caller, items: list[str] | list[list[int]], add_special_tokens: bool = True
+) -> list[list[int]]:
     """Each prompt's token ids: texts screened, then tokenized; token arrays as sent (checked against the
     vocabulary by the plan, then screened as their text: api/generation_call.py)."""
     if items and isinstance(items[0], str):
         if any(not p.strip() for p in items):  # type: ignore[union-attr]
             raise APIError("The prompt must contain text other than whitespace.", "invalid_value", "prompt")
-        return [state.tokenizer.encode(p) for p in screen_input(state, caller, list(items), "prompt")]  # type: ignore[arg-type]
+        texts = screen_input(state, caller, list(items), "prompt")  # type: ignore[arg-type]
+        return [state.tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in texts]
     return [list(p) for p in items]  # type: ignore[arg-type]
 
 
@@ -66,6 +69,7 @@ def chat_prompt(
     add_generation_prompt: bool,
     tools: list[dict[str, Any]] | None,
     template_kwargs: dict[str, Any] | None,
+    add_special_tokens: bool = False,
 ) -> list[int]:
     """Token ids of the conversation under the model's chat template (chat and tokenize)."""
     from lmserve.tokenizer import TokenizerError
@@ -78,7 +82,7 @@ def chat_prompt(
         raise APIError("messages must not be empty.", "invalid_value", "messages")
     try:
         return state.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, add_special_tokens=add_special_tokens, **kwargs
         )
     except TokenizerError as exc:
         raise APIError(str(exc), "invalid_value", "messages") from None

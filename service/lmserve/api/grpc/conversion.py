@@ -43,6 +43,7 @@ def _generation_params(
         max_tokens=opt(req, "max_tokens"),
         n=1 if n is None else n,
         logit_bias={str(k): v for k, v in req.logit_bias.items()} or None,
+        priority=opt(req, "priority") or 0,
         stop=tuple(req.stop),
         stop_token_ids=tuple(req.stop_token_ids),
         min_tokens=req.min_tokens,
@@ -133,7 +134,8 @@ def completion_input(req: pb.CompletionRequest) -> CompletionInput:
     prompt: str | list[int] = req.prompt if has_text else list(req.prompt_token_ids.ids)
     logprobs = opt(req, "logprobs")
     params = _generation_params(req, logprobs=logprobs, default_max_tokens=16, max_logprobs=5, prompt_param="prompt")
-    return CompletionInput(opt(req, "model"), prompt, params, req.echo)
+    add_special_tokens = opt(req, "add_special_tokens")
+    return CompletionInput(opt(req, "model"), prompt, params, req.echo, True if add_special_tokens is None else add_special_tokens)
 
 
 def chat_input(req: pb.ChatRequest) -> ChatInput:
@@ -151,6 +153,7 @@ def chat_input(req: pb.ChatRequest) -> ChatInput:
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=opt(req, "parallel_tool_calls"),
+        add_special_tokens=bool(opt(req, "add_special_tokens")),
     )
 
 

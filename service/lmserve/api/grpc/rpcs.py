@@ -84,7 +84,11 @@ async def embed(state: AppState, caller: Caller, req: pb.EmbedRequest) -> pb.Emb
     if req.input and req.input_token_ids:
         raise APIError("Give 'input' or 'input_token_ids', not both.", "invalid_request", "input")
     inputs: list[str] | list[list[int]] = list(req.input) or [list(t.ids) for t in req.input_token_ids]
-    call = await prepare_embedding(state, caller, EmbedInput(opt(req, "model"), inputs, opt(req, "dimensions")))
+    inp = EmbedInput(
+        opt(req, "model"), inputs, opt(req, "dimensions"),
+        truncate_prompt_tokens=opt(req, "truncate_prompt_tokens"), truncation_side=opt(req, "truncation_side"),
+    )  # fmt: skip
+    call = await prepare_embedding(state, caller, inp)
     result = await call.run()
     return pb.EmbedResponse(
         model=result.model.name,

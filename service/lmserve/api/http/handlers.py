@@ -32,7 +32,10 @@ def _encode_vector(vector: list[float], encoding_format: str) -> list[float] | s
 
 async def embeddings(state: AppState, body: schemas.EmbeddingRequest, request: Request) -> Response:
     who = caller(request)
-    inp = EmbedInput(body.model, embedding_inputs(body.input), body.dimensions, logged_input=body.input)
+    inp = EmbedInput(
+        body.model, embedding_inputs(body.input), body.dimensions, logged_input=body.input,
+        truncate_prompt_tokens=body.truncate_prompt_tokens, truncation_side=body.truncation_side,
+    )  # fmt: skip
     call = await prepare_embedding(state, who, inp)
     result = await until_disconnect(request, call.run())
     response = schemas.EmbeddingResponse(

@@ -172,6 +172,17 @@ class _SamplingFields(_Request):
         "earlier in the prompt and output and verified by the model in one forward (the output is the same; "
         "extractive answers come faster). 0: off. Unset: the server's --speculative-tokens.",
     )
+    # vLLM extras that vLLM's clients send
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        description="Keep this many tokens of the prompt (-1: as many as the context leaves room for), cut "
+        "from truncation_side.",
+        json_schema_extra=bounds("truncate_prompt_tokens"),
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="right: keep the first tokens; left: keep the last. Default: the tokenizer's (usually right)."
+    )
+    priority: int = Field(0, description="vLLM's; only 0 is served: requests are scheduled first come, first served.")
 
 
 # -- /v1/completions -------------------------------------------------------------------------------------
@@ -189,6 +200,7 @@ class CompletionRequest(_SamplingFields):
         "null logprobs (this server does not score prompts).",
     )
     best_of: int | None = Field(None, ge=1, description="Must equal n if given.")
+    add_special_tokens: bool = Field(True, description="vLLM's: the tokenizer's special tokens (BOS, ...) on text prompts.")
     suffix: str | None = Field(None, description="Not supported: a non-null value is rejected.")
 
 
@@ -255,6 +267,9 @@ class ChatCompletionRequest(_SamplingFields):
     )
     max_completion_tokens: int | None = Field(None, json_schema_extra=at_least(1, maximum="max_tokens_cap"))
     logprobs: bool = False
+    add_special_tokens: bool = Field(
+        False, description="vLLM's: add the tokenizer's special tokens on top of what the chat template writes."
+    )
     top_logprobs: int | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 20})
     tools: list[dict[str, Any]] | None = Field(
         None, description="Functions the model may call; calls come back in message.tool_calls."
@@ -308,6 +323,14 @@ class EmbeddingRequest(_Request):
     )
     dimensions: int | None = Field(None, ge=1, json_schema_extra=limit(maximum="embedding_dimensions"))
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        description="vLLM's: keep this many tokens of each input (-1: the model's limit), cut from truncation_side.",
+        json_schema_extra=bounds("truncate_prompt_tokens"),
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="right: keep the first tokens; left: keep the last. Default: the tokenizer's."
+    )
 
 
 class EmbeddingData(BaseModel):

@@ -49,6 +49,7 @@ def _generation_params(
         max_tokens=max_tokens,
         n=body.n,
         logit_bias=body.logit_bias,
+        priority=body.priority,
         stop=_stop_tuple(body.stop),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         min_tokens=body.min_tokens,
@@ -153,7 +154,7 @@ def completion_input(body: schemas.CompletionRequest, request: Request) -> Compl
         prompt_param="prompt",
         request=request,
     )
-    return CompletionInput(body.model, body.prompt, params, body.echo)
+    return CompletionInput(body.model, body.prompt, params, body.echo, body.add_special_tokens)
 
 
 def chat_input(body: schemas.ChatCompletionRequest, request: Request) -> ChatInput:
@@ -178,4 +179,5 @@ def chat_input(body: schemas.ChatCompletionRequest, request: Request) -> ChatInp
         body.chat_template_kwargs,
         body.tool_choice,
         body.parallel_tool_calls,
+        body.add_special_tokens,
     )
