@@ -130,7 +130,21 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
 
 
-class _SamplingFields(_Request):
+class _Truncation(_Request):
+    """vLLM's prompt truncation, on completions, chat and embeddings."""
+
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        description="vLLM's: keep this many tokens of the prompt (embeddings: of each input); -1: as many as "
+        "fit (the context less one token; embeddings: the model's input limit). Cut from truncation_side.",
+        json_schema_extra=bounds("truncate_prompt_tokens"),
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="right: keep the first tokens; left: keep the last. Default: the tokenizer's (usually right)."
+    )
+
+
+class _SamplingFields(_Truncation):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="The served model's name (or its checkpoint reference).")
@@ -172,16 +186,7 @@ class _SamplingFields(_Request):
         "earlier in the prompt and output and verified by the model in one forward (the output is the same; "
         "extractive answers come faster). 0: off. Unset: the server's --speculative-tokens.",
     )
-    # vLLM extras that vLLM's clients send
-    truncate_prompt_tokens: int | None = Field(
-        None,
-        description="Keep this many tokens of the prompt (-1: as many as the context leaves room for), cut "
-        "from truncation_side.",
-        json_schema_extra=bounds("truncate_prompt_tokens"),
-    )
-    truncation_side: Literal["left", "right"] | None = Field(
-        None, description="right: keep the first tokens; left: keep the last. Default: the tokenizer's (usually right)."
-    )
+    # vLLM extras that vLLM's clients send (truncation: _Truncation)
     priority: int = Field(0, description="vLLM's; only 0 is served: requests are scheduled first come, first served.")
 
 
@@ -315,7 +320,7 @@ class ChatCompletionResponse(_ResponseHead):
 # -- /v1/embeddings ------------------------------------------------------------------------------------
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(_Truncation):
     model: str | None = None
     input: EmbeddingInput = Field(description="A string, a list of strings, a token array or a list of token arrays.")
     encoding_format: Literal["float", "base64"] = Field(
@@ -323,14 +328,6 @@ class EmbeddingRequest(_Request):
     )
     dimensions: int | None = Field(None, ge=1, json_schema_extra=limit(maximum="embedding_dimensions"))
     user: str | None = None
-    truncate_prompt_tokens: int | None = Field(
-        None,
-        description="vLLM's: keep this many tokens of each input (-1: the model's limit), cut from truncation_side.",
-        json_schema_extra=bounds("truncate_prompt_tokens"),
-    )
-    truncation_side: Literal["left", "right"] | None = Field(
-        None, description="right: keep the first tokens; left: keep the last. Default: the tokenizer's."
-    )
 
 
 class EmbeddingData(BaseModel):
