@@ -192,9 +192,9 @@ def test_int8_with_dtype_auto_serves_bf16_activations_where_the_cpu_has_vnni(
 
 
 def test_bad_quantization_flag_and_variable_are_one_error_each() -> None:
-    from tests.cli_process import run_cli
+    from tests.cli_process import call_cli
 
-    flag = run_cli("serve", "--quantization", "int4")
+    flag = call_cli("serve", "--quantization", "int4")
     assert flag.returncode == 2 and "argument --quantization" in flag.stderr and "Traceback" not in flag.stderr
-    variable = run_cli("serve", env={"LMSERVE_QUANTIZATION": "fp8"})
+    variable = call_cli("serve", env={"LMSERVE_QUANTIZATION": "fp8"})
     assert variable.returncode == 2 and "error: LMSERVE_QUANTIZATION='fp8'" in variable.stderr

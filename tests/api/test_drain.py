@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,20 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
-from tests.cli_process import wait_ready
+from tests.cli_process import free_port, start_process, stop_process, wait_ready
 
 MAX_TOKENS = 32
 STREAM_TIMEOUT_S = 240  # generous: float32 on a loaded 2-core machine
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sigterm_drains_in_flight_then_exits(cache_dir: Path, smollm2_dir: Path, tmp_path: Path) -> None:
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     # The safety filter off: it may hold a sampled answer's text to its end, and then the streams would be
     # over before SIGTERM (the test sends it once the first chunk of each has arrived).
     script = (
@@ -48,14 +40,7 @@ def test_sigterm_drains_in_flight_then_exits(cache_dir: Path, smollm2_dir: Path,
         " engine=EngineConfig(dtype='float32', device='cpu', max_model_len=256, num_kv_blocks=64)))\n"
     )
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", script],
-            cwd=Path(__file__).resolve().parents[2],
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_process([sys.executable, "-c", script], log_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(proc, base, log_path)
@@ -128,6 +113,4 @@ def test_sigterm_drains_in_flight_then_exits(cache_dir: Path, smollm2_dir: Path,
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # ran to the end, not aborted
         assert proc.wait(timeout=STREAM_TIMEOUT_S) == 0, log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=0)

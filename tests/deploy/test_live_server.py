@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.cli_process import free_port, start_process, wait_ready
 from tests.deploy.conftest import REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
 from tests.deploy.dockerfile import Dockerfile
 
@@ -47,12 +46,6 @@ class LivePod:
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pod_environment(rendered: Rendered, baked: Baked, cache_volume: Path, port: int, grpc_port: int) -> dict[str, str]:
@@ -87,16 +80,13 @@ def pod(helm: Helm, baked: Baked, tmp_path_factory: pytest.TempPathFactory) -> I
     workdir = tmp_path_factory.mktemp("pod")
     cache_volume = workdir / "cache-volume"
     cache_volume.mkdir()
-    port = _free_port()
-    env = pod_environment(rendered, baked, cache_volume, port, _free_port())
+    port = free_port()
+    env = pod_environment(rendered, baked, cache_volume, port, free_port())
     entrypoint = Dockerfile.read(CPU_DOCKERFILE).exec_form(Dockerfile.read(CPU_DOCKERFILE).all("ENTRYPOINT")[-1])
     assert entrypoint == ["/opt/lmserve/entrypoint.sh"]
     command = [str(REPO / "deploy" / "docker" / "entrypoint.sh"), *rendered.container["args"]]
     log = workdir / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = start_process(command, log, env=env, cwd=workdir, new_session=True)
     live = LivePod(process, rendered, port, env, cache_volume, log)
     try:
         yield live
@@ -114,19 +104,9 @@ def probe_url(pod: LivePod, probe: dict) -> str:
 
 def test_startup_liveness_and_readiness_probes_answer_200(pod: LivePod) -> None:
     c = pod.rendered.container
-    startup = probe_url(pod, c["startupProbe"])
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    status = None
-    while time.monotonic() < deadline:
-        assert pod.process.poll() is None, f"the server exited ({pod.process.returncode}):\n{pod.log_tail()}"
-        try:
-            status = httpx.get(startup, timeout=5).status_code
-        except httpx.TransportError:
-            status = None  # not listening yet: the models are loading
-        if status == 200:
-            break
-        time.sleep(0.5)
-    assert status == 200, f"{startup} never answered 200:\n{pod.log_tail()}"
+    startup = c["startupProbe"]["httpGet"]
+    assert startup["port"] == "http"
+    wait_ready(pod.process, pod.base_url, pod.log, STARTUP_TIMEOUT_S, path=startup["path"])
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         response = httpx.get(probe_url(pod, probe), timeout=probe["timeoutSeconds"])
         assert response.status_code == 200, response.text
@@ -183,7 +163,7 @@ def test_healthcheck_hits_the_readiness_route(pod: LivePod) -> None:
     command = [sys.executable, str(REPO / "deploy" / "docker" / Path(healthcheck[1]).name)]
     ok = subprocess.run(command, env=pod.env, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
-    closed_env = {**pod.env, "LMSERVE_PORT": str(_free_port())}
+    closed_env = {**pod.env, "LMSERVE_PORT": str(free_port())}
     closed = subprocess.run(command, env=closed_env, capture_output=True, text=True, timeout=30)
     assert closed.returncode == 1 and "Connection refused" in closed.stderr
 
