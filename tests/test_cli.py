@@ -264,6 +264,7 @@ def test_models_is_a_table(smollm2_dir: Path, cache_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "empty").exists()  # listing creates no cache
 
 
+@pytest.mark.slow
 def test_generate_documents_its_defaults_and_says_when_seed_does_nothing(tiny_llama_dir: Path, tmp_path: Path) -> None:
     help_text = " ".join(call_cli("generate", "--help").stdout.split())
     assert "Sampling defaults: greedy decoding (--temperature 0), --top-p 1, at most 128 new tokens" in help_text

@@ -34,6 +34,8 @@ from tests.cli_process import free_port, start_process, wait_ready
 from tests.deploy.conftest import REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
 from tests.deploy.dockerfile import Dockerfile
 
+pytestmark = pytest.mark.slow  # a real server process over the baked image
+
 CPU_DOCKERFILE = REPO / "deploy" / "docker" / "cpu.Dockerfile"
 STARTUP_TIMEOUT_S = 240.0  # a loaded 2-core machine; the chart's startup probe allows 15 minutes
 # The drain timeout is long enough for the streams in flight at SIGTERM to end on a loaded 2-core machine.

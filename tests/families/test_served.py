@@ -74,6 +74,7 @@ def cli_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.mark.parametrize(
     "cli_family, expected", [("gemma2", "gemma2 (native)"), ("cohere", "cohere (transformers)")], indirect=["cli_family"]
 )
+@pytest.mark.slow
 def test_lmserve_serve_command(cli_family: Family, expected: str, tmp_path: Path) -> None:
     port = free_port()
     args = [

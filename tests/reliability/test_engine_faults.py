@@ -228,6 +228,7 @@ def test_a_sampling_error_on_one_row_fails_that_request_alone(server: LiveServer
     assert (server.state.engine.stats().num_kv_blocks_used, server.state.lifecycle.in_flight) == (0, 0)
 
 
+@pytest.mark.slow
 def test_the_process_exits_non_zero_when_its_engine_fails(tiny_llama_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
     """`lmserve serve` (lmserve.cli.main, in a process of its own) with a fault that fires once a trigger
     file exists: the open stream gets its error event and [DONE], then the process exits 1."""
