@@ -52,6 +52,8 @@ serve: $(STAMP)
 	@echo '$(LMSERVE_HINT)'
 	$(VENV)/bin/lmserve serve $(SERVE_FLAGS)
 
+# Every test, the slow ones included (pyproject's `slow` marker). While iterating,
+# `$(PY) -m pytest -q -m "not slow"` leaves out the server processes, model loads and long generations.
 test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q
 

@@ -1,5 +1,9 @@
-"""The command line through its entry point, in subprocesses: bad values, pre-flight checks before any
-weight is read, `models`, `generate`'s defaults and `cache` listing and pruning."""
+"""The command line through its entry point: bad values, pre-flight checks before any weight is read,
+`models`, `generate`'s defaults and `cache` listing and pruning.
+
+The error cases, `models` and `cache` call lmserve.cli.main in this process (tests.cli_process.call_cli:
+the same parser and checks, no interpreter start per case); `python -m lmserve` itself runs in subprocesses
+for one error case and for `generate`."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from lmserve.checkpoints.fingerprint import file_sha256, record_path
 from lmserve.checkpoints.gguf import gguf_key_of_digest
 from lmserve.checkpoints.weights import CACHE_MARKER
 from lmserve.engine.modeling import kernel_cache
-from tests.cli_process import free_port, run_cli
+from tests.cli_process import call_cli, free_port, run_cli
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -57,7 +61,7 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize(("args", "flag"), BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flag_value_is_one_argparse_error(args: list[str], flag: str) -> None:
-    result = run_cli(*args)
+    result = call_cli(*args)
     assert result.returncode == 2, result.stderr
     (line,) = error_lines(result.stderr)
     assert f"argument {flag}" in line and "Traceback" not in result.stderr
@@ -78,14 +82,23 @@ BAD_VARIABLES = [
 
 @pytest.mark.parametrize(("env", "var"), BAD_VARIABLES, ids=[v for _, v in BAD_VARIABLES])
 def test_bad_variable_is_one_error_naming_it(env: dict[str, str], var: str) -> None:
-    result = run_cli("serve", env=env)
+    result = call_cli("serve", env=env)
     assert result.returncode == 2, result.stderr
     (line,) = error_lines(result.stderr)
     assert line.startswith(f"error: {var}") and "Traceback" not in result.stderr
 
 
+def test_the_command_itself_exits_2_with_one_error_line() -> None:
+    """The error cases above in a real `python -m lmserve` process, once: main's 2 is the exit status, the
+    error is one stderr line, and there is no traceback."""
+    result = run_cli("serve", "--port", "70000")
+    assert result.returncode == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "argument --port" in line and "Traceback" not in result.stderr
+
+
 def test_every_serve_flag_shows_its_default_in_help() -> None:
-    result = run_cli("serve", "--help")
+    result = call_cli("serve", "--help")
     assert result.returncode == 0
     options = re.split(r"\n(?=  -)", result.stdout.split("options:", 1)[1])
     helps = {re.match(r"\s*(-[-\w]+)", block).group(1): " ".join(block.split()) for block in options if block.strip()}
@@ -96,7 +109,7 @@ def test_every_serve_flag_shows_its_default_in_help() -> None:
     assert "(default: 8000)" in helps["--port"] and "(default: 50051)" in helps["--grpc-port"]
     assert "[env LMSERVE_MODEL] (default: smollm2-135m-instruct)" in helps["--model"]
     # A variable's value is the default --help shows.
-    port_help = run_cli("serve", "--help", env={"LMSERVE_PORT": "9123"}).stdout
+    port_help = call_cli("serve", "--help", env={"LMSERVE_PORT": "9123"}).stdout
     assert "(default: 9123)" in " ".join(port_help.split())
 
 
@@ -142,9 +155,8 @@ def watched_model(tiny_llama_dir: Path) -> Iterator[tuple[Path, FileWatch]]:
 def _serve_fails_before_loading(watched: tuple[Path, FileWatch], *args: str, tmp_path: Path) -> str:
     model_dir, watch = watched
     started = time.monotonic()
-    result = run_cli(
-        "serve", "--model", str(model_dir), "--embedding-model", "none", "--cache-dir", str(tmp_path / "cache"), *args,
-        timeout=60,
+    result = call_cli(
+        "serve", "--model", str(model_dir), "--embedding-model", "none", "--cache-dir", str(tmp_path / "cache"), *args
     )
     took = time.monotonic() - started
     assert result.returncode == 2, result.stderr
@@ -232,7 +244,7 @@ CACHE_COLUMNS = ("NAME", "KIND", "SIZE", "USED", "USED BY / BUILT FROM")
 
 
 def test_models_is_a_table(smollm2_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
-    result = run_cli("models", "--cache-dir", str(cache_dir))
+    result = call_cli("models", "--cache-dir", str(cache_dir))
     assert result.returncode == 0, result.stderr
     by_id = {row[0]: row for row in _table(result.stdout, MODEL_COLUMNS)}
     smol, minilm = by_id["smollm2-135m-instruct"], by_id["all-minilm-l6-v2"]
@@ -245,15 +257,16 @@ def test_models_is_a_table(smollm2_dir: Path, cache_dir: Path, tmp_path: Path) -
     assert converted[5].startswith(_shown(smollm2_dir))
     assert "defaults: --model smollm2-135m-instruct --embedding-model all-minilm-l6-v2" in result.stdout
 
-    fresh = run_cli("models", "--cache-dir", str(tmp_path / "empty"))
+    fresh = call_cli("models", "--cache-dir", str(tmp_path / "empty"))
     rows = _table(fresh.stdout, MODEL_COLUMNS)
     assert [row[0] for row in rows] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
     assert rows[0][2:5:2] == ["-", "no: converted at first use (about 20 s)"]  # no family before conversion
     assert not (tmp_path / "empty").exists()  # listing creates no cache
 
 
+@pytest.mark.slow
 def test_generate_documents_its_defaults_and_says_when_seed_does_nothing(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    help_text = " ".join(run_cli("generate", "--help").stdout.split())
+    help_text = " ".join(call_cli("generate", "--help").stdout.split())
     assert "Sampling defaults: greedy decoding (--temperature 0), --top-p 1, at most 128 new tokens" in help_text
     assert "--max-tokens N most new tokens (default: 128)" in help_text
     assert "0: greedy (the most likely token each step) (default: 0.0)" in help_text
@@ -266,7 +279,7 @@ def test_generate_documents_its_defaults_and_says_when_seed_does_nothing(tiny_ll
     note = "note: --seed has no effect with greedy decoding (--temperature 0, the default); pass --temperature above 0 to sample"
     assert note in seeded.stderr.splitlines() and "note:" not in greedy.stderr
     assert f"INFO lmserve.progress: loading the weights of {tiny_llama_dir.name}" in greedy.stderr
-    too_long = run_cli("generate", "hi", *args[:6], "--max-tokens", "100000", "--seed", "1", "--temperature", "0.5")
+    too_long = call_cli("generate", "hi", *args[:6], "--max-tokens", "100000", "--seed", "1", "--temperature", "0.5")
     assert "note:" not in too_long.stderr
     assert too_long.returncode == 2 and error_lines(too_long.stderr)[0].startswith("error: prompt (")
 
@@ -308,7 +321,7 @@ def test_cache_lists_entries_and_prunes_what_nothing_uses(tmp_path: Path) -> Non
     old_build.write_bytes(b"\x7fELF old")
     kernel_cache.remember_user(old_build, tmp_path / "deleted-checkout")
 
-    result = run_cli("cache", "--cache-dir", str(cache))
+    result = call_cli("cache", "--cache-dir", str(cache))
     assert result.returncode == 0, result.stderr
     rows = _table(result.stdout, CACHE_COLUMNS)
     state = {row[0]: (row[1], row[3]) for row in rows}
@@ -326,17 +339,17 @@ def test_cache_lists_entries_and_prunes_what_nothing_uses(tmp_path: Path) -> Non
     assert sizes[used.name] == f"{(3000 + (used / CACHE_MARKER).stat().st_size) / 1024:.1f} KiB"
     assert result.stdout.splitlines()[0].startswith(f"cache {cache}: ")
 
-    dry = run_cli("cache", "prune", "--dry-run", "--cache-dir", str(cache))
+    dry = call_cli("cache", "prune", "--dry-run", "--cache-dir", str(cache))
     assert dry.returncode == 0 and dry.stdout.count("would remove ") == 5  # 4 entries and the summary line
     assert unused.is_dir() and old_build.exists()
 
-    pruned = run_cli("cache", "prune", "--cache-dir", str(cache))
+    pruned = call_cli("cache", "prune", "--cache-dir", str(cache))
     assert pruned.returncode == 0, pruned.stderr
     assert "removed 4 entries" in pruned.stdout and "and 1 stale source records" in pruned.stdout
     assert sorted(p.name for p in cache.iterdir()) == sorted([".sources", ".tmp-busy-def", "kernels", "notes", used.name])
     assert sorted(p.name for p in kernels.iterdir()) == [current.name]
     assert not record_path(cache, gone_file.resolve()).exists() and record_path(cache, kept_file.resolve()).exists()
-    rows = _table(run_cli("cache", "--cache-dir", str(cache)).stdout, CACHE_COLUMNS)
+    rows = _table(call_cli("cache", "--cache-dir", str(cache)).stdout, CACHE_COLUMNS)
     assert all(row[3] == "yes" for row in rows)
 
 

@@ -53,6 +53,7 @@ def int8_server(tiny_llama_dir: Path, tmp_path: Path, cache_dir: Path) -> Iterat
         yield base, log_path
 
 
+@pytest.mark.slow
 def test_int8_server_answers_a_greedy_completion_with_the_int8_models_tokens(
     int8_server: tuple[str, Path], tiny_llama_dir: Path, cache_dir: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_int8_takes_bf16_activations_where_the_cpu_has_vnni_and_bf16(
 @pytest.mark.skipif(
     not CPU_HAS_VNNI_BF16, reason="this CPU has no AVX-512 VNNI and BF16: --quantization int8 runs under float32 activations here"
 )
+@pytest.mark.slow
 def test_int8_with_dtype_auto_serves_bf16_activations_where_the_cpu_has_vnni(
     tiny_llama_dir: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -192,9 +194,9 @@ def test_int8_with_dtype_auto_serves_bf16_activations_where_the_cpu_has_vnni(
 
 
 def test_bad_quantization_flag_and_variable_are_one_error_each() -> None:
-    from tests.cli_process import run_cli
+    from tests.cli_process import call_cli
 
-    flag = run_cli("serve", "--quantization", "int4")
+    flag = call_cli("serve", "--quantization", "int4")
     assert flag.returncode == 2 and "argument --quantization" in flag.stderr and "Traceback" not in flag.stderr
-    variable = run_cli("serve", env={"LMSERVE_QUANTIZATION": "fp8"})
+    variable = call_cli("serve", env={"LMSERVE_QUANTIZATION": "fp8"})
     assert variable.returncode == 2 and "error: LMSERVE_QUANTIZATION='fp8'" in variable.stderr

@@ -17,6 +17,8 @@ from transformers import AutoTokenizer
 from tests.api.conftest import LiveServer
 from tests.cli_process import cli_server, free_port
 
+pytestmark = pytest.mark.slow  # a server process of its own
+
 MODEL = "smollm2-135m-instruct"
 PROMPTS = ["The capital of France is", "Hello, how are you?", "1 2 3 4", "def f(x):", "The sun rises in the"]
 MAX_TOKENS = 16

@@ -32,7 +32,7 @@ from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.api.conftest import metric_value
 from tests.checkpoints.lora_adapters import save_random_lora
-from tests.cli_process import cli_server, free_port, run_cli
+from tests.cli_process import call_cli, cli_server, free_port
 
 MAX_TOKENS = 12
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -328,9 +328,9 @@ def test_a_bad_adapter_at_start_is_one_error_line_before_the_base_loads(lora_ser
     shutil.copytree(lora_server.adapters["qv"], folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 32}))
-    result = run_cli(
+    result = call_cli(
         "serve", "--model", str(tmp_path / "no-such-base-is-read"), "--embedding-model", "none",
-        "--port", str(free_port()), "--grpc-port", "0", "--lora-modules", f"big={folder}", timeout=60,
+        "--port", str(free_port()), "--grpc-port", "0", "--lora-modules", f"big={folder}",
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

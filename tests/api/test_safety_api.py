@@ -217,6 +217,7 @@ def _chat_stream(client: httpx.Client, content: str, max_tokens: int, **extra: o
     return texts, finish
 
 
+@pytest.mark.slow
 def test_streamed_chat_comes_a_word_at_a_time_under_the_default_policy(http: httpx.Client) -> None:
     prompt = "Describe a walk in the park in a few sentences."
     texts, finish = _chat_stream(http, prompt, 64, ignore_eos=True)

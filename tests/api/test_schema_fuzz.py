@@ -8,6 +8,7 @@ model so generation and embedding requests actually run instead of all ending in
 from __future__ import annotations
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
@@ -37,6 +38,7 @@ def _pin_model(case) -> None:
             case.body["model"] = model
 
 
+@pytest.mark.slow
 def test_openapi_conformance(servers: Servers) -> None:
     server: LiveServer = servers.fuzz
     spec = httpx.get(f"{server.base_url}/openapi.json", headers=server.headers).json()

@@ -123,6 +123,7 @@ def _draw_schemas(num: int) -> list[dict[str, Any]]:
     return picked + spread([s for s in seen if s not in picked], num - len(picked))
 
 
+@pytest.mark.slow
 def test_random_json_schemas_validate_in_mixed_batches(server: LiveServer) -> None:
     """50 hypothesis schemas at temperature 1, sixteen at a time, each batch beside unconstrained requests."""
     schemas = _draw_schemas(50)
@@ -279,6 +280,7 @@ def _check_call(name: str, arguments: str) -> None:
     jsonschema.validate(json.loads(arguments), SCHEMA_OF[name])
 
 
+@pytest.mark.slow
 def test_tool_choice_required_and_named_non_streaming(openai_client: openai.OpenAI) -> None:
     for seed in range(3):
         resp = _chat(openai_client, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed,

@@ -37,6 +37,7 @@ def test_second_resolve_is_fast_and_loads_nothing(smollm2_dir: Path, cache_dir: 
     assert smollm2_dir.name == f"SmolLM2-135M-Instruct.Q4_1-{gguf_mod.gguf_cache_key(gguf_file, cache_dir)}"
 
 
+@pytest.mark.slow
 def test_converted_folder_matches_transformers_gguf_load(smollm2_dir: Path) -> None:
     gguf_file = bundled_location("smollm2-135m-instruct")
     reference = transformers.AutoModelForCausalLM.from_pretrained(

@@ -132,6 +132,7 @@ def _comparable(name: str, tensor: torch.Tensor, family: str) -> torch.Tensor:
     return tensor
 
 
+@pytest.mark.slow
 def test_the_file_is_laid_out_as_llama_cpp_writes_it(case: Case) -> None:
     """Metadata keys and tensor transforms per family, read back with transformers' raw header reader."""
     metadata, names = read_gguf_metadata(str(case.gguf_file))
@@ -375,6 +376,7 @@ def test_what_transformers_drops_comes_back_from_the_file(
             assert restored[field] == value, field
 
 
+@pytest.mark.slow
 def test_rope_freqs_it_cannot_state_exactly_are_refused(family_dirs: dict[str, Path], tmp_path: Path) -> None:
     """A rope_freqs tensor fixes only ratios of Llama 3's parameters: one that llama.cpp's own values for the rest
     do not give back is refused, naming the file, rather than converted with the wrong rope."""

@@ -228,6 +228,7 @@ def verify_command(instruction: Instruction, baked: Baked) -> tuple[list[str], d
 
 
 @pytest.mark.parametrize("image", list(DOCKERFILES))
+@pytest.mark.slow
 def test_bake_then_verify_as_the_final_stage_does(baked: Baked, image: str) -> None:
     assert sorted(p.suffix for p in baked.cache_dir.joinpath("kernels").glob("*.so")) == [".so"]
     assert (baked.models_dir / DEFAULT_MODEL / "config.json").is_file()

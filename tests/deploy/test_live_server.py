@@ -5,15 +5,19 @@ baked model folder and C kernels) and an empty cache folder standing in for the 
 Only what cannot be the same here differs: the host is 127.0.0.1 (not 0.0.0.0), the ports are free ones
 (not 8000/50051), and the image's /opt and /var paths are scratch folders. The render is the
 InferencePool variant, so /metrics is open, as the endpoint picker scrapes it.
+
+The pod ends with SIGTERM while a stream is in flight on each transport: the suite's one drain test, on the
+process the other tests here already started.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,12 +28,22 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.proto import lmserve_pb2_grpc as rpc
+from tests.cli_process import free_port, start_process, wait_ready
 from tests.deploy.conftest import REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
 from tests.deploy.dockerfile import Dockerfile
 
+pytestmark = pytest.mark.slow  # a real server process over the baked image
+
 CPU_DOCKERFILE = REPO / "deploy" / "docker" / "cpu.Dockerfile"
 STARTUP_TIMEOUT_S = 240.0  # a loaded 2-core machine; the chart's startup probe allows 15 minutes
-LIVE_VALUES = deep_merge(VARIANTS["inference-pool"], {"server": {"kvCacheMemoryGiB": 0.05}, "drain": {"timeoutSeconds": 5}})
+# The drain timeout is long enough for the streams in flight at SIGTERM to end on a loaded 2-core machine.
+LIVE_VALUES = deep_merge(VARIANTS["inference-pool"], {"server": {"kvCacheMemoryGiB": 0.05}, "drain": {"timeoutSeconds": 120}})
+# The streams in flight at SIGTERM: greedy, so that what the safety filter may hold back is always the same.
+DRAIN_MAX_TOKENS = 32
+DRAIN_REQUEST = {"prompt": "Count to one hundred:", "max_tokens": DRAIN_MAX_TOKENS, "ignore_eos": True, "temperature": 0}
+DRAIN_STREAM_TIMEOUT_S = 240.0
 
 
 @dataclass
@@ -47,12 +61,6 @@ class LivePod:
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pod_environment(rendered: Rendered, baked: Baked, cache_volume: Path, port: int, grpc_port: int) -> dict[str, str]:
@@ -87,16 +95,13 @@ def pod(helm: Helm, baked: Baked, tmp_path_factory: pytest.TempPathFactory) -> I
     workdir = tmp_path_factory.mktemp("pod")
     cache_volume = workdir / "cache-volume"
     cache_volume.mkdir()
-    port = _free_port()
-    env = pod_environment(rendered, baked, cache_volume, port, _free_port())
+    port = free_port()
+    env = pod_environment(rendered, baked, cache_volume, port, free_port())
     entrypoint = Dockerfile.read(CPU_DOCKERFILE).exec_form(Dockerfile.read(CPU_DOCKERFILE).all("ENTRYPOINT")[-1])
     assert entrypoint == ["/opt/lmserve/entrypoint.sh"]
     command = [str(REPO / "deploy" / "docker" / "entrypoint.sh"), *rendered.container["args"]]
     log = workdir / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = start_process(command, log, env=env, cwd=workdir, new_session=True)
     live = LivePod(process, rendered, port, env, cache_volume, log)
     try:
         yield live
@@ -114,19 +119,9 @@ def probe_url(pod: LivePod, probe: dict) -> str:
 
 def test_startup_liveness_and_readiness_probes_answer_200(pod: LivePod) -> None:
     c = pod.rendered.container
-    startup = probe_url(pod, c["startupProbe"])
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    status = None
-    while time.monotonic() < deadline:
-        assert pod.process.poll() is None, f"the server exited ({pod.process.returncode}):\n{pod.log_tail()}"
-        try:
-            status = httpx.get(startup, timeout=5).status_code
-        except httpx.TransportError:
-            status = None  # not listening yet: the models are loading
-        if status == 200:
-            break
-        time.sleep(0.5)
-    assert status == 200, f"{startup} never answered 200:\n{pod.log_tail()}"
+    startup = c["startupProbe"]["httpGet"]
+    assert startup["port"] == "http"
+    wait_ready(pod.process, pod.base_url, pod.log, STARTUP_TIMEOUT_S, path=startup["path"])
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         response = httpx.get(probe_url(pod, probe), timeout=probe["timeoutSeconds"])
         assert response.status_code == 200, response.text
@@ -183,14 +178,99 @@ def test_healthcheck_hits_the_readiness_route(pod: LivePod) -> None:
     command = [sys.executable, str(REPO / "deploy" / "docker" / Path(healthcheck[1]).name)]
     ok = subprocess.run(command, env=pod.env, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
-    closed_env = {**pod.env, "LMSERVE_PORT": str(_free_port())}
+    closed_env = {**pod.env, "LMSERVE_PORT": str(free_port())}
     closed = subprocess.run(command, env=closed_env, capture_output=True, text=True, timeout=30)
     assert closed.returncode == 1 and "Connection refused" in closed.stderr
 
 
-def test_sigterm_drains_and_exits_zero(pod: LivePod) -> None:
-    """What the kubelet does after the preStop pause. (The drain with requests in flight is
-    tests/api/test_drain.py's.)"""
+def test_sigterm_drains_in_flight_then_exits_zero(pod: LivePod) -> None:
+    """What the kubelet does after the preStop pause, with a stream in flight on each transport: readyz and
+    gRPC health turn not-ready at once, new requests are refused (503 / UNAVAILABLE) on both transports,
+    /livez still answers, the two streams run to their end, and the process exits 0. Last in this module:
+    the pod ends here."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{pod.env['LMSERVE_GRPC_PORT']}")
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    http_stream, grpc_stream = InFlight.http(pod.base_url), InFlight.grpc(channel)
+    assert http_stream.first.wait(60) and grpc_stream.first.wait(60), pod.log_tail()
     os.killpg(pod.process.pid, signal.SIGTERM)
+
+    ready = None
+    for _ in range(50):
+        ready = httpx.get(f"{pod.base_url}/readyz", timeout=2)
+        if ready.status_code == 503:
+            break
+        time.sleep(0.05)
+    assert ready is not None and ready.status_code == 503
+    assert "draining" in ready.json()["error"]["message"]
+    assert httpx.get(f"{pod.base_url}/livez", timeout=2).status_code == 200
+    refused = httpx.post(f"{pod.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "service_unavailable"
+    assert refused.headers["retry-after"] == "1"
+    for _ in range(50):
+        if health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.05)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as new_rpc:
+        rpc.GenerationStub(channel).Complete(pb.CompletionRequest(prompt="hi", max_tokens=1), timeout=10)
+    assert new_rpc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    grpc_chunks = grpc_stream.finish()
+    assert grpc_chunks[-1].usage.completion_tokens == DRAIN_MAX_TOKENS
+    assert grpc_chunks[-2].choices[0].finish_reason == "length"  # ran to the end, not aborted
+    channel.close()
+    events = http_stream.finish()
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # ran to the end, not aborted
     grace_s = float(pod.env["LMSERVE_DRAIN_TIMEOUT_S"]) + 10
     assert pod.process.wait(timeout=grace_s) == 0, pod.log_tail()
+
+
+@dataclass
+class InFlight:
+    """One completion stream read in a thread of its own; `first` is set once its first chunk has arrived."""
+
+    thread: threading.Thread
+    first: threading.Event
+    received: list
+    errors: list
+
+    @classmethod
+    def _start(cls, read) -> InFlight:
+        stream = cls(threading.Thread(target=lambda: read(stream)), threading.Event(), [], [])
+        stream.thread.start()
+        return stream
+
+    @classmethod
+    def http(cls, base_url: str) -> InFlight:
+        body = {**DRAIN_REQUEST, "stream": True}
+
+        def read(stream: InFlight) -> None:
+            with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=DRAIN_STREAM_TIMEOUT_S) as resp:
+                for line in resp.iter_lines():
+                    if line:
+                        stream.received.append(line)
+                        stream.first.set()
+
+        return cls._start(read)
+
+    @classmethod
+    def grpc(cls, channel: grpc.Channel) -> InFlight:
+        request = pb.CompletionRequest(**DRAIN_REQUEST)
+
+        def read(stream: InFlight) -> None:
+            try:
+                for chunk in rpc.GenerationStub(channel).CompleteStream(request, timeout=DRAIN_STREAM_TIMEOUT_S):
+                    stream.received.append(chunk)
+                    stream.first.set()
+            except grpc.RpcError as error:
+                stream.errors.append(error)
+
+        return cls._start(read)
+
+    def finish(self) -> list:
+        self.thread.join(DRAIN_STREAM_TIMEOUT_S)
+        assert not self.thread.is_alive() and not self.errors, self.errors
+        return self.received

@@ -16,6 +16,8 @@ from lmserve.engine.engine import NativeEngine
 from lmserve.engine.modeling.forward_path import ForwardPath
 from lmserve.types import GenerationRequest, SamplingParams
 
+pytestmark = pytest.mark.slow  # every case loads a model and generates for sixteen prompts, checked against transformers' generate
+
 SYSTEM = (
     "You are a careful assistant for a team that serves language models. Answer briefly and plainly, "
     "and say so when you do not know."

@@ -87,6 +87,7 @@ def _generate(engine: NativeEngine, loras: list[str | None]) -> list[list[int]]:
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_decoder_stack_adds_the_updates_as_the_layers_do(gemm_kernels, stack_model, tmp_path: Path) -> None:
     base, adapters = stack_model
     config = EngineConfig(dtype="bfloat16", device="cpu", num_kv_blocks=64, cache_dir=tmp_path,
@@ -111,6 +112,7 @@ def test_decoder_stack_adds_the_updates_as_the_layers_do(gemm_kernels, stack_mod
         ),  # qgemm_vnni.c's int8 weights in decoder.c's stack, the adapters' updates added inside it
     ],
 )
+@pytest.mark.slow
 def test_adapters_over_int8_weights(stack_model, tmp_path: Path, dtype: str) -> None:
     """--quantization int8 with adapters: the base projections stay int8 (their kernels), the updates are
     added to their output; in the bf16 stack the same tokens as layer by layer, and the adapters matter."""

@@ -7,6 +7,7 @@ import asyncio
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from lmserve.config import EngineConfig
@@ -87,6 +88,7 @@ def test_a_seeded_request_draws_the_same_tokens_again() -> None:
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_the_server_default_speculates_and_stops_where_plain_decoding_stops(smollm2_dir: Path) -> None:
     """EngineConfig.speculative_tokens drafts for requests that leave speculative_tokens unset, and only for
     them; a stop string or max_tokens reached inside a run of accepted drafts ends the output exactly where

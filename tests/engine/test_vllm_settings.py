@@ -4,10 +4,6 @@ error where vLLM is not installed. None of this needs vLLM (the engine itself: t
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +12,7 @@ import pytest
 from lmserve.cli import build_parser, main, serve_config_from_args
 from lmserve.config import EngineConfig, ServeConfig, VLLMConfig
 from lmserve.engine.vllm_params import vllm_engine_kwargs
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.cli_process import call_cli, free_port
 
 
 def _config(*argv: str, env: dict[str, str] | None = None) -> ServeConfig:
@@ -110,13 +105,9 @@ def test_inconsistent_flags_exit_2_with_one_error_line(
     importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here, so its absence cannot be shown"
 )
 def test_without_vllm_the_engine_exits_2_with_one_error_line(smollm2_dir: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "lmserve", "serve", "--engine", "vllm", "--model", str(smollm2_dir),
-         "--embedding-model", "none", "--port", str(port), "--grpc-port", "0"],
-        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+    result = call_cli(
+        "serve", "--engine", "vllm", "--model", str(smollm2_dir), "--embedding-model", "none",
+        "--port", str(free_port()), "--grpc-port", "0",
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -18,7 +18,7 @@ from lmserve.app import build_state
 from lmserve.config import EngineConfig, ServeConfig
 from lmserve.preflight import PreflightError, check_architecture
 from tests.api.conftest import ServerThread
-from tests.cli_process import cli_server, free_port, run_cli
+from tests.cli_process import call_cli, cli_server, free_port
 from tests.families.conftest import Family, family_checkpoint
 from tests.families.variants import GENERIC, NATIVE
 from tests.test_cli import FileWatch
@@ -74,6 +74,7 @@ def cli_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.mark.parametrize(
     "cli_family, expected", [("gemma2", "gemma2 (native)"), ("cohere", "cohere (transformers)")], indirect=["cli_family"]
 )
+@pytest.mark.slow
 def test_lmserve_serve_command(cli_family: Family, expected: str, tmp_path: Path) -> None:
     port = free_port()
     args = [
@@ -104,9 +105,9 @@ def unservable(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[tuple[Path, Fil
 
 def test_unservable_architecture_exits_2_before_loading(unservable: tuple[Path, FileWatch], tmp_path: Path) -> None:
     folder, watch = unservable
-    result = run_cli(
+    result = call_cli(
         "serve", "--model", str(folder), "--embedding-model", "none", "--port", str(free_port()), "--grpc-port", "0",
-        "--cache-dir", str(tmp_path / "cache"), timeout=60,
+        "--cache-dir", str(tmp_path / "cache"),
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

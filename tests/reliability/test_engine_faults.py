@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from lmserve.config import LimitsConfig
 from lmserve.engine import step_loop
 from lmserve.engine.scheduler import SchedulerOutput
 from tests.api.conftest import LiveServer
+from tests.cli_process import free_port, start_process, stop_process, wait_ready
 from tests.reliability.conftest import live_server, native, tiny_config, wait_until
 
 PROMPT_IDS = [1, 504, 3123, 314, 2752, 30, 198, 2000, 17, 86]
@@ -229,17 +228,12 @@ def test_a_sampling_error_on_one_row_fails_that_request_alone(server: LiveServer
     assert (server.state.engine.stats().num_kv_blocks_used, server.state.lifecycle.in_flight) == (0, 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_the_process_exits_non_zero_when_its_engine_fails(tiny_llama_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
     """`lmserve serve` (lmserve.cli.main, in a process of its own) with a fault that fires once a trigger
     file exists: the open stream gets its error event and [DONE], then the process exits 1."""
     trigger = tmp_path / "fail-now"
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     argv = [
         sys.executable, str(LAUNCHER), str(trigger), "serve", "--model", str(tiny_llama_dir), "--embedding-model",
         "none", "--no-safety", "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len",
@@ -248,18 +242,11 @@ def test_the_process_exits_non_zero_when_its_engine_fails(tiny_llama_dir: Path, 
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "service")}
     env.pop("LMSERVE_API_KEYS", None)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "server.log"
+    proc = start_process(argv, log_path, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 120, "the server is ready")
+        wait_ready(proc, base, log_path)
         lines = []
         with httpx.stream("POST", f"{base}/v1/completions", json=_body(True), timeout=30) as resp:
             for line in resp.iter_lines():
@@ -267,10 +254,7 @@ def test_the_process_exits_non_zero_when_its_engine_fails(tiny_llama_dir: Path, 
                     lines.append(line.removeprefix("data: "))
                     trigger.touch()
         assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["code"] == "engine_failure"
-        output, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 1, output
-        assert "error: the generation engine failed" in output
+        assert proc.wait(timeout=30) == 1, log_path.read_text()
+        assert "error: the generation engine failed" in log_path.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc, grace_s=0)
