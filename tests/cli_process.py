@@ -1,6 +1,7 @@
 """The suite's one way to run `lmserve`: the real command line in a subprocess, as a user does (`python -m
 lmserve` is the same entry point as the `lmserve` script, and finds this checkout's `service/lmserve` through
-the editable install), its one free_port and ready-wait, and `call_cli`, the same entry point called in this
+the editable install), started and stopped by the load tests' launcher (lmload.servers, with its
+free_port), and `call_cli`, the same entry point called in this
 process for the error cases (an interpreter start costs seconds on 2 cores; the parsing and the checks are
 the same code either way)."""
 
@@ -9,18 +10,21 @@ from __future__ import annotations
 import io
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "loadtests"))  # lmload: the one process launcher
+
+from lmload.servers import free_port, launch, stop  # noqa: E402
+from lmload.servers import wait_ready as lmload_wait_ready  # noqa: E402
+
+__all__ = ["REPO_ROOT", "CliResult", "call_cli", "cli_command", "cli_env", "cli_server", "free_port", "run_cli",
+           "start_process", "stop_process", "wait_ready"]  # fmt: skip
 POLL_S = 0.1  # between two readiness probes: short next to a model load, cheap next to a request
 
 
@@ -42,55 +46,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# ---- a server in a process of its own ------------------------------------------------------------------------
+# ---- a server in a process of its own: the load tests' launcher (loadtests/lmload/servers.py), the one
+# the benchmarks use too -----------------------------------------------------------------------------------
 
 
 def start_process(
-    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path = REPO_ROOT,
-    new_session: bool = False,
+    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path = REPO_ROOT
 ) -> subprocess.Popen[bytes]:
-    """`argv` in the background, stdout and stderr both into `log_path` (a pipe nobody reads can fill up and
-    stall the server). `env`: the whole environment (default: cli_env()). `new_session`: its own process
-    group, for tests that signal the group as a terminal or a kubelet would."""
-    with open(log_path, "wb") as log_file:
-        return subprocess.Popen(
-            list(argv), cwd=cwd, env=dict(env) if env is not None else cli_env(), stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=new_session,
-        )  # fmt: skip
+    """`argv` in the background, in a session of its own (so a test can signal its group as a terminal or a
+    kubelet would), stdout and stderr both into `log_path` (a pipe nobody reads can fill up and stall the
+    server). `env`: the whole environment (default: cli_env())."""
+    return launch(list(argv), log_path, env=dict(env) if env is not None else cli_env(), cwd=cwd)
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL if it has not ended within `grace_s`; a no-op for an ended process."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
+    """SIGTERM to its group, then SIGKILL if it has not ended within `grace_s`; a no-op for an ended process."""
+    stop(proc, grace_s)
 
 
 def wait_ready(
     proc: subprocess.Popen[bytes], base: str, log_path: Path, timeout_s: float = 120.0, path: str = "/readyz"
 ) -> None:
     """Until GET {base}{path} answers 200; fails with the server's log if it exits first or the time passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log_path.read_text(errors='replace')}"
-        try:
-            if httpx.get(f"{base}{path}", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet: the models are loading
-        assert time.monotonic() < deadline, f"{base}{path} not 200 in {timeout_s} s:\n{log_path.read_text(errors='replace')}"
-        time.sleep(POLL_S)
+    lmload_wait_ready(proc, f"{base}{path}", timeout_s, "the server", poll_s=POLL_S, log_path=log_path)
 
 
 @contextmanager

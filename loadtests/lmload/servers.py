@@ -30,13 +30,16 @@ def launch(
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+def wait_ready(
+    process: subprocess.Popen[bytes], url: str, timeout_s: float, what: str, poll_s: float = 0.5,
+    log_path: Path | None = None,
+) -> None:
     """Until GET `url` answers 200; RuntimeError if the process exits first, TimeoutError (after stopping
-    it) if `timeout_s` passes."""
+    it) if `timeout_s` passes; either says the end of `log_path`, where the process's output went."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode} before it was ready")
+            raise RuntimeError(f"{what} exited with status {process.returncode} before it was ready{_log_tail(log_path)}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -44,7 +47,13 @@ def wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float, wha
             pass
         time.sleep(poll_s)
     stop(process)
-    raise TimeoutError(f"{what} was not ready within {timeout_s:.0f} s")
+    raise TimeoutError(f"{what} was not ready within {timeout_s:.0f} s{_log_tail(log_path)}")
+
+
+def _log_tail(log_path: Path | None, num_chars: int = 6000) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    return ":\n" + log_path.read_text(errors="replace")[-num_chars:]
 
 
 def stop(process: subprocess.Popen[bytes], grace_s: float = 90.0) -> None:

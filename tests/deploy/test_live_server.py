@@ -101,7 +101,7 @@ def pod(helm: Helm, baked: Baked, tmp_path_factory: pytest.TempPathFactory) -> I
     assert entrypoint == ["/opt/lmserve/entrypoint.sh"]
     command = [str(REPO / "deploy" / "docker" / "entrypoint.sh"), *rendered.container["args"]]
     log = workdir / "server.log"
-    process = start_process(command, log, env=env, cwd=workdir, new_session=True)
+    process = start_process(command, log, env=env, cwd=workdir)
     live = LivePod(process, rendered, port, env, cache_volume, log)
     try:
         yield live
