@@ -8,7 +8,7 @@ few and bounded: `model` (the served model's name), `endpoint` (known paths, els
 
 Where the numbers come from:
 - requests, errors, rate limits: the transports, one call per request or error;
-- per-sequence latencies and token counts: api/generation.py when a sequence ends (`observe_sequence`);
+- per-sequence latencies and token counts: api/account.py when a sequence ends (`observe_sequence`);
 - per-step and per-batch histograms: hooks the engine and embedder call from their threads after every
   step or batch (`observe_step`, `observe_embedding_batch`; wired in app.build_state);
 - engine gauges and cumulative engine counters: `observe_engine(engine.stats())` at each scrape. A

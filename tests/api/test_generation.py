@@ -1,4 +1,5 @@
-"""The transport-neutral generation layer (service/lmserve/api/generation.py), without a transport.
+"""The transport-neutral generation layer (service/lmserve/api/plan.py, account.py,
+stream.py), without a transport.
 
 Validation (check_generation, then plan_generation's token and engine checks), the mapping of the
 engine's refusals to the client's parameter names, and the one per-choice account both the streaming and

@@ -20,7 +20,7 @@ from lmserve.types import FinishReason, GenerationDelta, GenerationRequest
 
 
 class RejectReason(str, Enum):
-    """Why an engine cannot serve a request, in the engine's terms; the API layer (api/generation.py)
+    """Why an engine cannot serve a request, in the engine's terms; the API layer (api/plan.py `rejection_error`)
     maps each to an error code and to the parameter the client sent."""
 
     PROMPT_TOO_LONG = "prompt_too_long"  # the prompt alone leaves no room for one output token

@@ -1,8 +1,8 @@
 """Pydantic models of the HTTP API, in OpenAI's shapes (plus vLLM's extra sampling fields).
 
-Request models only check types and document ranges; the value checks that both transports need
-(api/generation.py `check_generation`) live in one place. Unknown request fields are ignored, as OpenAI
-clients send fields this server has no use for.
+Request models check types and document ranges; the value checks that both transports need
+(api/plan.py `check_generation`, its ranges in `BOUNDS`) live in one place. A field that neither OpenAI
+nor vLLM defines is refused (400 `unknown_field`, naming it).
 """
 
 from __future__ import annotations
