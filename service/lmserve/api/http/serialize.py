@@ -4,7 +4,7 @@ chunks are built from the same pieces so they agree field for field."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import Response
@@ -176,7 +176,6 @@ class ChunkHeader:
     object: str
     created: int
     model: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def chunk(self, choices: list[dict[str, Any]], usage: schemas.UsageInfo | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
