@@ -43,11 +43,12 @@ class PresentedChoice:
     stop_reason: str | int | None = None
     tool_calls: list[ToolCallPiece] = field(default_factory=list)
     echo_tokens: list[str] | None = None  # completions with echo and logprobs: the prompt's tokens (no logprobs)
+    reasoning: str | None = None  # chat with a reasoning parser: the thinking text, apart from content
 
     @property
     def has_text_or_end(self) -> bool:
         """Whether it says anything but token ids: a wire without token ids sends nothing for the rest."""
-        return bool(self.content or self.logprobs or self.tool_calls or self.echo_tokens) or self.finish_reason is not None
+        return bool(self.content or self.reasoning or self.logprobs or self.tool_calls or self.echo_tokens) or self.finish_reason is not None
 
 
 def finish_reason(reason: FinishReason | None, tool_plan: ToolPlan | None = None, called: bool = False) -> str | None:
