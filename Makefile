@@ -54,8 +54,12 @@ serve: $(STAMP)
 
 # Every test, the slow ones included (pyproject's `slow` marker). While iterating,
 # `$(PY) -m pytest -q -m "not slow"` leaves out the server processes, model loads and long generations.
+# Two workers by default: on 2 cores the serial suite keeps about one core busy (a test waits on its server,
+# a server on its client); each worker runs whole files, so module-scoped servers are started once.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(HELM)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The gRPC stubs from protos/lmserve/v1/lmserve.proto (grpcio-tools, no plugins): the server's in
 # service/lmserve/api/proto/, and the client package's (clients/python, `lmserve-grpc`, protoc's layout) in

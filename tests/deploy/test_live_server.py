@@ -40,8 +40,10 @@ CPU_DOCKERFILE = REPO / "deploy" / "docker" / "cpu.Dockerfile"
 STARTUP_TIMEOUT_S = 240.0  # a loaded 2-core machine; the chart's startup probe allows 15 minutes
 # The drain timeout is long enough for the streams in flight at SIGTERM to end on a loaded 2-core machine.
 LIVE_VALUES = deep_merge(VARIANTS["inference-pool"], {"server": {"kvCacheMemoryGiB": 0.05}, "drain": {"timeoutSeconds": 120}})
-# The streams in flight at SIGTERM: greedy, so that what the safety filter may hold back is always the same.
-DRAIN_MAX_TOKENS = 32
+# The streams in flight at SIGTERM: greedy, so that what the safety filter may hold back is always the same;
+# long enough to still be running while the test checks the refusals (32 tokens had ended, and the process
+# exited, before the refused completion was sent, with another test file running beside this one).
+DRAIN_MAX_TOKENS = 96
 DRAIN_REQUEST = {"prompt": "Count to one hundred:", "max_tokens": DRAIN_MAX_TOKENS, "ignore_eos": True, "temperature": 0}
 DRAIN_STREAM_TIMEOUT_S = 240.0
 
