@@ -272,8 +272,8 @@ def test_generate_documents_its_defaults_and_says_when_seed_does_nothing(tiny_ll
     assert "0: greedy (the most likely token each step) (default: 0.0)" in help_text
 
     args = ("--model", str(tiny_llama_dir), "--cache-dir", str(tmp_path), "--num-kv-blocks", "64", "--max-tokens", "6")
-    greedy = run_cli("generate", "The capital of France is", *args)
-    seeded = run_cli("generate", "The capital of France is", *args, "--seed", "7")
+    greedy = run_cli("generate", "The capital of France is", *args)  # the command as a user runs it
+    seeded = call_cli("generate", "The capital of France is", *args, "--seed", "7")  # the same code, in-process
     assert greedy.returncode == seeded.returncode == 0, greedy.stderr + seeded.stderr
     assert greedy.stdout == seeded.stdout  # the seed changes nothing in greedy decoding
     note = "note: --seed has no effect with greedy decoding (--temperature 0, the default); pass --temperature above 0 to sample"
