@@ -17,7 +17,7 @@ METRIC_NAME = re.compile(r"\blmserve_[a-z0-9_]+")
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 NOT_CHARTED = {
     "lmserve_kv_blocks_used": "charted as lmserve_kv_cache_usage_ratio",
-    "lmserve_kv_blocks_total": "charted as lmserve_kv_cache_usage_ratio",
+    "lmserve_kv_blocks_capacity": "charted as lmserve_kv_cache_usage_ratio",
 }
 
 

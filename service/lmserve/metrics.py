@@ -187,7 +187,7 @@ class Metrics:
             "lmserve_num_requests_waiting", "Sequences waiting in the engine for a step or KV blocks."
         )
         self.kv_blocks_used = gen.gauge("lmserve_kv_blocks_used", "KV cache blocks in use.")
-        self.kv_blocks_total = gen.gauge("lmserve_kv_blocks_total", "KV cache blocks in the pool.")
+        self.kv_blocks_capacity = gen.gauge("lmserve_kv_blocks_capacity", "KV cache blocks in the pool.")
         self.kv_cache_usage_ratio = gen.gauge(
             "lmserve_kv_cache_usage_ratio", "KV cache blocks in use over the pool (0 to 1)."
         )
@@ -309,7 +309,7 @@ class Metrics:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_blocks_used.set(stats.num_kv_blocks_used)
-        self.kv_blocks_total.set(stats.num_kv_blocks_total)
+        self.kv_blocks_capacity.set(stats.num_kv_blocks_total)
         self.kv_cache_usage_ratio.set(stats.kv_usage)
         last = self._last_engine
         _advance(self.engine_steps_total, stats.num_steps_total, last.num_steps_total)

@@ -263,7 +263,7 @@ def test_metrics_move(http: httpx.Client) -> None:
         "lmserve_num_requests_running",
         "lmserve_num_requests_waiting",
         "lmserve_kv_blocks_used",
-        "lmserve_kv_blocks_total",
+        "lmserve_kv_blocks_capacity",
     )
     assert set(gauges) <= sampled, set(gauges) - sampled
 
@@ -281,7 +281,7 @@ def test_metrics_move(http: httpx.Client) -> None:
     ):
         assert moved(f"{histogram}_count") == 1, histogram  # the one completion, once
     assert moved("lmserve_rate_limited_total") == moved("lmserve_overloaded_total") == 0
-    assert metric_value(text, "lmserve_kv_blocks_total") == 256
+    assert metric_value(text, "lmserve_kv_blocks_capacity") == 256
 
 
 # -- disconnects ------------------------------------------------------------------------------------------

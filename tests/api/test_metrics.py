@@ -197,7 +197,7 @@ def test_engine_counters_match_the_work_done(server: LiveServer, http: httpx.Cli
     assert second.minus(first, "lmserve_prefix_cache_hit_tokens_total", **model) == reused
     assert second.minus(first, "lmserve_engine_steps_total", **model) == 1
     assert second.minus(first, "lmserve_engine_step_tokens_sum", **model) == prompt_len - reused
-    assert second.value("lmserve_kv_blocks_total", **model) == stats.num_kv_blocks_total
+    assert second.value("lmserve_kv_blocks_capacity", **model) == stats.num_kv_blocks_total
     assert second.value("lmserve_kv_blocks_used", **model) == 0
     assert second.value("lmserve_kv_cache_usage_ratio", **model) == 0.0
 

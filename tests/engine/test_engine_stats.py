@@ -70,7 +70,7 @@ def test_step_hook_counters_and_timing_match_the_work_done(tiny_llama_dir: Path)
     assert num_tokens_computed > 2 * (PROMPT_LEN + MAX_TOKENS - 1)
     assert values["lmserve_preemptions_total"] == 1
     assert values["lmserve_prefix_cache_query_tokens_total"] == 0  # prefix caching is off
-    assert values["lmserve_kv_blocks_total"] == 4
+    assert values["lmserve_kv_blocks_capacity"] == 4
     assert values["lmserve_kv_blocks_used"] == 0
     assert values["lmserve_kv_cache_usage_ratio"] == 0.0
 

@@ -396,7 +396,7 @@ def test_usage_cached_tokens_and_metric_deltas(servers: Pair) -> None:
     assert _delta(middle, after, "lmserve_prefix_cache_query_tokens_total") == 300
     assert _delta(middle, after, "lmserve_prefix_cache_hit_tokens_total") == hits
     assert _delta(middle, after, "lmserve_engine_step_tokens_sum") == 300 - hits + max_tokens - 1
-    assert after["lmserve_kv_blocks_total"] > 0 and after["lmserve_num_requests_waiting"] == 0
+    assert after["lmserve_kv_blocks_capacity"] > 0 and after["lmserve_num_requests_waiting"] == 0
 
 
 def test_values_vllm_would_change_are_refused_with_the_parameter(servers: Pair) -> None:
