@@ -136,6 +136,43 @@ def test_pooling_config_variants(tmp_path: Path) -> None:
         PoolingConfig.from_folder(st)
 
 
+def test_pooling_config_sentence_transformers_6(tmp_path: Path) -> None:
+    """6.x's files: one pooling_mode key (a list for several), the length limit in tokenizer_config.json."""
+    st = tmp_path / "st6"
+    _write(st / "config.json", {"model_type": "modernbert", "max_position_embeddings": 8192})
+    _write(st / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.normalize.Normalize"},
+    ])  # fmt: skip
+    _write(st / "sentence_bert_config.json", {"transformer_task": "feature-extraction"})
+    _write(st / "tokenizer_config.json", {"model_max_length": 1024})
+    _write(st / "1_Pooling" / "config.json", {"embedding_dimension": 64, "pooling_mode": "lasttoken"})
+    assert PoolingConfig.from_folder(st) == PoolingConfig("lasttoken", True, 1024)
+    _write(st / "1_Pooling" / "config.json", {"pooling_mode": ["cls"]})
+    _write(st / "tokenizer_config.json", {"model_max_length": 1000000000000000019884624838656})  # none set
+    assert PoolingConfig.from_folder(st) == PoolingConfig("cls", True, 8192)
+
+    refused = {
+        "concatenated": {"pooling_mode": ["cls", "mean"]},
+        "unsupported pooling mode 'weightedmean'": {"pooling_mode": "weightedmean"},
+        "include_prompt": {"pooling_mode": "mean", "include_prompt": False},
+    }
+    for match, pooling in refused.items():
+        _write(st / "1_Pooling" / "config.json", pooling)
+        with pytest.raises(ValueError, match=match):
+            PoolingConfig.from_folder(st)
+    _write(st / "1_Pooling" / "config.json", {"pooling_mode": "mean"})
+    _write(st / "sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": True})
+    with pytest.raises(ValueError, match="do_lower_case"):
+        PoolingConfig.from_folder(st)
+    _write(st / "sentence_bert_config.json", {"max_seq_length": 128})
+    dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.base.modules.dense.Dense"}
+    _write(st / "modules.json", [*json.loads((st / "modules.json").read_text()), dense])
+    with pytest.raises(ValueError, match="Dense.*not supported"):
+        PoolingConfig.from_folder(st)
+
+
 def test_cls_pooling_folder(tmp_path: Path, model_dir: Path, reference) -> None:
     folder = tmp_path / "cls-model"
     folder.mkdir()
