@@ -2,7 +2,8 @@
 
 Request models check types and document ranges; the value checks that both transports need
 (api/plan.py `check_generation`, its ranges in `BOUNDS`) live in one place. A field that neither OpenAI
-nor vLLM defines is refused (400 `unknown_field`, naming it).
+nor vLLM defines is refused (400 `unknown_field`, naming it), but for lmserve's own few (embeddings'
+`prompt_name`), which docs/http-api.md lists.
 """
 
 from __future__ import annotations
