@@ -1,7 +1,8 @@
 """Embedding checkpoints beyond BERT, served over HTTP and gRPC by the real server: tiny random XLM-RoBERTa and
 ModernBERT encoders and a Qwen3 decoder embedder (last-token pooling, an instruction prompt), built here as real
 sentence-transformers folders, give sentence-transformers' own `encode` vectors; `dimensions` is served where
-config.json declares Matryoshka sizes and refused (400 / INVALID_ARGUMENT) where it does not.
+config.json declares Matryoshka sizes and refused (400 / INVALID_ARGUMENT) where it does not; a folder it
+cannot reproduce is refused by `lmserve serve` before loading.
 
 One server thread, one tiny generation engine, three states: one per embedding model."""
 
@@ -25,6 +26,7 @@ from lmserve.config import EngineConfig, ServeConfig
 from lmserve.embeddings.embedder import Embedder
 from lmserve.state import ServedModel
 from tests.api.conftest import ServerThread
+from tests.cli_process import call_cli, free_port
 from tests.conftest import SMOLLM2_VOCAB_SIZE
 
 HIDDEN = 64
@@ -259,3 +261,28 @@ def test_prompt_name_errors(served: dict[str, Served]) -> None:
     with pytest.raises(grpc.RpcError) as error:
         _embed_grpc(qwen3, pb.EmbedRequest(model=qwen3.name, input=["hi"], prompt_name="passage"))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_folder_it_cannot_reproduce_is_refused_before_loading(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """`lmserve serve` with an embedding folder holding a Dense module: one error line, exit 2, before any weight."""
+    folder = tmp_path / "dense-embedder"
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512}))
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    result = call_cli(
+        "serve", "--model", str(tiny_llama_dir), "--embedding-model", str(folder), "--port", str(free_port()),
+        "--grpc-port", "0", "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: embedding model {folder}: {folder / 'modules.json'}: module 'sentence_transformers.models.Dense' is "
+        "not supported (only Transformer, Pooling, Normalize): its vectors would differ from sentence-transformers'"
+    ], result.stderr
+    assert "Traceback" not in result.stderr
