@@ -18,7 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lmserve.embeddings import EmbedderNotRunning, EmbeddingInputError  # noqa: E402
 from lmserve.embeddings.batching import EmbeddingResult, EmbedItem, EmbedRequest, select_batch  # noqa: E402
 from lmserve.embeddings.embedder import Embedder  # noqa: E402
+from lmserve.embeddings.matryoshka import Matryoshka  # noqa: E402
 from lmserve.embeddings.pooling import PoolingConfig  # noqa: E402
+from lmserve.embeddings.prompts import Prompts  # noqa: E402
 
 SENTENCES = [
     "Hi.",
@@ -136,6 +138,63 @@ def test_pooling_config_variants(tmp_path: Path) -> None:
         PoolingConfig.from_folder(st)
 
 
+def test_pooling_config_sentence_transformers_6(tmp_path: Path) -> None:
+    """6.x's files: one pooling_mode key (a list for several), the length limit in tokenizer_config.json."""
+    st = tmp_path / "st6"
+    _write(st / "config.json", {"model_type": "modernbert", "max_position_embeddings": 8192})
+    _write(st / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.normalize.Normalize"},
+    ])  # fmt: skip
+    _write(st / "sentence_bert_config.json", {"transformer_task": "feature-extraction"})
+    _write(st / "tokenizer_config.json", {"model_max_length": 1024})
+    _write(st / "1_Pooling" / "config.json", {"embedding_dimension": 64, "pooling_mode": "lasttoken"})
+    assert PoolingConfig.from_folder(st) == PoolingConfig("lasttoken", True, 1024)
+    _write(st / "1_Pooling" / "config.json", {"pooling_mode": ["cls"]})
+    _write(st / "tokenizer_config.json", {"model_max_length": 1000000000000000019884624838656})  # none set
+    assert PoolingConfig.from_folder(st) == PoolingConfig("cls", True, 8192)
+
+    refused = {
+        "concatenated": {"pooling_mode": ["cls", "mean"]},
+        "unsupported pooling mode 'weightedmean'": {"pooling_mode": "weightedmean"},
+        "include_prompt": {"pooling_mode": "mean", "include_prompt": False},
+    }
+    for match, pooling in refused.items():
+        _write(st / "1_Pooling" / "config.json", pooling)
+        with pytest.raises(ValueError, match=match):
+            PoolingConfig.from_folder(st)
+    _write(st / "1_Pooling" / "config.json", {"pooling_mode": "mean"})
+    _write(st / "sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": True})
+    with pytest.raises(ValueError, match="do_lower_case"):
+        PoolingConfig.from_folder(st)
+    _write(st / "sentence_bert_config.json", {"max_seq_length": 128})
+    dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.base.modules.dense.Dense"}
+    _write(st / "modules.json", [*json.loads((st / "modules.json").read_text()), dense])
+    with pytest.raises(ValueError, match="Dense.*not supported"):
+        PoolingConfig.from_folder(st)
+
+
+def test_prompts_and_matryoshka_from_folder(tmp_path: Path, model_dir: Path) -> None:
+    assert Prompts.from_folder(model_dir) == Prompts()  # all-MiniLM-L6-v2: prompts {}, no default
+    assert Prompts().text(None) == Prompts().text("query") == Prompts().text("document") == ""
+    with pytest.raises(EmbeddingInputError, match="'passage' is not one of this model's prompts: document, query"):
+        Prompts().text("passage")
+    prompts = {"prompts": {"query": "Q: ", "code": "C: "}, "default_prompt_name": "code"}
+    _write(tmp_path / "config_sentence_transformers.json", prompts)
+    prompts = Prompts.from_folder(tmp_path)
+    assert (prompts.text(None), prompts.text("query"), prompts.text("document")) == ("C: ", "Q: ", "")
+    _write(tmp_path / "config_sentence_transformers.json", {"prompts": {"query": "Q: "}, "default_prompt_name": "x"})
+    with pytest.raises(ValueError, match="default_prompt_name 'x'"):
+        Prompts.from_folder(tmp_path)
+
+    assert Matryoshka.from_folder(model_dir) == Matryoshka(False)
+    _write(tmp_path / "config.json", {"is_matryoshka": True})
+    assert Matryoshka.from_folder(tmp_path) == Matryoshka(True)
+    _write(tmp_path / "config.json", {"matryoshka_dimensions": [256, 64, 128]})
+    assert Matryoshka.from_folder(tmp_path) == Matryoshka(True, (64, 128, 256))
+
+
 def test_cls_pooling_folder(tmp_path: Path, model_dir: Path, reference) -> None:
     folder = tmp_path / "cls-model"
     folder.mkdir()
@@ -202,17 +261,25 @@ def test_token_id_input_equals_string_input(embedder: Embedder, reference) -> No
 
 def test_dimensions_truncate_and_renormalize(embedder: Embedder) -> None:
     ids = embedder.tokenize(SENTENCES[:3])
+    with pytest.raises(EmbeddingInputError, match="not a Matryoshka embedding model") as e:
+        _embed(embedder, ids, dimensions=64)  # all-MiniLM-L6-v2 was not trained to be cut short
+    assert e.value.param == "dimensions"
+    # The same weights declared Matryoshka (as a config.json with is_matryoshka would), for the arithmetic.
+    declared = Embedder(embedder.model, embedder.tokenizer, embedder.pooling, "declared", matryoshka=Matryoshka(True))
 
     async def go():  # full and truncated requests sharing batches
-        return await asyncio.gather(embedder.embed(ids), embedder.embed(ids, dimensions=64))
+        await declared.start()
+        try:
+            return await asyncio.gather(declared.embed(ids), declared.embed(ids, 64), declared.embed(ids, 384))
+        finally:
+            await declared.stop()
 
-    full, short = asyncio.run(go())
+    full, short, same = asyncio.run(go())
     for f, s in zip(full.vectors, short.vectors):
         assert len(s) == 64
         s_t = torch.tensor(s)
         assert abs(float(s_t.norm()) - 1.0) < 1e-5
         torch.testing.assert_close(s_t, F.normalize(torch.tensor(f)[:64], dim=-1), atol=1e-6, rtol=0)
-    same = _embed(embedder, ids, dimensions=384)
     torch.testing.assert_close(torch.tensor(same.vectors), torch.tensor(full.vectors), atol=1e-6, rtol=0)
 
 

@@ -18,6 +18,8 @@ Checked:
 - for the native engine, that a --model folder's architecture can be served (checkpoints/architectures.py:
   natively, or by transformers' class over the paged cache; an encoder-decoder, a state-space model or
   custom code is refused here, naming the folder, its model_type and why);
+- that an --embedding-model folder's sentence-transformers files can be served as written (embeddings/: its
+  modules, pooling, prompts and Matryoshka sizes; a Dense module, say, is refused here, naming the file);
 - with --quantization int8 | q4_1 | q8_0, that it can run: a CPU device, float32 activations (--dtype float32,
   or auto where auto is float32; for int8 bf16 too where the CPU has AVX-512 VNNI and BF16), and the C kernels built or a C compiler to build them; for q4_1 | q8_0
   also a GGUF model whose decoder linears are all of that type (read from its header).
@@ -204,6 +206,26 @@ def check_architecture(model: str | None, model_impl: str = "auto", quantization
         raise PreflightError(refusal)
 
 
+def check_embedding_folder(model: str | None) -> None:
+    """An --embedding-model that is a folder: what embeddings/ reads of its files besides the weights parses,
+    and asks for nothing it cannot reproduce. Bundled ids are checked when they are resolved."""
+    if not model:
+        return
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    from lmserve.embeddings.matryoshka import Matryoshka
+    from lmserve.embeddings.pooling import PoolingConfig
+    from lmserve.embeddings.prompts import Prompts
+
+    try:
+        PoolingConfig.from_folder(folder)
+        Prompts.from_folder(folder)
+        Matryoshka.from_folder(folder)
+    except (ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
+        raise PreflightError(f"embedding model {folder}: {exc}") from None
+
+
 def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
     """--quantization int8 runs qgemm.c, q4_1 | q8_0 serve a GGUF file's own blocks by qgemm_gguf.c: refuse
     now, not after the weights are read, where they cannot (for the native engine; with --engine vllm,
@@ -259,6 +281,7 @@ def preflight(config: ServeConfig) -> PortReservation:
         if config.engine_kind == "native":
             # Reads the folder's config.json: after the checks that read nothing of it.
             check_architecture(config.model, config.engine.model_impl, config.engine.quantization)
+        check_embedding_folder(config.embedding_model)
     except PreflightError:
         reservation.close()
         raise
@@ -266,7 +289,7 @@ def preflight(config: ServeConfig) -> PortReservation:
 
 
 __all__ = [
-    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_architecture", "check_engine",
-    "check_files", "check_lora_modules", "check_quantization",
+    "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_architecture",
+    "check_embedding_folder", "check_engine", "check_files", "check_lora_modules", "check_quantization",
     "preflight", "reserve_ports",
 ]

@@ -155,6 +155,10 @@ class ServerThread:
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
         await start_models(self.base)
+        # States over the base's engine may each have an embedding model of their own.
+        others = [s.embedder for s in self.states.values() if s.embedder not in (None, self.base.embedder)]
+        for embedder in others:
+            await embedder.start()
         try:
             for name, state in self.states.items():
                 self.grpc[name] = await start_grpc_server(state, host="127.0.0.1", port=0)
@@ -163,6 +167,8 @@ class ServerThread:
         finally:
             for grpc_server in self.grpc.values():
                 await grpc_server.stop(0)
+            for embedder in others:
+                await embedder.stop()
             await stop_models(self.base)
 
     def start(self, timeout_s: float = 120.0) -> None:

@@ -163,8 +163,9 @@ def test_embed_tokenize_detokenize_models(server: LiveServer) -> None:
             emb = await rpc.EmbeddingsStub(channel).Embed(pb.EmbedRequest(input=["a cat", "a dog"]), metadata=md)
             assert emb.model == EMBED_MODEL and [d.index for d in emb.data] == [0, 1]
             assert all(abs(np.linalg.norm(d.embedding) - 1) < 1e-5 for d in emb.data)
-            short = await rpc.EmbeddingsStub(channel).Embed(pb.EmbedRequest(input=["a cat"], dimensions=8), metadata=md)
-            assert len(short.data[0].embedding) == 8
+            with pytest.raises(grpc.aio.AioRpcError) as error:  # no Matryoshka model: not cut short
+                await rpc.EmbeddingsStub(channel).Embed(pb.EmbedRequest(input=["a cat"], dimensions=8), metadata=md)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
             tok = rpc.TokenizationStub(channel)
             out = await tok.Tokenize(pb.TokenizeRequest(prompt="Hello, world!", return_token_strs=True), metadata=md)

@@ -30,6 +30,7 @@ class EmbedInput:
     logged_input: Any = None  # what the client sent, for an access line with --log-prompts
     truncate_prompt_tokens: int | None = None  # vLLM's: keep this many tokens of each input (-1: the limit)
     truncation_side: str | None = None  # "left" keeps the last tokens, "right" the first; None: the tokenizer's
+    prompt_name: str | None = None  # one of the model's sentence-transformers prompts; None: its default, if any
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class EmbeddingCall:
 
 async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) -> EmbeddingCall:
     """The same steps as generation: rate limit, model, the request's shape, the safety screen of texts,
-    token ids (the embedder's checks: length, vocabulary, dimensions), token arrays screened as text, the
-    queue slot."""
+    the model's instruction prompt before each text (the client's text is what is screened), token ids (the
+    embedder's checks: length, vocabulary, dimensions), token arrays screened as text, the queue slot."""
     from lmserve.embeddings import EmbeddingInputError
 
     check_request(state, caller)
@@ -92,7 +93,16 @@ async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) ->
         if any(isinstance(x, str) and not x.strip() for x in inputs):
             raise APIError("input strings must contain text other than whitespace.", "invalid_value", "input")
         inputs = screen_input(state, caller, list(inputs), "input")  # type: ignore[arg-type]
+    elif inp.prompt_name is not None:
+        raise APIError(
+            "prompt_name applies to text inputs; token arrays are embedded as given (put the prompt's tokens in them).",
+            "invalid_request",
+            "prompt_name",
+        )
     try:
+        prompt = embedder.prompts.text(inp.prompt_name) if is_text else ""
+        if prompt:
+            inputs = [prompt + text for text in inputs]  # type: ignore[operator]
         if sum(len(x) for x in inputs if isinstance(x, str)) > _INLINE_TOKENIZE_CHARS:
             ids = await asyncio.to_thread(embedder.tokenize, inputs)
         else:

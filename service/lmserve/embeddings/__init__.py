@@ -1,12 +1,14 @@
 """The embedding model, server side: tokenize, batch, forward, pool, normalize. No HTTP here.
 
-embedder.py is the model and its worker thread, pooling.py how a checkpoint pools, batching.py how the
-queue is cut into batches; this module holds the errors a transport maps to responses.
+embedder.py is the model and its worker thread, pooling.py how a checkpoint pools, prompts.py the instruction
+it puts before a text, matryoshka.py whether its vectors may be cut short, batching.py how the queue is cut
+into batches; this module holds the errors a transport maps to responses.
 
 Usage from a transport:
 
     emb = Embedder.load(path, "all-minilm-l6-v2", max_batch_tokens=limits.embedding_max_batch_tokens)
     await emb.start()
+    texts = [emb.prompts.text(prompt_name) + t for t in texts]  # None: the folder's default prompt, if any
     ids = await asyncio.to_thread(emb.tokenize, texts)       # strings or token-id lists, in order
     result = await emb.embed(ids, dimensions=None)           # raises EmbeddingInputError (a clear 4xx)
     result.vectors[i], result.num_tokens[i]

@@ -1,5 +1,11 @@
 """The embedding model and its worker thread (the package's docstring has the usage): load a local folder,
 tokenize, validate, and on one thread run batches (batching.py) through the model and pool them (pooling.py).
+
+Any folder transformers' AutoModel loads as a bare encoder or decoder (BERT, XLM-RoBERTa, ModernBERT, the
+body of a causal LM such as Qwen3-Embedding's) with its sentence-transformers files: pooling (pooling.py),
+instruction prompts (prompts.py), Matryoshka sizes (matryoshka.py). Every batch is padded on the right, so a
+sequence's last real token sits at its length - 1 whatever side the tokenizer pads on, and a causal model's
+real tokens never see a pad.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from lmserve.embeddings.batching import (
     answer,
     select_batch,
 )
+from lmserve.embeddings.matryoshka import Matryoshka
 from lmserve.embeddings.pooling import PoolingConfig, pool
+from lmserve.embeddings.prompts import Prompts
 from lmserve.progress import progress_step
 
 logger = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ class Embedder:
         device: str | torch.device = "cpu",
         max_batch_tokens: int = 8192,
         pad_token_id: int = 0,
+        prompts: Prompts | None = None,
+        matryoshka: Matryoshka | None = None,
     ) -> None:
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
@@ -56,6 +66,8 @@ class Embedder:
         self.max_input_tokens = pooling.max_seq_length
         self.family = f"{getattr(getattr(model, 'config', None), 'model_type', 'unknown')} (transformers)"
         self.pad_token_id = pad_token_id
+        self.prompts = prompts if prompts is not None else Prompts()
+        self.matryoshka = matryoshka if matryoshka is not None else Matryoshka()
         self.dimensions = int(model.config.hidden_size)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
@@ -110,6 +122,8 @@ class Embedder:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', not {dtype!r}")
         pooling = PoolingConfig.from_folder(path)
+        prompts = Prompts.from_folder(path)
+        matryoshka = Matryoshka.from_folder(path)
         with progress_step(f"loading the embedding model {name} ({dtype})"):
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = AutoModel.from_pretrained(str(path), dtype=_DTYPES[dtype], local_files_only=True)
@@ -129,6 +143,8 @@ class Embedder:
             device=device,
             max_batch_tokens=max_batch_tokens,
             pad_token_id=int(pad),
+            prompts=prompts,
+            matryoshka=matryoshka,
         )
         logger.info(
             "embedding model loaded",
@@ -138,6 +154,9 @@ class Embedder:
                 "normalize": pooling.normalize,
                 "max_input_tokens": emb.max_input_tokens,
                 "dimensions": emb.dimensions,
+                "matryoshka": list(matryoshka.dimensions) if matryoshka.dimensions else matryoshka.is_declared,
+                "prompts": sorted(name for name, text in prompts.texts.items() if text),
+                "default_prompt": prompts.default_name,
                 "dtype": dtype,
                 "device": str(device),
             },
@@ -193,6 +212,7 @@ class Embedder:
                     f"{self.model_name!r}, got {dimensions}",
                     param="dimensions",
                 )
+            self.matryoshka.check(dimensions, self.model_name)
         if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
             raise EmbeddingInputError("input must be a non-empty list")
         limit = self.max_input_tokens

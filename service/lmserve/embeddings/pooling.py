@@ -1,5 +1,8 @@
-"""How a sentence-transformers checkpoint pools its token vectors into one (mean, CLS, last token or max)
-and whether it normalizes: read from the folder (PoolingConfig.from_folder), applied by `pool`."""
+"""How a sentence-transformers checkpoint pools its token vectors into one (mean, CLS, last token or max),
+whether it normalizes and how long an input may be: read from the folder (PoolingConfig.from_folder), in
+either form sentence-transformers writes (the pooling_mode_* flags of 2.x-5.x, the one `pooling_mode` key of
+6.x), applied by `pool`. A folder whose modules this module cannot reproduce exactly (a Dense layer,
+prompt-excluding pooling, lower-casing) is refused at load, never served with different vectors."""
 
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ _POOLING_FLAGS = {
     "pooling_mode_max_tokens": "max",
 }
 _UNSUPPORTED_POOLING_FLAGS = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+# sentence-transformers 6.x's single-key names (and the older spellings some folders carry) -> our modes
+_POOLING_NAMES = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}
+# modules.json entries, by class name: the model, then pooling and normalization, which `pool` does
+_MODULE_KINDS = ("Transformer", "Pooling", "Normalize")
+# tokenizer_config.json's model_max_length when the tokenizer sets none (transformers' VERY_LARGE_INTEGER)
+_NO_TOKENIZER_LIMIT = 10**12
 
 def _read_json(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
@@ -61,8 +70,10 @@ class PoolingConfig:
         """Read a sentence-transformers folder (a plain transformers folder works too).
 
         modules.json names the Pooling module's folder and whether a Normalize module follows;
-        without it `1_Pooling/` is tried. Defaults: mean pooling, no normalization,
-        max_seq_length = min(model max positions, sentence_bert_config.json max_seq_length).
+        without it `1_Pooling/` is tried. Defaults: mean pooling, no normalization; max_seq_length is
+        sentence_bert_config.json's, else tokenizer_config.json's model_max_length (where 6.x keeps it),
+        capped by the model's position table (as sentence-transformers truncates, we refuse beyond it).
+        Raises ValueError for a module or setting that would give other vectors than sentence-transformers.
         """
         path = Path(path)
         pooling_dir: Path | None = None
@@ -74,6 +85,15 @@ class PoolingConfig:
                 raise ValueError(f"{modules_file}: expected a JSON list of modules")
             for module in modules:
                 kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+                if kind not in _MODULE_KINDS:
+                    raise ValueError(
+                        f"{modules_file}: module {module.get('type')!r} is not supported "
+                        f"(only {', '.join(_MODULE_KINDS)}): its vectors would differ from sentence-transformers'"
+                    )
+                if kind == "Transformer" and module.get("path", ""):
+                    raise ValueError(
+                        f"{modules_file}: the Transformer module must be the folder itself, not {module['path']!r}"
+                    )
                 if kind == "Pooling":
                     pooling_dir = path / str(module.get("path", ""))
                 elif kind == "Normalize":
@@ -90,22 +110,33 @@ class PoolingConfig:
             positions = _model_max_positions(_read_json(path / "config.json"))
             if positions is not None:
                 lengths.append(positions)
+        declared = None
         sbert = path / "sentence_bert_config.json"
         if sbert.is_file():
-            value = _read_json(sbert).get("max_seq_length")
-            if isinstance(value, int) and value > 0:
-                lengths.append(value)
+            sbert_config = _read_json(sbert)
+            if sbert_config.get("do_lower_case"):
+                raise ValueError(f"{sbert}: do_lower_case is not supported")
+            declared = sbert_config.get("max_seq_length")
+        if not isinstance(declared, int) and (path / "tokenizer_config.json").is_file():
+            declared = _read_json(path / "tokenizer_config.json").get("model_max_length")
+        if isinstance(declared, int) and 0 < declared < _NO_TOKENIZER_LIMIT:
+            lengths.append(declared)
         max_seq_length = min(lengths) if lengths else 512
         return cls(mode=mode, normalize=normalize, max_seq_length=max_seq_length)  # type: ignore[arg-type]
 
     @staticmethod
     def _mode_from_pooling_config(cfg: dict[str, Any], where: Path) -> str:
-        if isinstance(cfg.get("pooling_mode"), str):  # newer single-key form
-            mode = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(
-                cfg["pooling_mode"], cfg["pooling_mode"]
-            )
+        if cfg.get("include_prompt") is False:  # Instructor-style: the prompt's tokens left out of the pooling
+            raise ValueError(f"{where}: include_prompt false (pooling without the prompt's tokens) is not supported")
+        named = cfg.get("pooling_mode")
+        if isinstance(named, list) and len(named) == 1:  # 6.x writes one mode as itself, several as a list
+            named = named[0]
+        if isinstance(named, list):
+            raise ValueError(f"{where}: concatenated pooling modes {named} are not supported")
+        if isinstance(named, str):  # the newer single-key form
+            mode = _POOLING_NAMES.get(named, named)
             if mode not in _POOLING_MODES:
-                raise ValueError(f"{where}: unsupported pooling mode {cfg['pooling_mode']!r}")
+                raise ValueError(f"{where}: unsupported pooling mode {named!r}")
             return mode
         unsupported = [k for k in _UNSUPPORTED_POOLING_FLAGS if cfg.get(k)]
         if unsupported:

@@ -87,6 +87,7 @@ async def embed(state: AppState, caller: Caller, req: pb.EmbedRequest) -> pb.Emb
     inp = EmbedInput(
         opt(req, "model"), inputs, opt(req, "dimensions"),
         truncate_prompt_tokens=opt(req, "truncate_prompt_tokens"), truncation_side=opt(req, "truncation_side"),
+        prompt_name=opt(req, "prompt_name"),
     )  # fmt: skip
     call = await prepare_embedding(state, caller, inp)
     result = await call.run()

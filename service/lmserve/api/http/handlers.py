@@ -35,6 +35,7 @@ async def embeddings(state: AppState, body: schemas.EmbeddingRequest, request: R
     inp = EmbedInput(
         body.model, embedding_inputs(body.input), body.dimensions, logged_input=body.input,
         truncate_prompt_tokens=body.truncate_prompt_tokens, truncation_side=body.truncation_side,
+        prompt_name=body.prompt_name,
     )  # fmt: skip
     call = await prepare_embedding(state, who, inp)
     result = await until_disconnect(request, call.run())

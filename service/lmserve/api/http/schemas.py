@@ -2,7 +2,8 @@
 
 Request models check types and document ranges; the value checks that both transports need
 (api/plan.py `check_generation`, its ranges in `BOUNDS`) live in one place. A field that neither OpenAI
-nor vLLM defines is refused (400 `unknown_field`, naming it).
+nor vLLM defines is refused (400 `unknown_field`, naming it), but for lmserve's own few (embeddings'
+`prompt_name`), which docs/http-api.md lists.
 """
 
 from __future__ import annotations
@@ -326,8 +327,19 @@ class EmbeddingRequest(_Truncation):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: little-endian float32 bytes, as OpenAI sends them."
     )
-    dimensions: int | None = Field(None, ge=1, json_schema_extra=limit(maximum="embedding_dimensions"))
+    dimensions: int | None = Field(
+        None,
+        ge=1,
+        json_schema_extra=limit(maximum="embedding_dimensions"),
+        description="Matryoshka models only (config.json's matryoshka_dimensions or is_matryoshka): keep this "
+        "many components, then renormalize. Refused (400) for any other model.",
+    )
     user: str | None = None
+    prompt_name: NonEmptyStr | None = Field(
+        None,
+        description="lmserve's (TEI's name; neither OpenAI nor vLLM has one): the model's sentence-transformers "
+        "prompt to put before each text, e.g. query. Unset: the folder's default_prompt_name, else none.",
+    )
 
 
 class EmbeddingData(BaseModel):
