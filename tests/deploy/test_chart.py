@@ -97,7 +97,23 @@ def test_strict_validation_rejects_what_a_typo_would_render(rendered: dict[str, 
 
 def test_default_objects(rendered: dict[str, Rendered]) -> None:
     kinds = sorted(o["kind"] for o in rendered["default"].objects)
-    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]  # Pod: helm test's
+
+
+def test_helm_test_pod_reads_the_first_api_key_and_can_be_left_out(helm: Helm) -> None:
+    """The hook pod mounts the API key Secret the server reads and names it; helmTest.enabled=false drops
+    it. (test_live_server.py runs the pod's command against a live server.)"""
+    r = helm.template({"apiKeys": {"existingSecret": "keys", "secretKey": "k"}})
+    (hook,) = r.all("Pod")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = hook["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    (mount,) = container["volumeMounts"]
+    assert env["LMSERVE_TEST_API_KEY_FILE"] == f"{mount['mountPath']}/api-keys"
+    (volume,) = hook["spec"]["volumes"]
+    assert volume["secret"]["secretName"] == "keys" and volume["secret"]["items"] == [{"key": "k", "path": "api-keys"}]
+    assert env["LMSERVE_TEST_GRPC_TLS"] == "false"
+    assert helm.template({"helmTest": {"enabled": False}}).all("Pod") == []
 
 
 def _container_port(r: Rendered, name: str) -> int:
@@ -164,7 +180,7 @@ def test_grace_period_follows_the_drain_timeout(helm: Helm) -> None:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_hardened_security_contexts(rendered: dict[str, Rendered], variant: str) -> None:
     r = rendered[variant]
-    for pod in (d["spec"]["template"]["spec"] for d in r.all("Deployment")):
+    for pod in [d["spec"]["template"]["spec"] for d in r.all("Deployment")] + [p["spec"] for p in r.all("Pod")]:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for container in pod["containers"]:
@@ -286,9 +302,14 @@ def test_network_policy(rendered: dict[str, Rendered]) -> None:
     (rule,) = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]
     assert rule["from"][0] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    # `helm test`'s pod must reach the Service's pods, so it is let in by its labels.
+    (hook,) = r.all("Pod")
+    assert rule["from"][1] == {"podSelector": {"matchLabels": {
+        k: v for k, v in hook["metadata"]["labels"].items() if k.startswith("app.kubernetes.io/") and k != "app.kubernetes.io/version"
+        and k != "app.kubernetes.io/managed-by"}}}  # fmt: skip
     # The endpoint picker must reach /metrics on the pods, so it is let in by itself.
     epp_labels = r.one("Deployment", f"{RELEASE}-lmserve-epp")["spec"]["template"]["metadata"]["labels"]
-    assert rule["from"][1] == {"podSelector": {"matchLabels": epp_labels}}
+    assert rule["from"][2] == {"podSelector": {"matchLabels": epp_labels}}
 
 
 def test_safety_policy_is_one_mounted_file(rendered: dict[str, Rendered]) -> None:

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from tests.cli_process import free_port, start_process, wait_ready
-from tests.deploy.conftest import REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
+from tests.deploy.conftest import NAMESPACE, RELEASE, REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
 from tests.deploy.dockerfile import Dockerfile
 
 pytestmark = pytest.mark.slow  # a real server process over the baked image
@@ -183,6 +183,29 @@ def test_healthcheck_hits_the_readiness_route(pod: LivePod) -> None:
     closed_env = {**pod.env, "LMSERVE_PORT": str(free_port())}
     closed = subprocess.run(command, env=closed_env, capture_output=True, text=True, timeout=30)
     assert closed.returncode == 1 and "Connection refused" in closed.stderr
+
+
+def test_the_helm_test_pod_checks_the_release(pod: LivePod) -> None:
+    """`helm test`'s pod, its command and environment as rendered, run here against the pod (the Service's
+    name and ports mapped to the pod's): every check passes and says so."""
+    (hook,) = [p for p in pod.rendered.all("Pod") if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    (container,) = hook["spec"]["containers"]
+    assert container["image"] == pod.rendered.container["image"] and hook["spec"]["restartPolicy"] == "Never"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LMSERVE_TEST_HOST"] == f"{RELEASE}-lmserve.{NAMESPACE}.svc"
+    service = pod.rendered.one("Service", f"{RELEASE}-lmserve")
+    assert sorted(int(p["port"]) for p in service["spec"]["ports"]) == sorted(
+        [int(env["LMSERVE_TEST_HTTP_PORT"]), int(env["LMSERVE_TEST_GRPC_PORT"])]
+    )
+    env.update(LMSERVE_TEST_HOST="127.0.0.1", LMSERVE_TEST_HTTP_PORT=str(pod.port),
+               LMSERVE_TEST_GRPC_PORT=pod.env["LMSERVE_GRPC_PORT"])  # fmt: skip
+    command = container["command"]
+    assert command[0] == "python"
+    result = subprocess.run([sys.executable, *command[1:]], env={**os.environ, **env}, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "GET /readyz: 200" and lines[-2:] == ["gRPC health: SERVING", "ok"], result.stdout
+    assert any(line.startswith("POST /v1/completions: 200, 4 tokens") for line in lines), result.stdout
 
 
 def test_sigterm_drains_in_flight_then_exits_zero(pod: LivePod) -> None:
