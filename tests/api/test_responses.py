@@ -150,6 +150,8 @@ def test_forced_function_tool_streamed_then_its_output_sent_back(openai_client: 
     )
     assert reply.usage is not None and chat.usage is not None
     assert reply.usage.input_tokens == chat.usage.prompt_tokens
+    # The tools' system turn and the question came from the prefix cache (16-token blocks).
+    assert reply.usage.input_tokens_details.cached_tokens >= called.usage.input_tokens // 16 * 16 - 16  # type: ignore[union-attr]
     assert reply.output_text == (chat.choices[0].message.content or "")
 
 
@@ -181,6 +183,9 @@ def test_bad_requests_are_clear_400s(openai_client: openai.OpenAI) -> None:
         with pytest.raises(openai.BadRequestError) as info:
             openai_client.responses.create(model=MODEL, **body)  # type: ignore[arg-type]
         assert info.value.body["param"] == param, body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.responses.create(model=MODEL, input="Hi", extra_headers={"x-request-timeout": "soon"})
+    assert info.value.body["param"] == "x-request-timeout"  # type: ignore[index]
 
 
 def test_the_store_keeps_both_bounds() -> None:

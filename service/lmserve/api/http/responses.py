@@ -20,7 +20,7 @@ from lmserve.api.accounting import observe_error
 from lmserve.api.errors import APIError
 from lmserve.api.http.schemas import LogitBias, _Request, at_least, bounds
 from lmserve.api.http.sse import SSE_HEADERS, ClosingStreamingResponse, until_disconnect
-from lmserve.api.http.wire import caller
+from lmserve.api.http.wire import caller, request_timeout
 from lmserve.api.plan import GenerationParams
 from lmserve.api.response_output import ResponseEvent, ResponseObject
 from lmserve.api.responses import ResponseCall, ResponsesInput, delete_response, get_response, item_dict, prepare_response
@@ -72,9 +72,13 @@ class ResponsesRequest(_Request):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    timeout: float | None = Field(
+        None, json_schema_extra=bounds("timeout"), description="Seconds this request may take, as on chat (also x-request-timeout)."
+    )
 
 
-def responses_input(body: ResponsesRequest) -> ResponsesInput:
+def responses_input(body: ResponsesRequest, request: Request) -> ResponsesInput:
+    timeout_s, timeout_param = request_timeout(body, request)
     params = GenerationParams(
         **{name: getattr(body, name) for name in SAMPLING_FIELDS},
         max_tokens=body.max_output_tokens,
@@ -82,6 +86,8 @@ def responses_input(body: ResponsesRequest) -> ResponsesInput:
         default_max_tokens=None,  # as chat: the room the context leaves
         prompt_param="input",
         max_tokens_param="max_output_tokens",
+        timeout_s=timeout_s,
+        timeout_param=timeout_param,
     )
     return ResponsesInput(
         body.model, body.input, params, body.instructions, body.tools, body.tool_choice, body.parallel_tool_calls,
@@ -150,7 +156,7 @@ def _json(data: dict[str, Any], headers: dict[str, str]) -> Response:
 
 
 async def create(state: AppState, body: ResponsesRequest, request: Request) -> Response:
-    call = prepare_response(state, caller(request), responses_input(body))
+    call = prepare_response(state, caller(request), responses_input(body, request))
     if not body.stream:
         try:
             response = await until_disconnect(request, call.collect())
