@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmserve.api.admission import Caller
 from lmserve.api.errors import APIError
-from lmserve.api.grpc.conversion import _json_object, _tools, opt
+from lmserve.api.grpc.conversion import chat_tools, json_text_object, opt
 from lmserve.api.plan import GenerationParams
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.response_output import OutputItem, ResponseEvent, ResponseObject
@@ -42,15 +42,15 @@ def _text_format(req: pb.CreateResponseRequest) -> dict[str, Any] | None:
     out: dict[str, Any] = {"type": fmt.type or "text"}
     if fmt.type == "json_schema":
         out["name"] = fmt.name
-        out["schema"] = _json_object(fmt.schema, "text_format.schema")
+        out["schema"] = json_text_object(fmt.schema, "text_format.schema")
     return out
 
 
 def responses_input(req: pb.CreateResponseRequest) -> ResponsesInput:
     if req.input and req.input_items:
         raise APIError("Give 'input' or 'input_items', not both.", "invalid_request", "input")
-    chat_tools, choice = _tools(req)
-    tools = [{"type": t["type"], **t["function"]} for t in chat_tools or ()]
+    openai_tools, choice = chat_tools(req)
+    tools = [{"type": t["type"], **t["function"]} for t in openai_tools or ()]
     if isinstance(choice, dict):  # chat's named choice -> the Responses shape
         choice = {"type": "function", "name": choice["function"]["name"]}
     params = GenerationParams(
