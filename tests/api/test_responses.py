@@ -23,7 +23,7 @@ from lmserve.api.response_output import OutputAssembler
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
 from lmserve.api.response_store import ResponseStore, StoredResponse
 from lmserve.app import make_server, with_config
-from tests.api.conftest import OTHER_KEY, LiveServer
+from tests.api.conftest import OTHER_KEY, LiveServer, Servers
 
 MODEL = "smollm2-135m-instruct"
 WEATHER_TOOL = {
@@ -169,6 +169,15 @@ def test_another_key_cannot_read_use_or_delete_a_stored_response(server: LiveSer
     openai_client.responses.delete(mine.id)
     with pytest.raises(openai.NotFoundError):
         openai_client.responses.retrieve(mine.id)
+
+
+def test_a_blocked_answer_ends_incomplete_for_content_filter(servers: Servers) -> None:
+    """The guarded server's policy blocks "Paris" in output: the presented finish_reason becomes the status."""
+    with _client(servers.guarded, servers.guarded.api_key) as client:
+        response = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=12, temperature=0)
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "content_filter"
+    assert "Paris" not in response.output_text and response.output[0].status == "incomplete"
 
 
 def test_bad_requests_are_clear_400s(openai_client: openai.OpenAI) -> None:
