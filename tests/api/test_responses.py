@@ -187,6 +187,8 @@ def test_bad_requests_are_clear_400s(openai_client: openai.OpenAI) -> None:
         ({"input": "Hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
         ({"input": "Hi", "max_output_tokens": 10**6}, "max_output_tokens"),
         ({"input": [{"type": "computer_call"}]}, "input[0].type"),
+        ({"input": "Hi", "truncation": "auto"}, "truncation"),
+        ({"input": "Hi", "include": ["reasoning.encrypted_content"]}, "include"),
     ]
     for body, param in cases:
         with pytest.raises(openai.BadRequestError) as info:

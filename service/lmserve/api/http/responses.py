@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -72,12 +72,25 @@ class ResponsesRequest(_Request):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    include: list[str] | None = Field(None, description="Only an empty list: no extra output data is served.")
+    truncation: Literal["disabled", "auto"] | None = Field(
+        None, description='Only "disabled" (the default): a conversation longer than the context is a 400.'
+    )
     timeout: float | None = Field(
         None, json_schema_extra=bounds("timeout"), description="Seconds this request may take, as on chat (also x-request-timeout)."
     )
 
 
 def responses_input(body: ResponsesRequest, request: Request) -> ResponsesInput:
+    if body.include:
+        raise APIError("include is not supported: no extra output data is served (send none).", "unsupported_value", "include")
+    if body.truncation == "auto":
+        raise APIError(
+            "truncation 'auto' is not supported: a conversation longer than the context is a 400 "
+            "(context_length_exceeded); send 'disabled' or leave it out.",
+            "unsupported_value",
+            "truncation",
+        )
     timeout_s, timeout_param = request_timeout(body, request)
     params = GenerationParams(
         **{name: getattr(body, name) for name in SAMPLING_FIELDS},
