@@ -33,6 +33,7 @@ const emb = new v1.Embeddings(target, creds);
 const tok = new v1.Tokenization(target, creds);
 const models = new v1.Models(target, creds);
 const mod = new v1.Moderations(target, creds);
+const responses = new v1.Responses(target, creds);
 
 function metadata(requestId) {
   const md = new grpc.Metadata();
@@ -108,6 +109,20 @@ async function main() {
 
   const verdict = await unary(mod, "Moderate", { input: ["Have a nice day."] });
   show("Moderations/Moderate", `flagged=${verdict.results.map((r) => r.flagged).join(",")} id=${verdict.id}`);
+
+  // The Responses API: a stored response, its conversation continued by previous_response_id (streamed as
+  // typed events), read back, and deleted.
+  const first = await unary(responses, "CreateResponse", { input: "Name a color.", max_output_tokens: 6, temperature: 0 });
+  show("Responses/CreateResponse", `${JSON.stringify(first.output_text)} status=${first.status} id=${first.id}`);
+  const events = await collect(responses, "CreateResponseStream", {
+    input: "Another one.", previous_response_id: first.id, max_output_tokens: 6, temperature: 0,
+  });
+  const said = events.filter((e) => e.type === "response.output_text.delta").map((e) => e.delta).join("");
+  show("Responses/CreateResponseStream", `${JSON.stringify(said)} ${events[events.length - 1].type}`);
+  const got = await unary(responses, "GetResponse", { response_id: first.id });
+  show("Responses/GetResponse", `${got.id} ${JSON.stringify(got.output_text)}`);
+  const gone = await unary(responses, "DeleteResponse", { response_id: first.id });
+  show("Responses/DeleteResponse", `deleted=${gone.deleted}`);
 }
 
 main()

@@ -36,6 +36,7 @@ import uvicorn
 
 from lmserve.api.auth import KeyStore
 from lmserve.api.limits import AdmissionControl, RateLimiter
+from lmserve.api.response_store import ResponseStore
 from lmserve.config import ServeConfig
 from lmserve.logs import configure_logging
 from lmserve.metrics import Metrics
@@ -151,6 +152,7 @@ def state_from_models(
         admission=AdmissionControl(config.limits.max_queue),
         metrics=Metrics(generation_model.name, embedding_model.name if embedding_model is not None else ""),
         tracer=build_tracer(config.otlp_endpoint),
+        responses=ResponseStore(config.limits.responses_store_max_responses, config.limits.responses_store_max_bytes),
     )
 
 

@@ -148,6 +148,10 @@ class LimitsConfig:
     embedding_max_batch_tokens: int = 8192
     max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings request (OpenAI's cap)
     max_grammar_bytes: int = 64 * 1024  # a structured-output schema, regex, grammar or tool set; larger: 400
+    # The Responses API's in-memory store (`store: true`), server-wide: the oldest response is evicted past
+    # either bound; 0 responses: nothing is stored.
+    responses_store_max_responses: int = 1000
+    responses_store_max_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,8 @@ _LIMIT_VARS = {
     "LMSERVE_TOKENS_PER_MINUTE": ("tokens_per_minute", 0),
     "LMSERVE_EMBEDDING_MAX_BATCH_TOKENS": ("embedding_max_batch_tokens", 1),
     "LMSERVE_MAX_EMBEDDING_INPUTS": ("max_embedding_inputs", 1),
+    "LMSERVE_RESPONSES_STORE_MAX_RESPONSES": ("responses_store_max_responses", 0),
+    "LMSERVE_RESPONSES_STORE_MAX_BYTES": ("responses_store_max_bytes", 0),
 }
 
 

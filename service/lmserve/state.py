@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lmserve.api.auth import KeyStore
     from lmserve.api.limits import AdmissionControl, RateLimiter
+    from lmserve.api.response_store import ResponseStore
     from lmserve.config import ServeConfig
     from lmserve.embeddings.embedder import Embedder
     from lmserve.engine.base import GenerationEngine
@@ -60,6 +61,7 @@ class AppState:
     tracer: RequestTracer | None = None  # None: tracing off (no OTLP endpoint)
     safety: SafetyFilter | None = None  # None: --no-safety
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    responses: ResponseStore | None = None  # the Responses API's store; app.state_from_models builds it
 
 
 def readiness(state: AppState) -> str | None:

@@ -184,6 +184,28 @@ def run_all(channel: grpc.Channel, md: list[tuple[str, str]]) -> None:
         flagged = [sorted(k for k, v in r.categories.items() if v) for r in resp.results]
         show("lmserve.v1.Moderations/Moderate", f"flagged={[r.flagged for r in resp.results]} categories={flagged} id={resp.id}")
 
+    # Responses: OpenAI's Responses API. CreateResponse stores the response (store unset: true) for this key;
+    # CreateResponseStream continues its conversation (previous_response_id) as typed events; then
+    # GetResponse reads it back and DeleteResponse removes it.
+    responses = rpc.ResponsesStub(channel)
+    first = responses.CreateResponse(
+        pb.CreateResponseRequest(input="Name a color.", instructions="Answer in one word.", max_output_tokens=6, temperature=0),
+        metadata=md,
+        timeout=60,
+    )
+    show("lmserve.v1.Responses/CreateResponse", f"{first.output_text!r} status={first.status} id={first.id}")
+    said, last = "", None
+    follow_up = pb.CreateResponseRequest(input="Another one.", previous_response_id=first.id, max_output_tokens=6, temperature=0)
+    for event in responses.CreateResponseStream(follow_up, metadata=md, timeout=60):
+        said += event.delta if event.type == "response.output_text.delta" else ""
+        last = event
+    assert last is not None and last.HasField("response"), "a stream ends with the whole response"
+    show("lmserve.v1.Responses/CreateResponseStream", f"{said!r} {last.type} input_tokens={last.response.usage.input_tokens}")
+    got = responses.GetResponse(pb.ResponseIdRequest(response_id=first.id), metadata=md, timeout=10)
+    show("lmserve.v1.Responses/GetResponse", f"{got.id} {got.output_text!r}")
+    gone = responses.DeleteResponse(pb.ResponseIdRequest(response_id=first.id), metadata=md, timeout=10)
+    show("lmserve.v1.Responses/DeleteResponse", f"deleted={gone.deleted}")
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv

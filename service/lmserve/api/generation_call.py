@@ -190,7 +190,8 @@ def prepare_completion(state: AppState, caller: Caller, inp: CompletionInput) ->
     return call
 
 
-def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationCall:
+def prepare_chat(state: AppState, caller: Caller, inp: ChatInput, prefix: str = "chatcmpl") -> GenerationCall:
+    """`prefix`: the response id's, before the request id (the Responses API's calls say "resp")."""
     check_request(state, caller)
     check_engine(state)
     model = generation_model(state, inp.model)
@@ -210,7 +211,7 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
         caller.record.prompt = inp.messages  # once screened: a blocked prompt is never logged
     prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs, inp.add_special_tokens)
     plan = _plan(state, caller, model, [prompt], params)
-    call = _admit(state, caller, model, plan, "chatcmpl")
+    call = _admit(state, caller, model, plan, prefix)
     call.tool_plan = tool_plan
     return call
 

@@ -59,7 +59,7 @@ def _generation_params(
     )
 
 
-def _json_object(text: str, param: str) -> dict[str, Any] | None:
+def json_text_object(text: str, param: str) -> dict[str, Any] | None:
     """A JSON-text field holding an object (a schema); empty text is None."""
     return json_object(text, param) if text else None
 
@@ -68,7 +68,7 @@ def _structured(req: pb.CompletionRequest | pb.ChatRequest) -> Any:
     fmt = None
     if req.HasField("response_format"):
         rf = req.response_format
-        schema = _json_object(rf.json_schema.schema, "response_format.json_schema.schema") if rf.HasField("json_schema") else None
+        schema = json_text_object(rf.json_schema.schema, "response_format.json_schema.schema") if rf.HasField("json_schema") else None
         fmt = ResponseFormatInput(rf.type or "text", schema, rf.HasField("json_schema"))
     so = None
     if req.HasField("structured_outputs"):
@@ -106,14 +106,14 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(req: pb.ChatRequest) -> tuple[list[dict[str, Any]] | None, Any]:
-    """OpenAI-shaped tools and tool_choice from the proto's."""
+def chat_tools(req: pb.ChatRequest | pb.CreateResponseRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """OpenAI chat-shaped tools and tool_choice from the proto's (ChatRequest and CreateResponseRequest share them)."""
     tools = []
     for i, t in enumerate(req.tools):
         function: dict[str, Any] = {"name": t.function.name}
         if t.function.HasField("description"):
             function["description"] = t.function.description
-        parameters = _json_object(t.function.parameters, f"tools[{i}].function.parameters")
+        parameters = json_text_object(t.function.parameters, f"tools[{i}].function.parameters")
         if parameters is not None:
             function["parameters"] = parameters
         tools.append({"type": t.type or "function", "function": function})
@@ -144,7 +144,7 @@ def chat_input(req: pb.ChatRequest) -> ChatInput:
         req, logprobs=logprobs, default_max_tokens=None, max_logprobs=20, prompt_param="messages", logprobs_param="top_logprobs"
     )
     add_generation_prompt = opt(req, "add_generation_prompt")
-    tools, tool_choice = _tools(req)
+    tools, tool_choice = chat_tools(req)
     return ChatInput(
         opt(req, "model"),
         chat_messages(req.messages),

@@ -17,6 +17,7 @@ from lmserve.api.errors import APIError
 from lmserve.api.generation_call import GenerationCall, prepare_chat, prepare_completion
 from lmserve.api.grpc import conversion as conv
 from lmserve.api.grpc.conversion import opt
+from lmserve.api.grpc.responses import create_response, create_response_stream, delete_response_rpc, get_response_rpc
 from lmserve.api.models import load_lora_adapter, served_models, unload_lora_adapter
 from lmserve.api.moderation import moderate
 from lmserve.api.presentation import PresentedChoice
@@ -186,6 +187,10 @@ METHODS = (
     Method("Models", "LoadLoraAdapter", pb.LoadLoraAdapterRequest, pb.LoraAdapterResponse, load_lora_rpc),
     Method("Models", "UnloadLoraAdapter", pb.UnloadLoraAdapterRequest, pb.LoraAdapterResponse, unload_lora_rpc),
     Method("Moderations", "Moderate", pb.ModerationRequest, pb.ModerationResponse, moderate_rpc),
+    Method("Responses", "CreateResponse", pb.CreateResponseRequest, pb.Response, create_response),
+    Method("Responses", "CreateResponseStream", pb.CreateResponseRequest, pb.ResponseEvent, create_response_stream, is_stream=True),
+    Method("Responses", "GetResponse", pb.ResponseIdRequest, pb.Response, get_response_rpc),
+    Method("Responses", "DeleteResponse", pb.ResponseIdRequest, pb.DeleteResponseResponse, delete_response_rpc),
 )
 
 

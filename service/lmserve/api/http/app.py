@@ -1,6 +1,6 @@
 """The HTTP transport: an OpenAI-compatible FastAPI app over an AppState (`create_app(state)`).
 
-Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models[/{id}], /tokenize,
+Routes: /v1/completions, /v1/chat/completions, /v1/responses (and GET/DELETE /v1/responses/{id}), /v1/embeddings, /v1/models[/{id}], /tokenize,
 /detokenize, /version, /livez, /readyz, /health, /metrics, /docs, /openapi.json.
 
 Every error is `{"error": {"message", "type", "param", "code"}}` (never FastAPI's 422 shape). Generation
@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from lmserve.api.errors import APIError
-from lmserve.api.http import generation, handlers, schemas
+from lmserve.api.http import generation, handlers, responses, schemas
 from lmserve.api.http.errors import error_response, install_error_handlers
 from lmserve.api.http.middleware import AccountingMiddleware, AuthMiddleware, BodyLimitMiddleware, JsonBodyMiddleware
 from lmserve.api.http.openapi import (
@@ -32,6 +32,7 @@ from lmserve.api.http.openapi import (
     MODEL_ERRORS,
     PLAIN_TEXT_200,
     PROBE_RESPONSES,
+    STORED_ERRORS,
     STREAM_200,
     build_openapi,
     schema_limits,
@@ -88,6 +89,20 @@ def create_app(state: AppState) -> FastAPI:
     async def create_chat_completion(body: schemas.ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions (text content only; tools reach the template, calls are not parsed)."""
         return await generation.chat(state, body, request)
+
+    @app.post("/v1/responses", responses={**GENERATION_ERRORS, **STREAM_200}, tags=["openai"])
+    async def create_response(body: responses.ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API over the chat path; `stream: true` answers its typed Server-Sent Events."""
+        return await responses.create(state, body, request)
+
+    @app.get("/v1/responses/{response_id}", responses=STORED_ERRORS, tags=["openai"])
+    async def retrieve_response(response_id: str, request: Request) -> Response:
+        """A stored response (`store: true`), to the API key that created it only."""
+        return responses.retrieve(state, response_id, request)
+
+    @app.delete("/v1/responses/{response_id}", responses=STORED_ERRORS, tags=["openai"])
+    async def delete_response(response_id: str, request: Request) -> Response:
+        return responses.delete(state, response_id, request)
 
     @app.post("/v1/embeddings", response_model=schemas.EmbeddingResponse, responses=BODY_ERRORS, tags=["openai"])
     async def create_embeddings(body: schemas.EmbeddingRequest, request: Request) -> Response:
@@ -177,7 +192,7 @@ def create_app(state: AppState) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(state.config.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=[
                 "Retry-After",

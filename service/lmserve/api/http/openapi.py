@@ -22,6 +22,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {**_ERROR, "description": "Overloaded or not ready; see Retry-After."},
 }
 MODEL_ERRORS = {**ERROR_RESPONSES, 404: {**_ERROR, "description": "Unknown model."}}
+STORED_ERRORS = {**ERROR_RESPONSES, 404: {**_ERROR, "description": "No such stored response (or another API key's)."}}
 BODY_ERRORS = {**MODEL_ERRORS, 413: {**_ERROR, "description": "Request body too large."}}
 GENERATION_ERRORS = {
     **BODY_ERRORS,

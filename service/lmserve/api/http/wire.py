@@ -43,7 +43,7 @@ def _generation_params(
     logprobs_param: str = "logprobs",
     request: Request | None = None,
 ) -> GenerationParams:
-    timeout_s, timeout_param = _request_timeout(body, request)
+    timeout_s, timeout_param = request_timeout(body, request)
     return GenerationParams(
         **{name: getattr(body, name) for name in CLIENT_FIELDS},
         max_tokens=max_tokens,
@@ -67,11 +67,9 @@ def _generation_params(
         timeout_param=timeout_param,
     )
 
-def _request_timeout(
-    body: schemas.CompletionRequest | schemas.ChatCompletionRequest, request: Request | None
-) -> tuple[float | None, str]:
-    """The request's deadline in seconds (the smaller of the `timeout` field and the x-request-timeout
-    header) and the parameter it came from, for errors."""
+def request_timeout(body: Any, request: Request | None) -> tuple[float | None, str]:
+    """The request's deadline in seconds (the smaller of the body's `timeout` field and the
+    x-request-timeout header) and the parameter it came from, for errors."""
     timeout, param = body.timeout, "timeout"
     raw = request.headers.get(TIMEOUT_HEADER) if request is not None else None
     if raw is not None:

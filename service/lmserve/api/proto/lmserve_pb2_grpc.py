@@ -669,3 +669,225 @@ class Moderations:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ResponsesStub:
+    """---------------------------------------------------------------------------------------------------
+    Responses: OpenAI's Responses API (POST /v1/responses on HTTP), over the chat path. A stored response
+    (`store`, the default) belongs to the API key that made it: another key's Get, Delete or
+    previous_response_id finds nothing (NOT_FOUND). The store is in memory, bounded by count and bytes
+    (the oldest goes first), and empty after a restart.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateResponse = channel.unary_unary(
+                '/lmserve.v1.Responses/CreateResponse',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.Response.FromString,
+                _registered_method=True)
+        self.CreateResponseStream = channel.unary_stream(
+                '/lmserve.v1.Responses/CreateResponseStream',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.ResponseEvent.FromString,
+                _registered_method=True)
+        self.GetResponse = channel.unary_unary(
+                '/lmserve.v1.Responses/GetResponse',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.ResponseIdRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.Response.FromString,
+                _registered_method=True)
+        self.DeleteResponse = channel.unary_unary(
+                '/lmserve.v1.Responses/DeleteResponse',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.ResponseIdRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.DeleteResponseResponse.FromString,
+                _registered_method=True)
+
+
+class ResponsesServicer:
+    """---------------------------------------------------------------------------------------------------
+    Responses: OpenAI's Responses API (POST /v1/responses on HTTP), over the chat path. A stored response
+    (`store`, the default) belongs to the API key that made it: another key's Get, Delete or
+    previous_response_id finds nothing (NOT_FOUND). The store is in memory, bounded by count and bytes
+    (the oldest goes first), and empty after a restart.
+
+    """
+
+    def CreateResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateResponseStream(self, request, context):
+        """The typed events, as HTTP streams them: response.created, response.in_progress,
+        response.output_item.added, response.output_text.delta, response.function_call_arguments.delta, ...,
+        response.completed (or response.incomplete).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ResponsesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateResponse,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.CreateResponseRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.Response.SerializeToString,
+            ),
+            'CreateResponseStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateResponseStream,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.CreateResponseRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.ResponseEvent.SerializeToString,
+            ),
+            'GetResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResponse,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.ResponseIdRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.Response.SerializeToString,
+            ),
+            'DeleteResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteResponse,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.ResponseIdRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.DeleteResponseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lmserve.v1.Responses', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lmserve.v1.Responses', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Responses:
+    """---------------------------------------------------------------------------------------------------
+    Responses: OpenAI's Responses API (POST /v1/responses on HTTP), over the chat path. A stored response
+    (`store`, the default) belongs to the API key that made it: another key's Get, Delete or
+    previous_response_id finds nothing (NOT_FOUND). The store is in memory, bounded by count and bytes
+    (the oldest goes first), and empty after a restart.
+
+    """
+
+    @staticmethod
+    def CreateResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Responses/CreateResponse',
+            lmserve_dot_v1_dot_lmserve__pb2.CreateResponseRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateResponseStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmserve.v1.Responses/CreateResponseStream',
+            lmserve_dot_v1_dot_lmserve__pb2.CreateResponseRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.ResponseEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Responses/GetResponse',
+            lmserve_dot_v1_dot_lmserve__pb2.ResponseIdRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Responses/DeleteResponse',
+            lmserve_dot_v1_dot_lmserve__pb2.ResponseIdRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.DeleteResponseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
