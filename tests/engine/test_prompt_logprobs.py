@@ -11,7 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmserve.config import EngineConfig
+from lmserve.engine.block_manager import BlockManager
 from lmserve.engine.engine import NativeEngine
+from lmserve.engine.prompt_logprobs import PromptLogprobRow
+from lmserve.engine.request import Request
 from lmserve.types import GenerationDelta, GenerationRequest, PromptLogprob, SamplingParams
 
 NUM_TOP = 3
@@ -55,6 +58,29 @@ def check_scores(got: list[PromptLogprob | None], prompt: list[int], expected: t
         assert [t.token_id for t in entry.top][:1] == top_ids.tolist()[:1]  # the best; later ones may tie
 
 
+def test_positions_to_score_resume_after_a_preemption_and_the_prefix_cache_waits() -> None:
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    plain = Request("plain", list(range(10, 20)), SamplingParams())
+    blocks.allocate(plain)
+    plain.num_computed_tokens = 10
+    blocks.cache_computed_blocks(plain)  # its two full blocks are cached now
+    scored = Request("scored", list(range(10, 20)), SamplingParams(prompt_logprobs=1))
+    assert scored.prompt_positions_to_score(0, 6) == range(0, 6)
+    scored.prompt_logprobs.extend(PromptLogprobRow(t, -1.0, 1) for t in range(11, 17))
+    # Preempted after its first chunk, it recomputes from 0: only positions 6.. are scored, up to the
+    # prompt's next-to-last (the last one's logits pick the first output token).
+    assert scored.prompt_positions_to_score(0, 10) == range(6, 9)
+    assert blocks.can_allocate(scored) and scored.needs_prompt_logprobs
+    blocks.allocate(scored)
+    assert scored.num_computed_tokens == 0, "the prefix cache would have skipped unscored positions"
+    blocks.free(scored)
+    scored.prompt_logprobs.extend(PromptLogprobRow(t, -1.0, 1) for t in range(17, 20))
+    assert not scored.needs_prompt_logprobs  # scored: a recompute may take cached blocks again
+    blocks.allocate(scored)
+    assert scored.num_computed_tokens == 8 and scored.prompt_positions_to_score(8, 10) == range(9, 9)
+
+
+@pytest.mark.slow  # loads a model twice (the engine and transformers')
 @pytest.mark.parametrize("name", ["tiny_llama", "smollm2"])
 def test_prompt_logprobs_match_transformers(name: str, request: pytest.FixtureRequest) -> None:
     model_dir: Path = request.getfixturevalue(f"{name}_dir")

@@ -215,7 +215,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = Field(
         False,
         description="Prepend the prompt to the text. With logprobs, the prompt's tokens are listed with "
-        "null logprobs (this server does not score prompts).",
+        "null logprobs (prompt_logprobs scores them).",
     )
     best_of: int | None = Field(None, ge=1, description="Must equal n if given.")
     add_special_tokens: bool = Field(True, description="vLLM's: the tokenizer's special tokens (BOS, ...) on text prompts.")
