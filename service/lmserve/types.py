@@ -74,6 +74,7 @@ class SamplingParams:
         assert 0.0 < self.top_p <= 1.0
         assert 0.0 <= self.min_p <= 1.0
         assert self.repetition_penalty > 0.0
+        assert self.prompt_logprobs is None or self.prompt_logprobs >= 0
 
     @property
     def is_greedy(self) -> bool:
