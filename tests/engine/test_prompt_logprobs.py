@@ -81,9 +81,10 @@ def test_positions_to_score_resume_after_a_preemption_and_the_prefix_cache_waits
 
 
 @pytest.mark.slow  # loads a model twice (the engine and transformers')
-@pytest.mark.parametrize("name", ["tiny_llama", "smollm2"])
-def test_prompt_logprobs_match_transformers(name: str, request: pytest.FixtureRequest) -> None:
-    model_dir: Path = request.getfixturevalue(f"{name}_dir")
+def test_prompt_logprobs_match_transformers(tiny_llama_dir: Path) -> None:
+    """On a tiny random checkpoint; the bundled SmolLM2's scores are checked through the server
+    (tests/api/test_prompt_logprobs.py)."""
+    model_dir, name = tiny_llama_dir, "tiny_llama"
     # Chunks of 16 tokens: a 40-token prompt is scored over three steps, beside the other requests' steps.
     engine = NativeEngine.load(model_dir, name, EngineConfig(dtype="float32", block_size=16, max_num_batched_tokens=16))
     prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)[:40]
