@@ -235,8 +235,9 @@ class StepLoop:
                 wait_futures([masks])
             raise EngineFaultError(f"the model forward failed: {exc}") from exc
         logits = step_logits.logits
-        for request_id, rows in step_logits.prompt_logprobs.items():
-            self._streams[request_id].request.prompt_logprobs.extend(rows)
+        if step_logits.prompt_logprobs:  # the prompt tokens this step scored, kept until the first delta
+            for item in scheduled.scheduled:
+                item.request.prompt_logprobs.extend(step_logits.prompt_logprobs.get(item.request.request_id, ()))
         try:
             sampled: list[list[SampledToken] | None] = []
             if sampling_reqs:
