@@ -109,7 +109,7 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class PromptLogprob:
     """One prompt token scored by the model given the tokens before it (vLLM's prompt_logprobs entry):
-    its logprob, its rank in the vocabulary (1: the likeliest; ties share the better rank) and the top
+    its logprob, its rank in the vocabulary (1: the likeliest; a tie counts against it, as in vLLM) and the top
     alternatives at its position, best first (their ranks are 1, 2, ...)."""
 
     token_id: int

@@ -24,8 +24,8 @@ SCORE_ROWS = 256
 
 @dataclass(frozen=True)
 class PromptLogprobRow:
-    """One prompt token's score: its logprob, its rank in the vocabulary (1 + the number of tokens more
-    likely), and the top k (token id, logprob) at its position, best first."""
+    """One prompt token's score: its logprob, its rank in the vocabulary (the number of tokens at least as
+    likely, itself included, as vLLM counts), and the top k (token id, logprob) at its position, best first."""
 
     token_id: int
     logprob: float
@@ -40,7 +40,7 @@ def score_prompt(logits: torch.Tensor, next_token_ids: Sequence[int], k: int) ->
     lp = torch.log_softmax(logits.float(), dim=-1)  # [num_rows, vocab_size]
     ids = torch.tensor(list(next_token_ids), dtype=torch.long, device=lp.device)
     chosen = lp.gather(1, ids.unsqueeze(1))  # [num_rows, 1]
-    ranks = (lp > chosen).sum(dim=1) + 1
+    ranks = (lp >= chosen).sum(dim=1)  # itself and every token as likely or more: vLLM's rank
     if k > 0:
         top_lp, top_ids = torch.topk(lp, k, dim=-1)  # sorted, best first
         tops = [tuple(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_lp.tolist(), strict=True)]
