@@ -68,7 +68,7 @@ class CompletionLogprobsBuilder:
     """Builds one choice's `{tokens, token_logprobs, top_logprobs, text_offset}`, piece by piece.
 
     `text_offset` is each token's character offset in the choice's text (echoed prompt included);
-    echoed prompt tokens are listed with null logprobs (prompts are not scored).
+    echoed prompt tokens are listed with null logprobs (echo does not score them; `prompt_logprobs` does).
     """
 
     offset: int = 0
