@@ -43,7 +43,7 @@ def timed_step(engine: NativeEngine) -> dict[str, float]:
     t0 = time.perf_counter()
     scheduled = engine.scheduler.schedule()
     t1 = time.perf_counter()
-    logits = engine.runner.execute(scheduled)
+    logits = engine.runner.execute(scheduled).logits
     t2 = time.perf_counter()
     reqs = [s.request for s in scheduled.scheduled if s.is_sampling]
     sampled = sample(logits, reqs, [None] * len(reqs))

@@ -63,6 +63,9 @@ class SamplingParams:
     structured: StructuredOutput | None = None
     # Speculative decoding by prompt lookup: most draft tokens per step; 0 off, None the server's default.
     speculative_tokens: int | None = None
+    # vLLM's prompt_logprobs: None off; k >= 0: each prompt token's logprob (given the tokens before it), its
+    # rank, and the top k at its position. The engine computes the LM head over the whole prompt for it.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         assert self.max_tokens >= 1, "max_tokens must be positive"
@@ -71,6 +74,7 @@ class SamplingParams:
         assert 0.0 < self.top_p <= 1.0
         assert 0.0 <= self.min_p <= 1.0
         assert self.repetition_penalty > 0.0
+        assert self.prompt_logprobs is None or self.prompt_logprobs >= 0
 
     @property
     def is_greedy(self) -> bool:
@@ -99,6 +103,19 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token scored by the model given the tokens before it (vLLM's prompt_logprobs entry):
+    its logprob, its rank in the vocabulary (1: the likeliest; a tie counts against it, as in vLLM) and the top
+    alternatives at its position, best first (their ranks are 1, 2, ...)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    rank: int
     top: tuple[TopLogprob, ...] = ()
 
 
@@ -144,6 +161,9 @@ class GenerationDelta:
     num_output_tokens: int = 0  # total so far
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     timing: RequestTiming | None = None  # set on the finishing delta by engines that track it
+    # With SamplingParams.prompt_logprobs: on the sequence's first delta only, one entry per prompt token,
+    # the first None (nothing precedes it); None on every other delta.
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -229,6 +229,24 @@ def test_every_sampling_parameter_reaches_vllm_as_its_server_passes_it(servers: 
                 assert sorted(ours_top.values()) == pytest.approx(sorted(theirs_top.values()), abs=1e-4)
 
 
+def _same_prompt_scores(ours: list[Any], theirs: list[Any]) -> None:
+    """vLLM's prompt_logprobs shape on both: per prompt token (the first null) token id -> {logprob, rank, ...}."""
+    assert ours[0] is None and theirs[0] is None and len(ours) == len(theirs)
+    for ours_pos, theirs_pos in zip(ours[1:], theirs[1:], strict=True):
+        assert set(ours_pos) == set(theirs_pos)
+        for token_id, value in ours_pos.items():
+            assert value["logprob"] == pytest.approx(theirs_pos[token_id]["logprob"], abs=1e-4)
+            assert value["rank"] == theirs_pos[token_id]["rank"]
+
+
+def test_prompt_logprobs_equal_vllm_server(servers: Pair) -> None:
+    body = {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    ours, theirs = _complete(servers.lmserve, body), _complete(servers.peer, body)
+    _same_prompt_scores(ours["choices"][0]["prompt_logprobs"], theirs["choices"][0]["prompt_logprobs"])
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0, "prompt_logprobs": 0}
+    _same_prompt_scores(_chat(servers.lmserve, chat)["prompt_logprobs"], _chat(servers.peer, chat)["prompt_logprobs"])
+
+
 def test_eos_parameters_equal_vllm_server(servers: Pair) -> None:
     """min_tokens, ignore_eos, stop_token_ids and skip_special_tokens, where EOS ends a short chat answer."""
     chat = {"messages": [{"role": "user", "content": "Say hi."}], "temperature": 0, "max_tokens": 48}
@@ -424,7 +442,7 @@ def test_every_sampling_field_is_mapped() -> None:
         max_tokens=33, min_tokens=3, temperature=0.7, top_k=9, top_p=0.8, min_p=0.05, repetition_penalty=1.1,
         presence_penalty=0.4, frequency_penalty=-0.3, logit_bias=((5, 1.5), (5, 0.5), (7, -2.0)), seed=123,
         stop=("x", "yz"), stop_token_ids=(4, 6), ignore_eos=True, logprobs=2, skip_special_tokens=False,
-        include_stop_str_in_output=True, structured=StructuredOutput(ConstraintKind.REGEX, "[a-z]+"),
+        include_stop_str_in_output=True, structured=StructuredOutput(ConstraintKind.REGEX, "[a-z]+"), prompt_logprobs=3,
     )  # fmt: skip
     theirs = to_vllm_sampling(ours, VLLMSamplingParams, RequestOutputKind.DELTA)
     expected = {
@@ -432,6 +450,7 @@ def test_every_sampling_field_is_mapped() -> None:
         "repetition_penalty": 1.1, "presence_penalty": 0.4, "frequency_penalty": -0.3,
         "logit_bias": {5: 2.0, 7: -2.0}, "seed": 123, "stop": ["x", "yz"], "stop_token_ids": [4, 6],
         "ignore_eos": True, "logprobs": 2, "skip_special_tokens": False, "include_stop_str_in_output": True,
+        "prompt_logprobs": 3,
     }  # fmt: skip
     # A field added to our SamplingParams fails here until it is mapped (or refused: speculative_tokens is
     # the native engine's prompt lookup, refused by the vLLM engine, tested with the other refusals).

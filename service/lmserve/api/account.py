@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from lmserve.api.plan import GenerationPlan
 from lmserve.logs import AccessRecord
 from lmserve.metrics import Metrics
-from lmserve.types import FinishReason, GenerationDelta, RequestTiming, TokenLogprob
+from lmserve.types import FinishReason, GenerationDelta, PromptLogprob, RequestTiming, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ChoiceResult:
     text: str = ""  # joined when the run ends, where the account keeps text
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # with prompt_logprobs: from its first delta
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
@@ -52,6 +53,8 @@ class ChoiceResult:
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
         self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)

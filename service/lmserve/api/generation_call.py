@@ -30,7 +30,7 @@ from lmserve.api.admission import Admitted, Caller, check_engine, check_request
 from lmserve.api.errors import APIError
 from lmserve.api.models import generation_model
 from lmserve.api.plan import GenerationParams, GenerationPlan, check_generation, plan_generation
-from lmserve.api.presentation import PresentedChoice, Presenter
+from lmserve.api.presentation import PresentedChoice, Presenter, token_id_string
 from lmserve.api.prompts import (
     Prompt,
     chat_prompt,
@@ -101,9 +101,15 @@ class GenerationCall:
 
     def presenter(self) -> Presenter:
         echo_tokens = None
-        if self.echo_texts is not None and self.plan.params.logprobs is not None:
-            echo_tokens = [self.state.tokenizer.convert_ids_to_tokens(p) for p in self.plan.prompts]
-        return Presenter(self.num_choices, self.plan.n, self.echo_texts, echo_tokens, self.tool_plan)
+        params = self.plan.params
+        if self.echo_texts is not None and params.logprobs is not None:
+            if params.return_tokens_as_token_ids:
+                echo_tokens = [[token_id_string(t) for t in p] for p in self.plan.prompts]
+            else:
+                echo_tokens = [self.state.tokenizer.convert_ids_to_tokens(p) for p in self.plan.prompts]
+        return Presenter(
+            self.num_choices, self.plan.n, self.echo_texts, echo_tokens, self.tool_plan, params.return_tokens_as_token_ids
+        )
 
     def _screens(self) -> list[ScreenedChoice] | None:
         safety = self.state.safety

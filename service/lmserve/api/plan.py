@@ -29,6 +29,8 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 MIN_REPETITION_PENALTY = 0.01
 # Drafts beyond a few dozen are nearly never all accepted, and each one is a row of the step's forward.
 MAX_SPECULATIVE_TOKENS = 32
+# prompt_logprobs' top alternatives per prompt token (vLLM's -1, the whole vocabulary, is refused).
+MAX_PROMPT_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
@@ -72,6 +74,7 @@ BOUNDS = {
     "speculative_tokens": Bound(0, MAX_SPECULATIVE_TOKENS),  # 0: off
     "timeout": Bound(0, low_open=True),
     "truncate_prompt_tokens": Bound(-1),  # -1: as many as fit
+    "prompt_logprobs": Bound(0, MAX_PROMPT_LOGPROBS),
 }
 TRUNCATION_SIDES = ("left", "right")
 
@@ -103,6 +106,8 @@ class GenerationParams:
     truncate_prompt_tokens: int | None = None  # vLLM's: keep this many prompt tokens (-1: as many as fit)
     truncation_side: str | None = None  # "left" keeps the last, "right" the first; None: the tokenizer's
     priority: int = 0  # vLLM's; only 0 is served (first come, first served)
+    prompt_logprobs: int | None = None  # vLLM's: score the prompt's tokens, with this many alternatives each
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs' token strings read "token_id:<id>"
     # How max_tokens defaults when absent: completions use a fixed 16 (OpenAI), chat fills the context.
     default_max_tokens: int | None = 16
     max_logprobs: int = 20
@@ -120,7 +125,7 @@ class GenerationParams:
 # (HTTP: the body's attribute; gRPC: the message's `optional` field, None when unset).
 CLIENT_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
-    "speculative_tokens", "truncate_prompt_tokens", "truncation_side",
+    "speculative_tokens", "truncate_prompt_tokens", "truncation_side", "prompt_logprobs",
 )  # fmt: skip
 
 
@@ -178,7 +183,7 @@ def check_generation(params: GenerationParams, num_prompts: int, limits: LimitsC
             )
     for name in (
         "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "seed",
-        "min_tokens", "speculative_tokens", "truncate_prompt_tokens",
+        "min_tokens", "speculative_tokens", "truncate_prompt_tokens", "prompt_logprobs",
     ):  # fmt: skip
         check_bound(name, getattr(params, name))
     check_truncation_side(params.truncation_side)
@@ -266,6 +271,7 @@ def build_sampling(
         include_stop_str_in_output=params.include_stop_str_in_output,
         structured=params.structured,
         speculative_tokens=params.speculative_tokens,
+        prompt_logprobs=params.prompt_logprobs,
     )
 
 

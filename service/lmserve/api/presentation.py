@@ -12,11 +12,11 @@ api/http/ and api/grpc/ only serialize a PresentedChoice into their wire types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lmserve.api.account import ChoiceDelta, ChoiceResult
 from lmserve.api.tools import ToolEvent, ToolPlan, ToolStreamParser, parse_output
-from lmserve.types import FinishReason, TokenLogprob
+from lmserve.types import FinishReason, PromptLogprob, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,16 @@ class PresentedChoice:
     tool_calls: list[ToolCallPiece] = field(default_factory=list)
     echo_tokens: list[str] | None = None  # completions with echo and logprobs: the prompt's tokens (no logprobs)
     reasoning: str | None = None  # chat with a reasoning parser: the thinking text, apart from content
+    # With prompt_logprobs: the prompt's scores (the first entry None), on the choice's first piece only.
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def has_text_or_end(self) -> bool:
         """Whether it says anything but token ids: a wire without token ids sends nothing for the rest."""
-        return bool(self.content or self.reasoning or self.logprobs or self.tool_calls or self.echo_tokens) or self.finish_reason is not None
+        return (
+            bool(self.content or self.reasoning or self.logprobs or self.tool_calls or self.echo_tokens or self.prompt_logprobs)
+            or self.finish_reason is not None
+        )
 
 
 def finish_reason(reason: FinishReason | None, tool_plan: ToolPlan | None = None, called: bool = False) -> str | None:
@@ -57,6 +62,25 @@ def finish_reason(reason: FinishReason | None, tool_plan: ToolPlan | None = None
     if tool_plan is not None:
         return tool_plan.finish_reason(called, reason)
     return None if reason is None else reason.value
+
+
+def token_id_string(token_id: int) -> str:
+    """vLLM's return_tokens_as_token_ids: a token named by its id, which identifies tokens that are not
+    valid UTF-8 alone."""
+    return f"token_id:{token_id}"
+
+
+def _as_token_ids(logprobs: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+    if logprobs is None:
+        return None
+    return [
+        replace(
+            t,
+            token=token_id_string(t.token_id),
+            top=tuple(replace(a, token=token_id_string(a.token_id)) for a in t.top),
+        )
+        for t in logprobs
+    ]
 
 
 def _pieces(events: list[ToolEvent]) -> list[ToolCallPiece]:
@@ -77,8 +101,12 @@ class Presenter:
         echo_texts: list[str] | None = None,
         echo_tokens: list[list[str]] | None = None,
         tool_plan: ToolPlan | None = None,
+        tokens_as_ids: bool = False,
     ) -> None:
         self.n = n  # choices per prompt: choice i answers prompt i // n
+        # return_tokens_as_token_ids: the logprobs' token strings (and echoed prompt tokens) are "token_id:<id>";
+        # prompt_logprobs keep their decoded tokens (keyed by id already), as in vLLM.
+        self.tokens_as_ids = tokens_as_ids
         self.echo_texts = echo_texts
         self.echo_tokens = echo_tokens
         self.tool_plan = tool_plan if tool_plan is not None and tool_plan.parses_calls else None
@@ -106,13 +134,18 @@ class Presenter:
             content = "".join(e.content for e in events if e.content is not None)
             calls = _pieces(events)
         content = echo + content
-        if not (content or delta.token_ids or delta.logprobs or calls or echo_tokens) and reason is None:
+        has_scores = delta.prompt_logprobs is not None
+        if not (content or delta.token_ids or delta.logprobs or calls or echo_tokens or has_scores) and reason is None:
             return None
         self._started[i] = True
         return PresentedChoice(
-            index=i, is_first=is_first, content=content, token_ids=delta.token_ids, logprobs=delta.logprobs,
+            index=i, is_first=is_first, content=content, token_ids=delta.token_ids, logprobs=self._logprobs(delta.logprobs),
             finish_reason=reason, stop_reason=delta.stop_reason, tool_calls=calls, echo_tokens=echo_tokens,
+            prompt_logprobs=delta.prompt_logprobs,
         )  # fmt: skip
+
+    def _logprobs(self, logprobs: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+        return _as_token_ids(logprobs) if self.tokens_as_ids else logprobs
 
     def choice(self, result: ChoiceResult) -> PresentedChoice:
         echo, echo_tokens = self._echo(result.index)
@@ -125,6 +158,7 @@ class Presenter:
             calls = [ToolCallPiece(k, c.id, c.name, c.arguments) for k, c in enumerate(parsed.tool_calls)]
             reason = finish_reason(result.finish_reason, self.tool_plan, bool(calls))
         return PresentedChoice(
-            index=result.index, is_first=True, content=content, token_ids=result.token_ids, logprobs=result.logprobs,
-            finish_reason=reason, stop_reason=result.stop_reason, tool_calls=calls, echo_tokens=echo_tokens,
+            index=result.index, is_first=True, content=content, token_ids=result.token_ids,
+            logprobs=self._logprobs(result.logprobs), finish_reason=reason, stop_reason=result.stop_reason,
+            tool_calls=calls, echo_tokens=echo_tokens, prompt_logprobs=result.prompt_logprobs,
         )  # fmt: skip

@@ -275,8 +275,8 @@ class BlockManager:
 
     def _find_hits(self, req: Request) -> list[int]:
         """Cached blocks matching `req`'s leading full blocks, never including its last token's block."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or req.needs_prompt_logprobs:
+            return []  # prompt logprobs need every prompt position's hidden state: computed, not reused
         max_hits = (req.num_tokens - 1) // self._block_size
         hit_block_ids: list[int] = []
         if max_hits == 0:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from lmserve.engine.request import Request
 from lmserve.engine.sampler import SampledToken
 from lmserve.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from lmserve.types import GenerationDelta, TokenLogprob, TopLogprob
+from lmserve.types import GenerationDelta, PromptLogprob, TokenLogprob, TopLogprob
 
 
 class SequenceOutput:
@@ -30,6 +30,7 @@ class SequenceOutput:
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         self.stop_matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
         self.wants_logprobs = params.logprobs is not None
+        self.owes_prompt_logprobs = params.prompt_logprobs is not None  # until the first delta carries them
         self._text = ""  # the text of the tokens `take` saw since the last delta
         self._num_taken = 0
 
@@ -70,7 +71,25 @@ class SequenceOutput:
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_tokens,
             timing=timing,
+            prompt_logprobs=self._prompt_logprobs(request) if self.owes_prompt_logprobs and kept else None,
         )
+
+    def _prompt_logprobs(self, request: Request) -> list[PromptLogprob | None]:
+        """The prompt's scores, once, on the first delta with tokens (the prompt is scored by then)."""
+        self.owes_prompt_logprobs = False
+        rows = request.prompt_logprobs
+        assert len(rows) == request.num_prompt_tokens - 1, "prompt logprobs incomplete at the first token"
+        strs = self.tokenizer.convert_ids_to_tokens(
+            [i for row in rows for i in (row.token_id, *(tid for tid, _ in row.top))]
+        )
+        out: list[PromptLogprob | None] = [None]
+        at = 0
+        for row in rows:
+            token, top_strs = strs[at], strs[at + 1 : at + 1 + len(row.top)]
+            at += 1 + len(row.top)
+            top = tuple(TopLogprob(tid, s, lp) for (tid, lp), s in zip(row.top, top_strs, strict=True))
+            out.append(PromptLogprob(row.token_id, token, row.logprob, row.rank, top))
+        return out
 
     def _logprob(self, sampled: SampledToken) -> TokenLogprob:
         ids = [sampled.token_id] + [tid for tid, _ in sampled.top_logprobs]

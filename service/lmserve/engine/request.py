@@ -11,6 +11,7 @@ from lmserve.types import FinishReason, RequestTiming, SamplingParams
 if TYPE_CHECKING:
     from lmserve.engine.grammar import GrammarMatcher
     from lmserve.engine.lora_registry import LoraAdapter
+    from lmserve.engine.prompt_logprobs import PromptLogprobRow
     from lmserve.engine.prompt_lookup import PromptLookup
 
 
@@ -64,6 +65,9 @@ class Request:
         # The LoRA adapter it runs with (None: the base), and its slot while admitted (-1: none held).
         self.lora = lora
         self.lora_slot = -1
+        # With sampling.prompt_logprobs: the scores of prompt tokens 1, 2, ... (row p from position p's
+        # logits), filled chunk by chunk as the prefill computes their positions; kept across a preemption.
+        self.prompt_logprobs: list[PromptLogprobRow] = []
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +89,21 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asks for prompt logprobs and some prompt position is still unscored (the prefix cache must
+        not supply those positions: they would have no hidden states)."""
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    def prompt_positions_to_score(self, start: int, end: int) -> range:
+        """Of the positions [start, end) a step computes, those whose logits score a prompt token not yet
+        scored: p scores token p + 1, so the prompt's last position (which predicts the first output) never."""
+        if self.sampling.prompt_logprobs is None:
+            return range(0)
+        first = len(self.prompt_logprobs)
+        assert start <= first or first >= self.num_prompt_tokens - 1, "prompt positions skipped"
+        return range(max(start, first), min(end, self.num_prompt_tokens - 1))
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

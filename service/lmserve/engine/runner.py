@@ -22,6 +22,7 @@ from lmserve.engine.modeling.forward_path import ForwardPath, choose_forward_pat
 from lmserve.engine.modeling.lora import ModelLoras
 from lmserve.engine.modeling.generic import TransformersCausalLM
 from lmserve.engine.modeling.decoder import DecoderModel
+from lmserve.engine.prompt_logprobs import SCORE_ROWS, PromptLogprobRow, score_prompt
 from lmserve.engine.request import Request
 from lmserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from lmserve.progress import progress_step, size_text
@@ -91,6 +92,16 @@ class KVCacheSpec:
     @property
     def total_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
+
+
+@dataclass
+class StepLogits:
+    """What a step's forward gives the sampler and the output step."""
+
+    # [num_rows, vocab_size] float32 for the sampling rows (ModelRunner.execute says their order); None: none.
+    logits: torch.Tensor | None
+    # By request id: the prompt tokens this step scored for requests with prompt_logprobs, in order.
+    prompt_logprobs: dict[str, list[PromptLogprobRow]]
 
 
 # Test-only fault injection: called with each step's batch just before the forward; raising from it is a
@@ -269,8 +280,9 @@ class ModelRunner:
             self.loras.end_step()
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> torch.Tensor | None:
-        """Run the forward for every scheduled token; return float32 logits for the sampling rows.
+    def execute(self, scheduled: SchedulerOutput) -> StepLogits:
+        """Run the forward for every scheduled token; return float32 logits for the sampling rows, and the
+        prompt tokens scored for requests that ask for prompt logprobs.
 
         Rows come back in batch order of the requests whose `is_sampling` is true, `num_logit_rows` each
         (a request with draft tokens gets its last token's row, then one per draft).
@@ -293,7 +305,7 @@ class ModelRunner:
             positions.extend(range(start, end))
             row_ends[id(item)] = len(input_ids)
         if not input_ids:
-            return None
+            return StepLogits(None, {})
         if self.fault_hook is not None:
             self.fault_hook(scheduled)
         meta = self.attention_metadata(layouts)
@@ -308,7 +320,33 @@ class ModelRunner:
             num_rows = item.num_logit_rows
             if num_rows:
                 sample_rows.extend(range(row_ends[id(item)] - num_rows, row_ends[id(item)]))
+        prompt_logprobs = self._score_prompts(scheduled.scheduled, hidden, row_ends)
         if not sample_rows:
-            return None
+            return StepLogits(None, prompt_logprobs)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[rows]).float()
+        return StepLogits(self.model.compute_logits(hidden[rows]).float(), prompt_logprobs)
+
+    def _score_prompts(
+        self, items: list[ScheduledRequest], hidden: torch.Tensor, row_ends: dict[int, int]
+    ) -> dict[str, list[PromptLogprobRow]]:
+        """The LM head over the prompt positions this step computed for requests with prompt_logprobs
+        (position p's logits score prompt token p + 1): the same hidden states and head the sampler's
+        rows get, so the scores are the model's own."""
+        out: dict[str, list[PromptLogprobRow]] = {}
+        for item in items:
+            req = item.request
+            if req.sampling.prompt_logprobs is None:
+                continue
+            start = req.num_computed_tokens
+            positions = req.prompt_positions_to_score(start, start + item.num_new_tokens)
+            if not positions:
+                continue
+            first_row = row_ends[id(item)] - item.num_new_tokens - start  # the row of position 0
+            scored: list[PromptLogprobRow] = []
+            out[req.request_id] = scored
+            # A few hundred rows at a time: bounds the [rows, vocab_size] float32 logits of a long chunk.
+            for p in range(positions.start, positions.stop, SCORE_ROWS):
+                q = min(p + SCORE_ROWS, positions.stop)
+                logits = self.model.compute_logits(hidden[first_row + p : first_row + q]).float()
+                scored.extend(score_prompt(logits, req.token_ids[p + 1 : q + 1], req.sampling.prompt_logprobs))
+        return out

@@ -227,13 +227,17 @@ class StepLoop:
         constrained = [i for i, r in enumerate(sampling_reqs) if r.grammar is not None]
         masks = self._start_masks([sampling_reqs[i].grammar for i in constrained]) if constrained else None
         try:
-            logits = self.runner.execute(scheduled)
+            step_logits = self.runner.execute(scheduled)
         except Exception as exc:
             # The forward failed: the KV cache (or on a GPU the device) may be corrupt, so no request can
             # trust this engine any more. The loop ends; the process should exit and be restarted.
             if masks is not None:
                 wait_futures([masks])
             raise EngineFaultError(f"the model forward failed: {exc}") from exc
+        logits = step_logits.logits
+        if step_logits.prompt_logprobs:  # the prompt tokens this step scored, kept until the first delta
+            for item in scheduled.scheduled:
+                item.request.prompt_logprobs.extend(step_logits.prompt_logprobs.get(item.request.request_id, ()))
         try:
             sampled: list[list[SampledToken] | None] = []
             if sampling_reqs:

@@ -50,7 +50,15 @@ from lmserve.engine.base import (
 from lmserve.engine.vllm_params import rejected, to_vllm_sampling, vllm_engine_kwargs
 from lmserve.engine.vllm_stats import VLLMStatsCollector
 from lmserve.tokenizer import Tokenizer
-from lmserve.types import FinishReason, GenerationDelta, GenerationRequest, RequestTiming, TokenLogprob, TopLogprob
+from lmserve.types import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    PromptLogprob,
+    RequestTiming,
+    TokenLogprob,
+    TopLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +276,8 @@ class VLLMEngine:
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
         num_prompt_tokens = len(request.prompt_token_ids)
         num_logprobs = request.sampling.logprobs
+        # prompt_logprobs: owed to the first delta with tokens (vLLM sends them with the first output).
+        owes_prompt_logprobs = request.sampling.prompt_logprobs is not None
         num_output_tokens = 0
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         outputs = self._llm.generate(prompt, params, internal_id, lora_request=self._lora_request(request))
@@ -297,6 +307,10 @@ class VLLMEngine:
                     num_output_tokens += len(token_ids)
                     if not token_ids and not completion.text and finish_reason is None:
                         continue
+                    prompt_logprobs = None
+                    if owes_prompt_logprobs and output.prompt_logprobs is not None:
+                        prompt_logprobs = self._prompt_logprobs(request, output.prompt_logprobs)
+                        owes_prompt_logprobs = False
                     yield GenerationDelta(
                         request_id=request.request_id,
                         text=completion.text,
@@ -310,6 +324,7 @@ class VLLMEngine:
                         num_output_tokens=num_output_tokens,
                         num_cached_tokens=int(output.num_cached_tokens or 0),
                         timing=None if finish_reason is None else _timing(arrival, output.metrics),
+                        prompt_logprobs=prompt_logprobs,
                     )
                     if finish_reason is not None:
                         return
@@ -346,6 +361,36 @@ class VLLMEngine:
                     token_id=token_id,
                     token=strs[0],
                     logprob=float(position[token_id].logprob),
+                    top=tuple(
+                        TopLogprob(token_id=tid, token=s, logprob=float(lp.logprob))
+                        for (tid, lp), s in zip(top, strs[1:], strict=True)
+                    ),
+                )
+            )
+        return out
+
+
+    def _prompt_logprobs(
+        self, request: GenerationRequest, positions: Sequence[Mapping[int, Any] | None]
+    ) -> list[PromptLogprob | None]:
+        """Ours from vLLM's prompt_logprobs: per prompt token (the first None), a map of the prompt's token and
+        the top k to Logprob(logprob, rank)."""
+        k = request.sampling.prompt_logprobs or 0
+        out: list[PromptLogprob | None] = [None]
+        for token_id, position in zip(request.prompt_token_ids[1:], list(positions)[1:], strict=True):
+            assert position is not None
+            top = sorted(
+                ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k),
+                key=lambda item: item[1].rank,
+            )
+            strs = self.tokenizer.convert_ids_to_tokens([token_id] + [tid for tid, _ in top])
+            chosen = position[token_id]
+            out.append(
+                PromptLogprob(
+                    token_id=token_id,
+                    token=strs[0],
+                    logprob=float(chosen.logprob),
+                    rank=int(chosen.rank or 0),
                     top=tuple(
                         TopLogprob(token_id=tid, token=s, logprob=float(lp.logprob))
                         for (tid, lp), s in zip(top, strs[1:], strict=True)

@@ -101,6 +101,7 @@ def to_vllm_sampling(params: SamplingParams, vllm_sampling_params: type, delta_k
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
         structured_outputs=_vllm_constraint(params.structured),

@@ -14,7 +14,7 @@ from lmserve.api.plan import CLIENT_FIELDS, GenerationParams, chat_logprobs
 from lmserve.api.presentation import PresentedChoice
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.structured import ResponseFormatInput, StructuredOutputsInput, json_object, resolve_structured
-from lmserve.types import TokenLogprob
+from lmserve.types import PromptLogprob, TokenLogprob
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -56,6 +56,7 @@ def _generation_params(
         max_logprobs=max_logprobs,
         prompt_param=prompt_param,
         logprobs_param=logprobs_param,
+        return_tokens_as_token_ids=req.return_tokens_as_token_ids,
     )
 
 
@@ -172,6 +173,21 @@ def token_logprobs(items: list[TokenLogprob] | None, num_top: int | None = None)
     ]
 
 
+def prompt_logprobs(items: list[PromptLogprob | None] | None) -> list[pb.PromptLogprob]:
+    """Prompt tokens 1, 2, ... (the first prompt token, which nothing precedes, has no entry)."""
+    return [
+        pb.PromptLogprob(
+            token=t.token,
+            token_id=t.token_id,
+            logprob=t.logprob,
+            rank=t.rank,
+            top_logprobs=[pb.TopLogprob(token=a.token, token_id=a.token_id, logprob=a.logprob) for a in t.top],
+        )
+        for t in items or ()
+        if t is not None
+    ]
+
+
 def stop_reason(reason: str | int | None) -> pb.StopReason | None:
     if reason is None:
         return None
@@ -193,6 +209,7 @@ def completion_choice(piece: PresentedChoice) -> pb.CompletionChoice:
         logprobs=token_logprobs(piece.logprobs),
         finish_reason=piece.finish_reason or "",
         stop_reason=stop_reason(piece.stop_reason),
+        prompt_logprobs=prompt_logprobs(piece.prompt_logprobs),
     )
 
 
@@ -214,4 +231,5 @@ def chat_choice(piece: PresentedChoice, num_top: int) -> pb.ChatChoice:
         finish_reason=piece.finish_reason or "",
         stop_reason=stop_reason(piece.stop_reason),
         tool_calls=calls,
+        prompt_logprobs=prompt_logprobs(piece.prompt_logprobs),
     )

@@ -60,5 +60,6 @@ async def chat(state: AppState, body: schemas.ChatCompletionRequest, request: Re
         lambda result: schemas.ChatCompletionResponse(
             id=call.response_id, created=call.created, model=call.model.name,
             choices=[ser.chat_choice(c, body.logprobs, num_top) for c in result.choices], usage=ser.usage_model(result.usage),
+            prompt_logprobs=ser.prompt_logprobs_json(result.choices[0].prompt_logprobs) if result.choices else None,
         ),
     )  # fmt: skip

@@ -189,6 +189,19 @@ class _SamplingFields(_Truncation):
     )
     # vLLM extras that vLLM's clients send (truncation: _Truncation)
     priority: int = Field(0, description="vLLM's; only 0 is served: requests are scheduled first come, first served.")
+    prompt_logprobs: int | None = Field(
+        None,
+        json_schema_extra=bounds("prompt_logprobs"),
+        description="vLLM's: score the prompt. The response's prompt_logprobs (completions: per choice; chat: top "
+        "level) has one entry per prompt token, the first null, each later one mapping token ids to "
+        "{logprob, rank, decoded_token} for the prompt's token and the top this-many alternatives. Streamed, "
+        "they come in a choice's first chunk. vLLM's -1 (the whole vocabulary) is not supported.",
+    )
+    return_tokens_as_token_ids: bool | None = Field(
+        None,
+        description="vLLM's: logprobs name each token as \"token_id:<id>\" (so tokens that are not valid UTF-8 "
+        "alone stay identifiable); prompt_logprobs keep their decoded_token.",
+    )
 
 
 # -- /v1/completions -------------------------------------------------------------------------------------
@@ -203,7 +216,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = Field(
         False,
         description="Prepend the prompt to the text. With logprobs, the prompt's tokens are listed with "
-        "null logprobs (this server does not score prompts).",
+        "null logprobs (prompt_logprobs scores them).",
     )
     best_of: int | None = Field(None, ge=1, description="Must equal n if given.")
     add_special_tokens: bool = Field(True, description="vLLM's: the tokenizer's special tokens (BOS, ...) on text prompts.")
@@ -232,9 +245,23 @@ class _ResponseHead(BaseModel):
     system_fingerprint: str | None = None
 
 
+class PromptLogprobValue(BaseModel):
+    """vLLM's Logprob: one token's logprob at a prompt position, its rank in the vocabulary (1: the
+    likeliest) and its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# One entry per prompt token: null for the first, else token id (as a JSON key) -> its score.
+PromptLogprobs = list[dict[str, PromptLogprobValue] | None]
+
+
 class CompletionChoice(_ChoiceEnd):
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(_ResponseHead):
@@ -316,6 +343,7 @@ class ChatCompletionResponse(_ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: GenerationUsage
+    prompt_logprobs: PromptLogprobs | None = None  # the prompt's scores, with prompt_logprobs (vLLM's place)
 
 
 # -- /v1/embeddings ------------------------------------------------------------------------------------

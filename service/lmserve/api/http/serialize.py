@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from lmserve.api.account import Usage
 from lmserve.api.http import schemas
 from lmserve.api.presentation import PresentedChoice, ToolCallPiece
-from lmserve.types import TokenLogprob
+from lmserve.types import PromptLogprob, TokenLogprob
 
 
 def json_response(model: Any, headers: dict[str, str]) -> Response:
@@ -26,6 +26,32 @@ def usage_model(usage: Usage) -> schemas.GenerationUsage:
         total_tokens=usage.total_tokens,
         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=usage.cached_tokens),
     )
+
+
+# -- prompt logprobs (vLLM's shape) ---------------------------------------------------------------------
+
+# JSON has no -inf: vLLM reports a prompt token the model rules out as this.
+MIN_LOGPROB = -9999.0
+
+
+def _prompt_value(token: str, logprob: float, rank: int) -> dict[str, Any]:
+    return {"logprob": max(logprob, MIN_LOGPROB), "rank": rank, "decoded_token": token}
+
+
+def prompt_logprobs_json(entries: list[PromptLogprob | None] | None) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's prompt_logprobs: per prompt token (the first null), token id -> {logprob, rank, decoded_token}
+    for the prompt's token and the top alternatives (ranked 1, 2, ...)."""
+    if entries is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        scores = {str(t.token_id): _prompt_value(t.token, t.logprob, rank) for rank, t in enumerate(entry.top, 1)}
+        scores.setdefault(str(entry.token_id), _prompt_value(entry.token, entry.logprob, entry.rank))
+        out.append(scores)
+    return out
 
 
 # -- completions logprobs ----------------------------------------------------------------------------------
@@ -42,7 +68,7 @@ class CompletionLogprobsBuilder:
     """Builds one choice's `{tokens, token_logprobs, top_logprobs, text_offset}`, piece by piece.
 
     `text_offset` is each token's character offset in the choice's text (echoed prompt included);
-    echoed prompt tokens are listed with null logprobs (prompts are not scored).
+    echoed prompt tokens are listed with null logprobs (echo does not score them; `prompt_logprobs` does).
     """
 
     offset: int = 0
@@ -70,6 +96,7 @@ def completion_choice(piece: PresentedChoice, want_logprobs: bool) -> schemas.Co
         logprobs=CompletionLogprobsBuilder().build(piece) if want_logprobs else None,
         finish_reason=piece.finish_reason,
         stop_reason=piece.stop_reason,
+        prompt_logprobs=prompt_logprobs_json(piece.prompt_logprobs),
     )
 
 
@@ -92,6 +119,8 @@ class CompletionChunks:
             "finish_reason": piece.finish_reason,
             "stop_reason": piece.stop_reason,
         }
+        if piece.prompt_logprobs is not None:  # the choice's first chunk
+            choice["prompt_logprobs"] = prompt_logprobs_json(piece.prompt_logprobs)
         return [self.header.chunk([choice])]
 
 
@@ -139,12 +168,17 @@ class ChatChunks:
     header: ChunkHeader
     want_logprobs: bool
     num_top: int
+    has_sent_prompt_logprobs: bool = False
 
     def __call__(self, piece: PresentedChoice) -> list[dict[str, Any]]:
         out = []
         if piece.is_first:
             role = {"index": piece.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             out.append(self.header.chunk([role]))
+            if piece.prompt_logprobs is not None and not self.has_sent_prompt_logprobs:
+                # Top level, as in a response; once per stream (every choice has the one prompt's scores).
+                out[-1]["prompt_logprobs"] = prompt_logprobs_json(piece.prompt_logprobs)
+                self.has_sent_prompt_logprobs = True
         logprobs = None
         if self.want_logprobs and piece.logprobs:
             logprobs = chat_logprobs(piece.logprobs, self.num_top).model_dump()

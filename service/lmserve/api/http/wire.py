@@ -65,6 +65,7 @@ def _generation_params(
         logprobs_param=logprobs_param,
         timeout_s=timeout_s,
         timeout_param=timeout_param,
+        return_tokens_as_token_ids=bool(body.return_tokens_as_token_ids),
     )
 
 def request_timeout(body: Any, request: Request | None) -> tuple[float | None, str]:
