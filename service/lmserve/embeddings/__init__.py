@@ -1,7 +1,9 @@
-"""The embedding model, server side: tokenize, batch, forward, pool, normalize. No HTTP here.
+"""The encoder models, server side: the embedding model (tokenize, batch, forward, pool, normalize) and the
+rerank model (a cross-encoder scoring text pairs). No HTTP here.
 
-embedder.py is the model and its worker thread, pooling.py how a checkpoint pools, batching.py how the
-queue is cut into batches; this module holds the errors a transport maps to responses.
+worker.py is the worker thread and batch loop both share, batching.py how its queue is cut into batches,
+embedder.py the embedding model, pooling.py how a checkpoint pools, reranker.py the cross-encoder; this
+module holds the errors a transport maps to responses.
 
 Usage from a transport:
 

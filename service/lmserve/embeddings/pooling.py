@@ -31,7 +31,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data  # type: ignore[return-value]
 
 
-def _model_max_positions(config: dict[str, Any]) -> int | None:
+def model_max_positions(config: dict[str, Any]) -> int | None:
     """The longest sequence the checkpoint's position table allows, from its config.json."""
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = config.get(key)
@@ -87,7 +87,7 @@ class PoolingConfig:
 
         lengths = []
         if (path / "config.json").is_file():
-            positions = _model_max_positions(_read_json(path / "config.json"))
+            positions = model_max_positions(_read_json(path / "config.json"))
             if positions is not None:
                 lengths.append(positions)
         sbert = path / "sentence_bert_config.json"
