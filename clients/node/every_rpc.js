@@ -33,6 +33,7 @@ const emb = new v1.Embeddings(target, creds);
 const tok = new v1.Tokenization(target, creds);
 const models = new v1.Models(target, creds);
 const mod = new v1.Moderations(target, creds);
+const rerank = new v1.Reranking(target, creds);
 
 function metadata(requestId) {
   const md = new grpc.Metadata();
@@ -108,6 +109,15 @@ async function main() {
 
   const verdict = await unary(mod, "Moderate", { input: ["Have a nice day."] });
   show("Moderations/Moderate", `flagged=${verdict.results.map((r) => r.flagged).join(",")} id=${verdict.id}`);
+
+  // Reranking/Rerank: a server without --rerank-model answers NOT_FOUND (code 5).
+  try {
+    const ranked = await unary(rerank, "Rerank", { query: "capital of France", documents: ["Paris", "a cat"] });
+    show("Reranking/Rerank", ranked.results.map((r) => `${r.index}:${r.relevance_score.toFixed(4)}`).join(" "));
+  } catch (err) {
+    if (err.code !== grpc.status.NOT_FOUND) throw err;
+    show("Reranking/Rerank", `NOT_FOUND: ${err.details}`);
+  }
 }
 
 main()

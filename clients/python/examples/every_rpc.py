@@ -184,6 +184,18 @@ def run_all(channel: grpc.Channel, md: list[tuple[str, str]]) -> None:
         flagged = [sorted(k for k, v in r.categories.items() if v) for r in resp.results]
         show("lmserve.v1.Moderations/Moderate", f"flagged={[r.flagged for r in resp.results]} categories={flagged} id={resp.id}")
 
+    # Reranking/Rerank: documents ordered by a cross-encoder's score; a server without --rerank-model says NOT_FOUND.
+    try:
+        ranked = rpc.RerankingStub(channel).Rerank(
+            pb.RerankRequest(query="capital of France", documents=["Paris", "a cat"]), metadata=md, timeout=30
+        )
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        show("lmserve.v1.Reranking/Rerank", f"NOT_FOUND: {err.details()}")
+    else:
+        show("lmserve.v1.Reranking/Rerank", " ".join(f"{r.index}:{r.relevance_score:.4f}" for r in ranked.results))
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
