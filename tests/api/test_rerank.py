@@ -25,6 +25,7 @@ from lmserve.config import EngineConfig, LimitsConfig, ServeConfig
 from lmserve.embeddings.reranker import Reranker
 from tests.api.conftest import LiveServer, ServerThread, metric_value
 from tests.api.test_logging import LogCapture
+from tests.cli_process import call_cli, free_port
 
 KEY = "test-key-rerank"
 MAX_DOCUMENTS = 8
@@ -286,3 +287,20 @@ def test_xlm_roberta_reranker_equals_transformers(tmp_path: Path) -> None:
     result = asyncio.run(go())
     assert result.num_tokens == lengths and reranker.num_batches > 1
     assert max(abs(a - b) for a, b in zip(result.scores, scores, strict=True)) <= 1e-5
+
+
+def test_serve_refuses_a_rerank_model_that_is_no_cross_encoder(tiny_llama_dir: Path, bert_dir: Path) -> None:
+    """Before any weight is read: a causal LM, or a classifier with two outputs, is no --rerank-model."""
+    import json
+
+    two_labels = bert_dir.parent / "two-labels"
+    two_labels.mkdir(exist_ok=True)
+    config = json.loads((bert_dir / "config.json").read_text())
+    (two_labels / "config.json").write_text(json.dumps({**config, "id2label": {"0": "no", "1": "yes"}}))
+    for folder, reason in [(tiny_llama_dir, "*ForSequenceClassification checkpoint"), (two_labels, "num_labels=1")]:
+        result = call_cli(
+            "serve", "--model", str(tiny_llama_dir), "--embedding-model", "none", "--rerank-model", str(folder),
+            "--port", str(free_port()), "--grpc-port", "0",
+        )  # fmt: skip
+        assert result.returncode == 2 and result.stderr.startswith("error: --rerank-model: ") and reason in result.stderr
+

@@ -9,14 +9,12 @@ that scores (query, document) pairs, batched on the same worker thread machinery
 
 A pair is tokenized as the model's tokenizer joins two texts (BERT: [CLS] q [SEP] d [SEP] with segment ids
 0/1; XLM-R: <s> q </s></s> d </s>), never truncated: a pair over the model's position limit is an error.
-The score is the single logit through the checkpoint's activation, as sentence-transformers' CrossEncoder
-and vLLM's score/rerank compute it: the one named in config.json (`sentence_transformers.activation_fn` or
-`sbert_ce_default_activation_function`: Sigmoid or Identity), else the sigmoid.
+The score is the single logit through the checkpoint's activation (checkpoints/cross_encoder.py: the sigmoid
+unless config.json names another), as sentence-transformers' CrossEncoder and vLLM's score/rerank compute it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -25,11 +23,10 @@ from typing import Any
 
 import torch
 
-from lmserve.checkpoints.errors import CheckpointError
+from lmserve.checkpoints.cross_encoder import cross_encoder_spec
 from lmserve.embeddings import EmbeddingInputError
 from lmserve.embeddings.batching import EmbedItem
 from lmserve.embeddings.embedder import untruncated_copy
-from lmserve.embeddings.pooling import model_max_positions
 from lmserve.embeddings.worker import BatchWorker
 from lmserve.progress import progress_step
 
@@ -37,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = ("sigmoid", "identity")
-# The activation names sentence-transformers writes into config.json, by their class name.
-_ACTIVATION_CLASSES = {"Sigmoid": "sigmoid", "Identity": "identity"}
 
 
 @dataclass(frozen=True)
@@ -57,19 +52,6 @@ class ScoreResult:
     @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
-
-
-def activation_from_config(config: dict[str, Any]) -> str:
-    """sigmoid | identity: what the checkpoint's config.json names, else the sigmoid (one output)."""
-    st = config.get("sentence_transformers")
-    name = st.get("activation_fn") if isinstance(st, dict) else None
-    name = name or config.get("sbert_ce_default_activation_function")
-    if not name:
-        return "sigmoid"
-    short = str(name).rsplit(".", 1)[-1]
-    if short not in _ACTIVATION_CLASSES:
-        raise CheckpointError(f"unsupported cross-encoder activation {name!r} (Sigmoid or Identity)")
-    return _ACTIVATION_CLASSES[short]
 
 
 class Reranker(BatchWorker):
@@ -108,18 +90,7 @@ class Reranker(BatchWorker):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"rerank model folder not found (no config.json): {path}")
-        with open(path / "config.json", encoding="utf-8") as f:
-            config = json.load(f)
-        architectures = config.get("architectures") or []
-        if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
-            raise CheckpointError(f"{path}: a rerank model is a *ForSequenceClassification checkpoint, not {architectures}")
-        num_labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
-        if num_labels != 1:
-            raise CheckpointError(f"{path}: a rerank model has one output (num_labels=1), this one has {num_labels}")
-        activation = activation_from_config(config)
-        max_input_tokens = model_max_positions(config) or 512
+        spec = cross_encoder_spec(path)  # CheckpointError for anything but a one-output *ForSequenceClassification
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -136,12 +107,12 @@ class Reranker(BatchWorker):
         model.requires_grad_(False)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else getattr(model.config, "pad_token_id", 0)
         rr = cls(
-            model, tokenizer, name, max_input_tokens=max_input_tokens, activation=activation, device=device,
+            model, tokenizer, name, max_input_tokens=spec.max_input_tokens, activation=spec.activation, device=device,
             max_batch_tokens=max_batch_tokens, pad_token_id=int(pad or 0),
         )  # fmt: skip
         logger.info(
             "rerank model loaded",
-            extra={"model": name, "activation": activation, "max_input_tokens": max_input_tokens, "dtype": dtype},
+            extra={"model": name, "activation": spec.activation, "max_input_tokens": spec.max_input_tokens, "dtype": dtype},
         )
         return rr
 
