@@ -77,7 +77,7 @@ def test_every_method_of_the_proto_is_served() -> None:
         for method in service.methods
     }
     assert {m.path for m in METHODS} == declared
-    assert len(declared) == 11
+    assert len(declared) == 12
 
 
 def test_complete_and_stream(server: LiveServer) -> None:
