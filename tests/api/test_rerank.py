@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -194,6 +195,22 @@ def test_score_in_vllm_shape(client: httpx.Client, expected, bert_dir: Path) -> 
     assert abs(single["data"][0]["score"] - scores[DOCUMENTS.index("france")]) <= 1e-5
 
 
+def test_concurrent_requests_share_batches_and_keep_their_scores(client: httpx.Client, expected) -> None:
+    """Requests at once: the worker may pad pairs of several requests (segment ids included) into one batch;
+    each request still gets its own documents' scores."""
+    scores = expected[0]
+    subsets = [[0, 1], [2, 3, 4], [5], [1, 3, 5], [4, 0]]
+
+    def score(indexes: list[int]) -> list[float]:
+        body = client.post("/v1/score", json={"text_1": QUERY, "text_2": [DOCUMENTS[i] for i in indexes]}).json()
+        return [d["score"] for d in body["data"]]
+
+    with ThreadPoolExecutor(len(subsets)) as pool:
+        answers = list(pool.map(score, subsets))
+    for indexes, got in zip(subsets, answers, strict=True):
+        assert max(abs(g - scores[i]) for g, i in zip(got, indexes, strict=True)) <= 1e-5
+
+
 def test_http_errors(client: httpx.Client, rerank_server: LiveServer) -> None:
     _error(client.post("/v1/rerank", json={"query": QUERY, "documents": []}), 400, "invalid_value", "documents")
     many = ["a document"] * (MAX_DOCUMENTS + 1)
@@ -209,6 +226,14 @@ def test_http_errors(client: httpx.Client, rerank_server: LiveServer) -> None:
     _error(client.post("/v1/score", json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}), 400, "invalid_value", "text_1")
     _error(client.post("/v1/score", json={"text_1": "a", "text_2": []}), 400, "invalid_value", "text_2")
     _error(client.post("/v1/score", json={"text_1": "a", "text_2": [TOO_LONG]}), 400, "context_length_exceeded", "text_2")
+    # Odd but well-typed input is served or refused, never a 5xx.
+    for body in [
+        {"query": "é😀\u202e\x00", "documents": ["\x00", "\ud7ff", " "], "top_n": 2**40},
+        {"query": QUERY, "documents": [QUERY] * MAX_DOCUMENTS, "return_documents": False},
+    ]:
+        resp = client.post("/v1/rerank", json=body)
+        assert resp.status_code == 200 and len(resp.json()["results"]) == len(body["documents"]), resp.text
+    _error(client.post("/v1/rerank", json={"query": 3, "documents": ["x"]}), 400, "invalid_type", "query")
     no_key = httpx.post(f"{rerank_server.base_url}/v1/rerank", json={"query": QUERY, "documents": ["x"]})
     _error(no_key, 401, "invalid_api_key", None)
 
