@@ -360,7 +360,7 @@ def test_cancelled_request_does_not_break_the_worker(embedder: Embedder) -> None
 
 def test_batch_selection_respects_padded_budget() -> None:
     req = EmbedRequest(
-        loop=None, future=None, dimensions=None, num_tokens=[], vectors=[], remaining=0  # type: ignore[arg-type]
+        loop=None, future=None, dimensions=None, num_tokens=[], outputs=[], remaining=0  # type: ignore[arg-type]
     )
     lengths = [10, 40, 12, 30, 5, 11, 20, 9]
     queue = deque(EmbedItem(req, i, [1] * n) for i, n in enumerate(lengths))

@@ -34,6 +34,7 @@ const tok = new v1.Tokenization(target, creds);
 const models = new v1.Models(target, creds);
 const mod = new v1.Moderations(target, creds);
 const responses = new v1.Responses(target, creds);
+const rerank = new v1.Reranking(target, creds);
 
 function metadata(requestId) {
   const md = new grpc.Metadata();
@@ -123,6 +124,14 @@ async function main() {
   show("Responses/GetResponse", `${got.id} ${JSON.stringify(got.output_text)}`);
   const gone = await unary(responses, "DeleteResponse", { response_id: first.id });
   show("Responses/DeleteResponse", `deleted=${gone.deleted}`);
+  // Reranking/Rerank: a server without --rerank-model answers NOT_FOUND (code 5).
+  try {
+    const ranked = await unary(rerank, "Rerank", { query: "capital of France", documents: ["Paris", "a cat"] });
+    show("Reranking/Rerank", ranked.results.map((r) => `${r.index}:${r.relevance_score.toFixed(4)}`).join(" "));
+  } catch (err) {
+    if (err.code !== grpc.status.NOT_FOUND) throw err;
+    show("Reranking/Rerank", `NOT_FOUND: ${err.details}`);
+  }
 }
 
 main()

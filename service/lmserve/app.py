@@ -48,6 +48,7 @@ from lmserve.tracing import build_tracer
 if TYPE_CHECKING:
     from lmserve.api.grpc.server import GrpcServer, GrpcTLS
     from lmserve.embeddings.embedder import Embedder
+    from lmserve.embeddings.reranker import Reranker
     from lmserve.engine.base import GenerationEngine
     from lmserve.tokenizer import Tokenizer
 
@@ -99,7 +100,10 @@ def build_state(config: ServeConfig) -> AppState:
         )
         embedding_model = _served(emb_resolved.name, config.embedding_model, config.served_embedding_model_names)
     generation_model = _served(resolved.name, config.model, config.served_model_names)
-    state = state_from_models(config, engine, tokenizer, generation_model, embedder, embedding_model)
+    reranker, rerank_model = _load_reranker(config) if config.rerank_model else (None, None)
+    state = state_from_models(
+        config, engine, tokenizer, generation_model, embedder, embedding_model, reranker, rerank_model
+    )
     if config.safety:
         from lmserve.safety import SafetyFilter
 
@@ -113,7 +117,22 @@ def build_state(config: ServeConfig) -> AppState:
     engine.on_step = state.metrics.observe_step
     if embedder is not None:
         embedder.on_batch = state.metrics.observe_embedding_batch
+    if reranker is not None:
+        reranker.on_batch = state.metrics.observe_rerank_batch
     return state
+
+
+def _load_reranker(config: ServeConfig) -> tuple[Reranker, ServedModel]:
+    from lmserve.checkpoints import resolve_model
+    from lmserve.embeddings.reranker import Reranker
+
+    assert config.rerank_model is not None
+    resolved = resolve_model(config.rerank_model, config.cache_dir, allow_pickle=config.engine.allow_pickle)
+    reranker = Reranker.load(
+        resolved.path, resolved.name, dtype="auto", device=config.engine.device,
+        max_batch_tokens=config.limits.embedding_max_batch_tokens,
+    )  # fmt: skip
+    return reranker, _served(resolved.name, config.rerank_model, ())
 
 
 def _load_engine(config: ServeConfig, path: Any, name: str) -> GenerationEngine:
@@ -135,6 +154,8 @@ def state_from_models(
     generation_model: ServedModel,
     embedder: Embedder | None,
     embedding_model: ServedModel | None,
+    reranker: Reranker | None = None,
+    rerank_model: ServedModel | None = None,
 ) -> AppState:
     """The non-model parts of the state, from `config`."""
     keys = KeyStore.from_sources(config.api_keys, config.api_key_file)
@@ -150,9 +171,15 @@ def state_from_models(
         keys=keys,
         limiter=RateLimiter(config.limits.requests_per_minute, config.limits.tokens_per_minute),
         admission=AdmissionControl(config.limits.max_queue),
-        metrics=Metrics(generation_model.name, embedding_model.name if embedding_model is not None else ""),
+        metrics=Metrics(
+            generation_model.name,
+            embedding_model.name if embedding_model is not None else "",
+            rerank_model=rerank_model.name if rerank_model is not None else "",
+        ),
         tracer=build_tracer(config.otlp_endpoint),
         responses=ResponseStore(config.limits.responses_store_max_responses, config.limits.responses_store_max_bytes),
+        reranker=reranker,
+        rerank_model=rerank_model,
     )
 
 
@@ -166,6 +193,8 @@ def with_config(state: AppState, config: ServeConfig) -> AppState:
         _renamed(state.generation_model, config.served_model_names),
         state.embedder,
         _renamed(embedding, config.served_embedding_model_names) if embedding is not None else None,
+        state.reranker,
+        state.rerank_model,
     )
     other.safety = state.safety if config.safety else None
     return other
@@ -175,12 +204,16 @@ async def start_models(state: AppState) -> None:
     await state.engine.start()
     if state.embedder is not None:
         await state.embedder.start()
+    if state.reranker is not None:
+        await state.reranker.start()
 
 
 async def stop_models(state: AppState) -> None:
     state.lifecycle.models_stopping = True
     if state.embedder is not None:
         await state.embedder.stop()
+    if state.reranker is not None:
+        await state.reranker.stop()
     await state.engine.stop()
 
 
@@ -358,6 +391,7 @@ def _url_host(host: str) -> str:
 def log_ready(state: AppState, http_port: int | None, grpc_port: int | None, tls: bool, started: float | None) -> None:
     host = _url_host(state.config.host)
     models = [state.generation_model.name] + ([state.embedding_model.name] if state.embedding_model else [])
+    models += [state.rerank_model.name] if state.rerank_model else []
     line = ReadyLine(
         http_url=f"http://{host}:{http_port}/v1" if http_port else None,
         grpc_target=f"{host}:{grpc_port}{' (TLS)' if tls else ''}" if grpc_port else None,

@@ -209,13 +209,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="serve the models over HTTP and gRPC until Ctrl-C/SIGTERM",
-                           description="Serve a generation model (and an embedding model) over HTTP and gRPC. "
+                           description="Serve a generation model (and embedding and rerank models) over HTTP and gRPC. "
                            "The first Ctrl-C/SIGTERM drains (in-flight requests finish, new ones get 503); "
                            "a second one stops at once.", formatter_class=HelpFormatter)
     add_engine_flags(serve, env)
     f = Flags(serve, env)
     f.value("--embedding-model", "LMSERVE_EMBEDDING_MODEL", str, DEFAULT_EMBEDDING_MODEL,
             "embedding model: a bundled id or a folder; none: serve no embeddings", metavar="REF")
+    f.value("--rerank-model", "LMSERVE_RERANK_MODEL", str, None,
+            "cross-encoder folder (BERT/XLM-RoBERTa *ForSequenceClassification, one output) served on /v1/rerank, "
+            "/v1/score and gRPC Rerank; unset or none: no rerank model", metavar="REF")
     f.names("--served-model-name", "LMSERVE_SERVED_MODEL_NAME",
             "the generation model's ids in the API: the first is the one /v1/models lists and responses "
             "carry, every one is accepted as `model`; unset: the model's own name")
@@ -300,11 +303,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ServeConfig:
     embedding = None if str(args.embedding_model).lower() in {"", "none"} else args.embedding_model
+    rerank = None if str(args.rerank_model).lower() in {"", "none"} else args.rerank_model
     base = ServeConfig()
     config = replace(
         base,
         model=args.model,
         embedding_model=embedding,
+        rerank_model=rerank,
         served_model_names=tuple(args.served_model_name),
         served_embedding_model_names=tuple(args.served_embedding_model_name),
         host=args.host,

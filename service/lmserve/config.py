@@ -147,6 +147,7 @@ class LimitsConfig:
     tokens_per_minute: int = 0
     embedding_max_batch_tokens: int = 8192
     max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings request (OpenAI's cap)
+    max_rerank_documents: int = 1000  # documents in one rerank request, pairs in one score request (Cohere's cap)
     max_grammar_bytes: int = 64 * 1024  # a structured-output schema, regex, grammar or tool set; larger: 400
     # The Responses API's in-memory store (`store: true`), server-wide: the oldest response is evicted past
     # either bound; 0 responses: nothing is stored.
@@ -162,6 +163,7 @@ class ServeConfig:
     # the model's own name (and the reference it was loaded from).
     served_model_names: tuple[str, ...] = ()
     served_embedding_model_names: tuple[str, ...] = ()
+    rerank_model: str | None = None  # a cross-encoder folder for /v1/rerank and /v1/score; None: not served
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051  # 0: no gRPC
@@ -264,6 +266,7 @@ _LIMIT_VARS = {
     "LMSERVE_MAX_EMBEDDING_INPUTS": ("max_embedding_inputs", 1),
     "LMSERVE_RESPONSES_STORE_MAX_RESPONSES": ("responses_store_max_responses", 0),
     "LMSERVE_RESPONSES_STORE_MAX_BYTES": ("responses_store_max_bytes", 0),
+    "LMSERVE_MAX_RERANK_DOCUMENTS": ("max_rerank_documents", 1),
 }
 
 

@@ -60,7 +60,11 @@ class Metrics:
     """
 
     def __init__(
-        self, model: str = "", embedding_model: str = "", registry: CollectorRegistry | None = None
+        self,
+        model: str = "",
+        embedding_model: str = "",
+        registry: CollectorRegistry | None = None,
+        rerank_model: str = "",
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model = model
@@ -234,13 +238,30 @@ class Metrics:
         self.embedding_tokens_total = emb.counter(
             "lmserve_embedding_tokens_total", "Input tokens embedded (the requests' usage)."
         )
-        self.embedding_batches_total = emb.counter("lmserve_embedding_batches_total", "Embedding forward passes.")
-        self.embedding_batch_inputs = emb.histogram(
-            "lmserve_embedding_batch_inputs", "Inputs in one embedding forward.", _POWERS_OF_TWO
-        )
-        self.embedding_padding_tokens_total = emb.counter(
+        # The batch families count the rerank model's forwards too (the same batch loop), under its name.
+        batches = Counter(
+            "lmserve_embedding_batches_total", "Encoder forward passes (embedding and rerank models).", ["model"],
+            registry=r,
+        )  # fmt: skip
+        batch_inputs = Histogram(
+            "lmserve_embedding_batch_inputs", "Inputs (rerank: pairs) in one encoder forward.", ["model"],
+            buckets=_POWERS_OF_TWO, registry=r,
+        )  # fmt: skip
+        padding = Counter(
             "lmserve_embedding_padding_tokens_total",
-            "Pad positions embedding forwards computed besides the real tokens (batching waste).",
+            "Pad positions encoder forwards computed besides the real tokens (batching waste).", ["model"], registry=r,
+        )  # fmt: skip
+        self.embedding_batches_total = batches.labels(model=embedding_model)
+        self.embedding_batch_inputs = batch_inputs.labels(model=embedding_model)
+        self.embedding_padding_tokens_total = padding.labels(model=embedding_model)
+        self.rerank_tokens_total = _ModelScoped(r, rerank_model).counter(
+            "lmserve_rerank_tokens_total", "Tokens of the (query, document) pairs the rerank model scored (usage)."
+        )
+        # Children for the rerank model only when one is served: no empty-named series otherwise.
+        self._rerank_batch = (
+            (batches.labels(model=rerank_model), batch_inputs.labels(model=rerank_model), padding.labels(model=rerank_model))
+            if rerank_model
+            else None
         )
 
         # The engine's cumulative totals at the previous scrape (see observe_engine).
@@ -303,6 +324,14 @@ class Metrics:
         self.embedding_batches_total.inc()
         self.embedding_batch_inputs.observe(batch.num_inputs)
         self.embedding_padding_tokens_total.inc(batch.num_padding_tokens)
+
+    def observe_rerank_batch(self, batch: EmbeddingBatchStats) -> None:
+        """The reranker's per-batch hook (runs on its worker thread)."""
+        if self._rerank_batch is not None:
+            num_batches, num_inputs, num_padding = self._rerank_batch
+            num_batches.inc()
+            num_inputs.observe(batch.num_inputs)
+            num_padding.inc(batch.num_padding_tokens)
 
     def observe_engine(self, stats: EngineStats) -> None:
         """At each scrape: the engine's gauges, and its cumulative counters advanced to its totals."""

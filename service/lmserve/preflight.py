@@ -226,6 +226,23 @@ def check_embedding_folder(model: str | None) -> None:
         raise PreflightError(f"embedding model {folder}: {exc}") from None
 
 
+def check_rerank_model(model: str | None) -> None:
+    """A --rerank-model folder: its config.json is a one-output *ForSequenceClassification whose activation
+    the reranker knows (checkpoints/cross_encoder.py). Other references are checked when they are resolved."""
+    if not model:
+        return
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    from lmserve.checkpoints.cross_encoder import cross_encoder_spec
+    from lmserve.checkpoints.errors import CheckpointError
+
+    try:
+        cross_encoder_spec(folder)
+    except CheckpointError as exc:
+        raise PreflightError(f"--rerank-model: {exc}") from None
+
+
 def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
     """--quantization int8 runs qgemm.c, q4_1 | q8_0 serve a GGUF file's own blocks by qgemm_gguf.c: refuse
     now, not after the weights are read, where they cannot (for the native engine; with --engine vllm,
@@ -282,6 +299,7 @@ def preflight(config: ServeConfig) -> PortReservation:
             # Reads the folder's config.json: after the checks that read nothing of it.
             check_architecture(config.model, config.engine.model_impl, config.engine.quantization)
         check_embedding_folder(config.embedding_model)
+        check_rerank_model(config.rerank_model)
     except PreflightError:
         reservation.close()
         raise
@@ -291,5 +309,6 @@ def preflight(config: ServeConfig) -> PortReservation:
 __all__ = [
     "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_architecture",
     "check_embedding_folder", "check_engine", "check_files", "check_lora_modules", "check_quantization",
+    "check_rerank_model",
     "preflight", "reserve_ports",
 ]

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from lmserve.api.response_store import ResponseStore
     from lmserve.config import ServeConfig
     from lmserve.embeddings.embedder import Embedder
+    from lmserve.embeddings.reranker import Reranker
     from lmserve.engine.base import GenerationEngine
     from lmserve.metrics import Metrics
     from lmserve.safety import SafetyFilter
@@ -60,6 +61,8 @@ class AppState:
     metrics: Metrics
     tracer: RequestTracer | None = None  # None: tracing off (no OTLP endpoint)
     safety: SafetyFilter | None = None  # None: --no-safety
+    reranker: Reranker | None = None  # the cross-encoder of /v1/rerank and /v1/score; None: --rerank-model unset
+    rerank_model: ServedModel | None = None
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     responses: ResponseStore | None = None  # the Responses API's store; app.state_from_models builds it
 
@@ -72,6 +75,8 @@ def readiness(state: AppState) -> str | None:
         return "the generation engine is not running"
     if state.embedder is not None and not state.embedder.is_running:
         return "the embedding model is not running"
+    if state.reranker is not None and not state.reranker.is_running:
+        return "the rerank model is not running"
     return None
 
 

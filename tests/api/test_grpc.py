@@ -77,7 +77,7 @@ def test_every_method_of_the_proto_is_served() -> None:
         for method in service.methods
     }
     assert {m.path for m in METHODS} == declared
-    assert len(declared) == 15
+    assert len(declared) == 16
 
 
 def test_complete_and_stream(server: LiveServer) -> None:
@@ -493,7 +493,7 @@ def test_reflection_lists_the_services(server: LiveServer) -> None:
         with grpc.insecure_channel(server.grpc_target) as channel:
             db = ProtoReflectionDescriptorDatabase(channel)
             services = set(db.get_services())
-            names = ("Generation", "Embeddings", "Tokenization", "Models", "Moderations", "Responses")
+            names = ("Generation", "Embeddings", "Tokenization", "Models", "Moderations", "Reranking", "Responses")
             assert {f"lmserve.v1.{s}" for s in names} <= services
             assert "grpc.health.v1.Health" in services
             desc = db.FindFileContainingSymbol("lmserve.v1.Generation")
@@ -661,7 +661,9 @@ def test_proto_compiles_with_plain_protoc(tmp_path: Path) -> None:
     files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     [proto] = files.file
     assert proto.package == "lmserve.v1"
-    assert [s.name for s in proto.service] == ["Generation", "Embeddings", "Tokenization", "Models", "Moderations", "Responses"]
+    assert [s.name for s in proto.service] == [
+        "Generation", "Embeddings", "Tokenization", "Models", "Moderations", "Reranking", "Responses"
+    ]  # fmt: skip
     assert json.dumps([m.name for m in proto.service[0].method]) == json.dumps(
         ["Complete", "CompleteStream", "Chat", "ChatStream"]
     )

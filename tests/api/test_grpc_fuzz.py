@@ -25,7 +25,7 @@ from lmserve.api.grpc.rpcs import METHODS, Method
 from lmserve.api.proto import lmserve_pb2 as pb
 from tests.api.conftest import LiveServer, Servers
 
-MAX_EXAMPLES = {"Generation": 12, "Embeddings": 15, "Tokenization": 20, "Models": 3, "Moderations": 12, "Responses": 8}
+MAX_EXAMPLES = {"Generation": 12, "Embeddings": 15, "Tokenization": 20, "Models": 3, "Moderations": 12, "Reranking": 4, "Responses": 8}
 MAX_DEPTH = 3  # nested messages deeper than this are left unset
 # Refusals a client can act on; anything else (INTERNAL, UNKNOWN, DATA_LOSS...) is a server bug.
 ACCEPTABLE = {

@@ -63,6 +63,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
     values = {
         "model": "/models/Qwen2.5-0.5B-Instruct",
         "embeddingModel": "none",
+        "rerankModel": "/models/bge-reranker-base",
         # The native engine: --engine vllm refuses --device, --attention and --num-threads (vLLM decides
         # them; tests/engine/test_vllm_settings.py), which this case sets.
         "engine": "native",
@@ -76,7 +77,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         "limits": {
             "maxRequestBodyBytes": 8388608, "maxN": 2, "maxTokensCap": 1024, "maxStopStrings": 3, "maxPrompts": 5,
             "maxQueue": 17, "requestsPerMinute": 600, "tokensPerMinute": 100000, "embeddingMaxBatchTokens": 4096,
-            "maxEmbeddingInputs": 99, "queueTimeoutSeconds": 2.5,
+            "maxEmbeddingInputs": 99, "maxRerankDocuments": 50, "queueTimeoutSeconds": 2.5,
         },
         "ports": {"http": 9000, "grpc": 0},
         "apiKeys": {"existingSecret": "keys", "secretKey": "list"},
@@ -88,6 +89,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
     assert config == ServeConfig(
         model="/models/Qwen2.5-0.5B-Instruct",
         embedding_model=None,
+        rerank_model="/models/bge-reranker-base",
         host="0.0.0.0",
         port=9000,
         grpc_port=0,
@@ -110,7 +112,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         limits=LimitsConfig(
             max_request_body_bytes=8388608, max_n=2, max_tokens_cap=1024, max_stop_strings=3, max_prompts=5,
             max_queue=17, requests_per_minute=600, tokens_per_minute=100000, embedding_max_batch_tokens=4096,
-            max_embedding_inputs=99, queue_timeout_s=2.5,
+            max_embedding_inputs=99, max_rerank_documents=50, queue_timeout_s=2.5,
         ),
     )  # fmt: skip
     assert config_of(helm.template({"limits": {"queueTimeoutSeconds": 0}})).limits.queue_timeout_s == 0
@@ -154,10 +156,10 @@ def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, R
     """The other direction: every setting of `lmserve serve` can be given by value."""
     read = set().union(*(re.findall(r"LMSERVE_[A-Z0-9_]+", path.read_text()) for path in CONFIG_LAYER))
     everything = helm.template({
-        "engine": "vllm", "embeddingModel": "none", "apiKeys": {"existingSecret": "k"}, "grpcTls": {"existingSecret": "t", "requireClientCert": True},
+        "engine": "vllm", "embeddingModel": "none", "rerankModel": "/models/reranker", "apiKeys": {"existingSecret": "k"}, "grpcTls": {"existingSecret": "t", "requireClientCert": True},
         "limits": {"queueTimeoutSeconds": 1, "maxQueue": 3, "maxN": 2, "maxTokensCap": 9, "maxStopStrings": 2,
                    "maxPrompts": 2, "requestsPerMinute": 1, "tokensPerMinute": 1, "embeddingMaxBatchTokens": 9,
-                   "maxEmbeddingInputs": 2, "maxRequestBodyBytes": 999},
+                   "maxEmbeddingInputs": 2, "maxRerankDocuments": 3, "maxRequestBodyBytes": 999},
         "vllm": {"tensorParallelSize": 1, "pipelineParallelSize": 1, "gpuMemoryUtilization": 0.5,
                  "distributedExecutorBackend": "mp"},
         "lora": {"modules": [{"name": "a", "path": "/a"}], "maxCpuLoras": 8},

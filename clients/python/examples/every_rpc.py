@@ -205,6 +205,17 @@ def run_all(channel: grpc.Channel, md: list[tuple[str, str]]) -> None:
     show("lmserve.v1.Responses/GetResponse", f"{got.id} {got.output_text!r}")
     gone = responses.DeleteResponse(pb.ResponseIdRequest(response_id=first.id), metadata=md, timeout=10)
     show("lmserve.v1.Responses/DeleteResponse", f"deleted={gone.deleted}")
+    # Reranking/Rerank: documents ordered by a cross-encoder's score; a server without --rerank-model says NOT_FOUND.
+    try:
+        ranked = rpc.RerankingStub(channel).Rerank(
+            pb.RerankRequest(query="capital of France", documents=["Paris", "a cat"]), metadata=md, timeout=30
+        )
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        show("lmserve.v1.Reranking/Rerank", f"NOT_FOUND: {err.details()}")
+    else:
+        show("lmserve.v1.Reranking/Rerank", " ".join(f"{r.index}:{r.relevance_score:.4f}" for r in ranked.results))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """The models a server serves, by the names requests use: the generation model and its LoRA adapters
-(by name, as vLLM serves them), the embedding model; the list /v1/models and ListModels show; adapters
+(by name, as vLLM serves them), the embedding model, the rerank model; the list /v1/models and ListModels show; adapters
 loaded and unloaded at run time (--allow-runtime-lora)."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def require_model(served: ServedModel | None, model: str | None, kind: str) -> S
 class ModelInfo:
     served: ServedModel
     max_model_len: int
-    kind: str  # generation | embedding
+    kind: str  # generation | embedding | rerank
     family: str  # e.g. "qwen2 (native)", "cohere (transformers)", "bert (transformers)"
 
 
@@ -65,6 +65,9 @@ def served_models(state: AppState) -> list[ModelInfo]:
     if state.embedding_model is not None and state.embedder is not None:
         embedder = state.embedder
         models.append(ModelInfo(state.embedding_model, embedder.max_input_tokens, "embedding", embedder.family))
+    if state.rerank_model is not None and state.reranker is not None:
+        reranker = state.reranker
+        models.append(ModelInfo(state.rerank_model, reranker.max_input_tokens, "rerank", reranker.family))
     return models
 
 
@@ -89,7 +92,8 @@ async def load_lora_adapter(state: AppState, caller: Caller, name: str, path: st
     _check_runtime_lora(state, caller)
     if load_inplace:
         raise APIError("load_inplace is not supported: unload the adapter, then load it again.", "unsupported_value", "load_inplace")
-    if state.generation_model.matches(name) or (state.embedding_model is not None and state.embedding_model.matches(name)):
+    served = (state.generation_model, state.embedding_model, state.rerank_model)
+    if any(m is not None and m.matches(name) for m in served):
         raise APIError(f"'{name}' is the name of a model this server serves.", "invalid_value", "lora_name")
     try:
         await state.engine.load_lora_adapter(name, path)

@@ -1,8 +1,10 @@
-"""The embedding model, server side: tokenize, batch, forward, pool, normalize. No HTTP here.
+"""The encoder models, server side: the embedding model (tokenize, batch, forward, pool, normalize) and the
+rerank model (a cross-encoder scoring text pairs). No HTTP here.
 
-embedder.py is the model and its worker thread, pooling.py how a checkpoint pools, prompts.py the instruction
-it puts before a text, matryoshka.py whether its vectors may be cut short, batching.py how the queue is cut
-into batches; this module holds the errors a transport maps to responses.
+worker.py is the worker thread and batch loop both models share, batching.py how its queue is cut into batches,
+embedder.py the embedding model, pooling.py how a checkpoint pools, prompts.py the instruction it puts before a
+text, matryoshka.py whether its vectors may be cut short, reranker.py the cross-encoder; this module holds the
+errors a transport maps to responses.
 
 Usage from a transport:
 

@@ -1,5 +1,5 @@
-"""The embedder's queue: one item per input sequence (a request's inputs may be spread over several
-batches), how the worker cuts the next batch from it (`select_batch`), and how a finished request is
+"""The encoder models' queue (worker.py): one item per input sequence (a request's inputs may be spread over
+several batches), how the worker cuts the next batch from it (`select_batch`), and how a finished request is
 answered on its caller's event loop."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 # How many queued sequences the worker looks at when filling one batch.
 _SCAN_LIMIT = 4096
@@ -32,7 +33,7 @@ class EmbeddingResult:
 
 @dataclass(frozen=True)
 class EmbeddingBatchStats:
-    """What one forward did; handed to the embedder's `on_batch` hook (metrics)."""
+    """What one forward did; handed to the embedder's (or reranker's) `on_batch` hook (metrics)."""
 
     num_inputs: int
     num_tokens: int  # real tokens
@@ -41,13 +42,16 @@ class EmbeddingBatchStats:
 
 @dataclass(eq=False)
 class EmbedRequest:
+    """One request's sequences in the queue; its future gets one output per sequence, in input order
+    (a vector from the embedder, a score from the reranker)."""
+
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[EmbeddingResult]
+    future: asyncio.Future[list[Any]]
     dimensions: int | None
     num_tokens: list[int]
-    vectors: list[list[float] | None]
+    outputs: list[Any]
     remaining: int
-    done: bool = False  # set by the worker (finished/failed) or by embed (cancelled); read by the worker
+    done: bool = False  # set by the worker (finished/failed) or by submit (cancelled); read by the worker
 
 
 @dataclass(eq=False)
@@ -55,11 +59,10 @@ class EmbedItem:
     request: EmbedRequest
     index: int
     ids: list[int]
+    type_ids: list[int] | None = None  # token type (segment) ids of a sentence pair, for models that take them
 
 
-def _resolve(
-    future: asyncio.Future[EmbeddingResult], result: EmbeddingResult | None, error: BaseException | None
-) -> None:
+def _resolve(future: asyncio.Future[list[Any]], result: list[Any] | None, error: BaseException | None) -> None:
     """Runs on the request's loop."""
     if future.done():  # cancelled meanwhile
         return
@@ -121,7 +124,7 @@ def select_batch(queue: deque[EmbedItem], max_batch_tokens: int) -> list[EmbedIt
     return [scan[k] for k in chosen]
 
 
-def answer(req: EmbedRequest, result: EmbeddingResult | None, error: BaseException | None) -> None:
+def answer(req: EmbedRequest, result: list[Any] | None, error: BaseException | None) -> None:
     """From the worker thread: resolve the request's future on its own event loop."""
     try:
         req.loop.call_soon_threadsafe(_resolve, req.future, result, error)

@@ -1,5 +1,5 @@
-"""The embedding model and its worker thread (the package's docstring has the usage): load a local folder,
-tokenize, validate, and on one thread run batches (batching.py) through the model and pool them (pooling.py).
+"""The embedding model (the package's docstring has the usage): load a local folder, tokenize, validate, and
+on its worker thread (worker.py) run batches through the model and pool them (pooling.py).
 
 Any folder transformers' AutoModel loads as a bare encoder or decoder (BERT, XLM-RoBERTa, ModernBERT, the
 body of a causal LM such as Qwen3-Embedding's) with its sentence-transformers files: pooling (pooling.py),
@@ -10,30 +10,20 @@ real tokens never see a pad.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lmserve.embeddings import EmbedderNotRunning, EmbeddingInputError
-from lmserve.embeddings.batching import (
-    CheckedInputs,
-    EmbeddingBatchStats,
-    EmbeddingResult,
-    EmbedItem,
-    EmbedRequest,
-    answer,
-    select_batch,
-)
+from lmserve.embeddings import EmbeddingInputError
+from lmserve.embeddings.batching import CheckedInputs, EmbeddingResult, EmbedItem
 from lmserve.embeddings.matryoshka import Matryoshka
 from lmserve.embeddings.pooling import PoolingConfig, pool
 from lmserve.embeddings.prompts import Prompts
+from lmserve.embeddings.worker import BatchWorker
 from lmserve.progress import progress_step
 
 logger = logging.getLogger(__name__)
@@ -41,7 +31,24 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class Embedder:
+def untruncated_copy(tokenizer: Any) -> Any:
+    """A private copy of a fast tokenizer's Rust tokenizer with truncation and padding off (None for a slow
+    one): tokenizer.json files often carry both (all-MiniLM-L6-v2's pads and truncates to 128), and the
+    transformers wrapper mutates the shared object per call, which is unsafe across threads."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.no_truncation()
+    fast.no_padding()
+    return fast
+
+
+class Embedder(BatchWorker):
+    label = "embedding model"
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -55,48 +62,19 @@ class Embedder:
         prompts: Prompts | None = None,
         matryoshka: Matryoshka | None = None,
     ) -> None:
-        if max_batch_tokens < 1:
-            raise ValueError("max_batch_tokens must be positive")
+        super().__init__(model_name, device=device, max_batch_tokens=max_batch_tokens, pad_token_id=pad_token_id)
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
-        self.model_name = model_name
-        self.device = torch.device(device)
-        self.max_batch_tokens = max_batch_tokens
         self.max_input_tokens = pooling.max_seq_length
         self.family = f"{getattr(getattr(model, 'config', None), 'model_type', 'unknown')} (transformers)"
-        self.pad_token_id = pad_token_id
         self.prompts = prompts if prompts is not None else Prompts()
         self.matryoshka = matryoshka if matryoshka is not None else Matryoshka()
         self.dimensions = int(model.config.hidden_size)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
-        # A private copy of the Rust tokenizer with truncation and padding off: tokenizer.json
-        # files often carry both (this model's pads and truncates to 128), and the transformers
-        # wrapper mutates the shared object per call, which is unsafe across threads.
-        self._fast = None
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        if backend is not None:
-            from tokenizers import Tokenizer
-
-            self._fast = Tokenizer.from_str(backend.to_str())
-            self._fast.no_truncation()
-            self._fast.no_padding()
+        self._fast = untruncated_copy(tokenizer)
         self._slow_lock = threading.Lock()
-
-        # stats, read by the metrics layer (written only by the worker thread)
-        self.num_batches = 0
-        self.num_tokens_embedded = 0
-        self.num_inputs_embedded = 0
-        self.num_padding_tokens = 0
-        self.num_failed_batches = 0
-        # Per-batch metrics hook, called on the worker thread; None costs nothing.
-        self.on_batch: Callable[[EmbeddingBatchStats], None] | None = None
-
-        self._cond = threading.Condition()
-        self._queue: deque[EmbedItem] = deque()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
 
     # ----------------------------------------------------------------- loading
 
@@ -236,34 +214,6 @@ class Embedder:
                 )
         return CheckedInputs([list(ids) for ids in inputs], dimensions)
 
-    # ----------------------------------------------------------------- lifecycle
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    async def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"embedder-{self.model_name}", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        """Fail what is still queued, let the batch in flight finish, and join the worker."""
-        thread = self._thread
-        if thread is None:
-            return
-        with self._cond:
-            self._stopping = True
-            pending = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        error = EmbedderNotRunning("the embedding model is shutting down")
-        self._fail_requests({item.request for item in pending}, error)
-        await asyncio.to_thread(thread.join)
-        self._thread = None
-
     # ----------------------------------------------------------------- requests
 
     async def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> EmbeddingResult:
@@ -276,108 +226,35 @@ class Embedder:
 
     async def submit(self, checked: CheckedInputs) -> EmbeddingResult:
         """Vectors for inputs `validate` accepted, in input order; EmbedderNotRunning when not started."""
-        inputs, dimensions = checked.inputs, checked.dimensions
-        if not self.is_running:
-            raise EmbedderNotRunning("the embedding model is not running")
-        loop = asyncio.get_running_loop()
-        request = EmbedRequest(
-            loop=loop,
-            future=loop.create_future(),
-            dimensions=dimensions,
-            num_tokens=[len(ids) for ids in inputs],
-            vectors=[None] * len(inputs),
-            remaining=len(inputs),
-        )
-        items = [EmbedItem(request, i, ids) for i, ids in enumerate(inputs)]
-        with self._cond:
-            if self._stopping:
-                raise EmbedderNotRunning("the embedding model is shutting down")
-            self._queue.extend(items)
-            self._cond.notify()
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            request.done = True  # the worker skips its still-queued sequences
-            raise
+        vectors = await self._submit_items(checked.inputs, dimensions=checked.dimensions)
+        return EmbeddingResult(vectors=vectors, num_tokens=[len(ids) for ids in checked.inputs])
 
     # ----------------------------------------------------------------- worker thread
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                batch = select_batch(self._queue, self.max_batch_tokens)
-            if not batch:
-                continue
-            try:
-                self._process(batch)
-            except BaseException as exc:  # noqa: BLE001 - a bad batch must not kill the worker
-                self.num_failed_batches += 1
-                logger.exception("embedding batch failed", extra={"model": self.model_name, "size": len(batch)})
-                error = exc if isinstance(exc, Exception) else RuntimeError(f"embedding batch failed: {exc!r}")
-                self._fail_requests({item.request for item in batch}, error)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden
 
-    def _process(self, batch: list[EmbedItem]) -> None:
-        batch.sort(key=lambda item: len(item.ids), reverse=True)
-        n = len(batch)
-        max_len = len(batch[0].ids)
-        input_ids = torch.full((n, max_len), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, max_len), dtype=torch.long)
+    def _compute(
+        self,
+        batch: list[EmbedItem],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        lengths: torch.Tensor,
+    ) -> list[list[float]]:
+        hidden = self._forward(input_ids, attention_mask)
+        pooled = pool(hidden, attention_mask, lengths, self.pooling)
+        # per-request truncation + renormalization, grouped by requested dimensions
+        rows_by_dims: dict[int | None, list[int]] = {}
         for row, item in enumerate(batch):
-            L = len(item.ids)
-            input_ids[row, :L] = torch.tensor(item.ids, dtype=torch.long)
-            attention_mask[row, :L] = 1
-        lengths = attention_mask.sum(dim=1)
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
-        lengths = lengths.to(self.device)
-
-        with torch.inference_mode():
-            hidden = self._forward(input_ids, attention_mask)
-            pooled = pool(hidden, attention_mask, lengths, self.pooling)
-            # per-request truncation + renormalization, grouped by requested dimensions
-            rows_by_dims: dict[int | None, list[int]] = {}
-            for row, item in enumerate(batch):
-                rows_by_dims.setdefault(item.request.dimensions, []).append(row)
-            vectors: list[list[float] | None] = [None] * n
-            for dims, rows in rows_by_dims.items():
-                sub = pooled[rows]
-                if dims is not None:
-                    sub = F.normalize(sub[:, :dims], p=2, dim=-1)
-                for row, vec in zip(rows, sub.cpu().tolist()):
-                    vectors[row] = vec
-
-        num_real = int(lengths.sum())
-        self.num_batches += 1
-        self.num_inputs_embedded += n
-        self.num_tokens_embedded += num_real
-        self.num_padding_tokens += n * max_len - num_real
-        # Before answering: a caller holding its vectors then finds this batch in the metrics too.
-        if self.on_batch is not None:
-            self.on_batch(EmbeddingBatchStats(n, num_real, n * max_len - num_real))
-
-        for row, item in enumerate(batch):
-            req = item.request
-            if req.done:
-                continue
-            req.vectors[item.index] = vectors[row]
-            req.remaining -= 1
-            if req.remaining == 0:
-                req.done = True
-                result = EmbeddingResult(vectors=req.vectors, num_tokens=req.num_tokens)  # type: ignore[arg-type]
-                answer(req, result, None)
-
-    def _fail_requests(self, requests: set[EmbedRequest], error: BaseException) -> None:
-        for req in requests:
-            if req.done:
-                continue
-            req.done = True
-            answer(req, None, error)
+            rows_by_dims.setdefault(item.request.dimensions, []).append(row)
+        vectors: list[list[float]] = [[] for _ in batch]
+        for dims, rows in rows_by_dims.items():
+            sub = pooled[rows]
+            if dims is not None:
+                sub = F.normalize(sub[:, :dims], p=2, dim=-1)
+            for row, vec in zip(rows, sub.cpu().tolist()):
+                vectors[row] = vec
+        return vectors

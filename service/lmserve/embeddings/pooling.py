@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from lmserve.checkpoints.cross_encoder import model_max_positions
+
 PoolingMode = Literal["mean", "cls", "lasttoken", "max"]
 _POOLING_MODES = ("mean", "cls", "lasttoken", "max")
 
@@ -38,19 +40,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, (dict, list)):
         raise ValueError(f"{path}: expected a JSON object")
     return data  # type: ignore[return-value]
-
-
-def _model_max_positions(config: dict[str, Any]) -> int | None:
-    """The longest sequence the checkpoint's position table allows, from its config.json."""
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            if key == "max_position_embeddings" and "roberta" in str(config.get("model_type", "")):
-                # RoBERTa-family position ids start after padding_idx: 514 positions -> 512 tokens.
-                pad = config.get("pad_token_id")
-                value -= (pad if isinstance(pad, int) else 1) + 1
-            return value
-    return None
 
 
 @dataclass(frozen=True)
@@ -107,7 +96,7 @@ class PoolingConfig:
 
         lengths = []
         if (path / "config.json").is_file():
-            positions = _model_max_positions(_read_json(path / "config.json"))
+            positions = model_max_positions(_read_json(path / "config.json"))
             if positions is not None:
                 lengths.append(positions)
         declared = None

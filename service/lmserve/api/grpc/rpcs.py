@@ -22,6 +22,7 @@ from lmserve.api.models import load_lora_adapter, served_models, unload_lora_ada
 from lmserve.api.moderation import moderate
 from lmserve.api.presentation import PresentedChoice
 from lmserve.api.proto import lmserve_pb2 as pb
+from lmserve.api.rerank_call import RerankInput, rerank
 from lmserve.api.tokens import TokenizeInput, detokenize, tokenize
 
 if TYPE_CHECKING:
@@ -96,6 +97,21 @@ async def embed(state: AppState, caller: Caller, req: pb.EmbedRequest) -> pb.Emb
         model=result.model.name,
         data=[pb.Embedding(index=i, embedding=v) for i, v in enumerate(result.vectors)],
         usage=pb.Usage(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens),
+    )
+
+
+async def rerank_rpc(state: AppState, caller: Caller, req: pb.RerankRequest) -> pb.RerankResponse:
+    return_documents = opt(req, "return_documents")
+    inp = RerankInput(
+        opt(req, "model"), req.query, list(req.documents), opt(req, "top_n"),
+        True if return_documents is None else return_documents,
+    )  # fmt: skip
+    out = await rerank(state, caller, inp)
+    return pb.RerankResponse(
+        id=out.id,
+        model=out.model.name,
+        results=[pb.RerankResult(index=r.index, relevance_score=r.relevance_score, document=r.document) for r in out.results],
+        usage=pb.Usage(prompt_tokens=out.total_tokens, total_tokens=out.total_tokens),
     )
 
 
@@ -191,6 +207,7 @@ METHODS = (
     Method("Responses", "CreateResponseStream", pb.CreateResponseRequest, pb.ResponseEvent, create_response_stream, is_stream=True),
     Method("Responses", "GetResponse", pb.ResponseIdRequest, pb.Response, get_response_rpc),
     Method("Responses", "DeleteResponse", pb.ResponseIdRequest, pb.DeleteResponseResponse, delete_response_rpc),
+    Method("Reranking", "Rerank", pb.RerankRequest, pb.RerankResponse, rerank_rpc),
 )
 
 

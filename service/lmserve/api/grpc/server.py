@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRANSPORT = "grpc"
-SERVICES = ("Generation", "Embeddings", "Tokenization", "Models", "Moderations", "Responses")
+SERVICES = ("Generation", "Embeddings", "Tokenization", "Models", "Moderations", "Reranking", "Responses")
 HEALTH_POLL_S = 0.25
 # gRPC status names the accounting gives the HTTP status of (errors use their table entry's).
 _HTTP_STATUS = {"OK": 200, "CANCELLED": 499, "DEADLINE_EXCEEDED": 504}

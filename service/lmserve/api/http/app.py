@@ -1,7 +1,8 @@
 """The HTTP transport: an OpenAI-compatible FastAPI app over an AppState (`create_app(state)`).
 
-Routes: /v1/completions, /v1/chat/completions, /v1/responses (and GET/DELETE /v1/responses/{id}), /v1/embeddings, /v1/models[/{id}], /tokenize,
-/detokenize, /version, /livez, /readyz, /health, /metrics, /docs, /openapi.json.
+Routes: /v1/completions, /v1/chat/completions, /v1/responses (and GET/DELETE /v1/responses/{id}), /v1/embeddings,
+/v1/rerank (and /rerank), /v1/score (and /score), /v1/models[/{id}], /tokenize, /detokenize, /version, /livez,
+/readyz, /health, /metrics, /docs, /openapi.json.
 
 Every error is `{"error": {"message", "type", "param", "code"}}` (never FastAPI's 422 shape). Generation
 goes through the transport-neutral calls in api/, shared with gRPC; http/ only parses and serializes.
@@ -22,7 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from lmserve.api.errors import APIError
-from lmserve.api.http import generation, handlers, responses, schemas
+from lmserve.api.http import generation, handlers, rerank_schemas, responses, schemas
 from lmserve.api.http.errors import error_response, install_error_handlers
 from lmserve.api.http.middleware import AccountingMiddleware, AuthMiddleware, BodyLimitMiddleware, JsonBodyMiddleware
 from lmserve.api.http.openapi import (
@@ -108,6 +109,25 @@ def create_app(state: AppState) -> FastAPI:
     async def create_embeddings(body: schemas.EmbeddingRequest, request: Request) -> Response:
         """OpenAI embeddings; `encoding_format: base64` gives little-endian float32 bytes."""
         return await handlers.embeddings(state, body, request)
+
+    async def create_rerank(body: rerank_schemas.RerankRequest, request: Request) -> Response:
+        """Documents ordered by relevance to the query, scored by the rerank model (Cohere's and Jina's shape)."""
+        return await handlers.rerank_documents(state, body, request)
+
+    async def create_score(body: rerank_schemas.ScoreRequest, request: Request) -> Response:
+        """vLLM's score: text_1 against each text_2 (or pairwise), by the rerank model."""
+        return await handlers.score_pairs(state, body, request)
+
+    for path in ("/v1/rerank", "/rerank"):
+        app.add_api_route(
+            path, create_rerank, methods=["POST"], response_model=rerank_schemas.RerankResponse,
+            responses=BODY_ERRORS, tags=["rerank"], operation_id=f"rerank{path.replace('/', '_')}",
+        )  # fmt: skip
+    for path in ("/v1/score", "/score"):
+        app.add_api_route(
+            path, create_score, methods=["POST"], response_model=rerank_schemas.ScoreResponse,
+            responses=BODY_ERRORS, tags=["rerank"], operation_id=f"score{path.replace('/', '_')}",
+        )  # fmt: skip
 
     @app.get("/v1/models", response_model=schemas.ModelList, responses=ERROR_RESPONSES, tags=["openai"])
     async def list_models() -> Response:

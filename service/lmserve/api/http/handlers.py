@@ -1,5 +1,5 @@
-"""The HTTP endpoints other than generation: embeddings, tokenize/detokenize, models, moderations and the
-LoRA adapters' load/unload. Each parses its body, calls the neutral handler and serializes the answer."""
+"""The HTTP endpoints other than generation: embeddings, rerank and score, tokenize/detokenize, models,
+moderations and the LoRA adapters' load/unload. Each parses its body, calls the neutral handler and serializes the answer."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from fastapi.responses import PlainTextResponse, Response
 
 from lmserve.api.embedding_call import EmbedInput, prepare_embedding
 from lmserve.api.errors import APIError
-from lmserve.api.http import schemas
+from lmserve.api.http import rerank_schemas, schemas
 from lmserve.api.http.serialize import json_response
 from lmserve.api.http.sse import until_disconnect
 from lmserve.api.http.wire import caller, chat_messages, embedding_inputs
 from lmserve.api.models import load_lora_adapter, served_models, unload_lora_adapter
 from lmserve.api.moderation import moderate
+from lmserve.api.rerank_call import RerankInput, ScoreInput, rerank, score
 from lmserve.api.tokens import TokenizeInput, detokenize, tokenize
 
 if TYPE_CHECKING:
@@ -48,6 +49,45 @@ async def embeddings(state: AppState, body: schemas.EmbeddingRequest, request: R
         usage=schemas.UsageInfo(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens),
     )
     return json_response(response, who.response_headers)
+
+
+async def rerank_documents(state: AppState, body: rerank_schemas.RerankRequest, request: Request) -> Response:
+    who = caller(request)
+    inp = RerankInput(body.model, body.query, body.documents, body.top_n, body.return_documents)
+    out = await until_disconnect(request, rerank(state, who, inp))
+    response = rerank_schemas.RerankResponse(
+        id=out.id,
+        model=out.model.name,
+        usage=rerank_schemas.RerankUsage(prompt_tokens=out.total_tokens, total_tokens=out.total_tokens),
+        results=[
+            rerank_schemas.RerankResult(
+                index=r.index,
+                relevance_score=r.relevance_score,
+                document=rerank_schemas.RerankDocument(text=r.document) if r.document is not None else None,
+            )
+            for r in out.results
+        ],
+    )
+    # Without return_documents a result has no `document` key (Cohere's shape), rather than a null one.
+    return Response(response.model_dump_json(exclude_none=True), media_type="application/json", headers=who.response_headers)
+
+
+async def score_pairs(state: AppState, body: rerank_schemas.ScoreRequest, request: Request) -> Response:
+    who = caller(request)
+    inp = ScoreInput(body.model, _texts(body.text_1), _texts(body.text_2))
+    out = await until_disconnect(request, score(state, who, inp))
+    response = rerank_schemas.ScoreResponse(
+        id=out.id,
+        created=out.created,
+        model=out.model.name,
+        data=[rerank_schemas.ScoreData(index=i, score=s) for i, s in enumerate(out.scores)],
+        usage=schemas.UsageInfo(prompt_tokens=out.total_tokens, total_tokens=out.total_tokens),
+    )
+    return json_response(response, who.response_headers)
+
+
+def _texts(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def tokenize_text(state: AppState, body: schemas.TokenizeRequest) -> Response:

@@ -63,6 +63,7 @@ def schema_limits(state: AppState) -> dict[str, int]:
         "max_stop_strings": limits.max_stop_strings,
         "max_prompts": limits.max_prompts,
         "max_embedding_inputs": limits.max_embedding_inputs,
+        "max_rerank_documents": limits.max_rerank_documents,
         "vocab_max": state.tokenizer.vocab_size - 1,
     }
     if state.embedder is not None:

@@ -671,6 +671,87 @@ class Moderations:
             _registered_method=True)
 
 
+class RerankingStub:
+    """Documents ordered by their relevance to a query, scored by the served cross-encoder (--rerank-model), as
+    HTTP's /v1/rerank. Without a rerank model, or for another model name, NOT_FOUND; no documents, more than
+    the server's cap, or a (query, document) pair longer than the model takes: INVALID_ARGUMENT.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Rerank = channel.unary_unary(
+                '/lmserve.v1.Reranking/Rerank',
+                request_serializer=lmserve_dot_v1_dot_lmserve__pb2.RerankRequest.SerializeToString,
+                response_deserializer=lmserve_dot_v1_dot_lmserve__pb2.RerankResponse.FromString,
+                _registered_method=True)
+
+
+class RerankingServicer:
+    """Documents ordered by their relevance to a query, scored by the served cross-encoder (--rerank-model), as
+    HTTP's /v1/rerank. Without a rerank model, or for another model name, NOT_FOUND; no documents, more than
+    the server's cap, or a (query, document) pair longer than the model takes: INVALID_ARGUMENT.
+    """
+
+    def Rerank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RerankingServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=lmserve_dot_v1_dot_lmserve__pb2.RerankRequest.FromString,
+                    response_serializer=lmserve_dot_v1_dot_lmserve__pb2.RerankResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lmserve.v1.Reranking', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lmserve.v1.Reranking', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Reranking:
+    """Documents ordered by their relevance to a query, scored by the served cross-encoder (--rerank-model), as
+    HTTP's /v1/rerank. Without a rerank model, or for another model name, NOT_FOUND; no documents, more than
+    the server's cap, or a (query, document) pair longer than the model takes: INVALID_ARGUMENT.
+    """
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Reranking/Rerank',
+            lmserve_dot_v1_dot_lmserve__pb2.RerankRequest.SerializeToString,
+            lmserve_dot_v1_dot_lmserve__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ResponsesStub:
     """---------------------------------------------------------------------------------------------------
     Responses: OpenAI's Responses API (POST /v1/responses on HTTP), over the chat path. A stored response
