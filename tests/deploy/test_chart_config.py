@@ -78,6 +78,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
             "maxRequestBodyBytes": 8388608, "maxN": 2, "maxTokensCap": 1024, "maxStopStrings": 3, "maxPrompts": 5,
             "maxQueue": 17, "requestsPerMinute": 600, "tokensPerMinute": 100000, "embeddingMaxBatchTokens": 4096,
             "maxEmbeddingInputs": 99, "maxRerankDocuments": 50, "queueTimeoutSeconds": 2.5,
+            "responsesStoreMaxResponses": 7, "responsesStoreMaxBytes": 4096,
         },
         "ports": {"http": 9000, "grpc": 0},
         "apiKeys": {"existingSecret": "keys", "secretKey": "list"},
@@ -112,7 +113,8 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         limits=LimitsConfig(
             max_request_body_bytes=8388608, max_n=2, max_tokens_cap=1024, max_stop_strings=3, max_prompts=5,
             max_queue=17, requests_per_minute=600, tokens_per_minute=100000, embedding_max_batch_tokens=4096,
-            max_embedding_inputs=99, max_rerank_documents=50, queue_timeout_s=2.5,
+            max_embedding_inputs=99, max_rerank_documents=50, queue_timeout_s=2.5, responses_store_max_responses=7,
+            responses_store_max_bytes=4096,
         ),
     )  # fmt: skip
     assert config_of(helm.template({"limits": {"queueTimeoutSeconds": 0}})).limits.queue_timeout_s == 0
@@ -159,7 +161,8 @@ def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, R
         "engine": "vllm", "embeddingModel": "none", "rerankModel": "/models/reranker", "apiKeys": {"existingSecret": "k"}, "grpcTls": {"existingSecret": "t", "requireClientCert": True},
         "limits": {"queueTimeoutSeconds": 1, "maxQueue": 3, "maxN": 2, "maxTokensCap": 9, "maxStopStrings": 2,
                    "maxPrompts": 2, "requestsPerMinute": 1, "tokensPerMinute": 1, "embeddingMaxBatchTokens": 9,
-                   "maxEmbeddingInputs": 2, "maxRerankDocuments": 3, "maxRequestBodyBytes": 999},
+                   "maxEmbeddingInputs": 2, "maxRerankDocuments": 3, "maxRequestBodyBytes": 999,
+                   "responsesStoreMaxResponses": 2, "responsesStoreMaxBytes": 99},
         "vllm": {"tensorParallelSize": 1, "pipelineParallelSize": 1, "gpuMemoryUtilization": 0.5,
                  "distributedExecutorBackend": "mp"},
         "lora": {"modules": [{"name": "a", "path": "/a"}], "maxCpuLoras": 8},
