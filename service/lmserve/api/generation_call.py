@@ -40,6 +40,7 @@ from lmserve.api.prompts import (
     prompt_items,
     screened_messages,
 )
+from lmserve.api.reasoning import ReasoningPlan, reasoning_format
 from lmserve.api.screening import report_decisions, screen_token_inputs
 from lmserve.api.stream import collect_choices, stream_choices
 from lmserve.api.tools import ToolPlan, plan_tools
@@ -93,6 +94,7 @@ class GenerationCall:
     created: int
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
     tool_plan: ToolPlan | None = None  # chat with tools: how to prompt for and parse tool calls
+    reasoning_plan: ReasoningPlan | None = None  # chat with a reasoning parser: where the thinking is
     account: GenerationAccount | None = None  # the streamed choices' accounting, once `stream()` runs
 
     @property
@@ -103,7 +105,7 @@ class GenerationCall:
         echo_tokens = None
         if self.echo_texts is not None and self.plan.params.logprobs is not None:
             echo_tokens = [self.state.tokenizer.convert_ids_to_tokens(p) for p in self.plan.prompts]
-        return Presenter(self.num_choices, self.plan.n, self.echo_texts, echo_tokens, self.tool_plan)
+        return Presenter(self.num_choices, self.plan.n, self.echo_texts, echo_tokens, self.tool_plan, self.reasoning_plan)
 
     def _screens(self) -> list[ScreenedChoice] | None:
         safety = self.state.safety
@@ -194,7 +196,8 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
     check_request(state, caller)
     check_engine(state)
     model = generation_model(state, inp.model)
-    tool_plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, chat_template(state))
+    template = chat_template(state)
+    tool_plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, template, state.config.tool_call_parser)
     params = inp.params
     if tool_plan is not None and tool_plan.constraint is not None:
         if params.structured is not None:
@@ -209,10 +212,34 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
     if caller.record.log_prompts:
         caller.record.prompt = inp.messages  # once screened: a blocked prompt is never logged
     prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs, inp.add_special_tokens)
+    reasoning = _reasoning_plan(state, template, prompt)
+    if reasoning is not None and params.structured is not None:
+        params = replace(params, structured=reasoning.constrain(params.structured))
+    if tool_plan is not None and tool_plan.parses_calls and params.skip_special_tokens and _has_special(state, tool_plan.format.markers):
+        params = replace(params, skip_special_tokens=False)  # the calls' marker must reach the parser (vLLM does the same)
     plan = _plan(state, caller, model, [prompt], params)
     call = _admit(state, caller, model, plan, "chatcmpl")
-    call.tool_plan = tool_plan
+    call.tool_plan, call.reasoning_plan = tool_plan, reasoning
     return call
+
+
+# Enough of the rendered prompt to hold its generation prompt (`<think>\n\n</think>\n\n` and the turn's opening).
+PROMPT_TAIL_TOKENS = 24
+
+
+def _reasoning_plan(state: AppState, template: str | None, prompt: list[int]) -> ReasoningPlan | None:
+    fmt = reasoning_format(state.config.reasoning_parser, template)
+    if fmt is None:
+        return None
+    tail = state.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+    return ReasoningPlan.for_prompt(fmt, tail)
+
+
+def _has_special(state: AppState, markers: tuple[str, ...]) -> bool:
+    """Whether the tokenizer holds one of the markers as a special token (which decoding would drop)."""
+    added = getattr(state.tokenizer.hf_tokenizer, "added_tokens_decoder", {}) or {}
+    special = {t.content for t in added.values() if getattr(t, "special", False)}
+    return any(m in special for m in markers)
 
 
 __all__ = ["ChatInput", "CompletionInput", "GenerationCall", "PresentedResult", "prepare_chat", "prepare_completion"]

@@ -154,6 +154,7 @@ def chat_input(req: pb.ChatRequest) -> ChatInput:
         tool_choice=tool_choice,
         parallel_tool_calls=opt(req, "parallel_tool_calls"),
         add_special_tokens=bool(opt(req, "add_special_tokens")),
+        template_kwargs=_json_object(opt(req, "chat_template_kwargs") or "", "chat_template_kwargs"),
     )
 
 
@@ -214,4 +215,5 @@ def chat_choice(piece: PresentedChoice, num_top: int) -> pb.ChatChoice:
         finish_reason=piece.finish_reason or "",
         stop_reason=stop_reason(piece.stop_reason),
         tool_calls=calls,
+        reasoning_content=piece.reasoning or "",
     )
