@@ -1,0 +1,95 @@
+"""A tiny random-weight checkpoint with Qwen3's real chat template, served with no parser flags: the
+template shows Hermes tool calls and <think> reasoning, so both parsers are on. A random model never
+thinks or calls by itself, so the output is forced: a required or named tool_choice (a grammar that lets
+it think first) and a logit_bias towards the tokens of </think>, so its thinking ends after a few tokens.
+The same seeded request over HTTP and gRPC, whole and streamed, must give the same thinking, content and
+calls; the calls always parse and validate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.api.chat_formats import ASK, TEMPLATES, TOOLS, Answer, four_ways, http_answer, openai_client
+from tests.api.conftest import LiveServer, template_server
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_llama_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with template_server(tiny_llama_dir, TEMPLATES / "qwen3.jinja", tmp_path_factory.mktemp("qwen3") / "model", cache_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(qwen3: LiveServer) -> Iterator[openai.OpenAI]:
+    with openai_client(qwen3) as c:
+        yield c
+
+
+def _close_thinking(server: LiveServer) -> dict[str, float]:
+    """A logit_bias that makes the tokens of </think> (and only those) likely."""
+    return {str(t): 100.0 for t in server.state.tokenizer.encode("</think>", add_special_tokens=False)}
+
+
+def test_the_template_renders_tools_and_thinking_switch(client: openai.OpenAI, qwen3: LiveServer) -> None:
+    import httpx
+
+    with httpx.Client(base_url=qwen3.base_url, timeout=30) as http:
+        body = {"messages": ASK, "tools": TOOLS, "return_token_strs": True}
+        text = "".join(http.post("/tokenize", json=body).json()["token_strs"])
+        off = "".join(http.post("/tokenize", json={**body, "chat_template_kwargs": {"enable_thinking": False}}).json()["token_strs"])
+    assert "<tools>" in text and "get_weather" in text  # Qwen3's template wrote the tools itself
+    assert text.replace("Ġ", " ").replace("Ċ", "\n").endswith("assistant\n")
+    assert off.replace("Ċ", "\n").endswith("<think>\n\n</think>\n\n")
+
+
+def _thinking_seed(client: openai.OpenAI, qwen3: LiveServer, **kw: object) -> int:
+    """The first seed whose sampled thinking ends within max_tokens (the bias makes </think> likely, not
+    certain: a request still thinking at max_tokens ends with "length" and no answer, as it should)."""
+    for seed in range(8):
+        answer = http_answer(client, False, seed=seed, **kw)
+        if answer.finish_reason != "length":
+            return seed
+        assert answer.reasoning
+    raise AssertionError("no seed of 8 ended its thinking")
+
+
+@pytest.mark.slow
+def test_forced_call_after_thinking_is_the_same_four_ways(client: openai.OpenAI, qwen3: LiveServer) -> None:
+    kw = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, max_tokens=160,
+              logit_bias=_close_thinking(qwen3))  # fmt: skip
+    answers = four_ways(qwen3, client, seed=_thinking_seed(client, qwen3, **kw), **kw)
+    whole = answers[0]
+    assert whole.reasoning and "<think>" not in whole.reasoning and "</think>" not in whole.reasoning
+    assert whole.content is None and whole.finish_reason == "tool_calls"
+    whole.check_calls()
+    assert len(whole.calls) == 1
+    for other in answers[1:]:
+        assert other == whole
+
+
+def test_named_call_with_thinking_off(client: openai.OpenAI, qwen3: LiveServer) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    answers = four_ways(qwen3, client, tools=TOOLS, tool_choice=named, temperature=1.0, seed=3, max_tokens=60,
+                        chat_template_kwargs={"enable_thinking": False})  # fmt: skip
+    assert answers[0].reasoning is None and answers[0].finish_reason == "stop"  # OpenAI's finish for a named call
+    answers[0].check_calls()
+    assert [a.calls[0][0] for a in answers] == ["get_weather"] * 4
+    assert all(a == answers[0] for a in answers[1:])
+
+
+@pytest.mark.slow
+def test_structured_answer_after_thinking(client: openai.OpenAI, qwen3: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    kw = dict(temperature=1.0, max_tokens=160, logit_bias=_close_thinking(qwen3),
+              response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})  # fmt: skip
+    seed = _thinking_seed(client, qwen3, **kw)
+    whole, streamed = http_answer(client, False, seed=seed, **kw), http_answer(client, True, seed=seed, **kw)
+    assert whole == streamed and whole.reasoning
+    assert set(json.loads(whole.content or "")) == {"ok"}  # the answer, apart from the thinking, is the JSON
+    plain = http_answer(client, False, temperature=0.0, max_tokens=6, chat_template_kwargs={"enable_thinking": False})
+    assert plain.reasoning is None and plain == Answer(None, plain.content, [], plain.finish_reason)
