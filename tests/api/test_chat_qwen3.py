@@ -93,3 +93,19 @@ def test_structured_answer_after_thinking(client: openai.OpenAI, qwen3: LiveServ
     assert set(json.loads(whole.content or "")) == {"ok"}  # the answer, apart from the thinking, is the JSON
     plain = http_answer(client, False, temperature=0.0, max_tokens=6, chat_template_kwargs={"enable_thinking": False})
     assert plain.reasoning is None and plain == Answer(None, plain.content, [], plain.finish_reason)
+
+
+def test_bad_chat_template_kwargs_over_grpc_name_the_field(qwen3: LiveServer) -> None:
+    import grpc
+
+    from lmserve.api.proto import lmserve_pb2 as pb
+    from lmserve.api.proto import lmserve_pb2_grpc as rpc
+
+    with grpc.insecure_channel(qwen3.grpc_target) as channel:
+        stub = rpc.GenerationStub(channel)
+        for bad in ("{not json", "[1]"):
+            req = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="hi")], chat_template_kwargs=bad, max_tokens=2)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Chat(req, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert ("lmserve-error-param", "chat_template_kwargs") in info.value.trailing_metadata()

@@ -90,7 +90,7 @@ class ReasoningPlan:
             return structured
         think = 'think[stop="</think>"]: /(?s:.*)/\n'
         head = "think" if self.start == "inside" else f"{json.dumps(START)} think"
-        grammar = f"start: {head} THINK_GAP answer\n{think}THINK_GAP: /[ \\t\\r\\n]*/\n{answer}"
+        grammar = f"start: {head} THINK_GAP answer\n{think}THINK_GAP: /\\n{{0,2}}/\n{answer}"
         return StructuredOutput(ConstraintKind.GRAMMAR, grammar, param=structured.param)
 
 
@@ -102,12 +102,21 @@ def _answer_lark(structured: StructuredOutput) -> str | None:
     if kind == ConstraintKind.JSON_SCHEMA:
         return f"answer: {json_schema_lark(json.loads(spec))}\n"
     if kind == ConstraintKind.REGEX:
-        return "answer: /" + spec.replace("/", "\\/") + "/\n"
+        return f"answer: /{_lark_regex(spec)}/\n"
     if kind == ConstraintKind.CHOICE:
         return "answer: " + " | ".join(json.dumps(c) for c in json.loads(spec)) + "\n"
     if kind == ConstraintKind.GRAMMAR and structured.param == "tools":  # ours: a format's calls
         return re.sub(r"^start:", "answer:", spec, count=1, flags=re.M)
     return None
+
+
+def _lark_regex(pattern: str) -> str:
+    """The pattern with each `/` that no backslash escapes escaped (it would end a Lark regex)."""
+    out, escaped = [], False
+    for ch in pattern:
+        out.append("\\/" if ch == "/" and not escaped else ch)
+        escaped = ch == "\\" and not escaped
+    return "".join(out)
 
 
 @dataclass(frozen=True)
