@@ -93,3 +93,27 @@ def test_constraints_apply_after_the_thinking(tokenizer: Tokenizer) -> None:
     assert closed.constrain(schema) is schema
     grammar = StructuredOutput(ConstraintKind.GRAMMAR, 'start: "x"', param="structured_outputs.grammar")
     assert ReasoningPlan(QWEN3, "open").constrain(grammar) is grammar  # a client's grammar covers the whole output
+
+
+def test_presented_choice_parses_calls_only_in_the_answer(tokenizer: Tokenizer) -> None:
+    from lmserve.api.account import ChoiceDelta, ChoiceResult
+    from lmserve.api.presentation import Presenter
+    from lmserve.types import FinishReason, GenerationDelta
+
+    tools = plan_tools([{"type": "function", "function": {"name": "f"}}], "auto", None, TEMPLATE)
+    text = '<think>\nI could write <tool_call>{"name": "f", "arguments": {}}</tool_call> here.\n</think>\n\n' \
+           'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    plan = ReasoningPlan(QWEN3, "open")
+    whole = Presenter(1, 1, tool_plan=tools, reasoning_plan=plan).choice(ChoiceResult(0, text, finish_reason=FinishReason.STOP))
+    assert whole.reasoning == 'I could write <tool_call>{"name": "f", "arguments": {}}</tool_call> here.'
+    assert (whole.content, [(c.name, c.arguments) for c in whole.tool_calls]) == ("Sure.", [("f", '{"x": 1}')])
+    assert whole.finish_reason == "tool_calls"
+    presenter = Presenter(1, 1, tool_plan=tools, reasoning_plan=plan)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [p for k, i in enumerate(ids) if (p := presenter.delta(ChoiceDelta(0, GenerationDelta(
+        "r", tokenizer.decode([i]), [i], finish_reason=FinishReason.STOP if k == len(ids) - 1 else None)))) is not None]  # fmt: skip
+    assert "".join(p.reasoning or "" for p in pieces) == whole.reasoning
+    assert "".join(p.content or "" for p in pieces).strip() == whole.content
+    assert "".join(c.arguments for p in pieces for c in p.tool_calls) == '{"x": 1}' and pieces[-1].finish_reason == "tool_calls"
+    last_thought = max(k for k, p in enumerate(pieces) if p.reasoning)
+    assert all(not (p.content or p.tool_calls) for p in pieces[: last_thought + 1])  # thinking first, then the answer
