@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.api.chat_formats import ASK, TEMPLATES, TOOLS, Answer, four_ways, http_answer, openai_client
+from tests.api.chat_formats import ASK, TEMPLATES, TOOLS, Answer, four_ways, grpc_answer, http_answer, openai_client
 from tests.api.conftest import LiveServer, template_server
 
 
@@ -47,13 +47,14 @@ def test_the_template_renders_tools_and_thinking_switch(client: openai.OpenAI, q
     assert off.replace("Ċ", "\n").endswith("<think>\n\n</think>\n\n")
 
 
-def _thinking_seed(client: openai.OpenAI, qwen3: LiveServer, **kw: object) -> int:
-    """The first seed whose sampled thinking ends within max_tokens (the bias makes </think> likely, not
-    certain: a request still thinking at max_tokens ends with "length" and no answer, as it should)."""
+def _thinking_seed(client: openai.OpenAI, **kw: object) -> tuple[int, Answer]:
+    """The first seed whose sampled thinking ends within max_tokens, and its whole HTTP answer (the bias
+    makes </think> likely, not certain: a request still thinking at max_tokens ends with "length" and no
+    answer, as it should)."""
     for seed in range(8):
         answer = http_answer(client, False, seed=seed, **kw)
         if answer.finish_reason != "length":
-            return seed
+            return seed, answer
         assert answer.reasoning
     raise AssertionError("no seed of 8 ended its thinking")
 
@@ -62,13 +63,14 @@ def _thinking_seed(client: openai.OpenAI, qwen3: LiveServer, **kw: object) -> in
 def test_forced_call_after_thinking_is_the_same_four_ways(client: openai.OpenAI, qwen3: LiveServer) -> None:
     kw = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, max_tokens=160,
               logit_bias=_close_thinking(qwen3))  # fmt: skip
-    answers = four_ways(qwen3, client, seed=_thinking_seed(client, qwen3, **kw), **kw)
-    whole = answers[0]
+    seed, whole = _thinking_seed(client, **kw)
+    answers = [http_answer(client, True, seed=seed, **kw), grpc_answer(qwen3, False, seed=seed, **kw),
+               grpc_answer(qwen3, True, seed=seed, **kw)]  # fmt: skip
     assert whole.reasoning and "<think>" not in whole.reasoning and "</think>" not in whole.reasoning
     assert whole.content is None and whole.finish_reason == "tool_calls"
     whole.check_calls()
     assert len(whole.calls) == 1
-    for other in answers[1:]:
+    for other in answers:
         assert other == whole
 
 
@@ -87,8 +89,8 @@ def test_structured_answer_after_thinking(client: openai.OpenAI, qwen3: LiveServ
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
     kw = dict(temperature=1.0, max_tokens=160, logit_bias=_close_thinking(qwen3),
               response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})  # fmt: skip
-    seed = _thinking_seed(client, qwen3, **kw)
-    whole, streamed = http_answer(client, False, seed=seed, **kw), http_answer(client, True, seed=seed, **kw)
+    seed, whole = _thinking_seed(client, **kw)
+    streamed = http_answer(client, True, seed=seed, **kw)
     assert whole == streamed and whole.reasoning
     assert set(json.loads(whole.content or "")) == {"ok"}  # the answer, apart from the thinking, is the JSON
     plain = http_answer(client, False, temperature=0.0, max_tokens=6, chat_template_kwargs={"enable_thinking": False})
