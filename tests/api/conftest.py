@@ -297,11 +297,22 @@ TEMPLATE_MODEL = "m"
 
 
 @contextmanager
-def template_server(model_dir: Path, template: Path, dest: Path, cache_dir: Path, **config: Any) -> Iterator[LiveServer]:
+def template_server(
+    model_dir: Path, template: Path, dest: Path, cache_dir: Path, renamed_specials: dict[str, str] | None = None, **config: Any
+) -> Iterator[LiveServer]:
     """A tiny model (`model_dir`, copied to `dest`) with `template`'s text as its chat template, served on
     its own loop over HTTP and gRPC (no key, no safety filter, served as TEMPLATE_MODEL) with ServeConfig
-    fields `config`: a checkpoint that ships another family's chat template (tests/data/chat_templates)."""
+    fields `config`: a checkpoint that ships another family's chat template (tests/data/chat_templates).
+    `renamed_specials` renames special tokens of its tokenizer (old text -> new), same ids: a family's own
+    special tokens (Mistral's [TOOL_CALLS]) without growing the vocabulary."""
     shutil.copytree(model_dir, dest)
+    tokenizer_json = dest / "tokenizer.json"
+    spec = json.loads(tokenizer_json.read_text())
+    for old, new in (renamed_specials or {}).items():
+        [added] = [t for t in spec["added_tokens"] if t["content"] == old and t["special"]]
+        added["content"] = new
+        spec["model"]["vocab"][new] = spec["model"]["vocab"].pop(old)
+    tokenizer_json.write_text(json.dumps(spec))
     (dest / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer_config = dest / "tokenizer_config.json"
     settings = json.loads(tokenizer_config.read_text())

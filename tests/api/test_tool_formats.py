@@ -160,3 +160,19 @@ def test_forced_calls_grammar_accepts_the_format_and_only_it(name: str, tokenize
     assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == CALLS
     named = _plan(name, {"type": "function", "function": {"name": "get_time"}}).constraint
     assert named is not None and "get_weather" not in named.spec
+
+
+def test_a_marker_held_as_a_special_token(tokenizer: Tokenizer) -> None:
+    """Mistral's tokenizers hold [TOOL_CALLS] as a special token: the grammar writes that token, and the
+    other special tokens that decoding then keeps (the end of turn) are hidden again."""
+    from dataclasses import replace
+
+    from lmserve.api.account import ChoiceResult
+    from lmserve.api.presentation import Presenter
+    from lmserve.types import FinishReason
+
+    plan = replace(_plan("mistral", "required"), marker_ids=(("[TOOL_CALLS]", 7),), hidden_specials=("<|im_end|>",))
+    assert plan.constraint is not None and plan.constraint.spec.startswith('start: <[7]> "[" call')
+    text = '[TOOL_CALLS][{"name": "get_time", "arguments": {}}]<|im_end|>'
+    choice = Presenter(1, 1, tool_plan=plan).choice(ChoiceResult(0, text, finish_reason=FinishReason.STOP))
+    assert choice.content is None and [(c.name, c.arguments) for c in choice.tool_calls] == [("get_time", "{}")]

@@ -198,7 +198,7 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
     model = generation_model(state, inp.model)
     template = chat_template(state)
     tool_plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, template, state.config.tool_call_parser)
-    params = inp.params
+    tool_plan, params = _special_markers(state, tool_plan, inp.params)
     if tool_plan is not None and tool_plan.constraint is not None:
         if params.structured is not None:
             raise APIError(
@@ -215,8 +215,6 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput) -> GenerationC
     reasoning = _reasoning_plan(state, template, prompt)
     if reasoning is not None and params.structured is not None:
         params = replace(params, structured=reasoning.constrain(params.structured))
-    if tool_plan is not None and tool_plan.parses_calls and params.skip_special_tokens and _has_special(state, tool_plan.format.markers):
-        params = replace(params, skip_special_tokens=False)  # the calls' marker must reach the parser (vLLM does the same)
     plan = _plan(state, caller, model, [prompt], params)
     call = _admit(state, caller, model, plan, "chatcmpl")
     call.tool_plan, call.reasoning_plan = tool_plan, reasoning
@@ -235,11 +233,25 @@ def _reasoning_plan(state: AppState, template: str | None, prompt: list[int]) ->
     return ReasoningPlan.for_prompt(fmt, tail)
 
 
-def _has_special(state: AppState, markers: tuple[str, ...]) -> bool:
-    """Whether the tokenizer holds one of the markers as a special token (which decoding would drop)."""
+def _special_markers(
+    state: AppState, tool_plan: ToolPlan | None, params: GenerationParams
+) -> tuple[ToolPlan | None, GenerationParams]:
+    """Where the tokenizer holds the format's marker as a special token (Mistral's [TOOL_CALLS]): the
+    forced-call grammar names that token, and decoding keeps special tokens so the marker reaches the
+    parser (as vLLM does), the others hidden again unless the client asked for them."""
+    if tool_plan is None or not tool_plan.parses_calls:
+        return tool_plan, params
     added = getattr(state.tokenizer.hf_tokenizer, "added_tokens_decoder", {}) or {}
-    special = {t.content for t in added.values() if getattr(t, "special", False)}
-    return any(m in special for m in markers)
+    special = {t.content: token_id for token_id, t in added.items() if getattr(t, "special", False)}
+    marker_ids = tuple((m, special[m]) for m in tool_plan.format.markers if m in special)
+    if not marker_ids:
+        return tool_plan, params
+    tool_plan = replace(tool_plan, marker_ids=marker_ids)
+    if params.skip_special_tokens:
+        params = replace(params, skip_special_tokens=False)
+        hidden = sorted(set(special) - {m for m, _ in marker_ids}, key=len, reverse=True)
+        tool_plan = replace(tool_plan, hidden_specials=tuple(hidden))
+    return tool_plan, params
 
 
 __all__ = ["ChatInput", "CompletionInput", "GenerationCall", "PresentedResult", "prepare_chat", "prepare_completion"]

@@ -51,13 +51,20 @@ class JsonCallFormat:
         objs = [json.dumps({"name": n, self.arguments_key: a}, ensure_ascii=False) for n, a in calls]
         return self.prefix + self.joiner.join(f"{self.call_open}{o}{self.call_close}" for o in objs) + self.suffix
 
-    def grammar(self, tools: list[FunctionTool], parallel: bool) -> str:
-        repeat = f" ({json.dumps(self.joiner)} call)*" if parallel else ""
-        head = f"{json.dumps(self.prefix)} " if self.prefix else ""
-        tail = f" {json.dumps(self.suffix)}" if self.suffix else ""
-        around = [json.dumps(s) for s in (self.call_open, self.call_close)]
-        call = " ".join(x for x in (around[0] if self.call_open else "", "body", around[1] if self.call_close else "") if x)
-        return f"start: {head}call{repeat}{tail}\ncall: {call}\nbody: {json_calls_lark(tools, self.arguments_key)}\n"
+    def grammar(self, tools: list[FunctionTool], parallel: bool, special_ids: dict[str, int] | None = None) -> str:
+        def lit(text: str) -> list[str]:  # Lark for literal text, markers that are special tokens as those
+            out: list[str] = []
+            for part in re.split("(" + "|".join(re.escape(m) for m in special_ids or {}) + ")", text) if special_ids else [text]:
+                if part in (special_ids or {}):
+                    out.append(f"<[{special_ids[part]}]>")  # type: ignore[index]
+                elif part:
+                    out.append(json.dumps(part))
+            return out
+
+        repeat = f" ({' '.join(lit(self.joiner))} call)*" if parallel else ""
+        call = " ".join([*lit(self.call_open), "body", *lit(self.call_close)])
+        start = " ".join([*lit(self.prefix), "call" + repeat, *lit(self.suffix)])
+        return f"start: {start}\ncall: {call}\nbody: {json_calls_lark(tools, self.arguments_key)}\n"
 
     def parser(self, tools: tuple[FunctionTool, ...]) -> JsonCallParser:
         return JsonCallParser(self, frozenset(t.name for t in tools))

@@ -104,9 +104,11 @@ class Presenter:
         is_first = not self._started[i]
         echo, echo_tokens = self._echo(i) if is_first else ("", None)
         content, calls, reasoning = delta.text, [], None
+        if self.tool_plan is not None:
+            content = self.tool_plan.visible(content)
         reason = finish_reason(delta.finish_reason)
         if self._thinkers is not None:
-            piece = self._thinkers[i].feed(delta.text)
+            piece = self._thinkers[i].feed(content)
             if delta.finish_reason is not None:
                 end = self._thinkers[i].finish()
                 piece = ReasoningPiece(piece.reasoning + end.reasoning, piece.content + end.content)
@@ -132,6 +134,8 @@ class Presenter:
     def choice(self, result: ChoiceResult) -> PresentedChoice:
         echo, echo_tokens = self._echo(result.index)
         text, reasoning = result.text, None
+        if self.tool_plan is not None:
+            text = self.tool_plan.visible(text)
         if self.reasoning_plan is not None:
             thinker = self.reasoning_plan.parser()
             head, end = thinker.feed(text), thinker.finish()

@@ -75,7 +75,7 @@ class PythonicFormat:
 
         return "[" + ", ".join(call(n, a) for n, a in calls) + "]"
 
-    def grammar(self, tools: list[FunctionTool], parallel: bool) -> str:
+    def grammar(self, tools: list[FunctionTool], parallel: bool, special_ids: dict[str, int] | None = None) -> str:
         """Keyword arguments in the schema's order: the required ones, then optional ones in order (each
         value JSON for its schema, which Python reads too, JSON's true/false/null aside)."""
         rules = []

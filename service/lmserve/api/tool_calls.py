@@ -7,7 +7,7 @@ A format is one object with three jobs:
     fmt.renders_tools(chat_template)          # the template writes `tools` itself in this format
     fmt.describe(tools) / fmt.calls_text(calls)  # otherwise: a system message, and past calls as text
     fmt.parser(tools)                         # a streaming parser: text deltas -> content / call events
-    fmt.grammar(tools, parallel)              # Lark for required / named: output that is only calls
+    fmt.grammar(tools, parallel, special_ids)  # Lark for required / named: output that is only calls
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ class ToolFormat(Protocol):
 
     def parser(self, tools: tuple[FunctionTool, ...]) -> CallStreamParser: ...
 
-    def grammar(self, tools: list[FunctionTool], parallel: bool) -> str: ...
+    def grammar(self, tools: list[FunctionTool], parallel: bool, special_ids: dict[str, int]) -> str:
+        """`special_ids`: markers the tokenizer holds as special tokens, written as those tokens."""
+        ...
 
 
 def history_calls(message: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -38,6 +38,10 @@ class ToolPlan:
     parallel: bool = True
     native: bool = False  # the chat template renders `tools` in the format itself
     format: ToolFormat = field(default=HERMES)
+    # Special tokens' text that decoding keeps only so the format's marker (a special token of this
+    # tokenizer) reaches the parser: removed from the output again before anything reads it.
+    hidden_specials: tuple[str, ...] = ()
+    marker_ids: tuple[tuple[str, int], ...] = ()  # markers the tokenizer holds as special tokens: their ids
 
     @property
     def parses_calls(self) -> bool:
@@ -49,7 +53,7 @@ class ToolPlan:
         if self.choice not in ("required", "named"):
             return None
         tools = [t for t in self.tools if self.choice == "required" or t.name == self.named]
-        return self.format.grammar(tools, self.choice == "required" and self.parallel)
+        return self.format.grammar(tools, self.choice == "required" and self.parallel, dict(self.marker_ids))
 
     @property
     def constraint(self) -> StructuredOutput | None:
@@ -58,6 +62,12 @@ class ToolPlan:
 
     def parser(self) -> CallStreamParser:
         return self.format.parser(self.tools)
+
+    def visible(self, text: str) -> str:
+        """The output text without hidden_specials (a special token's text comes whole in one delta)."""
+        for special in self.hidden_specials:
+            text = text.replace(special, "")
+        return text
 
     def prompt(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """The messages and `tools` for the chat template."""
