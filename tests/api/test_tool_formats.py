@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmserve.api.reasoning import REASONING_FORMATS, reasoning_format
 from lmserve.api.tool_calls import FunctionTool, ToolEvent
@@ -106,6 +108,19 @@ def test_real_texts_parse_whole_and_token_by_token_alike(name: str, tokenizer: T
     assert calls == [(c.name, c.arguments) for c in whole.tool_calls]  # the same bytes, piece by piece
     char_by_char = _streamed(plan, list(TEXTS[name]))
     assert char_by_char[1] == calls
+
+
+@given(st.sampled_from(sorted(TEXTS)), st.lists(st.integers(1, 9), min_size=1, max_size=40))
+@settings(max_examples=80, deadline=None)
+def test_any_split_streams_the_same_calls(name: str, sizes: list[int]) -> None:
+    text, pieces, pos = TEXTS[name], [], 0
+    while pos < len(text):
+        size = sizes[len(pieces) % len(sizes)]
+        pieces.append(text[pos : pos + size])
+        pos += size
+    content, calls = _streamed(_plan(name), pieces)
+    whole = parse_output(_plan(name), text)
+    assert ((content.strip() or None), calls) == (whole.content, [(c.name, c.arguments) for c in whole.tool_calls])
 
 
 @pytest.mark.parametrize("name", list(TEXTS))
