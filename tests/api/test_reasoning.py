@@ -79,7 +79,8 @@ def test_constraints_apply_after_the_thinking(tokenizer: Tokenizer) -> None:
     assert tools is not None and tools.constraint is not None
     cases = [
         (ReasoningPlan(QWEN3, "open"), schema, '<think>\nhmm {no</think>\n\n{"a": 1}', True),
-        (ReasoningPlan(QWEN3, "open"), schema, '{"a": 1}', False),  # Qwen3 thinks first when the prompt lets it
+        (ReasoningPlan(QWEN3, "open"), schema, '{"a": 1}', True),  # a model may not think: it is not made to
+        (ReasoningPlan(DEEPSEEK_R1, "inside"), schema, '{"a": 1}', False),  # the prompt opened it: it must end first
         (ReasoningPlan(DEEPSEEK_R1, "inside"), schema, 'hmm</think>{"a": 1}', True),
         (ReasoningPlan(QWEN3, "open"), tools.constraint, '<think>ok</think>\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>', True),
         (ReasoningPlan(QWEN3, "open"), StructuredOutput(ConstraintKind.REGEX, "[0-9]+/[0-9]+", param="x"), "<think>a/b</think>1/2", True),

@@ -83,14 +83,15 @@ class ReasoningPlan:
         return ReasoningParser("maybe" if self.start == "open" else "content")
 
     def constrain(self, structured: StructuredOutput) -> StructuredOutput:
-        """The constraint on the answer, after a think block where one must come (the prompt opened it,
-        or the model always thinks first when the prompt leaves it open)."""
+        """The constraint on the answer, after the thinking: which must end first where the prompt opened
+        it, and may come first where the prompt leaves it open (a model that thinks will; one that does
+        not, though its template mentions <think>, is not made to)."""
         answer = _answer_lark(structured)
         if answer is None or self.start == "closed":
             return structured
         think = 'think[stop="</think>"]: /(?s:.*)/\n'
-        head = "think" if self.start == "inside" else f"{json.dumps(START)} think"
-        grammar = f"start: {head} THINK_GAP answer\n{think}THINK_GAP: /\\n{{0,2}}/\n{answer}"
+        head = "think THINK_GAP" if self.start == "inside" else f"({json.dumps(START)} think THINK_GAP)?"
+        grammar = f"start: {head} answer\n{think}THINK_GAP: /\\n{{0,2}}/\n{answer}"
         return StructuredOutput(ConstraintKind.GRAMMAR, grammar, param=structured.param)
 
 
