@@ -55,6 +55,8 @@ BAD_FLAGS = [
     (["serve", "--log-level", "loud"], "--log-level"),
     (["serve", "--served-model-name", "a,b"], "--served-model-name"),
     (["serve", "--served-embedding-model-name", " padded"], "--served-embedding-model-name"),
+    (["serve", "--tool-call-parser", "json"], "--tool-call-parser"),
+    (["serve", "--reasoning-parser", "r1"], "--reasoning-parser"),
     (["cache", "shrink"], "action"),
 ]
 
@@ -77,6 +79,7 @@ BAD_VARIABLES = [
     ({"LMSERVE_DRAIN_TIMEOUT_S": "-1"}, "LMSERVE_DRAIN_TIMEOUT_S"),
     ({"LMSERVE_METRICS_OPEN": "perhaps"}, "LMSERVE_METRICS_OPEN"),
     ({"LMSERVE_SERVED_MODEL_NAME": "a,,b"}, "LMSERVE_SERVED_MODEL_NAME"),
+    ({"LMSERVE_TOOL_CALL_PARSER": "xml"}, "LMSERVE_TOOL_CALL_PARSER"),
 ]
 
 
@@ -86,6 +89,19 @@ def test_bad_variable_is_one_error_naming_it(env: dict[str, str], var: str) -> N
     assert result.returncode == 2, result.stderr
     (line,) = error_lines(result.stderr)
     assert line.startswith(f"error: {var}") and "Traceback" not in result.stderr
+
+
+def test_parser_flags_and_variables_reach_the_config() -> None:
+    from lmserve.cli import build_parser, serve_config_from_args
+
+    def config(args: list[str], env: dict[str, str]):  # type: ignore[no-untyped-def]
+        return serve_config_from_args(build_parser(env).parse_args(["serve", *args]), env)
+
+    assert (config([], {}).tool_call_parser, config([], {}).reasoning_parser) == (None, None)  # the template's
+    flags = config(["--tool-call-parser", "pythonic", "--reasoning-parser", "deepseek_r1"], {})
+    assert (flags.tool_call_parser, flags.reasoning_parser) == ("pythonic", "deepseek_r1")
+    env = {"LMSERVE_TOOL_CALL_PARSER": "mistral", "LMSERVE_REASONING_PARSER": "qwen3"}
+    assert (config([], env).tool_call_parser, config([], env).reasoning_parser) == ("mistral", "qwen3")
 
 
 def test_the_command_itself_exits_2_with_one_error_line() -> None:

@@ -23,6 +23,8 @@ from lmserve.config import (
     DEFAULT_EMBEDDING_MODEL,
     DEFAULT_MODEL,
     MODEL_IMPLS,
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
     EngineConfig,
     LimitsConfig,
     ServeConfig,
@@ -262,6 +264,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     f.value("--log-level", "LMSERVE_LOG_LEVEL", one_of(LOG_LEVELS, lower=True), d.log_level, "log level",
             choices=LOG_LEVELS)
     f.switch("--log-prompts", "LMSERVE_LOG_PROMPTS", "put prompts and outputs on the access lines")
+    f.value("--tool-call-parser", "LMSERVE_TOOL_CALL_PARSER", one_of(TOOL_CALL_PARSERS), None,
+            "the format chat tool calls are prompted for, parsed from and forced into; unset: the one the chat "
+            "template writes, else hermes", choices=TOOL_CALL_PARSERS)
+    f.value("--reasoning-parser", "LMSERVE_REASONING_PARSER", one_of(REASONING_PARSERS), None,
+            "split <think>...</think> off chat answers into reasoning_content; unset: the chat template's "
+            "(deepseek_r1 where it has DeepSeek's turns and <think>, qwen3 where it has <think>), else off",
+            choices=REASONING_PARSERS)
     f.value("--queue-timeout", "LMSERVE_QUEUE_TIMEOUT_S", float_in(0.0), LimitsConfig().queue_timeout_s,
             "seconds a generation request may wait in the engine's queue before its first step; past it, 503 "
             "with Retry-After; 0: no bound", metavar="S")
@@ -325,6 +334,8 @@ def serve_config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         log_format=args.log_format,
         log_level=args.log_level,
         log_prompts=args.log_prompts,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         cache_dir=args.cache_dir,
         engine=engine_config_from_args(args),
         vllm=vllm_config_from_args(args),

@@ -26,6 +26,9 @@ def default_c_compiler(environ: dict[str, str] | None = None) -> str:
 
 
 MODEL_IMPLS = ("auto", "native", "transformers")  # --model-impl
+# vLLM's names; api/tool_formats.py and api/reasoning.py implement exactly these (tests/api/test_tool_formats.py).
+TOOL_CALL_PARSERS = ("hermes", "mistral", "llama3_json", "pythonic")  # --tool-call-parser
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # --reasoning-parser
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,10 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     metrics_open: bool = False  # /metrics readable without an API key
     cors_origins: tuple[str, ...] = ()
+    # How chat output is read: the tool-call format and the reasoning parser (None: the chat template's,
+    # where it shows one; api/tool_formats.py, api/reasoning.py).
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     log_format: str = "json"  # json | text
     log_level: str = "info"  # debug | info | warning | error
     log_prompts: bool = False  # the access line carries prompts and outputs (off: they are never logged)

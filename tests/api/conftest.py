@@ -15,12 +15,16 @@ does: one budget of keys, limits and queue across both transports.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -293,3 +297,43 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
         if all(got.get(k) == v for k, v in want.items()):
             return float(value)
     return 0.0
+
+
+TEMPLATE_MODEL = "m"
+
+
+@contextmanager
+def template_server(
+    model_dir: Path, template: Path, dest: Path, cache_dir: Path, renamed_specials: dict[str, str] | None = None, **config: Any
+) -> Iterator[LiveServer]:
+    """A tiny model (`model_dir`, copied to `dest`) with `template`'s text as its chat template, served on
+    its own loop over HTTP and gRPC (no key, no safety filter, served as TEMPLATE_MODEL) with ServeConfig
+    fields `config`: a checkpoint that ships another family's chat template (tests/data/chat_templates).
+    `renamed_specials` renames special tokens of its tokenizer (old text -> new), same ids: a family's own
+    special tokens (Mistral's [TOOL_CALLS]) without growing the vocabulary."""
+    shutil.copytree(model_dir, dest)
+    tokenizer_json = dest / "tokenizer.json"
+    spec = json.loads(tokenizer_json.read_text())
+    for old, new in (renamed_specials or {}).items():
+        [added] = [t for t in spec["added_tokens"] if t["content"] == old and t["special"]]
+        added["content"] = new
+        spec["model"]["vocab"][new] = spec["model"]["vocab"].pop(old)
+    tokenizer_json.write_text(json.dumps(spec))
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = dest / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text())
+    settings["chat_template"] = template.read_text()
+    tokenizer_config.write_text(json.dumps(settings))
+    serve = ServeConfig(
+        model=str(dest), embedding_model=None, served_model_names=(TEMPLATE_MODEL,), cache_dir=cache_dir, safety=False,
+        drain_timeout_s=5.0,
+        engine=EngineConfig(dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64), limits=LIMITS,
+        **config,
+    )  # fmt: skip
+    state = build_state(serve)
+    thread = ServerThread(state, {"main": state})
+    thread.start()
+    try:
+        yield LiveServer("main", thread.port("main"), state, None, thread.grpc_port("main"), thread.loop)
+    finally:
+        thread.stop()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmserve.api.errors import APIError
-from lmserve.api.tools import ToolPlan, ToolStreamParser, parse_output, plan_tools
+from lmserve.api.tools import ToolPlan, parse_output, plan_tools
 from lmserve.engine.grammar import GrammarCompiler, grammar_text
 from lmserve.types import ConstraintKind
 
@@ -43,7 +43,7 @@ def test_whole_text_parses_into_content_and_calls() -> None:
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=60))
 @settings(max_examples=60, deadline=None)
 def test_streamed_pieces_add_up_to_the_whole(cuts: list[int]) -> None:
-    parser = ToolStreamParser(_plan())
+    parser = _plan().parser()
     events, pos = [], 0
     for size in cuts * (len(TEXT) // sum(cuts) + 1):
         events += parser.feed(TEXT[pos : pos + size])

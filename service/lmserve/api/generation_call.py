@@ -40,6 +40,7 @@ from lmserve.api.prompts import (
     prompt_items,
     screened_messages,
 )
+from lmserve.api.reasoning import ReasoningPlan, reasoning_format
 from lmserve.api.screening import report_decisions, screen_token_inputs
 from lmserve.api.stream import collect_choices, stream_choices
 from lmserve.api.tools import ToolPlan, plan_tools
@@ -93,6 +94,7 @@ class GenerationCall:
     created: int
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
     tool_plan: ToolPlan | None = None  # chat with tools: how to prompt for and parse tool calls
+    reasoning_plan: ReasoningPlan | None = None  # chat with a reasoning parser: where the thinking is
     account: GenerationAccount | None = None  # the streamed choices' accounting, once `stream()` runs
 
     @property
@@ -108,7 +110,8 @@ class GenerationCall:
             else:
                 echo_tokens = [self.state.tokenizer.convert_ids_to_tokens(p) for p in self.plan.prompts]
         return Presenter(
-            self.num_choices, self.plan.n, self.echo_texts, echo_tokens, self.tool_plan, params.return_tokens_as_token_ids
+            self.num_choices, self.plan.n, self.echo_texts, echo_tokens, self.tool_plan,
+            tokens_as_ids=params.return_tokens_as_token_ids, reasoning_plan=self.reasoning_plan,
         )
 
     def _screens(self) -> list[ScreenedChoice] | None:
@@ -201,8 +204,9 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput, prefix: str = 
     check_request(state, caller)
     check_engine(state)
     model = generation_model(state, inp.model)
-    tool_plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, chat_template(state))
-    params = inp.params
+    template = chat_template(state)
+    tool_plan = plan_tools(inp.tools, inp.tool_choice, inp.parallel_tool_calls, template, state.config.tool_call_parser)
+    tool_plan, params = _special_markers(state, tool_plan, inp.params)
     if tool_plan is not None and tool_plan.constraint is not None:
         if params.structured is not None:
             raise APIError(
@@ -216,10 +220,46 @@ def prepare_chat(state: AppState, caller: Caller, inp: ChatInput, prefix: str = 
     if caller.record.log_prompts:
         caller.record.prompt = inp.messages  # once screened: a blocked prompt is never logged
     prompt = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs, inp.add_special_tokens)
+    reasoning = _reasoning_plan(state, template, prompt)
+    if reasoning is not None and params.structured is not None:
+        params = replace(params, structured=reasoning.constrain(params.structured))
     plan = _plan(state, caller, model, [prompt], params)
     call = _admit(state, caller, model, plan, prefix)
-    call.tool_plan = tool_plan
+    call.tool_plan, call.reasoning_plan = tool_plan, reasoning
     return call
+
+
+# Enough of the rendered prompt to hold its generation prompt (`<think>\n\n</think>\n\n` and the turn's opening).
+PROMPT_TAIL_TOKENS = 24
+
+
+def _reasoning_plan(state: AppState, template: str | None, prompt: list[int]) -> ReasoningPlan | None:
+    fmt = reasoning_format(state.config.reasoning_parser, template)
+    if fmt is None:
+        return None
+    tail = state.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+    return ReasoningPlan.for_prompt(fmt, tail)
+
+
+def _special_markers(
+    state: AppState, tool_plan: ToolPlan | None, params: GenerationParams
+) -> tuple[ToolPlan | None, GenerationParams]:
+    """Where the tokenizer holds the format's marker as a special token (Mistral's [TOOL_CALLS]): the
+    forced-call grammar names that token, and decoding keeps special tokens so the marker reaches the
+    parser (as vLLM does), the others hidden again unless the client asked for them."""
+    if tool_plan is None or not tool_plan.parses_calls:
+        return tool_plan, params
+    added = getattr(state.tokenizer.hf_tokenizer, "added_tokens_decoder", {}) or {}
+    special = {t.content: token_id for token_id, t in added.items() if getattr(t, "special", False)}
+    marker_ids = tuple((m, special[m]) for m in tool_plan.format.markers if m in special)
+    if not marker_ids:
+        return tool_plan, params
+    tool_plan = replace(tool_plan, marker_ids=marker_ids)
+    if params.skip_special_tokens:
+        params = replace(params, skip_special_tokens=False)
+        hidden = sorted(set(special) - {m for m, _ in marker_ids}, key=len, reverse=True)
+        tool_plan = replace(tool_plan, hidden_specials=tuple(hidden))
+    return tool_plan, params
 
 
 __all__ = ["ChatInput", "CompletionInput", "GenerationCall", "PresentedResult", "prepare_chat", "prepare_completion"]

@@ -5,8 +5,9 @@
     choice = presenter.choice(choice_result)  # a whole choice (non-streaming)
 
 Decided here, once: the echo of completions (the prompt's text before a choice's first text; with logprobs,
-the prompt's tokens), the tool calls parsed out of chat text (content apart, calls as OpenAI's pieces), and
-the finish_reason the client gets (the engine's, the safety filter's content_filter, or tool_calls).
+the prompt's tokens), the thinking split off chat text by a reasoning parser (api/reasoning.py; `reasoning`),
+the tool calls parsed out of the answer after it (content apart, calls as OpenAI's pieces), and the
+finish_reason the client gets (the engine's, the safety filter's content_filter, or tool_calls).
 api/http/ and api/grpc/ only serialize a PresentedChoice into their wire types.
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from lmserve.api.account import ChoiceDelta, ChoiceResult
-from lmserve.api.tools import ToolEvent, ToolPlan, ToolStreamParser, parse_output
+from lmserve.api.reasoning import ReasoningPiece, ReasoningPlan
+from lmserve.api.tool_calls import ToolEvent
+from lmserve.api.tools import ToolPlan, parse_output
 from lmserve.types import FinishReason, PromptLogprob, TokenLogprob
 
 
@@ -43,7 +46,9 @@ class PresentedChoice:
     stop_reason: str | int | None = None
     tool_calls: list[ToolCallPiece] = field(default_factory=list)
     echo_tokens: list[str] | None = None  # completions with echo and logprobs: the prompt's tokens (no logprobs)
-    reasoning: str | None = None  # chat with a reasoning parser: the thinking text, apart from content
+    # Chat with a reasoning parser: the thinking text, apart from content (a streamed piece's new thinking, a
+    # whole choice's whole thinking); None when there is none.
+    reasoning: str | None = None
     # With prompt_logprobs: the prompt's scores (the first entry None), on the choice's first piece only.
     prompt_logprobs: list[PromptLogprob | None] | None = None
 
@@ -102,6 +107,7 @@ class Presenter:
         echo_tokens: list[list[str]] | None = None,
         tool_plan: ToolPlan | None = None,
         tokens_as_ids: bool = False,
+        reasoning_plan: ReasoningPlan | None = None,
     ) -> None:
         self.n = n  # choices per prompt: choice i answers prompt i // n
         # return_tokens_as_token_ids: the logprobs' token strings (and echoed prompt tokens) are "token_id:<id>";
@@ -111,7 +117,9 @@ class Presenter:
         self.echo_tokens = echo_tokens
         self.tool_plan = tool_plan if tool_plan is not None and tool_plan.parses_calls else None
         self._started = [False] * num_choices
-        self._parsers = [ToolStreamParser(self.tool_plan) for _ in range(num_choices)] if self.tool_plan else None
+        self._parsers = [self.tool_plan.parser() for _ in range(num_choices)] if self.tool_plan else None
+        self.reasoning_plan = reasoning_plan if reasoning_plan is not None and reasoning_plan.has_reasoning else None
+        self._thinkers = [self.reasoning_plan.parser() for _ in range(num_choices)] if self.reasoning_plan else None
 
     def _echo(self, index: int) -> tuple[str, list[str] | None]:
         if self.echo_texts is None:
@@ -123,11 +131,19 @@ class Presenter:
         i, delta = item.index, item.delta
         is_first = not self._started[i]
         echo, echo_tokens = self._echo(i) if is_first else ("", None)
-        content, calls = delta.text, []
+        content, calls, reasoning = delta.text, [], None
+        if self.tool_plan is not None:
+            content = self.tool_plan.visible(content)
         reason = finish_reason(delta.finish_reason)
+        if self._thinkers is not None:
+            piece = self._thinkers[i].feed(content)
+            if delta.finish_reason is not None:
+                end = self._thinkers[i].finish()
+                piece = ReasoningPiece(piece.reasoning + end.reasoning, piece.content + end.content)
+            content, reasoning = piece.content, piece.reasoning or None
         if self._parsers is not None:
             parser = self._parsers[i]
-            events = parser.feed(delta.text)
+            events = parser.feed(content)
             if delta.finish_reason is not None:
                 events += parser.finish()
                 reason = finish_reason(delta.finish_reason, self.tool_plan, bool(parser.calls))
@@ -135,13 +151,14 @@ class Presenter:
             calls = _pieces(events)
         content = echo + content
         has_scores = delta.prompt_logprobs is not None
-        if not (content or delta.token_ids or delta.logprobs or calls or echo_tokens or has_scores) and reason is None:
+        if not (content or reasoning or delta.token_ids or delta.logprobs or calls or echo_tokens or has_scores) and reason is None:
             return None
         self._started[i] = True
         return PresentedChoice(
             index=i, is_first=is_first, content=content, token_ids=delta.token_ids, logprobs=self._logprobs(delta.logprobs),
             finish_reason=reason, stop_reason=delta.stop_reason, tool_calls=calls, echo_tokens=echo_tokens,
             prompt_logprobs=delta.prompt_logprobs,
+            reasoning=reasoning,
         )  # fmt: skip
 
     def _logprobs(self, logprobs: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
@@ -149,11 +166,18 @@ class Presenter:
 
     def choice(self, result: ChoiceResult) -> PresentedChoice:
         echo, echo_tokens = self._echo(result.index)
-        content: str | None = echo + result.text
+        text, reasoning = result.text, None
+        if self.tool_plan is not None:
+            text = self.tool_plan.visible(text)
+        if self.reasoning_plan is not None:
+            thinker = self.reasoning_plan.parser()
+            head, end = thinker.feed(text), thinker.finish()
+            text, reasoning = head.content + end.content, (head.reasoning + end.reasoning) or None
+        content: str | None = echo + text
         calls: list[ToolCallPiece] = []
         reason = finish_reason(result.finish_reason)
         if self.tool_plan is not None:
-            parsed = parse_output(self.tool_plan, result.text)
+            parsed = parse_output(self.tool_plan, text)
             content = parsed.content
             calls = [ToolCallPiece(k, c.id, c.name, c.arguments) for k, c in enumerate(parsed.tool_calls)]
             reason = finish_reason(result.finish_reason, self.tool_plan, bool(calls))
@@ -161,4 +185,5 @@ class Presenter:
             index=result.index, is_first=True, content=content, token_ids=result.token_ids,
             logprobs=self._logprobs(result.logprobs), finish_reason=reason, stop_reason=result.stop_reason,
             tool_calls=calls, echo_tokens=echo_tokens, prompt_logprobs=result.prompt_logprobs,
+            reasoning=reasoning,
         )  # fmt: skip

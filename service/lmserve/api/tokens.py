@@ -48,7 +48,7 @@ def tokenize(state: AppState, inp: TokenizeInput) -> TokenizeOutput:
     require_model(state.generation_model, inp.model, "generation")
     if inp.messages is not None:
         messages, tools = inp.messages, inp.tools
-        plan = plan_tools(inp.tools, None, None, chat_template(state))
+        plan = plan_tools(inp.tools, None, None, chat_template(state), state.config.tool_call_parser)
         if plan is not None:  # the prompt chat would render for these tools (tool_choice auto)
             messages, tools = plan.prompt(inp.messages)
         ids = chat_prompt(state, messages, inp.add_generation_prompt, tools, inp.template_kwargs)

@@ -155,6 +155,7 @@ def chat_input(req: pb.ChatRequest) -> ChatInput:
         tool_choice=tool_choice,
         parallel_tool_calls=opt(req, "parallel_tool_calls"),
         add_special_tokens=bool(opt(req, "add_special_tokens")),
+        template_kwargs=_json_object(opt(req, "chat_template_kwargs") or "", "chat_template_kwargs"),
     )
 
 
@@ -232,4 +233,5 @@ def chat_choice(piece: PresentedChoice, num_top: int) -> pb.ChatChoice:
         stop_reason=stop_reason(piece.stop_reason),
         tool_calls=calls,
         prompt_logprobs=prompt_logprobs(piece.prompt_logprobs),
+        reasoning_content=piece.reasoning or "",
     )

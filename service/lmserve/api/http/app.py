@@ -8,7 +8,7 @@ Every error is `{"error": {"message", "type", "param", "code"}}` (never FastAPI'
 goes through the transport-neutral calls in api/, shared with gRPC; http/ only parses and serializes.
 
 Structured outputs (`response_format`, vLLM's `structured_outputs`) and tool calls (`tools`, `tool_choice`)
-are parsed in api/structured.py and api/tools.py, shared with gRPC. Not supported (documented in the
+are parsed in api/structured.py and api/tools.py, shared with gRPC, as is the reasoning split (api/reasoning.py). Not supported (documented in the
 OpenAPI schema): `suffix`, `best_of` != n, image/audio content parts. With `echo` + `logprobs`, prompt
 tokens carry null logprobs.
 """

@@ -331,6 +331,9 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = Field(
+        None, description="With a reasoning parser: the thinking before the answer (vLLM's field); null when none."
+    )
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -154,7 +154,7 @@ def chat_choice(piece: PresentedChoice, want_logprobs: bool, num_top: int) -> sc
     calls = [{k: v for k, v in _tool_call(c).items() if k != "index"} for c in piece.tool_calls]
     return schemas.ChatChoice(
         index=piece.index,
-        message=schemas.ChatResponseMessage(content=piece.content, tool_calls=calls or None),
+        message=schemas.ChatResponseMessage(content=piece.content, reasoning_content=piece.reasoning, tool_calls=calls or None),
         logprobs=chat_logprobs(piece.logprobs or [], num_top) if want_logprobs else None,
         finish_reason=piece.finish_reason,
         stop_reason=piece.stop_reason,
@@ -182,7 +182,9 @@ class ChatChunks:
         logprobs = None
         if self.want_logprobs and piece.logprobs:
             logprobs = chat_logprobs(piece.logprobs, self.num_top).model_dump()
-        delta: dict[str, Any] = {"content": piece.content} if piece.content else {}
+        delta: dict[str, Any] = {"reasoning_content": piece.reasoning} if piece.reasoning else {}
+        if piece.content:
+            delta["content"] = piece.content
         if piece.tool_calls:
             delta["tool_calls"] = [_tool_call(c) for c in piece.tool_calls]
         if piece.finish_reason is None:
