@@ -155,7 +155,7 @@ def chat_input(req: pb.ChatRequest) -> ChatInput:
         tool_choice=tool_choice,
         parallel_tool_calls=opt(req, "parallel_tool_calls"),
         add_special_tokens=bool(opt(req, "add_special_tokens")),
-        template_kwargs=_json_object(opt(req, "chat_template_kwargs") or "", "chat_template_kwargs"),
+        template_kwargs=json_text_object(opt(req, "chat_template_kwargs") or "", "chat_template_kwargs"),
     )
 
 
