@@ -224,4 +224,4 @@ def create_app(state: AppState) -> FastAPI:
     return app
 
 
-__all__ = ["create_app", "error_response", "until_disconnect"]
+__all__ = ["create_app", "error_response"]
