@@ -210,5 +210,10 @@ def test_auto_loads_the_best_variant_and_says_so(cache_dir: Path, monkeypatch: p
         pytest.skip("no C compiler")
     assert Path(lib._name).name.startswith(f"lmserve-kernels-{best}-")
     assert f"C kernels: {best} ({kernel_cache.VARIANTS[best].description}), chosen from this CPU's flags" in caplog.text
+    # A second engine in the same process asking for another variant gets the one loaded, with a warning.
+    other = "avx2" if best != "avx2" else "avx512"
+    if not kernel_cache.missing_cpu_flags(other):
+        assert kernel_loader.load_kernels(cache_dir, default_c_compiler(), other) is lib
+        assert f"C kernels: {other} asked for, but {Path(lib._name).name} are this process's already" in caplog.text
     if b"avx512_bf16" in kernel_cache.cpu_flags().split() and b"avx512_vnni" in kernel_cache.cpu_flags().split():
         assert best == "avx512-bf16"

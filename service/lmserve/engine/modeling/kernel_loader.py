@@ -109,10 +109,15 @@ def load_kernels(cache_dir: Path, compiler: str, requested: str = "auto") -> cty
     (ModelRunner), so that a build never lands on the engine thread. Logs which variant it loaded."""
     variant = kernel_cache.choose_variant(requested)
     lib = open_library(Path(cache_dir), compiler, variant)
-    if lib is not None:
-        why = "chosen from this CPU's flags" if requested == "auto" else "as configured"
-        log.info("C kernels: %s (%s), %s", variant, kernel_cache.VARIANTS[variant].description, why)
-    if lib is not None and not _process_library:
+    if lib is None:
+        return library()
+    if _process_library and _process_library[0] is not lib:  # a second engine in one process asking another
+        log.warning("C kernels: %s asked for, but %s are this process's already; using those", variant,
+                    Path(_process_library[0]._name).name)
+        return library()
+    why = "chosen from this CPU's flags" if requested == "auto" else "as configured"
+    log.info("C kernels: %s (%s), %s", variant, kernel_cache.VARIANTS[variant].description, why)
+    if not _process_library:
         _process_library.append(lib)
     return library()
 
