@@ -309,8 +309,8 @@ def preflight(config: ServeConfig) -> PortReservation:
 
 
 __all__ = [
+    "check_kernel_variant",
     "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_architecture",
-    "check_embedding_folder", "check_engine", "check_files", "check_kernel_variant", "check_lora_modules",
-    "check_quantization",
+    "check_embedding_folder", "check_engine", "check_files", "check_lora_modules", "check_quantization",
     "preflight", "reserve_ports",
 ]
