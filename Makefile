@@ -95,11 +95,13 @@ $(HELM):
 print-helm:
 	@echo $(HELM)
 
-# The C kernels built now instead of at the first request, into LMSERVE_CACHE_DIR (~/.cache/lmserve).
+# The C kernels built now instead of at the first request, into LMSERVE_CACHE_DIR (~/.cache/lmserve): on x86-64
+# every instruction-set variant (AVX2 to AVX-512 BF16 + VNNI, as the CPU image bakes them), so that any
+# --kernel-variant loads without a build.
 kernels: $(STAMP)
 	$(PY) deploy/docker/bake.py kernels
 
-# The kernel tests against AddressSanitizer/UBSan builds of the kernels (this CPU's and the portable one):
+# The kernel tests against AddressSanitizer/UBSan builds of the kernels (the variant this CPU runs and avx2):
 # python itself is not instrumented, so libasan is preloaded; its leak check is off (the interpreter's own
 # allocations would be reported). gemm.c's tests run where the CPU has AVX-512 BF16 (tests/engine/conftest.py).
 KERNEL_TESTS := tests/engine/test_kernel_abi.py tests/engine/test_attention.py tests/engine/test_fused_ops.py \
@@ -121,7 +123,8 @@ image-venv-vllm:
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check $(VLLM_PIN)
 	$(call lmserve_into_vllm_env,$(IMAGE_VENV)/bin/python,.,$(IMAGE_VENV))
 
-# The C kernels (into IMAGE_CACHE_DIR/kernels) and the default generation model as a plain folder
+# The C kernels (into IMAGE_CACHE_DIR/kernels: on x86-64 one library per instruction-set level, none
+# -march=native; the server loads the best its CPU runs) and the default generation model as a plain folder
 # (IMAGE_MODELS_DIR/smollm2-135m-instruct), so that the image serves with no compiler and no volume.
 image-bake:
 	LMSERVE_CACHE_DIR=$(IMAGE_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py kernels

@@ -5,11 +5,13 @@
     LMSERVE_CACHE_DIR=/opt/lmserve/cache python bake.py verify [--kernels] [--models /opt/lmserve/models]
 
 kernels: compiles the C kernels (service/lmserve/engine/modeling/kernel_loader.py) into LMSERVE_CACHE_DIR/kernels,
-         where the server looks for them, so the image needs no compiler at run time.
+         where the server looks for them, so the image needs no compiler at run time: on x86-64 one library
+         per instruction-set level (kernel_cache.X86_VARIANTS, AVX2 up to AVX-512 BF16 + VNNI), none of them
+         -march=native, so the image runs on any node; at start the server loads the best its CPU runs.
 models:  writes the default generation model as a plain Hugging Face folder, DEST/<model id>. A folder
          is served as it is; the bundled GGUF would instead be converted at every start on a fresh cache
          volume (the conversion lives in the cache, which starts empty).
-verify:  fails unless the kernels load from what was baked (nothing is rebuilt) and the baked model
+verify:  fails unless every variant was baked, the one this CPU runs loads from there (nothing is rebuilt), and the baked model
          folder resolves under its model id; the images run it in their final stage, so a runtime
          library missing there (libgomp) fails the build, not the first request.
 
@@ -20,6 +22,7 @@ location is read by the config layer (LMSERVE_CACHE_DIR), as the server reads it
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,13 +35,24 @@ def kernel_dir() -> Path:
     return default_cache_dir() / "kernels"
 
 
-def bake_kernels() -> Path:
-    from lmserve.engine.modeling.kernel_loader import open_library
+def bake_kernels() -> list[Path]:
+    """Every variant the image carries, built side by side (one compiler process each), not loaded: the
+    building machine need not run them all."""
+    from concurrent.futures import ThreadPoolExecutor
+    from subprocess import CalledProcessError
 
-    lib = open_library(default_cache_dir(), default_c_compiler())
-    if lib is None:
-        raise SystemExit("bake: the C kernels did not build (see the warning above); is a C compiler installed?")
-    return Path(lib._name)
+    from lmserve.engine.modeling import kernel_cache, kernel_loader
+
+    def build(variant: str) -> Path:
+        try:
+            return kernel_loader.ensure_built(default_cache_dir(), default_c_compiler(), variant)
+        except (OSError, CalledProcessError) as exc:
+            detail = str(getattr(exc, "stderr", "") or exc).strip()[:300]
+            raise SystemExit(f"bake: the {variant} C kernels did not build ({detail}); is a C compiler installed?") from None
+
+    variants = kernel_cache.image_variants()
+    with ThreadPoolExecutor(max_workers=min(len(variants), os.cpu_count() or 1)) as pool:
+        return list(pool.map(build, variants))
 
 
 def bake_models(dest_dir: Path) -> Path:
@@ -52,9 +66,15 @@ def verify_kernels() -> Path:
     baked = set(kernel_dir().glob("*.so"))
     if not baked:
         raise SystemExit(f"bake verify: no kernels in {kernel_dir()}")
+    from lmserve.engine.modeling import kernel_cache
     from lmserve.engine.modeling.kernel_loader import open_library
 
-    lib = open_library(default_cache_dir(), default_c_compiler())
+    source_dir = kernel_cache.SOURCE_DIR
+    for variant in kernel_cache.image_variants():
+        expected = kernel_cache.library_path(default_cache_dir(), kernel_cache.kernel_key(source_dir, variant), variant)
+        if expected not in baked:
+            raise SystemExit(f"bake verify: the {variant} kernels ({expected.name}) were not baked")
+    lib = open_library(default_cache_dir(), default_c_compiler(), kernel_cache.choose_variant())
     if lib is None:
         raise SystemExit("bake verify: the baked kernels do not load here (see the warning above)")
     loaded = Path(lib._name)
@@ -82,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "kernels":
-            print(f"kernels: {bake_kernels()}")
+            for path in bake_kernels():
+                print(f"kernels: {path}")
         elif args.command == "models":
             print(f"model: {bake_models(args.dest)}")
         else:

@@ -4,8 +4,11 @@
 #   docker run --read-only --tmpfs /tmp --tmpfs /var/cache/lmserve:uid=10001,gid=10001 -p 8000:8000 lmserve:0.1.0-cpu
 # No Docker engine runs on our machines, so every step below is a make target or a command that
 # tests/deploy/test_dockerfile.py runs too (same install order, same pins: the Makefile holds them).
-# The baked C kernels are compiled with -march=native for the machine that builds the image: build it
-# on (or for) the CPU type of the nodes, or the server falls back to torch ops there (it logs why).
+# The baked C kernels (make image-bake) are one library per x86-64 level, none -march=native: avx2
+# (x86-64-v3), avx512 (x86-64-v4), avx512-vnni (+ AVX-512 VNNI: Cascade Lake, Ice Lake), avx512-bf16
+# (+ VNNI and BF16: Cooper Lake, Sapphire Rapids and later, Zen 4 and later). Each node's server loads the
+# best its CPU runs (logged at start: "C kernels: avx512-bf16 (...)"), so one image serves a mixed pool;
+# LMSERVE_KERNEL_VARIANT forces one. A CPU below x86-64-v3 gets torch ops (no compiler in the image).
 
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 

@@ -22,6 +22,7 @@ from lmserve.cli_commands import cmd_cache, cmd_export, cmd_generate, cmd_models
 from lmserve.config import (
     DEFAULT_EMBEDDING_MODEL,
     DEFAULT_MODEL,
+    KERNEL_VARIANTS,
     MODEL_IMPLS,
     REASONING_PARSERS,
     TOOL_CALL_PARSERS,
@@ -95,6 +96,9 @@ def add_engine_flags(p: argparse.ArgumentParser, env: Mapping[str, str]) -> None
             "layers served as the file stores them, in its own Q4_1 / Q8_0 blocks (the file's linears must be that "
             "type). C kernels, on CPU: float32 activations (--dtype float32), or for int8 bf16 ones where the CPU has "
             "AVX-512 VNNI and BF16 (there --dtype auto is bf16)", choices=["none", "int8", "q4_1", "q8_0"])
+    f.value("--kernel-variant", "LMSERVE_KERNEL_VARIANT", one_of(KERNEL_VARIANTS), d.kernel_variant,
+            "which instruction-set build of the C kernels to load; auto: the best this CPU runs (logged at start); "
+            "one this CPU cannot run is refused", choices=list(KERNEL_VARIANTS))
     f.switch("--allow-pickle", "LMSERVE_ALLOW_PICKLE", "allow .bin/.pt pickle checkpoints (they can run code)")
     add_cache_dir_flag(p, env)
 
@@ -140,6 +144,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention=args.attention,
         model_impl=args.model_impl,
         quantization=args.quantization,
+        kernel_variant=args.kernel_variant,
         # Serve's flags only (`lmserve generate` runs the base).
         lora_modules=tuple(getattr(args, "lora_modules", ())),
         max_loras=getattr(args, "max_loras", d.max_loras),

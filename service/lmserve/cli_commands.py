@@ -36,9 +36,10 @@ def cmd_generate(args: argparse.Namespace, config: EngineConfig) -> int:
     if args.seed is not None and args.temperature == 0.0:
         print("note: --seed has no effect with greedy decoding (--temperature 0, the default); "
               "pass --temperature above 0 to sample", file=sys.stderr)
-    from lmserve.preflight import PreflightError, check_quantization
+    from lmserve.preflight import PreflightError, check_kernel_variant, check_quantization
 
     try:
+        check_kernel_variant(config)
         check_quantization(config, args.model)  # before the model is resolved and read, as `serve` does
     except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -29,6 +29,8 @@ MODEL_IMPLS = ("auto", "native", "transformers")  # --model-impl
 # vLLM's names; api/tool_formats.py and api/reasoning.py implement exactly these (tests/api/test_tool_formats.py).
 TOOL_CALL_PARSERS = ("hermes", "mistral", "llama3_json", "pythonic")  # --tool-call-parser
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # --reasoning-parser
+# --kernel-variant: the C kernels' instruction-set variants (engine/modeling/kernel_cache.VARIANTS), best first.
+KERNEL_VARIANTS = ("auto", "avx512-bf16", "avx512-vnni", "avx512", "avx2", "native")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class EngineConfig:
     # The C kernels are built into cache_dir/kernels (the same cache as ServeConfig.cache_dir) with c_compiler.
     cache_dir: Path = field(default_factory=default_cache_dir)
     c_compiler: str = field(default_factory=default_c_compiler)
+    # Which instruction-set build of the C kernels to load (KERNEL_VARIANTS); auto: the best this CPU runs.
+    kernel_variant: str = "auto"
 
     def __post_init__(self) -> None:
         if self.speculative_tokens < 0:
@@ -80,6 +84,8 @@ class EngineConfig:
             raise ValueError("--prompt-lookup-min must be at least 1 and at most --prompt-lookup-max")
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"--model-impl must be one of {', '.join(MODEL_IMPLS)}, not {self.model_impl!r}")
+        if self.kernel_variant not in KERNEL_VARIANTS:
+            raise ValueError(f"--kernel-variant must be one of {', '.join(KERNEL_VARIANTS)}, not {self.kernel_variant!r}")
         if self.max_loras < 1 or self.max_lora_rank < 1 or (self.max_cpu_loras is not None and self.max_cpu_loras < 1):
             raise ValueError("--max-loras, --max-lora-rank and --max-cpu-loras must be at least 1")
         names = [name for name, _ in self.lora_modules]
@@ -208,6 +214,8 @@ class ServeConfig:
                 raise ValueError("--attention is not used with --engine vllm (vLLM runs its own attention)")
             if self.engine.model_impl != "auto":
                 raise ValueError("--model-impl is the native engine's choice, not used with --engine vllm")
+            if self.engine.kernel_variant != "auto":
+                raise ValueError("--kernel-variant chooses the native engine's C kernels, not used with --engine vllm")
             if self.engine.speculative_tokens:
                 raise ValueError(
                     "--speculative-tokens is the native engine's prompt lookup, not used with --engine vllm "

@@ -263,16 +263,20 @@ def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
     if dtype == "auto":  # runner.resolve_dtype on CPU: bf16 where the CPU computes it natively
         flags = kernel_cache.cpu_flags().split()
         dtype = "bfloat16" if b"avx512_bf16" in flags or b"amx_bf16" in flags else "float32"
-    # int8 under bf16: qgemm_vnni.c, compiled (-march=native) where the CPU has AVX-512 VNNI and BF16
-    int8_bf16 = engine.quantization == "int8" and kernel_cache.cpu_has_int8_bf16()
+    # int8 under bf16: qgemm_vnni.c, in the kernel variants with AVX-512 VNNI and BF16, where the CPU has them
+    variant = kernel_cache.choose_variant(engine.kernel_variant)
+    int8_bf16 = engine.quantization == "int8" and kernel_cache.variant_runs_int8_bf16(variant)
     if dtype != "float32" and not (dtype == "bfloat16" and int8_bf16):
         where = " (auto on this CPU)" if engine.dtype == "auto" else ""
         if engine.quantization == "int8" and dtype == "bfloat16":
+            kernels = f" and kernels built for them (not --kernel-variant {variant})" if kernel_cache.cpu_has_int8_bf16() else ""
             raise PreflightError(
-                f"{flag} with bfloat16 activations{where} needs a CPU with AVX-512 VNNI and BF16: add --dtype float32"
+                f"{flag} with bfloat16 activations{where} needs a CPU with AVX-512 VNNI and BF16{kernels}: "
+                "add --dtype float32"
             )
         raise PreflightError(f"{flag} computes with float32 activations, not {dtype}{where}: add --dtype float32")
-    built = kernel_cache.library_path(engine.cache_dir, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR)).exists()
+    key = kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, variant)
+    built = kernel_cache.library_path(engine.cache_dir, key, variant).exists()
     if not built and shutil.which(engine.c_compiler) is None:
         raise PreflightError(f"{flag} needs the C kernels, and there is no C compiler ({engine.c_compiler}) to build them")
     if engine.quantization in ("q4_1", "q8_0") and model is not None:
@@ -287,11 +291,27 @@ def check_quantization(engine: EngineConfig, model: str | None = None) -> None:
             raise PreflightError(refusal)
 
 
+def check_kernel_variant(engine: EngineConfig) -> None:
+    """--kernel-variant names a build this CPU can run: loading one it cannot would end the process at its
+    first instruction the CPU lacks (SIGILL), so it is refused before anything is read."""
+    if engine.kernel_variant == "auto":
+        return
+    from lmserve.engine.modeling import kernel_cache
+
+    missing = kernel_cache.missing_cpu_flags(engine.kernel_variant)
+    if missing:
+        raise PreflightError(
+            f"--kernel-variant {engine.kernel_variant} needs CPU flags this CPU lacks ({' '.join(missing)}); "
+            f"auto would choose {kernel_cache.choose_variant()} here"
+        )
+
+
 def preflight(config: ServeConfig) -> PortReservation:
     """Check the engine and the files, then reserve the ports; raises PreflightError."""
     check_engine(config)
     check_files(config)
     if config.engine_kind == "native":
+        check_kernel_variant(config.engine)
         check_quantization(config.engine, config.model)
     reservation = reserve_ports(config)
     try:
@@ -307,6 +327,7 @@ def preflight(config: ServeConfig) -> PortReservation:
 
 
 __all__ = [
+    "check_kernel_variant",
     "PortReservation", "PreflightError", "bind_port", "check_api_key_file", "check_architecture",
     "check_embedding_folder", "check_engine", "check_files", "check_lora_modules", "check_quantization",
     "check_rerank_model",

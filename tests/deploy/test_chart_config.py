@@ -70,7 +70,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         "server": {
             "dtype": "bfloat16", "device": "cuda:1", "kvCacheMemoryGiB": 0.75, "numKvBlocks": 4096, "blockSize": 32,
             "maxNumSeqs": 64, "maxNumBatchedTokens": 2048, "maxModelLen": 8192, "prefixCaching": False,
-            "numThreads": 3, "attention": "torch", "quantization": "int8", "allowPickle": True, "logFormat": "text", "logLevel": "debug",
+            "numThreads": 3, "attention": "torch", "kernelVariant": "avx2", "quantization": "int8", "allowPickle": True, "logFormat": "text", "logLevel": "debug",
             "logPrompts": True, "corsOrigins": ["https://a.example", "https://b.example"],
             "otlpEndpoint": "http://otel-collector:4318",
         },
@@ -108,7 +108,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
             dtype="bfloat16", device="cuda:1", block_size=32, kv_cache_memory_bytes=int(0.75 * 2**30),
             num_kv_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=8192,
             enable_prefix_caching=False, attention="torch", quantization="int8", num_threads=3, allow_pickle=True,
-            cache_dir=Path("/cache"),
+            cache_dir=Path("/cache"), kernel_variant="avx2",
         ),
         limits=LimitsConfig(
             max_request_body_bytes=8388608, max_n=2, max_tokens_cap=1024, max_stop_strings=3, max_prompts=5,
@@ -136,6 +136,7 @@ def test_vllm_settings_land_in_the_server_config(helm: Helm) -> None:
         ({"vllm": {"tensorParallelSize": 2}}, "vllm.* settings need engine: vllm"),
         ({"engine": "vllm", "server": {"numThreads": 4}}, "server.numThreads is not used with engine: vllm"),
         ({"engine": "vllm", "server": {"quantization": "int8"}}, "server.quantization is not used with engine: vllm"),
+        ({"engine": "vllm", "server": {"kernelVariant": "avx2"}}, "server.kernelVariant is not used with engine: vllm"),
     ]:
         assert message in helm.template_error(bad)
 

@@ -11,6 +11,7 @@ import fnmatch
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from lmserve.config import DEFAULT_MODEL
+from lmserve.engine.modeling import kernel_cache
 from tests.deploy.conftest import REPO, Baked, worktree_env
 from tests.deploy.dockerfile import Dockerfile, Instruction
 
@@ -230,7 +232,11 @@ def verify_command(instruction: Instruction, baked: Baked) -> tuple[list[str], d
 @pytest.mark.parametrize("image", list(DOCKERFILES))
 @pytest.mark.slow
 def test_bake_then_verify_as_the_final_stage_does(baked: Baked, image: str) -> None:
-    assert sorted(p.suffix for p in baked.cache_dir.joinpath("kernels").glob("*.so")) == [".so"]
+    # One library per x86-64 level (kernel_cache.image_variants), each under the key every node computes.
+    baked_kernels = sorted(p.name for p in baked.cache_dir.joinpath("kernels").glob("*.so"))
+    source = kernel_cache.SOURCE_DIR
+    variants = kernel_cache.image_variants()
+    assert baked_kernels == sorted(kernel_cache.library_path(Path(), kernel_cache.kernel_key(source, v), v).name for v in variants)
     assert (baked.models_dir / DEFAULT_MODEL / "config.json").is_file()
     dockerfile = Dockerfile.read(DOCKERFILES[image])
     (verify,) = [r for r in dockerfile.all("RUN", dockerfile.final_stage) if "bake.py verify" in r.text]
@@ -240,7 +246,7 @@ def test_bake_then_verify_as_the_final_stage_does(baked: Baked, image: str) -> N
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     if image == "cpu":
-        assert f"kernels: {baked.cache_dir / 'kernels'}" in result.stdout
+        assert f"kernels: {baked.cache_dir / 'kernels'}/lmserve-kernels-{kernel_cache.choose_variant()}-" in result.stdout
         assert f"model: {baked.models_dir / DEFAULT_MODEL}" in result.stdout
 
 
@@ -252,6 +258,18 @@ def test_verify_fails_without_baked_kernels(tmp_path: Path, baked: Baked) -> Non
         cwd=REPO, env=worktree_env(LMSERVE_CACHE_DIR=str(empty)), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0 and "no kernels in" in result.stderr
+    # A bake that left out one variant: a node of that CPU type would find nothing.
+    first = kernel_cache.image_variants()[0]
+    partial = tmp_path / "partial"
+    (partial / "kernels").mkdir(parents=True)
+    for library in baked.cache_dir.joinpath("kernels").glob("*.so"):
+        if not library.name.startswith(f"lmserve-kernels-{first}-"):
+            shutil.copy(library, partial / "kernels" / library.name)
+    result = subprocess.run(
+        [sys.executable, str(DOCKER / "bake.py"), "verify", "--kernels"],
+        cwd=REPO, env=worktree_env(LMSERVE_CACHE_DIR=str(partial)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and f"the {first} kernels (lmserve-kernels-{first}-" in result.stderr
     missing_model = subprocess.run(
         [sys.executable, str(DOCKER / "bake.py"), "verify", "--models", str(tmp_path / "models")],
         cwd=REPO, env=worktree_env(LMSERVE_CACHE_DIR=str(baked.cache_dir)), capture_output=True, text=True, timeout=60,
@@ -273,14 +291,16 @@ def test_entrypoint_links_the_baked_kernels_into_the_cache_volume(baked: Baked, 
         result = run_entrypoint(env, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage: lmserve" in result.stdout  # exec'd `python -m lmserve`
-    (library,) = baked.cache_dir.joinpath("kernels").glob("*.so")
-    link = volume / "kernels" / library.name
-    assert link.is_symlink() and link.resolve() == library.resolve()
-    assert [p.name for p in (volume / "kernels").iterdir()] == [library.name]  # no lock file linked
+    libraries = sorted(baked.cache_dir.joinpath("kernels").glob("*.so"))  # every variant
+    assert len(libraries) == len(kernel_cache.image_variants())
+    for library in libraries:
+        link = volume / "kernels" / library.name
+        assert link.is_symlink() and link.resolve() == library.resolve()
+    assert sorted(p.name for p in (volume / "kernels").iterdir()) == [p.name for p in libraries]  # no lock file linked
 
 
 def test_entrypoint_keeps_what_the_volume_already_has(baked: Baked, tmp_path: Path) -> None:
-    (library,) = baked.cache_dir.joinpath("kernels").glob("*.so")
+    library = sorted(baked.cache_dir.joinpath("kernels").glob("*.so"))[0]
     own = tmp_path / "volume" / "kernels" / library.name
     own.parent.mkdir(parents=True)
     own.write_bytes(b"built on this node")

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.engine.modeling import kernel_cache
 from tests.cli_process import free_port, start_process, wait_ready
 from tests.deploy.conftest import NAMESPACE, RELEASE, REPO, VARIANTS, Baked, Helm, Rendered, deep_merge, worktree_env
 from tests.deploy.dockerfile import Dockerfile
@@ -138,13 +139,16 @@ def test_serves_the_baked_model_with_the_baked_kernels(pod: LivePod) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 4
     assert httpx.get(f"{pod.base_url}/v1/models", timeout=10).json()["data"][0]["id"] == "smollm2-135m-instruct"
-    # The entry point linked the baked library into the empty cache volume, and the server loaded it
-    # there (its lock file is there) without building another.
+    # The entry point linked the baked libraries (one per x86-64 level) into the empty cache volume, and the
+    # server loaded the best this CPU runs from there, saying which, without building another.
     libraries = list((pod.cache_dir / "kernels").glob("*.so"))
-    assert libraries and all(lib.is_symlink() for lib in libraries), libraries
+    assert len(libraries) == len(kernel_cache.image_variants()) and all(lib.is_symlink() for lib in libraries), libraries
     assert {lib.resolve().parent for lib in libraries} == {Path(pod.env["BAKED_CACHE_DIR"]) / "kernels"}
-    assert {p.stem for p in (pod.cache_dir / "kernels").glob("*.lock")} == {lib.stem for lib in libraries}
-    assert "C kernels unavailable" not in pod.log_tail()
+    assert {p.stem for p in (pod.cache_dir / "kernels").glob("*.lock")} <= {lib.stem for lib in libraries}
+    best = kernel_cache.choose_variant()
+    log = pod.log.read_text(errors="replace")
+    assert f"C kernels: {best} ({kernel_cache.VARIANTS[best].description}), chosen from this CPU's flags" in log
+    assert "C kernels unavailable" not in log and "building the C kernels" not in log
 
 
 def test_endpoint_picker_scrapes_lmserves_gauges(pod: LivePod) -> None:

@@ -1,8 +1,10 @@
-"""The C kernels for the kernel tests: built for this CPU ("native") and with AVX-512 off ("portable"), so
-that the code paths of CPUs without AVX-512 run here too, whatever this CPU has. A kernel that should build
-here and does not fails the test run instead of skipping: the library wherever a C compiler is, gemm.c and
-decoder.c wherever the CPU has AVX-512 BF16 and no AMX. With `--kernel-sanitizers` (make kernels-asan)
-the same tests run the AddressSanitizer/UBSan builds instead."""
+"""The C kernels for the kernel tests: "native", the variant this CPU runs by default (kernel_cache.choose_variant:
+avx512-bf16 on an AVX-512 BF16 CPU), and "portable", the avx2 variant (x86-64-v3, AVX-512 off), so that the
+code paths of CPUs without AVX-512 run here too, whatever this CPU has (tests/engine/test_kernel_variants.py
+covers the levels between). A kernel that should build here and does not fails the test run instead of
+skipping: the library wherever a C compiler is, gemm.c and decoder.c wherever the CPU has AVX-512 BF16 and
+no AMX. With `--kernel-sanitizers` (make kernels-asan) the same tests run the AddressSanitizer/UBSan builds
+instead."""
 
 from __future__ import annotations
 
@@ -39,14 +41,19 @@ def sanitized(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(scope="session")
 def native_library(cache_dir: Path, sanitized: bool) -> ctypes.CDLL:
-    lib = _open(cache_dir, "native", sanitized)
+    """The variant the server loads here by default."""
+    lib = _open(cache_dir, kernel_cache.choose_variant(), sanitized)
     assert bool(lib.lmserve_has_avx512_bf16()) == (b"avx512_bf16" in kernel_cache.cpu_flags().split())
     return lib
 
 
 @pytest.fixture(scope="session")
 def portable_library(cache_dir: Path, sanitized: bool) -> ctypes.CDLL:
-    lib = _open(cache_dir, "portable", sanitized)
+    """The avx2 variant (x86-64-v3): no AVX-512 code."""
+    missing = kernel_cache.missing_cpu_flags("avx2")
+    if missing:
+        pytest.skip(f"the avx2 kernels need {' '.join(missing)}, which this CPU lacks")
+    lib = _open(cache_dir, "avx2", sanitized)
     assert lib.lmserve_has_avx512_bf16() == 0
     return lib
 

@@ -109,14 +109,14 @@ def test_a_read_only_cache_with_the_build_is_only_read(tmp_path: Path) -> None:
     target.write_bytes(b"\x7fELF")
     kernel_cache.remember_user(target, kernel_cache.SOURCE_DIR)
     before = sorted(p.name for p in target.parent.iterdir())
-    assert kernel_loader._ensure_built(tmp_path, "false", "native") == target  # "false": no build is tried
+    assert kernel_loader.ensure_built(tmp_path, "false", "native") == target  # "false": no build is tried
     assert sorted(p.name for p in target.parent.iterdir()) == before  # no .lock, no new record
     kernel_cache.users_path(target).unlink()
     target.parent.chmod(0o555)
     try:
         if not _is_read_only(target.parent):
             pytest.skip("running as root: a read-only folder is writable")
-        assert kernel_loader._ensure_built(tmp_path, "false", "native") == target
+        assert kernel_loader.ensure_built(tmp_path, "false", "native") == target
         assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
     finally:
         target.parent.chmod(0o755)

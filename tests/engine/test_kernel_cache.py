@@ -44,17 +44,20 @@ def test_builds_are_used_while_a_checkout_with_their_sources_exists(tmp_path: Pa
 
 
 def test_every_variant_of_this_checkout_is_used_and_old_names_are_listed(tmp_path: Path) -> None:
-    """The portable build the tests make counts as used like the native one; a build under the library's
-    old name (paged_attention-{key}.so) is listed, unused, so that `lmserve cache prune` removes it."""
+    """Every variant's build (a sanitized one too) counts as used; builds under the library's old names
+    (paged_attention-{key}.so, lmserve-kernels-{key}.so) are listed, unused, so that `lmserve cache prune`
+    removes them."""
     folder = tmp_path / kernel_cache.KERNELS_DIR
     folder.mkdir()
-    portable = kernel_cache.library_path(tmp_path, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, "portable"), "portable")
-    legacy = folder / "paged_attention-0123456789abcdef.so"
-    for library in (portable, legacy):
+    variants = ("avx2", "avx512-bf16-asan", "native")
+    current = {v: kernel_cache.library_path(tmp_path, kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, v), v) for v in variants}
+    legacy = (folder / "paged_attention-0123456789abcdef.so", folder / "lmserve-kernels-fedcba9876543210.so")
+    for library in (*current.values(), *legacy):
         library.write_bytes(b"\x7fELF")
-    assert portable.name.startswith("lmserve-kernels-portable-")
+    assert current["avx2"].name.startswith("lmserve-kernels-avx2-")
     builds = {b.path.name: (b.key, b.is_used) for b in kernel_cache.kernel_builds(tmp_path)}
     assert builds == {
-        portable.name: (kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, "portable"), True),
-        legacy.name: ("0123456789abcdef", False),
+        **{p.name: (kernel_cache.kernel_key(kernel_cache.SOURCE_DIR, v), True) for v, p in current.items()},
+        legacy[0].name: ("0123456789abcdef", False),
+        legacy[1].name: ("fedcba9876543210", False),
     }

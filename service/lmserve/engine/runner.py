@@ -129,7 +129,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             # Built now (once per machine), never on the engine thread's first step; and before the
             # weights are packed, which asks which kernels there are (gemm.c or oneDNN).
-            kernel_loader.load_kernels(config.cache_dir, config.c_compiler)
+            kernel_loader.load_kernels(config.cache_dir, config.c_compiler, config.kernel_variant)
         hf_config: PretrainedConfig = AutoConfig.from_pretrained(model_path)
         self.hf_config = hf_config
         model_len = int(getattr(hf_config, "max_position_embeddings", 2048))

@@ -95,6 +95,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq .Values.engine "vllm") (ne .Values.server.quantization "none") }}
 {{- fail "server.quantization is not used with engine: vllm (it is the native engine's C kernels)" }}
 {{- end }}
+{{- if and (eq .Values.engine "vllm") (ne .Values.server.kernelVariant "auto") }}
+{{- fail "server.kernelVariant is not used with engine: vllm (it chooses the native engine's C kernels)" }}
+{{- end }}
 {{- if and .Values.safety.disabled .Values.safety.policy }}
 {{- fail "safety.disabled and safety.policy exclude each other" }}
 {{- end }}

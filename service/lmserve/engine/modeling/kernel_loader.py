@@ -4,11 +4,12 @@ token_mask) call the library this module opened.
 
 The ABI is declared once, in abi.h: kernel_abi reads it, and `open_library` gives each exported function
 its ctypes types from there. Built with the compiler and into the cache that EngineConfig names
-(kernel_cache.py: keyed by the sources' hash, the compiler flags and the CPU's instruction-set flags, since
--march=native code may not run on another CPU sharing the cache), under a file lock so concurrent processes
-build it once. The runner opens it at load (`load_kernels`); the wrappers use that library (`library()`).
-Without a compiler there is none, and attention falls back to torch ops (EngineConfig.attention chooses;
-"torch" forces them).
+(kernel_cache.py: one library per instruction-set variant, keyed by the sources' hash and the compiler
+flags), under a file lock so concurrent processes build it once; a baked image's cache holds every x86
+variant already. The runner opens the variant EngineConfig.kernel_variant names, by default the best this
+CPU runs (kernel_cache.choose_variant), and logs which (`load_kernels`); the wrappers use that library
+(`library()`). Without a compiler and a build there is none, and attention falls back to torch ops
+(EngineConfig.attention chooses; "torch" forces them).
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def _declare(lib: ctypes.CDLL, abi: kernel_abi.Abi) -> None:
         fn.restype = _RESTYPES[function.returns]
 
 
-def _ensure_built(cache_dir: Path, compiler: str, variant: str) -> Path:
-    """The library for these sources, flags and CPU in cache_dir, built first if it is not there. A cache
+def ensure_built(cache_dir: Path, compiler: str, variant: str) -> Path:
+    """The library of `variant` for these sources in cache_dir, built first if it is not there (any variant
+    builds on any x86-64 machine; only running it needs its CPU flags). A cache
     that holds it already (a baked image's) is only read: no lock file is opened, no record written, so a
     read-only cache works."""
     source_dir = kernel_cache.SOURCE_DIR
@@ -79,10 +81,14 @@ def _ensure_built(cache_dir: Path, compiler: str, variant: str) -> Path:
 
 @cache
 def open_library(cache_dir: Path, compiler: str, variant: str = "native") -> ctypes.CDLL | None:
-    """The kernels built for this CPU (variant "native") or without AVX-512 ("portable", for the tests),
-    built into cache_dir/kernels first where needed; None, with a warning, where they cannot be built."""
+    """The kernels of `variant` (kernel_cache.VARIANTS, "-asan" ones too), built into cache_dir/kernels first
+    where needed; None, with a warning, where they cannot be built or this CPU cannot run them."""
+    missing = kernel_cache.missing_cpu_flags(variant)
+    if missing:  # never loaded: its first AVX-512 instruction would kill the process (SIGILL)
+        log.warning("C kernels %s unavailable: this CPU lacks %s; using torch ops", variant, " ".join(missing))
+        return None
     try:
-        lib = ctypes.CDLL(str(_ensure_built(Path(cache_dir), compiler, variant)))
+        lib = ctypes.CDLL(str(ensure_built(Path(cache_dir), compiler, variant)))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("C kernels unavailable (%s); using torch ops", str(detail).strip()[:300])
@@ -97,11 +103,21 @@ def open_library(cache_dir: Path, compiler: str, variant: str = "native") -> cty
 _process_library: list[ctypes.CDLL] = []
 
 
-def load_kernels(cache_dir: Path, compiler: str) -> ctypes.CDLL | None:
-    """Open (building if needed) the kernels for this process, from the engine's config; once per process,
-    before the first step (ModelRunner), so that a build never lands on the engine thread."""
-    lib = open_library(Path(cache_dir), compiler)
-    if lib is not None and not _process_library:
+def load_kernels(cache_dir: Path, compiler: str, requested: str = "auto") -> ctypes.CDLL | None:
+    """Open (building if needed) the kernels for this process, from the engine's config: the variant
+    `requested` names, or for "auto" the best this CPU runs; once per process, before the first step
+    (ModelRunner), so that a build never lands on the engine thread. Logs which variant it loaded."""
+    variant = kernel_cache.choose_variant(requested)
+    lib = open_library(Path(cache_dir), compiler, variant)
+    if lib is None:
+        return library()
+    if _process_library and _process_library[0] is not lib:  # a second engine in one process asking another
+        log.warning("C kernels: %s asked for, but %s are this process's already; using those", variant,
+                    Path(_process_library[0]._name).name)
+        return library()
+    why = "chosen from this CPU's flags" if requested == "auto" else "as configured"
+    log.info("C kernels: %s (%s), %s", variant, kernel_cache.VARIANTS[variant].description, why)
+    if not _process_library:
         _process_library.append(lib)
     return library()
 
