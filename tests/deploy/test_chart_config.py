@@ -70,7 +70,7 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         "server": {
             "dtype": "bfloat16", "device": "cuda:1", "kvCacheMemoryGiB": 0.75, "numKvBlocks": 4096, "blockSize": 32,
             "maxNumSeqs": 64, "maxNumBatchedTokens": 2048, "maxModelLen": 8192, "prefixCaching": False,
-            "numThreads": 3, "attention": "torch", "kernelVariant": "avx2", "quantization": "int8", "allowPickle": True, "logFormat": "text", "logLevel": "debug",
+            "numThreads": 3, "attention": "torch", "kernelVariant": "avx2", "toolCallParser": "mistral", "reasoningParser": "qwen3", "quantization": "int8", "allowPickle": True, "logFormat": "text", "logLevel": "debug",
             "logPrompts": True, "corsOrigins": ["https://a.example", "https://b.example"],
             "otlpEndpoint": "http://otel-collector:4318",
         },
@@ -91,6 +91,8 @@ def test_every_setting_lands_in_the_server_config(helm: Helm) -> None:
         model="/models/Qwen2.5-0.5B-Instruct",
         embedding_model=None,
         rerank_model="/models/bge-reranker-base",
+        tool_call_parser="mistral",
+        reasoning_parser="qwen3",
         host="0.0.0.0",
         port=9000,
         grpc_port=0,
