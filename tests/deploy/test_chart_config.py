@@ -171,7 +171,7 @@ def test_every_variable_the_server_reads_has_a_chart_value(rendered: dict[str, R
         "lora": {"modules": [{"name": "a", "path": "/a"}], "maxCpuLoras": 8},
         "server": {"numKvBlocks": 9, "kvCacheMemoryGiB": 2, "blockSize": 32, "otlpEndpoint": "http://x:4318", "corsOrigins": ["https://a.example"],
                    "maxNumSeqs": 2, "maxNumBatchedTokens": 64, "maxModelLen": 128, "promptLookupMin": 1,
-                   "promptLookupMax": 3},
+                   "promptLookupMax": 3, "toolCallParser": "hermes", "reasoningParser": "qwen3"},
     })  # fmt: skip
     set_by_chart = set(everything.env).union(*(set(r.env) for r in rendered.values()))
     missing = read - set_by_chart - set(SET_OTHERWISE)
