@@ -113,3 +113,34 @@ def test_bad_chat_template_kwargs_over_grpc_name_the_field(qwen3: LiveServer) ->
                 stub.Chat(req, timeout=30)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert ("lmserve-error-param", "chat_template_kwargs") in info.value.trailing_metadata()
+
+
+def test_responses_split_the_thinking_into_a_reasoning_item_and_count_its_tokens(
+    client: openai.OpenAI, qwen3: LiveServer
+) -> None:
+    """The Responses API on the same call: the thinking is a reasoning item before the message, whole and
+    streamed, and usage counts its tokens: those through the one completing </think>, as chat's logprobs
+    of the same seeded request spell them out."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    bias = _bias(qwen3, "<think>", "</think>")
+    kw = dict(temperature=1.0, max_tokens=160, logit_bias=bias,
+              response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})  # fmt: skip
+    seed, whole = _thinking_seed(client, **kw)
+    chat = client.chat.completions.create(model="m", messages=ASK, seed=seed, logprobs=True, **kw)
+    tokens = [t.token for t in chat.choices[0].logprobs.content]
+    thinking = next(k for k in range(1, len(tokens) + 1) if "</think>" in "".join(tokens[:k]))
+
+    request = dict(model="m", input=ASK, temperature=1.0, max_output_tokens=160, extra_body={"seed": seed, "logit_bias": bias},
+                   text={"format": {"type": "json_schema", "name": "r", "schema": schema}})  # fmt: skip
+    response = client.responses.create(**request)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == whole.reasoning and response.output_text == whole.content
+    assert response.usage.output_tokens == len(tokens)
+    assert response.usage.output_tokens_details.reasoning_tokens == thinking < len(tokens)
+
+    with client.responses.stream(**request) as stream:
+        events = list(stream)
+    done = events[-1]
+    assert done.type == "response.completed"
+    said = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert said == whole.reasoning and done.response.usage.output_tokens_details.reasoning_tokens == thinking

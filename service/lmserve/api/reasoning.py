@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmserve.api.tool_calls import partial_suffix
@@ -186,3 +187,19 @@ class ReasoningParser:
             text = text.lstrip(_WS)
             self._started = bool(text)
         return text
+
+
+def reasoning_token_count(token_ids: list[int], decode: Callable[[list[int]], str]) -> int:
+    """Of a choice that thought, how many output tokens are its thinking: those through the one whose text
+    completes </think>, or all of them where the thinking never ended. `decode`: token ids -> text with
+    special tokens kept. A binary search over prefixes (a prefix holding </think> stays so when it grows)."""
+    if END not in decode(token_ids):
+        return len(token_ids)
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if END in decode(token_ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

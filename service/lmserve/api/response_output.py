@@ -110,6 +110,8 @@ class OutputAssembler:
         self._open: int | None = None  # the output index of the item still growing
         self._calls: dict[int, int] = {}  # a tool call's index among the choice's calls -> its output index
         self.finish_reason: str | None = None
+        self.token_ids: list[int] = []  # the choice's output tokens, for the reasoning's share of them
+        self.thought = False  # some of the output was reasoning
 
     def _add(self, item: OutputItem) -> list[ResponseEvent]:
         events = self._close()
@@ -147,6 +149,8 @@ class OutputAssembler:
 
     def feed(self, piece: PresentedChoice) -> list[ResponseEvent]:
         events: list[ResponseEvent] = []
+        self.token_ids += piece.token_ids
+        self.thought = self.thought or bool(piece.reasoning)
         if piece.reasoning:
             if self._open_type() != "reasoning":
                 events += self._add(OutputItem("reasoning", new_item_id("rs"), "in_progress"))

@@ -31,6 +31,7 @@ from lmserve.api.auth import OPEN_KEY_ID
 from lmserve.api.errors import APIError
 from lmserve.api.generation_call import ChatInput, GenerationCall, prepare_chat
 from lmserve.api.plan import GenerationParams
+from lmserve.api.reasoning import reasoning_token_count
 from lmserve.api.response_output import (
     OutputAssembler,
     OutputItem,
@@ -236,11 +237,20 @@ class ResponseCall:
             "text": {"format": inp.text_format or {"type": "text"}}, "store": inp.store, "metadata": inp.metadata or {},
         }  # fmt: skip
 
+    def reasoning_tokens(self) -> int:
+        """The output tokens of the thinking (a reasoning parser's), for usage.output_tokens_details."""
+        if not self.assembler.thought:
+            return 0
+        tokenizer = self.state.tokenizer
+        return reasoning_token_count(self.assembler.token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+
     def response(self, status: str, usage: Usage | None = None, reason: str | None = None) -> ResponseObject:
         return ResponseObject(
             id=self.response_id, created_at=self.call.created, model=self.call.model.name, status=status,
             output=tuple(self.assembler.items),
-            usage=None if usage is None else ResponseUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens),
+            usage=None if usage is None else ResponseUsage(
+                usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, self.reasoning_tokens()
+            ),
             incomplete_reason=reason, previous_response_id=self.inp.previous_response_id, request=self.request_echo(),
         )  # fmt: skip
 
