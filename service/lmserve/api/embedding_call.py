@@ -51,21 +51,28 @@ class EmbeddingCall:
     admitted: Admitted
 
     async def run(self) -> EmbedOutput:
-        from lmserve.embeddings import EmbedderNotRunning
-
         embedder = self.state.embedder
         assert embedder is not None
-        self.caller.record.submitted = time.monotonic()
-        result = None
-        try:
-            result = await embedder.submit(self.checked)
-        except EmbedderNotRunning as exc:
-            raise APIError(str(exc), "service_unavailable") from None
-        finally:
-            self.admitted.release(result.total_tokens if result is not None else 0)
+        result = await submit_admitted(embedder, self.checked, self.caller, self.admitted)
         self.state.metrics.embedding_tokens_total.inc(result.total_tokens)
-        self.caller.record.prompt_tokens = result.total_tokens
         return EmbedOutput(self.model, result.vectors, result.total_tokens)
+
+
+async def submit_admitted(worker: Any, checked: Any, caller: Caller, admitted: Admitted) -> Any:
+    """An admitted request's inputs through an encoder's worker (the embedder's or the reranker's): its queue
+    slot released with the tokens it took, a stopped worker a 503, the tokens on the access line."""
+    from lmserve.embeddings import EmbedderNotRunning
+
+    caller.record.submitted = time.monotonic()
+    result = None
+    try:
+        result = await worker.submit(checked)
+    except EmbedderNotRunning as exc:
+        raise APIError(str(exc), "service_unavailable") from None
+    finally:
+        admitted.release(result.total_tokens if result is not None else 0)
+    caller.record.prompt_tokens = result.total_tokens
+    return result
 
 
 async def prepare_embedding(state: AppState, caller: Caller, inp: EmbedInput) -> EmbeddingCall:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lmserve.api.admission import Admitted, Caller, check_request
+from lmserve.api.embedding_call import submit_admitted
 from lmserve.api.errors import APIError
 from lmserve.api.models import require_model
 from lmserve.api.screening import screen_input
@@ -77,20 +78,10 @@ class PairCall:
     admitted: Admitted
 
     async def run(self) -> tuple[list[float], int]:
-        from lmserve.embeddings import EmbedderNotRunning
-
         reranker = self.state.reranker
         assert reranker is not None
-        self.caller.record.submitted = time.monotonic()
-        result = None
-        try:
-            result = await reranker.submit(self.checked)
-        except EmbedderNotRunning as exc:
-            raise APIError(str(exc), "service_unavailable") from None
-        finally:
-            self.admitted.release(result.total_tokens if result is not None else 0)
+        result = await submit_admitted(reranker, self.checked, self.caller, self.admitted)
         self.state.metrics.rerank_tokens_total.inc(result.total_tokens)
-        self.caller.record.prompt_tokens = result.total_tokens
         return result.scores, result.total_tokens
 
 
