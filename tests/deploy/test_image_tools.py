@@ -17,8 +17,8 @@ import pytest
 from tests.cli_process import free_port
 from tests.deploy.conftest import REPO
 
-DOCKER = REPO / "deploy" / "docker"
-sys.path.insert(0, str(DOCKER))  # the scripts' modules, as the scripts import them
+TOOLS = REPO / "deploy" / "tools"
+sys.path.insert(0, str(TOOLS))  # the scripts' modules, as the scripts import them
 
 from wheel_index import serve_index  # noqa: E402
 
@@ -31,14 +31,14 @@ def test_make_targets_run_the_build_and_test_scripts() -> None:
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert result.stdout.splitlines() == [
-        ".venv/bin/python deploy/docker/image_build.py --tag lmserve:t --builder buildah",
-        ".venv/bin/python deploy/docker/image_test.py --tag lmserve:t --builder buildah",
+        ".venv/bin/python deploy/tools/image_build.py --tag lmserve:t --builder buildah",
+        ".venv/bin/python deploy/tools/image_test.py --tag lmserve:t --builder buildah",
     ]
 
 
 def run_script(script: str, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": str(path), "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-    command = [sys.executable, str(DOCKER / script), *args]
+    command = [sys.executable, str(TOOLS / script), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -56,7 +56,7 @@ def test_a_docker_cli_without_its_daemon_means_buildah(tmp_path: Path) -> None:
             pytest.skip(f"{tool} is not installed here")
         (tmp_path / tool).symlink_to(shutil.which(tool))
     probe = "import oci_builder; b = oci_builder.choose_builder(); print(b.name, *b.argv)"
-    env = {**os.environ, "PATH": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent/docker.sock", "PYTHONPATH": str(DOCKER)}
+    env = {**os.environ, "PATH": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent/docker.sock", "PYTHONPATH": str(TOOLS)}
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["buildah", "buildah", "--storage-driver", "vfs"], result.stderr
     insisted = run_script("image_build.py", tmp_path, "--builder", "docker")

@@ -3,7 +3,7 @@ check it serves: /readyz, a greedy completion, an embedding, gRPC health, then S
 flight, which must run to its end before the server exits 0. Every wait is bounded; the container is
 removed at the end, whatever happened. Prints the build's and each check's time.
 
-    python deploy/docker/image_test.py [--tag lmserve:0.1.0-cpu] [--builder auto|docker|podman|buildah] [--no-build]
+    python deploy/tools/image_test.py [--tag lmserve:0.1.0-cpu] [--builder auto|docker|podman|buildah] [--no-build]
 """
 
 from __future__ import annotations

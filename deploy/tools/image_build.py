@@ -1,7 +1,7 @@
 """`make image`: build the CPU image (deploy/docker/cpu.Dockerfile) with the builder at hand, reusing its
 layer cache, so that only a changed Dockerfile or source costs a rebuild.
 
-    python deploy/docker/image_build.py [--tag lmserve:0.1.0-cpu] [--builder auto|docker|podman|buildah]
+    python deploy/tools/image_build.py [--tag lmserve:0.1.0-cpu] [--builder auto|docker|podman|buildah]
 
 Where Docker Hub cannot be reached, the base is the debootstrap image (oci_builder.make_base, made once);
 where PyPI's CPU torch index cannot be reached, torch comes from a local wheel folder through a package
