@@ -53,6 +53,13 @@ class Container:
         result = self.cli("wait", self.name, timeout_s=timeout_s)
         return int(result.stdout.strip().splitlines()[-1])
 
+    def server_uid(self) -> int:
+        """The user id the server runs as."""
+        if self.process is None:
+            return int(self.cli("exec", self.name, "id", "-u").stdout.strip())
+        status = read_proc(f"/proc/{server_pid(self.process.pid)}/status")
+        return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
     def is_running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
@@ -90,12 +97,9 @@ def start(builder: Builder, tag: str, http_port: int, grpc_port: int, log: Path)
             check=True, capture_output=True, timeout=CLI_TIMEOUT_S,
         )  # fmt: skip
         return Container(builder, name, http_port, grpc_port, log)
-    config = json.loads(
-        subprocess.run(
-            builder.command("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", tag),
-            capture_output=True, text=True, check=True, timeout=CLI_TIMEOUT_S,
-        ).stdout
-    )  # fmt: skip
+    inspected = subprocess.run(builder.command("inspect", "--type", "image", tag), capture_output=True, text=True,
+                               check=True, timeout=CLI_TIMEOUT_S)  # fmt: skip
+    config = json.loads(inspected.stdout)["OCIv1"]["config"]
     subprocess.run(builder.command("from", "--pull=never", "--name", name, tag), check=True, capture_output=True,
                    timeout=CLI_TIMEOUT_S)  # fmt: skip
     env = {"LMSERVE_HOST": "127.0.0.1", "LMSERVE_PORT": str(http_port), "LMSERVE_GRPC_PORT": str(grpc_port)}

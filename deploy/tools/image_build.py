@@ -14,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,13 +46,23 @@ class BuildPlan:
 
 
 def reachable(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
-            return True
-    except urllib.error.HTTPError:
-        return True  # an answer, if a refusal (the registry asks for a token)
-    except (urllib.error.URLError, OSError):
-        return False
+    """An HTTP answer from `url` within PROBE_TIMEOUT_S, name resolution included (urlopen's timeout leaves
+    that out, and a resolver with no network can take long to give up)."""
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
+                answered.set()
+        except urllib.error.HTTPError:
+            answered.set()  # an answer, if a refusal (the registry asks for a token)
+        except (urllib.error.URLError, OSError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return answered.is_set()
 
 
 def local_torch_wheels() -> Path | None:
@@ -63,8 +74,7 @@ def local_torch_wheels() -> Path | None:
     return None
 
 
-def plan_build(builder_name: str, tag: str, python_image: str | None) -> BuildPlan:
-    builder = choose_builder(builder_name)
+def plan_build(builder: Builder, tag: str, python_image: str | None) -> BuildPlan:
     if python_image is None and builder.is_daemonless and not reachable(REGISTRY_PROBE):
         python_image = BASE_IMAGE
     torch_wheels = None
@@ -84,10 +94,11 @@ def build_command(plan: BuildPlan, torch_index: str | None) -> list[str]:
     if torch_index:
         args += [f"--build-arg=TORCH_INDEX={torch_index}", "--network=host"]
     if plan.builder.name == "buildah":
-        # --layers: cache every step; BuildKit finds <Dockerfile>.dockerignore by itself, buildah is told.
-        args = ["bud", "--isolation=chroot", "--layers", f"--ignorefile={IGNOREFILE}", *args]
+        # --layers: cache every step; --format=docker: the OCI format has no HEALTHCHECK; BuildKit finds
+        # <Dockerfile>.dockerignore by itself, buildah and podman are told.
+        args = ["bud", "--isolation=chroot", "--layers", "--format=docker", f"--ignorefile={IGNOREFILE}", *args]
     elif plan.builder.name == "podman":
-        args = ["build", "--layers", f"--ignorefile={IGNOREFILE}", *args]
+        args = ["build", "--layers", "--format=docker", f"--ignorefile={IGNOREFILE}", *args]
     else:
         args = ["build", *args]
     return plan.builder.command(*args, str(REPO))
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python-image", default=None, help="the PYTHON_IMAGE build argument (default: auto)")
     args = parser.parse_args(argv)
     try:
-        plan = plan_build(args.builder, args.tag, args.python_image)
+        plan = plan_build(choose_builder(args.builder), args.tag, args.python_image)
     except BuilderMissing as error:
         print(f"image: {error}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ import httpx
 from container import Container, start
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from image_build import DEFAULT_TAG, build, plan_build
-from oci_builder import BuilderMissing
+from oci_builder import BuilderMissing, choose_builder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))  # lmload: the repository's free_port
 from lmload.servers import free_port  # noqa: E402
@@ -34,6 +34,7 @@ DRAIN_REQUEST = {"prompt": "Count to one hundred:", "max_tokens": 64, "ignore_eo
                  "stream": True}  # fmt: skip
 DRAIN_EXIT_TIMEOUT_S = 180.0  # the image's drain timeout (LMSERVE_DRAIN_TIMEOUT_S default) and some slack
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+IMAGE_UID = 10001  # the image's USER
 
 
 class CheckFailed(AssertionError):
@@ -56,6 +57,12 @@ def wait_ready(container: Container, base: str) -> None:
             pass
         time.sleep(0.5)
     raise CheckFailed(f"/readyz not 200 after {READY_TIMEOUT_S:.0f} s:\n{container.log_tail()}")
+
+
+def check_user(container: Container) -> str:
+    uid = container.server_uid()
+    check(uid == IMAGE_UID, f"the server runs as uid {uid}, not the image's {IMAGE_UID}")
+    return f"uid {uid}"
 
 
 def check_completion(base: str) -> str:
@@ -135,18 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-build", action="store_true", help="test the image as it is (already built)")
     args = parser.parse_args(argv)
     try:
-        plan = plan_build(args.builder, args.tag, None)
+        builder = choose_builder(args.builder)
+        plan = None if args.no_build else plan_build(builder, args.tag, None)
     except BuilderMissing as error:
         print(f"image-test: {error}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    if not args.no_build:
-        timed(f"build with {plan.builder.name}", lambda: f"{build(plan):.1f} s in the builder")
+    if plan is not None:
+        timed(f"build with {builder.name}", lambda: f"{build(plan):.1f} s in the builder")
     log = Path(tempfile.mkdtemp(prefix="lmserve-image-test-")) / "container.log"
-    container = start(plan.builder, args.tag, free_port(), free_port(), log)
+    created = time.monotonic()
+    container = start(builder, args.tag, free_port(), free_port(), log)
+    print(f"image-test: container created ({builder.name}): {time.monotonic() - created:.1f} s", flush=True)
     base = f"http://127.0.0.1:{container.http_port}"
     try:
         timed("start to /readyz 200", lambda: wait_ready(container, base))
+        timed("server's user", lambda: check_user(container))
         timed("completion", lambda: check_completion(base))
         timed("embedding", lambda: check_embedding(base))
         timed("gRPC health", lambda: check_grpc_health(container))

@@ -109,7 +109,7 @@ def make_base(builder: Builder, ref: str = BASE_IMAGE, mirror: str = DEBIAN_MIRR
             mount = subprocess.run(builder.command("mount", name), capture_output=True, text=True, check=True)
             # tar keeps owners, modes, device nodes and links as debootstrap made them.
             subprocess.run(
-                f"tar -C {rootfs} -cf - . | tar -C {mount.stdout.strip()} -xpf -", shell=True, check=True
+                f"tar -C {rootfs} --one-file-system -cf - . | tar -C {mount.stdout.strip()} -xpf -", shell=True, check=True
             )
             subprocess.run(builder.command("umount", name), check=True, stdout=subprocess.DEVNULL)
             subprocess.run(
