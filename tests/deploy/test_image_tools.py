@@ -22,6 +22,8 @@ sys.path.insert(0, str(TOOLS))  # the scripts' modules, as the scripts import th
 
 from wheel_index import serve_index  # noqa: E402
 
+NO_DAEMON = "unix:///nonexistent/docker.sock"  # where the docker CLI finds no engine, whatever runs here
+
 
 def test_make_targets_run_the_build_and_test_scripts() -> None:
     # -o: the development venv's stamp counts as up to date (a worktree's pyproject.toml may be newer).
@@ -37,7 +39,7 @@ def test_make_targets_run_the_build_and_test_scripts() -> None:
 
 
 def run_script(script: str, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": str(path), "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    env = {**os.environ, "PATH": str(path), "DOCKER_HOST": NO_DAEMON}
     command = [sys.executable, str(TOOLS / script), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
 
@@ -45,7 +47,8 @@ def run_script(script: str, path: Path, *args: str) -> subprocess.CompletedProce
 def test_image_test_refuses_clearly_without_a_builder(tmp_path: Path) -> None:
     result = run_script("image_test.py", tmp_path)  # a PATH with no docker, podman or buildah
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "image-test: no OCI builder: neither `docker info` nor `podman info` succeeds and buildah is not installed" in result.stderr
+    refusal = "image-test: no OCI builder: neither `docker info` nor `podman info` succeeds and buildah is not installed"
+    assert refusal in result.stderr
     assert result.stdout == ""  # nothing built, nothing started
 
 
@@ -56,7 +59,7 @@ def test_a_docker_cli_without_its_daemon_means_buildah(tmp_path: Path) -> None:
             pytest.skip(f"{tool} is not installed here")
         (tmp_path / tool).symlink_to(shutil.which(tool))
     probe = "import oci_builder; b = oci_builder.choose_builder(); print(b.name, *b.argv)"
-    env = {**os.environ, "PATH": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent/docker.sock", "PYTHONPATH": str(TOOLS)}
+    env = {**os.environ, "PATH": str(tmp_path), "DOCKER_HOST": NO_DAEMON, "PYTHONPATH": str(TOOLS)}
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["buildah", "buildah", "--storage-driver", "vfs"], result.stderr
     insisted = run_script("image_build.py", tmp_path, "--builder", "docker")
@@ -70,8 +73,8 @@ def test_wheel_index_serves_local_wheels_and_sends_the_rest_to_pypi(tmp_path: Pa
         page = client.get(f"{url}/Torch/")  # names are normalized (PEP 503)
         assert page.status_code == 200
         assert '<a href="/files/torch-2.13.0%2Bcpu-cp311-cp311-manylinux_2_28_x86_64.whl">' in page.text
-        file = client.get(url.removesuffix("/simple") + "/files/torch-2.13.0%2Bcpu-cp311-cp311-manylinux_2_28_x86_64.whl")
-        assert file.content == wheel.read_bytes()
+        files = url.removesuffix("/simple") + "/files"
+        assert client.get(f"{files}/torch-2.13.0%2Bcpu-cp311-cp311-manylinux_2_28_x86_64.whl").content == wheel.read_bytes()
         other = client.get(f"{url}/Jinja2/")
         assert other.status_code == 302 and other.headers["location"] == "https://pypi.org/simple/jinja2/"
-        assert client.get(url.removesuffix("/simple") + "/files/nothing.whl").status_code == 404
+        assert client.get(f"{files}/nothing.whl").status_code == 404
