@@ -22,7 +22,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from oci_builder import BASE_IMAGE, Builder, BuilderMissing, choose_builder, image_exists, make_base
+from build_inputs import inputs_digest, record_build, up_to_date
+from oci_builder import BASE_IMAGE, Builder, BuilderMissing, choose_builder, image_exists, image_id, make_base
 from wheel_index import serve_index
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,12 +106,20 @@ def build_command(plan: BuildPlan, torch_index: str | None) -> list[str]:
 
 
 def build(plan: BuildPlan) -> float:
-    """Builds the image (making the base first where needed); returns the seconds the build took."""
+    """Builds the image (making the base first where needed) unless its inputs are those of the last build
+    (build_inputs.py); returns the seconds it took."""
     started = time.monotonic()
     if plan.python_image == BASE_IMAGE and not image_exists(plan.builder, BASE_IMAGE):
         print(f"image: making the base {BASE_IMAGE} with debootstrap (once)", flush=True)
         make_base(plan.builder)
         print(f"image: base made in {time.monotonic() - started:.1f} s", flush=True)
+    base_id = image_id(plan.builder, plan.python_image) if plan.python_image else None
+    inputs = inputs_digest(REPO, DOCKERFILE, IGNOREFILE, [plan.builder.name, plan.python_image, base_id,
+                                                          str(plan.torch_wheels)])  # fmt: skip
+    current_id = image_id(plan.builder, plan.tag) if image_exists(plan.builder, plan.tag) else None
+    if up_to_date(plan.tag, inputs, current_id):
+        print(f"image: {plan.tag} is up to date (same Dockerfile, sources and base as its build)", flush=True)
+        return time.monotonic() - started
     with ExitStack() as stack:
         torch_index = None
         if plan.torch_wheels is not None:
@@ -119,6 +128,7 @@ def build(plan: BuildPlan) -> float:
         command = build_command(plan, torch_index)
         print("image: " + " ".join(command), flush=True)
         subprocess.run(command, check=True, timeout=BUILD_TIMEOUT_S, cwd=REPO)
+    record_build(plan.tag, inputs, image_id(plan.builder, plan.tag))
     return time.monotonic() - started
 
 
