@@ -1,6 +1,7 @@
 """The plumbing of `make image` and `make image-test`, checked without building (a build takes minutes; run
 `make image-test` for that): the make targets run the scripts, the builder choice, the clear refusal where
-no builder is at hand, and the local package index that stands in for PyPI's CPU torch index.
+no builder is at hand, the local package index that stands in for PyTorch's CPU wheel index, and the
+digest of a build's inputs that lets an unchanged image be.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.deploy.conftest import REPO
 TOOLS = REPO / "deploy" / "tools"
 sys.path.insert(0, str(TOOLS))  # the scripts' modules, as the scripts import them
 
+from build_inputs import inputs_digest  # noqa: E402
 from wheel_index import serve_index  # noqa: E402
 
 NO_DAEMON = "unix:///nonexistent/docker.sock"  # where the docker CLI finds no engine, whatever runs here
@@ -78,3 +80,25 @@ def test_wheel_index_serves_local_wheels_and_sends_the_rest_to_pypi(tmp_path: Pa
         other = client.get(f"{url}/Jinja2/")
         assert other.status_code == 302 and other.headers["location"] == "https://pypi.org/simple/jinja2/"
         assert client.get(f"{files}/nothing.whl").status_code == 404
+
+
+def test_build_inputs_change_with_the_context_and_not_with_what_it_leaves_out(tmp_path: Path) -> None:
+    (tmp_path / "service" / "pkg").mkdir(parents=True)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / ".gitignore").write_text("__pycache__/\n")
+    (tmp_path / "x.Dockerfile").write_text("FROM base\nCOPY service/ service/\n")
+    (tmp_path / "x.Dockerfile.dockerignore").write_text("*\n!service/\n**/__pycache__\n")
+    (tmp_path / "service" / "pkg" / "mod.py").write_text("A = 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+
+    def digest(settings: str = "buildah") -> str:
+        return inputs_digest(tmp_path, tmp_path / "x.Dockerfile", tmp_path / "x.Dockerfile.dockerignore", [settings])
+
+    first = digest()
+    (tmp_path / "docs" / "page.md").write_text("not in the context\n")
+    (tmp_path / "service" / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "service" / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    assert digest() == first
+    assert digest("docker") != first  # another builder or base
+    (tmp_path / "service" / "pkg" / "mod.py").write_text("A = 2\n")
+    assert digest() != first
