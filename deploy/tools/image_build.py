@@ -1,5 +1,6 @@
-"""`make image`: build the CPU image (deploy/docker/cpu.Dockerfile) with the builder at hand, reusing its
-layer cache, so that only a changed Dockerfile or source costs a rebuild.
+"""`make image`: build the CPU image (deploy/docker/cpu.Dockerfile) with the builder at hand, so that only a
+changed Dockerfile or source costs a rebuild: no builder runs when the build's inputs are those of the
+last build (build_inputs.py), and a build reuses the layers its builder has cached.
 
     python deploy/tools/image_build.py [--tag lmserve:0.1.0-cpu] [--builder auto|docker|podman|buildah]
 
