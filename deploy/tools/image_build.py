@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"image: builder {plan.builder.name}, base {plan.python_image or 'the Dockerfile default'}", flush=True)
     seconds = build(plan)
-    print(f"image: built {plan.tag} in {seconds:.1f} s", flush=True)
+    print(f"image: {plan.tag} done in {seconds:.1f} s", flush=True)
     return 0
 
 
