@@ -23,13 +23,10 @@ from lmserve.embeddings.batching import CheckedInputs, EmbeddingResult, EmbedIte
 from lmserve.embeddings.matryoshka import Matryoshka
 from lmserve.embeddings.pooling import PoolingConfig, pool
 from lmserve.embeddings.prompts import Prompts
-from lmserve.embeddings.worker import BatchWorker
+from lmserve.embeddings.worker import DTYPES, BatchWorker, prepare_for_inference, resolve_placement
 from lmserve.progress import progress_step
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def untruncated_copy(tokenizer: Any) -> Any:
     """A private copy of a fast tokenizer's Rust tokenizer with truncation and padding off (None for a slow
@@ -93,26 +90,14 @@ class Embedder(BatchWorker):
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"embedding model folder not found: {path}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "float16" if str(device).startswith("cuda") else "float32"
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', not {dtype!r}")
+        device, dtype = resolve_placement(device, dtype)
         pooling = PoolingConfig.from_folder(path)
         prompts = Prompts.from_folder(path)
         matryoshka = Matryoshka.from_folder(path)
         with progress_step(f"loading the embedding model {name} ({dtype})"):
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModel.from_pretrained(str(path), dtype=_DTYPES[dtype], local_files_only=True)
-        model.to(device)
-        model.eval()
-        model.requires_grad_(False)
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = getattr(model.config, "pad_token_id", None)
-        if pad is None:
-            pad = 0
+            model = AutoModel.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+        pad = prepare_for_inference(model, tokenizer, device)
         emb = cls(
             model,
             tokenizer,
@@ -120,7 +105,7 @@ class Embedder(BatchWorker):
             name,
             device=device,
             max_batch_tokens=max_batch_tokens,
-            pad_token_id=int(pad),
+            pad_token_id=pad,
             prompts=prompts,
             matryoshka=matryoshka,
         )

@@ -27,12 +27,11 @@ from lmserve.checkpoints.cross_encoder import cross_encoder_spec
 from lmserve.embeddings import EmbeddingInputError
 from lmserve.embeddings.batching import EmbedItem
 from lmserve.embeddings.embedder import untruncated_copy
-from lmserve.embeddings.worker import BatchWorker
+from lmserve.embeddings.worker import DTYPES, BatchWorker, prepare_for_inference, resolve_placement
 from lmserve.progress import progress_step
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = ("sigmoid", "identity")
 
 
@@ -91,24 +90,16 @@ class Reranker(BatchWorker):
 
         path = Path(path)
         spec = cross_encoder_spec(path)  # CheckpointError for anything but a one-output *ForSequenceClassification
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "float16" if str(device).startswith("cuda") else "float32"
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', not {dtype!r}")
+        device, dtype = resolve_placement(device, dtype)
         with progress_step(f"loading the rerank model {name} ({dtype})"):
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), dtype=_DTYPES[dtype], local_files_only=True
+                str(path), dtype=DTYPES[dtype], local_files_only=True
             )
-        model.to(device)
-        model.eval()
-        model.requires_grad_(False)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else getattr(model.config, "pad_token_id", 0)
+        pad = prepare_for_inference(model, tokenizer, device)
         rr = cls(
             model, tokenizer, name, max_input_tokens=spec.max_input_tokens, activation=spec.activation, device=device,
-            max_batch_tokens=max_batch_tokens, pad_token_id=int(pad or 0),
+            max_batch_tokens=max_batch_tokens, pad_token_id=pad,
         )  # fmt: skip
         logger.info(
             "rerank model loaded",

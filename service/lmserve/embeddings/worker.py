@@ -20,6 +20,32 @@ from lmserve.embeddings.batching import EmbeddingBatchStats, EmbedItem, EmbedReq
 
 logger = logging.getLogger(__name__)
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_placement(device: str, dtype: str) -> tuple[str, str]:
+    """The device and dtype a model loads on, `auto` resolved (CUDA where there is one; float16 there, else
+    float32); ValueError for a dtype not in DTYPES."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if str(device).startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', not {dtype!r}")
+    return device, dtype
+
+
+def prepare_for_inference(model: torch.nn.Module, tokenizer: Any, device: str) -> int:
+    """Move a loaded model to `device` for inference only; its pad token id (the tokenizer's, else the
+    config's, else 0)."""
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
 
 class BatchWorker:
     """The queue and worker thread of one encoder model. `label` names the model in errors and logs."""
