@@ -185,14 +185,20 @@ def check_engine(config: ServeConfig) -> None:
         raise PreflightError(unavailable_message(reason))
 
 
+def _hf_folder(model: str | None) -> Path | None:
+    """The reference as a Hugging Face folder (one holding config.json), or None: unset, a bundled id, a file."""
+    if not model:
+        return None
+    folder = Path(model).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
 def check_architecture(model: str | None, model_impl: str = "auto", quantization: str = "none") -> None:
     """A --model that is a Hugging Face folder: its config.json names an architecture that can be served, and
     served natively where --quantization asks for the C kernels. Bundled ids, GGUF files and LoRA adapters
     are checked when they are resolved."""
-    if not model:
-        return
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+    folder = _hf_folder(model)
+    if folder is None or (folder / "adapter_config.json").is_file():
         return
     from lmserve.checkpoints.architectures import generation_architecture
     from lmserve.checkpoints.errors import CheckpointError
@@ -209,10 +215,8 @@ def check_architecture(model: str | None, model_impl: str = "auto", quantization
 def check_embedding_folder(model: str | None) -> None:
     """An --embedding-model that is a folder: what embeddings/ reads of its files besides the weights parses,
     and asks for nothing it cannot reproduce. Bundled ids are checked when they are resolved."""
-    if not model:
-        return
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
+    folder = _hf_folder(model)
+    if folder is None:
         return
     from lmserve.embeddings.matryoshka import Matryoshka
     from lmserve.embeddings.pooling import PoolingConfig
@@ -229,10 +233,8 @@ def check_embedding_folder(model: str | None) -> None:
 def check_rerank_model(model: str | None) -> None:
     """A --rerank-model folder: its config.json is a one-output *ForSequenceClassification whose activation
     the reranker knows (checkpoints/cross_encoder.py). Other references are checked when they are resolved."""
-    if not model:
-        return
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
+    folder = _hf_folder(model)
+    if folder is None:
         return
     from lmserve.checkpoints.cross_encoder import cross_encoder_spec
     from lmserve.checkpoints.errors import CheckpointError
