@@ -1,6 +1,7 @@
 """What the chat-template servers' tests share (test_chat_qwen3.py, test_chat_llama3.py, test_chat_mistral.py):
 the tools, and one chat asked four ways (HTTP with the openai SDK and gRPC, whole and streamed), each
-read back as the same `Answer` so the tests compare them field for field."""
+read back as the same `Answer` so the tests compare them field for field; and a tool parser's events read
+back as content and calls (test_tool_formats.py, test_tools.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import openai
 
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
+from lmserve.api.tool_calls import ToolEvent
+from lmserve.api.tools import ToolPlan
 from tests.api.conftest import LiveServer
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
@@ -123,3 +126,23 @@ def four_ways(server: LiveServer, client: openai.OpenAI, **kw: Any) -> list[Answ
     """The same request (sampled with a seed) over HTTP and gRPC, whole and streamed."""
     return [http_answer(client, False, **dict(kw)), http_answer(client, True, **dict(kw)),
             grpc_answer(server, False, **dict(kw)), grpc_answer(server, True, **dict(kw))]  # fmt: skip
+
+
+def streamed_calls(plan: ToolPlan, pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """Content and (name, arguments) per call, from OpenAI-shaped events fed piece by piece."""
+    parser = plan.parser()
+    events: list[ToolEvent] = []
+    for piece in pieces:
+        events += parser.feed(piece)
+    events += parser.finish()
+    names: dict[int, str] = {}
+    args: dict[int, str] = {}
+    for e in events:
+        if e.id is not None:
+            assert e.index not in names, "a call starts once"
+            names[e.index] = e.name or ""
+        if e.arguments:
+            assert e.index in names, "arguments never come before their call's name"
+            args[e.index] = args.get(e.index, "") + e.arguments
+    content = "".join(e.content for e in events if e.content is not None)
+    return content, [(names[i], args.get(i, "")) for i in sorted(names)]

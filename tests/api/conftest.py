@@ -303,6 +303,18 @@ TEMPLATE_MODEL = "m"
 
 
 @contextmanager
+def served(config: ServeConfig, api_key: str | None = None, name: str = "main") -> Iterator[LiveServer]:
+    """`config` loaded and served (HTTP and gRPC on loopback) in a background thread, stopped afterwards."""
+    state = build_state(config)
+    thread = ServerThread(state, {name: state})
+    thread.start()
+    try:
+        yield LiveServer(name, thread.port(name), state, api_key, thread.grpc_port(name), thread.loop)
+    finally:
+        thread.stop()
+
+
+@contextmanager
 def template_server(
     model_dir: Path, template: Path, dest: Path, cache_dir: Path, renamed_specials: dict[str, str] | None = None, **config: Any
 ) -> Iterator[LiveServer]:
@@ -330,10 +342,5 @@ def template_server(
         engine=EngineConfig(dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64), limits=LIMITS,
         **config,
     )  # fmt: skip
-    state = build_state(serve)
-    thread = ServerThread(state, {"main": state})
-    thread.start()
-    try:
-        yield LiveServer("main", thread.port("main"), state, None, thread.grpc_port("main"), thread.loop)
-    finally:
-        thread.stop()
+    with served(serve) as server:
+        yield server

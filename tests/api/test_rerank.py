@@ -21,10 +21,9 @@ import torch
 
 from lmserve.api.proto import lmserve_pb2 as pb
 from lmserve.api.proto import lmserve_pb2_grpc as rpc
-from lmserve.app import build_state
 from lmserve.config import EngineConfig, LimitsConfig, ServeConfig
 from lmserve.embeddings.reranker import Reranker
-from tests.api.conftest import LiveServer, ServerThread, metric_value
+from tests.api.conftest import LiveServer, metric_value, served
 from tests.api.test_logging import LogCapture
 from tests.cli_process import call_cli, free_port
 
@@ -126,13 +125,8 @@ def rerank_server(bert_dir: Path, tiny_llama_dir: Path, cache_dir: Path) -> Iter
             tokens_per_minute=100_000,
         ),
     )  # fmt: skip
-    state = build_state(config)
-    thread = ServerThread(state, {"rerank": state})
-    thread.start()
-    try:
-        yield LiveServer("rerank", thread.port("rerank"), state, KEY, thread.grpc_port("rerank"), thread.loop)
-    finally:
-        thread.stop()
+    with served(config, KEY, "rerank") as server:
+        yield server
 
 
 @pytest.fixture

@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmserve.api.reasoning import REASONING_FORMATS, reasoning_format
-from lmserve.api.tool_calls import FunctionTool, ToolEvent
+from lmserve.api.tool_calls import FunctionTool
 from lmserve.api.tool_formats import TOOL_FORMATS, detect_tool_format
 from lmserve.api.tools import ToolPlan, parse_output, plan_tools
 from lmserve.config import REASONING_PARSERS, TOOL_CALL_PARSERS
 from lmserve.engine.grammar import GrammarCompiler
 from lmserve.tokenizer import Tokenizer
 from lmserve.types import ConstraintKind, StructuredOutput
+from tests.api.chat_formats import streamed_calls
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
 WEATHER = {
@@ -56,26 +57,6 @@ def _plan(name: str, choice: object = "auto", parallel: bool | None = None) -> T
     return plan
 
 
-def _streamed(plan: ToolPlan, pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    """Content and (name, arguments) per call, from OpenAI-shaped events fed piece by piece."""
-    parser = plan.parser()
-    events: list[ToolEvent] = []
-    for piece in pieces:
-        events += parser.feed(piece)
-    events += parser.finish()
-    names: dict[int, str] = {}
-    args: dict[int, str] = {}
-    for e in events:
-        if e.id is not None:
-            assert e.index not in names, "a call starts once"
-            names[e.index] = e.name or ""
-        if e.arguments:
-            assert e.index in names, "arguments never come before their call's name"
-            args[e.index] = args.get(e.index, "") + e.arguments
-    content = "".join(e.content for e in events if e.content is not None)
-    return content, [(names[i], args.get(i, "")) for i in sorted(names)]
-
-
 def test_the_parser_names_are_the_configs() -> None:
     assert tuple(TOOL_FORMATS) == TOOL_CALL_PARSERS and tuple(REASONING_FORMATS) == REASONING_PARSERS
 
@@ -103,10 +84,10 @@ def test_real_texts_parse_whole_and_token_by_token_alike(name: str, tokenizer: T
     ids = tokenizer.encode(TEXTS[name], add_special_tokens=False)
     pieces = [tokenizer.decode(ids[i : i + 1]) for i in range(len(ids))]
     assert "".join(pieces) == TEXTS[name]
-    content, calls = _streamed(plan, pieces)
+    content, calls = streamed_calls(plan, pieces)
     assert (content.strip() or None) == CONTENT[name]
     assert calls == [(c.name, c.arguments) for c in whole.tool_calls]  # the same bytes, piece by piece
-    char_by_char = _streamed(plan, list(TEXTS[name]))
+    char_by_char = streamed_calls(plan, list(TEXTS[name]))
     assert char_by_char[1] == calls
 
 
@@ -118,7 +99,7 @@ def test_any_split_streams_the_same_calls(name: str, sizes: list[int]) -> None:
         size = sizes[len(pieces) % len(sizes)]
         pieces.append(text[pos : pos + size])
         pos += size
-    content, calls = _streamed(_plan(name), pieces)
+    content, calls = streamed_calls(_plan(name), pieces)
     whole = parse_output(_plan(name), text)
     assert ((content.strip() or None), calls) == (whole.content, [(c.name, c.arguments) for c in whole.tool_calls])
 
@@ -129,7 +110,7 @@ def test_text_that_is_no_call_stays_content(name: str) -> None:
     for text in ("Paris is sunny today.", "[1] is a footnote; {x} a set", '{"name": "nope", "parameters": {}}'):
         parsed = parse_output(plan, text)
         assert (parsed.content, parsed.tool_calls) == (text, [])
-        content, calls = _streamed(plan, [text[i : i + 3] for i in range(0, len(text), 3)])
+        content, calls = streamed_calls(plan, [text[i : i + 3] for i in range(0, len(text), 3)])
         assert (content, calls) == (text, [])
 
 

@@ -12,6 +12,7 @@ from lmserve.api.errors import APIError
 from lmserve.api.tools import ToolPlan, parse_output, plan_tools
 from lmserve.engine.grammar import GrammarCompiler, grammar_text
 from lmserve.types import ConstraintKind
+from tests.api.chat_formats import streamed_calls
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [
@@ -43,28 +44,17 @@ def test_whole_text_parses_into_content_and_calls() -> None:
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=60))
 @settings(max_examples=60, deadline=None)
 def test_streamed_pieces_add_up_to_the_whole(cuts: list[int]) -> None:
-    parser = _plan().parser()
-    events, pos = [], 0
+    pieces, pos = [], 0
     for size in cuts * (len(TEXT) // sum(cuts) + 1):
-        events += parser.feed(TEXT[pos : pos + size])
+        pieces.append(TEXT[pos : pos + size])
         pos += size
         if pos >= len(TEXT):
             break
-    events += parser.finish()
-    content = "".join(e.content for e in events if e.content is not None)
+    content, calls = streamed_calls(_plan(), pieces)
     assert content.strip() == "Let me check."
-    args: dict[int, str] = {}
-    names: dict[int, str] = {}
-    for e in events:
-        if e.id is not None:
-            assert e.index not in names, "a call starts once"
-            names[e.index] = e.name or ""
-        if e.arguments:
-            assert e.index in names, "arguments never come before their call's name"
-            args[e.index] = args.get(e.index, "") + e.arguments
     whole = parse_output(_plan(), TEXT)
-    assert [names[i] for i in sorted(names)] == [c.name for c in whole.tool_calls]
-    assert [args[i] for i in sorted(args)] == [c.arguments for c in whole.tool_calls]
+    assert [name for name, _ in calls] == [c.name for c in whole.tool_calls]
+    assert [args for _, args in calls] == [c.arguments for c in whole.tool_calls]
 
 
 def test_what_is_not_a_call_of_a_known_tool_stays_content() -> None:

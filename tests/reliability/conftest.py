@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from lmserve.app import AppState, build_state
+from lmserve.app import AppState
 from lmserve.config import EngineConfig, LimitsConfig, ServeConfig
 from lmserve.engine.engine import NativeEngine
-from tests.api.conftest import LiveServer, ServerThread
+from tests.api.conftest import LiveServer, served
 
 API_KEY = "test-key-reliability"
 MAX_MODEL_LEN = 512
@@ -43,13 +43,8 @@ def tiny_config(model_dir: Path, cache_dir: Path, limits: LimitsConfig, **engine
 @contextmanager
 def live_server(config: ServeConfig) -> Iterator[LiveServer]:
     """Load, serve HTTP and gRPC on loopback in a background thread, and stop it all afterwards."""
-    state = build_state(config)
-    thread = ServerThread(state, {"main": state})
-    thread.start()
-    try:
-        yield LiveServer("main", thread.port("main"), state, API_KEY, thread.grpc_port("main"), thread.loop)
-    finally:
-        thread.stop()
+    with served(config, API_KEY) as server:
+        yield server
 
 
 def native(state: AppState) -> NativeEngine:
